@@ -1,0 +1,411 @@
+"""Load and save checkpoints safely: detect the format and the architecture, never run pickled code.
+
+Readable layouts (`Checkpoint.format`):
+
+- `attention-lens`: our safetensors file with JSON metadata (written by `save_checkpoint`).
+- `safetensors`: a bare safetensors state dict.
+- `official`: the official BAM/CBAM training dict `{"epoch", "arch", "state_dict", "best_prec1",
+  "optimizer"}`, `module.` prefixes, PyTorch 0.4 legacy serialization, tensors saved on a GPU.
+- `state-dict`: a bare state dict in torchvision / official / timm key names (also wrapped
+  in `{"state_dict": ...}` or `{"model": ...}`), saved by `torch.save` (zip or legacy).
+- `pytorchcv`: imgclsmob's `cbam_resnet*` / `bam_resnet*` / `resnet*` key names, renamed to ours.
+
+Every pickle goes through `torch.load(weights_only=True)`, whose unpickler only builds tensors and
+plain containers; anything else is refused before it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from .preprocess import Preprocess
+from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
+from .resnet import DEPTHS, Arch, ResNet
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "infer_arch",
+    "imagenet_class_names",
+    "MAX_CHECKPOINT_BYTES",
+]
+
+MAX_CHECKPOINT_BYTES = 1 << 30  # 1 GiB: ResNet-152 in float32 is ~240 MB
+METADATA_KEY = "attention_lens"
+FORMAT_VERSION = 1
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message is one line a user can act on."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded network and everything known about it."""
+
+    model: ResNet
+    arch: Arch
+    class_names: list[str]
+    preprocess: Preprocess
+    format: str
+    sha256: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.metadata.get("name") or self.arch.label
+
+
+# --- reading bytes ----------------------------------------------------------------------------
+
+
+def _read_source(source: str | os.PathLike | bytes | BinaryIO, limit: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint file at {str(path)!r}")
+        if path.stat().st_size > limit:
+            raise CheckpointError(
+                f"checkpoint is {path.stat().st_size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
+            )
+        data = path.read_bytes()
+    elif hasattr(source, "read"):
+        data = source.read(limit + 1)
+        if not isinstance(data, (bytes, bytearray)):
+            raise CheckpointError("checkpoint file object must be opened in binary mode")
+        data = bytes(data)
+    else:
+        raise CheckpointError(f"cannot read a checkpoint from a {type(source).__name__}")
+    if len(data) > limit:
+        raise CheckpointError(f"checkpoint is over the {limit / 2**20:.0f} MiB limit")
+    if not data:
+        raise CheckpointError("checkpoint is empty (0 bytes)")
+    return data
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return 2 <= header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _read_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
+    from safetensors.torch import load as load_safetensors
+
+    (header_len,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"safetensors file is damaged or truncated ({_short(exc)})") from None
+    raw_meta = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    meta = {}
+    if raw_meta:
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError:
+            raise CheckpointError("checkpoint metadata is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError("checkpoint metadata must be a JSON object")
+    return tensors, meta
+
+
+def _check_zip(data: bytes, limit: int) -> None:
+    """Refuse zip bombs before torch reads the archive."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile:
+        raise CheckpointError("checkpoint zip archive is damaged or truncated") from None
+    total = sum(i.file_size for i in infos)
+    if total > limit or any(i.compress_type != zipfile.ZIP_STORED and i.file_size > 64 * i.compress_size + 2**20 for i in infos):
+        raise CheckpointError("checkpoint archive expands far beyond its size (zip bomb?); refused")
+    if not any(i.filename.endswith("data.pkl") for i in infos):
+        raise CheckpointError("zip file is not a PyTorch checkpoint (no data.pkl inside)")
+
+
+def _torch_load(data: bytes, limit: int) -> object:
+    if data[:4] == b"PK\x03\x04":
+        _check_zip(data, limit)
+    elif data[:1] != b"\x80":
+        raise CheckpointError(
+            "not a checkpoint: expected a PyTorch (.pth/.pt/.tar) or safetensors file"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)'?", str(exc))
+        what = next((g for g in (found.groups() if found else ()) if g), None)
+        detail = f" ({what})" if what else ""
+        raise CheckpointError(
+            f"refused: the checkpoint's pickle would build objects other than tensors{detail}; nothing was run"
+        ) from None
+    except (EOFError, RuntimeError, ValueError, OSError, struct.error, KeyError, IndexError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint is damaged or truncated ({_short(exc)})") from None
+    except MemoryError:
+        raise CheckpointError("checkpoint declares tensors too large to allocate; refused") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line[:160]
+
+
+# --- state dict shape -------------------------------------------------------------------------
+
+
+def _unwrap(obj: object) -> tuple[dict, str, dict]:
+    """Return (state dict, format, training info) from whatever torch.load gave."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"not a checkpoint: the file holds a {type(obj).__name__}, not a state dict")
+    info: dict = {}
+    fmt = "state-dict"
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            official = {"epoch", "arch", "state_dict"} <= set(obj)
+            fmt = "official" if official else "state-dict"
+            for k in ("epoch", "arch", "best_prec1"):
+                if k in obj:
+                    info[k] = _plain(obj[k])
+            obj = obj[key]
+            break
+    if not obj:
+        raise CheckpointError("not a checkpoint: the state dict is empty")
+    return obj, fmt, info
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def _clean_keys(state: dict) -> dict[str, Tensor]:
+    cleaned: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"not a state dict: key {key!r} is not a string")
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"not a state dict: {key!r} holds a {type(value).__name__}, not a tensor")
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def _first(keys, n: int = 3) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def infer_arch(state: dict[str, Tensor], bam_fusion: str = "product") -> Arch:
+    """Read depth, attention, stem and number of classes off key names and shapes."""
+    if "conv1.weight" not in state or "fc.weight" not in state:
+        raise CheckpointError(
+            f"not a ResNet state dict (no conv1.weight / fc.weight); first keys: {_first(state)}"
+        )
+    conv1 = state["conv1.weight"]
+    if conv1.ndim != 4 or conv1.shape[1] != 3:
+        raise CheckpointError(f"conv1.weight has shape {list(conv1.shape)}; expected (64, 3, k, k)")
+    stem = {7: "imagenet", 3: "cifar"}.get(conv1.shape[-1])
+    if stem is None:
+        raise CheckpointError(f"unknown stem: conv1 kernel {conv1.shape[-1]}x{conv1.shape[-1]}")
+    kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    counts = []
+    for stage in range(1, 5):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        counts.append(max(idx) + 1 if idx else 0)
+    depth = next((d for d, (k, c) in DEPTHS.items() if k == kind and tuple(counts) == c), None)
+    if depth is None:
+        raise CheckpointError(f"not a supported ResNet: {kind} blocks per stage {tuple(counts)}")
+    attention = None
+    if any(".cbam." in k for k in state):
+        attention = "cbam"
+    elif any(k.startswith("bam1.") for k in state):
+        attention = "bam"
+    elif any(".se." in k for k in state):
+        attention = "se"
+    fc = state["fc.weight"]
+    if fc.ndim != 2:
+        raise CheckpointError(f"fc.weight has shape {list(fc.shape)}; expected (classes, features)")
+    return Arch(depth, attention, int(fc.shape[0]), stem, bam_fusion)
+
+
+def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
+    expected = model.state_dict()
+    # PyTorch 0.4.0 checkpoints predate BatchNorm's num_batches_tracked
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"unknown keys for this architecture: {_first(unexpected)}")
+    if missing:
+        raise CheckpointError(f"missing keys: {_first(missing)}")
+    wrong = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"wrong shapes (file vs model): {_first(wrong, 2)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"weights contain NaN or Inf: {_first(bad)}")
+    converted = {
+        k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype)) for k, v in state.items()
+    }
+    model.load_state_dict(converted, strict=False)
+
+
+# --- class names ------------------------------------------------------------------------------
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's bundled weight metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _class_names(meta: dict, num_classes: int) -> list[str]:
+    names = meta.get("class_names")
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return list(names)
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class {i}" for i in range(num_classes)]
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    source: str | os.PathLike | bytes | BinaryIO, *, max_bytes: int = MAX_CHECKPOINT_BYTES
+) -> Checkpoint:
+    """Load a ResNet checkpoint of any supported layout (see module docstring).
+
+    Args:
+        source: a path, the file's bytes, or a binary file object.
+        max_bytes: refuse larger files.
+
+    Returns:
+        A `Checkpoint` whose model is in eval mode on the CPU, float32.
+
+    Raises:
+        CheckpointError: one line saying why the file cannot be used.
+    """
+    data = _read_source(source, max_bytes)
+    sha256 = hashlib.sha256(data).hexdigest()
+    meta: dict = {}
+    if _is_safetensors(data):
+        state, meta = _read_safetensors(data)
+        fmt = "attention-lens" if meta else "safetensors"
+        info: dict = {}
+    else:
+        state, fmt, info = _unwrap(_torch_load(data, max_bytes))
+    state = _clean_keys(state)
+    if is_pytorchcv_layout(state):
+        state, fmt = rename_pytorchcv(state), "pytorchcv"
+    arch_meta = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    try:
+        arch = infer_arch(state, bam_fusion=arch_meta.get("bam_fusion", "product"))
+        preprocess = Preprocess.from_dict(meta["preprocess"]) if isinstance(meta.get("preprocess"), dict) else _default_preprocess(arch)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = ResNet(arch)
+    _load_into(model, state)
+    model.eval()
+    metadata = dict(meta)
+    if info:
+        metadata.setdefault("training", {}).update(info)
+    return Checkpoint(model, arch, _class_names(meta, arch.num_classes), preprocess, fmt, sha256, metadata)
+
+
+def _default_preprocess(arch: Arch) -> Preprocess:
+    if arch.stem == "cifar":
+        return Preprocess(resize=32, crop=32)
+    return Preprocess()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: ResNet,
+    *,
+    class_names: list[str] | None = None,
+    preprocess: Preprocess | None = None,
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Write `model` as an Attention Lens safetensors checkpoint, atomically.
+
+    Args:
+        path: destination file (`.safetensors`).
+        model: a `ResNet` from `build_model` (its `arch` is recorded, `bam_fusion` included).
+        class_names: one name per class.
+        preprocess: how images are prepared for this model.
+        metadata: anything else to record (training recipe, dataset, accuracy, ...); JSON-able.
+        dtype: float dtype for the stored weights (float16 halves the file; loading gives float32).
+
+    Returns:
+        The sha256 of the written file.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    arch: Arch = model.arch
+    names = class_names or [f"class {i}" for i in range(arch.num_classes)]
+    if len(names) != arch.num_classes:
+        raise ValueError(f"{len(names)} class names for {arch.num_classes} classes")
+    meta = dict(metadata or {})
+    meta.update(
+        format_version=FORMAT_VERSION,
+        arch=arch.to_dict(),
+        class_names=list(names),
+        preprocess=(preprocess or Preprocess()).to_dict(),
+    )
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    blob = save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(Path(path), blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so no half file is ever seen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

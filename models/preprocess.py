@@ -1,0 +1,63 @@
+"""Image preprocessing recorded with a checkpoint: resize, centre crop, normalise."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import functional as TF
+
+__all__ = ["Preprocess", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to `resize`, centre-crop `crop` x `crop`, normalise.
+
+    The default is the official ImageNet validation: 256 -> 224, ImageNet mean/std.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """PIL image -> float tensor (1, 3, crop, crop)."""
+        return self.batch([image])
+
+    def batch(self, images: list[Image.Image]) -> Tensor:
+        """PIL images -> float tensor (N, 3, crop, crop)."""
+        return torch.stack([self.normalize(TF.pil_to_tensor(self.crop_image(im))) for im in images])
+
+    def crop_image(self, image: Image.Image) -> Image.Image:
+        """The RGB image the network sees, before normalisation (for overlays)."""
+        image = image.convert("RGB")
+        image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR)
+        return TF.center_crop(image, self.crop)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (…, 3, H, W) -> normalised float."""
+        x = images.float().div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        resize, crop = int(d.get("resize", 256)), int(d.get("crop", 224))
+        if not (8 <= crop <= 4096 and 8 <= resize <= 4096):
+            raise ValueError(f"preprocess sizes out of range: resize={resize}, crop={crop}")
+        mean = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
+        std = tuple(float(v) for v in d.get("std", IMAGENET_STD))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError("preprocess mean/std must be three numbers each, std > 0")
+        return cls(resize, crop, mean, std)  # type: ignore[arg-type]

@@ -1,0 +1,307 @@
+"""Train a ResNet (+SE/BAM/CBAM) on an ImageFolder dataset and write an Attention Lens checkpoint.
+
+    python -m models.train --data DIR --depth 18 --attention cbam --out checkpoints/NAME.safetensors
+
+`DIR` holds `train/<class>/*` and `val/<class>/*` (torchvision ImageFolder layout). Images are
+decoded once into memory as uint8 (`--cache-size`), then augmented per batch (random-resized crop,
+flip), which keeps a small CPU busy with the network rather than with JPEG decoding.
+Training state is written after every epoch (`<out>.state.pt`); `--resume` continues from it,
+so an interrupted run loses at most one epoch. The final top-1 is measured on the stored
+(float16) weights after a save/load round trip, through the checkpoint's own preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .resnet import build_model
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m models.train",
+        description="Train a ResNet with optional SE/BAM/CBAM on an ImageFolder dataset.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/ ImageFolders")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
+    p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50, 101, 152])
+    p.add_argument("--attention", default="none", choices=["none", "se", "bam", "cbam"])
+    p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
+    p.add_argument("--bam-fusion", default="product", choices=["product", "sum"])
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (SGD, nesterov)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--img-size", type=int, default=128, help="training crop size")
+    p.add_argument("--cache-size", type=int, default=224, help="images are kept in memory at this size")
+    p.add_argument("--eval-sizes", default="128,160,192,224", help="test resolutions to pick from")
+    p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
+    p.add_argument("--class-names", default=None, help="comma list or text file, one name per class")
+    p.add_argument("--dataset-name", default=None, help="recorded in the metadata")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--float16", action=argparse.BooleanOptionalAction, default=True,
+                   help="store weights as float16 (loading gives float32)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    return p.parse_args(argv)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode an ImageFolder split to uint8 (N, 3, size, size) and labels (N,)."""
+    folder = ImageFolder(str(root))
+    images = torch.empty((len(folder), 3, size, size), dtype=torch.uint8)
+    labels = torch.tensor(folder.targets, dtype=torch.long)
+    for i, (path, _) in enumerate(tqdm(folder.samples, desc=desc, unit="img", leave=False)):
+        with open(path, "rb") as fh:
+            from PIL import Image
+
+            im = Image.open(fh).convert("RGB")
+            im = TF.center_crop(TF.resize(im, size), size)
+            images[i] = TF.pil_to_tensor(im)
+    return images, labels, folder.classes
+
+
+def augment(batch: Tensor, out_size: int, min_scale: float, gen: torch.Generator) -> Tensor:
+    """Random-resized crop (area in [min_scale, 1], ratio 3/4..4/3) and horizontal flip, uint8."""
+    n, _, h, w = batch.shape
+    out = torch.empty((n, 3, out_size, out_size), dtype=torch.uint8)
+    r = torch.rand((n, 4), generator=gen)
+    for i in range(n):
+        area = h * w * (min_scale + (1 - min_scale) * r[i, 0].item())
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[i, 1].item())
+        ch = min(h, int(round(math.sqrt(area / ratio))))
+        cw = min(w, int(round(math.sqrt(area * ratio))))
+        top = int(r[i, 2].item() * (h - ch + 1))
+        left = int(r[i, 3].item() * (w - cw + 1))
+        out[i] = TF.resized_crop(batch[i], top, left, ch, cw, [out_size, out_size], antialias=True)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def normalize(batch: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def evaluate_cached(model, images: Tensor, labels: Tensor, size: int, bf16: bool, bs: int = 200) -> float:
+    """Top-1 (%) on cached square images resized to `size` (= resize + centre crop)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), bs):
+        x = images[i : i + bs]
+        if size != x.shape[-1]:
+            x = TF.resize(x, [size, size], antialias=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(normalize(x)).argmax(1)
+        correct += (pred == labels[i : i + bs]).sum().item()
+    return 100.0 * correct / len(images)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path: Path, val_root: Path) -> tuple[float, int]:
+    """Top-1 (%) of a stored checkpoint through its own preprocessing, float32, on PIL images."""
+    from PIL import Image
+
+    ckpt = load_checkpoint(path)
+    folder = ImageFolder(str(val_root))
+    correct = 0
+    batch, targets = [], []
+
+    def flush() -> int:
+        logits = ckpt.model(ckpt.preprocess.batch(batch))
+        return (logits.argmax(1) == torch.tensor(targets)).sum().item()
+
+    for path_i, target in tqdm(folder.samples, desc="final eval", unit="img", leave=False):
+        with Image.open(path_i) as im:
+            batch.append(im.convert("RGB"))
+        targets.append(target)
+        if len(batch) == 100:
+            correct += flush()
+            batch, targets = [], []
+    if batch:
+        correct += flush()
+    return 100.0 * correct / len(folder), len(folder)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def read_class_names(spec: str | None, folders: list[str]) -> list[str]:
+    if spec is None:
+        return list(folders)
+    text = Path(spec).read_text() if Path(spec).is_file() else spec.replace(",", "\n")
+    names = [n.strip() for n in text.splitlines() if n.strip()]
+    if len(names) != len(folders):
+        raise SystemExit(f"error: {len(names)} class names for {len(folders)} class folders")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for split in ("train", "val"):
+        if not (args.data / split).is_dir():
+            print(f"error: {args.data / split} is not a folder (need train/ and val/)", file=sys.stderr)
+            return 2
+    state_path = args.out.with_name(args.out.name + ".state.pt")
+    torch.manual_seed(args.seed)
+    attention = None if args.attention == "none" else args.attention
+
+    t0 = time.time()
+    train_x, train_y, classes = load_split(args.data / "train", args.cache_size, "decode train")
+    val_x, val_y, val_classes = load_split(args.data / "val", args.cache_size, "decode val")
+    if val_classes != classes:
+        print("error: train/ and val/ have different class folders", file=sys.stderr)
+        return 2
+    class_names = read_class_names(args.class_names, classes)
+    print(f"data: {len(train_x)} train, {len(val_x)} val, {len(classes)} classes "
+          f"(decoded in {time.time() - t0:.0f}s)", flush=True)
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
+    model = model.to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=args.lr, momentum=0.9, nesterov=True,
+    )
+    steps_per_epoch = len(train_x) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(args.seed)
+    start_epoch, history = 0, []
+    if args.resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+        print(f"resumed from {state_path} after epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=gen)
+        seen = correct = 0
+        loss_sum = 0.0
+        t_epoch = time.time()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False)
+        for b in bar:
+            step = epoch * steps_per_epoch + b
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, args.lr)
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+            x = normalize(augment(train_x[idx], args.img_size, args.min_scale, gen))
+            y = train_y[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        val_acc = evaluate_cached(model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(loss_sum / seen, 4),
+            "train_acc": round(100 * correct / seen, 2),
+            "val_acc": round(val_acc, 2),
+            "seconds": round(time.time() - t_epoch, 1),
+        }
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+            },
+            buf,
+        )
+        atomic_write_bytes(state_path, buf.getvalue())
+
+    sizes = [int(s) for s in args.eval_sizes.split(",") if s.strip()]
+    by_size = {s: evaluate_cached(model, val_x, val_y, s, args.bf16) for s in sizes if s <= args.cache_size}
+    best = max(by_size, key=by_size.get)
+    print(f"val top-1 by test size (bf16, cached): {by_size}; using {best}", flush=True)
+    preprocess = Preprocess(resize=best, crop=best)
+    metadata = {
+        "name": f"ResNet-{args.depth}" + (f" + {attention.upper()}" if attention else "") + f" ({args.dataset_name or args.data.name})",
+        "dataset": args.dataset_name or str(args.data.name),
+        "training": {
+            "recipe": {
+                k: getattr(args, k)
+                for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
+                          "img_size", "min_scale", "seed", "bf16")
+            } | {"optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
+                 "augmentation": "random-resized crop + horizontal flip"},
+            "history": history,
+            "date": dt.date.today().isoformat(),
+            "torch": torch.__version__,
+        },
+    }
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    dtype = torch.float16 if args.float16 else torch.float32
+    save_checkpoint(args.out, model, class_names=class_names, preprocess=preprocess, metadata=metadata, dtype=dtype)
+    top1, n = evaluate_checkpoint(args.out, args.data / "val")
+    metadata["accuracy"] = {
+        "top1": round(top1, 2),
+        "split": "val",
+        "images": n,
+        "test_size": best,
+        "measured_on": "stored weights after save/load, float32, checkpoint preprocessing",
+        "by_test_size_bf16": {str(k): round(v, 2) for k, v in by_size.items()},
+    }
+    sha = save_checkpoint(args.out, model, class_names=class_names, preprocess=preprocess, metadata=metadata, dtype=dtype)
+    print(f"wrote {args.out} (top-1 {top1:.2f}% on {n} val images, sha256 {sha})", flush=True)
+    if os.environ.get("KEEP_TRAIN_STATE") != "1":
+        state_path.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
