@@ -1,0 +1,222 @@
+"""Side-by-side benchmark: Attention Lens analysis against Captum and pytorch-grad-cam.
+
+    python -m bench            # full table, writes bench/results.md
+    python -m bench --quick    # a smoke run for CI (< 1 minute); asserts nothing about speed
+
+Every case runs in one process, interleaved (A B C A B C ...), after warm-up; the table reports
+medians and the ratio to one plain forward + backward with parameter gradients (the unit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models import build_model
+from viz.cam import analyze
+from viz.trace import record_attention
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _unit(model, x) -> Callable[[], None]:
+    """Plain forward + backward with parameter gradients: the reference unit."""
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+
+    return run
+
+
+def _forward(model, x) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def _traced_forward(model, x) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad(), record_attention(model):
+            model(x)
+
+    return run
+
+
+def _analyze(model, x) -> Callable[[], None]:
+    return lambda: analyze(model, x, cam_layers=STAGES)
+
+
+def _captum_loop(model, x) -> Callable[[], None]:
+    """The same outputs with Captum: LayerGradCam layer by layer plus a forward for the maps."""
+    from captum.attr import LayerGradCam
+
+    layers = dict(model.named_modules())
+
+    def run() -> None:
+        with torch.no_grad(), record_attention(model):
+            target = model(x).argmax(1).tolist()
+        for name in STAGES:
+            LayerGradCam(model, layers[name]).attribute(x, target=target, relu_attributions=True)
+
+    return run
+
+
+def _pytorch_grad_cam(model, x) -> Callable[[], None] | None:
+    """The same Grad-CAMs with pytorch-grad-cam, one GradCAM per layer as its README shows."""
+    try:
+        from pytorch_grad_cam import GradCAM
+    except ImportError:
+        return None
+    layers = dict(model.named_modules())
+
+    def run() -> None:
+        for name in STAGES:
+            with GradCAM(model=model, target_layers=[layers[name]]) as cam:
+                cam(input_tensor=x, targets=None)
+
+    return run
+
+
+def _figure_cases(model, x) -> dict[str, Callable[[], None]]:
+    """Render the standard overview figure, and export it (if the figures module is there)."""
+    try:
+        from PIL import Image
+
+        from viz.export import figure_bytes
+        from viz.figures import spatial_overview
+    except ImportError:
+        return {}
+    with torch.no_grad(), record_attention(model) as trace:
+        model(x[:1])
+    image = Image.new("RGB", (x.shape[-1], x.shape[-2]), (120, 110, 100))
+
+    def render() -> None:
+        spatial_overview(image, trace)
+
+    fig = spatial_overview(image, trace)
+
+    def export() -> None:
+        for fmt in ("png", "pdf", "svg"):
+            figure_bytes(fig, fmt, dpi=300)
+
+    return {"overview figure render": render, "overview export png+pdf+svg": export}
+
+
+def _app_case() -> dict[str, Callable[[], None]]:
+    """Upload -> all figures rendered, through Streamlit's AppTest (wall time)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "app.py").is_file() or not list((root / "checkpoints").glob("*cbam*.safetensors")):
+        return {}
+    try:
+        from streamlit.testing.v1 import AppTest
+    except ImportError:
+        return {}
+
+    def run() -> None:
+        at = AppTest.from_file(str(root / "app.py"), default_timeout=120)
+        at.run()
+        if at.exception:
+            raise RuntimeError(f"app raised: {at.exception[0].message}")
+
+    return {"app: open -> figures rendered (AppTest)": run}
+
+
+def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per case; cases interleaved in each repetition."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def run_config(depth: int, batch: int, size: int, device: str, reps: int, warmup: int) -> list[tuple]:
+    torch.manual_seed(0)
+    model = build_model(depth, "cbam", num_classes=1000).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    cases: dict[str, Callable[[], None]] = {
+        "forward + backward (unit)": _unit(model, x),
+        "forward": _forward(model, x),
+        "forward under record_attention": _traced_forward(model, x),
+        "analyze: all maps + Grad-CAM x4": _analyze(model, x),
+        "Captum LayerGradCam x4 + forward": _captum_loop(model, x),
+    }
+    pgc = _pytorch_grad_cam(model, x)
+    if pgc is not None:
+        cases["pytorch-grad-cam GradCAM x4"] = pgc
+    if device == "cpu" and batch == 1:
+        cases.update(_figure_cases(model, x))
+    medians = measure(cases, reps, warmup)
+    unit = medians["forward + backward (unit)"]
+    rows = [(f"ResNet-{depth}+CBAM b{batch}", name, med, med / unit) for name, med in medians.items()]
+    overhead = medians["forward under record_attention"] / medians["forward"] - 1
+    rows.append((f"ResNet-{depth}+CBAM b{batch}", "tracing overhead vs forward", None, overhead))
+    return rows
+
+
+def format_table(rows: list[tuple]) -> str:
+    lines = ["| config | case | median | ratio to unit |", "|---|---|---:|---:|"]
+    for config, name, med, ratio in rows:
+        if med is None:
+            lines.append(f"| {config} | {name} | | {ratio * 100:+.1f}% |")
+        else:
+            lines.append(f"| {config} | {name} | {med * 1000:.1f} ms | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): ResNet-18, batch 1, 64 px")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
+    p.add_argument("--no-app", action="store_true", help="skip the AppTest wall-time case")
+    args = p.parse_args(argv)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.quick:
+        configs, reps, warmup = [(18, 1, 64)], 1, 0
+    else:
+        configs, reps, warmup = [(18, 1, 224), (18, 8, 224), (50, 1, 224), (50, 8, 224)], args.reps, args.warmup
+    rows: list[tuple] = []
+    for device in devices:
+        for depth, batch, size in configs:
+            print(f"measuring ResNet-{depth} batch {batch} at {size}px on {device} ...", file=sys.stderr)
+            rows += [(f"{c} {device}", *rest) for c, *rest in run_config(depth, batch, size, device, reps, warmup)]
+    if not args.quick and not args.no_app:
+        app = measure(_app_case(), reps=3, warmup=1)
+        rows += [("app, embedded ResNet-18 CBAM", name, med, float("nan")) for name, med in app.items()]
+    table = format_table(rows)
+    print(table)
+    if not args.quick:
+        header = (
+            f"# Benchmark results\n\n`python -m bench` on {dt.date.today().isoformat()}: "
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}, torch {torch.__version__}.\n"
+            "Medians of interleaved repetitions; ratios are to one plain forward + backward with "
+            "parameter gradients of the same model and batch.\n\n"
+        )
+        args.out.write_text(header + table + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""The benchmark's quick mode runs end to end (it measures, it asserts nothing about speed)."""
+
+from bench.__main__ import format_table, main
+
+
+def test_quick_benchmark_runs(capsys):
+    assert main(["--quick", "--no-app"]) == 0
+    out = capsys.readouterr().out
+    assert "analyze: all maps + Grad-CAM x4" in out
+    assert "Captum LayerGradCam x4 + forward" in out
+
+
+def test_table_reports_ratios():
+    table = format_table([("cfg", "unit", 0.5, 1.0), ("cfg", "overhead", None, 0.02)])
+    assert "500.0 ms | 1.00x" in table and "+2.0%" in table
