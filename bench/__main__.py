@@ -93,8 +93,8 @@ def _figure_cases(model, x) -> dict[str, Callable[[], None]]:
     """Render the standard overview figure, and export it (if the figures module is there)."""
     try:
         from PIL import Image
-
         from viz.export import figure_bytes
+
         from viz.figures import spatial_overview
     except ImportError:
         return {}
@@ -117,7 +117,9 @@ def _figure_cases(model, x) -> dict[str, Callable[[], None]]:
 def _app_case() -> dict[str, Callable[[], None]]:
     """Upload -> all figures rendered, through Streamlit's AppTest (wall time)."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "app.py").is_file() or not list((root / "checkpoints").glob("*cbam*.safetensors")):
+    if not (root / "app.py").is_file() or not list(
+        (root / "checkpoints").glob("*cbam*.safetensors")
+    ):
         return {}
     try:
         from streamlit.testing.v1 import AppTest
@@ -147,7 +149,9 @@ def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dic
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def run_config(depth: int, batch: int, size: int, device: str, reps: int, warmup: int) -> list[tuple]:
+def run_config(
+    depth: int, batch: int, size: int, device: str, reps: int, warmup: int
+) -> list[tuple]:
     torch.manual_seed(0)
     model = build_model(depth, "cbam", num_classes=1000).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -165,7 +169,9 @@ def run_config(depth: int, batch: int, size: int, device: str, reps: int, warmup
         cases.update(_figure_cases(model, x))
     medians = measure(cases, reps, warmup)
     unit = medians["forward + backward (unit)"]
-    rows = [(f"ResNet-{depth}+CBAM b{batch}", name, med, med / unit) for name, med in medians.items()]
+    rows = [
+        (f"ResNet-{depth}+CBAM b{batch}", name, med, med / unit) for name, med in medians.items()
+    ]
     overhead = medians["forward under record_attention"] / medians["forward"] - 1
     rows.append((f"ResNet-{depth}+CBAM b{batch}", "tracing overhead vs forward", None, overhead))
     return rows
@@ -183,7 +189,9 @@ def format_table(rows: list[tuple]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): ResNet-18, batch 1, 64 px")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke run (CI): ResNet-18, batch 1, 64 px"
+    )
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
@@ -194,15 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         configs, reps, warmup = [(18, 1, 64)], 1, 0
     else:
-        configs, reps, warmup = [(18, 1, 224), (18, 8, 224), (50, 1, 224), (50, 8, 224)], args.reps, args.warmup
+        configs, reps, warmup = (
+            [(18, 1, 224), (18, 8, 224), (50, 1, 224), (50, 8, 224)],
+            args.reps,
+            args.warmup,
+        )
     rows: list[tuple] = []
     for device in devices:
         for depth, batch, size in configs:
-            print(f"measuring ResNet-{depth} batch {batch} at {size}px on {device} ...", file=sys.stderr)
-            rows += [(f"{c} {device}", *rest) for c, *rest in run_config(depth, batch, size, device, reps, warmup)]
+            print(
+                f"measuring ResNet-{depth} batch {batch} at {size}px on {device} ...",
+                file=sys.stderr,
+            )
+            rows += [
+                (f"{c} {device}", *rest)
+                for c, *rest in run_config(depth, batch, size, device, reps, warmup)
+            ]
     if not args.quick and not args.no_app:
         app = measure(_app_case(), reps=3, warmup=1)
-        rows += [("app, embedded ResNet-18 CBAM", name, med, float("nan")) for name, med in app.items()]
+        rows += [
+            ("app, embedded ResNet-18 CBAM", name, med, float("nan")) for name, med in app.items()
+        ]
     table = format_table(rows)
     print(table)
     if not args.quick:

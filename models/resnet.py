@@ -52,7 +52,9 @@ class Arch:
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {self.stem!r}")
         if self.bam_fusion not in BAM_FUSIONS:
-            raise ValueError(f"bam_fusion must be one of {list(BAM_FUSIONS)}, got {self.bam_fusion!r}")
+            raise ValueError(
+                f"bam_fusion must be one of {list(BAM_FUSIONS)}, got {self.bam_fusion!r}"
+            )
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
 

@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m models.train",
         description="Train a ResNet with optional SE/BAM/CBAM on an ImageFolder dataset.",
     )
-    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/ ImageFolders")
+    p.add_argument(
+        "--data", required=True, type=Path, help="folder with train/ and val/ ImageFolders"
+    )
     p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
     p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50, 101, 152])
     p.add_argument("--attention", default="none", choices=["none", "se", "bam", "cbam"])
@@ -54,16 +56,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--img-size", type=int, default=128, help="training crop size")
-    p.add_argument("--cache-size", type=int, default=224, help="images are kept in memory at this size")
+    p.add_argument(
+        "--cache-size", type=int, default=224, help="images are kept in memory at this size"
+    )
     p.add_argument("--eval-sizes", default="128,160,192,224", help="test resolutions to pick from")
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
-    p.add_argument("--class-names", default=None, help="comma list or text file, one name per class")
+    p.add_argument(
+        "--class-names", default=None, help="comma list or text file, one name per class"
+    )
     p.add_argument("--dataset-name", default=None, help="recorded in the metadata")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--float16", action=argparse.BooleanOptionalAction, default=True,
-                   help="store weights as float16 (loading gives float32)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16)",
+    )
+    p.add_argument(
+        "--float16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store weights as float16 (loading gives float32)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     return p.parse_args(argv)
@@ -112,7 +126,9 @@ def normalize(batch: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_cached(model, images: Tensor, labels: Tensor, size: int, bf16: bool, bs: int = 200) -> float:
+def evaluate_cached(
+    model, images: Tensor, labels: Tensor, size: int, bf16: bool, bs: int = 200
+) -> float:
     """Top-1 (%) on cached square images resized to `size` (= resize + centre crop)."""
     model.eval()
     correct = 0
@@ -179,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     for split in ("train", "val"):
         if not (args.data / split).is_dir():
-            print(f"error: {args.data / split} is not a folder (need train/ and val/)", file=sys.stderr)
+            print(
+                f"error: {args.data / split} is not a folder (need train/ and val/)",
+                file=sys.stderr,
+            )
             return 2
     state_path = args.out.with_name(args.out.name + ".state.pt")
     torch.manual_seed(args.seed)
@@ -192,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: train/ and val/ have different class folders", file=sys.stderr)
         return 2
     class_names = read_class_names(args.class_names, classes)
-    print(f"data: {len(train_x)} train, {len(val_x)} val, {len(classes)} classes "
-          f"(decoded in {time.time() - t0:.0f}s)", flush=True)
+    print(
+        f"data: {len(train_x)} train, {len(val_x)} val, {len(classes)} classes "
+        f"(decoded in {time.time() - t0:.0f}s)",
+        flush=True,
+    )
 
     torch.manual_seed(args.seed)
     model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
@@ -201,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=args.lr, momentum=0.9, nesterov=True,
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=args.lr,
+        momentum=0.9,
+        nesterov=True,
     )
     steps_per_epoch = len(train_x) // args.batch_size
     total = steps_per_epoch * args.epochs
@@ -223,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         seen = correct = 0
         loss_sum = 0.0
         t_epoch = time.time()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            unit="batch",
+            leave=False,
+        )
         for b in bar:
             step = epoch * steps_per_epoch + b
             for group in opt.param_groups:
@@ -241,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        val_acc = evaluate_cached(model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16)
+        val_acc = evaluate_cached(
+            model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16
+        )
         row = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 4),
@@ -265,20 +299,37 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(state_path, buf.getvalue())
 
     sizes = [int(s) for s in args.eval_sizes.split(",") if s.strip()]
-    by_size = {s: evaluate_cached(model, val_x, val_y, s, args.bf16) for s in sizes if s <= args.cache_size}
+    by_size = {
+        s: evaluate_cached(model, val_x, val_y, s, args.bf16) for s in sizes if s <= args.cache_size
+    }
     best = max(by_size, key=by_size.get)
     print(f"val top-1 by test size (bf16, cached): {by_size}; using {best}", flush=True)
     preprocess = Preprocess(resize=best, crop=best)
     metadata = {
-        "name": f"ResNet-{args.depth}" + (f" + {attention.upper()}" if attention else "") + f" ({args.dataset_name or args.data.name})",
+        "name": f"ResNet-{args.depth}"
+        + (f" + {attention.upper()}" if attention else "")
+        + f" ({args.dataset_name or args.data.name})",
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
             "recipe": {
                 k: getattr(args, k)
-                for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
-                          "img_size", "min_scale", "seed", "bf16")
-            } | {"optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
-                 "augmentation": "random-resized crop + horizontal flip"},
+                for k in (
+                    "epochs",
+                    "batch_size",
+                    "lr",
+                    "weight_decay",
+                    "warmup_epochs",
+                    "label_smoothing",
+                    "img_size",
+                    "min_scale",
+                    "seed",
+                    "bf16",
+                )
+            }
+            | {
+                "optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
+                "augmentation": "random-resized crop + horizontal flip",
+            },
             "history": history,
             "date": dt.date.today().isoformat(),
             "torch": torch.__version__,
@@ -286,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     model = model.to(memory_format=torch.contiguous_format).eval()
     dtype = torch.float16 if args.float16 else torch.float32
-    save_checkpoint(args.out, model, class_names=class_names, preprocess=preprocess, metadata=metadata, dtype=dtype)
+    save_checkpoint(
+        args.out,
+        model,
+        class_names=class_names,
+        preprocess=preprocess,
+        metadata=metadata,
+        dtype=dtype,
+    )
     top1, n = evaluate_checkpoint(args.out, args.data / "val")
     metadata["accuracy"] = {
         "top1": round(top1, 2),
@@ -296,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         "measured_on": "stored weights after save/load, float32, checkpoint preprocessing",
         "by_test_size_bf16": {str(k): round(v, 2) for k, v in by_size.items()},
     }
-    sha = save_checkpoint(args.out, model, class_names=class_names, preprocess=preprocess, metadata=metadata, dtype=dtype)
+    sha = save_checkpoint(
+        args.out,
+        model,
+        class_names=class_names,
+        preprocess=preprocess,
+        metadata=metadata,
+        dtype=dtype,
+    )
     print(f"wrote {args.out} (top-1 {top1:.2f}% on {n} val images, sha256 {sha})", flush=True)
     if os.environ.get("KEEP_TRAIN_STATE") != "1":
         state_path.unlink(missing_ok=True)

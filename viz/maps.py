@@ -18,7 +18,11 @@ DEFAULT_CMAP = "inferno"
 
 
 def to_numpy(m: Tensor | np.ndarray) -> np.ndarray:
-    return m.detach().float().cpu().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float32)
+    return (
+        m.detach().float().cpu().numpy()
+        if isinstance(m, Tensor)
+        else np.asarray(m, dtype=np.float32)
+    )
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:

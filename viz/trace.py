@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from models.attention import BAM, CBAM, SqueezeExcite
 
-__all__ = ["AttentionRecord", "AttentionTrace", "record_attention", "model_lock", "attention_modules"]
+__all__ = [
+    "AttentionRecord",
+    "AttentionTrace",
+    "record_attention",
+    "model_lock",
+    "attention_modules",
+]
 
 _KINDS: dict[type[nn.Module], str] = {SqueezeExcite: "se", BAM: "bam", CBAM: "cbam"}
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -158,8 +164,15 @@ class _ModuleProbe:
         channel, spatial, gate = self._maps(f_in)
         self.trace._append(
             AttentionRecord(
-                self.name, self.kind, self.stage, self.block, channel, spatial, gate,
-                _feature_mean(f_in), _feature_mean(output),
+                self.name,
+                self.kind,
+                self.stage,
+                self.block,
+                channel,
+                spatial,
+                gate,
+                _feature_mean(f_in),
+                _feature_mean(output),
             )  # fmt: skip
         )
         self.parts = {}
@@ -230,4 +243,3 @@ def record_attention(model: nn.Module, *, eval_mode: bool = True) -> Iterator[At
                 handle.remove()
             for module, flag in flags:
                 module.training = flag
-
