@@ -38,6 +38,18 @@ class Preprocess:
     def crop_image(self, image: Image.Image) -> Image.Image:
         """The RGB image the network sees, before normalisation (for overlays)."""
         image = image.convert("RGB")
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        if long > 4 * short:
+            # a sliver: the centre crop keeps only its middle, so cut that out before resizing
+            # (same pixels in the end, without a huge intermediate image)
+            keep = 4 * short
+            box = (
+                ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
+                if w > h
+                else (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+            )
+            image = image.crop(box)
         image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR)
         return TF.center_crop(image, self.crop)
 
