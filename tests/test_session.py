@@ -1,0 +1,155 @@
+"""Library helpers behind the app: the checkpoint folder (models.zoo) and viz.session."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from PIL import Image
+
+from models import build_model, load_checkpoint, save_checkpoint
+from models.zoo import CHECKPOINT_DIR_ENV, checkpoint_dir, default_checkpoint, embedded_checkpoints
+from tests.conftest import ROOT, randomize_bn
+from viz.cam import analyze
+from viz.session import (
+    analyze_images,
+    cam_layer_choices,
+    check_upload_size,
+    describe_checkpoint,
+    digest,
+    safe_stem,
+    sample_images,
+    stack_analyses,
+    top_predictions,
+)
+
+
+def _save(path, kind, classes=4, **meta):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(18, kind, num_classes=classes)).eval()
+    save_checkpoint(path, model, class_names=[f"c{i}" for i in range(classes)], metadata=meta)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    _save(root / "b_plain.safetensors", None)
+    _save(root / "c_cbam.safetensors", "cbam", name="My CBAM")
+    (root / ".c_cbam.safetensors.x1.tmp").write_bytes(b"half written")
+    (root / "a_broken.safetensors").write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    (root / "notes.txt").write_text("not a checkpoint")
+    return root
+
+
+def test_embedded_checkpoints_reads_headers_only(folder):
+    entries = embedded_checkpoints(folder)
+    assert [e.path.name for e in entries] == [
+        "a_broken.safetensors", "b_plain.safetensors", "c_cbam.safetensors"
+    ]  # fmt: skip
+    broken, plain, cbam = entries
+    assert broken.error and "a_broken.safetensors" in broken.error and broken.metadata == {}
+    assert plain.error is None and plain.attention is None
+    assert plain.label == "ResNet-18 (b_plain.safetensors)"
+    assert cbam.attention == "cbam" and cbam.label == "My CBAM (c_cbam.safetensors)"
+    assert cbam.metadata["class_names"] == ["c0", "c1", "c2", "c3"]
+    assert cbam.size == (folder / "c_cbam.safetensors").stat().st_size
+    assert default_checkpoint(entries) is cbam
+    assert default_checkpoint([broken, plain]) is plain
+    assert default_checkpoint([broken]) is None
+    assert embedded_checkpoints(folder / "missing") == []
+
+
+def test_checkpoint_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
+    assert checkpoint_dir() == ROOT / "checkpoints"
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
+    assert checkpoint_dir() == tmp_path
+    assert embedded_checkpoints() == []
+
+
+def test_analyze_images_is_the_one_path(folder):
+    ckpt = load_checkpoint(folder / "c_cbam.safetensors")
+    images = [
+        Image.new("RGB", (300, 260), (120, 40, 200)),
+        Image.new("RGB", (240, 240), (0, 90, 20)),
+    ]
+    result = analyze_images(ckpt, images, method="gradcam++", layers=["layer4"])
+    expected = analyze(
+        ckpt.model, ckpt.preprocess.batch(images), None, ["layer4"], method="gradcam++"
+    )
+    torch.testing.assert_close(result.logits, expected.logits)
+    torch.testing.assert_close(result.cams["layer4"], expected.cams["layer4"])
+    with pytest.raises(ValueError, match="at least one Grad-CAM layer"):
+        analyze_images(ckpt, images, layers=[])
+    with pytest.raises(ValueError, match="unknown layer 'layer9'"):
+        analyze_images(ckpt, images, layers=["layer9"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        analyze_images(ckpt, images, method="scorecam")
+    with pytest.raises(ValueError, match="out of range"):
+        analyze_images(ckpt, images, target=7)
+    with pytest.raises(ValueError, match="no images"):
+        analyze_images(ckpt, [])
+
+
+def test_stack_analyses_equals_one_batch(folder):
+    ckpt = load_checkpoint(folder / "c_cbam.safetensors")
+    images = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 255, 0), (10, 10, 250))]
+    x = ckpt.preprocess.batch(images)
+    whole = analyze(ckpt.model, x, 2)
+    parts = [analyze(ckpt.model, x[i : i + 1], 2) for i in range(3)]
+    stacked = stack_analyses(parts)
+    torch.testing.assert_close(stacked.probs, whole.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stacked.target, whole.target)
+    for name in whole.cams:
+        torch.testing.assert_close(stacked.cams[name], whole.cams[name], atol=1e-4, rtol=1e-3)
+    assert stacked.trace.names == whole.trace.names
+    rec_s, rec_w = stacked.trace["layer2.1.cbam"], whole.trace["layer2.1.cbam"]
+    torch.testing.assert_close(rec_s.spatial, rec_w.spatial, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rec_s.channel, rec_w.channel, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no analyses"):
+        stack_analyses([])
+    other = analyze(ckpt.model, x[:1], 2, ["layer4"])
+    with pytest.raises(ValueError, match="share the Grad-CAM method and layers"):
+        stack_analyses([parts[0], other])
+
+
+def test_small_helpers(folder):
+    ckpt = load_checkpoint(folder / "c_cbam.safetensors")
+    rows = describe_checkpoint(ckpt, source="upload x.pth")
+    assert rows["Depth"] == "18" and rows["Attention"] == "CBAM" and rows["Classes"] == "4"
+    assert rows["Format"] == "attention-lens" and rows["SHA-256"] == ckpt.sha256[:12]
+    assert rows["Model"] == "My CBAM" and rows["Source"] == "upload x.pth"
+    assert (
+        describe_checkpoint(load_checkpoint(folder / "b_plain.safetensors"))["Attention"] == "none"
+    )
+
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    top = top_predictions(probs, ["a", "b", "c", "d"], 3)
+    assert [(p.index, p.name) for p in top] == [(1, "b"), (3, "d"), (2, "c")]
+    assert top[0].prob == pytest.approx(0.5)
+    assert len(top_predictions(probs, list("abcd"), 10)) == 4
+    with pytest.raises(ValueError, match="4 scores for 3 class names"):
+        top_predictions(probs, list("abc"))
+
+    layers = cam_layer_choices(ckpt.model)
+    assert layers[:4] == ["layer1", "layer2", "layer3", "layer4"]
+    assert "layer4.1" in layers and "layer4.1.cbam" not in layers
+
+    assert digest(b"abc").startswith("ba7816bf")
+    check_upload_size(10, 10)
+    with pytest.raises(ValueError, match="big.pth is 2.0 MiB, over the 1 MiB limit"):
+        check_upload_size(2 * 2**20, 2**20, "big.pth")
+    assert safe_stem("My photo (1).JPG") == "My_photo_1"
+    assert safe_stem("../../etc/passwd") == "passwd"
+    assert safe_stem("") == "image" and safe_stem("***.png") == "image"
+
+
+def test_sample_images_with_labels():
+    samples = sample_images(ROOT / "samples")
+    assert len(samples) == 20
+    by_name = {s.path.name: s.label for s in samples}
+    assert by_name["tench_12881.jpg"] == "tench"
+    assert by_name["english_springer_4972.jpg"] == "English springer"
+    assert sample_images(ROOT / "no such folder") == []

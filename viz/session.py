@@ -1,0 +1,223 @@
+"""Small pure helpers for interactive front ends (the Streamlit app): no streamlit imported here.
+
+They keep the app a thin shell: it keys its caches with `digest`, runs the one image -> tensor
+-> analysis path through `analyze_images`, and shows what `describe_checkpoint`,
+`top_predictions` and `find_classes` return.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from models.checkpoint import Checkpoint
+
+from .cam import CAM_METHODS, DEFAULT_CAM_LAYERS, Analysis, analyze, resolve_layers
+
+__all__ = [
+    "IMAGE_TYPES",
+    "Prediction",
+    "Sample",
+    "analyze_images",
+    "cam_layer_choices",
+    "check_upload_size",
+    "describe_checkpoint",
+    "digest",
+    "find_classes",
+    "safe_stem",
+    "sample_images",
+    "stack_analyses",
+    "top_predictions",
+]
+
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+"""File extensions offered by upload widgets (`viz.images.load_image` reads them all)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a ranking: its index, name and softmax probability."""
+
+    index: int
+    name: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sample image and its ground-truth class name ('' when unknown)."""
+
+    path: Path
+    label: str
+
+
+def digest(data: bytes) -> str:
+    """SHA-256 hex digest of `data` (the cache key of an image or checkpoint)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_upload_size(size: int, limit: int, name: str = "file") -> None:
+    """Raise ValueError with one line if `size` bytes exceeds `limit`."""
+    if size > limit:
+        raise ValueError(
+            f"{name} is {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit"
+        )
+
+
+def safe_stem(name: str, default: str = "image") -> str:
+    """A file-name stem safe for downloads: `My photo (1).JPG` -> `My_photo_1`."""
+    stem = Path(name).stem if name else ""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    return stem[:80] or default
+
+
+def describe_checkpoint(ckpt: Checkpoint, source: str = "") -> dict[str, str]:
+    """What was detected in a checkpoint, as display rows (label -> value)."""
+    arch = ckpt.arch
+    rows = {
+        "Model": ckpt.label,
+        "Depth": str(arch.depth),
+        "Attention": arch.attention.upper() if arch.attention else "none",
+        "Classes": str(arch.num_classes),
+        "Stem": arch.stem,
+        "Format": ckpt.format,
+        "SHA-256": ckpt.sha256[:12],
+    }
+    if arch.attention == "bam":
+        rows["BAM fusion"] = arch.bam_fusion
+    if source:
+        rows["Source"] = source
+    return rows
+
+
+def top_predictions(
+    probs: torch.Tensor, class_names: Sequence[str], k: int = 5
+) -> list[Prediction]:
+    """The `k` most probable classes of one image.
+
+    Args:
+        probs: (K,) or (1, K) softmax scores.
+        class_names: K names.
+        k: how many to return (capped at K).
+    """
+    p = probs.detach().reshape(-1).float()
+    if p.numel() != len(class_names):
+        raise ValueError(f"{p.numel()} scores for {len(class_names)} class names")
+    values, indices = p.topk(min(k, p.numel()))
+    return [Prediction(int(i), class_names[int(i)], float(v)) for v, i in zip(values, indices)]
+
+
+def find_classes(class_names: Sequence[str], query: str, limit: int | None = None) -> list[int]:
+    """Indices of the classes whose name contains `query` (case-insensitive); all for ''.
+
+    Names that start with the query come first, then the other matches, each in class order.
+    """
+    q = query.strip().casefold()
+    if not q:
+        hits = list(range(len(class_names)))
+    else:
+        starts = [i for i, n in enumerate(class_names) if n.casefold().startswith(q)]
+        inside = [
+            i for i, n in enumerate(class_names) if q in n.casefold() and i not in set(starts)
+        ]
+        hits = starts + inside
+    return hits[:limit] if limit is not None else hits
+
+
+def cam_layer_choices(model: nn.Module) -> list[str]:
+    """Layers a user may pick for Grad-CAM: the four stages, then every residual block."""
+    names = [n for n, _ in model.named_modules()]
+    stages = [n for n in DEFAULT_CAM_LAYERS if n in names]
+    blocks = [n for n in names if re.fullmatch(r"layer[1-4]\.\d+", n)]
+    return stages + blocks
+
+
+def analyze_images(
+    ckpt: Checkpoint,
+    images: Sequence[Image.Image],
+    target: int | Sequence[int] | None = None,
+    *,
+    method: str = "gradcam",
+    layers: Sequence[str] | None = None,
+) -> Analysis:
+    """Preprocess RGB images with the checkpoint's own recipe and analyse them in one batch.
+
+    Args:
+        ckpt: a loaded checkpoint.
+        images: PIL images (any size; cropped as the checkpoint says).
+        target: class to explain (one for all, one per image) or None for each top-1.
+        method: one of `viz.cam.CAM_METHODS`.
+        layers: Grad-CAM layers (default the four stages).
+
+    Raises:
+        ValueError: an unknown method or layer, or a target outside the classes, named.
+    """
+    if not images:
+        raise ValueError("no images to analyse")
+    if method not in CAM_METHODS:
+        raise ValueError(f"Grad-CAM method must be one of {list(CAM_METHODS)}, got {method!r}")
+    layers = list(DEFAULT_CAM_LAYERS if layers is None else layers)
+    if not layers:
+        raise ValueError("choose at least one Grad-CAM layer")
+    resolve_layers(ckpt.model, layers)
+    x = ckpt.preprocess.batch(list(images))
+    return analyze(ckpt.model, x, target, layers, method=method)
+
+
+def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
+    """Join single-image analyses of one model (same method and layers) into one batch."""
+    from .trace import AttentionRecord, AttentionTrace
+
+    if not analyses:
+        raise ValueError("no analyses to stack")
+    first = analyses[0]
+    if any(a.method != first.method or list(a.cams) != list(first.cams) for a in analyses):
+        raise ValueError("analyses to stack must share the Grad-CAM method and layers")
+
+    def cat(items):
+        return torch.cat(list(items), 0)
+
+    records = []
+    for i, rec in enumerate(first.trace):
+        recs = [a.trace[i] for a in analyses]
+        records.append(
+            AttentionRecord(
+                rec.name, rec.kind, rec.stage, rec.block, cat(r.channel for r in recs),
+                None if rec.spatial is None else cat(r.spatial for r in recs),
+                cat(r.gate for r in recs), cat(r.feature_in for r in recs),
+                cat(r.feature_out for r in recs),
+            )
+        )  # fmt: skip
+    return Analysis(
+        cat(a.logits for a in analyses),
+        cat(a.probs for a in analyses),
+        cat(a.target for a in analyses),
+        AttentionTrace(records),
+        {k: cat(a.cams[k] for a in analyses) for k in first.cams},
+        first.method,
+    )
+
+
+def sample_images(folder: str | Path) -> list[Sample]:
+    """The sample images of `folder`, with labels from its `labels.csv` (file,wnid,label) if any."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    labels: dict[str, str] = {}
+    table = root / "labels.csv"
+    if table.is_file():
+        with table.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("file"):
+                    labels[row["file"]] = row.get("label", "") or ""
+    exts = {f".{e}" for e in IMAGE_TYPES}
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in exts and p.is_file())
+    return [Sample(p, labels.get(p.name, "")) for p in files]
