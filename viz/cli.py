@@ -1,0 +1,490 @@
+"""Command line: `python -m viz export` writes paper figures, raw maps and a manifest in batch.
+
+Exit status: 0 everything exported; 1 some inputs failed (the rest exported, each failure named
+on stderr and in the manifest); 2 usage error (bad option, unreadable checkpoint, missing path,
+output folder not empty without --overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .session import IMAGE_TYPES
+
+__all__ = [
+    "main",
+    "build_parser",
+    "collect_images",
+    "resolve_target",
+    "IMAGE_SUFFIXES",
+    "GRID_COLUMNS",
+]
+
+IMAGE_SUFFIXES = frozenset(
+    {f".{e}" for e in IMAGE_TYPES}
+    | {".gif", ".avif", ".ppm", ".pgm", ".pbm", ".ico", ".jp2", ".j2k"}
+)
+GRID_COLUMNS = 6  # images per model-grid figure; more images make more figures
+
+_DESCRIPTION = """\
+Export paper-ready figures of what the attention modules (SE, BAM, CBAM) of ResNet checkpoints
+do on a set of images, with the raw maps and a manifest, reproducibly (same inputs, same bytes).
+"""
+
+_EPILOG = """\
+figures (--figure, repeatable; default: overview):
+  overview       every module's spatial attention (CBAM M_s, BAM sigma(M_s)) over the image
+  channels       every module's channel weights, sorted, and the last module's top channels
+  gradcam        per stage: attention map, Grad-CAM, their agreement (Pearson, Spearman, IoU)
+  model-grid     the CBAM paper's figure: images in columns, one Grad-CAM row per checkpoint
+                 (all checkpoints together; at most %(cols)d images per figure; each column is
+                 titled with the first checkpoint's target class, each map shows its P)
+  bam-hierarchy  the BAM paper's figure: feature before, attention 1 + M(F), feature after
+                 (BAM checkpoints only; others are skipped with a note)
+  class-stats    mean channel weight per class (the SENet excitation plot); needs --images
+                 folders in ImageFolder layout (one subfolder per class)
+
+output layout (OUT):
+  OUT/<checkpoint>/<image>/<figure>.<format>   per image and checkpoint
+  OUT/<checkpoint>/<image>/maps.npz            raw attention maps, CAMs, logits, probs, target
+  OUT/<checkpoint>/class-stats-<folder>.<format> and .npz
+  OUT/model-grid[-NN].<format>
+  OUT/manifest.json       checkpoints (path, sha256, arch, format), images (sha256), options,
+                          package versions, results, failures, notes, sha256 of every file
+
+exit status: 0 all exported; 1 some inputs failed (the others exported; failures on stderr and
+in the manifest); 2 usage error (bad option, unreadable checkpoint, missing path, output folder
+not empty without --overwrite).
+
+example:
+  python -m viz export --checkpoint checkpoints/resnet50_cbam.safetensors \\
+      --checkpoint checkpoints/resnet50.safetensors --images samples/ --out figures/ \\
+      --figure overview --figure model-grid --format png,pdf --width double
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: exit status 2."""
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """Image files named by `paths` (files, or folders searched recursively) and the folders.
+
+    Returns:
+        ([(file, output name)], folders): files in command-line order, each folder's files
+        sorted; names are unique, safe, and keep the folder structure (`cat/01.jpg` -> `cat_01`).
+
+    Raises:
+        UsageError: a path does not exist, or nothing was found.
+    """
+    from .export import safe_name
+
+    found: list[tuple[Path, str]] = []
+    folders: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            folders.append(path)
+            files = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
+            found += [(p, safe_name(str(p.relative_to(path).with_suffix("")))) for p in files]
+        elif path.is_file():
+            found.append((path, safe_name(path.stem)))
+        else:
+            raise UsageError(f"no such image file or folder: {raw}")
+    seen: dict[str, int] = {}
+    unique = []
+    for path, name in found:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        unique.append((path, name if count == 1 else f"{name}-{count}"))
+    return unique, folders
+
+
+def resolve_target(value: str | None, class_names: Sequence[str]) -> int | None:
+    """A class given as a name (case-insensitive) or an index -> index; None stays None."""
+    if value is None:
+        return None
+    lowered = [n.casefold() for n in class_names]
+    if value.strip().casefold() in lowered:
+        return lowered.index(value.strip().casefold())
+    try:
+        index = int(value)
+    except ValueError:
+        shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
+        raise UsageError(
+            f"--target {value!r} is not a class name or index (classes: {shown})"
+        ) from None
+    if not 0 <= index < len(class_names):
+        raise UsageError(f"--target {index} is out of range 0..{len(class_names) - 1}")
+    return index
+
+
+def _formats(text: str) -> list[str]:
+    from .export import FORMATS
+
+    items = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"formats must be a comma list of {', '.join(FORMATS)}, got {text!r}"
+        )
+    return list(dict.fromkeys(items))
+
+
+def _width(text: str) -> str | float:
+    from .figures import figure_width
+
+    value: str | float = text
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    try:
+        figure_width(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _dpi(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dpi must be an integer, got {text!r}") from None
+    if not 10 <= value <= 2400:
+        raise argparse.ArgumentTypeError(f"dpi must be from 10 to 2400, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .export import FIGURES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m viz", description="Attention Lens command line."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    export = commands.add_parser(
+        "export",
+        help="export paper figures, raw maps and a manifest",
+        description=_DESCRIPTION,
+        epilog=_EPILOG % {"cols": GRID_COLUMNS},
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                        help="checkpoint file (.safetensors, .pth, ...); repeat for several models")  # fmt: skip
+    export.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                        help="image files or folders (searched recursively for image files)")  # fmt: skip
+    export.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    export.add_argument("--figure", action="extend", nargs="+", choices=FIGURES, metavar="FIGURE",
+                        help=f"figures to make: {', '.join(FIGURES)} (default: overview)")  # fmt: skip
+    export.add_argument("--format", type=_formats, default=["png"], metavar="LIST",
+                        help="comma list of png, pdf, svg (default: png)")  # fmt: skip
+    export.add_argument("--dpi", type=_dpi, default=300, help="raster resolution (default: 300)")
+    export.add_argument("--target", metavar="CLASS",
+                        help="class to explain, by name or index (default: each model's top-1)")  # fmt: skip
+    export.add_argument("--width", type=_width, default="double", metavar="WIDTH",
+                        help="figure width: single (3.3 in), double (6.9 in) or inches (default: double)")  # fmt: skip
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
+    return parser
+
+
+# --- the export run ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What one export run has done so far."""
+
+    out: Path
+    files: dict[str, bytes] = field(default_factory=dict)  # relative name -> bytes written
+    failures: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+
+    def write(self, prefix: str, files: dict[str, bytes]) -> None:
+        from .export import write_files
+
+        named = {f"{prefix}/{k}" if prefix else k: v for k, v in files.items()}
+        write_files(self.out, named)
+        self.files.update(named)
+
+    def fail(
+        self, step: str, what: str, error: BaseException, checkpoint: str | None = None
+    ) -> None:
+        """Record and print (one line) that `step` failed for input `what`."""
+        message = _one_line(error)
+        self.failures.append(
+            {"step": step, "input": what, "checkpoint": checkpoint, "error": message}
+        )
+        where = f" ({step}, {checkpoint})" if checkpoint else f" ({step})"
+        _say(f"error: {what}{where}: {message}")
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+            _say(f"note: {text}")
+
+
+def _say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _one_line(error: BaseException) -> str:
+    from .images import ImageError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    known = isinstance(error, (ImageError, ValueError, FileNotFoundError))
+    return text if known else f"{type(error).__name__}: {text}"
+
+
+def _load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    from .export import safe_name
+
+    loaded = []
+    seen: dict[str, int] = {}
+    for raw in paths:
+        try:
+            ckpt = load_checkpoint(raw)
+        except CheckpointError as exc:
+            raise UsageError(f"checkpoint {raw}: {exc}") from None
+        name = safe_name(Path(raw).stem, default="checkpoint")
+        seen[name] = seen.get(name, 0) + 1
+        loaded.append((raw, name if seen[name] == 1 else f"{name}-{seen[name]}", ckpt))
+    return loaded
+
+
+def _row_labels(checkpoints) -> list[str]:
+    labels = [ckpt.label for _, _, ckpt in checkpoints]
+    return [
+        f"{lab} ({name})" if labels.count(lab) > 1 else lab
+        for lab, (_, name, _) in zip(labels, checkpoints)
+    ]
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .export import (
+        IMAGE_FIGURES,
+        build_manifest,
+        checkpoint_info,
+        export_options,
+        manifest_bytes,
+        prepare_output,
+        render_image,
+        result_info,
+    )
+    from .images import load_image
+    from .session import analyze_images
+
+    figures = list(dict.fromkeys(args.figure or ["overview"]))
+    formats, dpi, width = args.format, args.dpi, args.width
+    images, folders = collect_images(args.images)
+    if "class-stats" in figures and not folders:
+        raise UsageError(
+            "class-stats needs --images folders in ImageFolder layout (one subfolder per class)"
+        )
+    per_image = [f for f in figures if f in IMAGE_FIGURES]
+    if (per_image or "model-grid" in figures) and not images:
+        raise UsageError(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {' '.join(args.images)}"
+        )
+    checkpoints = _load_checkpoints(args.checkpoint)
+    targets = {name: resolve_target(args.target, ckpt.class_names) for _, name, ckpt in checkpoints}
+    try:
+        run = _Run(prepare_output(args.out, overwrite=args.overwrite))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    image_info: list[dict] = []
+    grid: dict[str, list] = {name: [] for _, name, _ in checkpoints}  # light analyses per model
+    grid_images: list[tuple[str, object, str]] = []  # (image name, first model's crop, title)
+    if per_image or "model-grid" in figures:
+        bar = tqdm(
+            total=len(images) * len(checkpoints),
+            desc="export",
+            unit="run",
+            file=sys.stderr,
+            disable=None,
+        )
+        with bar:
+            for path, image_name in images:
+                try:
+                    data = path.read_bytes()
+                    pil = load_image(data)
+                except (OSError, ValueError) as exc:
+                    run.fail("load image", str(path), exc)
+                    bar.update(len(checkpoints))
+                    continue
+                image_info.append(
+                    {
+                        "name": image_name,
+                        "path": str(path),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+                light = []
+                for _, name, ckpt in checkpoints:
+                    try:
+                        analysis = analyze_images(ckpt, [pil], targets[name])
+                        if per_image:
+                            files, notes = render_image(
+                                pil,
+                                ckpt,
+                                analysis,
+                                figures=per_image,
+                                formats=formats,
+                                dpi=dpi,
+                                width=width,
+                            )
+                            run.write(f"{name}/{image_name}", files)
+                            for text in notes:
+                                run.note(text)
+                        run.results.append({"checkpoint": name, "image": image_name,
+                                            **result_info(analysis, ckpt.class_names)})  # fmt: skip
+                        light.append(_light(analysis))
+                    except Exception as exc:  # one input's failure must not stop the others
+                        run.fail("analysis", str(path), exc, name)
+                        light.append(None)
+                    bar.update(1)
+                if "model-grid" in figures and all(item is not None for item in light):
+                    first = checkpoints[0][2]
+                    title = first.class_names[int(light[0].target[0])]
+                    grid_images.append((image_name, first.preprocess.crop_image(pil), title))
+                    for (_, name, _), item in zip(checkpoints, light):
+                        grid[name].append(item)
+        if "model-grid" in figures:
+            _model_grids(run, checkpoints, grid, grid_images, formats, dpi, width)
+    if "class-stats" in figures:
+        _class_stats(run, checkpoints, folders, formats, dpi, width)
+
+    options = export_options(
+        figures, formats, dpi, width, args.target, overwrite=bool(args.overwrite)
+    )
+    manifest = build_manifest(
+        checkpoints=[
+            {"name": name, **checkpoint_info(ckpt, raw)} for raw, name, ckpt in checkpoints
+        ],
+        images=image_info,
+        options=options,
+        results=run.results,
+        failures=run.failures,
+        notes=run.notes,
+        files=run.files,
+    )
+    run.write("", {"manifest.json": manifest_bytes(manifest)})
+    return 1 if run.failures else 0
+
+
+def _light(analysis):
+    """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
+    from .cam import Analysis
+    from .trace import AttentionTrace
+
+    return Analysis(analysis.logits, analysis.probs, analysis.target, AttentionTrace(),
+                    {"layer4": analysis.cams["layer4"]}, analysis.method)  # fmt: skip
+
+
+def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, dpi, width) -> None:
+    from .export import figure_bytes
+    from .figures import model_grid
+    from .session import stack_analyses
+
+    if not grid_images:
+        return
+    labels = _row_labels(checkpoints)
+    chunks = [grid_images[i : i + GRID_COLUMNS] for i in range(0, len(grid_images), GRID_COLUMNS)]
+    for c, chunk in enumerate(chunks):
+        start = c * GRID_COLUMNS
+        rows = [(label, stack_analyses(grid[name][start : start + len(chunk)]))
+                for label, (_, name, _) in zip(labels, checkpoints)]  # fmt: skip
+        try:
+            fig = model_grid([crop for _, crop, _ in chunk], rows,
+                             column_titles=[title for _, _, title in chunk], width=width)  # fmt: skip
+            stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
+            run.write("", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=dpi) for fmt in formats})
+        except Exception as exc:
+            run.fail("model-grid", ", ".join(n for n, _, _ in chunk), exc)
+
+
+def _class_stats(run: _Run, checkpoints, folders, formats, dpi, width) -> None:
+    from tqdm import tqdm
+
+    from .export import figure_bytes, npz_bytes, safe_name
+    from .figures import class_channel_stats
+    from .metrics import channel_statistics
+
+    for folder in folders:
+        stem = f"class-stats-{safe_name(folder.resolve().name, default='images')}"
+        for _, name, ckpt in checkpoints:
+            bar = tqdm(desc=f"class-stats {name}", unit="img", file=sys.stderr, disable=None)
+
+            def progress(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            try:
+                with bar:
+                    stats = channel_statistics(
+                        ckpt.model, folder, ckpt.preprocess, batch_size=16, progress=progress
+                    )
+                if not stats.means:
+                    run.note(f"class-stats skipped for {ckpt.label}: no attention modules")
+                    continue
+                fig = class_channel_stats(stats, width=width)
+                files = {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=dpi) for fmt in formats}
+                arrays = {
+                    "class_names": _str_array(stats.class_names),
+                    "counts": stats.counts.numpy(),
+                }
+                arrays.update({f"means/{k}": v.float().numpy() for k, v in stats.means.items()})
+                files[f"{stem}.npz"] = npz_bytes(arrays)
+                run.write(name, files)
+            except Exception as exc:
+                run.fail("class-stats", str(folder), exc, name)
+
+
+def _str_array(items: Sequence[str]):
+    import numpy as np
+
+    return np.asarray(list(items), dtype=str)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _export(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: files written so far are complete; no manifest was written",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,537 @@
+"""Deterministic export: figures as PNG/PDF/SVG bytes, raw maps as .npz, a manifest, zip bundles.
+
+The same input gives byte-identical files: PDF fonts are embedded as TrueType (Type 42) and SVG
+keeps text as text; no file carries a date or the matplotlib version (PNG `Software`, PDF
+`Producer`/`Creator`, SVG `Creator` are fixed, PDF `CreationDate` and SVG `Date` left out, SVG
+ids salted with a fixed string); archives use a fixed timestamp and sorted members; the manifest
+is JSON with sorted keys and no timestamps.
+
+    files = image_bundle(path_or_image, checkpoint, figures=("overview", "gradcam"),
+                         formats=("png", "pdf"))
+    zip_bundle(files)        # one deterministic .zip, e.g. for a download button
+
+`python -m viz export` (see `viz.cli`) writes the same files into a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import unicodedata
+import zipfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from models.checkpoint import Checkpoint, atomic_write_bytes
+
+from .cam import DEFAULT_CAM_LAYERS, Analysis
+from .figures import (
+    STYLE_LOCK,
+    attention_vs_gradcam,
+    bam_hierarchy,
+    channel_weights,
+    figure_width,
+    spatial_overview,
+)
+from .images import ImageSource, load_image
+from .maps import DEFAULT_CMAP
+
+__all__ = [
+    "FORMATS",
+    "FIGURES",
+    "IMAGE_FIGURES",
+    "ExportError",
+    "figure_bytes",
+    "write_atomic",
+    "write_files",
+    "safe_name",
+    "prepare_output",
+    "analysis_arrays",
+    "npz_bytes",
+    "zip_bundle",
+    "package_versions",
+    "checkpoint_info",
+    "result_info",
+    "build_manifest",
+    "manifest_bytes",
+    "render_image",
+    "image_bundle",
+    "export_options",
+]
+
+FORMATS = ("png", "pdf", "svg")
+FIGURES = ("overview", "channels", "gradcam", "model-grid", "bam-hierarchy", "class-stats")
+IMAGE_FIGURES = ("overview", "channels", "gradcam", "bam-hierarchy")  # one per image and model
+MANIFEST_VERSION = 1
+SOFTWARE = "Attention Lens"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
+_PACKAGES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "matplotlib": "matplotlib",
+    "numpy": "numpy",
+    "captum": "captum",
+    "pillow": "pillow",
+}
+_SAVE_RC = {
+    "pdf.fonttype": 42,  # TrueType embedded: text stays editable and searchable
+    "ps.fonttype": 42,
+    "svg.fonttype": "none",  # text as <text>, not paths
+    "svg.hashsalt": "attention-lens",  # fixed ids in SVG
+    "pdf.compression": 6,
+}
+_METADATA = {
+    "png": {"Software": SOFTWARE},
+    "pdf": {"Creator": SOFTWARE, "Producer": SOFTWARE, "CreationDate": None},
+    "svg": {"Creator": SOFTWARE, "Date": None},
+}
+_WINDOWS_RESERVED = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(10)),
+    *(f"LPT{i}" for i in range(10)),
+}
+
+
+class ExportError(ValueError):
+    """An export cannot proceed; the message is one line a user can act on."""
+
+
+# --- figures and files ------------------------------------------------------------------------
+
+
+def figure_bytes(fig: Figure, fmt: str, *, dpi: int = 300) -> bytes:
+    """Render `fig` to PNG, PDF or SVG bytes, the same bytes for the same figure.
+
+    Args:
+        fig: a matplotlib Figure (e.g. from `viz.figures`).
+        fmt: "png", "pdf" or "svg".
+        dpi: resolution of raster output (PNG, and images inside PDF/SVG); recorded in the PNG.
+
+    Global rcParams are left as they were (`matplotlib.rc_context`, under the figures' lock).
+    """
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 2400:
+        raise ExportError(f"dpi must be an integer from 10 to 2400, got {dpi!r}")
+    buf = io.BytesIO()
+    with STYLE_LOCK, matplotlib.rc_context(_SAVE_RC):
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata=_METADATA[fmt], facecolor="white")
+    return buf.getvalue()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: never a half-written file."""
+    atomic_write_bytes(Path(path), data)
+
+
+def safe_name(text: str, *, default: str = "unnamed", max_length: int = 100) -> str:
+    """A plain file name from any text: no folders, no `..`, no hidden or reserved names.
+
+    `../../x.png` -> `x.png`, `a/b c.jpg` -> `a_b_c.jpg`, `..` -> `unnamed`.
+    """
+    parts = [
+        p
+        for p in re.split(r"[\\/]+", unicodedata.normalize("NFKC", str(text)))
+        if p not in ("", ".", "..")
+    ]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))
+    name = re.sub(r"\.{2,}", ".", name).strip("._-")
+    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        name = f"_{name}"
+    if len(name) > max_length:
+        stem, dot, suffix = name.rpartition(".")
+        keep = f".{suffix}" if dot and 0 < len(suffix) <= 8 else ""
+        name = name[: max_length - len(keep)].rstrip("._-") + keep
+    return name or default
+
+
+def _relative(name: str) -> PurePosixPath:
+    """`name` as a relative path whose every part is already a safe name."""
+    path = PurePosixPath(name)
+    if not path.parts or path.is_absolute() or any(part != safe_name(part) for part in path.parts):
+        raise ExportError(f"unsafe file name in bundle: {name!r}")
+    return path
+
+
+def prepare_output(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Create the output folder; refuse one that exists and holds files unless `overwrite`.
+
+    With `overwrite`, files of the same name are replaced; other files are left alone.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"output {str(path)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ExportError(
+            f"output folder {str(path)!r} is not empty; choose another or pass --overwrite"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create output folder {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
+def write_files(folder: str | os.PathLike, files: Mapping[str, bytes]) -> list[str]:
+    """Write bundle `files` (relative POSIX name -> bytes) under `folder`, each atomically.
+
+    Returns:
+        The names written, sorted.
+
+    Raises:
+        ExportError: a name is absolute, holds `..` or anything `safe_name` would change.
+    """
+    root = Path(folder)
+    names = sorted(files)
+    for name in names:
+        _relative(name)
+    for name in names:
+        write_atomic(root.joinpath(*_relative(name).parts), files[name])
+    return names
+
+
+# --- raw maps and archives --------------------------------------------------------------------
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def analysis_arrays(analysis: Analysis, index: int = 0) -> dict[str, np.ndarray]:
+    """Every raw map of image `index`, batch dimension dropped, values as recorded.
+
+    Keys and shapes:
+        `logits`, `probs`: (K,) float32; `target`: () int64.
+        `cam/<layer>`: (h, w) Grad-CAM at the layer's resolution (ReLU applied, not normalised).
+        `attention/<module>/channel`: (C,); CBAM M_c and SE weights after the sigmoid, BAM M_c
+        before it. `attention/<module>/spatial`: (H, W); CBAM M_s after the sigmoid, BAM M_s
+        before it (absent for SE). `attention/<module>/gate`, `feature_in`, `feature_out`:
+        (H, W) channel means of the 3-D gate, |F| and |F'|.
+    """
+    n = analysis.logits.shape[0]
+    if not -n <= index < n:
+        raise IndexError(f"index {index} is out of range for a batch of {n} images")
+    one = analysis.select(index % n)
+    arrays: dict[str, np.ndarray] = {
+        "logits": _np(one.logits[0]).astype(np.float32),
+        "probs": _np(one.probs[0]).astype(np.float32),
+        "target": np.asarray(int(one.target[0]), dtype=np.int64),
+    }
+    for layer, cam in one.cams.items():
+        arrays[f"cam/{layer}"] = _np(cam[0]).astype(np.float32)
+    for rec in one.trace:
+        parts = {"channel": rec.channel, "spatial": rec.spatial, "gate": rec.gate,
+                 "feature_in": rec.feature_in, "feature_out": rec.feature_out}  # fmt: skip
+        for part, value in parts.items():
+            if value is not None:
+                arrays[f"attention/{rec.name}/{part}"] = _np(value[0]).astype(np.float32)
+    return arrays
+
+
+def _zip(members: Mapping[str, bytes]) -> bytes:
+    """A zip of `members` in name order, fixed dates and permissions: same input, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, members[name], compresslevel=6)
+    return buf.getvalue()
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A compressed .npz (readable by `numpy.load`, no pickles) with deterministic bytes."""
+    members = {}
+    for key, value in arrays.items():
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
+        members[f"{key}.npy"] = buf.getvalue()
+    return _zip(members)
+
+
+def zip_bundle(files: Mapping[str, bytes], *, root: str | None = None) -> bytes:
+    """One deterministic .zip of bundle `files` (e.g. from `image_bundle`), under `root/` if given."""
+    prefix = f"{safe_name(root)}/" if root else ""
+    for name in files:
+        _relative(name)
+    return _zip({prefix + name: data for name, data in files.items()})
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python and the packages that shape the output (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for key, dist in _PACKAGES.items():
+        try:
+            versions[key] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            versions[key] = None
+    return versions
+
+
+def checkpoint_info(checkpoint: Checkpoint, path: str | os.PathLike | None = None) -> dict:
+    """What the manifest records of a checkpoint: path, sha256, architecture, format, label."""
+    return {
+        "path": None if path is None else str(path),
+        "sha256": checkpoint.sha256,
+        "arch": checkpoint.arch.to_dict(),
+        "format": checkpoint.format,
+        "label": checkpoint.label,
+    }
+
+
+def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) -> dict:
+    """Target and prediction of image `index`: class indices, names and softmax scores."""
+    probs = analysis.probs[index]
+    target, predicted = int(analysis.target[index]), int(probs.argmax())
+
+    def name(i: int) -> str:
+        return class_names[i] if i < len(class_names) else f"class {i}"
+
+    return {
+        "target": target,
+        "target_name": name(target),
+        "P": float(probs[target]),
+        "predicted": predicted,
+        "predicted_name": name(predicted),
+        "predicted_P": float(probs[predicted]),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def build_manifest(
+    *,
+    checkpoints: Sequence[dict],
+    images: Sequence[dict],
+    options: Mapping[str, Any],
+    results: Sequence[dict] = (),
+    failures: Sequence[dict] = (),
+    notes: Sequence[str] = (),
+    files: Mapping[str, bytes] | None = None,
+) -> dict:
+    """The manifest of an export: inputs with their hashes, options, versions, outcomes, files.
+
+    `files` (name -> bytes) is recorded as name -> sha256. Nothing time-dependent is recorded.
+    """
+    return {
+        "tool": "attention-lens export",
+        "manifest_version": MANIFEST_VERSION,
+        "checkpoints": list(checkpoints),
+        "images": list(images),
+        "options": dict(options),
+        "versions": package_versions(),
+        "results": list(results),
+        "failures": list(failures),
+        "notes": list(notes),
+        "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted((files or {}).items())},
+    }
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """JSON with sorted keys and a final newline (non-finite floats become null)."""
+    text = json.dumps(
+        _jsonable(manifest), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False
+    )
+    return (text + "\n").encode("utf-8")
+
+
+# --- one image, one model ---------------------------------------------------------------------
+
+
+def _check_options(figures: Sequence[str], formats: Sequence[str], width: str | float) -> None:
+    unknown = [f for f in figures if f not in IMAGE_FIGURES]
+    if unknown:
+        raise ExportError(
+            f"unknown per-image figures {unknown}; choose from {', '.join(IMAGE_FIGURES)}"
+        )
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(f"formats must be among {', '.join(FORMATS)}, got {list(formats)}")
+    try:
+        figure_width(width)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def render_image(
+    image: Image.Image,
+    checkpoint: Checkpoint,
+    analysis: Analysis,
+    *,
+    figures: Sequence[str] = ("overview",),
+    formats: Sequence[str] = ("png",),
+    dpi: int = 300,
+    width: str | float = "double",
+) -> tuple[dict[str, bytes], list[str]]:
+    """Figures and raw maps of one image analysed by one model.
+
+    Args:
+        image: the image as loaded (it is cropped with the checkpoint's own `Preprocess`).
+        analysis: of this image (batch of one), e.g. `viz.session.analyze_images`.
+        figures: among `IMAGE_FIGURES`.
+
+    Returns:
+        (files, notes): files `<figure>.<format>` and `maps.npz`; notes say which figures were
+        skipped because the model cannot show them (bam-hierarchy without BAM, channels
+        without attention modules).
+    """
+    _check_options(figures, formats, width)
+    crop = checkpoint.preprocess.crop_image(image)
+    files: dict[str, bytes] = {}
+    notes: list[str] = []
+    kinds = {r.kind for r in analysis.trace}
+    for name in figures:
+        if name == "overview":
+            fig = spatial_overview(crop, analysis.trace, width=width)
+        elif name == "channels":
+            if not kinds:
+                notes.append(f"channels skipped for {checkpoint.label}: no attention modules")
+                continue
+            fig = channel_weights(analysis.trace, width=width)
+        elif name == "gradcam":
+            fig = attention_vs_gradcam(
+                crop, analysis, class_names=checkpoint.class_names, width=width
+            )
+        else:  # bam-hierarchy
+            if "bam" not in kinds:
+                notes.append(
+                    f"bam-hierarchy skipped for {checkpoint.label}: the model has no BAM modules"
+                )
+                continue
+            fig = bam_hierarchy(crop, analysis.trace, width=width)
+        for fmt in formats:
+            files[f"{name}.{fmt}"] = figure_bytes(fig, fmt, dpi=dpi)
+    files["maps.npz"] = npz_bytes(analysis_arrays(analysis))
+    return files, notes
+
+
+def _image_input(image: Image.Image | ImageSource) -> tuple[Image.Image, dict]:
+    if isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+        digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+        return rgb, {"sha256": digest, "sha256_of": "pixels"}
+    if isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes() if Path(image).is_file() else None
+        if data is None:
+            return load_image(image), {}  # raises ImageError naming the file
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    else:
+        data = image.read()
+    return load_image(data), {"sha256": hashlib.sha256(data).hexdigest(), "sha256_of": "file"}
+
+
+def image_bundle(
+    image: Image.Image | ImageSource,
+    checkpoint: Checkpoint,
+    *,
+    name: str = "image",
+    figures: Sequence[str] = ("overview",),
+    formats: Sequence[str] = ("png",),
+    dpi: int = 300,
+    width: str | float = "double",
+    target: int | None = None,
+    analysis: Analysis | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    manifest: bool = True,
+) -> dict[str, bytes]:
+    """Everything exported for one image and one model, in memory (for the app's download).
+
+    Args:
+        image: a PIL image, or a path / bytes / binary file (then its sha256 is the file's).
+        checkpoint: the model.
+        name: the image's name in the manifest.
+        figures: among `IMAGE_FIGURES`; formats: among `FORMATS`.
+        target: class to explain (None: the top-1 prediction).
+        analysis: reuse an analysis of this image (batch of one) instead of computing it.
+        checkpoint_path: recorded in the manifest.
+        manifest: add `manifest.json`.
+
+    Returns:
+        File name -> bytes: `<figure>.<format>`, `maps.npz` and `manifest.json`; give it to
+        `zip_bundle` for one archive. The same inputs give the same bytes.
+
+    Raises:
+        ExportError: unknown figure or format; viz.images.ImageError: unreadable image;
+        ValueError: target outside the classes.
+    """
+    from .session import analyze_images
+
+    _check_options(figures, formats, width)
+    pil, digest = _image_input(image)
+    if analysis is None:
+        analysis = analyze_images(checkpoint, [pil], target)
+    files, notes = render_image(
+        pil, checkpoint, analysis, figures=figures, formats=formats, dpi=dpi, width=width
+    )
+    if manifest:
+        info = build_manifest(
+            checkpoints=[checkpoint_info(checkpoint, checkpoint_path)],
+            images=[{"name": name, **digest}],
+            options=export_options(figures, formats, dpi, width, target),
+            results=[
+                {
+                    "checkpoint": checkpoint.label,
+                    "image": name,
+                    **result_info(analysis, checkpoint.class_names),
+                }
+            ],
+            notes=notes,
+            files=files,
+        )
+        files["manifest.json"] = manifest_bytes(info)
+    return files
+
+
+def export_options(
+    figures: Sequence[str],
+    formats: Sequence[str],
+    dpi: int,
+    width: str | float,
+    target: object,
+    **extra: Any,
+) -> dict:
+    """The options recorded in a manifest (what, with which settings)."""
+    return {
+        "figures": list(figures),
+        "formats": list(formats),
+        "dpi": dpi,
+        "width": width,
+        "width_inches": figure_width(width),
+        "target": target,
+        "cmap": DEFAULT_CMAP,
+        "cam_method": "gradcam",
+        "cam_layers": list(DEFAULT_CAM_LAYERS),
+        **extra,
+    }
