@@ -85,23 +85,36 @@ def _read_source(source: str | os.PathLike | bytes | BinaryIO, limit: int) -> by
         path = Path(source)
         if not path.is_file():
             raise CheckpointError(f"no checkpoint file at {str(path)!r}")
-        if path.stat().st_size > limit:
-            raise CheckpointError(
-                f"checkpoint is {path.stat().st_size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
-            )
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"checkpoint is {_size(size)}, over the {_size(limit)} limit")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {str(path)!r} ({_short(exc)})") from None
+    elif isinstance(source, io.TextIOBase):
+        raise CheckpointError("checkpoint file object must be opened in binary mode")
     elif hasattr(source, "read"):
-        data = source.read(limit + 1)
+        try:
+            data = source.read(limit + 1)
+        except (OSError, ValueError) as exc:  # closed or unreadable stream
+            raise CheckpointError(
+                f"cannot read the checkpoint file object ({_short(exc)})"
+            ) from None
         if not isinstance(data, (bytes, bytearray)):
             raise CheckpointError("checkpoint file object must be opened in binary mode")
         data = bytes(data)
     else:
         raise CheckpointError(f"cannot read a checkpoint from a {type(source).__name__}")
     if len(data) > limit:
-        raise CheckpointError(f"checkpoint is over the {limit / 2**20:.0f} MiB limit")
+        raise CheckpointError(f"checkpoint is over the {_size(limit)} limit")
     if not data:
         raise CheckpointError("checkpoint is empty (0 bytes)")
     return data
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -140,10 +153,17 @@ def _check_zip(data: bytes, limit: int) -> None:
     except zipfile.BadZipFile:
         raise CheckpointError("checkpoint zip archive is damaged or truncated") from None
     total = sum(i.file_size for i in infos)
-    if total > limit or any(i.compress_type != zipfile.ZIP_STORED and i.file_size > 64 * i.compress_size + 2**20 for i in infos):
+    if total > limit or any(
+        i.compress_type != zipfile.ZIP_STORED and i.file_size > 64 * i.compress_size + 2**20
+        for i in infos
+    ):
         raise CheckpointError("checkpoint archive expands far beyond its size (zip bomb?); refused")
     if not any(i.filename.endswith("data.pkl") for i in infos):
         raise CheckpointError("zip file is not a PyTorch checkpoint (no data.pkl inside)")
+
+
+# what torch.load raises on damaged files, besides pickle.UnpicklingError
+_LOAD_ERRORS = (EOFError, OSError, RuntimeError, ValueError, TypeError, LookupError, struct.error)
 
 
 def _torch_load(data: bytes, limit: int) -> object:
@@ -158,16 +178,38 @@ def _torch_load(data: bytes, limit: int) -> object:
             warnings.simplefilter("ignore")
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)'?", str(exc))
-        what = next((g for g in (found.groups() if found else ()) if g), None)
-        detail = f" ({what})" if what else ""
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        name = found.group(1) if found else ""
+        if name and not name.endswith("."):  # a cut file can end inside a GLOBAL's name
+            raise CheckpointError(
+                f"refused: the checkpoint's pickle would call {name}; only tensors and plain containers are allowed, nothing was run"
+            ) from None
         raise CheckpointError(
-            f"refused: the checkpoint's pickle would build objects other than tensors{detail}; nothing was run"
+            "refused: the checkpoint's pickle is damaged or does more than build tensors; nothing was run"
         ) from None
-    except (EOFError, RuntimeError, ValueError, OSError, struct.error, KeyError, IndexError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint is damaged or truncated ({_short(exc)})") from None
     except MemoryError:
-        raise CheckpointError("checkpoint declares tensors too large to allocate; refused") from None
+        raise CheckpointError(_TOO_LARGE) from None
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(_explain_torch_error(exc)) from None
+
+
+_TOO_LARGE = "checkpoint declares tensors too large to allocate; refused"
+_BAD_SIZE = "checkpoint is damaged: a tensor's declared size does not fit its stored data"
+_TORCH_ERRORS = (  # a phrase in torch's error (lower case) -> what it means for the user
+    ("allocate", _TOO_LARGE),
+    ("magic number", "not a PyTorch checkpoint (a plain pickle, or a damaged file)"),
+    ("size", _BAD_SIZE),
+    ("overflow", _BAD_SIZE),
+    ("incompatible function arguments", _BAD_SIZE),  # a size beyond int64
+)
+
+
+def _explain_torch_error(exc: BaseException) -> str:
+    text = str(exc).lower()
+    for phrase, message in _TORCH_ERRORS:
+        if phrase in text:
+            return message
+    return f"checkpoint is damaged or truncated ({_short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -182,7 +224,9 @@ def _short(exc: BaseException) -> str:
 def _unwrap(obj: object) -> tuple[dict, str, dict]:
     """Return (state dict, format, training info) from whatever torch.load gave."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"not a checkpoint: the file holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(
+            f"not a checkpoint: the file holds a {type(obj).__name__}, not a state dict"
+        )
     info: dict = {}
     fmt = "state-dict"
     for key in _WRAPPER_KEYS:
@@ -211,7 +255,9 @@ def _clean_keys(state: dict) -> dict[str, Tensor]:
         if not isinstance(key, str):
             raise CheckpointError(f"not a state dict: key {key!r} is not a string")
         if not isinstance(value, Tensor):
-            raise CheckpointError(f"not a state dict: {key!r} holds a {type(value).__name__}, not a tensor")
+            raise CheckpointError(
+                f"not a state dict: {key!r} holds a {type(value).__name__}, not a tensor"
+            )
         for prefix in _STRIP_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix) :]
@@ -278,7 +324,8 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
     if bad:
         raise CheckpointError(f"weights contain NaN or Inf: {_first(bad)}")
     converted = {
-        k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype)) for k, v in state.items()
+        k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype))
+        for k, v in state.items()
     }
     model.load_state_dict(converted, strict=False)
 
@@ -295,7 +342,11 @@ def imagenet_class_names() -> list[str]:
 
 def _class_names(meta: dict, num_classes: int) -> list[str]:
     names = meta.get("class_names")
-    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+    if (
+        isinstance(names, list)
+        and len(names) == num_classes
+        and all(isinstance(n, str) for n in names)
+    ):
         return list(names)
     if num_classes == 1000:
         return imagenet_class_names()
@@ -335,16 +386,24 @@ def load_checkpoint(
     arch_meta = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
     try:
         arch = infer_arch(state, bam_fusion=arch_meta.get("bam_fusion", "product"))
-        preprocess = Preprocess.from_dict(meta["preprocess"]) if isinstance(meta.get("preprocess"), dict) else _default_preprocess(arch)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        preprocess = (
+            Preprocess.from_dict(meta["preprocess"])
+            if isinstance(meta.get("preprocess"), dict)
+            else _default_preprocess(arch)
+        )
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as exc:  # Arch or Preprocess refusing a value
+        raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
     model = ResNet(arch)
     _load_into(model, state)
     model.eval()
     metadata = dict(meta)
     if info:
         metadata.setdefault("training", {}).update(info)
-    return Checkpoint(model, arch, _class_names(meta, arch.num_classes), preprocess, fmt, sha256, metadata)
+    return Checkpoint(
+        model, arch, _class_names(meta, arch.num_classes), preprocess, fmt, sha256, metadata
+    )
 
 
 def _default_preprocess(arch: Arch) -> Preprocess:
@@ -408,4 +467,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
