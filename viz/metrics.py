@@ -1,0 +1,501 @@
+"""Numbers about maps: agreement with Grad-CAM, deletion/insertion, channel statistics.
+
+- `agreement` compares an attention map with a Grad-CAM map (Selvaraju et al., ICCV 2017,
+  https://arxiv.org/abs/1610.02391): Pearson and Spearman correlation over pixels and the IoU
+  of their top-k% regions; `agreement_table` does it stage by stage for an `Analysis` of a
+  CBAM (Woo et al., ECCV 2018, https://arxiv.org/abs/1807.06521) or BAM (Park et al.,
+  BMVC 2018, https://arxiv.org/abs/1807.06514) network.
+- `deletion_insertion` scores a saliency map by the causal metrics of RISE (Petsiuk et al.,
+  BMVC 2018, https://arxiv.org/abs/1806.07421): how fast the class probability falls when the
+  most salient pixels are removed first, and how fast it rises when they are put back first.
+- `channel_statistics` averages every attention module's channel weights per class over a
+  folder of images, the quantity the SENet paper plots for its excitations (Hu et al.,
+  CVPR 2018, https://arxiv.org/abs/1709.01507, Fig. 6).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .cam import Analysis, _targets
+from .maps import upsample
+from .trace import AttentionRecord, model_lock, record_attention
+
+__all__ = [
+    "Agreement",
+    "ChannelStats",
+    "DeletionInsertion",
+    "BASELINES",
+    "agreement",
+    "agreement_table",
+    "channel_statistics",
+    "deletion_insertion",
+]
+
+BASELINES = ("blur", "zero")
+# a map whose span is within float32 rounding of its magnitude counts as constant
+_CONSTANT_RTOL = 8 * torch.finfo(torch.float32).eps
+# blur baseline: sigma = longest image side / 20 (about 11 px at 224), kernel of 3 sigma each side
+_BLUR_SIDE_FRACTION = 1 / 20
+
+
+# --- agreement --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How much two maps agree, pixel by pixel.
+
+    Attributes:
+        pearson: linear correlation of the values, in [-1, 1]; nan when a map is constant.
+        spearman: correlation of the ranks (ties share their average rank), in [-1, 1];
+            nan when a map is constant.
+        iou: intersection over union of the two top-k regions, in [0, 1].
+        top_k: the fraction of pixels that made each top-k region.
+    """
+
+    pearson: float
+    spearman: float
+    iou: float
+    top_k: float
+
+
+def _as_tensor(m: Tensor | np.ndarray) -> Tensor:
+    return m.detach() if isinstance(m, Tensor) else torch.as_tensor(np.asarray(m))
+
+
+def _as_map(m: Tensor | np.ndarray, what: str) -> Tensor:
+    t = _as_tensor(m)
+    if t.ndim != 2 or t.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty 2-D map (h, w), got shape {tuple(t.shape)}")
+    return t.float().cpu()
+
+
+def _is_constant(v: Tensor) -> bool:
+    lo, hi = v.min(), v.max()
+    return bool(hi - lo <= _CONSTANT_RTOL * max(float(lo.abs()), float(hi.abs())))
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float(a.dot(a)) * float(b.dot(b)))
+    if denom == 0.0:
+        return math.nan
+    return max(-1.0, min(1.0, float(a.dot(b)) / denom))
+
+
+def _ranks(v: Tensor) -> Tensor:
+    """1-based ranks of the values of `v` (n,), tied values sharing their average rank."""
+    _, inverse, counts = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)
+    end = counts.cumsum(0).to(torch.float64)  # last 1-based rank of each distinct value
+    average = end - (counts.to(torch.float64) - 1) / 2
+    return average[inverse]
+
+
+def _top_k_membership(v: Tensor, k: int, constant: bool) -> Tensor:
+    """Membership in [0, 1] of the k largest values; pixels tied at the cut share what is left."""
+    if constant:
+        return torch.full_like(v, k / v.numel())
+    cut = torch.topk(v, k).values[-1]
+    above, tied = v > cut, v == cut
+    share = (k - int(above.sum())) / int(tied.sum())
+    return above.to(v.dtype) + tied.to(v.dtype) * share
+
+
+def agreement(
+    attention: Tensor | np.ndarray,
+    cam: Tensor | np.ndarray,
+    *,
+    size: tuple[int, int] | None = None,
+    top_k: float = 0.2,
+) -> Agreement:
+    """Compare an attention map with a CAM (or any two maps) over their pixels.
+
+    Both maps are bilinearly resized (`viz.maps.upsample`) to `size`, by default to the
+    larger of the two on each side, so maps of different resolutions can be compared.
+
+    Args:
+        attention: (h1, w1) map, tensor or array.
+        cam: (h2, w2) map, tensor or array.
+        size: (H, W) to compare at; default (max(h1, h2), max(w1, w2)).
+        top_k: fraction of pixels, in (0, 1], that makes each map's top region for the IoU;
+            the region holds round(top_k * H * W) pixels (at least one).
+
+    Returns:
+        An `Agreement`. A map that is constant (up to float32 rounding) has no correlation:
+        pearson and spearman are nan, and its top-k region is undefined, so every pixel
+        belongs to it with weight k / (H * W), about top_k (its IoU is the chance level). Likewise pixels tied
+        at the top-k cut share the remaining membership equally (fuzzy IoU, sum of minima
+        over sum of maxima), so the IoU never depends on the pixel order. Maps holding nan or
+        infinite values give nan everywhere. Nothing here raises for such maps.
+
+    Raises:
+        ValueError: a map is not 2-D, `size` is not two positive integers, or `top_k` is
+            outside (0, 1].
+    """
+    if not 0.0 < top_k <= 1.0:
+        raise ValueError(f"top_k must be within (0, 1], got {top_k}")
+    a, b = _as_map(attention, "attention"), _as_map(cam, "cam")
+    if size is None:
+        size = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    elif len(size) != 2 or any(not isinstance(s, (int, np.integer)) or s < 1 for s in size):
+        raise ValueError(f"size must be two positive integers (H, W), got {size!r}")
+    size = (int(size[0]), int(size[1]))
+    a, b = (m if tuple(m.shape) == size else upsample(m, size) for m in (a, b))
+    a, b = a.flatten().double(), b.flatten().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return Agreement(math.nan, math.nan, math.nan, top_k)
+    const_a, const_b = _is_constant(a), _is_constant(b)
+    if const_a or const_b:
+        pearson = spearman = math.nan
+    else:
+        pearson, spearman = _pearson(a, b), _pearson(_ranks(a), _ranks(b))
+    k = max(1, round(top_k * a.numel()))
+    ma, mb = _top_k_membership(a, k, const_a), _top_k_membership(b, k, const_b)
+    iou = float(torch.minimum(ma, mb).sum() / torch.maximum(ma, mb).sum())
+    return Agreement(pearson, spearman, iou, top_k)
+
+
+def agreement_table(
+    analysis: Analysis, index: int = 0, *, top_k: float = 0.2
+) -> list[tuple[str, str, Agreement]]:
+    """Agreement of each stage's last spatial attention map with the same stage's Grad-CAM.
+
+    CBAM: the spatial map (after its sigmoid) of the stage's last block, e.g. `layer2.1.cbam`,
+    paired with the CAM of `layer2`. BAM: the spatial branch M_s of `bamK` (a logit, before the
+    sigmoid; Spearman and IoU do not change under the sigmoid, Pearson does), paired with the
+    CAM of `layerK`, which BAM follows. Stages whose CAM was not computed are left out, as are
+    SE modules (no spatial map).
+
+    Args:
+        analysis: from `viz.cam.analyze`.
+        index: which image of the batch.
+        top_k: passed to `agreement`.
+
+    Returns:
+        (attention module name, CAM layer name, `Agreement`) per stage, in forward order;
+        empty for a network without spatial attention.
+
+    Raises:
+        IndexError: `index` is outside the batch.
+    """
+    n = analysis.target.shape[0]
+    if not -n <= index < n:
+        raise IndexError(f"image index {index} is out of range for a batch of {n}")
+    last: dict[int, AttentionRecord] = {}
+    for rec in analysis.trace.spatial_records:
+        last[rec.stage] = rec  # forward order: the stage's last module wins
+    rows = []
+    for stage, rec in last.items():
+        layer = f"layer{stage}"
+        if layer in analysis.cams:
+            result = agreement(rec.spatial[index], analysis.cams[layer][index], top_k=top_k)
+            rows.append((rec.name, layer, result))
+    return rows
+
+
+# --- deletion and insertion -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeletionInsertion:
+    """Causal scores of saliency maps (RISE): lower deletion and higher insertion AUC are better.
+
+    Attributes:
+        deletion_auc: (N,) area under the deletion curve.
+        insertion_auc: (N,) area under the insertion curve.
+        fractions: (steps + 1,) fraction of pixels deleted or inserted at each step, 0 to 1.
+        deletion_curve: (N, steps + 1) target probability as the most salient pixels are
+            replaced by the baseline.
+        insertion_curve: (N, steps + 1) target probability as the most salient pixels are
+            put back on the baseline.
+        target: (N,) the class whose probability was followed.
+    """
+
+    deletion_auc: Tensor
+    insertion_auc: Tensor
+    fractions: Tensor
+    deletion_curve: Tensor
+    insertion_curve: Tensor
+    target: Tensor
+
+
+def _gaussian_blur(x: Tensor) -> Tensor:
+    """Strong separable Gaussian blur of (N, C, H, W), edges replicated: (N, C, H, W)."""
+    sigma = max(1.0, _BLUR_SIDE_FRACTION * max(x.shape[-2:]))
+    radius = math.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    c = x.shape[1]
+    out = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _saliency_ranks(saliency: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, h, w) saliency -> (N, H, W) rank of each pixel, 0 = most salient."""
+    s = saliency.float()
+    if tuple(s.shape[-2:]) != size:
+        s = upsample(s, size)
+    flat = torch.nan_to_num(s.reshape(s.shape[0], -1), nan=-math.inf)
+    # stable: equal saliencies keep row-major pixel order, so ties are broken the same every time
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks.view(-1, *size)
+
+
+def _probabilities(
+    model: nn.Module, images: Tensor, targets: Tensor | None, batch_size: int
+) -> Tensor:
+    """Softmax (N, K), or (N,) probability of `targets`, in batches; no grad, model as it is."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        probs = model(images[start : start + batch_size]).float().softmax(1)
+        if targets is not None:
+            probs = probs.gather(1, targets[start : start + batch_size, None])[:, 0]
+        out.append(probs)
+    return torch.cat(out)
+
+
+def deletion_insertion(
+    model: nn.Module,
+    x: Tensor,
+    saliency: Tensor | np.ndarray,
+    target: int | Sequence[int] | Tensor | None = None,
+    *,
+    steps: int = 32,
+    batch_size: int = 32,
+    baseline: str = "blur",
+) -> DeletionInsertion:
+    """Deletion and insertion curves of saliency maps (Petsiuk et al., RISE, BMVC 2018).
+
+    Pixels are ordered by saliency, most salient first; equal saliencies keep row-major pixel
+    order (nan counts as least salient). At step i of `steps`, the first floor(i * H * W / steps)
+    pixels are, for deletion, replaced by the baseline in the image and, for insertion, copied
+    from the image onto the baseline. Every step's image is scored by the softmax probability of
+    the target class; each AUC is the trapezoid rule over the fractions in [0, 1].
+
+    Args:
+        model: the classifier; run in eval mode under `torch.no_grad`, its `training` flags are
+            restored afterwards. It must live on `x`'s device.
+        x: images (N, 3, H, W), preprocessed.
+        saliency: (N, h, w) maps, any resolution (bilinearly resized to (H, W)).
+        target: class to follow: an int for all images, one per image, or None for each
+            image's predicted class.
+        steps: number of deletion/insertion steps; the curves have steps + 1 points.
+        batch_size: perturbed images per forward pass.
+        baseline: "blur" (a strong Gaussian blur of `x`, sigma = max(H, W) / 20) or "zero"
+            (zeros, i.e. the mean colour once normalised).
+
+    Returns:
+        A `DeletionInsertion` on the CPU.
+
+    Cost: N + 2 * N * (steps + 1) images through the model, `batch_size` at a time; memory
+    holds one batch of perturbed images.
+
+    Raises:
+        ValueError: bad shapes, `steps` or `batch_size` below 1, an unknown baseline, or a
+            target out of range.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be images (N, 3, H, W), got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    sal = _as_tensor(saliency)
+    if sal.ndim != 3 or sal.shape[0] != n:
+        raise ValueError(f"saliency must be (N={n}, h, w) maps, got shape {tuple(sal.shape)}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+    x = x.detach()
+    pixels = h * w
+    counts = torch.tensor([i * pixels // steps for i in range(steps + 1)], device=x.device)
+    ranks = _saliency_ranks(sal.to(x.device), (h, w))
+    points = steps + 1
+    total = n * 2 * points  # per image: deletion steps, then insertion steps
+    with model_lock(model):
+        flags = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                targets = _targets(target, _probabilities(model, x, None, batch_size))
+                base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
+                scores = torch.empty(total, device=x.device)
+                for start in range(0, total, batch_size):
+                    item = torch.arange(start, min(start + batch_size, total), device=x.device)
+                    image, insertion, step = item // (2 * points), item // points % 2, item % points
+                    first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
+                    use_base = first ^ insertion.bool().view(-1, 1, 1)
+                    batch = torch.where(use_base[:, None], base[image], x[image])
+                    scores[start : start + len(item)] = _probabilities(
+                        model, batch, targets[image], batch_size
+                    )
+        finally:
+            for m, flag in flags:
+                m.training = flag
+    curves = scores.view(n, 2, points).cpu()
+    fractions = counts.cpu().double().div(pixels).float()
+    deletion, insertion = curves[:, 0], curves[:, 1]
+    return DeletionInsertion(
+        torch.trapezoid(deletion, fractions, dim=1),
+        torch.trapezoid(insertion, fractions, dim=1),
+        fractions,
+        deletion,
+        insertion,
+        targets.cpu(),
+    )
+
+
+# --- channel statistics -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Mean channel attention per class.
+
+    Attributes:
+        class_names: the K class names, in label order.
+        counts: (K,) number of images of each class.
+        means: attention module name -> (K, C) mean channel weight per class, in forward order;
+            a class without images has a row of nan.
+    """
+
+    class_names: list[str]
+    counts: Tensor
+    means: dict[str, Tensor]
+
+
+def _read_image(path: str) -> Image.Image:
+    """Load one image file as RGB, through `viz.images.load_image` where that module exists."""
+    try:
+        from .images import load_image
+    except ImportError:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    return load_image(path)
+
+
+class _ToTensor:
+    """PIL image -> (3, H, W) through a `Preprocess` (which returns a batch of one) or a callable."""
+
+    def __init__(self, preprocess: Callable[[Image.Image], Tensor]) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        out = self.preprocess(image)
+        return out[0] if out.ndim == 4 and out.shape[0] == 1 else out
+
+
+def _as_dataset(
+    source: str | os.PathLike | Dataset, preprocess: Callable[[Image.Image], Tensor] | None
+) -> tuple[Dataset, list[str]]:
+    if not isinstance(source, (str, os.PathLike)):
+        return source, [str(c) for c in getattr(source, "classes", [])]
+    from torchvision.datasets import ImageFolder
+
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"no such folder: {os.fspath(source)}")
+    if preprocess is None:
+        raise ValueError("a folder of images needs a preprocess (e.g. the checkpoint's)")
+    folder = ImageFolder(os.fspath(source), transform=_ToTensor(preprocess), loader=_read_image)
+    return folder, list(folder.classes)
+
+
+def _grow_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def channel_statistics(
+    model: nn.Module,
+    dataset_or_folder: str | os.PathLike | Dataset,
+    preprocess: Callable[[Image.Image], Tensor] | None,
+    *,
+    batch_size: int = 16,
+    progress: Callable[[int, int], object] | None = None,
+    num_workers: int = 0,
+) -> ChannelStats:
+    """Per-class mean of every attention module's channel weights over a set of images.
+
+    Channel weights are what `viz.trace.record_attention` records as `channel`: the sigmoid
+    weights of SE and CBAM. BAM records M_c, a logit, so sigmoid(M_c) is averaged instead: the
+    channel attention of the BAM paper (with the official product fusion, the gate applied to
+    the features is 1 + sigmoid(M_c * M_s), which also depends on M_s).
+
+    Images stream through a `DataLoader`; only the running per-class sums are kept, so memory
+    does not grow with the number of images.
+
+    Args:
+        model: the network; run in eval mode without gradients, its flags restored.
+        dataset_or_folder: a folder in ImageFolder layout (one subfolder per class, images
+            loaded with `viz.images.load_image`), or a `Dataset` yielding (image (3, H, W),
+            integer label). Class names come from the folders, or the dataset's `classes`
+            attribute, else the label numbers.
+        preprocess: PIL image -> tensor (1, 3, H, W) or (3, H, W), e.g. a `models.Preprocess`;
+            needed for a folder, unused for a dataset (its items are already tensors).
+        batch_size: images per forward pass.
+        progress: called as progress(images done, total images) after every batch.
+        num_workers: DataLoader worker processes that decode images.
+
+    Returns:
+        A `ChannelStats`; `means` is empty for a network without attention modules.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or has no class subfolders.
+        ValueError: no images, no preprocess for a folder, or a negative label.
+        viz.images.ImageError: an image in the folder cannot be read.
+    """
+    dataset, class_names = _as_dataset(dataset_or_folder, preprocess)
+    total = len(dataset)
+    if total == 0:
+        raise ValueError("no images to compute channel statistics on")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    device = _model_device(model)
+    counts = torch.zeros(len(class_names), dtype=torch.long)
+    sums: dict[str, Tensor] = {}
+    done = 0
+    for images, labels in loader:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if (labels < 0).any():
+            raise ValueError(f"labels must be non-negative integers, got {labels.tolist()}")
+        rows = max(counts.shape[0], int(labels.max()) + 1)
+        counts = _grow_rows(counts, rows)
+        counts.index_add_(0, labels, torch.ones_like(labels))
+        # a new trace each batch: records of earlier batches are freed as soon as they are summed
+        with torch.no_grad(), record_attention(model) as trace:
+            model(images.to(device))
+        for rec in trace:
+            weights = rec.channel.float()
+            if rec.kind == "bam":
+                weights = torch.sigmoid(weights)
+            total_so_far = sums.get(rec.name, torch.zeros(0, weights.shape[1], dtype=torch.float64))
+            sums[rec.name] = _grow_rows(total_so_far, rows).index_add_(
+                0, labels, weights.cpu().double()
+            )
+        done += len(labels)
+        if progress is not None:
+            progress(done, total)
+    rows = counts.shape[0]
+    class_names = class_names + [str(i) for i in range(len(class_names), rows)]
+    means = {k: (_grow_rows(v, rows) / counts[:, None]).float() for k, v in sums.items()}
+    return ChannelStats(class_names, counts, means)
