@@ -8,7 +8,8 @@ Readable layouts (`Checkpoint.format`):
   "optimizer"}`, `module.` prefixes, PyTorch 0.4 legacy serialization, tensors saved on a GPU.
 - `state-dict`: a bare state dict in torchvision / official / timm key names (also wrapped
   in `{"state_dict": ...}` or `{"model": ...}`), saved by `torch.save` (zip or legacy).
-- `pytorchcv`: imgclsmob's `cbam_resnet*` / `bam_resnet*` / `resnet*` key names, renamed to ours.
+- `pytorchcv`: imgclsmob's `cbam_resnet*` / `bam_resnet*` / `resnet18/34` key names, renamed to
+  ours (their plain ResNet-50/101/152 are refused: see `models/pytorchcv.py`).
 
 Every pickle goes through `torch.load(weights_only=True)`, whose unpickler only builds tensors and
 plain containers; anything else is refused before it runs.
