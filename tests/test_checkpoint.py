@@ -305,9 +305,8 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, payload, container
     else:  # inside a realistic training dict, next to real tensors
         saved = {"epoch": 1, "state_dict": {"conv1.weight": torch.zeros(1), "fc.weight": hostile}}
         data = torch_bytes(saved, legacy=container == "torch-legacy")
-    name = payload.split(".")[
-        -1
-    ]  # pickle protocol 2 may rename the module (subprocess -> commands)
+    # pickle protocol 2 may rename the module (subprocess -> commands), so check the name only
+    name = payload.split(".")[-1]
     assert refused(data, "refused", name, "nothing was run")
     assert not marker.exists()
 
@@ -382,7 +381,7 @@ def test_unknown_attention_keys(small):
 def test_zip_bomb():
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("archive/data.pkl", bytes(256 * 2**20))  # 256 MiB of zeros, ~250 KiB packed
+        zf.writestr("archive/data.pkl", bytes(64 * 2**20))  # 64 MiB of zeros, ~64 KiB packed
     assert len(buffer.getvalue()) < 2**20
     refused(buffer.getvalue(), "zip bomb")
 
