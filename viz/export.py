@@ -143,13 +143,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 def safe_name(text: str, *, default: str = "unnamed", max_length: int = 100) -> str:
     """A plain file name from any text: no folders, no `..`, no hidden or reserved names.
 
-    `../../x.png` -> `x.png`, `a/b c.jpg` -> `a_b_c.jpg`, `..` -> `unnamed`.
+    `../../x.png` -> `x.png`, `a/b c.jpg` -> `a_b_c.jpg`, `café.png` -> `cafe.png`,
+    `..` -> `unnamed`. Only ASCII letters, digits, `.`, `_` and `-` remain.
     """
-    parts = [
-        p
-        for p in re.split(r"[\\/]+", unicodedata.normalize("NFKC", str(text)))
-        if p not in ("", ".", "..")
-    ]
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
+    parts = [p for p in re.split(r"[\\/]+", ascii_text) if p not in ("", ".", "..")]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))
     name = re.sub(r"\.{2,}", ".", name).strip("._-")
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
@@ -264,7 +262,7 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     members = {}
     for key, value in arrays.items():
         buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
+        np.lib.format.write_array(buf, np.asarray(value, order="C"), allow_pickle=False)
         members[f"{key}.npy"] = buf.getvalue()
     return _zip(members)
 

@@ -142,13 +142,13 @@ def _check_index(index: int, n: int) -> None:
         raise IndexError(f"index {index} is out of range for a batch of {n} images")
 
 
-def _batch_size(trace: AttentionTrace) -> int:
-    return next(iter(trace)).channel.shape[0] if len(trace) else 1
-
-
 def _pick(trace: AttentionTrace, index: int) -> AttentionTrace:
-    _check_index(index, _batch_size(trace))
-    return trace.select(index % _batch_size(trace)) if len(trace) else trace
+    """The trace of image `index` (an empty trace, of a model without attention, stays empty)."""
+    if not len(trace):
+        return trace
+    n = next(iter(trace)).channel.shape[0]
+    _check_index(index, n)
+    return trace.select(index % n)
 
 
 def _colorbar(fig: Figure, axes, cmap: str, vmin: float, vmax: float, label: str, **kw) -> None:

@@ -1,0 +1,421 @@
+"""Deterministic export (PNG/PDF/SVG bytes, .npz, manifest, zip) and the `python -m viz export` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import Preprocess, build_model, save_checkpoint
+from models.checkpoint import Checkpoint
+from tests.conftest import randomize_bn
+from viz.cam import analyze
+from viz.cli import main
+from viz.export import (
+    ZIP_DATE,
+    ExportError,
+    analysis_arrays,
+    figure_bytes,
+    image_bundle,
+    npz_bytes,
+    prepare_output,
+    safe_name,
+    write_atomic,
+    write_files,
+    zip_bundle,
+)
+from viz.figures import spatial_overview
+
+PREPROCESS = Preprocess(resize=64, crop=64)
+CLASSES = ["tench", "church", "golf ball"]
+
+
+def _model(depth: int, attention: str | None):
+    torch.manual_seed(0)
+    return randomize_bn(build_model(depth, attention, num_classes=len(CLASSES))).eval()
+
+
+def _picture(seed: int, size=(70, 90)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8))
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    _picture(seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cbam():
+    model = _model(18, "cbam")
+    return Checkpoint(model, model.arch, CLASSES, PREPROCESS, "attention-lens", "ab" * 32, {})
+
+
+@pytest.fixture(scope="module")
+def overview_figures(cbam):
+    """The same figure built twice from the same inputs."""
+    image = _picture(0)
+    x = PREPROCESS.batch([image])
+    crop = PREPROCESS.crop_image(image)
+    return [spatial_overview(crop, analyze(cbam.model, x).trace) for _ in range(2)]
+
+
+# --- bytes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
+def test_same_figure_gives_identical_bytes(overview_figures, fmt):
+    first, second = (figure_bytes(fig, fmt, dpi=100) for fig in overview_figures)
+    assert first == second
+    assert figure_bytes(overview_figures[0], fmt, dpi=100) == first  # saving again changes nothing
+
+
+def test_png_carries_the_dpi(overview_figures):
+    data = figure_bytes(overview_figures[0], "png", dpi=150)
+    with Image.open(io.BytesIO(data)) as im:
+        assert tuple(round(v) for v in im.info["dpi"]) == (150, 150)
+        assert im.width == round(overview_figures[0].get_size_inches()[0] * 150)
+        assert "Matplotlib" not in im.info.get("Software", "")
+
+
+def test_pdf_embeds_truetype_fonts_and_no_date(overview_figures):
+    data = figure_bytes(overview_figures[0], "pdf", dpi=100)
+    assert data.startswith(b"%PDF")
+    assert b"/FontFile2" in data  # Type 42: TrueType embedded
+    assert b"/CreationDate" not in data and b"Matplotlib" not in data
+
+
+def test_svg_is_xml_with_text_as_text(overview_figures):
+    data = figure_bytes(overview_figures[0], "svg", dpi=100)
+    root = ElementTree.fromstring(data)
+    texts = [el for el in root.iter() if el.tag.endswith("}text") or el.tag == "text"]
+    assert texts and b"<text" in data
+    assert b"Matplotlib v" not in data and b"<dc:date>" not in data
+
+
+def test_export_leaves_rcparams_alone(overview_figures):
+    before = dict(matplotlib.rcParams)
+    for fmt in ("png", "pdf", "svg"):
+        figure_bytes(overview_figures[0], fmt, dpi=72)
+    assert dict(matplotlib.rcParams) == before
+
+
+def test_figure_bytes_refuses_unknown_format_and_dpi(overview_figures):
+    with pytest.raises(ExportError, match="format"):
+        figure_bytes(overview_figures[0], "jpg")
+    with pytest.raises(ExportError, match="dpi"):
+        figure_bytes(overview_figures[0], "png", dpi=0)
+
+
+# --- names and files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("../../x.png", "x.png"),
+        ("..\\..\\x.png", "x.png"),
+        ("/etc/passwd", "etc_passwd"),
+        ("a/b c.jpg", "a_b_c.jpg"),
+        ("..", "unnamed"),
+        ("", "unnamed"),
+        (".hidden", "hidden"),
+        ("-rf", "rf"),
+        ("CON.png", "_CON.png"),
+        ("chat noir é.png", "chat_noir_e.png"),
+    ],
+)
+def test_safe_name_gives_a_plain_name(text, expected):
+    name = safe_name(text)
+    assert name == expected
+    assert "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_safe_name_keeps_the_suffix_when_shortening():
+    name = safe_name("x" * 300 + ".png", max_length=40)
+    assert len(name) == 40 and name.endswith(".png")
+
+
+def test_write_files_stays_inside_the_folder(tmp_path):
+    for bad in ("../x.png", "/abs.png", "a/../../x.png", ".hidden", "a/b c"):
+        with pytest.raises(ExportError, match="unsafe"):
+            write_files(tmp_path, {bad: b"1"})
+    assert list(tmp_path.iterdir()) == []
+    assert write_files(tmp_path, {"a/b.png": b"1", "c.txt": b"2"}) == ["a/b.png", "c.txt"]
+    assert (tmp_path / "a" / "b.png").read_bytes() == b"1"
+
+
+def test_write_atomic_leaves_no_half_file(tmp_path, monkeypatch):
+    target = tmp_path / "fig.png"
+    write_atomic(target, b"old")
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]  # no temporary left behind
+
+
+def test_prepare_output_refuses_non_empty_folder(tmp_path):
+    out = tmp_path / "out"
+    assert prepare_output(out) == out and out.is_dir()
+    assert prepare_output(out) == out  # empty: fine
+    (out / "old.png").write_bytes(b"x")
+    with pytest.raises(ExportError, match="not empty.*--overwrite"):
+        prepare_output(out)
+    assert prepare_output(out, overwrite=True) == out
+    with pytest.raises(ExportError, match="not a folder"):
+        prepare_output(out / "old.png")
+
+
+# --- raw maps, bundles --------------------------------------------------------------------------
+
+
+def test_npz_holds_every_raw_map_with_its_shape(cbam):
+    x = PREPROCESS.batch([_picture(0), _picture(1)])
+    analysis = analyze(cbam.model, x)
+    arrays = analysis_arrays(analysis, index=1)
+    data = npz_bytes(arrays)
+    assert data == npz_bytes(arrays)
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        got = {k: npz[k] for k in npz.files}
+    assert got["logits"].shape == got["probs"].shape == (3,)
+    assert got["target"].shape == () and int(got["target"]) == int(analysis.target[1])
+    np.testing.assert_allclose(got["probs"], analysis.probs[1].numpy())
+    # 64 px input: stages at 16, 8, 4, 2 px; ResNet-18 widths 64..512
+    for stage, (size, width) in enumerate([(16, 64), (8, 128), (4, 256), (2, 512)], start=1):
+        assert got[f"cam/layer{stage}"].shape == (size, size)
+        for block in range(2):
+            prefix = f"attention/layer{stage}.{block}.cbam/"
+            assert got[prefix + "channel"].shape == (width,)
+            for part in ("spatial", "gate", "feature_in", "feature_out"):
+                assert got[prefix + part].shape == (size, size)
+    rec = analysis.trace["layer3.1.cbam"]
+    np.testing.assert_allclose(got["attention/layer3.1.cbam/spatial"], rec.spatial[1].numpy())
+    assert len([k for k in got if k.startswith("attention/")]) == 8 * 5
+
+
+def test_image_bundle_is_deterministic_and_complete(cbam):
+    png = _png(0)
+    files = image_bundle(
+        png, cbam, name="tench_1", figures=("overview", "gradcam"), formats=("png", "svg"), dpi=72
+    )
+    assert sorted(files) == [
+        "gradcam.png",
+        "gradcam.svg",
+        "manifest.json",
+        "maps.npz",
+        "overview.png",
+        "overview.svg",
+    ]
+    again = image_bundle(
+        png, cbam, name="tench_1", figures=("overview", "gradcam"), formats=("png", "svg"), dpi=72
+    )
+    assert files == again
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["checkpoints"][0]["sha256"] == cbam.sha256
+    assert manifest["images"] == [
+        {"name": "tench_1", "sha256": hashlib.sha256(png).hexdigest(), "sha256_of": "file"}
+    ]
+    assert manifest["options"]["dpi"] == 72 and manifest["options"]["formats"] == ["png", "svg"]
+    assert set(manifest["versions"]) == {
+        "python",
+        "torch",
+        "torchvision",
+        "matplotlib",
+        "numpy",
+        "captum",
+        "pillow",
+    }
+    assert manifest["files"]["overview.png"] == hashlib.sha256(files["overview.png"]).hexdigest()
+    assert manifest["results"][0]["target_name"] in CLASSES
+    archive = zip_bundle(files, root="tench_1")
+    assert archive == zip_bundle(again, root="tench_1")
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        assert all(info.date_time == ZIP_DATE for info in zf.infolist())
+        assert zf.read("tench_1/overview.png") == files["overview.png"]
+
+
+def test_image_bundle_notes_figures_a_model_cannot_show(cbam):
+    files = image_bundle(_picture(2), cbam, figures=("bam-hierarchy",), formats=("png",))
+    manifest = json.loads(files["manifest.json"])
+    assert "bam-hierarchy.png" not in files
+    assert any("no BAM modules" in note for note in manifest["notes"])
+    assert manifest["images"][0]["sha256_of"] == "pixels"
+    with pytest.raises(ExportError, match="per-image figures"):
+        image_bundle(_picture(2), cbam, figures=("model-grid",))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for depth, attention in [(18, "cbam"), (50, None), (18, "bam")]:
+        path = folder / f"r{depth}_{attention or 'plain'}.safetensors"
+        save_checkpoint(path, _model(depth, attention), class_names=CLASSES, preprocess=PREPROCESS)
+        paths[path.stem] = path
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """Two classes in ImageFolder layout, one image each."""
+    for i, cls in enumerate(["tench", "church"]):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        _picture(i).save(tmp_path / "imgs" / cls / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(["export", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def _export(capsys, ckpt, images, out, *extra) -> tuple[int, str]:
+    return _run(capsys, "--checkpoint", ckpt, "--images", images, "--out", out, *extra)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_cli_exports_and_is_reproducible(ckpts, image_dir, tmp_path, capsys):
+    ckpt = ckpts["r18_cbam"]
+    runs = []
+    for out in ("out1", "out2"):
+        options = ["--format", "png,pdf,svg", "--dpi", "72", "--target", "church"]
+        code, err = _export(capsys, ckpt, image_dir, tmp_path / out, *options)
+        assert code == 0, err
+        runs.append(_files(tmp_path / out))
+    assert runs[0] == runs[1]  # figures, maps and manifest byte for byte
+    names = set(runs[0])
+    for image in ("church_1", "tench_0"):
+        assert {f"r18_cbam/{image}/overview.{fmt}" for fmt in ("png", "pdf", "svg")} <= names
+        assert f"r18_cbam/{image}/maps.npz" in names
+    manifest = json.loads(runs[0]["manifest.json"])
+    assert manifest["checkpoints"][0]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert {i["name"] for i in manifest["images"]} == {"church_1", "tench_0"}
+    assert all(r["target_name"] == "church" for r in manifest["results"])
+    assert manifest["failures"] == [] and manifest["options"]["target"] == "church"
+    assert set(manifest["files"]) == names - {"manifest.json"}
+
+
+def test_cli_names_failures_and_exports_the_rest(ckpts, image_dir, tmp_path, capsys):
+    broken = image_dir / "church" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out)
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(broken) in lines[0]
+    assert (out / "r18_cbam" / "tench_0" / "overview.png").is_file()
+    assert (out / "r18_cbam" / "church_1" / "overview.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_bytes())
+    assert [f["input"] for f in manifest["failures"]] == [str(broken)]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--format", "jpg"],
+        ["--width", "triple"],
+        ["--dpi", "0"],
+        ["--figure", "nonsense"],
+        ["--target", "zebra"],
+        ["--target", "7"],
+    ],
+)
+def test_cli_usage_errors_exit_2(ckpts, image_dir, tmp_path, capsys, argv):
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", *argv)
+    assert code == 2 and "error" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_inputs_exit_2_with_one_line(ckpts, image_dir, tmp_path, capsys):
+    code, err = _export(capsys, tmp_path / "nope.pth", image_dir, tmp_path / "o")
+    assert code == 2 and err.strip().count("\n") == 0 and "nope.pth" in err
+    code, err = _export(capsys, ckpts["r18_cbam"], tmp_path / "none", tmp_path / "o")
+    assert code == 2 and "none" in err
+    assert main([]) == 2
+    assert main(["export", "--help"]) == 0
+    assert "exit status" in capsys.readouterr().out
+
+
+def test_cli_refuses_non_empty_output_without_overwrite(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out)
+    assert code == 2 and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _ = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--overwrite")
+    assert (
+        code == 0 and (out / "keep.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+    )
+
+
+def test_cli_output_names_cannot_escape(ckpts, tmp_path, capsys):
+    odd = tmp_path / "in" / ".." / "in"
+    (tmp_path / "in").mkdir()
+    _picture(0).save(tmp_path / "in" / "x..y.png")
+    _picture(2).save(tmp_path / "in" / ".hidden.png")  # hidden files are not inputs
+    _picture(1).save(tmp_path / "in" / "a b;c.png")
+    out = tmp_path / "deep" / "out"
+    code, err = _export(capsys, ckpts["r18_cbam"], odd, out)
+    assert code == 0, err
+    written = [
+        p.resolve() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".npz")
+    ]
+    outside = [
+        p
+        for p in written
+        if out.resolve() not in p.parents and p.parent != (tmp_path / "in").resolve()
+    ]
+    assert outside == []
+    assert {p.name for p in (out / "r18_cbam").iterdir()} == {"x.y", "a_b_c"}
+
+
+def test_cli_model_grid_bam_hierarchy_and_class_stats(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(
+        capsys, "--checkpoint", ckpts["r18_cbam"], "--checkpoint", ckpts["r50_plain"], "--checkpoint",
+        ckpts["r18_bam"], "--images", image_dir, "--out", out, "--figure", "model-grid", "bam-hierarchy",
+        "--figure", "class-stats", "--width", "single", "--dpi", "50",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "note: bam-hierarchy skipped for ResNet-18 + CBAM" in err
+    assert "note: bam-hierarchy skipped for ResNet-50" in err
+    assert (out / "model-grid.png").is_file()
+    with Image.open(out / "model-grid.png") as im:
+        assert im.width == round(3.3 * 50)
+    assert (out / "r18_bam" / "tench_0" / "bam-hierarchy.png").is_file()
+    assert not (out / "r18_cbam" / "tench_0" / "bam-hierarchy.png").exists()
+    assert (out / "r18_cbam" / "class-stats-imgs.png").is_file()
+    with np.load(out / "r18_cbam" / "class-stats-imgs.npz") as npz:
+        assert list(npz["class_names"]) == ["church", "tench"]
+        assert npz["means/layer4.1.cbam"].shape == (2, 512)
+    manifest = json.loads((out / "manifest.json").read_bytes())
+    assert len(manifest["notes"]) == 3  # bam-hierarchy x2, class-stats of the plain model
+    assert [c["name"] for c in manifest["checkpoints"]] == ["r18_cbam", "r50_plain", "r18_bam"]

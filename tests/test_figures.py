@@ -1,0 +1,229 @@
+"""Paper figures: each builds for tiny random models of every attention type, sizes and labels."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from models import Preprocess, build_model
+from tests.conftest import randomize_bn
+from viz import figures
+from viz.cam import analyze
+from viz.figures import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
+    attention_vs_gradcam,
+    bam_hierarchy,
+    channel_weights,
+    class_channel_stats,
+    model_grid,
+    spatial_overview,
+)
+from viz.metrics import ChannelStats
+
+KINDS = [None, "se", "bam", "cbam"]
+PREPROCESS = Preprocess(resize=64, crop=64)
+
+
+def _images(n: int = 2, seed: int = 3) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((72, 90, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+def _analysis(depth: int, attention: str | None, images: list[Image.Image]):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(depth, attention, num_classes=7)).eval()
+    return analyze(model, PREPROCESS.batch(images))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return _images()
+
+
+@pytest.fixture(scope="module")
+def crop(images) -> Image.Image:
+    return PREPROCESS.crop_image(images[0])
+
+
+@pytest.fixture(scope="module")
+def analyses(images) -> dict:
+    """ResNet-18 of each attention type, two 64 px images each."""
+    return {kind: _analysis(18, kind, images) for kind in KINDS}
+
+
+def _texts(fig: Figure) -> list[str]:
+    found = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    return [t for t in found if t]
+
+
+def _image_count(fig: Figure) -> int:
+    return sum(len(ax.images) for ax in fig.axes)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k or "plain")
+def test_spatial_overview_builds_for_every_attention_type(analyses, crop, kind):
+    fig = spatial_overview(crop, analyses[kind].trace, index=1)
+    assert isinstance(fig, Figure)
+    assert fig.get_size_inches()[0] == pytest.approx(DOUBLE_COLUMN)
+    text = " ".join(_texts(fig))
+    if kind == "cbam":
+        assert _image_count(fig) == 1 + 8  # the input and 8 blocks
+        assert {"stage 1", "stage 4", "block 0", "block 1"} <= set(_texts(fig))
+        assert "M_s" in text
+    elif kind == "bam":
+        assert _image_count(fig) == 1 + 3
+        assert r"\sigma(M_s)" in text  # BAM's M_s is a logit: the label says sigmoid
+    elif kind == "se":
+        assert "no spatial map" in text
+    else:
+        assert "no attention modules" in text
+
+
+def test_spatial_overview_options(analyses, crop):
+    trace = analyses["cbam"].trace
+    single = spatial_overview(
+        crop, trace, width="single", shared_scale=False, title="cat", alpha=0.3
+    )
+    assert single.get_size_inches()[0] == pytest.approx(SINGLE_COLUMN)
+    assert "cat" in _texts(single)
+    assert any("own min–max" in t for t in _texts(single))
+    assert spatial_overview(crop, trace, width=5.0).get_size_inches()[0] == pytest.approx(5.0)
+    wrapped = spatial_overview(crop, trace, max_columns=2)
+    assert "stage 1" in _texts(wrapped)
+    with pytest.raises(ValueError, match="width"):
+        spatial_overview(crop, trace, width="triple")
+    with pytest.raises(IndexError):
+        spatial_overview(crop, trace, index=5)
+
+
+def test_spatial_overview_draws_all_panels_on_one_axes(analyses, crop):
+    """The speed of the overview comes from one Axes for all panels (plus the colour bar)."""
+    fig = spatial_overview(crop, analyses["cbam"].trace)
+    assert len(fig.axes) == 2
+
+
+def test_figures_module_uses_no_pyplot_and_leaves_rcparams_alone(analyses, crop):
+    source = Path(figures.__file__).read_text()
+    assert not re.search(
+        r"import matplotlib\.pyplot|from matplotlib(\.pyplot)? import pyplot|plt\.", source
+    )
+    before = dict(matplotlib.rcParams)
+    spatial_overview(crop, analyses["cbam"].trace)
+    channel_weights(analyses["bam"].trace)
+    assert dict(matplotlib.rcParams) == before
+
+
+@pytest.mark.parametrize("kind", ["se", "bam", "cbam"])
+def test_channel_weights_builds_with_and_without_compare(analyses, kind):
+    trace = analyses[kind].trace
+    fig = channel_weights(trace, top_k=5)
+    texts = _texts(fig)
+    assert len({t for t in texts if t.startswith("c ")}) == 5  # top-5 bars labelled by channel
+    both = channel_weights(trace, compare=trace, compare_index=1, labels=["cat", "dog"])
+    assert {"cat", "cat − dog"} <= set(_texts(both))
+    assert any("sorted by cat" in t for t in _texts(both))
+
+
+def test_channel_weights_refuses_what_it_cannot_show(analyses):
+    with pytest.raises(ValueError, match="no"):
+        channel_weights(analyses[None].trace)
+    with pytest.raises(ValueError, match="same model"):
+        channel_weights(analyses["cbam"].trace, compare=analyses["se"].trace)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k or "plain")
+def test_attention_vs_gradcam_builds(analyses, crop, kind):
+    analysis = analyses[kind]
+    fig = attention_vs_gradcam(crop, analysis, class_names=[f"k{i}" for i in range(7)])
+    text = " ".join(_texts(fig))
+    assert all(f"stage {s}" in text for s in range(1, 5))
+    if kind in ("cbam", "bam"):
+        assert "Pearson r" in text and "IoU (top 20%)" in text
+    if kind == "se":
+        assert "no spatial map" in text
+    if kind == "bam":  # no BAM after the last stage
+        assert "agreement:\nn/a" in _texts(fig)
+    target = int(analysis.target[0])
+    assert f"target: k{target}, P={float(analysis.target_probs[0]):.5f}" in _texts(fig)
+
+
+def test_model_grid_mixes_depths_and_attention(images):
+    crops = [PREPROCESS.crop_image(im) for im in images]
+    rows = [
+        ("ResNet-18 + CBAM", _analysis(18, "cbam", images)),
+        ("ResNet-50", _analysis(50, None, images)),
+    ]
+    fig = model_grid(crops, rows, column_titles=["tench", "church"])
+    texts = _texts(fig)
+    assert {"tench", "church", "input", "ResNet-18 + CBAM", "ResNet-50"} <= set(texts)
+    for _, analysis in rows:
+        for p in analysis.target_probs.tolist():
+            assert f"P={p:.5f}" in texts
+    assert all(re.fullmatch(r"P=\d\.\d{5}", t) for t in texts if t.startswith("P="))
+    assert _image_count(fig) == 2 * 3
+    with pytest.raises(ValueError, match="column titles"):
+        model_grid(crops, rows, column_titles=["one"])
+    with pytest.raises(ValueError, match="layer9"):
+        model_grid(crops, rows, column_titles=["a", "b"], layer="layer9")
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_bam_hierarchy_on_bam_resnets(images, depth):
+    analysis = _analysis(depth, "bam", images)
+    fig = bam_hierarchy(PREPROCESS.crop_image(images[0]), analysis.trace, index=1, width="single")
+    assert _image_count(fig) == 1 + 3 * 3  # input + (before, gate, after) per BAM
+    texts = _texts(fig)
+    assert {"F (before)", "1 + M(F)", "F′ (after)"} <= set(texts)
+    assert any(t.startswith("BAM 3") for t in texts)
+
+
+def test_bam_hierarchy_refuses_models_without_bam(analyses, crop):
+    with pytest.raises(ValueError, match="needs a model with BAM modules; it has CBAM"):
+        bam_hierarchy(crop, analyses["cbam"].trace)
+    with pytest.raises(ValueError, match="no attention modules"):
+        bam_hierarchy(crop, analyses[None].trace)
+
+
+def test_class_channel_stats_heat_maps():
+    gen = torch.Generator().manual_seed(0)
+    names = ["layer1.0.se", "layer1.1.se", "layer2.1.se", "layer4.1.se"]
+    means = {n: torch.rand(3, 16 * (i + 1), generator=gen) for i, n in enumerate(names)}
+    means["layer4.1.se"][1] = float("nan")  # a class without images
+    stats = ChannelStats(["tench", "church", "golf ball"], torch.tensor([2, 0, 3]), means)
+    fig = class_channel_stats(stats)
+    texts = _texts(fig)
+    # default: the last module of each stage
+    assert [t for t in texts if "(layer" in t] == [
+        "stage 1 · block 1 (layer1.1.se)", "stage 2 · block 1 (layer2.1.se)",
+        "stage 4 · block 1 (layer4.1.se)",
+    ]  # fmt: skip
+    assert "church (0)" in texts
+    one = class_channel_stats(stats, modules=["layer1.0.se"], width="single", shared_scale=False)
+    assert one.get_size_inches()[0] == pytest.approx(SINGLE_COLUMN)
+    with pytest.raises(ValueError, match="unknown modules"):
+        class_channel_stats(stats, modules=["layer9.0.se"])
+
+
+@pytest.mark.slow
+def test_overview_of_a_resnet50_cbam_renders_fast():
+    """Goal 0.5 s for build + PNG at screen resolution; the bound leaves room for a busy CPU."""
+    import time
+
+    from viz.export import figure_bytes
+
+    image = _images(1)[0].resize((224, 224))
+    trace = _analysis(50, "cbam", [image]).trace  # 16 modules; maps are drawn at 224 px
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        figure_bytes(spatial_overview(image, trace), "png", dpi=100)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 1.0
