@@ -4,6 +4,17 @@ The library never imports streamlit; the app (`app.py`) is a shell over it.
 """
 
 from .cam import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CAM_LAYERS, Analysis, analyze, attribute
+from .export import ExportError, figure_bytes, image_bundle, safe_name, write_atomic, zip_bundle
+from .figures import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
+    attention_vs_gradcam,
+    bam_hierarchy,
+    channel_weights,
+    class_channel_stats,
+    model_grid,
+    spatial_overview,
+)
 from .images import ImageError, load_image
 from .maps import DEFAULT_CMAP, normalize, overlay, upsample
 from .metrics import (
@@ -27,17 +38,31 @@ __all__ = [
     "ChannelStats",
     "DEFAULT_CAM_LAYERS",
     "DEFAULT_CMAP",
+    "DOUBLE_COLUMN",
     "DeletionInsertion",
+    "ExportError",
     "ImageError",
+    "SINGLE_COLUMN",
     "agreement",
     "agreement_table",
     "analyze",
+    "attention_vs_gradcam",
     "attribute",
+    "bam_hierarchy",
     "channel_statistics",
+    "channel_weights",
+    "class_channel_stats",
     "deletion_insertion",
+    "figure_bytes",
+    "image_bundle",
     "load_image",
+    "model_grid",
     "normalize",
     "overlay",
     "record_attention",
+    "safe_name",
+    "spatial_overview",
     "upsample",
+    "write_atomic",
+    "zip_bundle",
 ]
