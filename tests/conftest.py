@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny test inputs gain nothing from intra-op threads, and lose much when the cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def manifests() -> dict:
     return json.loads((REFERENCE / "official_resnet_manifests.json").read_text())

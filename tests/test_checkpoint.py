@@ -84,15 +84,6 @@ def new_model(depth: int, attention: str | None, num_classes: int = 10, **kwargs
     return randomize_bn(build_model(depth, attention, num_classes, **kwargs)).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs gain nothing from intra-op threads, and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small() -> nn.Module:
     """ResNet-18 + CBAM, 10 classes: the smallest checkpoint the loader accepts."""

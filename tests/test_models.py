@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_bn
-from test_checkpoint import one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from models import build_model

@@ -6,10 +6,9 @@ import re
 
 import pytest
 import torch
-from test_checkpoint import (  # noqa: F401 (one_thread is an autouse fixture)
+from test_checkpoint import (
     assert_same_logits,
     new_model,
-    one_thread,
     refused,
     torch_bytes,
 )
