@@ -1,0 +1,67 @@
+"""The embedded checkpoints: they load, their metadata is complete, they classify the samples."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load_checkpoint
+from models.card import model_card
+from viz import load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["plain", "se", "bam", "cbam"]
+SAMPLES = ROOT / "samples"
+
+
+def _checkpoint(name: str) -> Path:
+    path = ROOT / "checkpoints" / f"resnet18_{name}_imagenette.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not trained yet (see checkpoints/README.md)")
+    return path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_embedded_checkpoint_metadata_is_complete(name):
+    ckpt = load_checkpoint(_checkpoint(name))
+    meta = ckpt.metadata
+    assert ckpt.format == "attention-lens"
+    assert ckpt.arch.depth == 18 and ckpt.arch.num_classes == 10 and ckpt.arch.stem == "imagenet"
+    assert ckpt.arch.attention == (None if name == "plain" else name)
+    assert ckpt.class_names[:2] == ["tench", "English springer"]
+    for key in ("name", "dataset", "training", "accuracy", "preprocess", "arch"):
+        assert key in meta, key
+    assert meta["accuracy"]["images"] == 3439
+    assert meta["accuracy"]["top1"] >= 85.0
+    assert len(meta["training"]["history"]) == meta["training"]["recipe"]["epochs"]
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_embedded_checkpoint_classifies_the_samples(name):
+    ckpt = load_checkpoint(_checkpoint(name))
+    with (SAMPLES / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    images = [load_image(SAMPLES / r["file"]) for r in rows]
+    with torch.no_grad():
+        pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
+    correct = sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows))
+    assert correct >= 16, f"{correct}/{len(rows)} samples right"
+
+
+def test_model_card_lists_every_embedded_checkpoint():
+    present = [
+        n
+        for n in NAMES
+        if (ROOT / "checkpoints" / f"resnet18_{n}_imagenette.safetensors").is_file()
+    ]
+    if not present:
+        pytest.skip("no embedded checkpoint trained yet")
+    card = model_card(ROOT / "checkpoints")
+    for n in present:
+        assert f"resnet18_{n}_imagenette.safetensors" in card
+    committed = (ROOT / "checkpoints" / "README.md").read_text()
+    assert committed == card, "checkpoints/README.md is stale: run python -m models.card"

@@ -1,0 +1,87 @@
+"""python -m models.train end to end on a tiny generated ImageFolder, and --resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import load_checkpoint
+from models import train as train_mod
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for label in ("red", "blue"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((40, 48, 3)) * 120).astype("uint8")
+                arr[..., 0 if label == "red" else 2] = 255
+                Image.fromarray(arr).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _args(data, out, epochs, *extra):
+    return [
+        "--data", str(data), "--out", str(out), "--depth", "18", "--attention", "cbam",
+        "--epochs", str(epochs), "--batch-size", "4", "--img-size", "32", "--cache-size", "40",
+        "--eval-sizes", "32,40", "--class-names", "blue,red", "--no-bf16", *extra,
+    ]  # fmt: skip
+
+
+def test_train_writes_a_checkpoint_with_full_metadata(tiny_folder, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert train_mod.main(_args(tiny_folder, out, 1)) == 0
+    ckpt = load_checkpoint(out)
+    meta = ckpt.metadata
+    assert ckpt.format == "attention-lens"
+    assert ckpt.arch.attention == "cbam" and ckpt.arch.num_classes == 2
+    assert ckpt.class_names == ["blue", "red"]
+    assert meta["training"]["recipe"]["epochs"] == 1 and len(meta["training"]["history"]) == 1
+    assert meta["accuracy"]["images"] == 8 and 0 <= meta["accuracy"]["top1"] <= 100
+    assert ckpt.preprocess.crop == meta["accuracy"]["test_size"]
+    assert next(iter(ckpt.model.parameters())).dtype.is_floating_point
+    assert not out.with_name(out.name + ".state.pt").exists()
+    # the recorded accuracy is the one of the stored weights
+    top1, n = train_mod.evaluate_checkpoint(out, tiny_folder / "val")
+    assert (round(top1, 2), n) == (meta["accuracy"]["top1"], 8)
+
+
+def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full.safetensors"
+    train_mod.main(_args(tiny_folder, full, 2))
+    history_full = load_checkpoint(full).metadata["training"]["history"]
+
+    out = tmp_path / "cut.safetensors"
+    monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
+    real_eval, calls = train_mod.evaluate_cached, []
+
+    def stop_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session is stopped during epoch 2's evaluation
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_cached", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(_args(tiny_folder, out, 2))
+    assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
+    monkeypatch.setattr(train_mod, "evaluate_cached", real_eval)
+    capsys.readouterr()
+    assert train_mod.main(_args(tiny_folder, out, 2, "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    history = load_checkpoint(out).metadata["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # the resumed run continues the same trajectory as the uninterrupted one
+    assert json.dumps([h["train_loss"] for h in history]) == json.dumps(
+        [h["train_loss"] for h in history_full]
+    )
+
+
+def test_missing_split_is_a_usage_error(tmp_path):
+    assert train_mod.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
