@@ -1,0 +1,513 @@
+"""Attention Lens, the Streamlit app: `streamlit run app.py`.
+
+A shell over the library: widgets, caching, layout and error display. Every computation is a
+call into `models` or `viz`. Models are cached with `st.cache_resource` (shared by all browser
+sessions; `viz` holds a per-model lock while hooks are attached), analyses with `st.cache_data`
+keyed by (image hash, checkpoint sha256, target, method, layers), so changing how maps are drawn
+never runs the network again.
+
+The environment variable ATTENTION_LENS_CHECKPOINTS points the app at another checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from matplotlib.figure import Figure
+from PIL import Image
+
+from models import Checkpoint, CheckpointError, load_checkpoint
+from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
+from viz import CAM_METHODS, DEFAULT_CAM_LAYERS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz.export import FORMATS, IMAGE_FIGURES, figure_bytes, image_bundle, zip_bundle
+from viz.metrics import agreement_table, channel_statistics, deletion_insertion
+from viz.session import (
+    IMAGE_TYPES,
+    analyze_images,
+    cam_layer_choices,
+    check_upload_size,
+    describe_checkpoint,
+    digest,
+    safe_stem,
+    sample_images,
+    stack_analyses,
+    top_predictions,
+)
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+DEFAULT_SAMPLE = "english_springer_4972.jpg"
+USER_ERRORS = (CheckpointError, ImageError, ValueError, OSError)
+CMAPS = (DEFAULT_CMAP, "viridis", "inferno", "magma", "cividis", "turbo", "gray")
+MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}  # FORMATS
+SCREEN_DPI = 150  # on screen; downloads use figure_bytes at 300 dpi
+OTHER = -1  # the "another class" choice of the target radio
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    name: str
+    data: bytes
+    sha: str
+    image: Image.Image
+
+
+# --- caches -----------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def model_from_path(path: str, mtime: float, size: int) -> Checkpoint:
+    """Keyed by path and file stamp: a retrained file is read again."""
+    return load_checkpoint(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def model_from_bytes(sha256: str, _data: bytes) -> Checkpoint:
+    return load_checkpoint(_data)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def analysis(
+    image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple, _ckpt, _image
+):
+    return analyze_images(_ckpt, [_image], target, method=method, layers=layers)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def causal_scores(
+    image_sha: str,
+    ckpt_sha: str,
+    target: int | None,
+    saliency_key: str,
+    steps: int,
+    _ckpt,
+    _image,
+    _saliency,
+):
+    x = _ckpt.preprocess.batch([_image])
+    return deletion_insertion(_ckpt.model, x, _saliency, target, steps=steps)
+
+
+def load_path(path: str) -> Checkpoint:
+    p = Path(path).expanduser()
+    stat = p.stat() if p.is_file() else None
+    if stat is None:
+        raise CheckpointError(f"no checkpoint file at {str(p)!r}")
+    return model_from_path(str(p.resolve()), stat.st_mtime, stat.st_size)
+
+
+# --- small rendering helpers ------------------------------------------------------------------
+
+
+def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> None:
+    """Draw a figure as PNG, close it, and offer it as PNG/PDF/SVG (rendered on click)."""
+    try:
+        fig = build()
+    except USER_ERRORS as exc:
+        errors.error(str(exc))
+        return
+    try:
+        st.image(figure_bytes(fig, "png", dpi=SCREEN_DPI))
+    finally:
+        fig.clear()
+    for col, fmt in zip(st.columns(len(MIME)), MIME):
+        col.download_button(
+            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt), file_name=f"{name}.{fmt}",
+            mime=MIME[fmt], key=f"dl:{key}:{fmt}", on_click="ignore", icon=":material/download:",
+        )  # fmt: skip
+
+
+def _render(build: Callable[[], Figure], fmt: str) -> bytes:
+    fig = build()
+    try:
+        return figure_bytes(fig, fmt)
+    finally:
+        fig.clear()
+
+
+def state(key: str, default):
+    return st.session_state.setdefault(key, default)
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    source: str  # shown as "Source" with what was detected
+    load: Callable[[], Checkpoint]
+
+
+def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]]:
+    """Sidebar: embedded, uploaded or server-path checkpoints. Returns (label, ckpt, options)."""
+    embedded = embedded_checkpoints()
+    models = {
+        e.label: ModelOption(
+            f"embedded {e.path.name}", lambda e=e: model_from_path(str(e.path), e.mtime, e.size)
+        )
+        for e in embedded
+        if e.error is None
+    }
+    for e in embedded:
+        if e.error:
+            errors.warning(e.error)
+    extra: dict[str, ModelOption] = state("extra_models", {})  # this session's own
+    models.update(extra)
+
+    st.sidebar.header("Model")
+    picker = st.sidebar.container()  # filled below, once uploads have been read
+    with st.sidebar.expander("Add a checkpoint", expanded=not models):
+        limit_mb = int(st.get_option("server.maxUploadSize"))
+        upload = st.file_uploader(f"Upload a checkpoint (up to {limit_mb} MB)", key="ckpt_upload")
+        if upload is not None:
+            seen: dict = state("ckpt_seen", {})  # file id -> None or its error
+            if upload.file_id not in seen:
+                try:
+                    check_upload_size(upload.size, limit_mb * 2**20, upload.name)
+                    with st.spinner(f"Reading {upload.name}…"):
+                        data = upload.getvalue()
+                        ckpt = model_from_bytes(digest(data), data)
+                    label = f"{ckpt.label} (upload {upload.name}, {ckpt.sha256[:8]})"
+                    extra[label] = models[label] = ModelOption(
+                        f"upload {upload.name}", lambda ckpt=ckpt: ckpt
+                    )
+                    seen[upload.file_id] = None
+                    st.session_state["model"] = label
+                except USER_ERRORS as exc:
+                    seen[upload.file_id] = f"{upload.name}: {exc}"
+            if seen[upload.file_id]:
+                errors.error(seen[upload.file_id])
+        path = st.text_input("…or a checkpoint path on the server", key="ckpt_path").strip()
+        if st.button("Load path", disabled=not path, key="ckpt_path_load"):
+            try:
+                with st.spinner(f"Reading {path}…"):
+                    ckpt = load_path(path)
+                label = f"{ckpt.label} ({Path(path).name}, {ckpt.sha256[:8]})"
+                extra[label] = models[label] = ModelOption(path, lambda path=path: load_path(path))
+                st.session_state["model"] = label
+            except USER_ERRORS as exc:
+                errors.error(f"{path}: {exc}")
+
+    if not embedded:
+        errors.info(
+            f"No embedded checkpoint in {checkpoint_dir()} yet: upload a checkpoint or give a "
+            "path on the server in the sidebar."
+        )
+    if not models:
+        return "", None, models
+    labels = list(models)
+    if st.session_state.get("model") not in labels:
+        first = default_checkpoint(embedded)
+        st.session_state["model"] = first.label if first and first.label in labels else labels[0]
+    label = picker.selectbox("Model in use", labels, key="model")
+    with st.spinner(f"Loading {label}…"):
+        ckpt = models[label].load()
+    rows = describe_checkpoint(ckpt, source=models[label].source)
+    picker.markdown("  \n".join(f"**{k}**: `{v}`" for k, v in rows.items()))
+    return label, ckpt, models
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def choose_images(errors) -> list[ImageItem]:
+    st.sidebar.header("Images")
+    uploads = st.sidebar.file_uploader(
+        "Upload images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images"
+    )
+    sources: list[tuple[str, bytes]] = [(f.name, f.getvalue()) for f in uploads or []]
+    if not sources:
+        samples = {s.path.name: s for s in sample_images(SAMPLES)}
+        default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples else list(samples)[:1]
+        picked = st.sidebar.multiselect(
+            "Sample images", list(samples), default=default, key="samples"
+        )
+        sources = [(name, samples[name].path.read_bytes()) for name in picked]
+    items = []
+    for name, data in sources:
+        try:
+            items.append(ImageItem(name, data, digest(data), load_image(_named(data, name))))
+        except ImageError as exc:
+            errors.error(str(exc))
+    return items
+
+
+def _named(data: bytes, name: str) -> io.BytesIO:
+    """The bytes as a file object that carries the name (so an ImageError names the file)."""
+    fh = io.BytesIO(data)
+    fh.name = name
+    return fh
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.set_page_config(page_title="Attention Lens", page_icon=":mag:", layout="wide")
+    st.title("Attention Lens")
+    st.caption(
+        "What BAM and CBAM attention does inside a ResNet: every module's spatial map and "
+        "channel weights, Grad-CAM from the same pass, and how much they agree."
+    )
+    errors = st.container()  # the one place where problems are reported
+    try:
+        label, ckpt, models = choose_model(errors)
+        items = choose_images(errors)
+        st.sidebar.header("Grad-CAM")
+        method = st.sidebar.radio("Method", CAM_METHODS, horizontal=True, key="method")
+        choices = cam_layer_choices(ckpt.model) if ckpt else list(DEFAULT_CAM_LAYERS)
+        layers = st.sidebar.multiselect(
+            "Layers", choices, default=list(DEFAULT_CAM_LAYERS), key="layers"
+        )
+        st.sidebar.header("Drawing")
+        draw = dict(
+            cmap=st.sidebar.selectbox("Colour map", CMAPS, key="cmap"),
+            alpha=st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha"),
+            shared_scale=st.sidebar.radio("Scale", ["per map", "shared"], horizontal=True, key="scale") == "shared",
+        )  # fmt: skip
+        if ckpt is None:
+            return
+        if not items:
+            st.info("Upload images or pick sample images in the sidebar.")
+            return
+        if not layers:
+            raise ValueError("choose at least one Grad-CAM layer in the sidebar")
+        page(ckpt, label, models, items, method, tuple(layers), draw, errors)
+    except USER_ERRORS as exc:
+        errors.error(str(exc))
+
+
+def predict_all(ckpt: Checkpoint, items: list[ImageItem], method: str, layers: tuple) -> list:
+    bar = st.progress(0.0, text="Analysing images…") if len(items) > 1 else None
+    out = []
+    with st.spinner("Running the network…"):
+        for i, item in enumerate(items):
+            out.append(analysis(item.sha, ckpt.sha256, None, method, layers, ckpt, item.image))
+            if bar:
+                bar.progress((i + 1) / len(items), text=f"Analysed {i + 1} of {len(items)} images")
+    if bar:
+        bar.empty()
+    return out
+
+
+def chosen_target(item: ImageItem, ckpt: Checkpoint) -> int | None:
+    """The class the user picked for this image and model (None: the top-1 prediction)."""
+    key = f"{item.sha[:16]}:{ckpt.sha256[:16]}"
+    choice = st.session_state.get(f"t5:{key}")
+    if choice == OTHER:
+        choice = st.session_state.get(f"tall:{key}")
+    return None if choice is None else int(choice)
+
+
+def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
+    base = predict_all(ckpt, items, method, layers)
+    names = ckpt.class_names
+    crops = [ckpt.preprocess.crop_image(item.image) for item in items]
+    if len(items) > 1:
+        st.subheader(f"{len(items)} images · {label}")
+        for start in range(0, len(items), 5):
+            for col, i in zip(st.columns(5), range(start, min(start + 5, len(items)))):
+                top = top_predictions(base[i].probs[0], names, 1)[0]
+                col.image(crops[i], caption=f"{items[i].name}: {top.name} (P = {top.prob:.2f})")
+        pick = st.selectbox(
+            "Inspect image", range(len(items)), format_func=lambda i: items[i].name, key="inspect"
+        )
+    else:
+        pick = 0
+    item, crop = items[pick], crops[pick]
+
+    left, right = st.columns([1, 2])
+    left.image(crop, caption=f"{item.name} as the network sees it")
+    top5 = top_predictions(base[pick].probs[0], names, 5)
+    right.markdown(f"**Prediction: {top5[0].name}** (P = {top5[0].prob:.3f}) · {label}")
+    right.dataframe(
+        pd.DataFrame({"class": [p.name for p in top5], "P": [round(p.prob, 4) for p in top5]}),
+        hide_index=True,
+    )
+    tkey = f"{item.sha[:16]}:{ckpt.sha256[:16]}"
+    choice = right.radio(
+        "Explain class", [p.index for p in top5] + [OTHER], horizontal=True, key=f"t5:{tkey}",
+        format_func=lambda i: "another class…" if i == OTHER else names[i],
+    )  # fmt: skip
+    if choice == OTHER:
+        choice = right.selectbox(
+            "Search all classes", range(len(names)), index=top5[0].index,
+            format_func=names.__getitem__, key=f"tall:{tkey}",
+        )  # fmt: skip
+    target = None if choice == top5[0].index else int(choice)
+    an = analysis(item.sha, ckpt.sha256, target, method, layers, ckpt, item.image)
+    if target is not None:
+        right.markdown(f"Explaining **{names[target]}** (P = {float(an.target_probs[0]):.3f})")
+    stem = safe_stem(item.name)
+    right.download_button(
+        "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
+        data=lambda: zip_bundle(image_bundle(
+            item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
+            target=target, analysis=an,
+        )),
+        file_name=f"{stem}_attention_lens.zip", mime="application/zip", key=f"zip:{tkey}",
+        help="All figures as PNG, PDF and SVG, the raw maps (maps.npz) and a manifest: the files "
+        "`python -m viz export` writes.",
+    )  # fmt: skip
+
+    tabs = st.tabs(
+        ["Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
+         "BAM hierarchy", "Compare models", "Class statistics"]
+    )  # fmt: skip
+    with tabs[0]:
+        show_figure(
+            lambda: figures.spatial_overview(crop, an.trace, index=0, **draw),
+            f"{stem}_spatial", f"sp:{tkey}", errors,
+        )  # fmt: skip
+    with tabs[1]:
+        channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors)
+    with tabs[2]:
+        show_figure(
+            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"]),
+            f"{stem}_gradcam", f"gc:{tkey}", errors,
+        )  # fmt: skip
+    with tabs[3]:
+        agreement_tab(ckpt, item, an, target, method, layers)
+    with tabs[4]:
+        if ckpt.arch.attention == "bam":
+            show_figure(
+                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"]),
+                f"{stem}_bam_hierarchy", f"bam:{tkey}", errors,
+            )  # fmt: skip
+        else:
+            st.info("The BAM hierarchy exists only for BAM models; choose one in the sidebar.")
+    with tabs[5]:
+        compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
+    with tabs[6]:
+        class_stats_tab(ckpt, draw, errors)
+
+
+def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
+    trace = base[pick].trace
+    if not len(trace):
+        st.info(f"{ckpt.label} has no attention modules, so no channel weights.")
+        return
+    c1, c2 = st.columns(2)
+    top_k = c1.slider("Top channels of the last module", 4, 32, 10, key="top_k")
+    others = [i for i in range(len(items)) if i != pick]
+    other = c2.selectbox(
+        "Compare with image", [None, *others], key="channel_compare",
+        format_func=lambda i: "(none)" if i is None else items[i].name,
+    )  # fmt: skip
+    compare = None if other is None else base[other].trace
+    labels = None if other is None else [items[pick].name, items[other].name]
+    show_figure(
+        lambda: figures.channel_weights(trace, index=0, top_k=top_k, compare=compare, labels=labels, cmap=draw["cmap"]),
+        f"{stem}_channels", f"ch:{tkey}", errors,
+    )  # fmt: skip
+
+
+def agreement_tab(ckpt, item, an, target, method, layers) -> None:
+    rows = agreement_table(an, 0)
+    if rows:
+        st.dataframe(
+            pd.DataFrame(
+                [(m, layer, a.pearson, a.spearman, a.iou) for m, layer, a in rows],
+                columns=[
+                    "attention module",
+                    "Grad-CAM layer",
+                    "Pearson",
+                    "Spearman",
+                    "IoU (top 20%)",
+                ],
+            ),
+            hide_index=True,
+        )
+    else:
+        st.info("No spatial attention map to compare with Grad-CAM in this model.")
+    st.markdown("**Deletion / insertion** (RISE): remove or reveal the most salient pixels first.")
+    maps = {f"Grad-CAM {k}": v for k, v in an.cams.items()}
+    maps.update({f"attention {r.name}": r.spatial for r in an.trace.spatial_records})
+    which = st.selectbox("Saliency map", list(maps), index=len(an.cams) - 1, key="di_map")
+    steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
+    if st.toggle(f"Run ({2 * (steps + 1) + 1} forward passes)", key="di_run"):
+        with st.spinner("Deleting and inserting pixels…"):
+            key = f"{method}:{','.join(layers)}:{which}"
+            res = causal_scores(
+                item.sha, ckpt.sha256, target, key, steps, ckpt, item.image, maps[which]
+            )
+        c1, c2 = st.columns(2)
+        c1.metric("Deletion AUC (lower is better)", f"{float(res.deletion_auc[0]):.3f}")
+        c2.metric("Insertion AUC (higher is better)", f"{float(res.insertion_auc[0]):.3f}")
+        curves = pd.DataFrame(
+            {
+                "deletion": res.deletion_curve[0].numpy(),
+                "insertion": res.insertion_curve[0].numpy(),
+            },
+            index=pd.Index(res.fractions.numpy(), name="fraction of pixels"),
+        )
+        st.line_chart(curves, x_label="fraction of pixels", y_label="P(target)")
+
+
+def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors) -> None:
+    st.markdown(
+        "The CBAM paper's comparison: Grad-CAM of the last stage, one row per model, and the "
+        "softmax score P of each column's class (the class chosen for that image, else the "
+        "prediction of the model in use)."
+    )
+    picked = st.multiselect("Models side by side", list(models), default=[label], key="compare")
+    if not picked:
+        st.info("Pick at least one model.")
+        return
+    classes = []
+    for item in items:
+        t = chosen_target(item, ckpt)
+        if t is None:
+            t = int(
+                analysis(item.sha, ckpt.sha256, None, method, layers, ckpt, item.image).target[0]
+            )
+        classes.append(ckpt.class_names[t])
+    rows = []
+    bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
+    for n, name in enumerate(picked):
+        other = models[name].load()
+        found = []
+        for item, cls in zip(items, classes):
+            t = other.class_names.index(cls) if cls in other.class_names else None
+            found.append(analysis(item.sha, other.sha256, t, method, layers, other, item.image))
+        rows.append((name, stack_analyses(found)))
+        if bar:
+            bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
+    if bar:
+        bar.empty()
+    show_figure(
+        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"]),
+        "model_grid", "grid", errors,
+    )  # fmt: skip
+
+
+def class_stats_tab(ckpt, draw, errors) -> None:
+    st.markdown(
+        "Mean channel weight per class over a folder on the server, one subfolder per class "
+        "(ImageFolder layout)."
+    )
+    folder = st.text_input("Image folder on the server", key="stats_folder").strip()
+    results: dict = state("class_stats", {})
+    key = (ckpt.sha256, folder)
+    if st.button("Compute class statistics", disabled=not folder, key="stats_run"):
+        bar = st.progress(0.0, text="Reading images…")
+        try:
+            results[key] = channel_statistics(
+                ckpt.model, folder, ckpt.preprocess,
+                progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} images"),
+            )  # fmt: skip
+        except USER_ERRORS as exc:
+            errors.error(f"{folder}: {exc}")
+        bar.empty()
+    if key in results:
+        show_figure(
+            lambda: figures.class_channel_stats(results[key], cmap=draw["cmap"]),
+            "class_channel_stats", f"stats:{ckpt.sha256[:16]}", errors,
+        )  # fmt: skip
+
+
+main()

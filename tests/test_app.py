@@ -1,0 +1,314 @@
+"""The Streamlit app through streamlit.testing's AppTest (in-process, no browser).
+
+Small random-weight checkpoints (ResNet-18 CBAM, plain and BAM, 10 Imagenette classes) are written
+to a temporary folder that ATTENTION_LENS_CHECKPOINTS points the app at, so these tests do not
+depend on the embedded checkpoints; one test uses the real embedded CBAM checkpoint when present.
+Streamlit 1.67's AppTest drives `st.file_uploader` directly (`set_value`), so uploads are tested
+through the real widgets.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import streamlit as st
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from models import build_model, save_checkpoint
+from models.zoo import CHECKPOINT_DIR_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app.py"
+SAMPLES = ROOT / "samples"
+CLASSES = (ROOT / "checkpoints" / "imagenette_classes.txt").read_text().split("\n")[:10]
+REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+TIMEOUT = 180  # seconds per script run: the CPU is shared with other work
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def write_checkpoints(folder: Path, kinds=("cbam", None, "bam")) -> dict[str, Path]:
+    """Random-weight ResNet-18s with 10 classes, saved as float16 Attention Lens checkpoints."""
+    paths = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = build_model(18, kind, num_classes=10).eval()
+        path = folder / f"resnet18_{kind or 'plain'}_tiny.safetensors"
+        save_checkpoint(
+            path, model, class_names=CLASSES, metadata={"name": f"tiny {kind or 'plain'}"},
+            dtype=torch.float16,
+        )  # fmt: skip
+        paths[kind or "plain"] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture
+def app(tiny_checkpoints, monkeypatch) -> AppTest:
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(next(iter(tiny_checkpoints.values())).parent))
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def prediction(at: AppTest) -> str:
+    lines = [m.value for m in at.markdown if m.value.startswith("**Prediction: ")]
+    assert len(lines) == 1, [m.value for m in at.markdown]
+    return lines[0]
+
+
+def model_label(at: AppTest, kind: str) -> str:
+    (label,) = [
+        o for o in at.sidebar.selectbox(key="model").options if o.startswith(f"tiny {kind} ")
+    ]
+    return label
+
+
+def sample_bytes(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def png_bytes(size=(96, 80), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_default_view_is_a_worked_example(app):
+    at = app.run()
+    assert_clean(at)
+    # the CBAM checkpoint is chosen first, on a sample image
+    assert at.sidebar.selectbox(key="model").value.startswith("tiny cbam ")
+    assert any(name in prediction(at) for name in CLASSES)
+    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
+    assert "`18`" in detected and "`CBAM`" in detected and "`10`" in detected
+    assert "`attention-lens`" in detected
+    assert "**Source**: `embedded resnet18_cbam_tiny.safetensors`" in detected
+    labels = [t.label for t in at.tabs]
+    assert labels[:5] == [
+        "Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
+        "BAM hierarchy",
+    ]  # fmt: skip
+    # the input plus the spatial, channel, Grad-CAM and model-grid figures
+    assert len(at.image) >= 5
+    assert [i.value for i in at.info] == [
+        "The BAM hierarchy exists only for BAM models; choose one in the sidebar."
+    ]
+    assert len(at.dataframe) >= 2  # top-5 and the agreement table
+
+
+def test_uploaded_images_are_analysed_with_downloads(app):
+    at = app.run()
+    files = [
+        ("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg"),
+        ("red square.png", png_bytes(), "image/png"),
+    ]
+    at.sidebar.file_uploader(key="images").set_value(files).run()
+    assert_clean(at)
+    captions = [c for img in at.image for c in img.captions]
+    assert any(c.startswith("tench.jpg: ") for c in captions), captions
+    assert any(c.startswith("red square.png: ") for c in captions), captions
+    assert any(name in prediction(at) for name in CLASSES)
+    downloads = [b.label for b in at.download_button]
+    assert "Everything for this image (zip)" in downloads
+    assert {"PNG", "PDF", "SVG"} <= set(downloads)
+    # inspect the second image
+    at.selectbox(key="inspect").set_value(1).run()
+    assert_clean(at)
+    assert any(
+        "red square.png as the network sees it" in c for img in at.image for c in img.captions
+    )
+
+
+def test_broken_upload_is_one_error_naming_it(app):
+    at = app.run()
+    files = [
+        ("good.jpg", sample_bytes("church_29612.jpg"), "image/jpeg"),
+        ("broken.png", b"\x89PNG\r\n\x1a\n this is not really a png", "image/png"),
+        ("notes.jpg", b"hello, I am text", "image/jpeg"),
+    ]
+    at.sidebar.file_uploader(key="images").set_value(files).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 2, errors
+    assert "'broken.png'" in errors[0] and "'notes.jpg'" in errors[1]
+    assert all("\n" not in e for e in errors)
+    # the good image is still analysed
+    assert any(name in prediction(at) for name in CLASSES)
+    assert any("good.jpg as the network sees it" in c for img in at.image for c in img.captions)
+
+
+def test_switch_models(app):
+    at = app.run()
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "plain")).run()
+    assert_clean(at)
+    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
+    assert "**Attention**: `none`" in detected
+    assert any(name in prediction(at) for name in CLASSES)
+    infos = [i.value for i in at.info]
+    assert any("no attention modules" in i for i in infos), infos
+
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "bam")).run()
+    assert_clean(at)
+    assert "BAM hierarchy exists only" not in " ".join(i.value for i in at.info)
+    assert "`BAM`" in next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
+
+    # two models side by side in the paper's grid
+    labels = [model_label(at, "cbam"), model_label(at, "plain")]
+    at.multiselect(key="compare").set_value(labels).run()
+    assert_clean(at)
+
+
+def test_switch_target_class(app):
+    at = app.run()
+    radio = next(r for r in at.radio if r.key.startswith("t5:"))
+    top5 = list(at.dataframe[0].value["class"])
+    assert radio.options == [*top5, "another class…"]
+    radio.set_value(CLASSES.index(top5[1])).run()
+    assert_clean(at)
+    explaining = [m.value for m in at.markdown if m.value.startswith("Explaining **")]
+    assert len(explaining) == 1 and explaining[0].startswith(f"Explaining **{top5[1]}**")
+
+    # search all classes
+    radio = next(r for r in at.radio if r.key.startswith("t5:"))
+    radio.set_value(-1).run()
+    search = next(s for s in at.selectbox if s.key.startswith("tall:"))
+    last = CLASSES[-1]
+    search.set_value(CLASSES.index(last)).run()
+    assert_clean(at)
+    explaining = [m.value for m in at.markdown if m.value.startswith("Explaining **")]
+    top1 = prediction(at).split("**")[1].removeprefix("Prediction: ")
+    assert explaining == [] if top1 == last else explaining[0].startswith(f"Explaining **{last}**")
+
+
+def test_gradcam_options_and_bad_layers(app):
+    at = app.run()
+    at.sidebar.radio(key="method").set_value("gradcam++").run()
+    assert_clean(at)
+    at.sidebar.multiselect(key="layers").set_value(["layer3", "layer4", "layer4.1"]).run()
+    assert_clean(at)
+    at.sidebar.multiselect(key="layers").set_value([]).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["choose at least one Grad-CAM layer in the sidebar"]
+
+
+def test_drawing_changes_do_not_run_the_network(app, monkeypatch):
+    import viz.session
+
+    calls = []
+    real = viz.session.analyze
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("method"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz.session, "analyze", counting)
+    st.cache_data.clear()
+    at = app.run()
+    assert_clean(at)
+    first = len(calls)
+    assert first >= 1
+    at.sidebar.selectbox(key="cmap").set_value("viridis").run()
+    at.sidebar.slider(key="alpha").set_value(0.8).run()
+    at.sidebar.radio(key="scale").set_value("shared").run()
+    assert_clean(at)
+    assert len(calls) == first  # cached: drawing is not computing
+    at.sidebar.radio(key="method").set_value("gradcam++").run()
+    assert len(calls) > first  # a new method is a new analysis
+
+
+def test_checkpoint_upload_and_failures(app, tiny_checkpoints):
+    at = app.run()
+    before = at.sidebar.selectbox(key="model").value
+    # a broken upload: one error naming it, the model in use stays
+    at.sidebar.file_uploader(key="ckpt_upload").set_value(
+        ("broken.pth", b"\x80\x02 not a pickle at all", "application/octet-stream")
+    ).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("broken.pth: "), errors
+    assert at.sidebar.selectbox(key="model").value == before
+    assert any(name in prediction(at) for name in CLASSES)
+
+    # a good upload becomes the model in use
+    data = tiny_checkpoints["plain"].read_bytes()
+    at.sidebar.file_uploader(key="ckpt_upload").set_value(
+        ("mine.safetensors", data, "application/octet-stream")
+    ).run()
+    assert_clean(at)
+    label = at.sidebar.selectbox(key="model").value
+    assert "upload mine.safetensors" in label
+    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
+    assert (
+        "**Attention**: `none`" in detected and "**Source**: `upload mine.safetensors`" in detected
+    )
+
+    # switching back to an embedded one still works; the upload stays available
+    at.sidebar.selectbox(key="model").set_value(before).run()
+    assert_clean(at)
+    assert label in at.sidebar.selectbox(key="model").options
+
+
+def test_checkpoint_from_server_path(app, tiny_checkpoints, tmp_path):
+    at = app.run()
+    before = at.sidebar.selectbox(key="model").value
+    at.sidebar.text_input(key="ckpt_path").set_value(str(tmp_path / "missing.pth")).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "missing.pth" in at.error[0].value
+    assert at.sidebar.selectbox(key="model").value == before
+
+    at.sidebar.text_input(key="ckpt_path").set_value(str(tiny_checkpoints["bam"])).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert_clean(at)
+    assert "resnet18_bam_tiny.safetensors" in at.sidebar.selectbox(key="model").value
+
+
+def test_no_embedded_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    infos = [i.value for i in at.info]
+    assert len(infos) == 1 and infos[0].startswith("No embedded checkpoint in ")
+    assert at.sidebar.file_uploader(key="ckpt_upload") is not None
+    assert at.sidebar.text_input(key="ckpt_path") is not None
+
+
+def test_class_statistics_on_a_folder(app, tmp_path):
+    for cls, sample in (("tench", "tench_12881.jpg"), ("church", "church_29612.jpg")):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / sample).write_bytes(sample_bytes(sample))
+    at = app.run()
+    images = len(at.image)
+    at.text_input(key="stats_folder").set_value(str(tmp_path)).run()
+    at.button(key="stats_run").click().run()
+    assert_clean(at)
+    assert len(at.image) == images + 1
+    at.text_input(key="stats_folder").set_value(str(tmp_path / "nowhere")).run()
+    at.button(key="stats_run").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "nowhere" in at.error[0].value
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not REAL_CBAM.is_file(), reason=f"the embedded checkpoint {REAL_CBAM.name} is not trained yet"
+)
+def test_real_embedded_cbam_checkpoint(monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert_clean(at)
+    assert "resnet18_cbam_imagenette.safetensors" in at.sidebar.selectbox(key="model").value
+    # the default sample is an English springer; a trained model recognises it
+    assert prediction(at).startswith("**Prediction: English springer**")
