@@ -1,0 +1,221 @@
+"""End to end in a real browser: `streamlit run app.py`, headless Chromium through Selenium.
+
+Uploads a sample image through the page's file input, waits for the figures, checks that no
+exception box is shown, downloads a figure and the zip for the image, and takes a screenshot.
+The screenshot goes to the test's temporary folder, or to the path in ATTENTION_LENS_SCREENSHOT
+(`ATTENTION_LENS_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py` refreshes the
+README's picture). Uses the embedded CBAM checkpoint when it exists, else small random-weight
+checkpoints. Skipped when chromium or chromedriver is not installed. Loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from models.zoo import CHECKPOINT_DIR_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+UPLOAD = ROOT / "samples" / "tench_12881.jpg"
+START_TIMEOUT = 120  # seconds for the server to answer its health check
+PAGE_TIMEOUT = 240  # seconds for the page to finish a run (the CPU is shared)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server we started (its own process group), politely first."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(15)
+
+
+@pytest.fixture
+def server(tmp_path):
+    env = dict(os.environ)
+    if not REAL_CBAM.is_file():
+        from tests.test_app import write_checkpoints
+
+        folder = tmp_path / "checkpoints"
+        folder.mkdir()
+        write_checkpoints(folder, kinds=("cbam",))
+        env[CHECKPOINT_DIR_ENV] = str(folder)
+    port = _free_port()
+    log = (tmp_path / "streamlit.log").open("wb")
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", "app.py",
+        "--server.headless", "true", "--server.port", str(port),
+        "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}: {_tail(tmp_path)}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start in {START_TIMEOUT} s: {_tail(tmp_path)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _tail(tmp_path: Path) -> str:
+    return (tmp_path / "streamlit.log").read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1440,1500",
+    ):  # fmt: skip
+        opts.add_argument(arg)
+    opts.add_experimental_option(
+        "prefs",
+        {
+            "download.default_directory": str(downloads),
+            "download.prompt_for_download": False,
+            "safebrowsing.enabled": False,
+        },
+    )
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.execute_cdp_cmd(
+            "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+        )
+        driver.downloads = downloads
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver, condition, timeout=PAGE_TIMEOUT, what=""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition, message=what)
+
+
+def _idle(driver) -> bool:
+    """The script is not running (no status widget saying so) and the page has content."""
+    from selenium.webdriver.common.by import By
+
+    running = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+    return not running and bool(driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"]'))
+
+
+def _text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def _rendered_images(driver) -> int:
+    return driver.execute_script(
+        'return [...document.querySelectorAll(\'[data-testid="stImage"] img, '
+        '[data-testid="stFullScreenFrame"] img\')]'
+        ".filter(i => i.complete && i.naturalWidth > 0).length"
+    )
+
+
+def _download(driver, button, suffix: str, timeout: float = 120) -> Path:
+    before = set(driver.downloads.iterdir())
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [p for p in driver.downloads.iterdir() if p not in before and p.suffix == suffix]
+        if new and new[0].stat().st_size > 0:
+            return new[0]
+        time.sleep(0.5)
+    pytest.fail(f"no {suffix} download after {timeout} s: {sorted(driver.downloads.iterdir())}")
+
+
+def test_upload_render_download_screenshot(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
+
+    inputs = browser.find_elements(By.CSS_SELECTOR, 'input[type="file"]')
+    images_input = next(i for i in inputs if ".jpg" in (i.get_attribute("accept") or ""))
+    images_input.send_keys(str(UPLOAD))
+    caption = f"{UPLOAD.name} as the network sees it"
+    _wait(
+        browser,
+        lambda d: caption in _text(d) and _idle(d) and _rendered_images(d) >= 5,
+        what="the uploaded image's analysis and figures",
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert "Traceback" not in _text(browser)
+    assert "Prediction:" in _text(browser)
+
+    buttons = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stDownloadButton"] button')
+    png = next(b for b in buttons if b.text.strip().endswith("PNG"))
+    path = _download(browser, png, ".png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    zip_button = next(b for b in buttons if "(zip)" in b.text)
+    path = _download(browser, zip_button, ".zip")
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist()
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+
+    shot = Path(os.environ.get("ATTENTION_LENS_SCREENSHOT") or tmp_path / "screenshot.png")
+    shot = shot if shot.is_absolute() else ROOT / shot
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0);")
+    for el in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"]'):
+        browser.execute_script("arguments[0].scrollTop = 0;", el)
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
