@@ -94,6 +94,7 @@ def test_pdf_embeds_truetype_fonts_and_no_date(overview_figures):
     assert data.startswith(b"%PDF")
     assert b"/FontFile2" in data  # Type 42: TrueType embedded
     assert b"/CreationDate" not in data and b"Matplotlib" not in data
+    assert b"/Type3" not in data  # no bitmap-like Type 3 fonts, mathtext included
 
 
 def test_svg_is_xml_with_text_as_text(overview_figures):

@@ -163,7 +163,7 @@ class _Canvas:
 
     Row r holds `counts[r]` panels; `gaps[r][c]` is extra space (inches) before panel c of row
     r (to separate groups). Each row reserves `head` inches above its panels (titles) and `foot`
-    below (labels under a panel); `left` is room for row labels, `footer` for a colour bar,
+    (one number, or one per row) below (labels under a panel); `left` is room for row labels, `footer` for a colour bar,
     `header` for the figure title. Images, titles and notes are drawn on a single Axes whose
     data units are inches, so a figure of many panels builds and draws fast.
     """
@@ -176,7 +176,7 @@ class _Canvas:
         gaps: Sequence[Sequence[float]] | None = None,
         left: float = 0.2,
         head: float = 0.15,
-        foot: float = 0.03,
+        foot: float | Sequence[float] = 0.03,
         gap: float = 0.04,
         footer: float = 0.0,
         header: float = 0.0,
@@ -191,8 +191,10 @@ class _Canvas:
         used = ncols * p + gap * (ncols - 1) + extra
         self.x0 = left + max(0.0, (self.width - left - 0.05 - used) / 2)
         self.gap, self.head, self.footer, self.header = gap, head, footer, header
-        self.row_height = head + p + foot
-        self.height = header + len(counts) * self.row_height + footer + 0.03
+        feet = [float(foot)] * len(counts) if isinstance(foot, (int, float)) else list(foot)
+        heights = [head + p + f for f in feet]
+        self.row_tops = [header + sum(heights[:r]) for r in range(len(counts))]  # from the top
+        self.height = header + sum(heights) + footer + 0.03
         self.fig = Figure(figsize=(self.width, self.height))
         self.ax = self.fig.add_axes((0, 0, 1, 1))
         self.ax.set_xlim(0, self.width)
@@ -203,7 +205,7 @@ class _Canvas:
     def box(self, row: int, col: int) -> tuple[float, float, float]:
         """(left, bottom, size) of a panel, in inches."""
         x = self.x0 + col * (self.panel + self.gap) + sum(self.gaps[row][: col + 1])
-        top = self.height - self.header - row * self.row_height - self.head
+        top = self.height - self.row_tops[row] - self.head
         return x, top - self.panel, self.panel
 
     def image(self, row: int, col: int, rgb: Image.Image | np.ndarray) -> None:
@@ -664,7 +666,7 @@ def model_grid(
                 f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
             )
     canvas = _Canvas(
-        width, [len(pics)] * (1 + len(rows)), left=0.2, foot=0.15, header=0.25 if title else 0.0,
+        width, [len(pics)] * (1 + len(rows)), left=0.2, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
         max_panel=1.4,
     )  # fmt: skip
     for c, (pic, name) in enumerate(zip(pics, column_titles)):
