@@ -190,3 +190,10 @@ def test_captum_attributions_have_image_shape(method):
     attr = attribute(model, x, method=method, steps=4, window=16)
     assert attr.shape == (1, 32, 32) and torch.isfinite(attr).all()
     assert _hook_count(model) == 0
+
+
+def test_analyze_inside_no_grad(tiny_model, image_batch):
+    expected = analyze(tiny_model, image_batch, cam_layers=["layer4"])
+    with torch.no_grad():
+        result = analyze(tiny_model, image_batch, cam_layers=["layer4"])
+    torch.testing.assert_close(result.cams["layer4"], expected.cams["layer4"])

@@ -161,16 +161,15 @@ def analyze(
         try:
             for p, _ in grad_flags:
                 p.requires_grad_(False)
-            with record_attention(model) as trace, torch.enable_grad():
-                handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-                logits = model(x)
-            for h in handles:
-                h.remove()
-            targets = _targets(target, logits)
-            score = logits.gather(1, targets[:, None]).sum()
-            # a layer hooked twice by name aliasing is computed once
-            unique = {n: a for n, a in acts.items()}
-            grads = torch.autograd.grad(score, list(unique.values()), allow_unused=True)
+            with torch.enable_grad():  # also when the caller is inside torch.no_grad()
+                with record_attention(model) as trace:
+                    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+                    logits = model(x)
+                for h in handles:
+                    h.remove()
+                targets = _targets(target, logits)
+                score = logits.gather(1, targets[:, None]).sum()
+                grads = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
@@ -178,7 +177,7 @@ def analyze(
                 p.requires_grad_(flag)
     combine = _gradcam if method == "gradcam" else _gradcam_pp
     cams = {}
-    for (name, act), grad in zip(unique.items(), grads):
+    for (name, act), grad in zip(acts.items(), grads):
         if grad is None:  # the layer does not influence the logits
             grad = torch.zeros_like(act)
         cams[name] = combine(act.detach(), grad)
