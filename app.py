@@ -421,6 +421,10 @@ def agreement_tab(ckpt, item, an, target, method, layers) -> None:
                 ],
             ),
             hide_index=True,
+            column_config={
+                k: st.column_config.NumberColumn(format="%.3f")
+                for k in ("Pearson", "Spearman", "IoU (top 20%)")
+            },
         )
     else:
         st.info("No spatial attention map to compare with Grad-CAM in this model.")
@@ -474,11 +478,14 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
         for item, cls in zip(items, classes):
             t = other.class_names.index(cls) if cls in other.class_names else None
             found.append(analysis(item.sha, other.sha256, t, method, layers, other, item.image))
-        rows.append((name, stack_analyses(found)))
+        rows.append((other.label, stack_analyses(found)))
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
     if bar:
         bar.empty()
+    short = [r[0] for r in rows]
+    if len(set(short)) < len(short):  # same architecture twice: tell them apart
+        rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
         lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"]),
         "model_grid", "grid", errors,

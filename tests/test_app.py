@@ -129,6 +129,8 @@ def test_uploaded_images_are_analysed_with_downloads(app):
     assert any(
         "red square.png as the network sees it" in c for img in at.image for c in img.captions
     )
+    at.selectbox(key="channel_compare").set_value(0).run()
+    assert_clean(at)
 
 
 def test_broken_upload_is_one_error_naming_it(app):
@@ -201,6 +203,19 @@ def test_gradcam_options_and_bad_layers(app):
     at.sidebar.multiselect(key="layers").set_value([]).run()
     assert not at.exception
     assert [e.value for e in at.error] == ["choose at least one Grad-CAM layer in the sidebar"]
+
+
+def test_deletion_insertion_runs_on_demand(app):
+    at = app.run()
+    assert not at.metric
+    at.slider(key="di_steps").set_value(8).run()
+    at.selectbox(key="di_map").set_value("attention layer4.1.cbam").run()
+    at.toggle(key="di_run").set_value(True).run()
+    assert_clean(at)
+    assert [m.label for m in at.metric] == [
+        "Deletion AUC (lower is better)", "Insertion AUC (higher is better)"
+    ]  # fmt: skip
+    assert all(0.0 <= float(m.value) <= 1.0 for m in at.metric)
 
 
 def test_drawing_changes_do_not_run_the_network(app, monkeypatch):
