@@ -93,8 +93,8 @@ def _figure_cases(model, x) -> dict[str, Callable[[], None]]:
     """Render the standard overview figure, and export it (if the figures module is there)."""
     try:
         from PIL import Image
-        from viz.export import figure_bytes
 
+        from viz.export import figure_bytes
         from viz.figures import spatial_overview
     except ImportError:
         return {}

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-size", type=int, default=224, help="images are kept in memory at this size"
     )
     p.add_argument("--eval-sizes", default="128,160,192,224", help="test resolutions to pick from")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="validate every N epochs and after the last (validation is not free on a CPU)",
+    )
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
     p.add_argument(
         "--class-names", default=None, help="comma list or text file, one name per class"
@@ -273,14 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        val_acc = evaluate_cached(
-            model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16
-        )
+        val_acc = None
+        if (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs:
+            val_acc = evaluate_cached(
+                model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16
+            )
         row = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 4),
             "train_acc": round(100 * correct / seen, 2),
-            "val_acc": round(val_acc, 2),
+            "val_acc": None if val_acc is None else round(val_acc, 2),
             "seconds": round(time.time() - t_epoch, 1),
         }
         history.append(row)

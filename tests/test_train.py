@@ -85,3 +85,10 @@ def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, c
 
 def test_missing_split_is_a_usage_error(tmp_path):
     assert train_mod.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_eval_every_skips_validation_but_not_the_last_epoch(tiny_folder, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert train_mod.main(_args(tiny_folder, out, 3, "--eval-every", "2")) == 0
+    history = load_checkpoint(out).metadata["training"]["history"]
+    assert [h["val_acc"] is None for h in history] == [True, False, False]
