@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import Preprocess, build_model, save_checkpoint
+from models import Preprocess, build_model, load_checkpoint, save_checkpoint
 from models.checkpoint import Checkpoint
 from tests.conftest import randomize_bn
 from viz.cam import analyze
@@ -35,6 +35,8 @@ from viz.export import (
     zip_bundle,
 )
 from viz.figures import spatial_overview
+from viz.images import load_image
+from viz.session import analyze_images
 
 PREPROCESS = Preprocess(resize=64, crop=64)
 CLASSES = ["tench", "church", "golf ball"]
@@ -420,3 +422,20 @@ def test_cli_model_grid_bam_hierarchy_and_class_stats(ckpts, image_dir, tmp_path
     manifest = json.loads((out / "manifest.json").read_bytes())
     assert len(manifest["notes"]) == 3  # bam-hierarchy x2, class-stats of the plain model
     assert [c["name"] for c in manifest["checkpoints"]] == ["r18_cbam", "r50_plain", "r18_bam"]
+
+
+def test_cli_model_grid_rows_explain_the_column_class(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first, second = ckpts["r18_cbam"], ckpts["r18_bam"]
+    code, err = _run(capsys, "--checkpoint", first, "--checkpoint", second, "--images", image_dir,
+                     "--out", out, "--figure", "model-grid", "--format", "svg")  # fmt: skip
+    assert code == 0, err
+    svg = (out / "model-grid.svg").read_text()
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    pictures = [load_image(p) for p in sorted(image_dir.rglob("*.png"))]
+    columns = analyze_images(a, pictures).target.tolist()
+    own = analyze_images(b, pictures).target.tolist()
+    assert own != columns, "fixture: the two models must disagree somewhere to test this"
+    explained = analyze_images(b, pictures, columns).target_probs.tolist()
+    for p in explained:
+        assert f"P={p:.5f}" in svg

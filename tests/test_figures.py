@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -27,6 +28,7 @@ from viz.figures import (
     spatial_overview,
 )
 from viz.metrics import ChannelStats
+from viz.session import stack_analyses
 
 KINDS = [None, "se", "bam", "cbam"]
 PREPROCESS = Preprocess(resize=64, crop=64)
@@ -173,6 +175,19 @@ def test_model_grid_mixes_depths_and_attention(images):
         model_grid(crops, rows, column_titles=["one"])
     with pytest.raises(ValueError, match="layer9"):
         model_grid(crops, rows, column_titles=["a", "b"], layer="layer9")
+
+
+def test_model_grid_long_row_labels_stay_beside_their_row(images):
+    crops = [PREPROCESS.crop_image(im) for im in images] * 3
+    analysis = stack_analyses([_analysis(18, "cbam", images)] * 3)
+    label = "ResNet-18 + CBAM (imagenette2-224, our own training run)"
+    fig = model_grid(crops, [(label, analysis)], column_titles=["a", "b"] * 3)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    panels = [im.get_window_extent(renderer) for im in fig.axes[0].images]
+    (text,) = [t for t in fig.axes[0].texts if "ResNet-18" in t.get_text()]
+    box = text.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.height <= panels[-1].height, (box, panels[-1])
+    assert text.get_text().replace("\n", " ") == label
 
 
 @pytest.mark.parametrize("depth", [18, 50])

@@ -43,7 +43,8 @@ figures (--figure, repeatable; default: overview):
   gradcam        per stage: attention map, Grad-CAM, their agreement (Pearson, Spearman, IoU)
   model-grid     the CBAM paper's figure: images in columns, one Grad-CAM row per checkpoint
                  (all checkpoints together; at most %(cols)d images per figure; each column is
-                 titled with the first checkpoint's target class, each map shows its P)
+                 titled with the first checkpoint's target class; every row explains that
+                 class and prints its softmax score P under each map)
   bam-hierarchy  the BAM paper's figure: feature before, attention 1 + M(F), feature after
                  (BAM checkpoints only; others are skipped with a note)
   class-stats    mean channel weight per class (the SENet excitation plot); needs --images
@@ -368,8 +369,8 @@ def _export(args: argparse.Namespace) -> int:
                     first = checkpoints[0][2]
                     title = first.class_names[int(light[0].target[0])]
                     grid_images.append((image_name, first.preprocess.crop_image(pil), title))
-                    for (_, name, _), item in zip(checkpoints, light):
-                        grid[name].append(item)
+                    for (_, name, ckpt), item in zip(checkpoints, light):
+                        grid[name].append(_same_class(ckpt, pil, item, title))
         if "model-grid" in figures:
             _model_grids(run, checkpoints, grid, grid_images, formats, dpi, width)
     if "class-stats" in figures:
@@ -400,6 +401,16 @@ def _light(analysis):
 
     return Analysis(analysis.logits, analysis.probs, analysis.target, AttentionTrace(),
                     {"layer4": analysis.cams["layer4"]}, analysis.method)  # fmt: skip
+
+
+def _same_class(ckpt, image, light, class_name: str):
+    """A grid row explains its column's class (as in the CBAM paper), not its own top-1."""
+    from .session import analyze_images
+
+    names = ckpt.class_names
+    if class_name not in names or names[int(light.target[0])] == class_name:
+        return light
+    return _light(analyze_images(ckpt, [image], names.index(class_name), layers=("layer4",)))
 
 
 def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, dpi, width) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -665,15 +666,17 @@ def model_grid(
             raise ValueError(
                 f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
             )
+    labels = _wrap_row_labels([label for label, _ in rows], width, len(pics), max_panel=1.4)
+    lines = max(label.count("\n") + 1 for label in labels) if labels else 1
     canvas = _Canvas(
-        width, [len(pics)] * (1 + len(rows)), left=0.2, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
+        width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
         max_panel=1.4,
     )  # fmt: skip
     for c, (pic, name) in enumerate(zip(pics, column_titles)):
         canvas.image(0, c, pic)
         canvas.above(0, c, name)
     canvas.left_of(0, 0, "input")
-    for r, (label, analysis) in enumerate(rows, start=1):
+    for r, ((_, analysis), label) in enumerate(zip(rows, labels), start=1):
         cams = analysis.cams[layer]
         probs = analysis.target_probs
         for c, pic in enumerate(pics):
@@ -683,6 +686,15 @@ def model_grid(
     if title:
         canvas.title(title)
     return canvas.fig
+
+
+def _wrap_row_labels(
+    labels: Sequence[str], width: str | float, ncols: int, max_panel: float
+) -> list[str]:
+    """Break rotated row labels into lines no taller than a panel (no label runs off a row)."""
+    panel = min(max_panel, (figure_width(width) - 0.5 - 0.04 * (ncols - 1)) / ncols)
+    chars = max(8, int(panel / (0.6 * FIGURE_STYLE["font.size"] / 72)))  # average glyph width
+    return [textwrap.fill(label, chars, break_long_words=False) for label in labels]
 
 
 # --- 5. BAM hierarchy -------------------------------------------------------------------------
