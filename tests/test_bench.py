@@ -11,5 +11,8 @@ def test_quick_benchmark_runs(capsys):
 
 
 def test_table_reports_ratios():
-    table = format_table([("cfg", "unit", 0.5, 1.0), ("cfg", "overhead", None, 0.02)])
+    table = format_table(
+        [("cfg", "unit", 0.5, 1.0), ("cfg", "overhead", None, 0.02), ("app", "upload", 0.9, None)]
+    )
     assert "500.0 ms | 1.00x" in table and "+2.0%" in table
+    assert "| app | upload | 900.0 ms | |" in table

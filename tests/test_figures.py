@@ -242,3 +242,19 @@ def test_overview_of_a_resnet50_cbam_renders_fast():
         figure_bytes(spatial_overview(image, trace), "png", dpi=100)
         times.append(time.perf_counter() - start)
     assert min(times) < 1.0
+
+
+def test_bam_hierarchy_needs_feature_means(images):
+    from viz.trace import record_attention
+
+    assert all(r.feature_in is not None for r in _analysis(18, "bam", images).trace)
+    torch.manual_seed(0)
+    net = randomize_bn(build_model(18, "bam", num_classes=3)).eval()
+    x = PREPROCESS.batch(images)
+    with torch.no_grad(), record_attention(net) as trace:
+        net(x)
+    with pytest.raises(ValueError, match="feature_means=True"):
+        bam_hierarchy(PREPROCESS.crop_image(images[0]), trace)
+    with torch.no_grad(), record_attention(net, feature_means=True) as trace:
+        net(x)
+    assert isinstance(bam_hierarchy(PREPROCESS.crop_image(images[0]), trace), Figure)

@@ -11,7 +11,7 @@ from models import build_model
 from models.attention import CBAM
 from tests.conftest import randomize_bn
 from viz.cam import analyze, attribute, resolve_layers
-from viz.trace import record_attention
+from viz.trace import attention_modules, record_attention
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -61,7 +61,7 @@ def test_bam_trace_equals_official_branches(module_vectors):
     holder = torch.nn.Sequential()
     holder.add_module("bam1", module)
     x = torch.from_numpy(module_vectors["bam/input"])
-    with record_attention(holder) as trace:
+    with record_attention(holder, feature_means=True) as trace:
         out = holder(x)
     rec = trace["bam1"]
     torch.testing.assert_close(
@@ -92,9 +92,32 @@ def test_every_module_traced_in_forward_order(tiny_model, image_batch):
         assert rec.channel.shape[0] == 2
         assert (rec.spatial is None) == (kind == "se")
         assert 1 <= rec.stage <= 3 if kind == "bam" else 1 <= rec.stage <= 4
-        assert rec.gate.shape == rec.feature_in.shape == rec.feature_out.shape
+        assert rec.gate.ndim == 3 and rec.gate.shape[0] == 2
+        assert rec.spatial is None or rec.gate.shape == rec.spatial.shape
+        assert rec.feature_in is None and rec.feature_out is None  # only when asked for
     if kind == "cbam":
         assert trace["layer2.0.cbam"].stage == 2 and trace["layer2.0.cbam"].block == 0
+
+
+def test_feature_means_equal_the_module_input_and_output(tiny_model, image_batch):
+    if tiny_model.arch.attention is None:
+        pytest.skip("no attention modules")
+    seen = {}
+    handles = [
+        m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+        for n, m in attention_modules(tiny_model)
+    ]
+    try:
+        with torch.no_grad(), record_attention(tiny_model, feature_means=True) as trace:
+            tiny_model(image_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(trace) == len(seen) > 0
+    for rec in trace:
+        f_in, f_out = seen[rec.name]
+        torch.testing.assert_close(rec.feature_in, f_in.abs().mean(1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rec.feature_out, f_out.abs().mean(1), atol=1e-6, rtol=1e-5)
 
 
 def test_hooks_removed_and_training_restored_after_exception(tiny_model):

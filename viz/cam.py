@@ -162,7 +162,7 @@ def analyze(
             for p, _ in grad_flags:
                 p.requires_grad_(False)
             with torch.enable_grad():  # also when the caller is inside torch.no_grad()
-                with record_attention(model) as trace:
+                with record_attention(model, feature_means=True) as trace:
                     handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
                     logits = model(x)
                 for h in handles:

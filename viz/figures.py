@@ -731,6 +731,11 @@ def bam_hierarchy(
             else "it has no attention modules"
         )
         raise ValueError(f"bam_hierarchy needs a model with BAM modules; {has}")
+    if records[0].feature_in is None:
+        raise ValueError(
+            "bam_hierarchy needs the feature maps: trace with "
+            "record_attention(model, feature_means=True) or use analyze"
+        )
     size = (img.height, img.width)
     gaps = [[0.0, 0.16, 0.0, 0.0]] * len(records)
     canvas = _Canvas(width, [4] * len(records), gaps=gaps, left=0.05, footer=0.42,

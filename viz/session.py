@@ -183,7 +183,8 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
         raise ValueError("analyses to stack must share the Grad-CAM method and layers")
 
     def cat(items):
-        return torch.cat(list(items), 0)
+        items = list(items)
+        return None if items[0] is None else torch.cat(items, 0)
 
     records = []
     for i, rec in enumerate(first.trace):
@@ -191,7 +192,7 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
         records.append(
             AttentionRecord(
                 rec.name, rec.kind, rec.stage, rec.block, cat(r.channel for r in recs),
-                None if rec.spatial is None else cat(r.spatial for r in recs),
+                cat(r.spatial for r in recs),
                 cat(r.gate for r in recs), cat(r.feature_in for r in recs),
                 cat(r.feature_out for r in recs),
             )

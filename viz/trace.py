@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from models.attention import BAM, CBAM, SqueezeExcite
@@ -58,8 +59,9 @@ class AttentionRecord:
         spatial: (N, H, W). CBAM: sigmoid spatial map on the channel-refined feature.
             BAM: M_s(F), before the sigmoid. SE: None.
         gate: (N, H, W) channel-mean of the full 3-D gate that multiplies F.
-        feature_in: (N, H, W) channel-mean |F| entering the module.
-        feature_out: (N, H, W) channel-mean |F'| leaving it.
+        feature_in: (N, H, W) channel-mean |F| entering the module, or None when the trace was
+            recorded without `feature_means` (`analyze` always records them).
+        feature_out: (N, H, W) channel-mean |F'| leaving it, or None likewise.
     """
 
     name: str
@@ -69,16 +71,19 @@ class AttentionRecord:
     channel: Tensor
     spatial: Tensor | None
     gate: Tensor
-    feature_in: Tensor
-    feature_out: Tensor
+    feature_in: Tensor | None
+    feature_out: Tensor | None
 
     def select(self, index: int) -> AttentionRecord:
         """The same record for image `index` of the batch (batch dimension kept, size 1)."""
         pick = slice(index, index + 1)
+
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[pick]
+
         return AttentionRecord(
             self.name, self.kind, self.stage, self.block, self.channel[pick],
-            None if self.spatial is None else self.spatial[pick],
-            self.gate[pick], self.feature_in[pick], self.feature_out[pick],
+            part(self.spatial), self.gate[pick], part(self.feature_in), part(self.feature_out),
         )  # fmt: skip
 
 
@@ -145,11 +150,25 @@ def _feature_mean(t: Tensor) -> Tensor:
     return t.detach().abs().mean(1)
 
 
+def _feature_means_gated(f_in: Tensor, channel: Tensor, spatial: Tensor | None):
+    """Channel-mean |F| and |F * M_c (x) M_s| (N, H, W) in one pass over |F|.
+
+    SE and CBAM gates are positive and separable, so mean_c |F M_c M_s| = M_s mean_c(|F| M_c):
+    one matrix product gives both means, half the memory traffic of reducing F and F' apart.
+    """
+    n, c, h, w = f_in.shape
+    weights = torch.stack((torch.ones_like(channel), channel), 1) / c  # (N, 2, C)
+    means = torch.bmm(weights, f_in.detach().abs().flatten(2)).view(n, 2, h, w)
+    f_out = means[:, 1] if spatial is None else means[:, 1] * spatial
+    return means[:, 0], f_out
+
+
 class _ModuleProbe:
     """Collects one module's gate outputs, then builds its record when the module returns."""
 
-    def __init__(self, name: str, kind: str, trace: AttentionTrace) -> None:
+    def __init__(self, name: str, kind: str, trace: AttentionTrace, feature_means: bool) -> None:
         self.name, self.kind, self.trace = name, kind, trace
+        self.feature_means = feature_means
         self.stage, self.block = _stage_and_block(name)
         self.parts: dict[str, Tensor] = {}
 
@@ -162,6 +181,12 @@ class _ModuleProbe:
     def finish(self, _module, inputs, output) -> None:
         f_in = inputs[0]
         channel, spatial, gate = self._maps(f_in)
+        if not self.feature_means:
+            mean_in = mean_out = None
+        elif self.kind == "bam":  # BAM's 3-D gate does not factorise
+            mean_in, mean_out = _feature_mean(f_in), _feature_mean(output)
+        else:
+            mean_in, mean_out = _feature_means_gated(f_in, channel, spatial)
         self.trace._append(
             AttentionRecord(
                 self.name,
@@ -171,8 +196,8 @@ class _ModuleProbe:
                 channel,
                 spatial,
                 gate,
-                _feature_mean(f_in),
-                _feature_mean(output),
+                mean_in,
+                mean_out,
             )  # fmt: skip
         )
         self.parts = {}
@@ -191,9 +216,9 @@ class _ModuleProbe:
         return p["channel"], p["spatial"][:, 0], p["gate"]
 
 
-def _attach(name: str, module: nn.Module, trace: AttentionTrace) -> list:
+def _attach(name: str, module: nn.Module, trace: AttentionTrace, feature_means: bool) -> list:
     kind = _KINDS[type(module)]
-    probe = _ModuleProbe(name, kind, trace)
+    probe = _ModuleProbe(name, kind, trace, feature_means)
     taps: list[tuple[nn.Module, str]]
     if kind == "se":
         taps = [(module.gate, "channel")]
@@ -213,13 +238,19 @@ def _attach(name: str, module: nn.Module, trace: AttentionTrace) -> list:
 
 
 @contextmanager
-def record_attention(model: nn.Module, *, eval_mode: bool = True) -> Iterator[AttentionTrace]:
+def record_attention(
+    model: nn.Module, *, eval_mode: bool = True, feature_means: bool = False
+) -> Iterator[AttentionTrace]:
     """Hook every SE, BAM and CBAM module of `model` and yield the trace they fill.
 
     Args:
         model: any network containing `models.attention` modules (none is fine: empty trace).
         eval_mode: put the model in eval mode inside the block (BatchNorm running statistics);
             every module's `training` flag is restored on exit.
+        feature_means: also record each record's `feature_in` / `feature_out` (channel-mean |F|
+            before and after the module, for the BAM hierarchy figure). They cost a pass over
+            every attended feature map, about as much as everything else the trace does, so a
+            plain trace leaves them None.
 
     Yields:
         An `AttentionTrace`, filled in forward order by each forward pass inside the block.
@@ -229,17 +260,22 @@ def record_attention(model: nn.Module, *, eval_mode: bool = True) -> Iterator[At
     """
     lock = model_lock(model)
     with lock:
-        flags = [(m, m.training) for m in model.modules()]
+        # one walk over the modules; flags are only written where they change, since
+        # nn.Module.__setattr__ is slow enough to show in the cost of a ResNet-18 forward
+        named = list(model.named_modules())
+        flags = [(m, m.training) for _, m in named]
         handles: list = []
         try:
-            if eval_mode:
+            if eval_mode and any(flag for _, flag in flags):
                 model.eval()
             trace = AttentionTrace()
-            for name, module in attention_modules(model):
-                handles += _attach(name, module, trace)
+            for name, module in named:
+                if type(module) in _KINDS:
+                    handles += _attach(name, module, trace, feature_means)
             yield trace
         finally:
             for handle in handles:
                 handle.remove()
             for module, flag in flags:
-                module.training = flag
+                if module.training != flag:
+                    module.training = flag
