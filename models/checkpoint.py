@@ -457,13 +457,22 @@ def save_checkpoint(
     return hashlib.sha256(blob).hexdigest()
 
 
+# read once at import (single-threaded): os.umask can only be read by setting it
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so no half file is ever seen."""
+    """Write via a temporary file in the same folder and rename, so no half file is ever seen.
+
+    The file gets the permissions a plain `open(path, "w")` would give (mkstemp's are 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

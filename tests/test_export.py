@@ -174,6 +174,12 @@ def test_write_atomic_leaves_no_half_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]  # no temporary left behind
 
 
+def test_written_files_get_ordinary_permissions(tmp_path):
+    write_atomic(tmp_path / "fig.png", b"png")
+    (tmp_path / "plain.png").write_bytes(b"png")  # what open() gives under this umask
+    assert (tmp_path / "fig.png").stat().st_mode == (tmp_path / "plain.png").stat().st_mode
+
+
 def test_prepare_output_refuses_non_empty_folder(tmp_path):
     out = tmp_path / "out"
     assert prepare_output(out) == out and out.is_dir()
