@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: app test lint bench clean
+.PHONY: app test lint bench figures clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# the README's two paper figures, from the embedded checkpoints
+GRID_IMAGES := $(addprefix samples/,tench_12881.jpg english_springer_4972.jpg church_29612.jpg \
+	garbage_truck_10362.jpg golf_ball_501.jpg parachute_21932.jpg)
+BAM_IMAGE := garbage_truck_10362
+figures: $(STAMP)
+	rm -rf out/figures
+	$(BIN)/python -m viz export --images $(GRID_IMAGES) --figure model-grid --dpi 150 \
+		--out out/figures/grid $(foreach m,plain bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
+	$(BIN)/python -m viz export --checkpoint checkpoints/resnet18_bam_imagenette.safetensors \
+		--images samples/$(BAM_IMAGE).jpg --figure bam-hierarchy --width single --dpi 200 --out out/figures/bam
+	cp out/figures/grid/model-grid.png docs/model-grid.png
+	cp out/figures/bam/resnet18_bam_imagenette/$(BAM_IMAGE)/bam-hierarchy.png docs/bam-hierarchy.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

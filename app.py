@@ -12,6 +12,7 @@ The environment variable ATTENTION_LENS_CHECKPOINTS points the app at another ch
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ CMAPS = (DEFAULT_CMAP, "viridis", "inferno", "magma", "cividis", "turbo", "gray"
 MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}  # FORMATS
 SCREEN_DPI = 150  # on screen; downloads use figure_bytes at 300 dpi
 OTHER = -1  # the "another class" choice of the target radio
+log = logging.getLogger("attention_lens.app")
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,12 @@ def main() -> None:
         page(ckpt, label, models, items, method, tuple(layers), draw, errors)
     except USER_ERRORS as exc:
         errors.error(str(exc))
+    except Exception as exc:  # a bug of ours: one line on the page, the traceback in the log
+        log.exception("unexpected error")
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        errors.error(
+            f"Unexpected error ({type(exc).__name__}: {first}); the server log has details."
+        )
 
 
 def predict_all(ckpt: Checkpoint, items: list[ImageItem], method: str, layers: tuple) -> list:

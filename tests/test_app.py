@@ -327,3 +327,17 @@ def test_real_embedded_cbam_checkpoint(monkeypatch):
     assert "resnet18_cbam_imagenette.safetensors" in at.sidebar.selectbox(key="model").value
     # the default sample is an English springer; a trained model recognises it
     assert prediction(at).startswith("**Prediction: English springer**")
+
+
+def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
+    import viz.session
+
+    def broken(*_a, **_k):
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(viz.session, "analyze_images", broken)
+    at = app.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "Unexpected error (RuntimeError: simulated bug); the server log has details."
+    ]
