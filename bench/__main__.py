@@ -200,6 +200,15 @@ def format_table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+HISTORY = "## Profiling history"
+
+
+def _kept_history(path: Path) -> str:
+    """The hand-written before/after section of an existing results file, kept across runs."""
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + text[text.index(HISTORY) :] if HISTORY in text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "Medians of interleaved repetitions; ratios are to one plain forward + backward with "
             "parameter gradients of the same model and batch.\n\n"
         )
-        args.out.write_text(header + table + "\n")
+        args.out.write_text(header + table + "\n" + _kept_history(args.out))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

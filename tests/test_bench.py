@@ -1,6 +1,6 @@
 """The benchmark's quick mode runs end to end (it measures, it asserts nothing about speed)."""
 
-from bench.__main__ import format_table, main
+from bench.__main__ import HISTORY, _kept_history, format_table, main
 
 
 def test_quick_benchmark_runs(capsys):
@@ -16,3 +16,11 @@ def test_table_reports_ratios():
     )
     assert "500.0 ms | 1.00x" in table and "+2.0%" in table
     assert "| app | upload | 900.0 ms | |" in table
+
+
+def test_profiling_history_survives_a_new_run(tmp_path):
+    results = tmp_path / "results.md"
+    assert _kept_history(results) == ""
+    results.write_text(f"# old table\n\n{HISTORY}\n\nbefore: 9%, after: 2%\n")
+    assert _kept_history(results) == f"\n{HISTORY}\n\nbefore: 9%, after: 2%\n"
+
