@@ -27,9 +27,10 @@ save/load round trip, through the checkpoint's own preprocessing, on the full va
 The test resolution was chosen among 128/160/192/224 px on that same split (a mild selection).
 
 **Status:** the project's goal is at least 85% top-1 for each; the checkpoints below fall short
-of it by up to a few points (18 epochs from scratch; longer training is the obvious next step).
-The plain and CBAM models were trained with bfloat16 autocast (`bf16 True`), the SE and BAM
-models in float32 on a CPU without bfloat16 support; the recipe is otherwise identical.
+of it by up to a few points (18 epochs from scratch; longer training is the obvious next step),
+and a model of the four that is not listed below has not been trained yet. Each recipe line says
+whether training used bfloat16 autocast (on machines that support it) or float32; the recipe is
+otherwise identical.
 
 This file is generated from the checkpoints' metadata: `python -m models.card`.
 Retrain one with the command under it: about 18 x 4 minutes on 2 AVX2 CPU cores in float32

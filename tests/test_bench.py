@@ -23,4 +23,3 @@ def test_profiling_history_survives_a_new_run(tmp_path):
     assert _kept_history(results) == ""
     results.write_text(f"# old table\n\n{HISTORY}\n\nbefore: 9%, after: 2%\n")
     assert _kept_history(results) == f"\n{HISTORY}\n\nbefore: 9%, after: 2%\n"
-
