@@ -26,9 +26,9 @@ float16 (loading gives float32); each accuracy below was measured on the stored 
 save/load round trip, through the checkpoint's own preprocessing, on the full validation split.
 The test resolution was chosen among 128/160/192/224 px on that same split (a mild selection).
 
-**Status:** the project's goal is at least 85% top-1 for each; the checkpoints below fall short
-of it by up to a few points (18 epochs from scratch; longer training is the obvious next step),
-and a model of the four that is not listed below has not been trained yet. Each recipe line says
+**Status:** the project's goal is at least 85% top-1 for each; after 18 epochs from scratch some
+of the checkpoints below fall short of it by a few points (longer training is the obvious next
+step), and a model of the four that is not listed below has not been trained yet. Each recipe line says
 whether training used bfloat16 autocast (on machines that support it) or float32; the recipe is
 otherwise identical.
 

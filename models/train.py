@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         s: evaluate_cached(model, val_x, val_y, s, args.bf16) for s in sizes if s <= args.cache_size
     }
     best = max(by_size, key=by_size.get)
-    print(f"val top-1 by test size (bf16, cached): {by_size}; using {best}", flush=True)
+    precision = "bf16" if args.bf16 else "float32"
+    print(f"val top-1 by test size ({precision}, cached): {by_size}; using {best}", flush=True)
     preprocess = Preprocess(resize=best, crop=best)
     metadata = {
         "name": f"ResNet-{args.depth}"
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": n,
         "test_size": best,
         "measured_on": "stored weights after save/load, float32, checkpoint preprocessing",
+        # cached-image accuracy per test size under the training precision (recipe "bf16")
         "by_test_size_bf16": {str(k): round(v, 2) for k, v in by_size.items()},
     }
     sha = save_checkpoint(

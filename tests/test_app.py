@@ -336,6 +336,7 @@ def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
         raise RuntimeError("simulated bug\nsecond line")
 
     monkeypatch.setattr(viz.session, "analyze_images", broken)
+    st.cache_data.clear()  # earlier tests cached this analysis
     at = app.run()
     assert not at.exception
     assert [e.value for e in at.error] == [
