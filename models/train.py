@@ -6,7 +6,9 @@
 decoded once into memory as uint8 (`--cache-size`), then augmented per batch (random-resized crop,
 flip), which keeps a small CPU busy with the network rather than with JPEG decoding.
 Training state is written after every epoch (`<out>.state.pt`); `--resume` continues from it,
-so an interrupted run loses at most one epoch. The final top-1 is measured on the stored
+so an interrupted run loses at most one epoch. `--init CHECKPOINT` starts from a checkpoint's
+weights (ours, the official release's, a state dict) with a fresh schedule, to continue training
+or to fine-tune on another dataset; the new checkpoint records where it started. The final top-1 is measured on the stored
 (float16) weights after a save/load round trip, through the checkpoint's own preprocessing.
 """
 
@@ -29,9 +31,15 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from .resnet import build_model
+from .resnet import ResNet, build_model
 
 __all__ = ["main", "parse_args"]
 
@@ -45,10 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", required=True, type=Path, help="folder with train/ and val/ ImageFolders"
     )
     p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
-    p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50, 101, 152])
-    p.add_argument("--attention", default="none", choices=["none", "se", "bam", "cbam"])
-    p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
-    p.add_argument("--bam-fusion", default="product", choices=["product", "sum"])
+    # architecture: unset means "as --init" or, without it, ARCH_DEFAULTS
+    p.add_argument("--depth", type=int, default=None, choices=[18, 34, 50, 101, 152])
+    p.add_argument("--attention", default=None, choices=["none", "se", "bam", "cbam"])
+    p.add_argument("--stem", default=None, choices=["imagenet", "cifar"])
+    p.add_argument("--bam-fusion", default=None, choices=["product", "sum"])
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights with a fresh schedule (its architecture; "
+        "a new classifier if its class count differs from the data's)",
+    )
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (SGD, nesterov)")
@@ -87,6 +103,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     return p.parse_args(argv)
+
+
+ARCH_DEFAULTS = {"depth": 18, "attention": "none", "stem": "imagenet", "bam_fusion": "product"}
+
+
+def resolve_arch(args: argparse.Namespace, init: Checkpoint | None) -> str | None:
+    """Fill the unset architecture options from `init` (else ARCH_DEFAULTS), in place.
+
+    Returns:
+        None, or a one-line reason when an option given on the command line contradicts `init`.
+    """
+    for key, default in ARCH_DEFAULTS.items():
+        given = getattr(args, key)
+        if init is None:
+            setattr(args, key, default if given is None else given)
+            continue
+        have = getattr(init.arch, key)
+        have = "none" if have is None else have
+        if given is not None and given != have:
+            option = "--" + key.replace("_", "-")
+            return f"{option} {given} contradicts --init, a {init.arch.label} ({option} {have})"
+        setattr(args, key, have)
+    return None
+
+
+def start_from(model: ResNet, init: Checkpoint) -> bool:
+    """Copy `init`'s weights into `model` (same architecture); the classifier only if it fits.
+
+    Returns:
+        Whether the classifier was copied (False: it keeps its fresh initialisation).
+    """
+    state = init.model.state_dict()
+    keep_classifier = init.arch.num_classes == model.arch.num_classes
+    if not keep_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise CheckpointError(f"--init does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
+    return keep_classifier
+
+
+def init_record(path: Path, init: Checkpoint, keep_classifier: bool) -> dict:
+    """What the new checkpoint says about its starting point (its training record included)."""
+    record = {
+        "file": path.name,
+        "sha256": init.sha256,
+        "name": init.label,
+        "format": init.format,
+        "classifier": "kept" if keep_classifier else "new",
+    }
+    for key in ("dataset", "accuracy", "training"):
+        if key in init.metadata:
+            record[key] = init.metadata[key]
+    return record
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -206,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    init = None
+    if args.init is not None:
+        try:  # before the data: a bad --init fails in a second, not after decoding
+            init = load_checkpoint(args.init)
+        except CheckpointError as exc:
+            print(f"error: --init {args.init}: {exc}", file=sys.stderr)
+            return 2
+    conflict = resolve_arch(args, init)
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
+        return 2
     state_path = args.out.with_name(args.out.name + ".state.pt")
     torch.manual_seed(args.seed)
     attention = None if args.attention == "none" else args.attention
@@ -225,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
+    if init is not None:
+        keep_classifier = start_from(model, init)
+        print(
+            f"starting from {args.init} ({init.label}; classifier "
+            f"{'kept' if keep_classifier else 'new, class count differs'})",
+            flush=True,
+        )
     model = model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -344,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         },
     }
+    if init is not None:
+        metadata["training"]["init"] = init_record(args.init, init, keep_classifier)
     model = model.to(memory_format=torch.contiguous_format).eval()
     dtype = torch.float16 if args.float16 else torch.float32
     save_checkpoint(

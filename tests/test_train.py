@@ -1,4 +1,4 @@
-"""python -m models.train end to end on a tiny generated ImageFolder, and --resume."""
+"""python -m models.train end to end on a tiny generated ImageFolder, --resume and --init."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models import load_checkpoint
@@ -92,3 +93,84 @@ def test_eval_every_skips_validation_but_not_the_last_epoch(tiny_folder, tmp_pat
     assert train_mod.main(_args(tiny_folder, out, 3, "--eval-every", "2")) == 0
     history = load_checkpoint(out).metadata["training"]["history"]
     assert [h["val_acc"] is None for h in history] == [True, False, False]
+
+
+def _tiny_args(data, out, epochs, *extra):
+    """Training options without an architecture (it comes from --init or the defaults)."""
+    return [
+        "--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "4",
+        "--img-size", "32", "--cache-size", "40", "--eval-sizes", "32,40", "--no-bf16", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_cbam(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("init") / "start.safetensors"
+    assert train_mod.main(_args(tiny_folder, out, 1)) == 0
+    return out
+
+
+def test_init_continues_from_a_checkpoint_and_records_it(tiny_folder, trained_cbam, tmp_path):
+    start = load_checkpoint(trained_cbam)
+    out = tmp_path / "continued.safetensors"
+    # lr 0: the copied weights must come out unchanged (BatchNorm statistics still move)
+    assert (
+        train_mod.main(_tiny_args(tiny_folder, out, 1, "--init", str(trained_cbam), "--lr", "0"))
+        == 0
+    )
+    ckpt = load_checkpoint(out)
+    assert ckpt.arch == start.arch  # the architecture came from --init
+    for key in (
+        "conv1.weight",
+        "layer4.1.conv2.weight",
+        "fc.weight",
+        "layer1.0.cbam.SpatialGate.spatial.conv.weight",
+    ):
+        assert torch.equal(ckpt.model.state_dict()[key], start.model.state_dict()[key]), key
+    init = ckpt.metadata["training"]["init"]
+    assert init["file"] == "start.safetensors" and init["sha256"] == start.sha256
+    assert init["classifier"] == "kept"
+    assert init["training"]["recipe"]["epochs"] == 1  # the starting point's own record
+    assert init["accuracy"] == start.metadata["accuracy"]
+    assert len(ckpt.metadata["training"]["history"]) == 1
+
+
+def test_init_with_another_class_count_gets_a_new_classifier(tiny_folder, trained_cbam, tmp_path):
+    three = tmp_path / "three"
+    for split in ("train", "val"):
+        for label in ("a", "b", "c"):
+            (three / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (60 * i, 80, 200)).save(
+                    three / split / label / f"{i}.png"
+                )
+    out = tmp_path / "finetuned.safetensors"
+    args = _tiny_args(three, out, 1, "--init", str(trained_cbam), "--lr", "0")
+    assert train_mod.main(args) == 0
+    ckpt, start = load_checkpoint(out), load_checkpoint(trained_cbam)
+    assert ckpt.arch.num_classes == 3 and ckpt.arch.attention == "cbam"
+    assert ckpt.metadata["training"]["init"]["classifier"] == "new"
+    assert torch.equal(ckpt.model.conv1.weight, start.model.conv1.weight)
+
+
+def test_init_that_contradicts_an_option_is_a_usage_error(
+    tiny_folder, trained_cbam, tmp_path, capsys
+):
+    out = tmp_path / "x.safetensors"
+    args = _tiny_args(tiny_folder, out, 1, "--init", str(trained_cbam), "--attention", "se")
+    assert train_mod.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --attention se contradicts --init") and "\n" not in err
+    assert not out.exists()
+
+
+def test_broken_init_is_one_line_before_any_decoding(tiny_folder, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    monkeypatch.setattr(train_mod, "load_split", lambda *a: pytest.fail("decoded the data"))
+    assert (
+        train_mod.main(_tiny_args(tiny_folder, tmp_path / "x.safetensors", 1, "--init", str(bad)))
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --init {bad}: ") and "\n" not in err
