@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
+from .train import parse_args
 from .zoo import EmbeddedCheckpoint, checkpoint_dir, embedded_checkpoints
 
 __all__ = ["model_card", "main"]
@@ -70,12 +71,63 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_RECIPE_FLAGS = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "img_size",
+    "min_scale",
+    "seed",
+)
+
+
+def _recipe_text(recipe: dict) -> str:
+    return (
+        f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
+        f"{recipe.get('optimizer')}, peak lr {recipe.get('lr')}, warm-up "
+        f"{recipe.get('warmup_epochs')} epochs, weight decay {recipe.get('weight_decay')}, "
+        f"label smoothing {recipe.get('label_smoothing')}, {recipe.get('augmentation')} at "
+        f"{recipe.get('img_size')} px, seed {recipe.get('seed')}, bfloat16 autocast "
+        f"{recipe.get('bf16')}"
+    )
+
+
+def _command(recipe: dict, out: str, *, attention: str | None, init: str | None) -> str:
+    """The training command that gives `recipe` (options at their default are left out)."""
+    defaults = vars(parse_args(["--data", "-", "--out", "-"]))
+    parts = ["python -m models.train --data imagenette2-224"]
+    parts.append(f"--init checkpoints/{init}" if init else f"--depth 18 --attention {attention}")
+    parts.append(f"--epochs {recipe.get('epochs')}")
+    for key in _RECIPE_FLAGS:
+        if key in recipe and recipe[key] != defaults[key]:
+            parts.append(f"--{key.replace('_', '-')} {recipe[key]}")
+    if not recipe.get("bf16", True):
+        parts.append("--no-bf16")
+    parts.append("--dataset-name imagenette2-224 --class-names checkpoints/imagenette_classes.txt")
+    parts.append(f"--out checkpoints/{out}")
+    return "`" + " ".join(parts) + "`"
+
+
+def _stages(training: dict) -> list[tuple[dict, dict | None]]:
+    """(training record, what it started from) for each stage, the first (from scratch) first."""
+    init = training.get("init")
+    if isinstance(init, dict) and isinstance(init.get("training"), dict):
+        return [*_stages(init["training"]), (training, init)]
+    return [(training, init if isinstance(init, dict) else None)]
+
+
+def _epochs(training: dict) -> str:
+    """Total epochs, by stage: "18" or "18 + 8"."""
+    return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _ in _stages(training))
+
+
 def _section(entry: EmbeddedCheckpoint) -> str:
     meta = entry.metadata
     arch = meta.get("arch", {})
     acc = meta.get("accuracy", {})
     training = meta.get("training", {})
-    recipe = training.get("recipe", {})
     history = training.get("history", [])
     attention = arch.get("attention") or "none"
     lines = [
@@ -87,18 +139,33 @@ def _section(entry: EmbeddedCheckpoint) -> str:
         f"- Data: {meta.get('dataset', '?')}; classes: {', '.join(meta.get('class_names', []))}",
         f"- **Top-1: {acc.get('top1', '?')}%** on {acc.get('images', '?')} {acc.get('split', '?')} "
         f"images at {acc.get('test_size', '?')} px ({acc.get('measured_on', '')})",
-        f"- Recipe: {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
-        f"{recipe.get('optimizer')}, peak lr {recipe.get('lr')}, weight decay "
-        f"{recipe.get('weight_decay')}, label smoothing {recipe.get('label_smoothing')}, "
-        f"{recipe.get('augmentation')} at {recipe.get('img_size')} px, seed {recipe.get('seed')}, "
-        f"bfloat16 autocast {recipe.get('bf16')}",
-        f"- Trained: {training.get('date', '?')} with torch {training.get('torch', '?')}"
+    ]
+    commands = []
+    for stage, init in _stages(training):
+        recipe = stage.get("recipe", {})
+        if init is None:
+            lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {stage.get('date', '?')})")
+        else:
+            then = init.get("accuracy", {})
+            lines.append(
+                f"- Then continued from that checkpoint (top-1 {then.get('top1', '?')}% at "
+                f"{then.get('test_size', '?')} px; sha256 `{init.get('sha256', '?')[:16]}…`, in "
+                f"the git history) with a fresh schedule: {_recipe_text(recipe)} "
+                f"(trained {stage.get('date', '?')})"
+            )
+        commands.append(
+            _command(
+                recipe,
+                entry.path.name,
+                attention=attention,
+                init=None if init is None else init.get("file", "?"),
+            )
+        )
+    lines += [
+        f"- Torch {training.get('torch', '?')}"
         + (f"; last epoch train loss {history[-1]['train_loss']}" if history else ""),
         f"- Size: {entry.size / 2**20:.1f} MiB; sha256 `{_sha256(entry.path)}`",
-        "- Command: `python -m models.train --data imagenette2-224 --depth 18 "
-        f"--attention {attention} --epochs {recipe.get('epochs')} --dataset-name imagenette2-224 "
-        + ("" if recipe.get("bf16", True) else "--no-bf16 ")
-        + f"--class-names checkpoints/imagenette_classes.txt --out checkpoints/{entry.path.name}`",
+        "- Command" + ("s, in order: " if len(commands) > 1 else ": ") + ", then ".join(commands),
         "",
     ]
     return "\n".join(lines)
@@ -107,11 +174,15 @@ def _section(entry: EmbeddedCheckpoint) -> str:
 def model_card(folder: Path | None = None) -> str:
     """The markdown model card for every checkpoint in `folder`."""
     entries = [e for e in embedded_checkpoints(folder) if e.error is None and e.metadata]
-    summary = ["| checkpoint | attention | top-1 (val) | test size |", "|---|---|---:|---:|"]
+    summary = [
+        "| checkpoint | attention | epochs | top-1 (val) | test size |",
+        "|---|---|---:|---:|---:|",
+    ]
     for e in entries:
         acc = e.metadata.get("accuracy", {})
         summary.append(
-            f"| `{e.path.name}` | {e.attention or 'none'} | {acc.get('top1', '?')}% | "
+            f"| `{e.path.name}` | {e.attention or 'none'} | {_epochs(e.metadata.get('training', {}))} "
+            f"| {acc.get('top1', '?')}% | "
             f"{acc.get('test_size', '?')} px |"
         )
     body = "\n".join(_section(e) for e in entries)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from models import load_checkpoint
 from models import train as train_mod
+from models.card import model_card
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,13 @@ def test_init_continues_from_a_checkpoint_and_records_it(tiny_folder, trained_cb
     assert init["training"]["recipe"]["epochs"] == 1  # the starting point's own record
     assert init["accuracy"] == start.metadata["accuracy"]
     assert len(ckpt.metadata["training"]["history"]) == 1
+    # the model card tells both stages apart and gives both commands
+    card = model_card(tmp_path)
+    assert "| `continued.safetensors` | cbam | 1 + 1 |" in card
+    assert "Then continued from that checkpoint (top-1" in card
+    assert f"sha256 `{start.sha256[:16]}" in card
+    assert "--attention cbam --epochs 1 " in card  # the first stage, from scratch
+    assert "--init checkpoints/start.safetensors --epochs 1 --batch-size 4 --lr 0" in card
 
 
 def test_init_with_another_class_count_gets_a_new_classifier(tiny_folder, trained_cbam, tmp_path):
