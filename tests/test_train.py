@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import load_checkpoint
+from models import build_model, load_checkpoint
 from models import train as train_mod
 from models.card import model_card
 
@@ -182,3 +182,30 @@ def test_broken_init_is_one_line_before_any_decoding(tiny_folder, tmp_path, caps
     )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --init {bad}: ") and "\n" not in err
+
+
+def test_init_from_an_official_checkpoint_fine_tunes_to_new_classes(tiny_folder, tmp_path):
+    # the official release's training dict: `module.` keys, legacy serialization, 1000 classes
+    torch.manual_seed(3)
+    official = build_model(18, "bam", num_classes=1000)
+    path = tmp_path / "RESNET18_IMAGENET_BAM_best.pth.tar"
+    saved = {
+        "epoch": 90,
+        "arch": "resnet",
+        "state_dict": {f"module.{k}": v for k, v in official.state_dict().items()},
+        "best_prec1": torch.tensor(70.0),
+    }
+    torch.save(saved, path, _use_new_zipfile_serialization=False)
+    out = tmp_path / "bam_tiny.safetensors"
+    assert train_mod.main(_tiny_args(tiny_folder, out, 1, "--init", str(path), "--lr", "0")) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.arch.attention == "bam" and ckpt.arch.num_classes == 2
+    init = ckpt.metadata["training"]["init"]
+    assert (init["format"], init["classifier"]) == ("official", "new")
+    # float16 storage: the copied weights come back to within its rounding
+    got, want = (
+        ckpt.model.bam2.channel_att.gate_c.gate_c_fc_0.weight,
+        official.bam2.channel_att.gate_c.gate_c_fc_0.weight,
+    )
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(got, torch.zeros_like(got))
