@@ -30,8 +30,8 @@ GRID_IMAGES := $(addprefix samples/,tench_12881.jpg english_springer_4972.jpg ch
 BAM_IMAGE := garbage_truck_10362
 figures: $(STAMP)
 	rm -rf out/figures
-	$(BIN)/python -m viz export --images $(GRID_IMAGES) --figure model-grid --dpi 150 \
-		--out out/figures/grid $(foreach m,plain bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
+	$(BIN)/python -m viz export --images $(GRID_IMAGES) --figure model-grid --dpi 150 --labels samples/labels.csv \
+		--out out/figures/grid $(foreach m,plain se bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
 	$(BIN)/python -m viz export --checkpoint checkpoints/resnet18_bam_imagenette.safetensors \
 		--images samples/$(BAM_IMAGE).jpg --figure bam-hierarchy --width single --dpi 200 --out out/figures/bam
 	cp out/figures/grid/model-grid.png docs/model-grid.png

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -445,3 +446,70 @@ def test_cli_model_grid_rows_explain_the_column_class(ckpts, image_dir, tmp_path
     explained = analyze_images(b, pictures, columns).target_probs.tolist()
     for p in explained:
         assert f"P={p:.5f}" in svg
+
+
+def test_cli_labels_explain_each_image_own_class(ckpts, image_dir, tmp_path, capsys):
+    # labels that differ from the folders, so a run that ignored them could not pass by chance;
+    # one row names the file, the other the end of its path
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n0.png,church\nchurch/1.png,0\n")
+    out = tmp_path / "out"
+    first, second = ckpts["r18_cbam"], ckpts["r18_bam"]
+    code, err = _run(capsys, "--checkpoint", first, "--checkpoint", second, "--images", image_dir,
+                     "--out", out, "--figure", "model-grid", "overview", "--format", "svg",
+                     "--labels", labels)  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_bytes())
+    got = {(r["checkpoint"], r["image"]): r["target_name"] for r in manifest["results"]}
+    assert got == {
+        ("r18_cbam", "tench_0"): "church",
+        ("r18_cbam", "church_1"): "tench",
+        ("r18_bam", "tench_0"): "church",
+        ("r18_bam", "church_1"): "tench",
+    }
+    assert (
+        manifest["options"]["labels"]["sha256"] == hashlib.sha256(labels.read_bytes()).hexdigest()
+    )
+    # the grid prints each row's probability of the labelled class (to its 5 printed digits)
+    printed = [float(v) for v in re.findall(r"P=([0-9.]+)<", (out / "model-grid.svg").read_text())]
+    pictures = [
+        load_image(image_dir / "church" / "1.png"),
+        load_image(image_dir / "tench" / "0.png"),
+    ]
+    wanted = [CLASSES.index("tench"), CLASSES.index("church")]
+    expected = [
+        p
+        for path in (first, second)
+        for p in analyze_images(load_checkpoint(path), pictures, wanted).target_probs.tolist()
+    ]
+    assert printed == pytest.approx(expected, abs=1.1e-5)
+
+
+@pytest.mark.parametrize(
+    "csv_text, message",
+    [
+        ("file,label\n0.png,church\n", "has no row for"),
+        ("file,label\n0.png,zebra\n1.png,tench\n", "0.png is labelled 'zebra' is not a class"),
+        ("name,class\n0.png,church\n", "needs the columns file,label"),
+        ("file,label\n0.png,\n", "line 2 has an empty file or label"),
+        ("file,label\n0.png,church\n0.png,tench\n", "listed with two labels"),
+    ],
+)
+def test_cli_bad_labels_exit_2_with_one_line(ckpts, image_dir, tmp_path, capsys, csv_text, message):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(csv_text)
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", "--labels", labels)
+    assert code == 2 and message in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_labels_and_target_exclude_each_other(ckpts, image_dir, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n0.png,church\n1.png,tench\n")
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", "--labels", labels,
+                        "--target", "church")  # fmt: skip
+    assert code == 2 and "not allowed with argument" in err
+    code, err = _export(
+        capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", "--labels", tmp_path / "nope.csv"
+    )
+    assert code == 2 and "cannot read it" in err and err.strip().count("\n") == 0

@@ -8,6 +8,7 @@ output folder not empty without --overwrite).
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ __all__ = [
     "build_parser",
     "collect_images",
     "resolve_target",
+    "read_labels",
+    "label_of",
     "IMAGE_SUFFIXES",
     "GRID_COLUMNS",
 ]
@@ -43,8 +46,9 @@ figures (--figure, repeatable; default: overview):
   gradcam        per stage: attention map, Grad-CAM, their agreement (Pearson, Spearman, IoU)
   model-grid     the CBAM paper's figure: images in columns, one Grad-CAM row per checkpoint
                  (all checkpoints together; at most %(cols)d images per figure; each column is
-                 titled with the first checkpoint's target class; every row explains that
-                 class and prints its softmax score P under each map)
+                 titled with the first checkpoint's target class, the image's own class with
+                 --labels as in the paper; every row explains that class and prints its
+                 softmax score P under each map)
   bam-hierarchy  the BAM paper's figure: feature before, attention 1 + M(F), feature after
                  (BAM checkpoints only; others are skipped with a note)
   class-stats    mean channel weight per class (the SENet excitation plot); needs --images
@@ -113,8 +117,13 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[P
     return unique, folders
 
 
-def resolve_target(value: str | None, class_names: Sequence[str]) -> int | None:
-    """A class given as a name (case-insensitive) or an index -> index; None stays None."""
+def resolve_target(
+    value: str | None, class_names: Sequence[str], option: str = "--target"
+) -> int | None:
+    """A class given as a name (case-insensitive) or an index -> index; None stays None.
+
+    `option` names where the value came from, for the error message.
+    """
     if value is None:
         return None
     lowered = [n.casefold() for n in class_names]
@@ -125,11 +134,68 @@ def resolve_target(value: str | None, class_names: Sequence[str]) -> int | None:
     except ValueError:
         shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
         raise UsageError(
-            f"--target {value!r} is not a class name or index (classes: {shown})"
+            f"{option} {value!r} is not a class name or index (classes: {shown})"
         ) from None
     if not 0 <= index < len(class_names):
-        raise UsageError(f"--target {index} is out of range 0..{len(class_names) - 1}")
+        raise UsageError(f"{option} {index} is out of range 0..{len(class_names) - 1}")
     return index
+
+
+def read_labels(path: str) -> dict[str, str]:
+    """A CSV with columns `file` and `label` (a class name or index) -> {file: label}.
+
+    Raises:
+        UsageError: unreadable file, missing columns, an empty cell, or a file listed twice
+            with different labels.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"--labels {path}: cannot read it ({exc})") from None
+    if not {"file", "label"} <= set(columns):
+        raise UsageError(f"--labels {path}: needs the columns file,label (has: {columns})")
+    labels: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        file, label = (row["file"] or "").strip(), (row["label"] or "").strip()
+        if not file or not label:
+            raise UsageError(f"--labels {path}: line {line} has an empty file or label")
+        if labels.get(file, label) != label:
+            raise UsageError(f"--labels {path}: {file} is listed with two labels")
+        labels[file] = label
+    return labels
+
+
+def label_of(image: Path, labels: dict[str, str]) -> str | None:
+    """The label of `image`, whose CSV row names it by file name or by the end of its path."""
+    parts = image.as_posix().split("/")
+    for start in range(len(parts) - 1, -1, -1):  # "1.png", then "church/1.png", ...
+        label = labels.get("/".join(parts[start:]))
+        if label is not None:
+            return label
+    return None
+
+
+def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | None]]:
+    """{image name: {checkpoint name: class to explain}}: --target for all, or --labels each."""
+    if not args.labels:
+        fixed = {
+            name: resolve_target(args.target, ckpt.class_names) for _, name, ckpt in checkpoints
+        }
+        return {image_name: fixed for _, image_name in images}
+    labels = read_labels(args.labels)
+    targets = {}
+    for path, image_name in images:
+        label = label_of(path, labels)
+        if label is None:
+            raise UsageError(f"--labels {args.labels} has no row for {path}")
+        targets[image_name] = {
+            name: resolve_target(label, ckpt.class_names, f"--labels: {path.name} is labelled")
+            for _, name, ckpt in checkpoints
+        }
+    return targets
 
 
 def _formats(text: str) -> list[str]:
@@ -193,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", type=_formats, default=["png"], metavar="LIST",
                         help="comma list of png, pdf, svg (default: png)")  # fmt: skip
     export.add_argument("--dpi", type=_dpi, default=300, help="raster resolution (default: 300)")
-    export.add_argument("--target", metavar="CLASS",
-                        help="class to explain, by name or index (default: each model's top-1)")  # fmt: skip
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--target", metavar="CLASS",
+                       help="class to explain, by name or index (default: each model's top-1)")  # fmt: skip
+    which.add_argument("--labels", metavar="CSV",
+                       help="explain each image's own class: a CSV with columns file,label "
+                            "(file name or end of its path; class name or index)")  # fmt: skip
     export.add_argument("--width", type=_width, default="double", metavar="WIDTH",
                         help="figure width: single (3.3 in), double (6.9 in) or inches (default: double)")  # fmt: skip
     export.add_argument("--overwrite", action="store_true",
@@ -308,7 +378,8 @@ def _export(args: argparse.Namespace) -> int:
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {' '.join(args.images)}"
         )
     checkpoints = _load_checkpoints(args.checkpoint)
-    targets = {name: resolve_target(args.target, ckpt.class_names) for _, name, ckpt in checkpoints}
+    analyzed = per_image or "model-grid" in figures
+    targets = _image_targets(args, images if analyzed else [], checkpoints)
     try:
         run = _Run(prepare_output(args.out, overwrite=args.overwrite))
     except ValueError as exc:
@@ -317,7 +388,7 @@ def _export(args: argparse.Namespace) -> int:
     image_info: list[dict] = []
     grid: dict[str, list] = {name: [] for _, name, _ in checkpoints}  # light analyses per model
     grid_images: list[tuple[str, object, str]] = []  # (image name, first model's crop, title)
-    if per_image or "model-grid" in figures:
+    if analyzed:
         bar = tqdm(
             total=len(images) * len(checkpoints),
             desc="export",
@@ -344,7 +415,7 @@ def _export(args: argparse.Namespace) -> int:
                 light = []
                 for _, name, ckpt in checkpoints:
                     try:
-                        analysis = analyze_images(ckpt, [pil], targets[name])
+                        analysis = analyze_images(ckpt, [pil], targets[image_name][name])
                         if per_image:
                             files, notes = render_image(
                                 pil,
@@ -376,8 +447,14 @@ def _export(args: argparse.Namespace) -> int:
     if "class-stats" in figures:
         _class_stats(run, checkpoints, folders, formats, dpi, width)
 
+    labels = None
+    if args.labels:
+        labels = {
+            "file": args.labels,
+            "sha256": hashlib.sha256(Path(args.labels).read_bytes()).hexdigest(),
+        }
     options = export_options(
-        figures, formats, dpi, width, args.target, overwrite=bool(args.overwrite)
+        figures, formats, dpi, width, args.target, overwrite=bool(args.overwrite), labels=labels
     )
     manifest = build_manifest(
         checkpoints=[
