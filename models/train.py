@@ -8,8 +8,9 @@ flip), which keeps a small CPU busy with the network rather than with JPEG decod
 Training state is written after every epoch (`<out>.state.pt`); `--resume` continues from it,
 so an interrupted run loses at most one epoch. `--init CHECKPOINT` starts from a checkpoint's
 weights (ours, the official release's, a state dict) with a fresh schedule, to continue training
-or to fine-tune on another dataset; the new checkpoint records where it started. The final top-1 is measured on the stored
-(float16) weights after a save/load round trip, through the checkpoint's own preprocessing.
+or to fine-tune on another dataset; the new checkpoint records where it started. The final
+top-1 is measured on the stored (float16) weights after a save/load round trip, through the
+checkpoint's own preprocessing.
 """
 
 from __future__ import annotations
@@ -307,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
     if init is not None:
-        keep_classifier = start_from(model, init)
+        try:
+            keep_classifier = start_from(model, init)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(
             f"starting from {args.init} ({init.label}; classifier "
             f"{'kept' if keep_classifier else 'new, class count differs'})",

@@ -489,7 +489,10 @@ def test_cli_labels_explain_each_image_own_class(ckpts, image_dir, tmp_path, cap
     "csv_text, message",
     [
         ("file,label\n0.png,church\n", "has no row for"),
-        ("file,label\n0.png,zebra\n1.png,tench\n", "0.png is labelled 'zebra' is not a class"),
+        (
+            "file,label\n0.png,zebra\n1.png,tench\n",
+            "--labels: 0.png's label 'zebra' is not a class name",
+        ),
         ("name,class\n0.png,church\n", "needs the columns file,label"),
         ("file,label\n0.png,\n", "line 2 has an empty file or label"),
         ("file,label\n0.png,church\n0.png,tench\n", "listed with two labels"),

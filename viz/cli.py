@@ -192,7 +192,7 @@ def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | None]
         if label is None:
             raise UsageError(f"--labels {args.labels} has no row for {path}")
         targets[image_name] = {
-            name: resolve_target(label, ckpt.class_names, f"--labels: {path.name} is labelled")
+            name: resolve_target(label, ckpt.class_names, f"--labels: {path.name}'s label")
             for _, name, ckpt in checkpoints
         }
     return targets
