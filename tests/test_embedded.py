@@ -68,3 +68,16 @@ def test_model_card_lists_every_embedded_checkpoint():
         assert f"resnet18_{n}_imagenette.safetensors" in card
     committed = (ROOT / "checkpoints" / "README.md").read_text()
     assert committed == card, "checkpoints/README.md is stale: run python -m models.card"
+
+
+def test_model_card_status_names_the_checkpoints_short_of_the_goal(tmp_path):
+    from models.card import GOAL_TOP1, _status
+    from models.zoo import EmbeddedCheckpoint
+
+    def entry(name, top1):
+        return EmbeddedCheckpoint(tmp_path / name, 1, 0.0, {"accuracy": {"top1": top1}})
+
+    good, close = entry("a.safetensors", GOAL_TOP1), entry("b.safetensors", GOAL_TOP1 - 0.01)
+    assert _status([good]).endswith("every checkpoint below reaches it.")
+    line = _status([good, close, entry("c.safetensors", None)])
+    assert "reached by `a.safetensors`; not by `b.safetensors` (84.99%), `c.safetensors`" in line
