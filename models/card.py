@@ -157,6 +157,12 @@ def _section(entry: EmbeddedCheckpoint) -> str:
         f"- **Top-1: {acc.get('top1', '?')}%** on {acc.get('images', '?')} {acc.get('split', '?')} "
         f"images at {acc.get('test_size', '?')} px ({acc.get('measured_on', '')})",
     ]
+    by_size = acc.get("by_test_size_bf16")  # cached val images, under the training precision
+    if isinstance(by_size, dict) and by_size:
+        shown = ", ".join(f"{size} px {top1}%" for size, top1 in by_size.items())
+        lines.append(
+            f"- Top-1 by test size (val images cached at 224 px then resized, in the last training stage's precision): {shown}"
+        )
     commands = []
     for stage, init in _stages(training):
         recipe = stage.get("recipe", {})
