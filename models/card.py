@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
-from .train import parse_args
+from .train import RECIPE_OPTIONS, parse_args
 from .zoo import EmbeddedCheckpoint, checkpoint_dir, embedded_checkpoints
 
 __all__ = ["GOAL_TOP1", "model_card", "main"]
@@ -88,18 +88,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-_RECIPE_FLAGS = (
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "warmup_epochs",
-    "label_smoothing",
-    "img_size",
-    "min_scale",
-    "seed",
-)
-
-
 def _recipe_text(recipe: dict) -> str:
     return (
         f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
@@ -117,7 +105,9 @@ def _command(recipe: dict, out: str, *, attention: str | None, init: str | None)
     parts = ["python -m models.train --data imagenette2-224"]
     parts.append(f"--init checkpoints/{init}" if init else f"--depth 18 --attention {attention}")
     parts.append(f"--epochs {recipe.get('epochs')}")
-    for key in _RECIPE_FLAGS:
+    for key in RECIPE_OPTIONS:
+        if key in ("epochs", "bf16"):  # always given / a flag without a value
+            continue
         if key in recipe and recipe[key] != defaults[key]:
             parts.append(f"--{key.replace('_', '-')} {recipe[key]}")
     if not recipe.get("bf16", True):

@@ -42,7 +42,7 @@ from .checkpoint import (
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .resnet import ResNet, build_model
 
-__all__ = ["main", "parse_args"]
+__all__ = ["RECIPE_OPTIONS", "main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# the options recorded as a checkpoint's training recipe (the model card rebuilds commands from them)
+RECIPE_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "img_size",
+    "min_scale",
+    "seed",
+    "bf16",
+)
 ARCH_DEFAULTS = {"depth": 18, "attention": "none", "stem": "imagenet", "bam_fusion": "product"}
 
 
@@ -413,21 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         + f" ({args.dataset_name or args.data.name})",
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
-            "recipe": {
-                k: getattr(args, k)
-                for k in (
-                    "epochs",
-                    "batch_size",
-                    "lr",
-                    "weight_decay",
-                    "warmup_epochs",
-                    "label_smoothing",
-                    "img_size",
-                    "min_scale",
-                    "seed",
-                    "bf16",
-                )
-            }
+            "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS}
             | {
                 "optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
                 "augmentation": "random-resized crop + horizontal flip",
