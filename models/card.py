@@ -23,10 +23,10 @@ _INTRO = """# Embedded checkpoints
 
 ResNet-18 plain, + SE, + BAM and + CBAM, trained from scratch by Attention Lens on
 Imagenette v2 (fast.ai's 10-class ImageNet subset, Apache-2.0; 9,469 training and 3,439
-validation images, 224 px copy), each first for 18 epochs with the same recipe. A model that
-fell short of the goal after those 18 epochs was then trained further from its 18-epoch
-checkpoint with a fresh, shorter schedule (`python -m models.train --init`); the epochs column
-says which ("18 + 8"), so compare accuracies with that in mind.
+validation images, 224 px copy), each first for 18 epochs with the same recipe, then trained
+further from its own checkpoint with a fresh, shorter schedule (`python -m models.train --init`).
+The epochs column gives each stage ("18 + 8"), and each section below gives every stage's
+recipe and command; compare accuracies with the stages in mind.
 They ship with the project so the app and the tests work offline. Weights are stored in
 float16 (loading gives float32); each accuracy below was measured on the stored weights after a
 save/load round trip, through the checkpoint's own preprocessing, on the full validation split.
