@@ -30,7 +30,8 @@ recipe and command; compare accuracies with the stages in mind.
 They ship with the project so the app and the tests work offline. Weights are stored in
 float16 (loading gives float32); each accuracy below was measured on the stored weights after a
 save/load round trip, through the checkpoint's own preprocessing, on the full validation split.
-The test resolution was chosen among 128/160/192/224 px on that same split (a mild selection).
+The test resolution (among 128/160/192/224 px) and whether to train a model further were both
+decided on that same split, a mild selection: expect a little less on other Imagenette images.
 Each recipe line says whether training used bfloat16 autocast (on machines that support it) or
 float32.
 
