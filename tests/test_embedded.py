@@ -49,7 +49,7 @@ def test_embedded_checkpoint_classifies_the_samples(name):
     with torch.no_grad():
         pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
     correct = sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows))
-    # chance is 2/20; at 85-87% top-1 the fixed samples give 14-17 right
+    # chance is 2/20; the four models (85-87% top-1) get 15-18 of these right
     assert correct >= 13, f"{correct}/{len(rows)} samples right"
 
 
