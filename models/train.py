@@ -32,6 +32,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from viz.images import ImageError, load_image
+
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -76,7 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache-size", type=int, default=224, help="images are kept in memory at this size"
     )
-    p.add_argument("--eval-sizes", default="128,160,192,224", help="test resolutions to pick from")
+    p.add_argument(
+        "--eval-sizes",
+        default="128,160,192,224",
+        help="test resolutions to pick from (one size fixes it, e.g. 224)",
+    )
+    p.add_argument(
+        "--test-crop-ratio",
+        type=float,
+        default=1.0,
+        help="crop / resize at test time (0.875: resize 256, crop 224, the official evaluation)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the training images (per class, seeded); every choice "
+        "during training (test size, progress) is made on it and val/ is scored once at the end",
+    )
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the hold-out split")
     p.add_argument(
         "--eval-every",
         type=int,
@@ -118,6 +138,9 @@ RECIPE_OPTIONS = (
     "min_scale",
     "seed",
     "bf16",
+    "holdout",
+    "holdout_seed",
+    "test_crop_ratio",
 )
 ARCH_DEFAULTS = {"depth": 18, "attention": "none", "stem": "imagenet", "bam_fusion": "product"}
 
@@ -176,19 +199,52 @@ def init_record(path: Path, init: Checkpoint, keep_classifier: bool) -> dict:
 # --- data -------------------------------------------------------------------------------------
 
 
-def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode an ImageFolder split to uint8 (N, 3, size, size) and labels (N,)."""
-    folder = ImageFolder(str(root))
-    images = torch.empty((len(folder), 3, size, size), dtype=torch.uint8)
-    labels = torch.tensor(folder.targets, dtype=torch.long)
-    for i, (path, _) in enumerate(tqdm(folder.samples, desc=desc, unit="img", leave=False)):
-        with open(path, "rb") as fh:
-            from PIL import Image
+def list_split(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The (path, class index) pairs and class folder names of an ImageFolder split."""
+    folder = ImageFolder(str(root), loader=load_image, allow_empty=True)
+    return folder.samples, folder.classes
 
-            im = Image.open(fh).convert("RGB")
-            im = TF.center_crop(TF.resize(im, size), size)
-            images[i] = TF.pil_to_tensor(im)
-    return images, labels, folder.classes
+
+def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[str], list[str]]:
+    """Decode an ImageFolder split to uint8 (N, 3, size, size), labels (N,), classes, paths.
+
+    Images go through `viz.images.load_image` (allow-listed Pillow decoders only: a data set
+    from the internet may hold an EPS named `.jpg`). Unreadable files are skipped and counted.
+    """
+    samples, classes = list_split(root)
+    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    labels, paths, skipped = [], [], []
+    for path, target in tqdm(samples, desc=desc, unit="img", leave=False):
+        try:
+            im = load_image(path)
+        except ImageError as exc:
+            skipped.append(str(exc))
+            continue
+        im = TF.center_crop(TF.resize(im, size), size)
+        images[len(labels)] = TF.pil_to_tensor(im)
+        labels.append(target)
+        paths.append(path)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s) in {root}; first: {skipped[0]}")
+    return images[: len(labels)], torch.tensor(labels, dtype=torch.long), classes, paths
+
+
+def holdout_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (keep, held_out): a seeded, per-class `fraction` of the images held out.
+
+    Stratified, so each class keeps its share; the same labels, fraction and seed always give
+    the same split (recorded in the metadata so that others can rebuild it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_out = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_out] = False
+    return mask.nonzero().flatten(), held_out
 
 
 def augment(batch: Tensor, out_size: int, min_scale: float, gen: torch.Generator) -> Tensor:
@@ -215,17 +271,30 @@ def normalize(batch: Tensor) -> Tensor:
     return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def eval_geometry(size: int, crop_ratio: float) -> tuple[int, int]:
+    """(resize, crop) for testing at `size`: resize the short side to size / crop_ratio."""
+    return int(round(size / crop_ratio)), size
+
+
 @torch.no_grad()
 def evaluate_cached(
-    model, images: Tensor, labels: Tensor, size: int, bf16: bool, bs: int = 200
+    model,
+    images: Tensor,
+    labels: Tensor,
+    size: int,
+    bf16: bool,
+    bs: int = 200,
+    crop_ratio: float = 1.0,
 ) -> float:
-    """Top-1 (%) on cached square images resized to `size` (= resize + centre crop)."""
+    """Top-1 (%) on cached square images: resize to size / crop_ratio, centre-crop `size`."""
     model.eval()
+    resize, crop = eval_geometry(size, crop_ratio)
     correct = 0
     for i in range(0, len(images), bs):
         x = images[i : i + bs]
-        if size != x.shape[-1]:
-            x = TF.resize(x, [size, size], antialias=True)
+        if resize != x.shape[-1]:
+            x = TF.resize(x, [resize, resize], antialias=True)
+        x = TF.center_crop(x, [crop, crop])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = model(normalize(x)).argmax(1)
         correct += (pred == labels[i : i + bs]).sum().item()
@@ -235,27 +304,28 @@ def evaluate_cached(
 @torch.no_grad()
 def evaluate_checkpoint(path: Path, val_root: Path) -> tuple[float, int]:
     """Top-1 (%) of a stored checkpoint through its own preprocessing, float32, on PIL images."""
-    from PIL import Image
-
     ckpt = load_checkpoint(path)
-    folder = ImageFolder(str(val_root))
-    correct = 0
+    samples, _ = list_split(val_root)
+    correct = total = 0
     batch, targets = [], []
 
     def flush() -> int:
         logits = ckpt.model(ckpt.preprocess.batch(batch))
         return (logits.argmax(1) == torch.tensor(targets)).sum().item()
 
-    for path_i, target in tqdm(folder.samples, desc="final eval", unit="img", leave=False):
-        with Image.open(path_i) as im:
-            batch.append(im.convert("RGB"))
+    for path_i, target in tqdm(samples, desc="final eval", unit="img", leave=False):
+        try:
+            batch.append(load_image(path_i))
+        except ImageError:
+            continue  # counted out of the total below, as in training
         targets.append(target)
+        total += 1
         if len(batch) == 100:
             correct += flush()
             batch, targets = [], []
     if batch:
         correct += flush()
-    return 100.0 * correct / len(folder), len(folder)
+    return 100.0 * correct / max(1, total), total
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -267,6 +337,27 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def eval_sizes(args: argparse.Namespace) -> list[int]:
+    """The candidate test sizes, those the cache can serve."""
+    sizes = [int(s) for s in args.eval_sizes.split(",") if s.strip()]
+    return [s for s in sizes if s <= args.cache_size] or [args.cache_size]
+
+
+def selection_record(args: argparse.Namespace, split: str, n_train: int, n_select: int) -> dict:
+    """Which images the choices during training were made on (the model card shows it)."""
+    if split == "holdout":
+        return {
+            "split": "holdout",
+            "fraction": args.holdout,
+            "seed": args.holdout_seed,
+            "stratified": True,
+            "images": n_select,
+            "train_images": n_train,
+            "note": "carved from train/; val/ scored once, after training",
+        }
+    return {"split": "val", "images": n_select, "train_images": n_train}
 
 
 def read_class_names(spec: str | None, folders: list[str]) -> list[str]:
@@ -305,16 +396,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     attention = None if args.attention == "none" else args.attention
 
+    if not 0.0 <= args.holdout < 0.5:
+        print("error: --holdout must be in [0, 0.5)", file=sys.stderr)
+        return 2
+    if not 0.5 <= args.test_crop_ratio <= 1.0:
+        print("error: --test-crop-ratio must be in [0.5, 1]", file=sys.stderr)
+        return 2
     t0 = time.time()
-    train_x, train_y, classes = load_split(args.data / "train", args.cache_size, "decode train")
-    val_x, val_y, val_classes = load_split(args.data / "val", args.cache_size, "decode val")
+    train_x, train_y, classes, train_paths = load_split(
+        args.data / "train", args.cache_size, "decode train"
+    )
+    val_classes = list_split(args.data / "val")[1]
     if val_classes != classes:
         print("error: train/ and val/ have different class folders", file=sys.stderr)
         return 2
+    if args.holdout > 0:
+        # choices are made on images carved from train/; val/ is only scored at the end
+        keep, held = holdout_split(train_y, args.holdout, args.holdout_seed)
+        select_x, select_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[keep], train_y[keep]
+        select_split = "holdout"
+    else:
+        select_x, select_y, _, _ = load_split(args.data / "val", args.cache_size, "decode val")
+        select_split = "val"
     class_names = read_class_names(args.class_names, classes)
     print(
-        f"data: {len(train_x)} train, {len(val_x)} val, {len(classes)} classes "
-        f"(decoded in {time.time() - t0:.0f}s)",
+        f"data: {len(train_x)} train, {len(select_x)} {select_split} (choices), "
+        f"{len(classes)} classes (decoded in {time.time() - t0:.0f}s)",
         flush=True,
     )
 
@@ -387,14 +495,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         val_acc = None
         if (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs:
+            sizes = eval_sizes(args)
+            watch = max(sizes) if len(sizes) == 1 else min(args.img_size + 32, args.cache_size)
             val_acc = evaluate_cached(
-                model, val_x, val_y, min(args.img_size + 32, args.cache_size), args.bf16
+                model, select_x, select_y, watch, args.bf16, crop_ratio=args.test_crop_ratio
             )
         row = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 4),
             "train_acc": round(100 * correct / seen, 2),
-            "val_acc": None if val_acc is None else round(val_acc, 2),
+            f"{select_split}_acc": None if val_acc is None else round(val_acc, 2),
             "seconds": round(time.time() - t_epoch, 1),
         }
         history.append(row)
@@ -412,20 +522,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         atomic_write_bytes(state_path, buf.getvalue())
 
-    sizes = [int(s) for s in args.eval_sizes.split(",") if s.strip()]
     by_size = {
-        s: evaluate_cached(model, val_x, val_y, s, args.bf16) for s in sizes if s <= args.cache_size
+        s: evaluate_cached(model, select_x, select_y, s, args.bf16, crop_ratio=args.test_crop_ratio)
+        for s in eval_sizes(args)
     }
     best = max(by_size, key=by_size.get)
     precision = "bf16" if args.bf16 else "float32"
-    print(f"val top-1 by test size ({precision}, cached): {by_size}; using {best}", flush=True)
-    preprocess = Preprocess(resize=best, crop=best)
+    print(
+        f"{select_split} top-1 by test size ({precision}, cached): {by_size}; using {best}",
+        flush=True,
+    )
+    resize, crop = eval_geometry(best, args.test_crop_ratio)
+    preprocess = Preprocess(resize=resize, crop=crop)
     metadata = {
         "name": f"ResNet-{args.depth}"
         + (f" + {attention.upper()}" if attention else "")
         + f" ({args.dataset_name or args.data.name})",
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
+            "selection": selection_record(args, select_split, len(train_x), len(select_x)),
             "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS}
             | {
                 "optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
@@ -454,9 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         "split": "val",
         "images": n,
         "test_size": best,
+        "resize": resize,
+        "selected_on": select_split,
         "measured_on": "stored weights after save/load, float32, checkpoint preprocessing",
-        # cached-image accuracy per test size under the training precision (recipe "bf16")
-        "by_test_size_bf16": {str(k): round(v, 2) for k, v in by_size.items()},
+        # cached-image accuracy per test size on the selection split, training precision
+        f"by_test_size_{select_split}": {str(k): round(v, 2) for k, v in by_size.items()},
     }
     sha = save_checkpoint(
         args.out,

@@ -19,7 +19,7 @@ from PIL import Image, ImageFile, features
 
 from models import Preprocess
 from viz import ImageError, load_image
-from viz.images import DEFAULT_MAX_PIXELS, image_name
+from viz.images import DEFAULT_MAX_PIXELS, FORMATS, image_name
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
 HANG_GUARD_S = 5.0  # only catches hangs; not a performance claim
@@ -157,8 +157,8 @@ CASES: dict[str, tuple[Callable[[], bytes], str | None]] = {
     "tiff_multipage": (multipage_tiff, None),
     "webp": (lambda: encode(noise(), "WEBP"), None),
     "bmp": (lambda: encode(noise(), "BMP"), None),
-    "ico": (lambda: encode(noise((32, 32)), "ICO"), None),
-    "ppm": (lambda: encode(noise(), "PPM"), None),
+    "ico": (lambda: encode(noise((32, 32)), "ICO"), "not a recognised image format"),
+    "ppm": (lambda: encode(noise(), "PPM"), "not a recognised image format"),
     "jpeg_progressive": (lambda: encode(noise(), "JPEG", progressive=True), None),
     "pixel_1x1": (lambda: encode(Image.new("RGB", (1, 1), GREEN), "PNG"), None),
     "sliver_4000x8": (lambda: encode(Image.new("RGB", (4000, 8), BLUE), "PNG"), None),
@@ -169,7 +169,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str | None]] = {
     ),
 }
 if features.check("avif"):
-    CASES["avif"] = (lambda: encode(noise(), "AVIF"), None)
+    CASES["avif"] = (lambda: encode(noise(), "AVIF"), "ISO media file")
 
 
 def timed_load(source, **kwargs) -> Image.Image:
@@ -370,3 +370,20 @@ def test_image_name():
     upload.name = "upload.webp"
     assert image_name(upload) == "upload.webp"
     assert image_name(io.BytesIO(b"")) == ""
+
+
+def test_only_the_allow_listed_decoders_are_tried():
+    assert FORMATS == ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
+
+
+def test_no_code_outside_the_image_door_opens_images_with_pillow():
+    """Every picture goes through `load_image`; a bare `Image.open` would accept EPS & co."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "app.py", *root.glob("models/**/*.py"), *root.glob("viz/**/*.py")]
+    sources += [*root.glob("bench/**/*.py")]
+    offenders = [
+        str(p.relative_to(root))
+        for p in sources
+        if "Image.open(" in p.read_text() and p != root / "viz" / "images.py"
+    ]
+    assert offenders == []

@@ -209,3 +209,57 @@ def test_init_from_an_official_checkpoint_fine_tunes_to_new_classes(tiny_folder,
     )
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
     assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def _eps_named_jpg(path):
+    """An EPS file (Pillow would hand it to Ghostscript) under an image name."""
+    path.write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+        b"(/tmp/pwned) (w) file closefile\nshowpage\n%%EOF\n"
+    )
+
+
+def test_an_eps_file_among_the_training_images_is_never_decoded(tiny_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from PIL import EpsImagePlugin
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    _eps_named_jpg(data / "train" / "red" / "evil.jpg")
+    _eps_named_jpg(data / "val" / "blue" / "evil.jpg")
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda *a: calls.append(a))
+    out = tmp_path / "m.safetensors"
+    assert train_mod.main(_args(data, out, 1)) == 0
+    assert calls == []  # the EPS plugin was never asked to open the file
+    meta = load_checkpoint(out).metadata
+    assert meta["accuracy"]["images"] == 8  # the EPS file is skipped, not counted
+
+
+def test_holdout_is_stratified_seeded_and_disjoint():
+    labels = torch.tensor([0] * 30 + [1] * 50 + [2] * 20)
+    keep, held = train_mod.holdout_split(labels, 0.1, seed=3)
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(100))
+    assert torch.bincount(labels[held]).tolist() == [3, 5, 2]
+    again = train_mod.holdout_split(labels, 0.1, seed=3)[1]
+    other = train_mod.holdout_split(labels, 0.1, seed=4)[1]
+    assert torch.equal(held, again) and not torch.equal(held, other)
+
+
+def test_holdout_training_chooses_on_train_images_and_scores_val_once(tiny_folder, tmp_path):
+    out = tmp_path / "m.safetensors"
+    extra = ("--holdout", "0.25", "--holdout-seed", "1", "--test-crop-ratio", "0.8",
+             "--eval-sizes", "32")  # fmt: skip
+    assert train_mod.main(_args(tiny_folder, out, 1, *extra)) == 0
+    ckpt = load_checkpoint(out)
+    meta = ckpt.metadata
+    selection = meta["training"]["selection"]
+    assert selection == {
+        "split": "holdout", "fraction": 0.25, "seed": 1, "stratified": True, "images": 4,
+        "train_images": 12, "note": "carved from train/; val/ scored once, after training",
+    }  # fmt: skip
+    assert "holdout_acc" in meta["training"]["history"][0]
+    assert (ckpt.preprocess.resize, ckpt.preprocess.crop) == (40, 32)
+    assert meta["accuracy"]["selected_on"] == "holdout" and meta["accuracy"]["images"] == 8

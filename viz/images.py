@@ -47,8 +47,11 @@ __all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "ImageError", "ImageSource", "image_
 DEFAULT_MAX_PIXELS = 40_000_000
 """Largest accepted image, in pixels (width x height): about 7700 x 5200."""
 
-FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "AVIF", "TIFF", "BMP", "ICO", "PPM", "JPEG2000")
-"""Pillow format names that `load_image` tries (those this Pillow build can read)."""
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
+"""The allow-list: the only Pillow decoders that ever see user data (GIF: first frame).
+
+Pictures come from the internet (data sets, uploads); every other Pillow plugin is a parser
+we do not need to trust (EPS runs Ghostscript on the file's PostScript)."""
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .cam import Analysis, _targets
+from .images import load_image
 from .maps import upsample
 from .trace import AttentionRecord, model_lock, record_attention
 
@@ -379,12 +380,7 @@ class ChannelStats:
 
 
 def _read_image(path: str) -> Image.Image:
-    """Load one image file as RGB, through `viz.images.load_image` where that module exists."""
-    try:
-        from .images import load_image
-    except ImportError:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+    """Load one image file as RGB through the allow-listed decoder (`viz.images.load_image`)."""
     return load_image(path)
 
 
