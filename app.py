@@ -24,7 +24,7 @@ from PIL import Image
 
 from models import Checkpoint, CheckpointError, load_checkpoint
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
-from viz import CAM_METHODS, DEFAULT_CAM_LAYERS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
 from viz.export import FORMATS, IMAGE_FIGURES, figure_bytes, image_bundle, zip_bundle
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
 from viz.session import (
@@ -32,6 +32,7 @@ from viz.session import (
     analyze_images,
     cam_layer_choices,
     check_upload_size,
+    default_cam_layers,
     describe_checkpoint,
     digest,
     safe_stem,
@@ -259,11 +260,14 @@ def main() -> None:
     try:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)
-        st.sidebar.header("Grad-CAM")
-        method = st.sidebar.radio("Method", CAM_METHODS, horizontal=True, key="method")
-        choices = cam_layer_choices(ckpt.model) if ckpt else list(DEFAULT_CAM_LAYERS)
+        st.sidebar.header("Class activation map")
+        method = st.sidebar.selectbox(
+            "Method", list(CAM_METHODS), format_func=lambda m: CAM_METHODS[m].label, key="method"
+        )
+        choices = cam_layer_choices(ckpt.model) if ckpt else []
+        stages = default_cam_layers(ckpt.model) if ckpt else []
         layers = st.sidebar.multiselect(
-            "Layers", choices, default=list(DEFAULT_CAM_LAYERS), key="layers"
+            "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}"
         )
         st.sidebar.header("Drawing")
         draw = dict(
@@ -277,7 +281,7 @@ def main() -> None:
             st.info("Upload images or pick sample images in the sidebar.")
             return
         if not layers:
-            raise ValueError("choose at least one Grad-CAM layer in the sidebar")
+            raise ValueError("choose at least one CAM layer in the sidebar")
         page(ckpt, label, models, items, method, tuple(layers), draw, errors)
     except USER_ERRORS as exc:
         errors.error(str(exc))
@@ -485,7 +489,8 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
         found = []
         for item, cls in zip(items, classes):
             t = other.class_names.index(cls) if cls in other.class_names else None
-            found.append(analysis(item.sha, other.sha256, t, method, layers, other, item.image))
+            # each model's own stage layers: networks name their layers differently
+            found.append(analysis(item.sha, other.sha256, t, method, None, other, item.image))
         rows.append((other.label, stack_analyses(found)))
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")

@@ -194,15 +194,21 @@ def test_switch_target_class(app):
     assert explaining == [] if top1 == last else explaining[0].startswith(f"Explaining **{last}**")
 
 
-def test_gradcam_options_and_bad_layers(app):
+def _layers(at):
+    return next(m for m in at.sidebar.multiselect if m.key.startswith("layers:"))
+
+
+def test_cam_options_and_bad_layers(app):
     at = app.run()
-    at.sidebar.radio(key="method").set_value("gradcam++").run()
+    assert _layers(at).value == ["layer1", "layer2", "layer3", "layer4"]
+    for method in ("gradcam++", "hirescam", "xgradcam", "layercam"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        assert_clean(at)
+    _layers(at).set_value(["layer3", "layer4", "layer4.1"]).run()
     assert_clean(at)
-    at.sidebar.multiselect(key="layers").set_value(["layer3", "layer4", "layer4.1"]).run()
-    assert_clean(at)
-    at.sidebar.multiselect(key="layers").set_value([]).run()
+    _layers(at).set_value([]).run()
     assert not at.exception
-    assert [e.value for e in at.error] == ["choose at least one Grad-CAM layer in the sidebar"]
+    assert [e.value for e in at.error] == ["choose at least one CAM layer in the sidebar"]
 
 
 def test_deletion_insertion_runs_on_demand(app):
@@ -239,7 +245,7 @@ def test_drawing_changes_do_not_run_the_network(app, monkeypatch):
     at.sidebar.radio(key="scale").set_value("shared").run()
     assert_clean(at)
     assert len(calls) == first  # cached: drawing is not computing
-    at.sidebar.radio(key="method").set_value("gradcam++").run()
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
     assert len(calls) > first  # a new method is a new analysis
 
 

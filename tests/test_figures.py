@@ -212,7 +212,11 @@ def test_class_channel_stats_heat_maps():
     names = ["layer1.0.se", "layer1.1.se", "layer2.1.se", "layer4.1.se"]
     means = {n: torch.rand(3, 16 * (i + 1), generator=gen) for i, n in enumerate(names)}
     means["layer4.1.se"][1] = float("nan")  # a class without images
-    stats = ChannelStats(["tench", "church", "golf ball"], torch.tensor([2, 0, 3]), means)
+    stages = {n: int(n[5]) for n in names}  # as channel_statistics records them
+    labels = {n: f"stage {n[5]} · block {n[7]}" for n in names}
+    stats = ChannelStats(
+        ["tench", "church", "golf ball"], torch.tensor([2, 0, 3]), means, labels, stages
+    )
     fig = class_channel_stats(stats)
     texts = _texts(fig)
     # default: the last module of each stage

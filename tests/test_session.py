@@ -81,7 +81,7 @@ def test_analyze_images_is_the_one_path(folder):
     )
     torch.testing.assert_close(result.logits, expected.logits)
     torch.testing.assert_close(result.cams["layer4"], expected.cams["layer4"])
-    with pytest.raises(ValueError, match="at least one Grad-CAM layer"):
+    with pytest.raises(ValueError, match="at least one CAM layer"):
         analyze_images(ckpt, images, layers=[])
     with pytest.raises(ValueError, match="unknown layer 'layer9'"):
         analyze_images(ckpt, images, layers=["layer9"])

@@ -3,7 +3,17 @@
 The library never imports streamlit; the app (`app.py`) is a shell over it.
 """
 
-from .cam import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CAM_LAYERS, Analysis, analyze, attribute
+from .cam import (
+    ATTRIBUTION_METHODS,
+    CAM_METHODS,
+    DEFAULT_CAM_LAYERS,
+    Analysis,
+    CamMethod,
+    analyze,
+    attribute,
+    register_cam_method,
+    stage_layers,
+)
 from .export import ExportError, figure_bytes, image_bundle, safe_name, write_atomic, zip_bundle
 from .figures import (
     DOUBLE_COLUMN,
@@ -16,6 +26,7 @@ from .figures import (
     spatial_overview,
 )
 from .images import ImageError, load_image
+from .levels import NetworkLevels, network_levels
 from .maps import DEFAULT_CMAP, normalize, overlay, upsample
 from .metrics import (
     Agreement,
@@ -26,10 +37,23 @@ from .metrics import (
     channel_statistics,
     deletion_insertion,
 )
+from .probes import AttentionProbe, register_attention, registered_attention, unregister_attention
+from .state import model_lock, preserve_model_state
 from .trace import AttentionRecord, AttentionTrace, record_attention
 
 __all__ = [
     "ATTRIBUTION_METHODS",
+    "AttentionProbe",
+    "CamMethod",
+    "NetworkLevels",
+    "model_lock",
+    "network_levels",
+    "preserve_model_state",
+    "register_attention",
+    "register_cam_method",
+    "registered_attention",
+    "stage_layers",
+    "unregister_attention",
     "Agreement",
     "Analysis",
     "AttentionRecord",

@@ -1,38 +1,110 @@
-"""Grad-CAM family, computed together with the attention trace.
+"""CAM methods, computed together with the attention trace from one forward and one backward.
 
 `analyze` runs one forward and one backward for everything: the attention maps of every module
-(read by `record_attention` during the forward) and Grad-CAM (Selvaraju et al., ICCV 2017,
-https://arxiv.org/abs/1610.02391) or Grad-CAM++ (Chattopadhyay et al., WACV 2018,
-https://arxiv.org/abs/1710.11063) at every requested layer. Gradients are taken with
-`torch.autograd.grad` on the layers' output tensors (no module backward hooks), and the
+(read by `record_attention` during the forward) and a class activation map at every requested
+layer (default: the stage layers that `viz.levels` finds in any network). Gradients are taken
+with `torch.autograd.grad` on the layers' output tensors (no module backward hooks), and the
 parameters need no gradients, so the backward stops at the earliest requested layer.
+
+Every CAM method is a weight function `(activations, gradients) -> map`, both (N, C, h, w), in
+the `CAM_METHODS` registry; a new method is one function and one `register_cam_method` call:
+
+- "gradcam": Selvaraju et al., ICCV 2017 (https://arxiv.org/abs/1610.02391)
+- "gradcam++": Chattopadhyay et al., WACV 2018 (https://arxiv.org/abs/1710.11063)
+- "hirescam": Draelos & Carin, 2020 (https://arxiv.org/abs/2011.08891)
+- "xgradcam": Fu et al., BMVC 2020 (https://arxiv.org/abs/2008.02312)
+- "layercam": Jiang et al., IEEE TIP 2021 (https://doi.org/10.1109/TIP.2021.3089943)
 
 Input-resolution attributions that cost more passes come from Captum in `attribute`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .trace import AttentionTrace, model_lock, record_attention
+from .levels import fallback_stage, network_levels, stride_of
+from .state import model_lock, preserve_model_state
+from .trace import AttentionTrace, record_attention
 
 __all__ = [
     "Analysis",
+    "CamMethod",
     "analyze",
     "attribute",
+    "register_cam_method",
     "resolve_layers",
+    "stage_layers",
     "DEFAULT_CAM_LAYERS",
     "CAM_METHODS",
     "ATTRIBUTION_METHODS",
 ]
 
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
-CAM_METHODS = ("gradcam", "gradcam++")
+"""The stage layers `analyze` finds in Attention Lens's own ResNets (kept for reference)."""
 ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    """One CAM method: `weigh(acts, grads)` -> (N, h, w) map, ReLU applied, not normalised."""
+
+    name: str
+    label: str
+    weigh: Callable[[Tensor, Tensor], Tensor]
+    paper: str = ""
+
+
+CAM_METHODS: dict[str, CamMethod] = {}
+
+
+def register_cam_method(
+    name: str, weigh: Callable[[Tensor, Tensor], Tensor], *, label: str = "", paper: str = ""
+) -> CamMethod:
+    """Add a CAM method computed from one layer's activations and gradients (N, C, h, w)."""
+    method = CamMethod(name, label or name, weigh, paper)
+    CAM_METHODS[name] = method
+    return method
+
+
+def _gradcam(acts: Tensor, grads: Tensor) -> Tensor:
+    weights = grads.mean((2, 3), keepdim=True)
+    return torch.relu((weights * acts).sum(1))
+
+
+def _gradcam_pp(acts: Tensor, grads: Tensor) -> Tensor:
+    g2 = grads.pow(2)
+    g3 = g2 * grads
+    denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
+    alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
+    weights = (alpha * torch.relu(grads)).sum((2, 3), keepdim=True)
+    return torch.relu((weights * acts).sum(1))
+
+
+def _hirescam(acts: Tensor, grads: Tensor) -> Tensor:
+    # element-wise gradient x activation: no spatial averaging of the gradients
+    return torch.relu((grads * acts).sum(1))
+
+
+def _xgradcam(acts: Tensor, grads: Tensor) -> Tensor:
+    # axiom-derived weights: sum(A * dY/dA) / sum(A), per channel
+    weights = (grads * acts).sum((2, 3), keepdim=True) / (acts.sum((2, 3), keepdim=True) + 1e-7)
+    return torch.relu((weights * acts).sum(1))
+
+
+def _layercam(acts: Tensor, grads: Tensor) -> Tensor:
+    # positive gradients weigh each location separately
+    return torch.relu((torch.relu(grads) * acts).sum(1))
+
+
+register_cam_method("gradcam", _gradcam, label="Grad-CAM", paper="arXiv:1610.02391")
+register_cam_method("gradcam++", _gradcam_pp, label="Grad-CAM++", paper="arXiv:1710.11063")
+register_cam_method("hirescam", _hirescam, label="HiResCAM", paper="arXiv:2011.08891")
+register_cam_method("xgradcam", _xgradcam, label="XGrad-CAM", paper="arXiv:2008.02312")
+register_cam_method("layercam", _layercam, label="LayerCAM", paper="doi:10.1109/TIP.2021.3089943")
 
 
 @dataclass(frozen=True)
@@ -43,10 +115,11 @@ class Analysis:
         logits: (N, K).
         probs: (N, K) softmax of the logits.
         target: (N,) class explained by the CAMs.
-        trace: attention maps of every SE/BAM/CBAM module, forward order.
+        trace: attention maps of every attention module, forward order.
         cams: layer name -> (N, h, w) map at the layer's native resolution, ReLU applied,
             not normalised.
-        method: "gradcam" or "gradcam++".
+        method: the CAM method's name in `CAM_METHODS`.
+        cam_stages: layer name -> resolution level (stage) of its map, as the trace's stages.
     """
 
     logits: Tensor
@@ -55,34 +128,67 @@ class Analysis:
     trace: AttentionTrace
     cams: dict[str, Tensor]
     method: str = "gradcam"
+    cam_stages: dict[str, int] = field(default_factory=dict)
 
     @property
     def target_probs(self) -> Tensor:
         """(N,) softmax score of each image's target class (the 'P' of the CBAM paper's figure)."""
         return self.probs.gather(1, self.target[:, None])[:, 0]
 
+    @property
+    def method_label(self) -> str:
+        """The method's display name, e.g. "Grad-CAM++"."""
+        method = CAM_METHODS.get(self.method)
+        return method.label if method else self.method
+
+    def stage_cams(self) -> dict[int, str]:
+        """Stage -> the name of the (last requested) CAM layer at that stage."""
+        by_stage: dict[int, str] = {}
+        for name in self.cams:
+            if name in self.cam_stages:
+                by_stage[self.cam_stages[name]] = name
+        return dict(sorted(by_stage.items()))
+
     def select(self, index: int) -> Analysis:
         """The analysis of image `index` (batch dimension kept, size 1)."""
         pick = slice(index, index + 1)
         return Analysis(
             self.logits[pick], self.probs[pick], self.target[pick], self.trace.select(index),
-            {k: v[pick] for k, v in self.cams.items()}, self.method,
+            {k: v[pick] for k, v in self.cams.items()}, self.method, dict(self.cam_stages),
         )  # fmt: skip
 
 
-def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """Map dotted names to modules; a wrong name gets a ValueError listing the valid ones."""
+def stage_layers(model: nn.Module) -> list[str]:
+    """The default CAM layers of `model`: the last module at each of its four deepest levels.
+
+    `layer1`..`layer4` for ResNets; found by a shape probe for any network (`viz.levels`).
+
+    Raises:
+        ValueError: the network could not be probed (give the layers by name).
+    """
+    levels = network_levels(model)
+    return [levels.layers[s] for s in sorted(levels.layers)]
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> dict[str, nn.Module]:
+    """Map dotted names (or modules of `model`) to (name, module); a wrong one gets a ValueError."""
     modules = dict(model.named_modules())
     found = {}
-    for name in names:
-        if name not in modules or name == "":
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            name = next((n for n, m in modules.items() if m is layer and n), None)
+            if name is None:
+                raise ValueError(f"the {type(layer).__name__} given as a layer is not in the model")
+            found[name] = layer
+            continue
+        if layer not in modules or layer == "":
             # list the names a user would pick: stages and blocks, not every conv
             shown = [n for n in modules if n and n.count(".") <= 1 and not n.startswith("fc")]
             raise ValueError(
-                f"unknown layer {name!r}; valid layers include: {', '.join(shown)} "
+                f"unknown layer {layer!r}; valid layers include: {', '.join(shown[:40])} "
                 "(or any dotted submodule name)"
             )
-        found[name] = modules[name]
+        found[layer] = modules[layer]
     return found
 
 
@@ -100,36 +206,31 @@ def _targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Ten
     return t.clone()
 
 
-def _gradcam(acts: Tensor, grads: Tensor) -> Tensor:
-    weights = grads.mean((2, 3), keepdim=True)
-    return torch.relu((weights * acts).sum(1))
-
-
-def _gradcam_pp(acts: Tensor, grads: Tensor) -> Tensor:
-    g2 = grads.pow(2)
-    g3 = g2 * grads
-    denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
-    alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
-    weights = (alpha * torch.relu(grads)).sum((2, 3), keepdim=True)
-    return torch.relu((weights * acts).sum(1))
+def _cam_stage(model: nn.Module, input_size: int, map_size: int) -> int:
+    stride = stride_of(input_size, map_size)
+    try:
+        return network_levels(model).stage_of(stride)
+    except ValueError:
+        return fallback_stage(stride)
 
 
 def analyze(
     model: nn.Module,
     x: Tensor,
     target: int | Sequence[int] | Tensor | None = None,
-    cam_layers: Sequence[str] | None = None,
+    cam_layers: Sequence[str | nn.Module] | None = None,
     *,
     method: str = "gradcam",
 ) -> Analysis:
-    """Attention maps of every module and Grad-CAM at each layer, from one forward and one backward.
+    """Attention maps of every module and a CAM at each layer, from one forward and one backward.
 
     Args:
-        model: the network (left with its `training` flags and `requires_grad` as they were).
-        x: images (N, 3, H, W), preprocessed.
+        model: any network (left with its `training` flags and `requires_grad` as they were).
+        x: images (N, C, H, W), preprocessed.
         target: class to explain: an int for all images, one per image, or None for the argmax.
-        cam_layers: dotted module names; default the four stages `layer1`…`layer4`.
-        method: "gradcam" or "gradcam++" (both from the same gradients: no extra pass).
+        cam_layers: dotted module names or modules; default the network's stage layers
+            (`stage_layers`: `layer1`…`layer4` for a ResNet).
+        method: a name in `CAM_METHODS` (all from the same gradients: no extra pass).
 
     Returns:
         An `Analysis`; `cams[name]` is (N, h, w) at the layer's own resolution.
@@ -139,12 +240,13 @@ def analyze(
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
-    names = list(DEFAULT_CAM_LAYERS if cam_layers is None else cam_layers)
-    layers = resolve_layers(model, names)
+    layers = resolve_layers(model, stage_layers(model) if cam_layers is None else cam_layers)
     acts: dict[str, Tensor] = {}
 
     def keep(name: str):
         def hook(_m, _i, out: Tensor) -> Tensor | None:
+            if not isinstance(out, Tensor) or out.ndim != 4:
+                raise ValueError(f"CAM layer {name!r} does not output an (N, C, h, w) tensor")
             if not out.requires_grad:
                 # nothing upstream needs gradients: start the graph here
                 out = out.detach().requires_grad_()
@@ -156,33 +258,30 @@ def analyze(
         return hook
 
     with model_lock(model):
-        grad_flags = [(p, p.requires_grad) for p in model.parameters()]
         handles = []
-        try:
-            for p, _ in grad_flags:
-                p.requires_grad_(False)
-            with torch.enable_grad():  # also when the caller is inside torch.no_grad()
-                with record_attention(model, feature_means=True) as trace:
-                    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-                    logits = model(x)
+        with preserve_model_state(model, eval_mode=False, freeze=True):
+            try:
+                with torch.enable_grad():  # also when the caller is inside torch.no_grad()
+                    with record_attention(model, feature_means=True) as trace:
+                        handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+                        logits = model(x)
+                    for h in handles:
+                        h.remove()
+                    targets = _targets(target, logits)
+                    score = logits.gather(1, targets[:, None]).sum()
+                    grads = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
+            finally:
                 for h in handles:
                     h.remove()
-                targets = _targets(target, logits)
-                score = logits.gather(1, targets[:, None]).sum()
-                grads = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in grad_flags:
-                p.requires_grad_(flag)
-    combine = _gradcam if method == "gradcam" else _gradcam_pp
-    cams = {}
+    weigh = CAM_METHODS[method].weigh
+    cams, cam_stages = {}, {}
     for (name, act), grad in zip(acts.items(), grads):
         if grad is None:  # the layer does not influence the logits
             grad = torch.zeros_like(act)
-        cams[name] = combine(act.detach(), grad)
+        cams[name] = weigh(act.detach(), grad)
+        cam_stages[name] = _cam_stage(model, x.shape[-2], act.shape[-2])
     logits = logits.detach()
-    return Analysis(logits, logits.softmax(1), targets, trace, cams, method)
+    return Analysis(logits, logits.softmax(1), targets, trace, cams, method, cam_stages)
 
 
 def attribute(
@@ -191,14 +290,15 @@ def attribute(
     target: int | Sequence[int] | Tensor | None = None,
     *,
     method: str = "guided-gradcam",
-    layer: str = "layer4",
+    layer: str | None = None,
     steps: int = 32,
     window: int = 32,
 ) -> Tensor:
     """Input-resolution attributions through Captum, summed over colour channels: (N, H, W).
 
     Costs (passes through the network):
-        - "guided-gradcam": Grad-CAM at `layer` times guided backprop: 2 forwards + 2 backwards.
+        - "guided-gradcam": Grad-CAM at `layer` (default the last stage layer) times guided
+          backprop: 2 forwards + 2 backwards.
         - "integrated-gradients": `steps` forwards and backwards (batched by Captum).
         - "occlusion": one forward per occluded window position: about (H/stride)*(W/stride)
           forwards, stride = window/2.
@@ -207,26 +307,21 @@ def attribute(
 
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method must be one of {list(ATTRIBUTION_METHODS)}, got {method!r}")
-    with model_lock(model):
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                targets = _targets(target, model(x)).tolist()
-            if method == "guided-gradcam":
-                module = resolve_layers(model, [layer])[layer]
-                attr = GuidedGradCam(model, module).attribute(x, target=targets)
-            elif method == "integrated-gradients":
-                attr = IntegratedGradients(model).attribute(
-                    x, target=targets, n_steps=steps, internal_batch_size=max(1, steps)
-                )
-            else:
-                stride = max(1, window // 2)
-                attr = Occlusion(model).attribute(
-                    x, target=targets, sliding_window_shapes=(3, window, window),
-                    strides=(3, stride, stride),
-                )  # fmt: skip
-        finally:
-            for m, flag in flags:
-                m.training = flag
+    with preserve_model_state(model):
+        with torch.no_grad():
+            targets = _targets(target, model(x)).tolist()
+        if method == "guided-gradcam":
+            layer = layer or stage_layers(model)[-1]
+            module = resolve_layers(model, [layer])[layer]
+            attr = GuidedGradCam(model, module).attribute(x, target=targets)
+        elif method == "integrated-gradients":
+            attr = IntegratedGradients(model).attribute(
+                x, target=targets, n_steps=steps, internal_batch_size=max(1, steps)
+            )
+        else:
+            stride = max(1, window // 2)
+            attr = Occlusion(model).attribute(
+                x, target=targets, sliding_window_shapes=(x.shape[1], window, window),
+                strides=(x.shape[1], stride, stride),
+            )  # fmt: skip
     return attr.detach().sum(1)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cam import stage_layers
 from .session import IMAGE_TYPES
 
 __all__ = [
@@ -473,11 +474,18 @@ def _export(args: argparse.Namespace) -> int:
 
 def _light(analysis):
     """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
-    from .cam import Analysis
+    import dataclasses
+
     from .trace import AttentionTrace
 
-    return Analysis(analysis.logits, analysis.probs, analysis.target, AttentionTrace(),
-                    {"layer4": analysis.cams["layer4"]}, analysis.method)  # fmt: skip
+    stages = analysis.stage_cams()
+    last = stages[max(stages)]
+    return dataclasses.replace(
+        analysis,
+        trace=AttentionTrace(),
+        cams={last: analysis.cams[last]},
+        cam_stages={last: analysis.cam_stages[last]},
+    )
 
 
 def _same_class(ckpt, image, light, class_name: str):
@@ -487,7 +495,8 @@ def _same_class(ckpt, image, light, class_name: str):
     names = ckpt.class_names
     if class_name not in names or names[int(light.target[0])] == class_name:
         return light
-    return _light(analyze_images(ckpt, [image], names.index(class_name), layers=("layer4",)))
+    last = stage_layers(ckpt.model)[-1]
+    return _light(analyze_images(ckpt, [image], names.index(class_name), layers=(last,)))
 
 
 def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, dpi, width) -> None:

@@ -36,7 +36,7 @@ from PIL import Image
 
 from models.checkpoint import Checkpoint, atomic_write_bytes
 
-from .cam import DEFAULT_CAM_LAYERS, Analysis
+from .cam import Analysis
 from .figures import (
     STYLE_LOCK,
     attention_vs_gradcam,
@@ -301,7 +301,7 @@ def checkpoint_info(checkpoint: Checkpoint, path: str | os.PathLike | None = Non
 
 
 def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) -> dict:
-    """Target and prediction of image `index`: class indices, names and softmax scores."""
+    """Target, prediction (class indices, names, softmax scores) and the CAM method and layers."""
     probs = analysis.probs[index]
     target, predicted = int(analysis.target[index]), int(probs.argmax())
 
@@ -315,6 +315,9 @@ def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) 
         "predicted": predicted,
         "predicted_name": name(predicted),
         "predicted_P": float(probs[predicted]),
+        "cam_method": analysis.method,
+        "cam_layers": list(analysis.cams),
+        "cam_stages": {k: int(v) for k, v in analysis.cam_stages.items()},
     }
 
 
@@ -529,7 +532,5 @@ def export_options(
         "width_inches": figure_width(width),
         "target": target,
         "cmap": DEFAULT_CMAP,
-        "cam_method": "gradcam",
-        "cam_layers": list(DEFAULT_CAM_LAYERS),
         **extra,
     }

@@ -37,7 +37,8 @@ from PIL import Image
 from torch import Tensor
 
 from .maps import DEFAULT_CMAP, overlay, to_numpy, upsample
-from .trace import AttentionRecord, AttentionTrace, _stage_and_block
+from .probes import kind_style
+from .trace import AttentionRecord, AttentionTrace
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -275,35 +276,40 @@ def _range(maps: Sequence[Tensor]) -> tuple[float, float]:
 
 
 def _stage_label(rec: AttentionRecord) -> str:
-    if rec.kind == "bam":
-        return f"BAM {rec.stage} (after stage {rec.stage})"
-    return f"stage {rec.stage} · block {rec.block}"
+    return rec.label
 
 
 def _short_label(rec: AttentionRecord) -> str:
-    return f"BAM {rec.stage}" if rec.kind == "bam" else f"{rec.stage}.{rec.block}"
+    style = kind_style(rec.kind)
+    return f"{style.label} {rec.stage}" if style.own_level else f"{rec.stage}.{rec.block}"
+
+
+def _panel_label(rec: AttentionRecord) -> str:
+    """The label above one map in its stage's group."""
+    return f"after stage {rec.stage}" if kind_style(rec.kind).own_level else f"block {rec.block}"
+
+
+def _group_label(rec: AttentionRecord) -> str:
+    style = kind_style(rec.kind)
+    return f"{style.label} {rec.stage}" if style.own_level else f"stage {rec.stage}"
 
 
 def spatial_map(rec: AttentionRecord) -> Tensor | None:
     """The (N, H, W) spatial attention in [0, 1]: CBAM M_s, BAM sigma(M_s); None for SE."""
-    if rec.spatial is None:
-        return None
-    return torch.sigmoid(rec.spatial) if rec.kind == "bam" else rec.spatial
+    return rec.spatial_weights
 
 
-def channel_map(rec: AttentionRecord) -> Tensor:
+def channel_map(rec: AttentionRecord) -> Tensor | None:
     """The (N, C) channel weights in [0, 1]: CBAM M_c, SE excitation, BAM sigma(M_c)."""
-    return torch.sigmoid(rec.channel) if rec.kind == "bam" else rec.channel
+    return rec.channel_weights
 
 
 def _spatial_name(kind: str) -> str:
-    return (
-        r"BAM $\sigma(M_s)$ (spatial branch)" if kind == "bam" else r"CBAM spatial attention $M_s$"
-    )
+    return kind_style(kind).spatial
 
 
 def _channel_name(kind: str) -> str:
-    return {"bam": r"BAM $\sigma(M_c)$", "cbam": r"CBAM $M_c$", "se": "SE excitation"}[kind]
+    return kind_style(kind).channel
 
 
 def _kinds(trace: AttentionTrace) -> set[str]:
@@ -354,8 +360,9 @@ def spatial_overview(
         canvas = _Canvas(width, [3], header=header, max_panel=1.2)
         canvas.image(0, 0, img)
         canvas.above(0, 0, "input")
-        if "se" in _kinds(trace):
-            text = "SE modules have no spatial map:\nthey reweight channels only\n(see the channel-weight figure)."
+        if trace.channel_records:
+            names = "/".join(sorted(kind_style(k).label for k in _kinds(trace)))
+            text = f"{names} modules have no spatial map:\nthey reweight channels only\n(see the channel-weight figure)."
         else:
             text = "This model has no attention modules:\nno spatial maps to show."
         canvas.note(0, 1, text, span=2)
@@ -374,8 +381,8 @@ def spatial_overview(
     for i, rec in enumerate(records):
         stages.setdefault(rec.stage, []).append(i)
     groups: list[tuple[str, list[int | None]]] = [("", [None])]
-    for stage, members in stages.items():
-        label = f"BAM {stage}" if records[members[0]].kind == "bam" else f"stage {stage}"
+    for members in stages.values():
+        label = _group_label(records[members[0]])
         for start in range(0, len(members), max_columns):
             groups.append(
                 (label + (" (cont.)" if start else ""), members[start : start + max_columns])
@@ -401,11 +408,7 @@ def spatial_overview(
                 else:
                     rec = records[item]
                     canvas.image(r, col, overlay(img, maps[item], cmap, alpha, **scale))
-                    canvas.above(
-                        r,
-                        col,
-                        f"after stage {rec.stage}" if rec.kind == "bam" else f"block {rec.block}",
-                    )
+                    canvas.above(r, col, _panel_label(rec))
                 col += 1
     kinds = sorted({r.kind for r in records})
     what = " / ".join(_spatial_name(k) for k in kinds)
@@ -470,16 +473,18 @@ def channel_weights(
     Raises:
         ValueError: no module has channel weights, or `compare` has other modules or widths.
     """
-    records = list(_pick(trace, index))
+    records = _pick(trace, index).channel_records
     if not records:
-        raise ValueError("channel_weights needs SE, BAM or CBAM modules; this model has none")
+        raise ValueError(
+            "channel_weights needs attention modules with channel weights; this model has none"
+        )
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     name_a, name_b = (list(labels) + ["A", "B"][len(labels or []) :])[:2] if labels else ("A", "B")
     a_rows = [to_numpy(channel_map(r)[0]) for r in records]
     b_rows = None
     if compare is not None:
-        others = list(_pick(compare, compare_index))
+        others = _pick(compare, compare_index).channel_records
         shapes_a = [(r.name, r.channel.shape[1]) for r in records]
         shapes_b = [(r.name, r.channel.shape[1]) for r in others]
         if shapes_a != shapes_b:
@@ -519,7 +524,8 @@ def channel_weights(
             ax.set_yticklabels([])
         ax.set_xticks([0, (resolution - 1) / 2, resolution - 1], ["0", "50", "100"])
         ax.set_xlabel("channel rank, % of C")
-    heat_axes[0].set_ylabel("BAM module" if kinds == ["bam"] else "stage.block")
+    own = all(kind_style(k).own_level for k in kinds)
+    heat_axes[0].set_ylabel(f"{kind_style(kinds[0]).label} module" if own else "stage.block")
     _colorbar(fig, heat_axes[: 2 if b_rows else 1], cmap, 0.0, 1.0, what, location="bottom")
 
     last = records[-1]
@@ -570,7 +576,8 @@ def attention_vs_gradcam(
     taken on the logit M_s). Each map is scaled to its own min-max.
 
     Args:
-        analysis: from `viz.cam.analyze` with CAMs on `layer1`...`layer4` (any subset).
+        analysis: from `viz.cam.analyze`; one row per stage that has a CAM (`layer1`...`layer4`
+            for a ResNet, the stage layers of any network by default).
         class_names: names of the classes, to title the figure with the target and P.
     """
     from .metrics import agreement_table
@@ -581,21 +588,23 @@ def attention_vs_gradcam(
     scores = {
         layer: (one.trace[name], score) for name, layer, score in agreement_table(one, top_k=top_k)
     }
-    stage_layers = [(s, f"layer{s}") for s in range(1, 5) if f"layer{s}" in one.cams]
+    stage_layers = [(s, layer) for s, layer in one.stage_cams().items() if s >= 1]
     if not stage_layers:
-        raise ValueError(
-            f"attention_vs_gradcam needs Grad-CAMs of layer1..layer4; got {sorted(one.cams)}"
-        )
+        raise ValueError(f"attention_vs_gradcam needs CAMs at stages 1-4; got {sorted(one.cams)}")
     target = int(one.target[0])
     name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
     canvas = _Canvas(
         width, [3] * len(stage_layers), left=0.18, footer=0.42, header=0.22, max_panel=1.3
     )
-    kinds = {r.kind for r in one.trace}
+    channel_only = sorted({kind_style(r.kind).label for r in one.trace if r.spatial is None})
     for r, (stage, layer) in enumerate(stage_layers):
         rec, score = scores.get(layer, (None, None))
         if rec is None:
-            why = "SE: no spatial map" if "se" in kinds else "no spatial\nattention"
+            why = (
+                f"{'/'.join(channel_only)}: no spatial map"
+                if channel_only
+                else "no spatial\nattention"
+            )
             canvas.note(r, 0, f"{why}\nin stage {stage}")
             canvas.note(r, 2, "agreement:\nn/a")
         else:
@@ -608,14 +617,9 @@ def attention_vs_gradcam(
             )  # fmt: skip
         canvas.image(r, 1, overlay(img, one.cams[layer][0], cmap, alpha))
         canvas.left_of(r, 0, f"stage {stage}")
-    attention = (
-        r"attention $\sigma(M_s)$"
-        if kinds == {"bam"}
-        else r"attention $M_s$"
-        if "cbam" in kinds
-        else "attention"
-    )
-    for col, text in enumerate((attention, "Grad-CAM", "agreement")):
+    symbols = {kind_style(r.kind).symbol for r in one.trace.spatial_records}
+    attention = f"attention {symbols.pop()}".strip() if len(symbols) == 1 else "attention"
+    for col, text in enumerate((attention, one.method_label, "agreement")):
         canvas.above(0, col, text)
     canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
     canvas.title(title or f"target: {name}, P={float(one.target_probs[0]):.5f}")
@@ -631,7 +635,7 @@ def model_grid(
     rows: Sequence[tuple[str, Analysis]],
     *,
     column_titles: Sequence[str],
-    layer: str = "layer4",
+    layer: str | None = None,
     cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     width: str | float = "double",
@@ -646,7 +650,8 @@ def model_grid(
             ("ResNet-50 + CBAM", analysis). Models may differ in depth, attention and input
             size: each CAM is resized to its column's image.
         column_titles: one title per image (the class name).
-        layer: CAM layer shown (the last stage by default).
+        layer: CAM layer shown; default each row's deepest stage (`layer4` in a ResNet,
+            whatever its name in another network).
         decimals: digits of the softmax score printed under each map, "P=0.96340".
 
     Raises:
@@ -657,11 +662,14 @@ def model_grid(
         raise ValueError("model_grid needs at least one image")
     if len(column_titles) != len(pics):
         raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
+    shown: list[str] = []
     for label, analysis in rows:
-        if layer not in analysis.cams:
+        row_layer = layer if layer is not None else _deepest_cam(analysis)
+        if row_layer not in analysis.cams:
             raise ValueError(
-                f"row {label!r} has no Grad-CAM for {layer!r}; it has {sorted(analysis.cams)}"
+                f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
             )
+        shown.append(row_layer)
         if analysis.logits.shape[0] != len(pics):
             raise ValueError(
                 f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
@@ -676,8 +684,8 @@ def model_grid(
         canvas.image(0, c, pic)
         canvas.above(0, c, name)
     canvas.left_of(0, 0, "input")
-    for r, ((_, analysis), label) in enumerate(zip(rows, labels), start=1):
-        cams = analysis.cams[layer]
+    for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
+        cams = analysis.cams[row_layer]
         probs = analysis.target_probs
         for c, pic in enumerate(pics):
             canvas.image(r, c, overlay(pic, cams[c], cmap, alpha))
@@ -686,6 +694,14 @@ def model_grid(
     if title:
         canvas.title(title)
     return canvas.fig
+
+
+def _deepest_cam(analysis: Analysis) -> str:
+    """The CAM layer of the deepest stage (the last CAM when stages are unknown)."""
+    by_stage = analysis.stage_cams()
+    if by_stage:
+        return by_stage[max(by_stage)]
+    return list(analysis.cams)[-1] if analysis.cams else "(none)"
 
 
 def _wrap_row_labels(
@@ -761,19 +777,18 @@ def bam_hierarchy(
 # --- 6. class x channel statistics ------------------------------------------------------------
 
 
-def _default_modules(names: Sequence[str]) -> list[str]:
+def _default_modules(names: Sequence[str], stages: dict[str, int]) -> list[str]:
     """The last module of each stage (the SENet paper's choice of deep and shallow blocks)."""
+    if not stages:
+        return list(names)
     last: dict[int, str] = {}
     for name in names:
-        last[_stage_and_block(name)[0]] = name
+        last[stages.get(name, 0)] = name
     return [last[s] for s in sorted(last)]
 
 
-def _module_title(name: str) -> str:
-    stage, block = _stage_and_block(name)
-    if block is None:
-        return f"BAM {stage} ({name})" if stage else name
-    return f"stage {stage} · block {block} ({name})"
+def _module_title(name: str, labels: dict[str, str]) -> str:
+    return f"{labels[name]} ({name})" if name in labels else name
 
 
 @styled
@@ -801,7 +816,8 @@ def class_channel_stats(
     names = list(stats.means)
     if not names:
         raise ValueError("channel statistics hold no attention module")
-    chosen = list(modules) if modules is not None else _default_modules(names)
+    stages, titles = getattr(stats, "stages", {}), getattr(stats, "labels", {})
+    chosen = list(modules) if modules is not None else _default_modules(names, stages)
     missing = [m for m in chosen if m not in stats.means]
     if missing or not chosen:
         raise ValueError(f"unknown modules {missing}; statistics have: {', '.join(names)}")
@@ -830,7 +846,7 @@ def class_channel_stats(
     for ax, (name, data) in zip(axes, panels):
         lo, hi = (vmin, vmax) if shared_scale else _range([torch.from_numpy(np.nan_to_num(data))])
         ax.imshow(data, aspect="auto", cmap=colours, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(_module_title(name))
+        ax.set_title(_module_title(name, titles))
         ax.set_xlabel(f"channel (sorted by overall mean, C = {data.shape[1]})")
         ax.set_xticks([])
         if k <= 30:

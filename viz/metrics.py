@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from .cam import Analysis, _targets
 from .images import load_image
 from .maps import upsample
-from .trace import AttentionRecord, model_lock, record_attention
+from .state import preserve_model_state
+from .trace import AttentionRecord, record_attention
 
 __all__ = [
     "Agreement",
@@ -171,13 +172,14 @@ def agreement(
 def agreement_table(
     analysis: Analysis, index: int = 0, *, top_k: float = 0.2
 ) -> list[tuple[str, str, Agreement]]:
-    """Agreement of each stage's last spatial attention map with the same stage's Grad-CAM.
+    """Agreement of each stage's last spatial attention map with the same stage's CAM.
 
-    CBAM: the spatial map (after its sigmoid) of the stage's last block, e.g. `layer2.1.cbam`,
-    paired with the CAM of `layer2`. BAM: the spatial branch M_s of `bamK` (a logit, before the
-    sigmoid; Spearman and IoU do not change under the sigmoid, Pearson does), paired with the
-    CAM of `layerK`, which BAM follows. Stages whose CAM was not computed are left out, as are
-    SE modules (no spatial map).
+    Stages are resolution levels (`viz.levels`), so this works for any network: the spatial
+    map of the last attention module at a level (CBAM: M_s after its sigmoid of the stage's
+    last block, e.g. `layer2.1.cbam`; BAM: the spatial branch M_s of `bamK`, a logit —
+    Spearman and IoU do not change under the sigmoid, Pearson does) is paired with the CAM of
+    the layer at the same level (`layer2`; `layerK`, which BAM follows). Stages whose CAM was
+    not computed are left out, as are channel-only modules (SE, ECA).
 
     Args:
         analysis: from `viz.cam.analyze`.
@@ -197,10 +199,11 @@ def agreement_table(
     last: dict[int, AttentionRecord] = {}
     for rec in analysis.trace.spatial_records:
         last[rec.stage] = rec  # forward order: the stage's last module wins
+    cam_at = analysis.stage_cams()
     rows = []
     for stage, rec in last.items():
-        layer = f"layer{stage}"
-        if layer in analysis.cams:
+        layer = cam_at.get(stage)
+        if layer is not None:
             result = agreement(rec.spatial[index], analysis.cams[layer][index], top_k=top_k)
             rows.append((rec.name, layer, result))
     return rows
@@ -327,26 +330,19 @@ def deletion_insertion(
     ranks = _saliency_ranks(sal.to(x.device), (h, w))
     points = steps + 1
     total = n * 2 * points  # per image: deletion steps, then insertion steps
-    with model_lock(model):
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                targets = _targets(target, _probabilities(model, x, None, batch_size))
-                base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
-                scores = torch.empty(total, device=x.device)
-                for start in range(0, total, batch_size):
-                    item = torch.arange(start, min(start + batch_size, total), device=x.device)
-                    image, insertion, step = item // (2 * points), item // points % 2, item % points
-                    first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
-                    use_base = first ^ insertion.bool().view(-1, 1, 1)
-                    batch = torch.where(use_base[:, None], base[image], x[image])
-                    scores[start : start + len(item)] = _probabilities(
-                        model, batch, targets[image], batch_size
-                    )
-        finally:
-            for m, flag in flags:
-                m.training = flag
+    with preserve_model_state(model), torch.no_grad():
+        targets = _targets(target, _probabilities(model, x, None, batch_size))
+        base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
+        scores = torch.empty(total, device=x.device)
+        for start in range(0, total, batch_size):
+            item = torch.arange(start, min(start + batch_size, total), device=x.device)
+            image, insertion, step = item // (2 * points), item // points % 2, item % points
+            first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
+            use_base = first ^ insertion.bool().view(-1, 1, 1)
+            batch = torch.where(use_base[:, None], base[image], x[image])
+            scores[start : start + len(item)] = _probabilities(
+                model, batch, targets[image], batch_size
+            )
     curves = scores.view(n, 2, points).cpu()
     fractions = counts.cpu().double().div(pixels).float()
     deletion, insertion = curves[:, 0], curves[:, 1]
@@ -372,11 +368,15 @@ class ChannelStats:
         counts: (K,) number of images of each class.
         means: attention module name -> (K, C) mean channel weight per class, in forward order;
             a class without images has a row of nan.
+        labels: attention module name -> its label in figures, e.g. "stage 2 · block 1".
+        stages: attention module name -> its stage (resolution level).
     """
 
     class_names: list[str]
     counts: Tensor
     means: dict[str, Tensor]
+    labels: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, int] = field(default_factory=dict)
 
 
 def _read_image(path: str) -> Image.Image:
@@ -469,6 +469,8 @@ def channel_statistics(
     device = _model_device(model)
     counts = torch.zeros(len(class_names), dtype=torch.long)
     sums: dict[str, Tensor] = {}
+    labels_of: dict[str, str] = {}
+    stages: dict[str, int] = {}
     done = 0
     for images, labels in loader:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
@@ -480,10 +482,9 @@ def channel_statistics(
         # a new trace each batch: records of earlier batches are freed as soon as they are summed
         with torch.no_grad(), record_attention(model) as trace:
             model(images.to(device))
-        for rec in trace:
-            weights = rec.channel.float()
-            if rec.kind == "bam":
-                weights = torch.sigmoid(weights)
+        for rec in trace.channel_records:
+            weights = rec.channel_weights.float()
+            labels_of[rec.name], stages[rec.name] = rec.label, rec.stage
             total_so_far = sums.get(rec.name, torch.zeros(0, weights.shape[1], dtype=torch.float64))
             sums[rec.name] = _grow_rows(total_so_far, rows).index_add_(
                 0, labels, weights.cpu().double()
@@ -494,4 +495,4 @@ def channel_statistics(
     rows = counts.shape[0]
     class_names = class_names + [str(i) for i in range(len(class_names), rows)]
     means = {k: (_grow_rows(v, rows) / counts[:, None]).float() for k, v in sums.items()}
-    return ChannelStats(class_names, counts, means)
+    return ChannelStats(class_names, counts, means, labels_of, stages)

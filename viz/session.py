@@ -8,6 +8,7 @@ They keep the app a thin shell: it keys its caches with `digest`, runs the one i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import re
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from torch import nn
 
 from models.checkpoint import Checkpoint
 
-from .cam import CAM_METHODS, DEFAULT_CAM_LAYERS, Analysis, analyze, resolve_layers
+from .cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
 
 __all__ = [
     "IMAGE_TYPES",
@@ -28,6 +29,7 @@ __all__ = [
     "Sample",
     "analyze_images",
     "cam_layer_choices",
+    "default_cam_layers",
     "check_upload_size",
     "describe_checkpoint",
     "digest",
@@ -132,11 +134,29 @@ def find_classes(class_names: Sequence[str], query: str, limit: int | None = Non
     return hits[:limit] if limit is not None else hits
 
 
+def default_cam_layers(model: nn.Module) -> list[str]:
+    """The network's stage layers, or [] when its stages cannot be found (the user picks)."""
+    try:
+        return stage_layers(model)
+    except ValueError:
+        return []
+
+
 def cam_layer_choices(model: nn.Module) -> list[str]:
-    """Layers a user may pick for Grad-CAM: the four stages, then every residual block."""
-    names = [n for n, _ in model.named_modules()]
-    stages = [n for n in DEFAULT_CAM_LAYERS if n in names]
-    blocks = [n for n in names if re.fullmatch(r"layer[1-4]\.\d+", n)]
+    """Layers a user may pick for a CAM: the stage layers, then the blocks inside them.
+
+    Stage layers come from the network's resolution levels (`viz.cam.stage_layers`), so any
+    CNN gets sensible choices: `layer1`..`layer4` and `layer3.1` in a ResNet, `features.5` and
+    `features.5.2` in an EfficientNet.
+    """
+    try:
+        stages = stage_layers(model)
+    except ValueError:
+        return [n for n, _ in model.named_modules() if n and "." not in n]
+    blocks = []
+    for stage in stages:
+        module = model.get_submodule(stage)
+        blocks += [f"{stage}.{child}" for child, _ in module.named_children()]
     return stages + blocks
 
 
@@ -155,7 +175,7 @@ def analyze_images(
         images: PIL images (any size; cropped as the checkpoint says).
         target: class to explain (one for all, one per image) or None for each top-1.
         method: one of `viz.cam.CAM_METHODS`.
-        layers: Grad-CAM layers (default the four stages).
+        layers: CAM layers (default the network's stage layers, `layer1`..`layer4` in a ResNet).
 
     Raises:
         ValueError: an unknown method or layer, or a target outside the classes, named.
@@ -164,17 +184,18 @@ def analyze_images(
         raise ValueError("no images to analyse")
     if method not in CAM_METHODS:
         raise ValueError(f"Grad-CAM method must be one of {list(CAM_METHODS)}, got {method!r}")
-    layers = list(DEFAULT_CAM_LAYERS if layers is None else layers)
-    if not layers:
-        raise ValueError("choose at least one Grad-CAM layer")
-    resolve_layers(ckpt.model, layers)
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("choose at least one CAM layer")
+        resolve_layers(ckpt.model, layers)
     x = ckpt.preprocess.batch(list(images))
     return analyze(ckpt.model, x, target, layers, method=method)
 
 
 def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
     """Join single-image analyses of one model (same method and layers) into one batch."""
-    from .trace import AttentionRecord, AttentionTrace
+    from .trace import AttentionTrace
 
     if not analyses:
         raise ValueError("no analyses to stack")
@@ -186,24 +207,24 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
         items = list(items)
         return None if items[0] is None else torch.cat(items, 0)
 
-    records = []
-    for i, rec in enumerate(first.trace):
-        recs = [a.trace[i] for a in analyses]
-        records.append(
-            AttentionRecord(
-                rec.name, rec.kind, rec.stage, rec.block, cat(r.channel for r in recs),
-                cat(r.spatial for r in recs),
-                cat(r.gate for r in recs), cat(r.feature_in for r in recs),
-                cat(r.feature_out for r in recs),
-            )
-        )  # fmt: skip
-    return Analysis(
-        cat(a.logits for a in analyses),
-        cat(a.probs for a in analyses),
-        cat(a.target for a in analyses),
-        AttentionTrace(records),
-        {k: cat(a.cams[k] for a in analyses) for k in first.cams},
-        first.method,
+    records = [
+        dataclasses.replace(
+            rec,
+            channel=cat(a.trace[i].channel for a in analyses),
+            spatial=cat(a.trace[i].spatial for a in analyses),
+            gate=cat(a.trace[i].gate for a in analyses),
+            feature_in=cat(a.trace[i].feature_in for a in analyses),
+            feature_out=cat(a.trace[i].feature_out for a in analyses),
+        )
+        for i, rec in enumerate(first.trace)
+    ]
+    return dataclasses.replace(
+        first,
+        logits=cat(a.logits for a in analyses),
+        probs=cat(a.probs for a in analyses),
+        target=cat(a.target for a in analyses),
+        trace=AttentionTrace(records),
+        cams={k: cat(a.cams[k] for a in analyses) for k in first.cams},
     )
 
 

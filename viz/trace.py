@@ -1,18 +1,19 @@
-"""Read every SE, BAM and CBAM module's maps from the forward pass the user runs.
+"""Read every attention module's maps from the forward pass the user runs, in any network.
 
     with record_attention(model) as trace:
         logits = model(x)
     for rec in trace:            # forward order
-        rec.name, rec.channel, rec.spatial
+        rec.name, rec.kind, rec.stage, rec.channel, rec.spatial
 
-Hooks sit on the modules' own gate submodules (see `models.attention`), so nothing is computed
-twice. A per-model lock makes a model shared between threads (the app's cached model) safe:
-one trace at a time attaches hooks to it.
+Which modules are attention modules, and which of their submodules output the maps, is the
+probe registry's business (`viz.probes`: ours, timm's, torchvision's, and yours with
+`register_attention`). Hooks sit on those gate submodules, so nothing is computed twice. A
+record's stage is the resolution level its map lives at (`viz.levels`), not a name pattern.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 import threading
 import weakref
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.attention import BAM, CBAM, SqueezeExcite
+from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
+from .probes import AttentionProbe, find_probe, kind_style, registry_generation
+from .state import model_lock, preserve_model_state
 
 __all__ = [
     "AttentionRecord",
@@ -32,47 +35,40 @@ __all__ = [
     "attention_modules",
 ]
 
-_KINDS: dict[type[nn.Module], str] = {SqueezeExcite: "se", BAM: "bam", CBAM: "cbam"}
-_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The lock held while hooks are attached to `model` (re-entrant, one per model)."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
-
 
 @dataclass(frozen=True)
 class AttentionRecord:
     """What one attention module did to one batch.
 
     Attributes:
-        name: dotted module name, e.g. `layer1.0.cbam`, `bam2`, `layer3.4.se`.
-        kind: "se", "bam" or "cbam".
-        stage: ResNet stage 1-4 the module refines.
-        block: block index within the stage (None for BAM, which follows a whole stage).
-        channel: (N, C). CBAM/SE: sigmoid channel weights. BAM: M_c(F), before the sigmoid.
-        spatial: (N, H, W). CBAM: sigmoid spatial map on the channel-refined feature.
-            BAM: M_s(F), before the sigmoid. SE: None.
+        name: dotted module name, e.g. `layer1.0.cbam`, `bam2`, `features.3.0.block.2`.
+        kind: attention type from the probe registry: "se", "bam", "cbam", "eca", ...
+        stage: resolution level of the module's input (stride 4, 8, 16, 32 -> 1..4 in a
+            ResNet; see `viz.levels`).
+        block: order of the module among the trace's modules at its stage (0, 1, ...).
+        channel: (N, C) channel gate: CBAM/SE/ECA sigmoid weights; BAM: M_c(F) (a logit).
+            None for a spatial-only module.
+        spatial: (N, H, W) spatial gate: CBAM sigmoid map on the channel-refined feature;
+            BAM: M_s(F) (a logit). None for channel-only modules (SE, ECA).
         gate: (N, H, W) channel-mean of the full 3-D gate that multiplies F.
         feature_in: (N, H, W) channel-mean |F| entering the module, or None when the trace was
             recorded without `feature_means` (`analyze` always records them).
         feature_out: (N, H, W) channel-mean |F'| leaving it, or None likewise.
+        logits: `channel` and `spatial` are logits (BAM's branches); figures show sigmoid.
+        stride: input size / map size at the module (4, 8, ...).
     """
 
     name: str
     kind: str
     stage: int
     block: int | None
-    channel: Tensor
+    channel: Tensor | None
     spatial: Tensor | None
     gate: Tensor
     feature_in: Tensor | None
     feature_out: Tensor | None
+    logits: bool = False
+    stride: int = 0
 
     def select(self, index: int) -> AttentionRecord:
         """The same record for image `index` of the batch (batch dimension kept, size 1)."""
@@ -81,10 +77,36 @@ class AttentionRecord:
         def part(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[pick]
 
-        return AttentionRecord(
-            self.name, self.kind, self.stage, self.block, self.channel[pick],
-            part(self.spatial), self.gate[pick], part(self.feature_in), part(self.feature_out),
-        )  # fmt: skip
+        return dataclasses.replace(
+            self,
+            channel=part(self.channel),
+            spatial=part(self.spatial),
+            gate=self.gate[pick],
+            feature_in=part(self.feature_in),
+            feature_out=part(self.feature_out),
+        )
+
+    @property
+    def label(self) -> str:
+        """The record's name in figures: "stage 2 · block 1", "BAM 2 (after stage 2)"."""
+        style = kind_style(self.kind)
+        if style.own_level:
+            return f"{style.label} {self.stage} (after stage {self.stage})"
+        return f"stage {self.stage} · block {self.block}"
+
+    @property
+    def channel_weights(self) -> Tensor | None:
+        """(N, C) channel weights in [0, 1] (the sigmoid of logits), or None."""
+        if self.channel is None:
+            return None
+        return torch.sigmoid(self.channel) if self.logits else self.channel
+
+    @property
+    def spatial_weights(self) -> Tensor | None:
+        """(N, H, W) spatial map in [0, 1] (the sigmoid of logits), or None."""
+        if self.spatial is None:
+            return None
+        return torch.sigmoid(self.spatial) if self.logits else self.spatial
 
 
 class AttentionTrace:
@@ -115,6 +137,15 @@ class AttentionTrace:
         return [r.name for r in self._records]
 
     @property
+    def kinds(self) -> set[str]:
+        return {r.kind for r in self._records}
+
+    @property
+    def channel_records(self) -> list[AttentionRecord]:
+        """Records that have channel weights (SE, ECA, CBAM, BAM)."""
+        return [r for r in self._records if r.channel is not None]
+
+    @property
     def spatial_records(self) -> list[AttentionRecord]:
         """Records that have a spatial map (CBAM, BAM)."""
         return [r for r in self._records if r.spatial is not None]
@@ -134,148 +165,247 @@ class AttentionTrace:
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every SE, BAM and CBAM module, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if type(m) in _KINDS]
+    """(name, module) of every registered attention module, in registration order.
+
+    A module inside another attention module is part of it (timm's `CbamModule.channel`),
+    not a module of its own.
+    """
+    return [(name, module) for name, module, _, _ in _plan(model)]
 
 
-def _stage_and_block(name: str) -> tuple[int, int | None]:
-    if m := re.match(r"(?:.*\.)?layer(\d)\.(\d+)\.", name):
-        return int(m.group(1)), int(m.group(2))
-    if m := re.match(r"(?:.*\.)?bam(\d)$", name):
-        return int(m.group(1)), None
-    return 0, None
+# --- per-model plan: which modules to hook and where (cached) -------------------------------
+
+_Plan = list[tuple[str, nn.Module, AttentionProbe, dict[str, nn.Module]]]
+_plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Plan]] = weakref.WeakKeyDictionary()
+_plans_guard = threading.Lock()
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """(name, module, probe, {part: tapped submodule}) of each attention module (cached)."""
+    modules = list(model.named_modules())
+    key = (len(modules), registry_generation())
+    with _plans_guard:
+        hit = _plans.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan: _Plan = []
+    inside: str | None = None
+    for name, module in modules:
+        if inside is not None and name.startswith(inside):
+            continue  # part of an attention module already planned
+        probe = find_probe(module)
+        if probe is None:
+            continue
+        taps = {}
+        for part, path in probe.taps().items():
+            try:
+                taps[part] = module.get_submodule(path) if path else module
+            except AttributeError as exc:
+                if probe.optional:
+                    continue
+                children = ", ".join(n for n, _ in module.named_modules() if n)[:200]
+                raise _probe_error(
+                    name, probe, f"it has no submodule {path!r} (it has: {children})"
+                ) from exc
+        if "channel" not in taps and "spatial" not in taps:
+            continue  # e.g. timm's GlobalContext without a scale gate: nothing to read
+        plan.append((name, module, probe, taps))
+        inside = name + "." if name else ""
+    with _plans_guard:
+        _plans[model] = (key, plan)
+    return plan
+
+
+# --- building records ------------------------------------------------------------------------
 
 
 def _feature_mean(t: Tensor) -> Tensor:
     return t.detach().abs().mean(1)
 
 
-def _feature_means_gated(f_in: Tensor, channel: Tensor, spatial: Tensor | None):
+def _feature_means_gated(f_in: Tensor, channel: Tensor | None, spatial: Tensor | None):
     """Channel-mean |F| and |F * M_c (x) M_s| (N, H, W) in one pass over |F|.
 
-    SE and CBAM gates are positive and separable, so mean_c |F M_c M_s| = M_s mean_c(|F| M_c):
+    For gates that multiply F (positive and separable), mean_c |F M_c M_s| = M_s mean_c(|F| M_c):
     one matrix product gives both means, half the memory traffic of reducing F and F' apart.
     """
     n, c, h, w = f_in.shape
+    if channel is None:
+        channel = torch.ones(n, c, dtype=f_in.dtype, device=f_in.device)
     weights = torch.stack((torch.ones_like(channel), channel), 1) / c  # (N, 2, C)
-    means = torch.bmm(weights, f_in.detach().abs().flatten(2)).view(n, 2, h, w)
+    means = torch.bmm(weights.to(f_in.dtype), f_in.detach().abs().flatten(2)).view(n, 2, h, w)
     f_out = means[:, 1] if spatial is None else means[:, 1] * spatial
     return means[:, 0], f_out
+
+
+class _TraceState:
+    """What hooks share during one `record_attention` block."""
+
+    def __init__(self, trace: AttentionTrace, levels: NetworkLevels | None, feature_means: bool):
+        self.trace = trace
+        self.levels = levels
+        self.feature_means = feature_means
+        self.input_size = 0
+        self.blocks: dict[int, int] = {}
+
+    def stage(self, map_size: int) -> tuple[int, int]:
+        stride = stride_of(self.input_size, map_size) if self.input_size else 0
+        if self.levels is None:
+            return fallback_stage(stride), stride
+        return self.levels.stage_of(stride), stride
+
+    def next_block(self, stage: int) -> int:
+        block = self.blocks.get(stage, 0)
+        self.blocks[stage] = block + 1
+        return block
+
+
+def _probe_error(name: str, probe: AttentionProbe, what: str) -> ValueError:
+    return ValueError(
+        f"attention probe for {probe.module_type.__name__} ({name!r}): {what}; "
+        "check the submodule names given to register_attention"
+    )
 
 
 class _ModuleProbe:
     """Collects one module's gate outputs, then builds its record when the module returns."""
 
-    def __init__(self, name: str, kind: str, trace: AttentionTrace, feature_means: bool) -> None:
-        self.name, self.kind, self.trace = name, kind, trace
-        self.feature_means = feature_means
-        self.stage, self.block = _stage_and_block(name)
+    def __init__(self, name: str, probe: AttentionProbe, state: _TraceState) -> None:
+        self.name, self.probe, self.state = name, probe, state
         self.parts: dict[str, Tensor] = {}
 
     def keep(self, part: str):
+        activation = self.probe.activations.get(part)
+        if part == "gate":
+
+            def keep_gate(_m, _i, out):  # reduce the (N, C, H, W) gate right away
+                self.parts["gate"] = out.detach().mean(1)
+
+            return keep_gate
+
         def hook(_module, _inputs, output):
-            self.parts[part] = output.detach()
+            out = output.detach()
+            self.parts[part] = out if activation is None else activation(out)
 
         return hook
 
     def finish(self, _module, inputs, output) -> None:
-        f_in = inputs[0]
-        channel, spatial, gate = self._maps(f_in)
-        if not self.feature_means:
-            mean_in = mean_out = None
-        elif self.kind == "bam":  # BAM's 3-D gate does not factorise
-            mean_in, mean_out = _feature_mean(f_in), _feature_mean(output)
-        else:
-            mean_in, mean_out = _feature_means_gated(f_in, channel, spatial)
-        self.trace._append(
-            AttentionRecord(
-                self.name,
-                self.kind,
-                self.stage,
-                self.block,
-                channel,
-                spatial,
-                gate,
-                mean_in,
-                mean_out,
-            )  # fmt: skip
-        )
-        self.parts = {}
-
-    def _maps(self, f_in: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        p = self.parts
-        n, _, h, w = f_in.shape
-        if self.kind == "se":
-            channel = p["channel"].flatten(1)
+        parts, self.parts = self.parts, {}
+        f_in = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if f_in is None or f_in.ndim != 4:
+            raise _probe_error(self.name, self.probe, "its input is not an (N, C, H, W) tensor")
+        n, c, h, w = f_in.shape
+        channel = self._channel(parts.get("channel"), n, c)
+        spatial = self._spatial(parts.get("spatial"), n)
+        if spatial is not None:
+            h, w = spatial.shape[-2:]
+        if "gate" in parts:
+            gate = parts["gate"]
+        elif spatial is None:
             gate = channel.mean(1).view(n, 1, 1).expand(n, h, w)
-            return channel, None, gate
-        if self.kind == "cbam":
-            channel, spatial = p["channel"], p["spatial"][:, 0]
-            # the 3-D gate is M_c (x) M_s, so its channel mean factorises
-            return channel, spatial, channel.mean(1).view(n, 1, 1) * spatial
-        return p["channel"], p["spatial"][:, 0], p["gate"]
+        elif channel is None:
+            gate = spatial
+        else:  # the 3-D gate is M_c (x) M_s, so its channel mean factorises
+            gate = channel.mean(1).view(n, 1, 1) * spatial
+        mean_in = mean_out = None
+        if self.state.feature_means:
+            if self.probe.multiplies and (spatial is None or spatial.shape[-2:] == f_in.shape[-2:]):
+                mean_in, mean_out = _feature_means_gated(f_in, channel, spatial)
+            elif isinstance(output, Tensor) and output.shape == f_in.shape:
+                mean_in, mean_out = _feature_mean(f_in), _feature_mean(output)
+        stage, stride = self.state.stage(f_in.shape[-2])
+        record = AttentionRecord(
+            name=self.name,
+            kind=self.probe.kind,
+            stage=stage,
+            block=self.state.next_block(stage),
+            channel=channel,
+            spatial=spatial,
+            gate=gate,
+            feature_in=mean_in,
+            feature_out=mean_out,
+            logits=self.probe.logits,
+            stride=stride,
+        )
+        self.state.trace._append(record)
+
+    def _channel(self, out: Tensor | None, n: int, c: int) -> Tensor | None:
+        if out is None:
+            return None
+        if out.numel() != n * c:
+            raise _probe_error(
+                self.name, self.probe, f"channel output {tuple(out.shape)} has no N x C = {n} x {c}"
+            )
+        return out.reshape(n, c)
+
+    def _spatial(self, out: Tensor | None, n: int) -> Tensor | None:
+        if out is None:
+            return None
+        if out.ndim < 3 or out.numel() != n * out.shape[-2] * out.shape[-1]:
+            raise _probe_error(
+                self.name, self.probe, f"spatial output {tuple(out.shape)} is not N x H x W"
+            )
+        return out.reshape(n, out.shape[-2], out.shape[-1])
 
 
-def _attach(name: str, module: nn.Module, trace: AttentionTrace, feature_means: bool) -> list:
-    kind = _KINDS[type(module)]
-    probe = _ModuleProbe(name, kind, trace, feature_means)
-    taps: list[tuple[nn.Module, str]]
-    if kind == "se":
-        taps = [(module.gate, "channel")]
-    elif kind == "cbam":
-        taps = [(module.ChannelGate.gate, "channel"), (module.SpatialGate.gate, "spatial")]
-    else:
-        taps = [(module.channel_att.gate_c, "channel"), (module.spatial_att.gate_s, "spatial")]
-    handles = [sub.register_forward_hook(probe.keep(part)) for sub, part in taps]
-    if kind == "bam":
-        # reduce the (N, C, H, W) gate right away instead of keeping it
-        def keep_gate(_m, _i, out):
-            probe.parts["gate"] = out.detach().mean(1)
-
-        handles.append(module.gate.register_forward_hook(keep_gate))
-    handles.append(module.register_forward_hook(probe.finish))
-    return handles
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
 
 
 @contextmanager
 def record_attention(
     model: nn.Module, *, eval_mode: bool = True, feature_means: bool = False
 ) -> Iterator[AttentionTrace]:
-    """Hook every SE, BAM and CBAM module of `model` and yield the trace they fill.
+    """Hook every registered attention module of `model` and yield the trace they fill.
 
     Args:
-        model: any network containing `models.attention` modules (none is fine: empty trace).
+        model: any `nn.Module`; modules are found through the probe registry (`viz.probes`),
+            none is fine (empty trace).
         eval_mode: put the model in eval mode inside the block (BatchNorm running statistics);
             every module's `training` flag is restored on exit.
         feature_means: also record each record's `feature_in` / `feature_out` (channel-mean |F|
             before and after the module, for the BAM hierarchy figure). They cost a pass over
-            every attended feature map, about as much as everything else the trace does, so a
-            plain trace leaves them None.
+            every attended feature map, so a plain trace leaves them None.
 
     Yields:
         An `AttentionTrace`, filled in forward order by each forward pass inside the block.
 
-    On exit, also after an exception or KeyboardInterrupt, every hook is removed and the
-    training flags are restored. A per-model lock is held inside the block.
+    The first trace of a model runs a shape probe (`viz.levels`) to learn its resolution
+    levels; a network the probe cannot run gets stages from the stride alone. On exit, also
+    after an exception or KeyboardInterrupt, every hook is removed and the training flags are
+    restored. A per-model lock is held inside the block.
     """
-    lock = model_lock(model)
-    with lock:
-        # one walk over the modules; flags are only written where they change, since
-        # nn.Module.__setattr__ is slow enough to show in the cost of a ResNet-18 forward
-        named = list(model.named_modules())
-        flags = [(m, m.training) for _, m in named]
+    with model_lock(model):
+        plan = _plan(model)
+        levels = None
+        if plan:
+            try:
+                levels = network_levels(model)
+            except ValueError:
+                levels = None
+        trace = AttentionTrace()
+        state = _TraceState(trace, levels, feature_means)
         handles: list = []
-        try:
-            if eval_mode and any(flag for _, flag in flags):
-                model.eval()
-            trace = AttentionTrace()
-            for name, module in named:
-                if type(module) in _KINDS:
-                    handles += _attach(name, module, trace, feature_means)
-            yield trace
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, flag in flags:
-                if module.training != flag:
-                    module.training = flag
+        with preserve_model_state(model, eval_mode=eval_mode):
+            try:
+                if plan:
+
+                    def note_input(_m, args, kwargs):
+                        x = _first_tensor(args, kwargs)
+                        if x is not None and x.ndim == 4:
+                            state.input_size = x.shape[-2]
+                        state.blocks = {}
+
+                    handles.append(model.register_forward_pre_hook(note_input, with_kwargs=True))
+                for name, module, probe, taps in plan:
+                    watcher = _ModuleProbe(name, probe, state)
+                    for part, sub in taps.items():
+                        handles.append(sub.register_forward_hook(watcher.keep(part)))
+                    handles.append(module.register_forward_hook(watcher.finish))
+                yield trace
+            finally:
+                for handle in handles:
+                    handle.remove()

@@ -1,0 +1,155 @@
+"""Resolution levels of any CNN, found from the network itself, not from its module names.
+
+A network's *levels* are the strides (input size / feature-map size) at which its modules
+produce 4-D feature maps. The deepest four are stages 1..4: for an ImageNet ResNet these are
+strides 4, 8, 16 and 32 (`layer1`..`layer4`), for a CIFAR-stem ResNet 1, 2, 4, 8, for
+EfficientNet and MobileNet 4..32 (their stride-2 stem level is stage 0).
+
+The *stage layer* of a level, where Grad-CAM is taken by default, is the last module, among
+the shallowest ones, whose output lives at that level: `layer3` rather than `layer4.0.conv1`
+(which also outputs at stride 16 in a ResNet-50), `features.5` in torchvision's EfficientNet.
+Attention modules and their insides are never stage layers: a CAM after BAM is not the stage's.
+
+Levels are found once per model with a shape probe (one forward of a 224 x 224 zero image,
+under `torch.no_grad`) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .probes import find_probe, registry_generation
+from .state import preserve_model_state
+
+__all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]
+
+PROBE_SIZE = 224
+STAGES = 4  # the deepest levels numbered 1..STAGES
+
+
+def stride_of(input_size: int, map_size: int) -> int:
+    """The power-of-two stride that turns `input_size` into `map_size` (rounded)."""
+    if map_size <= 0 or input_size <= 0:
+        return 1
+    return 2 ** max(0, round(math.log2(input_size / map_size)))
+
+
+@dataclass(frozen=True)
+class NetworkLevels:
+    """The resolution levels of one network.
+
+    Attributes:
+        strides: distinct strides of its 4-D feature maps, ascending, e.g. (2, 4, 8, 16, 32).
+        layers: stage -> dotted name of the stage layer, for stages 1..4 (fewer in a network
+            with fewer levels), e.g. {1: "layer1", ..., 4: "layer4"}.
+    """
+
+    strides: tuple[int, ...]
+    layers: dict[int, str]
+
+    def stage_of(self, stride: int) -> int:
+        """The stage of a map at `stride` (0 or below: shallower than stage 1)."""
+        offset = max(0, len(self.strides) - STAGES)
+        if stride in self.strides:
+            return self.strides.index(stride) + 1 - offset
+        if not self.strides:
+            return fallback_stage(stride)
+        # between or beyond the known levels: count octaves from the nearest one
+        near = min(self.strides, key=lambda s: abs(math.log2(s / stride)))
+        return self.stage_of(near) + round(math.log2(stride / near))
+
+
+def fallback_stage(stride: int) -> int:
+    """Stage from the stride alone, for networks the probe cannot run: 4 -> 1 ... 32 -> 4."""
+    return max(0, round(math.log2(max(stride, 1))) - 1)
+
+
+_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NetworkLevels]] = (
+    weakref.WeakKeyDictionary()
+)
+_cache_guard = threading.Lock()
+
+
+def network_levels(model: nn.Module) -> NetworkLevels:
+    """The levels and stage layers of `model` (cached per model).
+
+    Raises:
+        ValueError: the shape probe could not run the network (one line, with the reason).
+    """
+    modules = list(model.named_modules())
+    key = (len(modules), registry_generation())
+    with _cache_guard:
+        hit = _cache.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    levels = _probe(model, modules)
+    with _cache_guard:
+        _cache[model] = (key, levels)
+    return levels
+
+
+def _in_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def _attention_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    return [name for name, m in modules if name and find_probe(m) is not None]
+
+
+def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLevels:
+    gated = _attention_names(modules)
+
+    def inside_attention(name: str) -> bool:
+        return any(name == g or name.startswith(g + ".") for g in gated)
+
+    seen: list[tuple[str, int, int]] = []  # (name, depth, stride) in the order modules finish
+
+    def hook_for(name: str):
+        depth = name.count(".") + 1
+
+        def hook(_m, _i, out) -> None:
+            if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-2] * out.shape[-1] > 1:
+                seen.append((name, depth, stride_of(PROBE_SIZE, out.shape[-2])))
+
+        return hook
+
+    x = torch.zeros(1, _in_channels(model), PROBE_SIZE, PROBE_SIZE)
+    try:
+        param = next(model.parameters())
+        x = x.to(param.device)
+    except StopIteration:
+        pass
+    handles = [
+        m.register_forward_hook(hook_for(name))
+        for name, m in modules
+        if name and not inside_attention(name)
+    ]
+    try:
+        with preserve_model_state(model), torch.no_grad():
+            model(x)
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise ValueError(
+            f"cannot find this network's stages: a {PROBE_SIZE}x{PROBE_SIZE} probe failed "
+            f"({type(exc).__name__}: {text}); give the CAM layers by name"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    strides = tuple(sorted({s for _, _, s in seen}))
+    offset = max(0, len(strides) - STAGES)
+    layers: dict[int, str] = {}
+    for i, stride in enumerate(strides[offset:]):
+        at_level = [(name, depth) for name, depth, s in seen if s == stride]
+        shallowest = min(depth for _, depth in at_level)
+        layers[i + 1] = [name for name, depth in at_level if depth == shallowest][-1]
+    return NetworkLevels(strides, layers)
