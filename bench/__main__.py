@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: Attention Lens analysis against Captum and pytorch-grad-cam.
+"""Side-by-side benchmark: Attention Lens analysis against TorchCAM, Captum and pytorch-grad-cam.
 
     python -m bench            # full table, writes bench/results.md
     python -m bench --quick    # a smoke run for CI (< 1 minute); asserts nothing about speed
@@ -21,10 +21,27 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from viz.cam import analyze
+from viz.cam import analyze, stage_layers
 from viz.trace import record_attention
 
-STAGES = ("layer1", "layer2", "layer3", "layer4")
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "ResNet-18+CBAM": lambda: build_model(18, "cbam", num_classes=1000),
+    "ResNet-50+CBAM": lambda: build_model(50, "cbam", num_classes=1000),
+    "timm seresnet50": lambda: _timm("seresnet50"),
+    "torchvision efficientnet_b0": lambda: _torchvision("efficientnet_b0"),
+}
+
+
+def _timm(name: str) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False)
+
+
+def _torchvision(name: str) -> torch.nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def _unit(model, x) -> Callable[[], None]:
@@ -54,11 +71,30 @@ def _traced_forward(model, x, feature_means: bool = False) -> Callable[[], None]
     return run
 
 
-def _analyze(model, x) -> Callable[[], None]:
-    return lambda: analyze(model, x, cam_layers=STAGES)
+def _analyze(model, x, stages) -> Callable[[], None]:
+    return lambda: analyze(model, x, cam_layers=stages)
 
 
-def _captum_loop(model, x) -> Callable[[], None]:
+def _torchcam(model, x, stages) -> Callable[[], None] | None:
+    """The strongest peer: TorchCAM's GradCAM on the four stage layers in one extractor.
+
+    Like `analyze`, one forward and one backward give all four CAMs; unlike it, no attention map.
+    """
+    try:
+        from torchcam.methods import GradCAM
+    except ImportError:
+        return None
+    layers = dict(model.named_modules())
+
+    def run() -> None:
+        with GradCAM(model, target_layer=[layers[n] for n in stages]) as extractor:
+            logits = model(x)
+            extractor(logits.argmax(1).tolist(), logits)
+
+    return run
+
+
+def _captum_loop(model, x, stages) -> Callable[[], None]:
     """The same outputs with Captum: LayerGradCam layer by layer plus a forward for the maps."""
     from captum.attr import LayerGradCam
 
@@ -67,13 +103,13 @@ def _captum_loop(model, x) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad(), record_attention(model):
             target = model(x).argmax(1).tolist()
-        for name in STAGES:
+        for name in stages:
             LayerGradCam(model, layers[name]).attribute(x, target=target, relu_attributions=True)
 
     return run
 
 
-def _pytorch_grad_cam(model, x) -> Callable[[], None] | None:
+def _pytorch_grad_cam(model, x, stages) -> Callable[[], None] | None:
     """The same Grad-CAMs with pytorch-grad-cam, one GradCAM per layer as its README shows."""
     try:
         from pytorch_grad_cam import GradCAM
@@ -82,7 +118,7 @@ def _pytorch_grad_cam(model, x) -> Callable[[], None] | None:
     layers = dict(model.named_modules())
 
     def run() -> None:
-        for name in STAGES:
+        for name in stages:
             with GradCAM(model=model, target_layers=[layers[name]]) as cam:
                 cam(input_tensor=x, targets=None)
 
@@ -156,35 +192,44 @@ def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dic
 
 
 def run_config(
-    depth: int, batch: int, size: int, device: str, reps: int, warmup: int
+    label: str, batch: int, size: int, device: str, reps: int, warmup: int
 ) -> list[tuple]:
     torch.manual_seed(0)
-    model = build_model(depth, "cbam", num_classes=1000).eval().to(device)
+    model = MODELS[label]().eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
+    stages = stage_layers(model)
     cases: dict[str, Callable[[], None]] = {
         "forward + backward (unit)": _unit(model, x),
         "forward": _forward(model, x),
         "forward under record_attention": _traced_forward(model, x),
         "forward under record_attention(feature_means=True)": _traced_forward(model, x, True),
-        "analyze: all maps + Grad-CAM x4": _analyze(model, x),
-        "Captum LayerGradCam x4 + forward": _captum_loop(model, x),
+        "analyze: all maps + Grad-CAM x4": _analyze(model, x, stages),
     }
-    pgc = _pytorch_grad_cam(model, x)
+    peer = _torchcam(model, x, stages)
+    if peer is not None:
+        cases["TorchCAM GradCAM x4 (one extractor)"] = peer
+    cases["Captum LayerGradCam x4 + forward"] = _captum_loop(model, x, stages)
+    pgc = _pytorch_grad_cam(model, x, stages)
     if pgc is not None:
         cases["pytorch-grad-cam GradCAM x4"] = pgc
-    if device == "cpu" and batch == 1:
+    if device == "cpu" and batch == 1 and label == "ResNet-18+CBAM":
         cases.update(_figure_cases(model, x))
     medians = measure(cases, reps, warmup)
     unit = medians["forward + backward (unit)"]
-    rows = [
-        (f"ResNet-{depth}+CBAM b{batch}", name, med, med / unit) for name, med in medians.items()
-    ]
+    config = f"{label} b{batch}"
+    rows = [(config, name, med, med / unit) for name, med in medians.items()]
     for case, name in (
         ("forward under record_attention", "tracing overhead vs forward"),
         ("forward under record_attention(feature_means=True)", "same, with feature means"),
     ):
         overhead = medians[case] / medians["forward"] - 1
-        rows.append((f"ResNet-{depth}+CBAM b{batch}", name, None, overhead))
+        rows.append((config, name, None, overhead))
+    if "TorchCAM GradCAM x4 (one extractor)" in medians:
+        ratio = (
+            medians["analyze: all maps + Grad-CAM x4"]
+            / medians["TorchCAM GradCAM x4 (one extractor)"]
+        )
+        rows.append((config, "analyze / TorchCAM (lower is better)", None, ratio - 1))
     return rows
 
 
@@ -222,23 +267,27 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.quick:
-        configs, reps, warmup = [(18, 1, 64)], 1, 0
+        configs, reps, warmup = [("ResNet-18+CBAM", 1, 64)], 1, 0
     else:
         configs, reps, warmup = (
-            [(18, 1, 224), (18, 8, 224), (50, 1, 224), (50, 8, 224)],
+            [
+                ("ResNet-18+CBAM", 1, 224),
+                ("ResNet-18+CBAM", 8, 224),
+                ("ResNet-50+CBAM", 1, 224),
+                ("ResNet-50+CBAM", 8, 224),
+                ("timm seresnet50", 1, 224),
+                ("torchvision efficientnet_b0", 1, 224),
+            ],
             args.reps,
             args.warmup,
         )
     rows: list[tuple] = []
     for device in devices:
-        for depth, batch, size in configs:
-            print(
-                f"measuring ResNet-{depth} batch {batch} at {size}px on {device} ...",
-                file=sys.stderr,
-            )
+        for label, batch, size in configs:
+            print(f"measuring {label} batch {batch} at {size}px on {device} ...", file=sys.stderr)
             rows += [
                 (f"{c} {device}", *rest)
-                for c, *rest in run_config(depth, batch, size, device, reps, warmup)
+                for c, *rest in run_config(label, batch, size, device, reps, warmup)
             ]
     if not args.quick and not args.no_app:
         upload = measure_app_upload(reps=5)

@@ -8,6 +8,7 @@ def test_quick_benchmark_runs(capsys):
     out = capsys.readouterr().out
     assert "analyze: all maps + Grad-CAM x4" in out
     assert "Captum LayerGradCam x4 + forward" in out
+    assert "TorchCAM GradCAM x4 (one extractor)" in out
 
 
 def test_table_reports_ratios():

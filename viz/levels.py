@@ -70,25 +70,39 @@ def fallback_stage(stride: int) -> int:
     return max(0, round(math.log2(max(stride, 1))) - 1)
 
 
-_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NetworkLevels]] = (
+_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NetworkLevels | ValueError]] = (
     weakref.WeakKeyDictionary()
 )
 _cache_guard = threading.Lock()
 
 
-def network_levels(model: nn.Module) -> NetworkLevels:
+def network_levels(model: nn.Module, count: int | None = None) -> NetworkLevels:
     """The levels and stage layers of `model` (cached per model).
+
+    Args:
+        model: any network.
+        count: its number of modules, when the caller has counted them (the cache key).
 
     Raises:
         ValueError: the shape probe could not run the network (one line, with the reason).
     """
-    modules = list(model.named_modules())
-    key = (len(modules), registry_generation())
+    if count is None:
+        count = sum(1 for _ in model.modules())
+    key = (count, registry_generation())
     with _cache_guard:
         hit = _cache.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    levels = _probe(model, modules)
+    if hit is not None:
+        if hit[0] == key:
+            if isinstance(hit[1], ValueError):
+                raise ValueError(str(hit[1]))
+            return hit[1]
+    modules = list(model.named_modules())
+    try:
+        levels = _probe(model, modules)
+    except ValueError as exc:  # remembered too: a network the probe cannot run stays so
+        with _cache_guard:
+            _cache[model] = (key, exc)
+        raise
     with _cache_guard:
         _cache[model] = (key, levels)
     return levels

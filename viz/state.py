@@ -31,7 +31,11 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 @contextmanager
 def preserve_model_state(
-    model: nn.Module, *, eval_mode: bool = True, freeze: bool = False
+    model: nn.Module,
+    *,
+    eval_mode: bool = True,
+    freeze: bool = False,
+    modules: list[nn.Module] | None = None,
 ) -> Iterator[nn.Module]:
     """Hold `model`'s lock; optionally switch to eval mode and freeze parameters; restore all.
 
@@ -40,12 +44,13 @@ def preserve_model_state(
         eval_mode: call `model.eval()` inside the block.
         freeze: set `requires_grad=False` on every parameter inside the block (a CAM needs
             gradients of activations, not of weights: the backward stops earlier).
+        modules: `list(model.modules())` when the caller has it already (saves a walk).
 
     Only flags that change are written back (`nn.Module.__setattr__` is slow enough to show in
     the cost of a small forward).
     """
     with model_lock(model):
-        flags = [(m, m.training) for m in model.modules()]
+        flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
         grads = [(p, p.requires_grad) for p in model.parameters()] if freeze else []
         try:
             if eval_mode and any(flag for _, flag in flags):

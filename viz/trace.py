@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -113,7 +113,17 @@ class AttentionTrace:
     """Records in forward order; index by position or by module name."""
 
     def __init__(self, records: list[AttentionRecord] | None = None) -> None:
-        self._records: list[AttentionRecord] = list(records or [])
+        self._built: list[AttentionRecord] = list(records or [])
+        # what hooks collected, turned into records on first access: a traced forward then
+        # costs little more than the hooks themselves
+        self._pending: list[Callable[[], AttentionRecord]] = []
+
+    @property
+    def _records(self) -> list[AttentionRecord]:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._built.extend(build() for build in pending)
+        return self._built
 
     def __iter__(self) -> Iterator[AttentionRecord]:
         return iter(self._records)
@@ -160,8 +170,8 @@ class AttentionTrace:
         """The trace of image `index` of the batch."""
         return AttentionTrace([r.select(index) for r in self._records])
 
-    def _append(self, record: AttentionRecord) -> None:
-        self._records.append(record)
+    def _defer(self, build: Callable[[], AttentionRecord]) -> None:
+        self._pending.append(build)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -180,14 +190,20 @@ _plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Plan]] = weakref.Weak
 _plans_guard = threading.Lock()
 
 
-def _plan(model: nn.Module) -> _Plan:
-    """(name, module, probe, {part: tapped submodule}) of each attention module (cached)."""
-    modules = list(model.named_modules())
-    key = (len(modules), registry_generation())
+def _plan(model: nn.Module, count: int | None = None) -> _Plan:
+    """(name, module, probe, {part: tapped submodule}) of each attention module (cached).
+
+    The cache is checked against the model's module count (`count`, when the caller has
+    walked the model already) and the registry's generation.
+    """
+    if count is None:
+        count = sum(1 for _ in model.modules())
+    key = (count, registry_generation())
     with _plans_guard:
         hit = _plans.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
+    modules = list(model.named_modules())
     plan: _Plan = []
     inside: str | None = None
     for name, module in modules:
@@ -246,17 +262,18 @@ class _TraceState:
         self.levels = levels
         self.feature_means = feature_means
         self.input_size = 0
-        self.blocks: dict[int, int] = {}
+        self.call = 0  # forward calls seen; blocks are numbered within each call
+        self.blocks: dict[tuple[int, int], int] = {}
 
-    def stage(self, map_size: int) -> tuple[int, int]:
-        stride = stride_of(self.input_size, map_size) if self.input_size else 0
+    def stage(self, input_size: int, map_size: int) -> tuple[int, int]:
+        stride = stride_of(input_size, map_size) if input_size else 0
         if self.levels is None:
             return fallback_stage(stride), stride
         return self.levels.stage_of(stride), stride
 
-    def next_block(self, stage: int) -> int:
-        block = self.blocks.get(stage, 0)
-        self.blocks[stage] = block + 1
+    def next_block(self, call: int, stage: int) -> int:
+        block = self.blocks.get((call, stage), 0)
+        self.blocks[(call, stage)] = block + 1
         return block
 
 
@@ -294,31 +311,62 @@ class _ModuleProbe:
         f_in = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
         if f_in is None or f_in.ndim != 4:
             raise _probe_error(self.name, self.probe, "its input is not an (N, C, H, W) tensor")
-        n, c, h, w = f_in.shape
+        n, c = f_in.shape[:2]
+        # shapes are checked now (an error points at the forward); maps are built on access
         channel = self._channel(parts.get("channel"), n, c)
         spatial = self._spatial(parts.get("spatial"), n)
+        state = self.state
+        keep_in = f_in.detach() if state.feature_means else None
+        keep_out = output.detach() if state.feature_means and isinstance(output, Tensor) else None
+        size, height, call = state.input_size, f_in.shape[-2], state.call
+        state.trace._defer(
+            lambda: self._record(
+                channel,
+                spatial,
+                parts.get("gate"),
+                keep_in,
+                keep_out,
+                tuple(f_in.shape),
+                size,
+                height,
+                call,
+            )  # fmt: skip
+        )
+
+    def _record(
+        self,
+        channel: Tensor | None,
+        spatial: Tensor | None,
+        gate: Tensor | None,
+        f_in: Tensor | None,
+        output: Tensor | None,
+        shape: tuple[int, ...],
+        input_size: int,
+        height: int,
+        call: int,
+    ) -> AttentionRecord:
+        n, _, h, w = shape
         if spatial is not None:
             h, w = spatial.shape[-2:]
-        if "gate" in parts:
-            gate = parts["gate"]
-        elif spatial is None:
-            gate = channel.mean(1).view(n, 1, 1).expand(n, h, w)
-        elif channel is None:
-            gate = spatial
-        else:  # the 3-D gate is M_c (x) M_s, so its channel mean factorises
-            gate = channel.mean(1).view(n, 1, 1) * spatial
+        if gate is None:
+            if spatial is None:
+                gate = channel.mean(1).view(n, 1, 1).expand(n, h, w)
+            elif channel is None:
+                gate = spatial
+            else:  # the 3-D gate is M_c (x) M_s, so its channel mean factorises
+                gate = channel.mean(1).view(n, 1, 1) * spatial
         mean_in = mean_out = None
-        if self.state.feature_means:
+        if f_in is not None:
             if self.probe.multiplies and (spatial is None or spatial.shape[-2:] == f_in.shape[-2:]):
                 mean_in, mean_out = _feature_means_gated(f_in, channel, spatial)
-            elif isinstance(output, Tensor) and output.shape == f_in.shape:
+            elif output is not None and output.shape == f_in.shape:
                 mean_in, mean_out = _feature_mean(f_in), _feature_mean(output)
-        stage, stride = self.state.stage(f_in.shape[-2])
-        record = AttentionRecord(
+        stage, stride = self.state.stage(input_size, height)
+        return AttentionRecord(
             name=self.name,
             kind=self.probe.kind,
             stage=stage,
-            block=self.state.next_block(stage),
+            block=self.state.next_block(call, stage),
             channel=channel,
             spatial=spatial,
             gate=gate,
@@ -327,7 +375,6 @@ class _ModuleProbe:
             logits=self.probe.logits,
             stride=stride,
         )
-        self.state.trace._append(record)
 
     def _channel(self, out: Tensor | None, n: int, c: int) -> Tensor | None:
         if out is None:
@@ -379,17 +426,18 @@ def record_attention(
     restored. A per-model lock is held inside the block.
     """
     with model_lock(model):
-        plan = _plan(model)
+        modules = list(model.modules())  # one walk serves the caches and the flags
+        plan = _plan(model, len(modules))
         levels = None
         if plan:
             try:
-                levels = network_levels(model)
+                levels = network_levels(model, len(modules))
             except ValueError:
                 levels = None
         trace = AttentionTrace()
         state = _TraceState(trace, levels, feature_means)
         handles: list = []
-        with preserve_model_state(model, eval_mode=eval_mode):
+        with preserve_model_state(model, eval_mode=eval_mode, modules=modules):
             try:
                 if plan:
 
@@ -397,7 +445,7 @@ def record_attention(
                         x = _first_tensor(args, kwargs)
                         if x is not None and x.ndim == 4:
                             state.input_size = x.shape[-2]
-                        state.blocks = {}
+                        state.call += 1
 
                     handles.append(model.register_forward_pre_hook(note_input, with_kwargs=True))
                 for name, module, probe, taps in plan:
