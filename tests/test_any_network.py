@@ -415,3 +415,14 @@ def test_analysis_records_its_method_and_layers(tiny_model, image_batch):
     assert result.cam_stages == {"layer2": 2, "layer4": 4}
     with pytest.raises(ValueError, match="method must be one of"):
         analyze(tiny_model, image_batch, method="scorecam")
+
+
+def test_a_fresh_trace_pickles_with_its_records(tiny_model, image_batch):
+    import pickle
+
+    with record_attention(tiny_model) as trace:
+        tiny_model(image_batch)
+    again = pickle.loads(pickle.dumps(trace))  # records are built lazily; pickling builds them
+    assert again.names == trace.names
+    for a, b in zip(again, trace):
+        torch.testing.assert_close(a.gate, b.gate)

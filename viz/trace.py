@@ -125,6 +125,10 @@ class AttentionTrace:
             self._built.extend(build() for build in pending)
         return self._built
 
+    def __getstate__(self) -> dict:
+        # pickling (the app's cache) and copying see built records only
+        return {"_built": list(self._records), "_pending": []}
+
     def __iter__(self) -> Iterator[AttentionRecord]:
         return iter(self._records)
 
