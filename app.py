@@ -6,7 +6,8 @@ sessions; `viz` holds a per-model lock while hooks are attached), analyses with 
 keyed by (image hash, checkpoint sha256, target, method, layers), so changing how maps are drawn
 never runs the network again.
 
-The environment variable ATTENTION_LENS_CHECKPOINTS points the app at another checkpoint folder.
+The environment variable ATTENTION_LENS_CHECKPOINTS points the app at another checkpoint folder;
+ATTENTION_LENS_PLUGINS lists the operator's plugins (`models.plugins`), loaded once per server.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from models import Checkpoint, CheckpointError, load_checkpoint
+from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
 from viz.export import FORMATS, IMAGE_FIGURES, figure_bytes, image_bundle, zip_bundle
@@ -60,6 +62,12 @@ class ImageItem:
 
 
 # --- caches -----------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def plugin_errors() -> list[str]:
+    """Load the operator's plugins (ATTENTION_LENS_PLUGINS) once per server; their errors."""
+    return load_plugins(plugins_from_env())
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -257,6 +265,8 @@ def main() -> None:
         "channel weights, Grad-CAM from the same pass, and how much they agree."
     )
     errors = st.container()  # the one place where problems are reported
+    for line in plugin_errors():
+        errors.warning(line)
     try:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+from .architectures import ForeignArch, attention_kind, match_architecture
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
@@ -63,8 +64,8 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A loaded network and everything known about it."""
 
-    model: ResNet
-    arch: Arch
+    model: nn.Module
+    arch: Arch | ForeignArch
     class_names: list[str]
     preprocess: Preprocess
     format: str
@@ -387,24 +388,55 @@ def load_checkpoint(
     arch_meta = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
     try:
         arch = infer_arch(state, bam_fusion=arch_meta.get("bam_fusion", "product"))
+        model: nn.Module = ResNet(arch)
+        _load_into(model, state)
+        default_preprocess = _default_preprocess(arch)
+        class_names = _class_names(meta, arch.num_classes)
+    except CheckpointError as ours:
+        # not one of our ResNets: another library's network, or a plugin's
+        arch, model, default_preprocess, fixed_names = _load_foreign(state, ours)
+        class_names = fixed_names or _class_names(meta, arch.num_classes)
+    except (ValueError, TypeError) as exc:  # Arch refusing a value
+        raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
+    try:
         preprocess = (
             Preprocess.from_dict(meta["preprocess"])
             if isinstance(meta.get("preprocess"), dict)
-            else _default_preprocess(arch)
+            else default_preprocess
         )
-    except CheckpointError:
-        raise
-    except (ValueError, TypeError) as exc:  # Arch or Preprocess refusing a value
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
-    model = ResNet(arch)
-    _load_into(model, state)
     model.eval()
     metadata = dict(meta)
     if info:
         metadata.setdefault("training", {}).update(info)
-    return Checkpoint(
-        model, arch, _class_names(meta, arch.num_classes), preprocess, fmt, sha256, metadata
-    )
+    return Checkpoint(model, arch, class_names, preprocess, fmt, sha256, metadata)
+
+
+def _load_foreign(
+    state: dict[str, Tensor], ours: CheckpointError
+) -> tuple[ForeignArch, nn.Module, Preprocess, list[str] | None]:
+    """Match `state` against the registered architectures and load it (see `architectures`)."""
+    found = match_architecture(state)
+    if isinstance(found, str):
+        if found.startswith("no known"):
+            raise CheckpointError(
+                f"not a network Attention Lens knows: {ours}; no other registered architecture "
+                "has these keys (a plugin can register yours)"
+            )
+        raise CheckpointError(f"not a network Attention Lens knows: {found}")
+    spec, num_classes = found
+    try:
+        model = spec.build(num_classes)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{spec.source} {spec.name} cannot be built ({type(exc).__name__}: {_short(exc)})"
+        ) from None
+    _load_into(model, state)
+    arch = ForeignArch(spec.name, spec.source, num_classes, attention_kind(model))
+    preprocess = spec.preprocess() if spec.preprocess is not None else Preprocess()
+    names = spec.class_names if spec.class_names and len(spec.class_names) == num_classes else None
+    return arch, model, preprocess, names
 
 
 def _default_preprocess(arch: Arch) -> Preprocess:

@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="figure width: single (3.3 in), double (6.9 in) or inches (default: double)")  # fmt: skip
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
+    export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="your own code registering architectures and attention probes "
+                             "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
     return parser
 
 
@@ -573,6 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help(sys.stderr)
+        return 2
+    from models.plugins import load_plugins, plugins_from_env
+
+    failures = load_plugins(plugins_from_env() + list(getattr(args, "plugin", [])))
+    if failures:
+        for line in failures:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     try:
         return _export(args)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from models.architectures import ForeignArch
 from models.checkpoint import Checkpoint
 
 from .cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
@@ -40,7 +41,7 @@ __all__ = [
     "top_predictions",
 ]
 
-IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 """File extensions offered by upload widgets (`viz.images.load_image` reads them all)."""
 
 
@@ -84,15 +85,18 @@ def safe_stem(name: str, default: str = "image") -> str:
 def describe_checkpoint(ckpt: Checkpoint, source: str = "") -> dict[str, str]:
     """What was detected in a checkpoint, as display rows (label -> value)."""
     arch = ckpt.arch
-    rows = {
-        "Model": ckpt.label,
-        "Depth": str(arch.depth),
-        "Attention": arch.attention.upper() if arch.attention else "none",
-        "Classes": str(arch.num_classes),
-        "Stem": arch.stem,
-        "Format": ckpt.format,
-        "SHA-256": ckpt.sha256[:12],
-    }
+    rows = {"Model": ckpt.label}
+    if isinstance(arch, ForeignArch):
+        rows["Architecture"] = f"{arch.name} ({arch.source})"
+    else:
+        rows["Depth"] = str(arch.depth)
+    rows["Attention"] = arch.attention.upper() if arch.attention else "none"
+    rows["Classes"] = str(arch.num_classes)
+    rows["Input"] = f"{ckpt.preprocess.crop} px (resize {ckpt.preprocess.resize})"
+    if not isinstance(arch, ForeignArch):
+        rows["Stem"] = arch.stem
+    rows["Format"] = ckpt.format
+    rows["SHA-256"] = ckpt.sha256[:12]
     if arch.attention == "bam":
         rows["BAM fusion"] = arch.bam_fusion
     if source:
