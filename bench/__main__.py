@@ -177,6 +177,38 @@ def measure_app_upload(reps: int) -> float | None:
     return statistics.median(times[1:])
 
 
+def measure_recognition(reps: int) -> list[tuple]:
+    """Seconds to recognise and load a ~120 MB torchvision efficientnet_b5 state dict.
+
+    The first load also builds the candidate architectures on the meta device (cached after).
+    """
+    import io
+
+    import torchvision
+
+    from models import load_checkpoint
+    from models.architectures import _signatures
+
+    model = torchvision.models.efficientnet_b5(weights=None)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    data = buf.getvalue()
+    _signatures.clear()
+    t0 = time.perf_counter()
+    load_checkpoint(data)
+    cold = time.perf_counter() - t0
+    warm = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        load_checkpoint(data)
+        warm.append(time.perf_counter() - t0)
+    config = f"load_checkpoint, efficientnet_b5 state dict ({len(data) / 2**20:.0f} MiB)"
+    return [
+        (config, "first load in the process (candidates built on meta)", cold, None),
+        (config, "later loads", statistics.median(warm), None),
+    ]
+
+
 def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, float]:
     """Median seconds per case; cases interleaved in each repetition."""
     for fn in cases.values():
@@ -289,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                 (f"{c} {device}", *rest)
                 for c, *rest in run_config(label, batch, size, device, reps, warmup)
             ]
+    if not args.quick:
+        print("measuring checkpoint recognition ...", file=sys.stderr)
+        rows += measure_recognition(reps=3)
     if not args.quick and not args.no_app:
         upload = measure_app_upload(reps=5)
         if upload is not None:

@@ -221,10 +221,12 @@ def match_architecture(state: dict[str, Tensor]) -> tuple[Architecture, int] | s
     candidates = [a for a in registered_architectures().values() if _hint(a, keys)]
     if not candidates:
         return "no known architecture has these keys"
-    verdicts = [_compare(a, state) for a in candidates]
-    for v in verdicts:
-        if v.num_classes is not None:
-            return v.arch, v.num_classes
+    verdicts = []
+    for arch in candidates:  # stop at the first match: later candidates are never built
+        verdict = _compare(arch, state)
+        if verdict.num_classes is not None:
+            return arch, verdict.num_classes
+        verdicts.append(verdict)
     best = max(verdicts, key=lambda v: v.score)
     return f"closest known architecture is {best.arch.source} {best.arch.name}: {best.problem}"
 

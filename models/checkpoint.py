@@ -27,6 +27,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -322,14 +323,35 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
     ]
     if wrong:
         raise CheckpointError(f"wrong shapes (file vs model): {_first(wrong, 2)}")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    # one float64 sum per tensor: NaN or Inf anywhere makes it non-finite (no overflow in float64)
+    bad = [
+        k
+        for k, v in state.items()
+        if v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64))
+    ]
     if bad:
         raise CheckpointError(f"weights contain NaN or Inf: {_first(bad)}")
     converted = {
         k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype))
         for k, v in state.items()
     }
-    model.load_state_dict(converted, strict=False)
+    for key, value in expected.items():  # buffers the file predates keep their defaults
+        if key not in converted:
+            converted[key] = torch.zeros_like(value, device="cpu")
+    model.load_state_dict(converted, strict=False, assign=True)
+
+
+def _build_loaded(build: Callable[[], nn.Module], state: dict[str, Tensor]) -> nn.Module:
+    """`build()` with `state` loaded: built on the meta device (no random initialisation of
+    weights about to be replaced), the file's tensors assigned; rebuilt for real only when the
+    network holds tensors a state dict does not carry (non-persistent buffers)."""
+    with torch.device("meta"):
+        model = build()
+    _load_into(model, state)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build()
+        _load_into(model, state)
+    return model
 
 
 # --- class names ------------------------------------------------------------------------------
@@ -388,8 +410,7 @@ def load_checkpoint(
     arch_meta = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
     try:
         arch = infer_arch(state, bam_fusion=arch_meta.get("bam_fusion", "product"))
-        model: nn.Module = ResNet(arch)
-        _load_into(model, state)
+        model: nn.Module = _build_loaded(lambda: ResNet(arch), state)
         default_preprocess = _default_preprocess(arch)
         class_names = _class_names(meta, arch.num_classes)
     except CheckpointError as ours:
@@ -427,12 +448,13 @@ def _load_foreign(
         raise CheckpointError(f"not a network Attention Lens knows: {found}")
     spec, num_classes = found
     try:
-        model = spec.build(num_classes)
+        model = _build_loaded(lambda: spec.build(num_classes), state)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(
             f"{spec.source} {spec.name} cannot be built ({type(exc).__name__}: {_short(exc)})"
         ) from None
-    _load_into(model, state)
     arch = ForeignArch(spec.name, spec.source, num_classes, attention_kind(model))
     preprocess = spec.preprocess() if spec.preprocess is not None else Preprocess()
     names = spec.class_names if spec.class_names and len(spec.class_names) == num_classes else None
