@@ -136,13 +136,20 @@ def _read_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"safetensors file is damaged or truncated ({_short(exc)})") from None
-    raw_meta = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object")
+    extra = header.get("__metadata__") or {}
+    raw_meta = extra.get(METADATA_KEY) if isinstance(extra, dict) else None
     meta = {}
     if raw_meta:
+        if not isinstance(raw_meta, str) or len(raw_meta) > 1_000_000:
+            raise CheckpointError("checkpoint metadata must be a JSON text under 1 MB")
         try:
             meta = json.loads(raw_meta)
-        except json.JSONDecodeError:
-            raise CheckpointError("checkpoint metadata is not valid JSON") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise CheckpointError(
+                "checkpoint metadata is not valid JSON (or nested too deep)"
+            ) from None
         if not isinstance(meta, dict):
             raise CheckpointError("checkpoint metadata must be a JSON object")
     return tensors, meta
@@ -252,14 +259,62 @@ def _plain(value: object) -> object:
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MEMORY_BUDGET_BYTES = 3 << 30
+"""Refuse a checkpoint whose tensors, as float32, would take more memory than this."""
+
+
+def _check_tensor(key: str, value: Tensor) -> int:
+    """Refuse tensors that are not plain dense real numbers stored in full; return their bytes.
+
+    A view with stride 0 (or overlapping strides) declares far more elements than the file
+    holds: a few bytes that would expand to gigabytes when converted. Such views are refused
+    before anything is materialised.
+    """
+    name = _short_key(key)
+    if value.layout != torch.strided or value.is_sparse or value.is_quantized:
+        raise CheckpointError(f"{name}: only dense tensors are supported ({value.layout})")
+    if value.device.type != "cpu":
+        raise CheckpointError(f"{name}: a tensor on the {value.device.type} device has no data")
+    if value.dtype not in _FLOAT_DTYPES + _INT_DTYPES:
+        raise CheckpointError(f"{name}: tensors of type {value.dtype} are not supported")
+    numel = value.numel()
+    if numel:
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(value.shape, value.stride()))
+        if span < numel:
+            raise CheckpointError(
+                f"{name}: a broadcast or overlapping view ({numel} elements over {span} stored); refused"
+            )
+        stored = value.untyped_storage().nbytes() // value.element_size()
+        if value.storage_offset() + span > stored:
+            raise CheckpointError(f"{name}: declares more data than it stores; refused")
+    return numel * 4
+
+
+def _short_key(key: str) -> str:
+    text = " ".join(key.split())
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
 def _clean_keys(state: dict) -> dict[str, Tensor]:
     cleaned: dict[str, Tensor] = {}
+    budget = 0
+    if len(state) > 100_000:
+        raise CheckpointError(f"not a state dict: {len(state)} entries")
     for key, value in state.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"not a state dict: key {key!r} is not a string")
+            raise CheckpointError(
+                f"not a state dict: a key is a {type(key).__name__}, not a string"
+            )
         if not isinstance(value, Tensor):
             raise CheckpointError(
-                f"not a state dict: {key!r} holds a {type(value).__name__}, not a tensor"
+                f"not a state dict: {_short_key(key)} holds a {type(value).__name__}, not a tensor"
+            )
+        budget += _check_tensor(key, value)
+        if budget > MEMORY_BUDGET_BYTES:
+            raise CheckpointError(
+                f"checkpoint would take over {_size(MEMORY_BUDGET_BYTES)} in memory; refused"
             )
         for prefix in _STRIP_PREFIXES:
             if key.startswith(prefix):
@@ -419,6 +474,9 @@ def load_checkpoint(
         class_names = fixed_names or _class_names(meta, arch.num_classes)
     except (ValueError, TypeError) as exc:  # Arch refusing a value
         raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
+    _check_metadata_agrees(arch_meta, arch)
+    if "name" in meta:  # shown as a label: text, one line, bounded
+        meta["name"] = " ".join(str(meta["name"]).split())[:120] or arch.label
     try:
         preprocess = (
             Preprocess.from_dict(meta["preprocess"])
@@ -432,6 +490,17 @@ def load_checkpoint(
     if info:
         metadata.setdefault("training", {}).update(info)
     return Checkpoint(model, arch, class_names, preprocess, fmt, sha256, metadata)
+
+
+def _check_metadata_agrees(arch_meta: dict, arch: Arch | ForeignArch) -> None:
+    """A metadata label that contradicts the weights is a damaged or doctored file."""
+    found = arch.to_dict()
+    for key in ("depth", "attention", "num_classes", "stem"):
+        if key in arch_meta and key in found and arch_meta[key] != found[key]:
+            raise CheckpointError(
+                f"metadata says {key} {str(arch_meta[key])[:40]!r} but the weights are "
+                f"{key} {found[key]!r}; refused"
+            )
 
 
 def _load_foreign(

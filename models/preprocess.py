@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -70,6 +71,8 @@ class Preprocess:
             raise ValueError(f"preprocess sizes out of range: resize={resize}, crop={crop}")
         mean = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
         std = tuple(float(v) for v in d.get("std", IMAGENET_STD))
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError("preprocess mean/std must be three numbers each, std > 0")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("preprocess mean/std must be three numbers each")
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise ValueError("preprocess mean/std must be finite, std > 0")
         return cls(resize, crop, mean, std)  # type: ignore[arg-type]
