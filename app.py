@@ -37,6 +37,7 @@ from viz.session import (
     default_cam_layers,
     describe_checkpoint,
     digest,
+    md_text,
     safe_stem,
     sample_images,
     stack_analyses,
@@ -119,7 +120,7 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> Non
     try:
         fig = build()
     except USER_ERRORS as exc:
-        errors.error(str(exc))
+        errors.error(md_text(exc))
         return
     try:
         st.image(figure_bytes(fig, "png", dpi=SCREEN_DPI))
@@ -165,7 +166,7 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
     }
     for e in embedded:
         if e.error:
-            errors.warning(e.error)
+            errors.warning(md_text(e.error))
     extra: dict[str, ModelOption] = state("extra_models", {})  # this session's own
     models.update(extra)
 
@@ -191,7 +192,7 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
                 except USER_ERRORS as exc:
                     seen[upload.file_id] = f"{upload.name}: {exc}"
             if seen[upload.file_id]:
-                errors.error(seen[upload.file_id])
+                errors.error(md_text(seen[upload.file_id]))
         path = st.text_input("…or a checkpoint path on the server", key="ckpt_path").strip()
         if st.button("Load path", disabled=not path, key="ckpt_path_load"):
             try:
@@ -201,11 +202,11 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
                 extra[label] = models[label] = ModelOption(path, lambda path=path: load_path(path))
                 st.session_state["model"] = label
             except USER_ERRORS as exc:
-                errors.error(f"{path}: {exc}")
+                errors.error(md_text(f"{path}: {exc}"))
 
     if not embedded:
         errors.info(
-            f"No embedded checkpoint in {checkpoint_dir()} yet: upload a checkpoint or give a "
+            f"No embedded checkpoint in {md_text(checkpoint_dir())} yet: upload a checkpoint or give a "
             "path on the server in the sidebar."
         )
     if not models:
@@ -218,7 +219,7 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
     with st.spinner(f"Loading {label}…"):
         ckpt = models[label].load()
     rows = describe_checkpoint(ckpt, source=models[label].source)
-    picker.markdown("  \n".join(f"**{k}**: `{v}`" for k, v in rows.items()))
+    picker.markdown("  \n".join(f"**{k}**: {md_text(v)}" for k, v in rows.items()))
     return label, ckpt, models
 
 
@@ -243,7 +244,7 @@ def choose_images(errors) -> list[ImageItem]:
         try:
             items.append(ImageItem(name, data, digest(data), load_image(_named(data, name))))
         except ImageError as exc:
-            errors.error(str(exc))
+            errors.error(md_text(exc))
     return items
 
 
@@ -266,7 +267,7 @@ def main() -> None:
     )
     errors = st.container()  # the one place where problems are reported
     for line in plugin_errors():
-        errors.warning(line)
+        errors.warning(md_text(line, limit=400))
     try:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)
@@ -294,12 +295,11 @@ def main() -> None:
             raise ValueError("choose at least one CAM layer in the sidebar")
         page(ckpt, label, models, items, method, tuple(layers), draw, errors)
     except USER_ERRORS as exc:
-        errors.error(str(exc))
+        errors.error(md_text(exc))
     except Exception as exc:  # a bug of ours: one line on the page, the traceback in the log
         log.exception("unexpected error")
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         errors.error(
-            f"Unexpected error ({type(exc).__name__}: {first}); the server log has details."
+            md_text(f"Unexpected error ({type(exc).__name__}: {exc}); the server log has details.")
         )
 
 
@@ -330,11 +330,14 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
     names = ckpt.class_names
     crops = [ckpt.preprocess.crop_image(item.image) for item in items]
     if len(items) > 1:
-        st.subheader(f"{len(items)} images · {label}")
+        st.subheader(f"{len(items)} images · {md_text(label)}")
         for start in range(0, len(items), 5):
             for col, i in zip(st.columns(5), range(start, min(start + 5, len(items)))):
                 top = top_predictions(base[i].probs[0], names, 1)[0]
-                col.image(crops[i], caption=f"{items[i].name}: {top.name} (P = {top.prob:.2f})")
+                col.image(
+                    crops[i],
+                    caption=f"{md_text(items[i].name)}: {md_text(top.name)} (P = {top.prob:.2f})",
+                )
         pick = st.selectbox(
             "Inspect image", range(len(items)), format_func=lambda i: items[i].name, key="inspect"
         )
@@ -343,9 +346,11 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
     item, crop = items[pick], crops[pick]
 
     left, right = st.columns([1, 2])
-    left.image(crop, caption=f"{item.name} as the network sees it")
+    left.image(crop, caption=f"{md_text(item.name)} as the network sees it")
     top5 = top_predictions(base[pick].probs[0], names, 5)
-    right.markdown(f"**Prediction: {top5[0].name}** (P = {top5[0].prob:.3f}) · {label}")
+    right.markdown(
+        f"**Prediction: {md_text(top5[0].name)}** (P = {top5[0].prob:.3f}) · {md_text(label)}"
+    )
     right.dataframe(
         pd.DataFrame({"class": [p.name for p in top5], "P": [round(p.prob, 4) for p in top5]}),
         hide_index=True,
@@ -353,7 +358,7 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
     tkey = f"{item.sha[:16]}:{ckpt.sha256[:16]}"
     choice = right.radio(
         "Explain class", [p.index for p in top5] + [OTHER], horizontal=True, key=f"t5:{tkey}",
-        format_func=lambda i: "another class…" if i == OTHER else names[i],
+        format_func=lambda i: "another class…" if i == OTHER else md_text(names[i]),
     )  # fmt: skip
     if choice == OTHER:
         choice = right.selectbox(
@@ -363,7 +368,9 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
     target = None if choice == top5[0].index else int(choice)
     an = analysis(item.sha, ckpt.sha256, target, method, layers, ckpt, item.image)
     if target is not None:
-        right.markdown(f"Explaining **{names[target]}** (P = {float(an.target_probs[0]):.3f})")
+        right.markdown(
+            f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"
+        )
     stem = safe_stem(item.name)
     right.download_button(
         "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
@@ -411,7 +418,7 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
 def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
     trace = base[pick].trace
     if not len(trace):
-        st.info(f"{ckpt.label} has no attention modules, so no channel weights.")
+        st.info(f"{md_text(ckpt.label)} has no attention modules, so no channel weights.")
         return
     c1, c2 = st.columns(2)
     top_k = c1.slider("Top channels of the last module", 4, 32, 10, key="top_k")
@@ -531,7 +538,7 @@ def class_stats_tab(ckpt, draw, errors) -> None:
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} images"),
             )  # fmt: skip
         except USER_ERRORS as exc:
-            errors.error(f"{folder}: {exc}")
+            errors.error(md_text(f"{folder}: {exc}"))
         bar.empty()
     if key in results:
         show_figure(

@@ -58,3 +58,10 @@ def tiny_model(request) -> torch.nn.Module:
 @pytest.fixture
 def image_batch() -> torch.Tensor:
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def plain(markdown: str) -> str:
+    """The text a Markdown source shows: backslash escapes removed (the app escapes file text)."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown)

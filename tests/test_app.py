@@ -20,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from models import build_model, save_checkpoint
 from models.zoo import CHECKPOINT_DIR_ENV
+from tests.conftest import plain
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
@@ -91,10 +92,11 @@ def test_default_view_is_a_worked_example(app):
     # the CBAM checkpoint is chosen first, on a sample image
     assert at.sidebar.selectbox(key="model").value.startswith("tiny cbam ")
     assert any(name in prediction(at) for name in CLASSES)
-    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
-    assert "`18`" in detected and "`CBAM`" in detected and "`10`" in detected
-    assert "`attention-lens`" in detected
-    assert "**Source**: `embedded resnet18_cbam_tiny.safetensors`" in detected
+    detected = plain(next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value))
+    assert "**Depth**: 18" in detected and "**Attention**: CBAM" in detected
+    assert "**Classes**: 10" in detected
+    assert "**Format**: attention-lens" in detected
+    assert "**Source**: embedded resnet18_cbam_tiny.safetensors" in detected
     labels = [t.label for t in at.tabs]
     assert labels[:5] == [
         "Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
@@ -142,7 +144,7 @@ def test_broken_upload_is_one_error_naming_it(app):
     ]
     at.sidebar.file_uploader(key="images").set_value(files).run()
     assert not at.exception
-    errors = [e.value for e in at.error]
+    errors = [plain(e.value) for e in at.error]
     assert len(errors) == 2, errors
     assert "'broken.png'" in errors[0] and "'notes.jpg'" in errors[1]
     assert all("\n" not in e for e in errors)
@@ -155,8 +157,8 @@ def test_switch_models(app):
     at = app.run()
     at.sidebar.selectbox(key="model").set_value(model_label(at, "plain")).run()
     assert_clean(at)
-    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
-    assert "**Attention**: `none`" in detected
+    detected = plain(next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value))
+    assert "**Attention**: none" in detected
     assert any(name in prediction(at) for name in CLASSES)
     infos = [i.value for i in at.info]
     assert any("no attention modules" in i for i in infos), infos
@@ -164,7 +166,9 @@ def test_switch_models(app):
     at.sidebar.selectbox(key="model").set_value(model_label(at, "bam")).run()
     assert_clean(at)
     assert "BAM hierarchy exists only" not in " ".join(i.value for i in at.info)
-    assert "`BAM`" in next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
+    assert "**Attention**: BAM" in next(
+        m.value for m in at.sidebar.markdown if "**Depth**" in m.value
+    )
 
     # two models side by side in the paper's grid
     labels = [model_label(at, "cbam"), model_label(at, "plain")]
@@ -257,7 +261,7 @@ def test_checkpoint_upload_and_failures(app, tiny_checkpoints):
         ("broken.pth", b"\x80\x02 not a pickle at all", "application/octet-stream")
     ).run()
     assert not at.exception
-    errors = [e.value for e in at.error]
+    errors = [plain(e.value) for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("broken.pth: "), errors
     assert at.sidebar.selectbox(key="model").value == before
     assert any(name in prediction(at) for name in CLASSES)
@@ -270,10 +274,8 @@ def test_checkpoint_upload_and_failures(app, tiny_checkpoints):
     assert_clean(at)
     label = at.sidebar.selectbox(key="model").value
     assert "upload mine.safetensors" in label
-    detected = next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value)
-    assert (
-        "**Attention**: `none`" in detected and "**Source**: `upload mine.safetensors`" in detected
-    )
+    detected = plain(next(m.value for m in at.sidebar.markdown if "**Depth**" in m.value))
+    assert "**Attention**: none" in detected and "**Source**: upload mine.safetensors" in detected
 
     # switching back to an embedded one still works; the upload stays available
     at.sidebar.selectbox(key="model").set_value(before).run()
@@ -345,6 +347,6 @@ def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
     st.cache_data.clear()  # earlier tests cached this analysis
     at = app.run()
     assert not at.exception
-    assert [e.value for e in at.error] == [
-        "Unexpected error (RuntimeError: simulated bug); the server log has details."
+    assert [plain(e.value) for e in at.error] == [
+        "Unexpected error (RuntimeError: simulated bug second line); the server log has details."
     ]

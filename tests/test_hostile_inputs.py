@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import random
 import resource
@@ -22,6 +23,8 @@ from safetensors.torch import save as save_safetensors
 
 from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from viz import ImageError, load_image
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 LOAD_SECONDS = 20  # per file, generous for a busy CI machine: a hang would be far longer
 
@@ -197,3 +200,59 @@ def test_fuzzed_images_load_or_fail_in_one_line():
 
 def test_json_of_the_manifest_kind_is_not_confused_with_a_checkpoint():
     _refused(json.dumps({"state_dict": {}}).encode(), "not a checkpoint")
+
+
+# --- untrusted text ---------------------------------------------------------------------------
+
+EVIL_NAMES = [
+    "![t](http://evil.example/t.png)", "[click](http://evil.example)", "<img src=x>",
+    "$\\frac{1}{0}$", ":material/home: x", "a\nb", "tench", "**bold**", "`code`", "# head",
+]  # fmt: skip
+
+
+def _evil_checkpoint(path) -> None:
+    torch.manual_seed(0)
+    model = build_model(18, "cbam", num_classes=len(EVIL_NAMES)).eval()
+    save_checkpoint(
+        path, model, class_names=EVIL_NAMES,
+        metadata={"name": "[evil model](http://evil.example) $x$"},
+    )  # fmt: skip
+
+
+def test_figures_draw_file_text_literally(tmp_path):
+    from viz import analyze, attention_vs_gradcam, figure_bytes, model_grid
+
+    path = tmp_path / "evil.safetensors"
+    _evil_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    image = Image.new("RGB", (64, 64), (120, 90, 60))
+    result = analyze(ckpt.model, ckpt.preprocess(image), target=3)
+    crop = ckpt.preprocess.crop_image(image)
+    fig = attention_vs_gradcam(crop, result, class_names=ckpt.class_names)
+    assert figure_bytes(fig, "png", dpi=50)  # mathtext in a class name would raise here
+    grid = model_grid([crop], [(ckpt.label, result)], column_titles=[EVIL_NAMES[3]])
+    texts = [t.get_text() for t in grid.findobj(lambda a: hasattr(a, "get_text"))]
+    assert any("\\$\\frac{1}{0}\\$" in t for t in texts)
+    assert figure_bytes(grid, "pdf")
+
+
+def test_the_app_shows_file_text_as_text(tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from models.zoo import CHECKPOINT_DIR_ENV
+
+    _evil_checkpoint(tmp_path / "evil.safetensors")
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
+    assert not at.exception
+    shown = [e.value for e in (*at.markdown, *at.caption, *at.error, *at.warning, *at.info)]
+    shown += [e.value for e in at.subheader]
+    shown += [o for r in at.radio for o in r.options]
+    text = "\n".join(shown)
+    assert "evil" in text  # the names are on the page...
+    for raw in ("](http", "$x$", ":material/home:", "**bold**", "`code`"):
+        assert raw not in text, raw  # ...but never as live Markdown
+    assert not re.search(r"(?<!\\)<img", text)
+    st.cache_resource.clear()

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from models import architectures, load_checkpoint
 from models.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
 from viz import probes
+from tests.conftest import plain
 from viz.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_the_example_in_the_app(trained_plugin_checkpoint, tmp_path, monkeypatch
     st.cache_resource.clear()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
     assert not at.exception
-    warnings = [w.value for w in at.warning]
+    warnings = [plain(w.value) for w in at.warning]
     assert any("broken_plugin.py" in w and "broken on purpose" in w for w in warnings), warnings
     at.sidebar.file_uploader(key="ckpt_upload").set_value(
         ("mine.pth", trained_plugin_checkpoint.read_bytes(), "application/octet-stream")
@@ -140,7 +141,7 @@ def test_the_example_in_the_app(trained_plugin_checkpoint, tmp_path, monkeypatch
     assert not at.exception and not at.error, [e.value for e in at.error]
     label = at.sidebar.selectbox(key="model").value
     assert label.startswith("plugin small_cbam_net")
-    described = " ".join(m.value for m in at.sidebar.markdown)
+    described = plain(" ".join(m.value for m in at.sidebar.markdown))
     assert "small_cbam_net (plugin)" in described and "CBAM" in described
     at.sidebar.file_uploader(key="images").set_value(
         [("red.png", _image(tmp_path).read_bytes(), "image/png")]

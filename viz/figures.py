@@ -275,6 +275,11 @@ def _range(maps: Sequence[Tensor]) -> tuple[float, float]:
     return lo, (hi if hi > lo else lo + 1e-6)
 
 
+def _literal(text: object) -> str:
+    """Text from a file drawn as itself: matplotlib reads `$...$` as mathtext (and can fail)."""
+    return str(text).replace("$", r"\$")
+
+
 def _stage_label(rec: AttentionRecord) -> str:
     return rec.label
 
@@ -481,6 +486,7 @@ def channel_weights(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     name_a, name_b = (list(labels) + ["A", "B"][len(labels or []) :])[:2] if labels else ("A", "B")
+    name_a, name_b = _literal(name_a), _literal(name_b)
     a_rows = [to_numpy(channel_map(r)[0]) for r in records]
     b_rows = None
     if compare is not None:
@@ -593,6 +599,7 @@ def attention_vs_gradcam(
         raise ValueError(f"attention_vs_gradcam needs CAMs at stages 1-4; got {sorted(one.cams)}")
     target = int(one.target[0])
     name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
+    name = _literal(name)
     canvas = _Canvas(
         width, [3] * len(stage_layers), left=0.18, footer=0.42, header=0.22, max_panel=1.3
     )
@@ -674,13 +681,15 @@ def model_grid(
             raise ValueError(
                 f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
             )
-    labels = _wrap_row_labels([label for label, _ in rows], width, len(pics), max_panel=1.4)
+    labels = _wrap_row_labels(
+        [_literal(label) for label, _ in rows], width, len(pics), max_panel=1.4
+    )
     lines = max(label.count("\n") + 1 for label in labels) if labels else 1
     canvas = _Canvas(
         width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
         max_panel=1.4,
     )  # fmt: skip
-    for c, (pic, name) in enumerate(zip(pics, column_titles)):
+    for c, (pic, name) in enumerate(zip(pics, map(_literal, column_titles))):
         canvas.image(0, c, pic)
         canvas.above(0, c, name)
     canvas.left_of(0, 0, "input")
@@ -788,7 +797,7 @@ def _default_modules(names: Sequence[str], stages: dict[str, int]) -> list[str]:
 
 
 def _module_title(name: str, labels: dict[str, str]) -> str:
-    return f"{labels[name]} ({name})" if name in labels else name
+    return _literal(f"{labels[name]} ({name})" if name in labels else name)
 
 
 @styled
@@ -850,7 +859,9 @@ def class_channel_stats(
         ax.set_xlabel(f"channel (sorted by overall mean, C = {data.shape[1]})")
         ax.set_xticks([])
         if k <= 30:
-            ax.set_yticks(range(k), [f"{c} ({int(n)})" for c, n in zip(stats.class_names, counts)])
+            ax.set_yticks(
+                range(k), [f"{_literal(c)} ({int(n)})" for c, n in zip(stats.class_names, counts)]
+            )
         else:
             ax.set_yticks([])
             ax.set_ylabel(f"{k} classes")

@@ -34,6 +34,7 @@ __all__ = [
     "check_upload_size",
     "describe_checkpoint",
     "digest",
+    "md_text",
     "find_classes",
     "safe_stem",
     "sample_images",
@@ -73,6 +74,24 @@ def check_upload_size(size: int, limit: int, name: str = "file") -> None:
         raise ValueError(
             f"{name} is {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit"
         )
+
+
+_MARKUP = re.compile(r"([\\`*_{}\[\]()#+\-!|<>$~:&])")
+_LIST_START = re.compile(r"^(\d+)\.")
+
+
+def md_text(value: object, limit: int = 200) -> str:
+    """`value` as one line of literal text inside Markdown (Streamlit's markdown, labels, captions).
+
+    Strings from files (class names, labels, file names, metadata, error messages quoting a
+    file) must never become links, images, HTML, LaTeX or emoji on the page: every character
+    Markdown gives a meaning is backslash-escaped, whitespace runs become one space, and the
+    text is cut to `limit` characters.
+    """
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return _LIST_START.sub(r"\1\\.", _MARKUP.sub(r"\\\1", text))
 
 
 def safe_stem(name: str, default: str = "image") -> str:
