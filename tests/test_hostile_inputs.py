@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import os
 import random
+import re
 import resource
 import time
 

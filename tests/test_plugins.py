@@ -14,8 +14,8 @@ from streamlit.testing.v1 import AppTest
 
 from models import architectures, load_checkpoint
 from models.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
-from viz import probes
 from tests.conftest import plain
+from viz import probes
 from viz.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
