@@ -29,6 +29,7 @@ from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
 from viz.export import FORMATS, IMAGE_FIGURES, figure_bytes, image_bundle, zip_bundle
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
+from viz.serving import ServePolicy, serve_policy
 from viz.session import (
     IMAGE_TYPES,
     analyze_images,
@@ -105,11 +106,14 @@ def causal_scores(
 
 
 def load_path(path: str) -> Checkpoint:
-    p = Path(path).expanduser()
-    stat = p.stat() if p.is_file() else None
-    if stat is None:
-        raise CheckpointError(f"no checkpoint file at {str(p)!r}")
-    return model_from_path(str(p.resolve()), stat.st_mtime, stat.st_size)
+    p = policy().check_path(path, "file")  # shared mode: inside the allowed roots only
+    stat = p.stat()
+    return model_from_path(str(p), stat.st_mtime, stat.st_size)
+
+
+def policy() -> ServePolicy:
+    """This deployment's permissions and limits (`viz.serving`): local or shared."""
+    return serve_policy()
 
 
 # --- small rendering helpers ------------------------------------------------------------------
@@ -193,8 +197,10 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
                     seen[upload.file_id] = f"{upload.name}: {exc}"
             if seen[upload.file_id]:
                 errors.error(md_text(seen[upload.file_id]))
-        path = st.text_input("…or a checkpoint path on the server", key="ckpt_path").strip()
-        if st.button("Load path", disabled=not path, key="ckpt_path_load"):
+        path = ""
+        if policy().server_paths:
+            path = st.text_input("…or a checkpoint path on the server", key="ckpt_path").strip()
+        if path and st.button("Load path", key="ckpt_path_load"):
             try:
                 with st.spinner(f"Reading {path}…"):
                     ckpt = load_path(path)
@@ -231,7 +237,22 @@ def choose_images(errors) -> list[ImageItem]:
     uploads = st.sidebar.file_uploader(
         "Upload images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images"
     )
-    sources: list[tuple[str, bytes]] = [(f.name, f.getvalue()) for f in uploads or []]
+    limits = policy()
+    uploads = list(uploads or [])
+    if len(uploads) > limits.max_images:
+        errors.warning(
+            f"{len(uploads)} images uploaded; this server analyses the first {limits.max_images}"
+        )
+        uploads = uploads[: limits.max_images]
+    sources: list[tuple[str, bytes]] = []
+    for f in uploads:
+        if f.size > limits.max_image_bytes:
+            errors.error(
+                md_text(f"{f.name}: {f.size / 2**20:.1f} MB, over the "
+                        f"{limits.max_image_bytes / 2**20:.0f} MB limit per image")
+            )  # fmt: skip
+            continue
+        sources.append((f.name, f.getvalue()))
     if not sources:
         samples = {s.path.name: s for s in sample_images(SAMPLES)}
         default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples else list(samples)[:1]
@@ -242,7 +263,8 @@ def choose_images(errors) -> list[ImageItem]:
     items = []
     for name, data in sources:
         try:
-            items.append(ImageItem(name, data, digest(data), load_image(_named(data, name))))
+            image = load_image(_named(data, name), max_pixels=limits.max_pixels)
+            items.append(ImageItem(name, data, digest(data), image))
         except ImageError as exc:
             errors.error(md_text(exc))
     return items
@@ -268,6 +290,8 @@ def main() -> None:
     errors = st.container()  # the one place where problems are reported
     for line in plugin_errors():
         errors.warning(md_text(line, limit=400))
+    if policy().warning:
+        errors.warning(md_text(policy().warning))
     try:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)
@@ -527,15 +551,21 @@ def class_stats_tab(ckpt, draw, errors) -> None:
         "Mean channel weight per class over a folder on the server, one subfolder per class "
         "(ImageFolder layout)."
     )
+    limits = policy()
+    if not limits.server_paths:
+        st.info("Server paths are turned off on this server (shared mode without allowed folders).")
+        return
     folder = st.text_input("Image folder on the server", key="stats_folder").strip()
     results: dict = state("class_stats", {})
     key = (ckpt.sha256, folder)
     if st.button("Compute class statistics", disabled=not folder, key="stats_run"):
         bar = st.progress(0.0, text="Reading images…")
         try:
+            root = limits.check_path(folder, "folder")
             results[key] = channel_statistics(
-                ckpt.model, folder, ckpt.preprocess,
+                ckpt.model, root, ckpt.preprocess,
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} images"),
+                max_images=limits.max_stats_images, max_seconds=limits.max_stats_seconds,
             )  # fmt: skip
         except USER_ERRORS as exc:
             errors.error(md_text(f"{folder}: {exc}"))

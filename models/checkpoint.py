@@ -89,6 +89,8 @@ def _read_source(source: str | os.PathLike | bytes | BinaryIO, limit: int) -> by
         if not path.is_file():
             raise CheckpointError(f"no checkpoint file at {str(path)!r}")
         size = path.stat().st_size
+        if size == 0:  # also /proc files, which report 0 and may block when read
+            raise CheckpointError("checkpoint is empty (0 bytes)")
         if size > limit:
             raise CheckpointError(f"checkpoint is {_size(size)}, over the {_size(limit)} limit")
         try:

@@ -59,6 +59,7 @@ class EmbeddedCheckpoint:
         if not name and isinstance(arch, dict) and "depth" in arch:
             extra = f" + {str(arch['attention']).upper()}" if arch.get("attention") else ""
             name = f"ResNet-{arch['depth']}{extra}"
+        name = " ".join(str(name).split())[:120] if name else ""  # text from a file: one line
         return f"{name} ({self.path.name})" if name else self.path.name
 
 
@@ -77,7 +78,12 @@ def _read_metadata(path: Path) -> dict:
         if not 2 <= length <= _MAX_HEADER:
             raise ValueError("not a safetensors file (bad header length)")
         header = json.loads(fh.read(length))
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    extra = header.get("__metadata__") or {}
+    raw = extra.get(METADATA_KEY) if isinstance(extra, dict) else None
+    if raw is not None and not isinstance(raw, str):
+        raise ValueError("the metadata is not text")
     meta = json.loads(raw) if raw else {}
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
@@ -100,8 +106,9 @@ def embedded_checkpoints(folder: str | os.PathLike | None = None) -> list[Embedd
         stat = path.stat()
         try:
             meta, error = _read_metadata(path), None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            meta, error = {}, f"{path.name}: unreadable header ({exc})"
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            text = " ".join(str(exc).split())[:160]
+            meta, error = {}, f"{path.name}: unreadable header ({text})"
         found.append(EmbeddedCheckpoint(path, stat.st_size, stat.st_mtime, meta, error))
     return found
 

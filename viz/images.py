@@ -36,13 +36,25 @@ from __future__ import annotations
 import functools
 import io
 import os
+import stat
 import warnings
 from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "ImageError", "ImageSource", "image_name", "load_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "ImageSource",
+    "image_folder",
+    "image_name",
+    "load_image",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp")
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Largest accepted image, in pixels (width x height): about 7700 x 5200."""
@@ -135,9 +147,31 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
 
 
 def _open_path(path: str | os.PathLike) -> IO[bytes]:
-    """Open `path` for reading, turning the usual failures into one-line problems."""
+    """Open `path` for reading, turning the usual failures into one-line problems.
+
+    Only regular files with data are read: a FIFO or a device would block forever, and /proc
+    files report size 0 (and may block too).
+    """
     try:
-        return open(path, "rb")  # closed by the caller's `with`
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as e:
+        raise _Unreadable("no such file") from e
+    except IsADirectoryError as e:
+        raise _Unreadable("this is a directory, not a file") from e
+    except PermissionError as e:
+        raise _Unreadable("permission denied") from e
+    except (OSError, ValueError) as e:
+        raise _Unreadable(f"cannot open the file ({_one_line(e)})") from e
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise _Unreadable(f"this is {kind}, not an image file")
+    if info.st_size == 0:
+        os.close(fd)
+        raise _Unreadable("the file is empty")
+    try:
+        return os.fdopen(fd, "rb")  # closed by the caller's `with`
     except FileNotFoundError as e:
         raise _Unreadable("no such file") from e
     except IsADirectoryError as e:
@@ -327,3 +361,58 @@ def _one_line(value: object) -> str:
     """`value` as text with all whitespace runs collapsed to single spaces, length capped."""
     text = " ".join(str(value).split())
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def image_folder(
+    root: str | os.PathLike, *, max_images: int = 20_000, max_entries: int = 200_000
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) of the images in an ImageFolder layout, and the class names.
+
+    One subfolder per class; images are regular files with an image extension, found
+    recursively. Symbolic links are skipped (no loops, no escape from `root`), and the walk
+    stops with `ImageError` after `max_entries` directory entries or `max_images` images, so
+    pointing it at `/usr` costs a second, not the server's memory.
+
+    Raises:
+        ImageError: no class subfolders, no images, or over a limit (one line).
+    """
+    base = os.fspath(root)
+    try:
+        top = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+    except OSError as e:
+        raise ImageError(f"cannot read the folder ({_one_line(e.strerror or e)})") from None
+    classes = [c for c in top if not c.startswith(".")]
+    if not classes:
+        raise ImageError("the folder has no class subfolders (one subfolder per class)")
+    samples: list[tuple[str, int]] = []
+    seen = 0
+    for index, name in enumerate(classes):
+        stack = [os.path.join(base, name)]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue  # unreadable subfolder: skipped
+            for entry in entries:
+                seen += 1
+                if seen > max_entries:
+                    raise ImageError(
+                        f"the folder tree has over {max_entries} entries; choose a smaller one"
+                    )
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(
+                    IMAGE_EXTENSIONS
+                ):
+                    samples.append((entry.path, index))
+                    if len(samples) > max_images:
+                        raise ImageError(
+                            f"the folder holds over {max_images} images, the limit for one run"
+                        )
+    if not samples:
+        raise ImageError("no image files in the class subfolders")
+    samples.sort()
+    return samples, classes

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .cam import Analysis, _targets
-from .images import load_image
+from .images import image_folder, load_image
 from .maps import upsample
 from .state import preserve_model_state
 from .trace import AttentionRecord, record_attention
@@ -395,19 +396,33 @@ class _ToTensor:
         return out[0] if out.ndim == 4 and out.shape[0] == 1 else out
 
 
+class _Folder(Dataset):
+    """The images of an ImageFolder layout, found by `viz.images.image_folder` (bounded)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(_read_image(path)), label
+
+
 def _as_dataset(
-    source: str | os.PathLike | Dataset, preprocess: Callable[[Image.Image], Tensor] | None
+    source: str | os.PathLike | Dataset,
+    preprocess: Callable[[Image.Image], Tensor] | None,
+    max_images: int,
 ) -> tuple[Dataset, list[str]]:
     if not isinstance(source, (str, os.PathLike)):
         return source, [str(c) for c in getattr(source, "classes", [])]
-    from torchvision.datasets import ImageFolder
-
     if not Path(source).is_dir():
         raise FileNotFoundError(f"no such folder: {os.fspath(source)}")
     if preprocess is None:
         raise ValueError("a folder of images needs a preprocess (e.g. the checkpoint's)")
-    folder = ImageFolder(os.fspath(source), transform=_ToTensor(preprocess), loader=_read_image)
-    return folder, list(folder.classes)
+    samples, classes = image_folder(source, max_images=max_images)
+    return _Folder(samples, _ToTensor(preprocess)), classes
 
 
 def _grow_rows(t: Tensor, rows: int) -> Tensor:
@@ -430,6 +445,8 @@ def channel_statistics(
     batch_size: int = 16,
     progress: Callable[[int, int], object] | None = None,
     num_workers: int = 0,
+    max_images: int = 20_000,
+    max_seconds: float | None = None,
 ) -> ChannelStats:
     """Per-class mean of every attention module's channel weights over a set of images.
 
@@ -452,6 +469,8 @@ def channel_statistics(
         batch_size: images per forward pass.
         progress: called as progress(images done, total images) after every batch.
         num_workers: DataLoader worker processes that decode images.
+        max_images: refuse a folder with more images (a server's limit per run).
+        max_seconds: stop with a `TimeoutError` once a run has taken longer.
 
     Returns:
         A `ChannelStats`; `means` is empty for a network without attention modules.
@@ -461,7 +480,8 @@ def channel_statistics(
         ValueError: no images, no preprocess for a folder, or a negative label.
         viz.images.ImageError: an image in the folder cannot be read.
     """
-    dataset, class_names = _as_dataset(dataset_or_folder, preprocess)
+    dataset, class_names = _as_dataset(dataset_or_folder, preprocess, max_images)
+    started = time.monotonic()
     total = len(dataset)
     if total == 0:
         raise ValueError("no images to compute channel statistics on")
@@ -492,6 +512,11 @@ def channel_statistics(
         done += len(labels)
         if progress is not None:
             progress(done, total)
+        if max_seconds is not None and done < total and time.monotonic() - started > max_seconds:
+            raise TimeoutError(
+                f"stopped after {max_seconds:g} s, the limit for one run ({done} of {total} "
+                "images done); choose a smaller folder"
+            )
     rows = counts.shape[0]
     class_names = class_names + [str(i) for i in range(len(class_names), rows)]
     means = {k: (_grow_rows(v, rows) / counts[:, None]).float() for k, v in sums.items()}
