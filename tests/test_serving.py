@@ -69,7 +69,9 @@ def test_fifo_device_and_proc_files_are_refused_without_hanging(tmp_path):
     for path, phrase in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
                          ("/proc/self/status", "empty")):  # fmt: skip
         done = []
-        worker = threading.Thread(target=lambda p=path: done.append(_refusal(p)), daemon=True)
+        worker = threading.Thread(
+            target=lambda p=path, out=done: out.append(_refusal(p)), daemon=True
+        )
         worker.start()
         worker.join(10)
         assert done and phrase in done[0], (path, done)
