@@ -516,3 +516,68 @@ def test_cli_labels_and_target_exclude_each_other(ckpts, image_dir, tmp_path, ca
         capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", "--labels", tmp_path / "nope.csv"
     )
     assert code == 2 and "cannot read it" in err and err.strip().count("\n") == 0
+
+
+# --- no output lost or misplaced (hardening) ---------------------------------------------------
+
+
+def test_unique_names_never_take_another_inputs_name():
+    from viz.cli import unique_names
+
+    assert unique_names(["x", "x", "x-2", "X"]) == ["x", "x-3", "x-2", "X-4"]
+    assert unique_names(["m", "m"]) == ["m", "m-2"]
+
+
+def test_same_stem_inputs_get_their_own_folders(ckpts, tmp_path, capsys):
+    for folder in ("A", "B"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / folder / "x.png")
+    code, _ = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--images", tmp_path / "A" / "x.png",
+                   tmp_path / "B" / "x.png", "--out", tmp_path / "o")  # fmt: skip
+    assert code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["images"]] == ["x", "x-2"]
+    assert len(list((tmp_path / "o").rglob("overview.png"))) == 2
+
+
+def test_a_symlink_inside_the_output_is_not_followed(ckpts, image_dir, tmp_path, capsys):
+    out, elsewhere = tmp_path / "o", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    model = Path(ckpts["r18_cbam"]).stem
+    (out / model).symlink_to(elsewhere, target_is_directory=True)
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--overwrite")
+    assert list(elsewhere.iterdir()) == []  # nothing written outside --out
+    assert "symbolic link" in err and code in (0, 1)
+
+
+def test_an_unwritable_manifest_is_one_line_and_exit_1(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / "manifest.json").mkdir(parents=True)  # a folder where the manifest goes
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--overwrite")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: cannot write the output")
+    assert list(out.rglob("overview.png"))  # the figures written before are there, complete
+
+
+def test_a_fifo_as_labels_or_image_does_not_hang(ckpts, image_dir, tmp_path, capsys):
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o", "--labels", fifo)
+    assert code == 2 and "not a regular file" in err
+    pipe_png = tmp_path / "pipes" / "p.png"
+    pipe_png.parent.mkdir()
+    os.mkfifo(pipe_png)
+    code, err = _export(capsys, ckpts["r18_cbam"], pipe_png, tmp_path / "o2")
+    assert code == 2 and "p.png" in err
+
+
+def test_a_huge_sparse_image_file_is_refused_by_size(ckpts, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(8 * 2**30)  # 8 GiB, sparse: no disk used
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (40, 40)).save(ok)
+    code, err = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--images", big, ok,
+                     "--out", tmp_path / "o")  # fmt: skip
+    assert code == 1 and "over 256 MB" in err
+    assert list((tmp_path / "o").rglob("overview.png"))  # the good image is exported

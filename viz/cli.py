@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cam import stage_layers
+from .export import ExportError
 from .session import IMAGE_TYPES
 
 __all__ = [
@@ -109,13 +112,28 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[P
             found.append((path, safe_name(path.stem)))
         else:
             raise UsageError(f"no such image file or folder: {raw}")
-    seen: dict[str, int] = {}
-    unique = []
-    for path, name in found:
-        count = seen.get(name, 0) + 1
-        seen[name] = count
-        unique.append((path, name if count == 1 else f"{name}-{count}"))
-    return unique, folders
+    return [
+        (path, name) for path, name in zip((p for p, _ in found), unique_names(n for _, n in found))
+    ], folders
+
+
+def unique_names(names) -> list[str]:
+    """`names` made unique (`x`, `x-2`, ...), never taking a name another input has, also on
+    case-insensitive file systems: each input gets its own output folder."""
+    names = list(names)
+    originals = {n.casefold() for n in names}
+    used: set[str] = set()
+    out = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate.casefold() in used or (
+            candidate != name and candidate.casefold() in originals
+        ):
+            count += 1
+            candidate = f"{name}-{count}"
+        used.add(candidate.casefold())
+        out.append(candidate)
+    return out
 
 
 def resolve_target(
@@ -142,6 +160,25 @@ def resolve_target(
     return index
 
 
+def _regular_file(path: str | Path, what: str, limit: int) -> int:
+    """The size of `path`, a regular file of at most `limit` bytes, else a `UsageError`.
+
+    A FIFO or device would block the run forever; a huge (or sparse) file would fill memory.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{what} {path}: not a regular file")
+    if info.st_size > limit:
+        raise UsageError(f"{what} {path}: {info.st_size / 2**20:.0f} MB, over {limit // 2**20} MB")
+    return info.st_size
+
+
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
+
+
 def read_labels(path: str) -> dict[str, str]:
     """A CSV with columns `file` and `label` (a class name or index) -> {file: label}.
 
@@ -149,6 +186,7 @@ def read_labels(path: str) -> dict[str, str]:
         UsageError: unreadable file, missing columns, an empty cell, or a file listed twice
             with different labels.
     """
+    _regular_file(path, "--labels", limit=50 * 2**20)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -333,16 +371,14 @@ def _load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
     from .export import safe_name
 
     loaded = []
-    seen: dict[str, int] = {}
     for raw in paths:
         try:
             ckpt = load_checkpoint(raw)
         except CheckpointError as exc:
             raise UsageError(f"checkpoint {raw}: {exc}") from None
-        name = safe_name(Path(raw).stem, default="checkpoint")
-        seen[name] = seen.get(name, 0) + 1
-        loaded.append((raw, name if seen[name] == 1 else f"{name}-{seen[name]}", ckpt))
-    return loaded
+        loaded.append((raw, safe_name(Path(raw).stem, default="checkpoint"), ckpt))
+    names = unique_names(name for _, name, _ in loaded)
+    return [(raw, name, ckpt) for (raw, _, ckpt), name in zip(loaded, names)]
 
 
 def _row_labels(checkpoints) -> list[str]:
@@ -403,9 +439,10 @@ def _export(args: argparse.Namespace) -> int:
         with bar:
             for path, image_name in images:
                 try:
+                    _regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
                     data = path.read_bytes()
                     pil = load_image(data)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, UsageError) as exc:
                     run.fail("load image", str(path), exc)
                     bar.update(len(checkpoints))
                     continue
@@ -589,6 +626,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ExportError) as exc:  # a full or read-only disk, a folder in the way
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        print(
+            f"error: cannot write the output{where}: {what}; files written before are complete",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted: files written so far are complete; no manifest was written",

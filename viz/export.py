@@ -202,8 +202,27 @@ def write_files(folder: str | os.PathLike, files: Mapping[str, bytes]) -> list[s
     for name in names:
         _relative(name)
     for name in names:
-        write_atomic(root.joinpath(*_relative(name).parts), files[name])
+        write_atomic(_inside(root, _relative(name).parts), files[name])
     return names
+
+
+def _inside(root: Path, parts: tuple[str, ...]) -> Path:
+    """root/parts, refusing any symbolic link on the way: nothing is written outside `root`.
+
+    A link in place of the file itself is replaced (the rename does not follow it); a link in
+    place of a folder would lead elsewhere, so it is an error.
+    """
+    path = root
+    for part in parts[:-1]:
+        path = path / part
+        if path.is_symlink():
+            raise ExportError(f"{str(path)!r} is a symbolic link; refusing to write through it")
+        if path.exists() and not path.is_dir():
+            raise ExportError(f"{str(path)!r} is in the way of a folder")
+    target = path / parts[-1]
+    if target.is_dir() and not target.is_symlink():
+        raise ExportError(f"{str(target)!r} is a folder in the way of a file")
+    return target
 
 
 # --- raw maps and archives --------------------------------------------------------------------
