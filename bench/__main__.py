@@ -187,13 +187,13 @@ def measure_recognition(reps: int) -> list[tuple]:
     import torchvision
 
     from models import load_checkpoint
-    from models.architectures import _signatures
+    from models.architectures import forget_signatures
 
     model = torchvision.models.efficientnet_b5(weights=None)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     data = buf.getvalue()
-    _signatures.clear()
+    forget_signatures()
     t0 = time.perf_counter()
     load_checkpoint(data)
     cold = time.perf_counter() - t0

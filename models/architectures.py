@@ -25,6 +25,7 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 __all__ = [
     "Architecture",
     "ForeignArch",
+    "forget_signatures",
     "match_architecture",
     "register_architecture",
     "registered_architectures",
@@ -143,6 +144,12 @@ def unregister_architecture(name: str) -> None:
     with _lock:
         _registry.pop(name, None)
         _signatures.pop(name, None)
+
+
+def forget_signatures() -> None:
+    """Drop the cached keys and shapes of every candidate (the benchmark's cold start)."""
+    with _lock:
+        _signatures.clear()
 
 
 def registered_architectures() -> dict[str, Architecture]:

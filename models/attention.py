@@ -22,6 +22,8 @@ the forward the user runs, without computing anything twice:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +33,11 @@ __all__ = [
     "CBAM",
     "BAM",
     "BAM_FUSIONS",
+    "ATTENTION",
     "ATTENTION_TYPES",
     "ATTENTION_MODULES",
+    "AttentionType",
+    "attention_from_keys",
     "se_reduced_channels",
 ]
 
@@ -209,5 +214,46 @@ class BAM(nn.Module):
         return f"fusion={self.fusion!r}"
 
 
-ATTENTION_MODULES: dict[str, type[nn.Module]] = {"se": SqueezeExcite, "bam": BAM, "cbam": CBAM}
-ATTENTION_TYPES: tuple[str | None, ...] = (None, "se", "bam", "cbam")
+# --- the one place that knows the attention types -------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionType:
+    """How the ResNet builder places an attention type and how a state dict reveals it.
+
+    Attributes:
+        name: "se", "bam", "cbam".
+        module: the module class.
+        placement: "block" (inside every residual block, before the addition, attribute
+            `name`) or "stage" (after stages 1-3, `bam1`..`bam3`).
+        key_marker: a substring that only this type's state-dict keys contain.
+        build: (channels, bam_fusion) -> a new module.
+    """
+
+    name: str
+    module: type[nn.Module]
+    placement: str
+    key_marker: str
+    build: Callable[[int, str], nn.Module]
+
+
+ATTENTION: dict[str, AttentionType] = {
+    "se": AttentionType("se", SqueezeExcite, "block", ".se.", lambda c, _f: SqueezeExcite(c)),
+    "cbam": AttentionType("cbam", CBAM, "block", ".cbam.", lambda c, _f: CBAM(c, 16)),
+    "bam": AttentionType("bam", BAM, "stage", "bam1.", lambda c, f: BAM(c, fusion=f)),
+}
+"""Attention types in the order a state dict is sniffed (CBAM before SE: timm's CBAM keys are
+`*.se.channel.*`, handled as another network, not ours)."""
+
+ATTENTION_MODULES: dict[str, type[nn.Module]] = {k: t.module for k, t in ATTENTION.items()}
+ATTENTION_TYPES: tuple[str | None, ...] = (None, *ATTENTION)
+
+
+def attention_from_keys(keys) -> str | None:
+    """The attention type whose marker the state-dict keys carry, or None (plain)."""
+    keys = list(keys)
+    for kind in ("cbam", "bam", "se"):
+        marker = ATTENTION[kind].key_marker
+        if any((k.startswith(marker) if marker.endswith("1.") else marker in k) for k in keys):
+            return kind
+    return None

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import ForeignArch, attention_kind, match_architecture
+from .attention import attention_from_keys
+from .errors import CheckpointError, first_keys
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
@@ -55,10 +57,6 @@ METADATA_KEY = "attention_lens"
 FORMAT_VERSION = 1
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message is one line a user can act on."""
 
 
 @dataclass
@@ -325,17 +323,11 @@ def _clean_keys(state: dict) -> dict[str, Tensor]:
     return cleaned
 
 
-def _first(keys, n: int = 3) -> str:
-    keys = list(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def infer_arch(state: dict[str, Tensor], bam_fusion: str = "product") -> Arch:
     """Read depth, attention, stem and number of classes off key names and shapes."""
     if "conv1.weight" not in state or "fc.weight" not in state:
         raise CheckpointError(
-            f"not a ResNet state dict (no conv1.weight / fc.weight); first keys: {_first(state)}"
+            f"not a ResNet state dict (no conv1.weight / fc.weight); first keys: {first_keys(state)}"
         )
     conv1 = state["conv1.weight"]
     if conv1.ndim != 4 or conv1.shape[1] != 3:
@@ -351,13 +343,7 @@ def infer_arch(state: dict[str, Tensor], bam_fusion: str = "product") -> Arch:
     depth = next((d for d, (k, c) in DEPTHS.items() if k == kind and tuple(counts) == c), None)
     if depth is None:
         raise CheckpointError(f"not a supported ResNet: {kind} blocks per stage {tuple(counts)}")
-    attention = None
-    if any(".cbam." in k for k in state):
-        attention = "cbam"
-    elif any(k.startswith("bam1.") for k in state):
-        attention = "bam"
-    elif any(".se." in k for k in state):
-        attention = "se"
+    attention = attention_from_keys(state)
     fc = state["fc.weight"]
     if fc.ndim != 2:
         raise CheckpointError(f"fc.weight has shape {list(fc.shape)}; expected (classes, features)")
@@ -370,16 +356,16 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise CheckpointError(f"unknown keys for this architecture: {_first(unexpected)}")
+        raise CheckpointError(f"unknown keys for this architecture: {first_keys(unexpected)}")
     if missing:
-        raise CheckpointError(f"missing keys: {_first(missing)}")
+        raise CheckpointError(f"missing keys: {first_keys(missing)}")
     wrong = [
         f"{k} {list(state[k].shape)} vs {list(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
     if wrong:
-        raise CheckpointError(f"wrong shapes (file vs model): {_first(wrong, 2)}")
+        raise CheckpointError(f"wrong shapes (file vs model): {first_keys(wrong, 2)}")
     # one float64 sum per tensor: NaN or Inf anywhere makes it non-finite (no overflow in float64)
     bad = [
         k
@@ -387,7 +373,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
         if v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64))
     ]
     if bad:
-        raise CheckpointError(f"weights contain NaN or Inf: {_first(bad)}")
+        raise CheckpointError(f"weights contain NaN or Inf: {first_keys(bad)}")
     converted = {
         k: (v.float() if v.is_floating_point() else v.to(expected[k].dtype))
         for k, v in state.items()

@@ -24,6 +24,8 @@ import re
 
 from torch import Tensor
 
+from .errors import CheckpointError, first_keys
+
 __all__ = ["is_pytorchcv_layout", "rename_pytorchcv"]
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -93,8 +95,6 @@ def rename_pytorchcv(state: dict[str, Tensor]) -> dict[str, Tensor]:
         CheckpointError: for keys with no counterpart here (other pytorchcv models) and for plain
             bottleneck ResNets, whose stride placement cannot be told from the file.
     """
-    from .checkpoint import CheckpointError, _first
-
     attention = any(".cbam." in k or ".bam." in k for k in state)
     if not attention and any(".body.conv3." in k for k in state):
         raise CheckpointError(
@@ -111,6 +111,6 @@ def rename_pytorchcv(state: dict[str, Tensor]) -> dict[str, Tensor]:
             renamed[new] = value
     if unknown:
         raise CheckpointError(
-            f"pytorchcv keys with no counterpart in our ResNets: {_first(unknown)}"
+            f"pytorchcv keys with no counterpart in our ResNets: {first_keys(unknown)}"
         )
     return renamed

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
-from .attention import ATTENTION_TYPES, BAM, BAM_FUSIONS, CBAM, SqueezeExcite
+from .attention import ATTENTION, ATTENTION_TYPES, BAM_FUSIONS
 
 __all__ = ["Arch", "ResNet", "build_model", "DEPTHS", "STEMS", "STAGE_WIDTHS"]
 
@@ -73,11 +73,11 @@ class Arch:
 
 
 def _block_attention(kind: str | None, channels: int) -> dict[str, nn.Module]:
-    if kind == "se":
-        return {"se": SqueezeExcite(channels)}
-    if kind == "cbam":
-        return {"cbam": CBAM(channels, 16)}
-    return {}
+    """The attention module a residual block holds (by its key name), if its type goes there."""
+    spec = ATTENTION.get(kind) if kind else None
+    if spec is None or spec.placement != "block":
+        return {}
+    return {spec.name: spec.build(channels, "product")}
 
 
 class BasicBlock(nn.Module):
@@ -160,10 +160,15 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if arch.stem == "imagenet" else None
-        if arch.attention == "bam":
+        self.stage_attention = None
+        spec = ATTENTION.get(arch.attention) if arch.attention else None
+        if spec is not None and spec.placement == "stage":
             # registered before the stages, as in the official release (key order matters to diffs)
+            self.stage_attention = spec.name
             for i, width in enumerate(STAGE_WIDTHS[:3], start=1):
-                self.add_module(f"bam{i}", BAM(width * block.expansion, fusion=arch.bam_fusion))
+                self.add_module(
+                    f"{spec.name}{i}", spec.build(width * block.expansion, arch.bam_fusion)
+                )
         inplanes = 64
         for i, (width, count) in enumerate(zip(STAGE_WIDTHS, DEPTHS[arch.depth][1]), start=1):
             blocks = []
@@ -197,8 +202,8 @@ class ResNet(nn.Module):
             x = self.maxpool(x)
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
-            if i < 4 and self.arch.attention == "bam":
-                x = getattr(self, f"bam{i}")(x)
+            if i < 4 and self.stage_attention is not None:
+                x = getattr(self, f"{self.stage_attention}{i}")(x)
         return x
 
     def forward(self, x: Tensor) -> Tensor:

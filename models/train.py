@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from viz.images import ImageError, load_image
 
+from .attention import ATTENTION
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
     # architecture: unset means "as --init" or, without it, ARCH_DEFAULTS
     p.add_argument("--depth", type=int, default=None, choices=[18, 34, 50, 101, 152])
-    p.add_argument("--attention", default=None, choices=["none", "se", "bam", "cbam"])
+    p.add_argument("--attention", default=None, choices=["none", *ATTENTION])
     p.add_argument("--stem", default=None, choices=["imagenet", "cifar"])
     p.add_argument("--bam-fusion", default=None, choices=["product", "sum"])
     p.add_argument(

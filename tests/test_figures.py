@@ -113,7 +113,7 @@ def test_spatial_overview_draws_all_panels_on_one_axes(analyses, crop):
 
 
 def test_figures_module_uses_no_pyplot_and_leaves_rcparams_alone(analyses, crop):
-    source = Path(figures.__file__).read_text()
+    source = "\n".join(f.read_text() for f in Path(figures.__file__).parent.glob("*.py"))
     assert not re.search(
         r"import matplotlib\.pyplot|from matplotlib(\.pyplot)? import pyplot|plt\.", source
     )

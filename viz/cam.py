@@ -37,6 +37,7 @@ __all__ = [
     "attribute",
     "register_cam_method",
     "resolve_layers",
+    "resolve_targets",
     "stage_layers",
     "DEFAULT_CAM_LAYERS",
     "CAM_METHODS",
@@ -192,7 +193,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> dict[
     return found
 
 
-def _targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
+def resolve_targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
     n, k = logits.shape
     if target is None:
         return logits.argmax(1)
@@ -267,7 +268,7 @@ def analyze(
                         logits = model(x)
                     for h in handles:
                         h.remove()
-                    targets = _targets(target, logits)
+                    targets = resolve_targets(target, logits)
                     score = logits.gather(1, targets[:, None]).sum()
                     grads = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
             finally:
@@ -309,7 +310,7 @@ def attribute(
         raise ValueError(f"method must be one of {list(ATTRIBUTION_METHODS)}, got {method!r}")
     with preserve_model_state(model):
         with torch.no_grad():
-            targets = _targets(target, model(x)).tolist()
+            targets = resolve_targets(target, model(x)).tolist()
         if method == "guided-gradcam":
             layer = layer or stage_layers(model)[-1]
             module = resolve_layers(model, [layer])[layer]

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .cam import Analysis, _targets
+from .cam import Analysis, resolve_targets
 from .images import image_folder, load_image
 from .maps import upsample
 from .state import preserve_model_state
@@ -332,7 +332,7 @@ def deletion_insertion(
     points = steps + 1
     total = n * 2 * points  # per image: deletion steps, then insertion steps
     with preserve_model_state(model), torch.no_grad():
-        targets = _targets(target, _probabilities(model, x, None, batch_size))
+        targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
         base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
         scores = torch.empty(total, device=x.device)
         for start in range(0, total, batch_size):

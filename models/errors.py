@@ -1,0 +1,16 @@
+"""The loaders' error type and message helpers (no imports from the rest of `models`)."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "first_keys"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message is one line a user can act on."""
+
+
+def first_keys(keys, n: int = 3) -> str:
+    """The first `n` keys, comma-separated, and how many more: "a, b, c (+4 more)"."""
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

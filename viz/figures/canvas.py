@@ -1,0 +1,317 @@
+"""The shared canvas and style of Attention Lens figures: sizes, fonts, panels, labels.
+
+Every figure module builds on these; none of them keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+from torch import Tensor
+
+from ..maps import upsample
+from ..probes import kind_style
+from ..trace import AttentionRecord, AttentionTrace
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "SINGLE_COLUMN",
+    "DOUBLE_COLUMN",
+    "DIFF_CMAP",
+    "FIGURE_STYLE",
+    "STYLE_LOCK",
+    "styled",
+    "figure_width",
+    "new_figure",
+    "as_image",
+    "check_index",
+    "pick_image",
+    "colorbar",
+    "Canvas",
+    "heat_rgb",
+    "value_range",
+    "literal",
+    "stage_label",
+    "short_label",
+    "panel_label",
+    "group_label",
+    "spatial_map",
+    "channel_map",
+    "spatial_name",
+    "channel_name",
+    "kinds_of",
+]
+
+SINGLE_COLUMN = 3.3  # inches: one column of a two-column paper
+DOUBLE_COLUMN = 6.9  # inches: full text width
+DIFF_CMAP = "RdBu_r"  # diverging and colour-blind safe, for differences only
+
+# Applied while a figure is built and saved (rcParams are read when an artist is created).
+FIGURE_STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans",  # ships with matplotlib: same glyphs on every machine
+    "mathtext.fontset": "dejavusans",
+    "font.size": 7,
+    "axes.titlesize": 7,
+    "axes.labelsize": 7,
+    "xtick.labelsize": 6,
+    "ytick.labelsize": 6,
+    "legend.fontsize": 6,
+    "figure.titlesize": 8,
+    "axes.linewidth": 0.5,
+    "xtick.major.width": 0.5,
+    "ytick.major.width": 0.5,
+    "xtick.major.size": 2,
+    "ytick.major.size": 2,
+    "figure.dpi": 100,
+    "image.interpolation": "antialiased",
+    "image.composite_image": False,  # vector files keep each panel's image at its own pixels
+    "figure.constrained_layout.h_pad": 0.02,
+    "figure.constrained_layout.w_pad": 0.02,
+    "figure.constrained_layout.hspace": 0.02,
+    "figure.constrained_layout.wspace": 0.02,
+}
+
+# rc_context changes the process-wide rcParams for a while; figures are built one at a time so
+# that threads (the app's browser sessions) never restore each other's values.
+STYLE_LOCK = threading.RLock()
+
+
+def styled(func: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Run a figure builder with `FIGURE_STYLE` in effect, under `STYLE_LOCK`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> Figure:
+        with STYLE_LOCK, matplotlib.rc_context(FIGURE_STYLE):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+# --- small shared helpers ---------------------------------------------------------------------
+
+
+def figure_width(width: str | float) -> float:
+    """Inches for `width`: "single" (3.3), "double" (6.9) or a positive number."""
+    if isinstance(width, str):
+        named = {"single": SINGLE_COLUMN, "double": DOUBLE_COLUMN}
+        if width not in named:
+            raise ValueError(f"width must be 'single', 'double' or inches, got {width!r}")
+        return named[width]
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 1.0 <= width <= 40.0:
+        raise ValueError(f"width must be 'single', 'double' or 1-40 inches, got {width!r}")
+    return float(width)
+
+
+def new_figure(width: str | float, height: float) -> Figure:
+    return Figure(figsize=(figure_width(width), max(0.8, height)), layout="constrained")
+
+
+def as_image(image: Image.Image | np.ndarray | Tensor) -> Image.Image:
+    """A PIL RGB image from PIL, (H, W, 3) uint8 / float in [0, 1] arrays, or (3, H, W) tensors."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        image = (
+            image.permute(1, 2, 0) if image.ndim == 3 and image.shape[0] == 3 else image
+        ).numpy()
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image must be RGB (H, W, 3), got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        arr = np.round(np.clip(arr.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def check_index(index: int, n: int) -> None:
+    if not -n <= index < n:
+        raise IndexError(f"index {index} is out of range for a batch of {n} images")
+
+
+def pick_image(trace: AttentionTrace, index: int) -> AttentionTrace:
+    """The trace of image `index` (an empty trace, of a model without attention, stays empty)."""
+    if not len(trace):
+        return trace
+    n = next(iter(trace)).channel.shape[0]
+    check_index(index, n)
+    return trace.select(index % n)
+
+
+def colorbar(fig: Figure, axes, cmap: str, vmin: float, vmax: float, label: str, **kw) -> None:
+    """A colour bar beside `axes` (for figures under the constrained layout engine)."""
+    mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
+    bar = fig.colorbar(mappable, ax=axes, label=label, fraction=0.05, pad=0.02, aspect=30, **kw)
+    bar.outline.set_linewidth(0.5)
+
+
+class Canvas:
+    """Square image panels placed in inches on one full-figure Axes (no layout engine).
+
+    Row r holds `counts[r]` panels; `gaps[r][c]` is extra space (inches) before panel c of row
+    r (to separate groups). Each row reserves `head` inches above its panels (titles) and `foot`
+    (one number, or one per row) below (labels under a panel); `left` is room for row labels, `footer` for a colour bar,
+    `header` for the figure title. Images, titles and notes are drawn on a single Axes whose
+    data units are inches, so a figure of many panels builds and draws fast.
+    """
+
+    def __init__(
+        self,
+        width: str | float,
+        counts: Sequence[int],
+        *,
+        gaps: Sequence[Sequence[float]] | None = None,
+        left: float = 0.2,
+        head: float = 0.15,
+        foot: float | Sequence[float] = 0.03,
+        gap: float = 0.04,
+        footer: float = 0.0,
+        header: float = 0.0,
+        max_panel: float = 1.5,
+    ) -> None:
+        self.width = figure_width(width)
+        self.gaps = [list(g) for g in gaps] if gaps is not None else [[0.0] * n for n in counts]
+        ncols = max(counts)
+        extra = max(sum(g) for g in self.gaps)
+        avail = self.width - left - 0.05 - gap * (ncols - 1) - extra
+        self.panel = p = max(0.2, min(max_panel, avail / ncols))
+        used = ncols * p + gap * (ncols - 1) + extra
+        self.x0 = left + max(0.0, (self.width - left - 0.05 - used) / 2)
+        self.gap, self.head, self.footer, self.header = gap, head, footer, header
+        feet = [float(foot)] * len(counts) if isinstance(foot, (int, float)) else list(foot)
+        heights = [head + p + f for f in feet]
+        self.row_tops = [header + sum(heights[:r]) for r in range(len(counts))]  # from the top
+        self.height = header + sum(heights) + footer + 0.03
+        self.fig = Figure(figsize=(self.width, self.height))
+        self.ax = self.fig.add_axes((0, 0, 1, 1))
+        self.ax.set_xlim(0, self.width)
+        self.ax.set_ylim(0, self.height)
+        self.ax.set_autoscale_on(False)
+        self.ax.set_axis_off()
+
+    def box(self, row: int, col: int) -> tuple[float, float, float]:
+        """(left, bottom, size) of a panel, in inches."""
+        x = self.x0 + col * (self.panel + self.gap) + sum(self.gaps[row][: col + 1])
+        top = self.height - self.row_tops[row] - self.head
+        return x, top - self.panel, self.panel
+
+    def image(self, row: int, col: int, rgb: Image.Image | np.ndarray) -> None:
+        x, y, p = self.box(row, col)
+        self.ax.imshow(np.asarray(rgb), extent=(x, x + p, y, y + p), aspect="auto")
+
+    def note(self, row: int, col: int, text: str, *, span: float = 1.0) -> None:
+        """A grey panel that says `text` (`span` panels wide)."""
+        x, y, p = self.box(row, col)
+        w = p * span + self.gap * (span - 1)
+        self.ax.add_patch(Rectangle((x, y), w, p, facecolor="0.93", edgecolor="none"))
+        self.ax.text(x + w / 2, y + p / 2, text, ha="center", va="center", multialignment="center")
+
+    def above(
+        self, row: int, col: int, text: str, *, span: float = 1.0, lift: float = 0.02, **kw
+    ) -> None:
+        x, y, p = self.box(row, col)
+        w = p * span + self.gap * (span - 1)
+        self.ax.text(x + w / 2, y + p + lift, text, ha="center", va="bottom", **kw)
+
+    def below(self, row: int, col: int, text: str, **kw) -> None:
+        x, y, p = self.box(row, col)
+        self.ax.text(x + p / 2, y - 0.02, text, ha="center", va="top", **kw)
+
+    def left_of(self, row: int, col: int, text: str, **kw) -> None:
+        x, y, p = self.box(row, col)
+        self.ax.text(x - 0.03, y + p / 2, text, ha="right", va="center", rotation=90,
+                     multialignment="center", **kw)  # fmt: skip
+
+    def right_of(self, row: int, col: int, text: str, **kw) -> None:
+        x, y, p = self.box(row, col)
+        self.ax.text(x + p + 0.06, y + p / 2, text, ha="left", va="center", **kw)
+
+    def colorbar(self, cmap: str, vmin: float, vmax: float, label: str) -> None:
+        """A horizontal colour bar centred in the footer (needs `footer` >= 0.4)."""
+        span = min(3.0, 0.7 * (self.width - self.x0))
+        x = (self.width + self.x0 - span) / 2
+        rect = (
+            x / self.width,
+            (self.footer - 0.1) / self.height,
+            span / self.width,
+            0.07 / self.height,
+        )
+        cax = self.fig.add_axes(rect)
+        mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
+        bar = self.fig.colorbar(mappable, cax=cax, orientation="horizontal", label=label)
+        bar.outline.set_linewidth(0.5)
+        cax.xaxis.labelpad = 1
+
+    def title(self, text: str) -> None:
+        self.ax.text(self.width / 2, self.height - 0.04, text, ha="center", va="top",
+                     fontsize="large")  # fmt: skip
+
+
+def heat_rgb(m: Tensor, size: tuple[int, int], cmap: str, vmin: float, vmax: float) -> np.ndarray:
+    """A (h, w) map resized to `size` (H, W) and colour-mapped to uint8 RGB."""
+    resized = upsample(m.float(), size).numpy()
+    scaled = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    return np.round(matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def value_range(maps: Sequence[Tensor]) -> tuple[float, float]:
+    lo = min(float(m.min()) for m in maps)
+    hi = max(float(m.max()) for m in maps)
+    return lo, (hi if hi > lo else lo + 1e-6)
+
+
+def literal(text: object) -> str:
+    """Text from a file drawn as itself: matplotlib reads `$...$` as mathtext (and can fail)."""
+    return str(text).replace("$", r"\$")
+
+
+def stage_label(rec: AttentionRecord) -> str:
+    return rec.label
+
+
+def short_label(rec: AttentionRecord) -> str:
+    style = kind_style(rec.kind)
+    return f"{style.label} {rec.stage}" if style.own_level else f"{rec.stage}.{rec.block}"
+
+
+def panel_label(rec: AttentionRecord) -> str:
+    """The label above one map in its stage's group."""
+    return f"after stage {rec.stage}" if kind_style(rec.kind).own_level else f"block {rec.block}"
+
+
+def group_label(rec: AttentionRecord) -> str:
+    style = kind_style(rec.kind)
+    return f"{style.label} {rec.stage}" if style.own_level else f"stage {rec.stage}"
+
+
+def spatial_map(rec: AttentionRecord) -> Tensor | None:
+    """The (N, H, W) spatial attention in [0, 1]: CBAM M_s, BAM sigma(M_s); None for SE."""
+    return rec.spatial_weights
+
+
+def channel_map(rec: AttentionRecord) -> Tensor | None:
+    """The (N, C) channel weights in [0, 1]: CBAM M_c, SE excitation, BAM sigma(M_c)."""
+    return rec.channel_weights
+
+
+def spatial_name(kind: str) -> str:
+    return kind_style(kind).spatial
+
+
+def channel_name(kind: str) -> str:
+    return kind_style(kind).channel
+
+
+def kinds_of(trace: AttentionTrace) -> set[str]:
+    return {r.kind for r in trace}

@@ -1,0 +1,163 @@
+"""Every module's channel weights as a heat map of sorted channels, plus the top-k bars."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..maps import DEFAULT_CMAP, to_numpy
+from ..probes import kind_style
+from ..trace import AttentionRecord, AttentionTrace
+from .canvas import (
+    DIFF_CMAP,
+    channel_map,
+    channel_name,
+    colorbar,
+    literal,
+    new_figure,
+    pick_image,
+    short_label,
+    stage_label,
+    styled,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+
+__all__ = ["channel_weights"]
+
+
+def _resample(rows: list[np.ndarray], length: int) -> np.ndarray:
+    """Rows of different lengths resampled (linearly, on relative rank) to one length."""
+    out = np.empty((len(rows), length), dtype=np.float32)
+    grid = np.linspace(0.0, 1.0, length)
+    for i, row in enumerate(rows):
+        out[i] = np.interp(grid, np.linspace(0.0, 1.0, len(row)), row) if len(row) > 1 else row[0]
+    return out
+
+
+def _row_ticks(ax: Axes, records: list[AttentionRecord]) -> None:
+    stages = [r.stage for r in records]
+    if len(records) <= 24:
+        ax.set_yticks(range(len(records)), [short_label(r) for r in records])
+    else:
+        firsts = [i for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+        ax.set_yticks(firsts, [f"stage {stages[i]}" for i in firsts])
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            ax.axhline(i - 0.5, color="white", linewidth=0.6)
+
+
+@styled
+def channel_weights(
+    trace: AttentionTrace,
+    *,
+    index: int = 0,
+    top_k: int = 10,
+    compare: AttentionTrace | None = None,
+    compare_index: int = 0,
+    labels: Sequence[str] | None = None,
+    width: str | float = "double",
+    cmap: str = DEFAULT_CMAP,
+    resolution: int = 128,
+    title: str | None = None,
+) -> Figure:
+    """Every module's channel weights as a (module x sorted channel) heat map, plus top-k bars.
+
+    Modules have different channel counts C, so each row is sorted (descending) and resampled to
+    `resolution` points on the relative rank 0-100 %. The bars show the `top_k` channels of the
+    last module. CBAM: M_c; SE: excitation; BAM: sigma(M_c) of its channel branch.
+
+    Args:
+        trace: attention trace; image `index` is shown.
+        compare: a second trace of the same model (another image, or another target class):
+            panels A, B and A - B, with all rows sorted by A so that columns are the same channels.
+        compare_index: image of `compare` to show.
+        labels: names of the two traces, default ("A", "B").
+        resolution: points per resampled row.
+
+    Raises:
+        ValueError: no module has channel weights, or `compare` has other modules or widths.
+    """
+    records = pick_image(trace, index).channel_records
+    if not records:
+        raise ValueError(
+            "channel_weights needs attention modules with channel weights; this model has none"
+        )
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    name_a, name_b = (list(labels) + ["A", "B"][len(labels or []) :])[:2] if labels else ("A", "B")
+    name_a, name_b = literal(name_a), literal(name_b)
+    a_rows = [to_numpy(channel_map(r)[0]) for r in records]
+    b_rows = None
+    if compare is not None:
+        others = pick_image(compare, compare_index).channel_records
+        shapes_a = [(r.name, r.channel.shape[1]) for r in records]
+        shapes_b = [(r.name, r.channel.shape[1]) for r in others]
+        if shapes_a != shapes_b:
+            raise ValueError("compare must be a trace of the same model (same modules and widths)")
+        b_rows = [to_numpy(channel_map(r)[0]) for r in others]
+    orders = [np.argsort(-row, kind="stable") for row in a_rows]
+    heat_a = _resample([row[o] for row, o in zip(a_rows, orders)], resolution)
+    kinds = sorted({r.kind for r in records})
+    what = " / ".join(channel_name(k) for k in kinds)
+
+    n = len(records)
+    height = min(9.0, 0.9 + 0.1 * n)
+    if b_rows is None:
+        fig = new_figure(width, max(1.8, height))
+        ax_heat, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
+        heat_axes = [ax_heat]
+        ax_heat.imshow(heat_a, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax_heat.set_title(f"channel weights: {what}")
+    else:
+        heat_b = _resample([row[o] for row, o in zip(b_rows, orders)], resolution)
+        diff = heat_a - heat_b
+        fig = new_figure(width, max(2.0, height))
+        axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2, 2, 2, 1.4]})
+        heat_axes, ax_bar = list(axes[:3]), axes[3]
+        for ax, data, name in ((axes[0], heat_a, name_a), (axes[1], heat_b, name_b)):
+            ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"{name} (sorted by {name_a})" if data is heat_b else name)
+        lim = max(float(np.abs(diff).max()), 1e-6)
+        axes[2].imshow(
+            diff, aspect="auto", cmap=DIFF_CMAP, vmin=-lim, vmax=lim, interpolation="nearest"
+        )
+        axes[2].set_title(f"{name_a} − {name_b}")
+        colorbar(fig, axes[2], DIFF_CMAP, -lim, lim, "difference", location="bottom")
+    for i, ax in enumerate(heat_axes):
+        _row_ticks(ax, records)
+        if i:
+            ax.set_yticklabels([])
+        ax.set_xticks([0, (resolution - 1) / 2, resolution - 1], ["0", "50", "100"])
+        ax.set_xlabel("channel rank, % of C")
+    own = all(kind_style(k).own_level for k in kinds)
+    heat_axes[0].set_ylabel(f"{kind_style(kinds[0]).label} module" if own else "stage.block")
+    colorbar(fig, heat_axes[: 2 if b_rows else 1], cmap, 0.0, 1.0, what, location="bottom")
+
+    last = records[-1]
+    k = min(top_k, len(a_rows[-1]))
+    top = orders[-1][:k]
+    pos = np.arange(k)[::-1]
+    colour = matplotlib.colormaps[cmap]
+    if b_rows is None:
+        ax_bar.barh(pos, a_rows[-1][top], color=colour(0.25), height=0.7)
+    else:
+        ax_bar.barh(pos + 0.18, a_rows[-1][top], color=colour(0.25), height=0.36, label=name_a)
+        ax_bar.barh(pos - 0.18, b_rows[-1][top], color=colour(0.75), height=0.36, hatch="////",
+                    edgecolor="0.2", linewidth=0.3, label=name_b)  # fmt: skip
+        ax_bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+    ax_bar.set_yticks(pos, [f"c {int(c)}" for c in top])
+    ax_bar.set_xlim(0, 1)
+    ax_bar.set_xlabel("weight")
+    ax_bar.set_title(f"top {k}: {stage_label(last)}")
+    for side in ("top", "right"):
+        ax_bar.spines[side].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,113 @@
+"""The CBAM paper's Grad-CAM figure: images in columns, one row of CAMs per model."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+from ..maps import DEFAULT_CMAP, overlay
+from .canvas import (
+    FIGURE_STYLE,
+    Canvas,
+    as_image,
+    figure_width,
+    literal,
+    styled,
+)
+
+if TYPE_CHECKING:
+    from ..cam import Analysis
+
+__all__ = ["model_grid"]
+
+
+@styled
+def model_grid(
+    images: Sequence[Image.Image | np.ndarray | Tensor],
+    rows: Sequence[tuple[str, Analysis]],
+    *,
+    column_titles: Sequence[str],
+    layer: str | None = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = 0.5,
+    width: str | float = "double",
+    decimals: int = 5,
+    title: str | None = None,
+) -> Figure:
+    """The CBAM paper's Grad-CAM figure: images in columns, one row of Grad-CAMs per model.
+
+    Args:
+        images: the RGB crops shown (one per column), e.g. the first model's `crop_image`.
+        rows: (row label, Analysis over all `images`, in the same order), e.g.
+            ("ResNet-50 + CBAM", analysis). Models may differ in depth, attention and input
+            size: each CAM is resized to its column's image.
+        column_titles: one title per image (the class name).
+        layer: CAM layer shown; default each row's deepest stage (`layer4` in a ResNet,
+            whatever its name in another network).
+        decimals: digits of the softmax score printed under each map, "P=0.96340".
+
+    Raises:
+        ValueError: counts do not match, or a row has no CAM for `layer`.
+    """
+    pics = [as_image(im) for im in images]
+    if not pics:
+        raise ValueError("model_grid needs at least one image")
+    if len(column_titles) != len(pics):
+        raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
+    shown: list[str] = []
+    for label, analysis in rows:
+        row_layer = layer if layer is not None else _deepest_cam(analysis)
+        if row_layer not in analysis.cams:
+            raise ValueError(
+                f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
+            )
+        shown.append(row_layer)
+        if analysis.logits.shape[0] != len(pics):
+            raise ValueError(
+                f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
+            )
+    labels = _wrap_row_labels(
+        [literal(label) for label, _ in rows], width, len(pics), max_panel=1.4
+    )
+    lines = max(label.count("\n") + 1 for label in labels) if labels else 1
+    canvas = Canvas(
+        width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
+        max_panel=1.4,
+    )  # fmt: skip
+    for c, (pic, name) in enumerate(zip(pics, map(literal, column_titles))):
+        canvas.image(0, c, pic)
+        canvas.above(0, c, name)
+    canvas.left_of(0, 0, "input")
+    for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
+        cams = analysis.cams[row_layer]
+        probs = analysis.target_probs
+        for c, pic in enumerate(pics):
+            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha))
+            canvas.below(r, c, f"P={float(probs[c]):.{decimals}f}")
+        canvas.left_of(r, 0, label)
+    if title:
+        canvas.title(title)
+    return canvas.fig
+
+
+def _deepest_cam(analysis: Analysis) -> str:
+    """The CAM layer of the deepest stage (the last CAM when stages are unknown)."""
+    by_stage = analysis.stage_cams()
+    if by_stage:
+        return by_stage[max(by_stage)]
+    return list(analysis.cams)[-1] if analysis.cams else "(none)"
+
+
+def _wrap_row_labels(
+    labels: Sequence[str], width: str | float, ncols: int, max_panel: float
+) -> list[str]:
+    """Break rotated row labels into lines no taller than a panel (no label runs off a row)."""
+    panel = min(max_panel, (figure_width(width) - 0.5 - 0.04 * (ncols - 1)) / ncols)
+    chars = max(8, int(panel / (0.6 * FIGURE_STYLE["font.size"] / 72)))  # average glyph width
+    return [textwrap.fill(label, chars, break_long_words=False) for label in labels]

@@ -1,0 +1,130 @@
+"""The input and every module's spatial attention map overlaid on it, grouped by stage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+from ..maps import DEFAULT_CMAP, overlay
+from ..probes import kind_style
+from ..trace import AttentionTrace
+from .canvas import (
+    Canvas,
+    as_image,
+    group_label,
+    kinds_of,
+    panel_label,
+    pick_image,
+    spatial_map,
+    spatial_name,
+    styled,
+    value_range,
+)
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["spatial_overview"]
+
+
+@styled
+def spatial_overview(
+    image: Image.Image | np.ndarray | Tensor,
+    trace: AttentionTrace,
+    *,
+    index: int = 0,
+    shared_scale: bool = True,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = 0.5,
+    width: str | float = "double",
+    title: str | None = None,
+    max_columns: int = 9,
+) -> Figure:
+    """The input and every module's spatial attention map overlaid on it, grouped by stage.
+
+    Stages are packed left to right into rows of at most `max_columns` panels (a stage longer
+    than a row wraps), each group labelled "stage s" above its "block b" panels.
+
+    Args:
+        image: the RGB crop the network saw (`Preprocess.crop_image`), PIL or (H, W, 3).
+        trace: attention trace of a batch; image `index` of it is shown.
+        shared_scale: one colour scale for all maps (comparable colours, one colour bar);
+            False scales each map to its own min-max.
+        cmap: colour map of the maps.
+        alpha: opacity of the maps over the image, in [0, 1].
+        width: "single", "double" or inches.
+        title: optional figure title.
+        max_columns: panels per row, the input included.
+
+    Returns:
+        A Figure. CBAM shows M_s; BAM shows sigma(M_s) of its spatial branch. An SE model (no
+        spatial maps) or a plain model gets a note panel beside the image instead.
+    """
+    img = as_image(image)
+    trace = pick_image(trace, index)
+    records = trace.spatial_records
+    header = 0.25 if title else 0.0
+    if not records:
+        canvas = Canvas(width, [3], header=header, max_panel=1.2)
+        canvas.image(0, 0, img)
+        canvas.above(0, 0, "input")
+        if trace.channel_records:
+            names = "/".join(sorted(kind_style(k).label for k in kinds_of(trace)))
+            text = f"{names} modules have no spatial map:\nthey reweight channels only\n(see the channel-weight figure)."
+        else:
+            text = "This model has no attention modules:\nno spatial maps to show."
+        canvas.note(0, 1, text, span=2)
+        if title:
+            canvas.title(title)
+        return canvas.fig
+    if max_columns < 2:
+        raise ValueError(f"max_columns must be at least 2, got {max_columns}")
+
+    maps = [spatial_map(r)[0] for r in records]
+    vmin, vmax = value_range(maps) if shared_scale else (0.0, 1.0)
+    scale = {"vmin": vmin, "vmax": vmax} if shared_scale else {}
+
+    # groups of panels: (label, record indices); the input (None) is a group of its own
+    stages: dict[int, list[int]] = {}
+    for i, rec in enumerate(records):
+        stages.setdefault(rec.stage, []).append(i)
+    groups: list[tuple[str, list[int | None]]] = [("", [None])]
+    for members in stages.values():
+        label = group_label(records[members[0]])
+        for start in range(0, len(members), max_columns):
+            groups.append(
+                (label + (" (cont.)" if start else ""), members[start : start + max_columns])
+            )
+    rows: list[list[tuple[str, list[int | None]]]] = [[]]
+    for group in groups:
+        if rows[-1] and sum(len(g[1]) for g in rows[-1]) + len(group[1]) > max_columns:
+            rows.append([])
+        rows[-1].append(group)
+    gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
+            for row in rows]  # fmt: skip
+    counts = [sum(len(members) for _, members in row) for row in rows]
+    canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.29, footer=0.42, header=header)
+    for r, row in enumerate(rows):
+        col = 0
+        for label, members in row:
+            if label:
+                canvas.above(r, col, label, span=len(members), lift=0.155, fontweight="bold")
+            for item in members:
+                if item is None:
+                    canvas.image(r, col, img)
+                    canvas.above(r, col, "input")
+                else:
+                    rec = records[item]
+                    canvas.image(r, col, overlay(img, maps[item], cmap, alpha, **scale))
+                    canvas.above(r, col, panel_label(rec))
+                col += 1
+    kinds = sorted({r.kind for r in records})
+    what = " / ".join(spatial_name(k) for k in kinds)
+    canvas.colorbar(cmap, vmin, vmax, what if shared_scale else f"{what}, each map: own min–max")
+    if title:
+        canvas.title(title)
+    return canvas.fig
