@@ -142,6 +142,7 @@ RECIPE_OPTIONS = (
     "holdout",
     "holdout_seed",
     "test_crop_ratio",
+    "eval_sizes",
 )
 ARCH_DEFAULTS = {"depth": 18, "attention": "none", "stem": "imagenet", "bam_fusion": "product"}
 
