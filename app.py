@@ -27,7 +27,15 @@ from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
-from viz.export import FORMATS, IMAGE_FIGURES, figure_bytes, image_bundle, zip_bundle
+from viz.export import (
+    FORMATS,
+    IMAGE_FIGURES,
+    SCALES,
+    FigureSettings,
+    figure_bytes,
+    image_bundle,
+    zip_bundle,
+)
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
 from viz.serving import ServePolicy, serve_policy
 from viz.session import (
@@ -132,7 +140,8 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> Non
         fig.clear()
     for col, fmt in zip(st.columns(len(MIME)), MIME):
         col.download_button(
-            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt), file_name=f"{name}.{fmt}",
+            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt),
+            file_name=f"{st.session_state.get('download_prefix', 'model')}_{name}.{fmt}",
             mime=MIME[fmt], key=f"dl:{key}:{fmt}", on_click="ignore", icon=":material/download:",
         )  # fmt: skip
 
@@ -140,7 +149,7 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> Non
 def _render(build: Callable[[], Figure], fmt: str) -> bytes:
     fig = build()
     try:
-        return figure_bytes(fig, fmt)
+        return figure_bytes(fig, fmt, dpi=st.session_state.get("download_dpi", 300))
     finally:
         fig.clear()
 
@@ -305,10 +314,25 @@ def main() -> None:
             "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}"
         )
         st.sidebar.header("Drawing")
-        draw = dict(
+        # one settings object drives the screen, every download, the zip and its manifest
+        settings = FigureSettings(
+            method=method,
+            layers=tuple(layers) or None,
             cmap=st.sidebar.selectbox("Colour map", CMAPS, key="cmap"),
             alpha=st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha"),
-            shared_scale=st.sidebar.radio("Scale", ["per map", "shared"], horizontal=True, key="scale") == "shared",
+            scale=st.sidebar.radio("Scale", SCALES, horizontal=True, key="scale",
+                                   help="shared: one colour scale with real values; "
+                                        "per-map: each map stretched to its own min-max"),
+            width=st.sidebar.radio("Figure width", ["double", "single"], horizontal=True,
+                                   key="width", help="double: 6.9 in, single: 3.3 in (a paper column)"),
+            dpi=st.sidebar.select_slider("Download dpi", [150, 300, 600], value=300, key="dpi"),
+        )  # fmt: skip
+        st.session_state["figure_settings"] = settings  # what the downloads below will use
+        st.session_state["download_dpi"] = settings.dpi
+        st.session_state["download_prefix"] = safe_stem(ckpt.label) if ckpt else "model"
+        draw = dict(
+            cmap=settings.cmap, alpha=settings.alpha, shared_scale=settings.shared_scale,
+            width=settings.width,
         )  # fmt: skip
         if ckpt is None:
             return
@@ -317,7 +341,7 @@ def main() -> None:
             return
         if not layers:
             raise ValueError("choose at least one CAM layer in the sidebar")
-        page(ckpt, label, models, items, method, tuple(layers), draw, errors)
+        page(ckpt, label, models, items, settings, draw, errors)
     except USER_ERRORS as exc:
         errors.error(md_text(exc))
     except Exception as exc:  # a bug of ours: one line on the page, the traceback in the log
@@ -349,7 +373,8 @@ def chosen_target(item: ImageItem, ckpt: Checkpoint) -> int | None:
     return None if choice is None else int(choice)
 
 
-def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
+def page(ckpt, label, models, items, settings, draw, errors) -> None:
+    method, layers = settings.method, settings.layers
     base = predict_all(ckpt, items, method, layers)
     names = ckpt.class_names
     crops = [ckpt.preprocess.crop_image(item.image) for item in items]
@@ -400,9 +425,9 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
         "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
         data=lambda: zip_bundle(image_bundle(
             item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
-            target=target, analysis=an,
+            target=target, analysis=an, settings=settings,
         )),
-        file_name=f"{stem}_attention_lens.zip", mime="application/zip", key=f"zip:{tkey}",
+        file_name=f"{safe_stem(ckpt.label)}_{stem}_attention_lens.zip", mime="application/zip", key=f"zip:{tkey}",
         help="All figures as PNG, PDF and SVG, the raw maps (maps.npz) and a manifest: the files "
         "`python -m viz export` writes.",
     )  # fmt: skip
@@ -420,7 +445,7 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
         channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors)
     with tabs[2]:
         show_figure(
-            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"]),
+            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
             f"{stem}_gradcam", f"gc:{tkey}", errors,
         )  # fmt: skip
     with tabs[3]:
@@ -428,7 +453,7 @@ def page(ckpt, label, models, items, method, layers, draw, errors) -> None:
     with tabs[4]:
         if ckpt.arch.attention == "bam":
             show_figure(
-                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"]),
+                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"], width=draw["width"]),
                 f"{stem}_bam_hierarchy", f"bam:{tkey}", errors,
             )  # fmt: skip
         else:
@@ -454,7 +479,7 @@ def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
     compare = None if other is None else base[other].trace
     labels = None if other is None else [items[pick].name, items[other].name]
     show_figure(
-        lambda: figures.channel_weights(trace, index=0, top_k=top_k, compare=compare, labels=labels, cmap=draw["cmap"]),
+        lambda: figures.channel_weights(trace, index=0, top_k=top_k, compare=compare, labels=labels, cmap=draw["cmap"], width=draw["width"]),
         f"{stem}_channels", f"ch:{tkey}", errors,
     )  # fmt: skip
 
@@ -541,7 +566,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if len(set(short)) < len(short):  # same architecture twice: tell them apart
         rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"]),
+        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
         "model_grid", "grid", errors,
     )  # fmt: skip
 
@@ -572,7 +597,7 @@ def class_stats_tab(ckpt, draw, errors) -> None:
         bar.empty()
     if key in results:
         show_figure(
-            lambda: figures.class_channel_stats(results[key], cmap=draw["cmap"]),
+            lambda: figures.class_channel_stats(results[key], cmap=draw["cmap"], shared_scale=draw["shared_scale"], width=draw["width"]),
             "class_channel_stats", f"stats:{ckpt.sha256[:16]}", errors,
         )  # fmt: skip
 

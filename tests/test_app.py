@@ -350,3 +350,22 @@ def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
     assert [plain(e.value) for e in at.error] == [
         "Unexpected error (RuntimeError: simulated bug second line); the server log has details."
     ]
+
+
+def test_non_default_settings_drive_the_screen_and_the_downloads(app):
+    from viz.export import FigureSettings
+
+    at = app.run()
+    at.sidebar.selectbox(key="method").set_value("hirescam").run()
+    at.sidebar.selectbox(key="cmap").set_value("viridis").run()
+    at.sidebar.slider(key="alpha").set_value(0.7).run()
+    at.sidebar.radio(key="scale").set_value("per-map").run()
+    at.sidebar.radio(key="width").set_value("single").run()
+    assert_clean(at)
+    settings = at.session_state["figure_settings"]
+    assert settings == FigureSettings(
+        method="hirescam", layers=("layer1", "layer2", "layer3", "layer4"), cmap="viridis",
+        alpha=0.7, scale="per-map", width="single", dpi=300,
+    )  # fmt: skip
+    names = [b.proto.label for b in at.get("download_button")]
+    assert "Everything for this image (zip)" in names

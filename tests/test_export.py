@@ -25,6 +25,7 @@ from viz.cli import main
 from viz.export import (
     ZIP_DATE,
     ExportError,
+    FigureSettings,
     analysis_arrays,
     figure_bytes,
     image_bundle,
@@ -222,9 +223,8 @@ def test_npz_holds_every_raw_map_with_its_shape(cbam):
 
 def test_image_bundle_is_deterministic_and_complete(cbam):
     png = _png(0)
-    files = image_bundle(
-        png, cbam, name="tench_1", figures=("overview", "gradcam"), formats=("png", "svg"), dpi=72
-    )
+    options = {"name": "tench_1", "figures": ("overview", "gradcam"), "formats": ("png", "svg")}
+    files = image_bundle(png, cbam, settings=FigureSettings(dpi=72), **options)
     assert sorted(files) == [
         "gradcam.png",
         "gradcam.svg",
@@ -233,9 +233,7 @@ def test_image_bundle_is_deterministic_and_complete(cbam):
         "overview.png",
         "overview.svg",
     ]
-    again = image_bundle(
-        png, cbam, name="tench_1", figures=("overview", "gradcam"), formats=("png", "svg"), dpi=72
-    )
+    again = image_bundle(png, cbam, settings=FigureSettings(dpi=72), **options)
     assert files == again
     manifest = json.loads(files["manifest.json"])
     assert manifest["checkpoints"][0]["sha256"] == cbam.sha256
@@ -581,3 +579,57 @@ def test_a_huge_sparse_image_file_is_refused_by_size(ckpts, tmp_path, capsys):
                      "--out", tmp_path / "o")  # fmt: skip
     assert code == 1 and "over 256 MB" in err
     assert list((tmp_path / "o").rglob("overview.png"))  # the good image is exported
+
+
+def test_the_bundle_follows_its_settings(cbam):
+    from viz.figures import attention_vs_gradcam, spatial_overview
+    from viz.session import analyze_images
+
+    png = _png(0)
+    settings = FigureSettings(method="gradcam++", cmap="viridis", alpha=0.7, scale="per-map",
+                              width="single", dpi=80)  # fmt: skip
+    files = image_bundle(png, cbam, figures=("overview", "gradcam"), formats=("png",),
+                         settings=settings)  # fmt: skip
+    options = json.loads(files["manifest.json"])["options"]
+    assert options["cam_method"] == "gradcam++" and options["cmap"] == "viridis"
+    assert options["alpha"] == 0.7 and options["scale"] == "per-map" and options["dpi"] == 80
+    assert options["width_inches"] == pytest.approx(3.3)
+    pil = load_image(png)
+    analysis = analyze_images(cbam, [pil], method="gradcam++")
+    crop = cbam.preprocess.crop_image(pil)
+    overview = spatial_overview(crop, analysis.trace, cmap="viridis", alpha=0.7,
+                                shared_scale=False, width="single")  # fmt: skip
+    assert files["overview.png"] == figure_bytes(overview, "png", dpi=80)
+    gradcam = attention_vs_gradcam(crop, analysis, class_names=cbam.class_names, cmap="viridis",
+                                   alpha=0.7, width="single")  # fmt: skip
+    assert files["gradcam.png"] == figure_bytes(gradcam, "png", dpi=80)
+    with np.load(io.BytesIO(files["maps.npz"])) as maps:
+        cams = [k for k in maps.files if k.startswith("cam/")]
+        assert cams and np.allclose(maps[cams[-1]], analysis.cams["layer4"][0].numpy())
+    with pytest.raises(ExportError, match="another CAM method"):
+        image_bundle(png, cbam, analysis=analysis, settings=FigureSettings(method="layercam"))
+
+
+def test_settings_are_checked_in_one_line():
+    for bad in ({"method": "scorecam"}, {"cmap": "nope"}, {"alpha": 2}, {"scale": "global"},
+                {"dpi": 5}, {"width": "triple"}):  # fmt: skip
+        with pytest.raises(ExportError) as info:
+            FigureSettings(**bad)
+        assert "\n" not in str(info.value)
+
+
+def test_cli_settings_flags_reach_the_manifest_and_the_maps(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--method", "layercam",
+                        "--layers", "layer3,layer4", "--cmap", "viridis", "--alpha", "0.8",
+                        "--scale", "per-map", "--width", "single")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    options = manifest["options"]
+    assert (options["cam_method"], options["cam_layers"]) == ("layercam", ["layer3", "layer4"])
+    assert (options["cmap"], options["alpha"], options["scale"]) == ("viridis", 0.8, "per-map")
+    assert all(r["cam_method"] == "layercam" for r in manifest["results"])
+    with np.load(next(out.rglob("maps.npz"))) as maps:
+        assert sorted(k for k in maps.files if k.startswith("cam/")) == ["cam/layer3", "cam/layer4"]
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", "--cmap", "nope")
+    assert code == 2 and "unknown colour map 'nope'" in err

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cam import stage_layers
-from .export import ExportError
+from .export import ExportError, FigureSettings
+from .maps import DEFAULT_CMAP
 from .session import IMAGE_TYPES
 
 __all__ = [
@@ -308,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="figure width: single (3.3 in), double (6.9 in) or inches (default: double)")  # fmt: skip
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
+    export.add_argument("--method", default="gradcam", metavar="METHOD",
+                        help="CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam "
+                             "(default: gradcam)")  # fmt: skip
+    export.add_argument("--layers", default=None, metavar="LIST",
+                        help="comma list of CAM layers (default: each network's stage layers)")  # fmt: skip
+    export.add_argument("--cmap", default=DEFAULT_CMAP, metavar="NAME",
+                        help=f"colour map of the maps (default: {DEFAULT_CMAP})")  # fmt: skip
+    export.add_argument("--alpha", type=float, default=0.5,
+                        help="opacity of the maps over the image, 0..1 (default: 0.5)")  # fmt: skip
+    export.add_argument("--scale", choices=["shared", "per-map"], default="shared",
+                        help="one colour scale with real values, or each map's own min-max "
+                             "(default: shared)")  # fmt: skip
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="your own code registering architectures and attention probes "
                              "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
@@ -407,6 +420,14 @@ def _export(args: argparse.Namespace) -> int:
 
     figures = list(dict.fromkeys(args.figure or ["overview"]))
     formats, dpi, width = args.format, args.dpi, args.width
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None
+    try:
+        settings = FigureSettings(
+            method=args.method, layers=layers, cmap=args.cmap, alpha=args.alpha,
+            scale=args.scale, width=width, dpi=dpi,
+        )  # fmt: skip
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
     images, folders = collect_images(args.images)
     if "class-stats" in figures and not folders:
         raise UsageError(
@@ -456,7 +477,10 @@ def _export(args: argparse.Namespace) -> int:
                 light = []
                 for _, name, ckpt in checkpoints:
                     try:
-                        analysis = analyze_images(ckpt, [pil], targets[image_name][name])
+                        analysis = analyze_images(
+                            ckpt, [pil], targets[image_name][name],
+                            method=settings.method, layers=settings.layers,
+                        )  # fmt: skip
                         if per_image:
                             files, notes = render_image(
                                 pil,
@@ -464,8 +488,7 @@ def _export(args: argparse.Namespace) -> int:
                                 analysis,
                                 figures=per_image,
                                 formats=formats,
-                                dpi=dpi,
-                                width=width,
+                                settings=settings,
                             )
                             run.write(f"{name}/{image_name}", files)
                             for text in notes:
@@ -484,9 +507,9 @@ def _export(args: argparse.Namespace) -> int:
                     for (_, name, ckpt), item in zip(checkpoints, light):
                         grid[name].append(_same_class(ckpt, pil, item, title))
         if "model-grid" in figures:
-            _model_grids(run, checkpoints, grid, grid_images, formats, dpi, width)
+            _model_grids(run, checkpoints, grid, grid_images, formats, settings)
     if "class-stats" in figures:
-        _class_stats(run, checkpoints, folders, formats, dpi, width)
+        _class_stats(run, checkpoints, folders, formats, settings)
 
     labels = None
     if args.labels:
@@ -495,7 +518,7 @@ def _export(args: argparse.Namespace) -> int:
             "sha256": hashlib.sha256(Path(args.labels).read_bytes()).hexdigest(),
         }
     options = export_options(
-        figures, formats, dpi, width, args.target, overwrite=bool(args.overwrite), labels=labels
+        figures, formats, settings, args.target, overwrite=bool(args.overwrite), labels=labels
     )
     manifest = build_manifest(
         checkpoints=[
@@ -536,10 +559,12 @@ def _same_class(ckpt, image, light, class_name: str):
     if class_name not in names or names[int(light.target[0])] == class_name:
         return light
     last = stage_layers(ckpt.model)[-1]
-    return _light(analyze_images(ckpt, [image], names.index(class_name), layers=(last,)))
+    return _light(
+        analyze_images(ckpt, [image], names.index(class_name), method=light.method, layers=(last,))
+    )
 
 
-def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, dpi, width) -> None:
+def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings) -> None:
     from .export import figure_bytes
     from .figures import model_grid
     from .session import stack_analyses
@@ -554,14 +579,17 @@ def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, dpi, width)
                 for label, (_, name, _) in zip(labels, checkpoints)]  # fmt: skip
         try:
             fig = model_grid([crop for _, crop, _ in chunk], rows,
-                             column_titles=[title for _, _, title in chunk], width=width)  # fmt: skip
+                             column_titles=[title for _, _, title in chunk], width=settings.width,
+                             cmap=settings.cmap, alpha=settings.alpha)  # fmt: skip
             stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
-            run.write("", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=dpi) for fmt in formats})
+            run.write(
+                "", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats}
+            )
         except Exception as exc:
             run.fail("model-grid", ", ".join(n for n, _, _ in chunk), exc)
 
 
-def _class_stats(run: _Run, checkpoints, folders, formats, dpi, width) -> None:
+def _class_stats(run: _Run, checkpoints, folders, formats, settings) -> None:
     from tqdm import tqdm
 
     from .export import figure_bytes, npz_bytes, safe_name
@@ -585,8 +613,13 @@ def _class_stats(run: _Run, checkpoints, folders, formats, dpi, width) -> None:
                 if not stats.means:
                     run.note(f"class-stats skipped for {ckpt.label}: no attention modules")
                     continue
-                fig = class_channel_stats(stats, width=width)
-                files = {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=dpi) for fmt in formats}
+                fig = class_channel_stats(
+                    stats, width=settings.width, cmap=settings.cmap,
+                    shared_scale=settings.shared_scale,
+                )  # fmt: skip
+                files = {
+                    f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats
+                }
                 arrays = {
                     "class_names": _str_array(stats.class_names),
                     "counts": stats.counts.numpy(),

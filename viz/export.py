@@ -25,6 +25,7 @@ import re
 import unicodedata
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,6 +50,8 @@ from .images import ImageSource, load_image
 from .maps import DEFAULT_CMAP
 
 __all__ = [
+    "FigureSettings",
+    "SCALES",
     "FORMATS",
     "FIGURES",
     "IMAGE_FIGURES",
@@ -389,6 +392,69 @@ def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 # --- one image, one model ---------------------------------------------------------------------
 
 
+SCALES = ("shared", "per-map")
+
+
+@dataclass(frozen=True)
+class FigureSettings:
+    """Everything that decides how maps are computed and drawn: one object drives the app's
+    screen, every download, the zip, `python -m viz export` and the manifest.
+
+    Attributes:
+        method: CAM method (`viz.cam.CAM_METHODS`).
+        layers: CAM layers, or None for the network's stage layers.
+        cmap: colour map of the maps.
+        alpha: opacity of the maps over the image, in [0, 1].
+        scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max).
+        width: "single", "double" or inches.
+        dpi: raster resolution of PNG files.
+    """
+
+    method: str = "gradcam"
+    layers: tuple[str, ...] | None = None
+    cmap: str = DEFAULT_CMAP
+    alpha: float = 0.5
+    scale: str = "shared"
+    width: str | float = "double"
+    dpi: int = 300
+
+    def __post_init__(self) -> None:
+        from .cam import CAM_METHODS
+
+        if self.method not in CAM_METHODS:
+            raise ExportError(
+                f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"
+            )
+        if self.cmap not in matplotlib.colormaps:
+            raise ExportError(f"unknown colour map {self.cmap!r} (any matplotlib colormap name)")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ExportError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.scale not in SCALES:
+            raise ExportError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if not 10 <= int(self.dpi) <= 2400:
+            raise ExportError(f"dpi must be from 10 to 2400, got {self.dpi}")
+        try:
+            figure_width(self.width)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+
+    @property
+    def shared_scale(self) -> bool:
+        return self.scale == "shared"
+
+    def to_dict(self) -> dict:
+        return {
+            "cam_method": self.method,
+            "cam_layers": None if self.layers is None else list(self.layers),
+            "cmap": self.cmap,
+            "alpha": float(self.alpha),
+            "scale": self.scale,
+            "width": self.width,
+            "width_inches": figure_width(self.width),
+            "dpi": int(self.dpi),
+        }
+
+
 def _check_options(figures: Sequence[str], formats: Sequence[str], width: str | float) -> None:
     unknown = [f for f in figures if f not in IMAGE_FIGURES]
     if unknown:
@@ -411,8 +477,7 @@ def render_image(
     *,
     figures: Sequence[str] = ("overview",),
     formats: Sequence[str] = ("png",),
-    dpi: int = 300,
-    width: str | float = "double",
+    settings: FigureSettings | None = None,
 ) -> tuple[dict[str, bytes], list[str]]:
     """Figures and raw maps of one image analysed by one model.
 
@@ -420,28 +485,33 @@ def render_image(
         image: the image as loaded (it is cropped with the checkpoint's own `Preprocess`).
         analysis: of this image (batch of one), e.g. `viz.session.analyze_images`.
         figures: among `IMAGE_FIGURES`.
+        settings: colour map, opacity, scale, width and dpi (default `FigureSettings()`).
 
     Returns:
         (files, notes): files `<figure>.<format>` and `maps.npz`; notes say which figures were
         skipped because the model cannot show them (bam-hierarchy without BAM, channels
-        without attention modules).
+        without channel weights).
     """
-    _check_options(figures, formats, width)
+    s = settings or FigureSettings()
+    _check_options(figures, formats, s.width)
     crop = checkpoint.preprocess.crop_image(image)
     files: dict[str, bytes] = {}
     notes: list[str] = []
     kinds = {r.kind for r in analysis.trace}
+    draw = {"cmap": s.cmap, "width": s.width}
     for name in figures:
         if name == "overview":
-            fig = spatial_overview(crop, analysis.trace, width=width)
+            fig = spatial_overview(
+                crop, analysis.trace, alpha=s.alpha, shared_scale=s.shared_scale, **draw
+            )
         elif name == "channels":
-            if not kinds:
-                notes.append(f"channels skipped for {checkpoint.label}: no attention modules")
+            if not analysis.trace.channel_records:
+                notes.append(f"channels skipped for {checkpoint.label}: no channel attention")
                 continue
-            fig = channel_weights(analysis.trace, width=width)
+            fig = channel_weights(analysis.trace, **draw)
         elif name == "gradcam":
             fig = attention_vs_gradcam(
-                crop, analysis, class_names=checkpoint.class_names, width=width
+                crop, analysis, class_names=checkpoint.class_names, alpha=s.alpha, **draw
             )
         else:  # bam-hierarchy
             if "bam" not in kinds:
@@ -449,9 +519,9 @@ def render_image(
                     f"bam-hierarchy skipped for {checkpoint.label}: the model has no BAM modules"
                 )
                 continue
-            fig = bam_hierarchy(crop, analysis.trace, width=width)
+            fig = bam_hierarchy(crop, analysis.trace, **draw)
         for fmt in formats:
-            files[f"{name}.{fmt}"] = figure_bytes(fig, fmt, dpi=dpi)
+            files[f"{name}.{fmt}"] = figure_bytes(fig, fmt, dpi=s.dpi)
     files["maps.npz"] = npz_bytes(analysis_arrays(analysis))
     return files, notes
 
@@ -479,8 +549,7 @@ def image_bundle(
     name: str = "image",
     figures: Sequence[str] = ("overview",),
     formats: Sequence[str] = ("png",),
-    dpi: int = 300,
-    width: str | float = "double",
+    settings: FigureSettings | None = None,
     target: int | None = None,
     analysis: Analysis | None = None,
     checkpoint_path: str | os.PathLike | None = None,
@@ -493,8 +562,11 @@ def image_bundle(
         checkpoint: the model.
         name: the image's name in the manifest.
         figures: among `IMAGE_FIGURES`; formats: among `FORMATS`.
+        settings: method, layers, colour map, opacity, scale, width, dpi — the same object
+            that drew the screen, recorded in the manifest.
         target: class to explain (None: the top-1 prediction).
-        analysis: reuse an analysis of this image (batch of one) instead of computing it.
+        analysis: reuse an analysis of this image (batch of one) instead of computing it; it
+            must have been computed with `settings.method` and `settings.layers`.
         checkpoint_path: recorded in the manifest.
         manifest: add `manifest.json`.
 
@@ -503,23 +575,30 @@ def image_bundle(
         `zip_bundle` for one archive. The same inputs give the same bytes.
 
     Raises:
-        ExportError: unknown figure or format; viz.images.ImageError: unreadable image;
-        ValueError: target outside the classes.
+        ExportError: unknown figure or format, or an analysis made with other settings;
+        viz.images.ImageError: unreadable image; ValueError: target outside the classes.
     """
     from .session import analyze_images
 
-    _check_options(figures, formats, width)
+    s = settings or FigureSettings()
+    _check_options(figures, formats, s.width)
     pil, digest = _image_input(image)
     if analysis is None:
-        analysis = analyze_images(checkpoint, [pil], target)
+        analysis = analyze_images(checkpoint, [pil], target, method=s.method, layers=s.layers)
+    elif analysis.method != s.method or (
+        s.layers is not None and list(analysis.cams) != list(s.layers)
+    ):
+        raise ExportError(
+            "the analysis was made with another CAM method or layers than the settings"
+        )
     files, notes = render_image(
-        pil, checkpoint, analysis, figures=figures, formats=formats, dpi=dpi, width=width
+        pil, checkpoint, analysis, figures=figures, formats=formats, settings=s
     )
     if manifest:
         info = build_manifest(
             checkpoints=[checkpoint_info(checkpoint, checkpoint_path)],
             images=[{"name": name, **digest}],
-            options=export_options(figures, formats, dpi, width, target),
+            options=export_options(figures, formats, s, target),
             results=[
                 {
                     "checkpoint": checkpoint.label,
@@ -537,8 +616,7 @@ def image_bundle(
 def export_options(
     figures: Sequence[str],
     formats: Sequence[str],
-    dpi: int,
-    width: str | float,
+    settings: FigureSettings,
     target: object,
     **extra: Any,
 ) -> dict:
@@ -546,10 +624,7 @@ def export_options(
     return {
         "figures": list(figures),
         "formats": list(formats),
-        "dpi": dpi,
-        "width": width,
-        "width_inches": figure_width(width),
         "target": target,
-        "cmap": DEFAULT_CMAP,
+        **settings.to_dict(),
         **extra,
     }
