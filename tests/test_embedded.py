@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from models.card import GOAL_TOP1, model_card
+from models.card import GOAL_SIZE, GOAL_TOP1, meets_goal, model_card
 from viz import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,26 @@ def test_embedded_checkpoint_metadata_is_complete(name):
     for key in ("name", "dataset", "training", "accuracy", "preprocess", "arch"):
         assert key in meta, key
     assert meta["accuracy"]["images"] == 3439
-    # the accuracy the file records was measured by the training command on the stored weights
-    assert meta["accuracy"]["top1"] >= GOAL_TOP1
     assert len(meta["training"]["history"]) == meta["training"]["recipe"]["epochs"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_embedded_checkpoint_meets_the_224_goal_or_the_card_says_it_does_not(name):
+    path = _checkpoint(name)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.metadata
+    if meets_goal(meta):
+        # runs at 224 px as the official evaluation, chosen on a hold-out, scored once on val
+        assert (ckpt.preprocess.resize, ckpt.preprocess.crop) == (256, GOAL_SIZE)
+        assert meta["accuracy"]["top1"] >= GOAL_TOP1
+        selection = meta["training"]["selection"]
+        assert selection["split"] == "holdout" and selection["images"] == 947
+        assert meta["accuracy"]["selected_on"] == "holdout"
+    else:  # the card must not hide it
+        status = next(
+            line for line in model_card(ROOT / "checkpoints").splitlines() if "**Status:**" in line
+        )
+        assert f"`{path.name}` (" in status.split("not by", 1)[1]
     assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
 
 
@@ -49,7 +66,7 @@ def test_embedded_checkpoint_classifies_the_samples(name):
     with torch.no_grad():
         pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
     correct = sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows))
-    # chance is 2/20; the four models (85-87% top-1) get 15-18 of these right
+    # chance is 2/20; the four models (85-89% top-1) get 15-19 of these right
     assert correct >= 13, f"{correct}/{len(rows)} samples right"
 
 
@@ -57,7 +74,6 @@ def test_model_card_lists_every_embedded_checkpoint():
     card = model_card(ROOT / "checkpoints")
     for n in NAMES:
         assert f"resnet18_{n}_imagenette.safetensors" in card
-    assert "every checkpoint below reaches it" in card
     committed = (ROOT / "checkpoints" / "README.md").read_text()
     assert committed == card, "checkpoints/README.md is stale: run python -m models.card"
 
@@ -70,6 +86,10 @@ def test_model_card_status_names_the_checkpoints_short_of_the_goal(tmp_path):
         return EmbeddedCheckpoint(tmp_path / name, 1, 0.0, {"accuracy": {"top1": top1}})
 
     good, close = entry("a.safetensors", GOAL_TOP1), entry("b.safetensors", GOAL_TOP1 - 0.01)
+    old = EmbeddedCheckpoint(
+        tmp_path / "d.safetensors", 1, 0.0, {"accuracy": {"top1": 90.0, "test_size": 160}}
+    )
+    assert "not by `d.safetensors` (90.0% at 160 px)" in _status([good, old])
     assert _status([good]).endswith("every checkpoint below reaches it.")
     line = _status([good, close, entry("c.safetensors", None)])
     short = f"`b.safetensors` ({round(GOAL_TOP1 - 0.01, 2)}%)"
