@@ -6,6 +6,8 @@ Every figure module builds on these; none of them keeps state between calls.
 from __future__ import annotations
 
 import functools
+import re
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "fit_text",
+    "text_width",
     "SINGLE_COLUMN",
     "DOUBLE_COLUMN",
     "DIFF_CMAP",
@@ -154,6 +159,41 @@ def colorbar(fig: Figure, axes, cmap: str, vmin: float, vmax: float, label: str,
     mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
     bar = fig.colorbar(mappable, ax=axes, label=label, fraction=0.05, pad=0.02, aspect=30, **kw)
     bar.outline.set_linewidth(0.5)
+    ticks = MaxNLocator(nbins=3, symmetric=vmin < 0 < vmax).tick_values(vmin, vmax)
+    bar.set_ticks([t for t in ticks if vmin - 1e-12 <= t <= vmax + 1e-12])  # few, inside
+
+
+CHAR_WIDTH = 0.56  # average glyph width of DejaVu Sans, in ems: a safe estimate for labels
+
+
+def _shown_length(line: str) -> int:
+    """Characters a line shows: a mathtext command such as \\sigma is one glyph."""
+    if "$" in line:
+        line = re.sub(r"\\[A-Za-z]+", "x", line)
+        line = re.sub(r"[${}_^]", "", line)
+    return len(line)
+
+
+def text_width(text: str, fontsize: float) -> float:
+    """Estimated width in inches of the longest line of `text` at `fontsize` points."""
+    longest = max((_shown_length(line) for line in str(text).split("\n")), default=0)
+    return longest * CHAR_WIDTH * fontsize / 72
+
+
+def fit_text(
+    text: str, inches: float, *, fontsize: float = 7.0, max_lines: int = 1, min_size: float = 6.0
+) -> tuple[str, float]:
+    """`text` made to fit `inches`: at `fontsize`, else at `min_size`, wrapped to `max_lines`
+    lines, the last one cut with an ellipsis. Returns (text, font size)."""
+    for size in (fontsize, min_size):
+        if text_width(text, size) <= inches:
+            return text, size
+    chars = max(3, int(inches / (CHAR_WIDTH * min_size / 72)))
+    lines = textwrap.wrap(str(text), chars, break_long_words=True) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(1, chars - 1)].rstrip() + "…"
+    return "\n".join(lines), min_size
 
 
 class Canvas:
@@ -218,15 +258,28 @@ class Canvas:
         self.ax.text(x + w / 2, y + p / 2, text, ha="center", va="center", multialignment="center")
 
     def above(
-        self, row: int, col: int, text: str, *, span: float = 1.0, lift: float = 0.02, **kw
+        self,
+        row: int,
+        col: int,
+        text: str,
+        *,
+        span: float = 1.0,
+        lift: float = 0.02,
+        max_lines: int = 1,
+        **kw,
     ) -> None:
+        """Text centred above a panel (or `span` panels), fitted to their width."""
         x, y, p = self.box(row, col)
         w = p * span + self.gap * (span - 1)
-        self.ax.text(x + w / 2, y + p + lift, text, ha="center", va="bottom", **kw)
+        text, size = fit_text(text, w + self.gap * 0.5, max_lines=max_lines)
+        self.ax.text(x + w / 2, y + p + lift, text, ha="center", va="bottom", fontsize=size,
+                     multialignment="center", **kw)  # fmt: skip
 
     def below(self, row: int, col: int, text: str, **kw) -> None:
+        """Text centred under a panel, fitted to its width."""
         x, y, p = self.box(row, col)
-        self.ax.text(x + p / 2, y - 0.02, text, ha="center", va="top", **kw)
+        text, size = fit_text(text, p + self.gap * 0.5)
+        self.ax.text(x + p / 2, y - 0.02, text, ha="center", va="top", fontsize=size, **kw)
 
     def left_of(self, row: int, col: int, text: str, **kw) -> None:
         x, y, p = self.box(row, col)
@@ -254,8 +307,14 @@ class Canvas:
         cax.xaxis.labelpad = 1
 
     def title(self, text: str) -> None:
+        """The figure title: one line at 8.4 pt if it fits, else up to two lines at 7 pt."""
+        room = self.width - 0.1
+        if text_width(text, 8.4) <= room:
+            text, size = text, 8.4
+        else:
+            text, size = fit_text(text, room, fontsize=7.0, min_size=7.0, max_lines=2)
         self.ax.text(self.width / 2, self.height - 0.04, text, ha="center", va="top",
-                     fontsize="large")  # fmt: skip
+                     fontsize=size, multialignment="center")  # fmt: skip
 
 
 def heat_rgb(m: Tensor, size: tuple[int, int], cmap: str, vmin: float, vmax: float) -> np.ndarray:

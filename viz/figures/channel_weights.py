@@ -17,11 +17,12 @@ from .canvas import (
     channel_map,
     channel_name,
     colorbar,
+    figure_width,
+    fit_text,
     literal,
     new_figure,
     pick_image,
     short_label,
-    stage_label,
     styled,
 )
 
@@ -39,6 +40,12 @@ def _resample(rows: list[np.ndarray], length: int) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i] = np.interp(grid, np.linspace(0.0, 1.0, len(row)), row) if len(row) > 1 else row[0]
     return out
+
+
+def _fit(text: str, width: str | float, share: float, lines: int = 2) -> str:
+    """An axes title wrapped to the axes' share of the figure width (no overlap, no overflow)."""
+    inches = max(0.3, figure_width(width) * share - 0.25)
+    return fit_text(text, inches, fontsize=7.0, min_size=7.0, max_lines=lines)[0]
 
 
 def _row_ticks(ax: Axes, records: list[AttentionRecord]) -> None:
@@ -108,34 +115,48 @@ def channel_weights(
     what = " / ".join(channel_name(k) for k in kinds)
 
     n = len(records)
-    height = min(9.0, 0.9 + 0.1 * n)
+    bars = min(top_k, len(a_rows[-1]))
+    # room for the rows of the heat map and for the bars' labels (at least 0.12 in each)
+    height = min(9.0, max(0.9 + 0.1 * n, 1.0 + 0.13 * bars))
+    narrow = False
     if b_rows is None:
         fig = new_figure(width, max(1.8, height))
         ax_heat, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
         heat_axes = [ax_heat]
         ax_heat.imshow(heat_a, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax_heat.set_title(f"channel weights: {what}")
+        ax_heat.set_title(_fit(f"channel weights: {what}", width, 3 / 4.2))
     else:
         heat_b = _resample([row[o] for row, o in zip(b_rows, orders)], resolution)
         diff = heat_a - heat_b
-        fig = new_figure(width, max(2.0, height))
-        axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2, 2, 2, 1.4]})
+        narrow = figure_width(width) < 4.5  # a single column: A and B above, A - B and bars below
+        if narrow:
+            fig = new_figure(width, 2 * max(2.0, height) + 0.4)
+            grid = fig.subplots(2, 2)
+            axes, share = [grid[0][0], grid[0][1], grid[1][0], grid[1][1]], 0.4
+        else:
+            fig = new_figure(width, max(2.0, height))
+            axes = list(fig.subplots(1, 4, gridspec_kw={"width_ratios": [2, 2, 2, 1.4]}))
+            share = 2 / 7.4
         heat_axes, ax_bar = list(axes[:3]), axes[3]
         for ax, data, name in ((axes[0], heat_a, name_a), (axes[1], heat_b, name_b)):
             ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"{name} (sorted by {name_a})" if data is heat_b else name)
+            text = f"{name} (sorted by {name_a})" if data is heat_b else name
+            ax.set_title(_fit(text, width, share, lines=3))
         lim = max(float(np.abs(diff).max()), 1e-6)
         axes[2].imshow(
             diff, aspect="auto", cmap=DIFF_CMAP, vmin=-lim, vmax=lim, interpolation="nearest"
         )
-        axes[2].set_title(f"{name_a} − {name_b}")
-        colorbar(fig, axes[2], DIFF_CMAP, -lim, lim, "difference", location="bottom")
+        axes[2].set_title(_fit(f"{name_a} − {name_b}", width, share, lines=3))
+        # beside the difference panel when it is small (ticks under it would collide)
+        colorbar(fig, axes[2], DIFF_CMAP, -lim, lim, "difference",
+                 location="right" if narrow else "bottom")  # fmt: skip
     for i, ax in enumerate(heat_axes):
         _row_ticks(ax, records)
-        if i:
+        if i and not (b_rows is not None and narrow and i == 2):  # row starts keep their labels
             ax.set_yticklabels([])
         ax.set_xticks([0, (resolution - 1) / 2, resolution - 1], ["0", "50", "100"])
         ax.set_xlabel("channel rank, % of C")
+    narrow = b_rows is not None and narrow
     own = all(kind_style(k).own_level for k in kinds)
     heat_axes[0].set_ylabel(f"{kind_style(kinds[0]).label} module" if own else "stage.block")
     colorbar(fig, heat_axes[: 2 if b_rows else 1], cmap, 0.0, 1.0, what, location="bottom")
@@ -151,11 +172,13 @@ def channel_weights(
         ax_bar.barh(pos + 0.18, a_rows[-1][top], color=colour(0.25), height=0.36, label=name_a)
         ax_bar.barh(pos - 0.18, b_rows[-1][top], color=colour(0.75), height=0.36, hatch="////",
                     edgecolor="0.2", linewidth=0.3, label=name_b)  # fmt: skip
-        ax_bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+        ax_bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=1 if narrow else 2,
+                      frameon=False)  # fmt: skip
     ax_bar.set_yticks(pos, [f"c {int(c)}" for c in top])
     ax_bar.set_xlim(0, 1)
     ax_bar.set_xlabel("weight")
-    ax_bar.set_title(f"top {k}: {stage_label(last)}")
+    bar_share = 0.4 if narrow else (1.4 / 7.4 if b_rows is not None else 1.2 / 4.2)
+    ax_bar.set_title(_fit(f"top {k}: {short_label(last)}", width, bar_share, lines=2))
     for side in ("top", "right"):
         ax_bar.spines[side].set_visible(False)
     if title:

@@ -15,6 +15,7 @@ from ..maps import DEFAULT_CMAP, to_numpy
 from .canvas import (
     colorbar,
     figure_width,
+    fit_text,
     literal,
     new_figure,
     styled,
@@ -35,6 +36,10 @@ def _default_modules(names: Sequence[str], stages: dict[str, int]) -> list[str]:
     for name in names:
         last[stages.get(name, 0)] = name
     return [last[s] for s in sorted(last)]
+
+
+def _cut(text: str, chars: int = 22) -> str:
+    return text if len(text) <= chars else text[: chars - 1].rstrip() + "…"
 
 
 def _module_title(name: str, labels: dict[str, str]) -> str:
@@ -98,12 +103,17 @@ def class_channel_stats(
             (vmin, vmax) if shared_scale else value_range([torch.from_numpy(np.nan_to_num(data))])
         )
         ax.imshow(data, aspect="auto", cmap=colours, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(_module_title(name, titles))
-        ax.set_xlabel(f"channel (sorted by overall mean, C = {data.shape[1]})")
+        panel_inches = figure_width(width) / ncols - 1.2
+        ax.set_title(
+            fit_text(_module_title(name, titles), panel_inches, min_size=6.0, max_lines=2)[0]
+        )
+        ax.set_xlabel(f"channels by mean (C = {data.shape[1]})")
         ax.set_xticks([])
         if k <= 30:
+            # class names cut to a readable length, so the heat map keeps its width
             ax.set_yticks(
-                range(k), [f"{literal(c)} ({int(n)})" for c, n in zip(stats.class_names, counts)]
+                range(k),
+                [f"{_cut(literal(c))} ({int(n)})" for c, n in zip(stats.class_names, counts)],
             )
         else:
             ax.set_yticks([])

@@ -19,6 +19,7 @@ from .canvas import (
     figure_width,
     literal,
     styled,
+    text_width,
 )
 
 if TYPE_CHECKING:
@@ -76,20 +77,29 @@ def model_grid(
         [literal(label) for label, _ in rows], width, len(pics), max_panel=1.4
     )
     lines = max(label.count("\n") + 1 for label in labels) if labels else 1
+    titles = [literal(t) for t in column_titles]
+    # two lines of column titles when one line is too narrow for them
+    guess = (figure_width(width) - 0.1 - 0.12 * lines) / len(pics)
+    two = any(text_width(t, 6.0) > min(guess, 1.4) for t in titles)
     canvas = Canvas(
-        width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0,
-        max_panel=1.4,
+        width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
+        foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0, max_panel=1.4,
     )  # fmt: skip
-    for c, (pic, name) in enumerate(zip(pics, map(literal, column_titles))):
+    # as many digits of P as fit under a panel (at least 2; 5 as in the CBAM paper when room)
+    digits = next(
+        (d for d in range(decimals, 1, -1) if text_width("P=0." + "0" * d, 6.0) <= canvas.panel),
+        2,
+    )
+    for c, (pic, name) in enumerate(zip(pics, titles)):
         canvas.image(0, c, pic)
-        canvas.above(0, c, name)
+        canvas.above(0, c, name, max_lines=2)
     canvas.left_of(0, 0, "input")
     for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
         cams = analysis.cams[row_layer]
         probs = analysis.target_probs
         for c, pic in enumerate(pics):
             canvas.image(r, c, overlay(pic, cams[c], cmap, alpha))
-            canvas.below(r, c, f"P={float(probs[c]):.{decimals}f}")
+            canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
     if title:
         canvas.title(title)

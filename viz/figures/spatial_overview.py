@@ -15,6 +15,7 @@ from ..trace import AttentionTrace
 from .canvas import (
     Canvas,
     as_image,
+    figure_width,
     group_label,
     kinds_of,
     panel_label,
@@ -42,7 +43,7 @@ def spatial_overview(
     alpha: float = 0.5,
     width: str | float = "double",
     title: str | None = None,
-    max_columns: int = 9,
+    max_columns: int | None = None,
 ) -> Figure:
     """The input and every module's spatial attention map overlaid on it, grouped by stage.
 
@@ -58,7 +59,8 @@ def spatial_overview(
         alpha: opacity of the maps over the image, in [0, 1].
         width: "single", "double" or inches.
         title: optional figure title.
-        max_columns: panels per row, the input included.
+        max_columns: panels per row, the input included (default: 9 at double width, 6 at
+            single width, so that labels stay legible).
 
     Returns:
         A Figure. CBAM shows M_s; BAM shows sigma(M_s) of its spatial branch. An SE model (no
@@ -81,6 +83,8 @@ def spatial_overview(
         if title:
             canvas.title(title)
         return canvas.fig
+    if max_columns is None:
+        max_columns = 9 if figure_width(width) >= 5.0 else 6
     if max_columns < 2:
         raise ValueError(f"max_columns must be at least 2, got {max_columns}")
 

@@ -1,0 +1,153 @@
+"""Every figure at single (3.3 in) and double (6.9 in) column width, with 6 images, 4 models and
+long class names: no text overlapping other text, none off the page, no font under 6 pt.
+
+Text extents come from matplotlib's own renderer (what the PDF and PNG will show).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
+from PIL import Image
+
+from models import Preprocess, build_model
+from tests.conftest import randomize_bn
+from viz import analyze
+from viz.figures import (
+    FIGURE_STYLE,
+    attention_vs_gradcam,
+    bam_hierarchy,
+    channel_weights,
+    class_channel_stats,
+    model_grid,
+    spatial_overview,
+)
+from viz.metrics import ChannelStats
+
+LONG_NAMES = [
+    "English springer spaniel (long-haired)", "cassette player with a very long name",
+    "chain saw", "church or cathedral building", "French horn", "garbage truck",
+]  # fmt: skip
+PRE = Preprocess(resize=64, crop=64)
+MIN_POINTS = 6
+
+
+def _images() -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        Image.fromarray((torch.rand(64, 64, 3, generator=gen) * 255).byte().numpy())
+        for _ in range(6)
+    ]
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for kind in (None, "se", "bam", "cbam"):
+        torch.manual_seed(0)
+        out[kind] = randomize_bn(build_model(18, kind, num_classes=6)).eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def analyses(models):
+    x = PRE.batch(_images())
+    return {k: analyze(m, x, target=1) for k, m in models.items()}
+
+
+def _texts(fig):
+    canvas = FigureCanvasAgg(fig)
+    with matplotlib.rc_context(FIGURE_STYLE):  # as figure_bytes draws it
+        canvas.draw()
+    renderer = canvas.get_renderer()
+    found = []
+    for t in fig.findobj(Text):
+        if not t.get_visible() or not t.get_text().strip():
+            continue
+        found.append((t, t.get_window_extent(renderer)))
+    return found, fig.bbox
+
+
+def _problems(fig) -> list[str]:
+    texts, page = _texts(fig)
+    problems = []
+    for t, box in texts:
+        if t.get_fontsize() < MIN_POINTS - 1e-6:
+            problems.append(f"{t.get_text()!r} at {t.get_fontsize():.1f} pt")
+        if (
+            box.x0 < page.x0 - 1
+            or box.y0 < page.y0 - 1
+            or box.x1 > page.x1 + 1
+            or box.y1 > page.y1 + 1
+        ):
+            problems.append(f"{t.get_text()!r} runs off the page")
+    for (a, ba), (b, bb) in itertools.combinations(texts, 2):
+        w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
+        h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
+        if w > 0.5 and h > 0.5:  # pixels at 100 dpi: more than a touch
+            problems.append(f"{a.get_text()!r} overlaps {b.get_text()!r}")
+    return problems
+
+
+WIDTHS = ["single", "double"]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("kind", [None, "se", "bam", "cbam"])
+def test_overview_and_gradcam_figures(analyses, width, kind):
+    crop = PRE.crop_image(_images()[0])
+    one = analyses[kind]
+    for fig in (
+        spatial_overview(crop, one.trace, width=width),
+        attention_vs_gradcam(crop, one, class_names=LONG_NAMES, width=width),
+    ):
+        assert _problems(fig) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("kind", ["se", "bam", "cbam"])
+def test_channel_figures(analyses, width, kind):
+    trace = analyses[kind].trace
+    assert _problems(channel_weights(trace, width=width)) == []
+    compare = channel_weights(
+        trace, compare=trace, compare_index=1, labels=["tench, image one", "tench, image two"],
+        width=width,
+    )  # fmt: skip
+    assert _problems(compare) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_model_grid_with_six_images_and_four_models(analyses, width):
+    crops = [PRE.crop_image(im) for im in _images()]
+    rows = [
+        ("ResNet-18 (plain, our embedded baseline)", analyses[None]),
+        ("ResNet-18 + SE", analyses["se"]),
+        ("ResNet-18 + BAM (official product fusion)", analyses["bam"]),
+        ("ResNet-18 + CBAM", analyses["cbam"]),
+    ]
+    fig = model_grid(crops, rows, column_titles=LONG_NAMES, width=width)
+    assert _problems(fig) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_bam_hierarchy(analyses, width):
+    fig = bam_hierarchy(PRE.crop_image(_images()[0]), analyses["bam"].trace, width=width)
+    assert _problems(fig) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_class_statistics(width):
+    gen = torch.Generator().manual_seed(0)
+    names = ["layer1.1.se", "layer2.1.se", "layer3.1.se", "layer4.1.se"]
+    means = {n: torch.rand(6, 64 * 2**i, generator=gen) for i, n in enumerate(names)}
+    stats = ChannelStats(
+        LONG_NAMES, torch.tensor([3, 4, 5, 6, 7, 8]), means,
+        {n: f"stage {i + 1} · block 1" for i, n in enumerate(names)},
+        {n: i + 1 for i, n in enumerate(names)},
+    )  # fmt: skip
+    assert _problems(class_channel_stats(stats, width=width)) == []
