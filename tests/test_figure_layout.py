@@ -17,16 +17,7 @@ from PIL import Image
 
 from models import Preprocess, build_model
 from tests.conftest import randomize_bn
-from viz import analyze
-from viz.figures import (
-    FIGURE_STYLE,
-    attention_vs_gradcam,
-    bam_hierarchy,
-    channel_weights,
-    class_channel_stats,
-    model_grid,
-    spatial_overview,
-)
+from viz import analyze, figures
 from viz.metrics import ChannelStats
 
 LONG_NAMES = [
@@ -62,7 +53,7 @@ def analyses(models):
 
 def _texts(fig):
     canvas = FigureCanvasAgg(fig)
-    with matplotlib.rc_context(FIGURE_STYLE):  # as figure_bytes draws it
+    with matplotlib.rc_context(figures.FIGURE_STYLE):  # as figure_bytes draws it
         canvas.draw()
     renderer = canvas.get_renderer()
     found = []
@@ -103,8 +94,8 @@ def test_overview_and_gradcam_figures(analyses, width, kind):
     crop = PRE.crop_image(_images()[0])
     one = analyses[kind]
     for fig in (
-        spatial_overview(crop, one.trace, width=width),
-        attention_vs_gradcam(crop, one, class_names=LONG_NAMES, width=width),
+        figures.spatial_overview(crop, one.trace, width=width),
+        figures.attention_vs_gradcam(crop, one, class_names=LONG_NAMES, width=width),
     ):
         assert _problems(fig) == []
 
@@ -113,8 +104,8 @@ def test_overview_and_gradcam_figures(analyses, width, kind):
 @pytest.mark.parametrize("kind", ["se", "bam", "cbam"])
 def test_channel_figures(analyses, width, kind):
     trace = analyses[kind].trace
-    assert _problems(channel_weights(trace, width=width)) == []
-    compare = channel_weights(
+    assert _problems(figures.channel_weights(trace, width=width)) == []
+    compare = figures.channel_weights(
         trace, compare=trace, compare_index=1, labels=["tench, image one", "tench, image two"],
         width=width,
     )  # fmt: skip
@@ -130,13 +121,13 @@ def test_model_grid_with_six_images_and_four_models(analyses, width):
         ("ResNet-18 + BAM (official product fusion)", analyses["bam"]),
         ("ResNet-18 + CBAM", analyses["cbam"]),
     ]
-    fig = model_grid(crops, rows, column_titles=LONG_NAMES, width=width)
+    fig = figures.model_grid(crops, rows, column_titles=LONG_NAMES, width=width)
     assert _problems(fig) == []
 
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_bam_hierarchy(analyses, width):
-    fig = bam_hierarchy(PRE.crop_image(_images()[0]), analyses["bam"].trace, width=width)
+    fig = figures.bam_hierarchy(PRE.crop_image(_images()[0]), analyses["bam"].trace, width=width)
     assert _problems(fig) == []
 
 
@@ -150,4 +141,4 @@ def test_class_statistics(width):
         {n: f"stage {i + 1} · block 1" for i, n in enumerate(names)},
         {n: i + 1 for i, n in enumerate(names)},
     )  # fmt: skip
-    assert _problems(class_channel_stats(stats, width=width)) == []
+    assert _problems(figures.class_channel_stats(stats, width=width)) == []
