@@ -369,3 +369,28 @@ def test_non_default_settings_drive_the_screen_and_the_downloads(app):
     )  # fmt: skip
     names = [b.proto.label for b in at.get("download_button")]
     assert "Everything for this image (zip)" in names
+
+
+def test_compare_a_timm_network_beside_ours(app):
+    import timm
+
+    torch.manual_seed(0)
+    other = timm.create_model(
+        "resnet18", pretrained=False, num_classes=10, block_args={"attn_layer": "cbam"}
+    )
+    buf = io.BytesIO()
+    torch.save(other.state_dict(), buf)
+    at = app.run()
+    ours = at.sidebar.selectbox(key="model").value
+    at.sidebar.file_uploader(key="ckpt_upload").set_value(
+        ("timm_cbam.pth", buf.getvalue(), "application/octet-stream")
+    ).run()
+    assert_clean(at)
+    theirs = at.sidebar.selectbox(key="model").value
+    assert theirs.startswith("timm resnet18+cbam")
+    images_before = len(at.image)
+    at.multiselect(key="compare").set_value([ours, theirs]).run()
+    assert_clean(at)
+    assert len(at.image) >= images_before  # the grid of both families is drawn
+    described = plain(" ".join(m.value for m in at.sidebar.markdown))
+    assert "resnet18+cbam (timm)" in described and "**Attention**: CBAM" in described
