@@ -78,7 +78,8 @@ def test_spatial_overview_builds_for_every_attention_type(analyses, crop, kind):
     text = " ".join(_texts(fig))
     if kind == "cbam":
         assert _image_count(fig) == 1 + 8  # the input and 8 blocks
-        assert {"stage 1", "stage 4", "block 0", "block 1"} <= set(_texts(fig))
+        # stage labels give each map's real grid (input 64 px: 16x16 at stride 4)
+        assert {"stage 1 · 16×16", "stage 4 · 2×2", "block 0", "block 1"} <= set(_texts(fig))
         assert "M_s" in text
     elif kind == "bam":
         assert _image_count(fig) == 1 + 3
@@ -99,7 +100,7 @@ def test_spatial_overview_options(analyses, crop):
     assert any("own min–max" in t for t in _texts(single))
     assert spatial_overview(crop, trace, width=5.0).get_size_inches()[0] == pytest.approx(5.0)
     wrapped = spatial_overview(crop, trace, max_columns=2)
-    assert "stage 1" in _texts(wrapped)
+    assert "stage 1 · 16×16" in _texts(wrapped)
     with pytest.raises(ValueError, match="width"):
         spatial_overview(crop, trace, width="triple")
     with pytest.raises(IndexError):

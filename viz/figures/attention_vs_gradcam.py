@@ -68,7 +68,7 @@ def attention_vs_gradcam(
     name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
     name = literal(name)
     canvas = Canvas(
-        width, [3] * len(stage_layers), left=0.18, footer=0.42, header=0.22, max_panel=1.3
+        width, [3] * len(stage_layers), left=0.3, footer=0.42, header=0.22, max_panel=1.3
     )
     channel_only = sorted({kind_style(r.kind).label for r in one.trace if r.spatial is None})
     for r, (stage, layer) in enumerate(stage_layers):
@@ -83,14 +83,18 @@ def attention_vs_gradcam(
             canvas.note(r, 2, "agreement:\nn/a")
         else:
             canvas.image(r, 0, overlay(img, spatial_map(rec)[0], cmap, alpha))
+            cells = rec.spatial[0].numel()
+            coarse = f"\nonly {cells} cells: coarse" if cells < 64 else f"\n{cells} cells"
             canvas.ax.text(
                 canvas.box(r, 2)[0] + 0.02, canvas.box(r, 2)[1] + canvas.panel / 2,
                 f"Pearson r = {score.pearson:.2f}\nSpearman ρ = {score.spearman:.2f}\n"
-                f"IoU (top {score.top_k:.0%}) = {score.iou:.2f}",
+                f"IoU (top {score.top_k:.0%}) = {score.iou:.2f}{coarse}",
                 ha="left", va="center", fontsize=6,
             )  # fmt: skip
-        canvas.image(r, 1, overlay(img, one.cams[layer][0], cmap, alpha))
-        canvas.left_of(r, 0, f"stage {stage}")
+        cam = one.cams[layer][0]
+        canvas.image(r, 1, overlay(img, cam, cmap, alpha))
+        # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
+        canvas.left_of(r, 0, f"stage {stage} · {layer}\n{cam.shape[-2]}×{cam.shape[-1]}")
     symbols = {kind_style(r.kind).symbol for r in one.trace.spatial_records}
     attention = f"attention {symbols.pop()}".strip() if len(symbols) == 1 else "attention"
     for col, text in enumerate((attention, one.method_label, "agreement")):

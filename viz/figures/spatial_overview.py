@@ -98,7 +98,9 @@ def spatial_overview(
         stages.setdefault(rec.stage, []).append(i)
     groups: list[tuple[str, list[int | None]]] = [("", [None])]
     for members in stages.values():
-        label = group_label(records[members[0]])
+        first = records[members[0]]
+        h, w = first.spatial.shape[-2:]
+        label = f"{group_label(first)} · {h}×{w}"  # the map's real grid
         for start in range(0, len(members), max_columns):
             groups.append(
                 (label + (" (cont.)" if start else ""), members[start : start + max_columns])
