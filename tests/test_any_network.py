@@ -426,3 +426,29 @@ def test_a_fresh_trace_pickles_with_its_records(tiny_model, image_batch):
     assert again.names == trace.names
     for a, b in zip(again, trace):
         torch.testing.assert_close(a.gate, b.gate)
+
+
+class _FixedSize(nn.Module):
+    """A CNN whose head needs a 32x32 input (flattened features): the 224 px probe fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), MyCBAM(8))
+        self.head = nn.Linear(8 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def test_a_network_the_probe_cannot_run_still_traces_and_says_why(my_cbam_registered):
+    model = _FixedSize().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with record_attention(model) as trace:
+        model(x)
+    assert [r.stage for r in trace] == [0]  # stride 2, from the stride alone
+    with pytest.raises(ValueError, match="probe failed .*give the CAM layers by name") as info:
+        analyze(model, x)
+    assert "\n" not in str(info.value)
+    result = analyze(model, x, cam_layers=["features"])
+    assert result.cams["features"].shape == (1, 16, 16)
+    assert _hooks(model) == 0

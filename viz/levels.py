@@ -142,23 +142,24 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         x = x.to(param.device)
     except StopIteration:
         pass
-    handles = [
-        m.register_forward_hook(hook_for(name))
-        for name, m in modules
-        if name and not inside_attention(name)
-    ]
-    try:
-        with preserve_model_state(model), torch.no_grad():
+    # under the model's lock: another thread's forward must not run through these hooks
+    with preserve_model_state(model), torch.no_grad():
+        handles = [
+            m.register_forward_hook(hook_for(name))
+            for name, m in modules
+            if name and not inside_attention(name)
+        ]
+        try:
             model(x)
-    except Exception as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise ValueError(
-            f"cannot find this network's stages: a {PROBE_SIZE}x{PROBE_SIZE} probe failed "
-            f"({type(exc).__name__}: {text}); give the CAM layers by name"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:200]
+            raise ValueError(
+                f"cannot find this network's stages: a {PROBE_SIZE}x{PROBE_SIZE} probe failed "
+                f"({type(exc).__name__}: {text}); give the CAM layers by name"
+            ) from exc
+        finally:
+            for h in handles:
+                h.remove()
     strides = tuple(sorted({s for _, _, s in seen}))
     offset = max(0, len(strides) - STAGES)
     layers: dict[int, str] = {}
