@@ -486,28 +486,31 @@ def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
 
 def agreement_tab(ckpt, item, an, target, method, layers) -> None:
     rows = agreement_table(an, 0)
+    prefix = f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}"
     if rows:
+        table = pd.DataFrame(
+            [(m, layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()))
+             for m, layer, a in rows],
+            columns=["attention module", f"{an.method_label} layer", "Pearson", "Spearman",
+                     "IoU (top 20%)", "cells"],
+        )  # fmt: skip
         st.dataframe(
-            pd.DataFrame(
-                [(m, layer, a.pearson, a.spearman, a.iou) for m, layer, a in rows],
-                columns=[
-                    "attention module",
-                    "Grad-CAM layer",
-                    "Pearson",
-                    "Spearman",
-                    "IoU (top 20%)",
-                ],
-            ),
+            table,
             hide_index=True,
             column_config={
                 k: st.column_config.NumberColumn(format="%.3f")
                 for k in ("Pearson", "Spearman", "IoU (top 20%)")
             },
         )
+        st.download_button(
+            "Agreement table (CSV)", table.to_csv(index=False).encode(), mime="text/csv",
+            file_name=f"{prefix}_agreement.csv", key=f"agree_csv:{prefix}", on_click="ignore",
+            icon=":material/download:",
+        )  # fmt: skip
     else:
         st.info("No spatial attention map to compare with Grad-CAM in this model.")
     st.markdown("**Deletion / insertion** (RISE): remove or reveal the most salient pixels first.")
-    maps = {f"Grad-CAM {k}": v for k, v in an.cams.items()}
+    maps = {f"{an.method_label} {k}": v for k, v in an.cams.items()}
     maps.update({f"attention {r.name}": r.spatial for r in an.trace.spatial_records})
     which = st.selectbox("Saliency map", list(maps), index=len(an.cams) - 1, key="di_map")
     steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
@@ -528,6 +531,11 @@ def agreement_tab(ckpt, item, an, target, method, layers) -> None:
             index=pd.Index(res.fractions.numpy(), name="fraction of pixels"),
         )
         st.line_chart(curves, x_label="fraction of pixels", y_label="P(target)")
+        st.download_button(
+            "Curves (CSV)", curves.to_csv().encode(), mime="text/csv",
+            file_name=f"{prefix}_deletion_insertion.csv", key=f"di_csv:{prefix}",
+            on_click="ignore", icon=":material/download:",
+        )  # fmt: skip
 
 
 def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors) -> None:

@@ -226,6 +226,8 @@ def test_deletion_insertion_runs_on_demand(app):
         "Deletion AUC (lower is better)", "Insertion AUC (higher is better)"
     ]  # fmt: skip
     assert all(0.0 <= float(m.value) <= 1.0 for m in at.metric)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Agreement table (CSV)" in labels and "Curves (CSV)" in labels
 
 
 def test_drawing_changes_do_not_run_the_network(app, monkeypatch):
