@@ -43,7 +43,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from .resnet import ResNet, build_model
+from .resnet import Arch, ResNet, build_model
 
 __all__ = ["RECIPE_OPTIONS", "main", "parse_args"]
 
@@ -389,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
             init = load_checkpoint(args.init)
         except CheckpointError as exc:
             print(f"error: --init {args.init}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(init.arch, Arch):
+            print(
+                f"error: --init {args.init}: a {init.arch.label}; training continues only our "
+                "ResNets (with SE, BAM or CBAM) for now",
+                file=sys.stderr,
+            )
             return 2
     conflict = resolve_arch(args, init)
     if conflict:

@@ -263,3 +263,14 @@ def test_holdout_training_chooses_on_train_images_and_scores_val_once(tiny_folde
     assert "holdout_acc" in meta["training"]["history"][0]
     assert (ckpt.preprocess.resize, ckpt.preprocess.crop) == (40, 32)
     assert meta["accuracy"]["selected_on"] == "holdout" and meta["accuracy"]["images"] == 8
+
+
+def test_init_from_another_library_is_one_line(tiny_folder, tmp_path, capsys):
+    import torchvision
+
+    other = tmp_path / "effnet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), other)
+    out = tmp_path / "m.safetensors"
+    code = train_mod.main(["--data", str(tiny_folder), "--out", str(out), "--init", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "torchvision mobilenet_v3_small" in err[0]
