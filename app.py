@@ -556,16 +556,19 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
                 analysis(item.sha, ckpt.sha256, None, method, layers, ckpt, item.image).target[0]
             )
         classes.append(ckpt.class_names[t])
-    rows = []
+    rows, missing = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
         other = models[name].load()
-        found = []
-        for item, cls in zip(items, classes):
+        found, absent = [], []
+        for c, (item, cls) in enumerate(zip(items, classes)):
             t = other.class_names.index(cls) if cls in other.class_names else None
+            if t is None:
+                absent.append(c)  # drawn as n/a, not as another class under this title
             # each model's own stage layers: networks name their layers differently
             found.append(analysis(item.sha, other.sha256, t, method, None, other, item.image))
         rows.append((other.label, stack_analyses(found)))
+        missing.append(absent)
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
     if bar:
@@ -574,7 +577,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if len(set(short)) < len(short):  # same architecture twice: tell them apart
         rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
+        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing),
         "model_grid", "grid", errors,
     )  # fmt: skip
 

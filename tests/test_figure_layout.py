@@ -142,3 +142,21 @@ def test_class_statistics(width):
         {n: i + 1 for i, n in enumerate(names)},
     )  # fmt: skip
     assert _problems(figures.class_channel_stats(stats, width=width)) == []
+
+
+def test_model_grid_shows_na_where_a_model_lacks_the_class(analyses):
+    crops = [PRE.crop_image(im) for im in _images()[:3]]
+    rows = [("ours", analyses["cbam"].select(0)), ("other", analyses["se"].select(0))]
+    rows = [(label, _stack(an, 3)) for label, an in rows]
+    fig = figures.model_grid(crops, rows, column_titles=["a", "b", "c"], missing=[[], [1]])
+    texts = [t.get_text() for t in fig.findobj(Text)]
+    assert sum("n/a" in t for t in texts) == 1
+    assert sum(t.startswith("P=") for t in texts) == 5  # 6 cells, one of them n/a
+    with pytest.raises(ValueError, match="missing has 1 entries for 2 rows"):
+        figures.model_grid(crops, rows, column_titles=["a", "b", "c"], missing=[[]])
+
+
+def _stack(one, n):
+    from viz.session import stack_analyses
+
+    return stack_analyses([one] * n)

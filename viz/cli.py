@@ -448,6 +448,7 @@ def _export(args: argparse.Namespace) -> int:
 
     image_info: list[dict] = []
     grid: dict[str, list] = {name: [] for _, name, _ in checkpoints}  # light analyses per model
+    grid_missing: dict[str, set[int]] = {name: set() for _, name, _ in checkpoints}
     grid_images: list[tuple[str, object, str]] = []  # (image name, first model's crop, title)
     if analyzed:
         bar = tqdm(
@@ -505,9 +506,11 @@ def _export(args: argparse.Namespace) -> int:
                     title = first.class_names[int(light[0].target[0])]
                     grid_images.append((image_name, first.preprocess.crop_image(pil), title))
                     for (_, name, ckpt), item in zip(checkpoints, light):
+                        if title not in ckpt.class_names:  # n/a in the grid, not another class
+                            grid_missing[name].add(len(grid[name]))
                         grid[name].append(_same_class(ckpt, pil, item, title))
         if "model-grid" in figures:
-            _model_grids(run, checkpoints, grid, grid_images, formats, settings)
+            _model_grids(run, checkpoints, grid, grid_images, formats, settings, grid_missing)
     if "class-stats" in figures:
         _class_stats(run, checkpoints, folders, formats, settings)
 
@@ -564,7 +567,7 @@ def _same_class(ckpt, image, light, class_name: str):
     )
 
 
-def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings) -> None:
+def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings, missing) -> None:
     from .export import figure_bytes
     from .figures import model_grid
     from .session import stack_analyses
@@ -578,9 +581,11 @@ def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings) -
         rows = [(label, stack_analyses(grid[name][start : start + len(chunk)]))
                 for label, (_, name, _) in zip(labels, checkpoints)]  # fmt: skip
         try:
+            absent = [[c - start for c in missing[name] if start <= c < start + len(chunk)]
+                      for _, name, _ in checkpoints]  # fmt: skip
             fig = model_grid([crop for _, crop, _ in chunk], rows,
                              column_titles=[title for _, _, title in chunk], width=settings.width,
-                             cmap=settings.cmap, alpha=settings.alpha)  # fmt: skip
+                             cmap=settings.cmap, alpha=settings.alpha, missing=absent)  # fmt: skip
             stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
             run.write(
                 "", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats}

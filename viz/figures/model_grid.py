@@ -40,6 +40,7 @@ def model_grid(
     width: str | float = "double",
     decimals: int = 5,
     title: str | None = None,
+    missing: Sequence[Sequence[int]] | None = None,
 ) -> Figure:
     """The CBAM paper's Grad-CAM figure: images in columns, one row of Grad-CAMs per model.
 
@@ -52,6 +53,8 @@ def model_grid(
         layer: CAM layer shown; default each row's deepest stage (`layer4` in a ResNet,
             whatever its name in another network).
         decimals: digits of the softmax score printed under each map, "P=0.96340".
+        missing: per row, the columns whose class that model does not have: drawn as "n/a"
+            rather than explaining another class under the column's title.
 
     Raises:
         ValueError: counts do not match, or a row has no CAM for `layer`.
@@ -94,10 +97,16 @@ def model_grid(
         canvas.image(0, c, pic)
         canvas.above(0, c, name, max_lines=2)
     canvas.left_of(0, 0, "input")
+    absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
+    if len(absent) != len(rows):
+        raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
     for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
         cams = analysis.cams[row_layer]
         probs = analysis.target_probs
         for c, pic in enumerate(pics):
+            if c in absent[r - 1]:
+                canvas.note(r, c, "n/a:\nclass not\nin this model")
+                continue
             canvas.image(r, c, overlay(pic, cams[c], cmap, alpha))
             canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
