@@ -43,6 +43,7 @@ from viz.session import (
     analyze_images,
     cam_layer_choices,
     check_upload_size,
+    comparison_order,
     default_cam_layers,
     describe_checkpoint,
     digest,
@@ -548,6 +549,9 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if not picked:
         st.info("Pick at least one model.")
         return
+    # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
+    loaded = {name: models[name].load() for name in picked}
+    picked = sorted(picked, key=lambda name: comparison_order(loaded[name]))
     classes = []
     for item in items:
         t = chosen_target(item, ckpt)

@@ -633,3 +633,16 @@ def test_cli_settings_flags_reach_the_manifest_and_the_maps(ckpts, image_dir, tm
         assert sorted(k for k in maps.files if k.startswith("cam/")) == ["cam/layer3", "cam/layer4"]
     code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", "--cmap", "nope")
     assert code == 2 and "unknown colour map 'nope'" in err
+
+
+def test_cli_model_grid_rows_follow_the_papers_order(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--checkpoint", ckpts["r18_bam"],
+                     "--checkpoint", ckpts["r50_plain"], "--images", image_dir, "--out", out,
+                     "--figure", "model-grid", "--format", "svg")  # fmt: skip
+    assert code == 0, err
+    svg = (out / "model-grid.svg").read_text()
+    # rows are drawn top to bottom: plain, then BAM, then CBAM, whatever the command-line order
+    plain, bam, cbam = (svg.index(f">{label}<") for label in
+                        ("ResNet-50", "ResNet-18 + BAM", "ResNet-18 + CBAM"))  # fmt: skip
+    assert plain < bam < cbam

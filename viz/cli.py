@@ -570,10 +570,12 @@ def _same_class(ckpt, image, light, class_name: str):
 def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings, missing) -> None:
     from .export import figure_bytes
     from .figures import model_grid
-    from .session import stack_analyses
+    from .session import comparison_order, stack_analyses
 
     if not grid_images:
         return
+    # rows as in the papers: plain, SE, BAM, CBAM, then other networks (stable otherwise)
+    checkpoints = sorted(checkpoints, key=lambda c: comparison_order(c[2]))
     labels = _row_labels(checkpoints)
     chunks = [grid_images[i : i + GRID_COLUMNS] for i in range(0, len(grid_images), GRID_COLUMNS)]
     for c, chunk in enumerate(chunks):

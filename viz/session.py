@@ -30,6 +30,7 @@ __all__ = [
     "Sample",
     "analyze_images",
     "cam_layer_choices",
+    "comparison_order",
     "default_cam_layers",
     "check_upload_size",
     "describe_checkpoint",
@@ -99,6 +100,14 @@ def safe_stem(name: str, default: str = "image") -> str:
     stem = Path(name).stem if name else ""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
     return stem[:80] or default
+
+
+_ROW_ORDER = {None: 0, "se": 1, "bam": 2, "cbam": 3}
+
+
+def comparison_order(ckpt: Checkpoint) -> int:
+    """Where a model goes in a comparison: plain, SE, BAM, CBAM (as the papers), then others."""
+    return _ROW_ORDER.get(ckpt.arch.attention, len(_ROW_ORDER))
 
 
 def describe_checkpoint(ckpt: Checkpoint, source: str = "") -> dict[str, str]:
