@@ -378,7 +378,8 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
     method, layers = settings.method, settings.layers
     base = predict_all(ckpt, items, method, layers)
     names = ckpt.class_names
-    crops = [ckpt.preprocess.crop_image(item.image) for item in items]
+    # the network's crop at the original's resolution: the same photo as in the downloads
+    crops = [ckpt.preprocess.display_crop(item.image) for item in items]
     if len(items) > 1:
         st.subheader(f"{len(items)} images · {md_text(label)}")
         for start in range(0, len(items), 5):

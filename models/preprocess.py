@@ -54,6 +54,26 @@ class Preprocess:
         image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR)
         return TF.center_crop(image, self.crop)
 
+    def display_crop(self, image: Image.Image, size: int = 512) -> Image.Image:
+        """The region the network sees, cut from the original at up to `size` px (for figures).
+
+        `crop_image` is the network input (e.g. 224 px), which a 300-dpi figure would have to
+        enlarge; this is the same square of the scene at the original image's own resolution,
+        so photos stay sharp under the maps. Falls back to `crop_image` when the original has
+        no more pixels than that.
+        """
+        image = image.convert("RGB")
+        w, h = image.size
+        short = min(w, h)
+        side = self.crop * short / self.resize  # the crop's extent in original pixels
+        if side <= self.crop or side > short or max(w, h) > 4 * short:
+            return self.crop_image(image)
+        left, top = (w - side) / 2, (h - side) / 2
+        out = min(size, int(round(side)))
+        return image.resize(
+            (out, out), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
+        )
+
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (…, 3, H, W) -> normalised float."""
         x = images.float().div_(255.0)

@@ -475,9 +475,9 @@ def test_cli_labels_explain_each_image_own_class(ckpts, image_dir, tmp_path, cap
         load_image(image_dir / "tench" / "0.png"),
     ]
     wanted = [CLASSES.index("tench"), CLASSES.index("church")]
-    expected = [
+    expected = [  # rows in the papers' order: BAM before CBAM
         p
-        for path in (first, second)
+        for path in (second, first)
         for p in analyze_images(load_checkpoint(path), pictures, wanted).target_probs.tolist()
     ]
     assert printed == pytest.approx(expected, abs=1.1e-5)
@@ -596,7 +596,7 @@ def test_the_bundle_follows_its_settings(cbam):
     assert options["width_inches"] == pytest.approx(3.3)
     pil = load_image(png)
     analysis = analyze_images(cbam, [pil], method="gradcam++")
-    crop = cbam.preprocess.crop_image(pil)
+    crop = cbam.preprocess.display_crop(pil)
     overview = spatial_overview(crop, analysis.trace, cmap="viridis", alpha=0.7,
                                 shared_scale=False, width="single")  # fmt: skip
     assert files["overview.png"] == figure_bytes(overview, "png", dpi=80)

@@ -25,3 +25,23 @@ def test_preprocess_round_trips_through_dict():
     assert Preprocess.from_dict(pre.to_dict()) == pre
     with pytest.raises(ValueError):
         Preprocess.from_dict({"resize": 10**9, "crop": 224})
+
+
+def test_display_crop_is_the_network_view_at_the_original_resolution():
+    import numpy as np
+    from PIL import Image
+
+    from models import Preprocess
+
+    rng = np.random.default_rng(0)
+    base = rng.random((12, 18, 3))  # a smooth scene: blocks of colour
+    big = Image.fromarray((np.kron(base, np.ones((100, 100, 1))) * 255).astype(np.uint8))
+    pre = Preprocess()  # resize 256, crop 224
+    sharp = pre.display_crop(big)
+    assert sharp.size == (512, 512)  # 1200 px short side: the crop spans 1050 px, capped at 512
+    # the same scene as the network input, once brought to the same size
+    small = np.asarray(pre.crop_image(big), dtype=np.float32)
+    again = np.asarray(sharp.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert np.abs(small - again).mean() < 6
+    tiny = Image.new("RGB", (200, 150))
+    assert pre.display_crop(tiny).size == (224, 224)  # no more pixels: the network input

@@ -504,7 +504,7 @@ def _export(args: argparse.Namespace) -> int:
                 if "model-grid" in figures and all(item is not None for item in light):
                     first = checkpoints[0][2]
                     title = first.class_names[int(light[0].target[0])]
-                    grid_images.append((image_name, first.preprocess.crop_image(pil), title))
+                    grid_images.append((image_name, first.preprocess.display_crop(pil), title))
                     for (_, name, ckpt), item in zip(checkpoints, light):
                         if title not in ckpt.class_names:  # n/a in the grid, not another class
                             grid_missing[name].add(len(grid[name]))

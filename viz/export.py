@@ -494,7 +494,8 @@ def render_image(
     """
     s = settings or FigureSettings()
     _check_options(figures, formats, s.width)
-    crop = checkpoint.preprocess.crop_image(image)
+    # the photo under the maps at the original's resolution (not the enlarged network input)
+    crop = checkpoint.preprocess.display_crop(image)
     files: dict[str, bytes] = {}
     notes: list[str] = []
     kinds = {r.kind for r in analysis.trace}

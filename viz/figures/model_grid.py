@@ -45,7 +45,7 @@ def model_grid(
     """The CBAM paper's Grad-CAM figure: images in columns, one row of Grad-CAMs per model.
 
     Args:
-        images: the RGB crops shown (one per column), e.g. the first model's `crop_image`.
+        images: the RGB crops shown (one per column), e.g. the first model's `display_crop`.
         rows: (row label, Analysis over all `images`, in the same order), e.g.
             ("ResNet-50 + CBAM", analysis). Models may differ in depth, attention and input
             size: each CAM is resized to its column's image.

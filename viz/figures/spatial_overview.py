@@ -51,7 +51,7 @@ def spatial_overview(
     than a row wraps), each group labelled "stage s" above its "block b" panels.
 
     Args:
-        image: the RGB crop the network saw (`Preprocess.crop_image`), PIL or (H, W, 3).
+        image: the crop the network saw (`Preprocess.display_crop`: at the original's resolution), PIL or (H, W, 3).
         trace: attention trace of a batch; image `index` of it is shown.
         shared_scale: one colour scale for all maps (comparable colours, one colour bar);
             False scales each map to its own min-max.
