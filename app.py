@@ -36,6 +36,7 @@ from viz.export import (
     image_bundle,
     zip_bundle,
 )
+from viz.figures.class_channel_stats import default_modules
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
 from viz.serving import ServePolicy, serve_policy
 from viz.session import (
@@ -612,8 +613,17 @@ def class_stats_tab(ckpt, draw, errors) -> None:
             errors.error(md_text(f"{folder}: {exc}"))
         bar.empty()
     if key in results:
+        stats = results[key]
+        chosen = st.multiselect(
+            "Modules", list(stats.means), default=default_modules(stats),
+            format_func=lambda n: stats.labels.get(n, n), key=f"stats_modules:{ckpt.sha256[:16]}",
+            help="Default: the last module of each stage, as in the SENet paper; add any other.",
+        )  # fmt: skip
+        if not chosen:
+            st.info("Pick at least one module.")
+            return
         show_figure(
-            lambda: figures.class_channel_stats(results[key], cmap=draw["cmap"], shared_scale=draw["shared_scale"], width=draw["width"]),
+            lambda: figures.class_channel_stats(stats, modules=chosen, cmap=draw["cmap"], shared_scale=draw["shared_scale"], width=draw["width"]),
             "class_channel_stats", f"stats:{ckpt.sha256[:16]}", errors,
         )  # fmt: skip
 

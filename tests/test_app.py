@@ -320,6 +320,13 @@ def test_class_statistics_on_a_folder(app, tmp_path):
     at.button(key="stats_run").click().run()
     assert_clean(at)
     assert len(at.image) == images + 1
+    modules = next(m for m in at.multiselect if m.key.startswith("stats_modules:"))
+    # default: the last block of each stage; every module can be added
+    assert modules.value == ["layer1.1.cbam", "layer2.1.cbam", "layer3.1.cbam", "layer4.1.cbam"]
+    assert len(modules.options) == 8
+    modules.set_value(["layer1.0.cbam", "layer4.1.cbam"]).run()
+    assert_clean(at)
+    assert len(at.image) == images + 1
     at.text_input(key="stats_folder").set_value(str(tmp_path / "nowhere")).run()
     at.button(key="stats_run").click().run()
     assert not at.exception

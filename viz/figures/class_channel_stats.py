@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -22,16 +22,14 @@ from .canvas import (
     value_range,
 )
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["class_channel_stats"]
+__all__ = ["class_channel_stats", "default_modules"]
 
 
-def _default_modules(names: Sequence[str], stages: dict[str, int]) -> list[str]:
+def default_modules(stats: Any) -> list[str]:
     """The last module of each stage (the SENet paper's choice of deep and shallow blocks)."""
+    names, stages = list(stats.means), getattr(stats, "stages", {})
     if not stages:
-        return list(names)
+        return names
     last: dict[int, str] = {}
     for name in names:
         last[stages.get(name, 0)] = name
@@ -71,8 +69,8 @@ def class_channel_stats(
     names = list(stats.means)
     if not names:
         raise ValueError("channel statistics hold no attention module")
-    stages, titles = getattr(stats, "stages", {}), getattr(stats, "labels", {})
-    chosen = list(modules) if modules is not None else _default_modules(names, stages)
+    titles = getattr(stats, "labels", {})
+    chosen = list(modules) if modules is not None else default_modules(stats)
     missing = [m for m in chosen if m not in stats.means]
     if missing or not chosen:
         raise ValueError(f"unknown modules {missing}; statistics have: {', '.join(names)}")
