@@ -209,6 +209,54 @@ def measure_recognition(reps: int) -> list[tuple]:
     ]
 
 
+def measure_parallel_export(n_images: int = 100) -> list[tuple]:
+    """Wall time of `python -m viz export` over `n_images` x 2 figures, --jobs 1 against all cores.
+
+    The same command, the same inputs, run one after the other in this process (workers are
+    spawned processes); the outputs are checked to be byte-identical.
+    """
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from viz.cli import main as cli
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt = root / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+    if not ckpt.is_file():
+        return []
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(n_images):
+            Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(
+                images / f"{i:03d}.png"
+            )
+        seconds, outputs = {}, {}
+        for jobs in (1, cores):
+            out = Path(tmp) / f"out{jobs}"
+            argv = ["export", "--checkpoint", str(ckpt), "--images", str(images), "--out",
+                    str(out), "--figure", "overview", "gradcam", "--jobs", str(jobs)]  # fmt: skip
+            t0 = time.perf_counter()
+            if cli(argv) != 0:
+                raise RuntimeError("export failed")
+            seconds[jobs] = time.perf_counter() - t0
+            outputs[jobs] = {
+                p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
+            }
+        same = outputs[1] == outputs[cores]
+        config = f"python -m viz export, {n_images} images x 2 figures, embedded CBAM"
+        rows.append((config, "--jobs 1", seconds[1], None))
+        rows.append((config, f"--jobs {cores} (identical bytes: {same})", seconds[cores], None))
+        rows.append((config, f"speed-up with {cores} jobs", None, seconds[1] / seconds[cores] - 1))
+    return rows
+
+
 def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, float]:
     """Median seconds per case; cases interleaved in each repetition."""
     for fn in cases.values():
@@ -324,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         print("measuring checkpoint recognition ...", file=sys.stderr)
         rows += measure_recognition(reps=3)
+        print("measuring parallel export ...", file=sys.stderr)
+        rows += measure_parallel_export()
     if not args.quick and not args.no_app:
         upload = measure_app_upload(reps=5)
         if upload is not None:

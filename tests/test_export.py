@@ -293,7 +293,10 @@ def image_dir(tmp_path) -> Path:
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
-    code = main(["export", *map(str, argv)])
+    argv = [str(a) for a in argv]
+    if "--jobs" not in argv:  # one process unless a test asks: workers take seconds to start
+        argv += ["--jobs", "1"]
+    code = main(["export", *argv])
     return code, capsys.readouterr().err
 
 
@@ -646,3 +649,19 @@ def test_cli_model_grid_rows_follow_the_papers_order(ckpts, image_dir, tmp_path,
     plain, bam, cbam = (svg.index(f">{label}<") for label in
                         ("ResNet-50", "ResNet-18 + BAM", "ResNet-18 + CBAM"))  # fmt: skip
     assert plain < bam < cbam
+
+
+def test_parallel_export_writes_the_same_bytes(ckpts, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    for i, cls in enumerate(["tench", "church", "tench", "church"]):
+        (images / cls).mkdir(parents=True, exist_ok=True)
+        _picture(i).save(images / cls / f"{i}.png")
+    outs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"o{jobs}"
+        code, err = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--checkpoint", ckpts["r18_bam"],
+                         "--images", images, "--out", out, "--figure", "overview", "model-grid",
+                         "--dpi", "40", "--jobs", jobs)  # fmt: skip
+        assert code == 0, err
+        outs[jobs] = _files(out)
+    assert outs["1"].keys() == outs["2"].keys() and outs["1"] == outs["2"]

@@ -275,6 +275,16 @@ def _dpi(text: str) -> int:
     return value
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"jobs must be an integer, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"jobs must be from 1 to 64, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export import FIGURES
 
@@ -321,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--scale", choices=["shared", "per-map"], default="shared",
                         help="one colour scale with real values, or each map's own min-max "
                              "(default: shared)")  # fmt: skip
+    export.add_argument("--jobs", type=_jobs, default=os.cpu_count() or 1, metavar="N",
+                        help="worker processes for images (default: all cores; 1: no workers)")  # fmt: skip
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="your own code registering architectures and attention probes "
                              "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
@@ -412,11 +424,7 @@ def _export(args: argparse.Namespace) -> int:
         export_options,
         manifest_bytes,
         prepare_output,
-        render_image,
-        result_info,
     )
-    from .images import load_image
-    from .session import analyze_images
 
     figures = list(dict.fromkeys(args.figure or ["overview"]))
     formats, dpi, width = args.format, args.dpi, args.width
@@ -451,64 +459,37 @@ def _export(args: argparse.Namespace) -> int:
     grid_missing: dict[str, set[int]] = {name: set() for _, name, _ in checkpoints}
     grid_images: list[tuple[str, object, str]] = []  # (image name, first model's crop, title)
     if analyzed:
-        bar = tqdm(
-            total=len(images) * len(checkpoints),
-            desc="export",
-            unit="run",
-            file=sys.stderr,
-            disable=None,
-        )
+        work = _ImageWork(checkpoints, targets, settings, per_image, formats,
+                          "model-grid" in figures)  # fmt: skip
+        jobs = max(1, min(args.jobs, len(images)))
+        bar = tqdm(total=len(images), desc="export", unit="image", file=sys.stderr, disable=None)
         with bar:
-            for path, image_name in images:
-                try:
-                    _regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
-                    data = path.read_bytes()
-                    pil = load_image(data)
-                except (OSError, ValueError, UsageError) as exc:
-                    run.fail("load image", str(path), exc)
-                    bar.update(len(checkpoints))
+            for (path, image_name), outcome in zip(images, _outcomes(work, images, jobs, args)):
+                bar.update(1)
+                if outcome["load_error"] is not None:
+                    run.fail("load image", str(path), _Reported(outcome["load_error"]))
                     continue
-                image_info.append(
-                    {
-                        "name": image_name,
-                        "path": str(path),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                    }
-                )
-                light = []
-                for _, name, ckpt in checkpoints:
+                image_info.append(outcome["info"])
+                for name, files, notes, result, error in outcome["runs"]:
+                    if error is not None:
+                        run.fail("analysis", str(path), _Reported(error), name)
+                        continue
                     try:
-                        analysis = analyze_images(
-                            ckpt, [pil], targets[image_name][name],
-                            method=settings.method, layers=settings.layers,
-                        )  # fmt: skip
-                        if per_image:
-                            files, notes = render_image(
-                                pil,
-                                ckpt,
-                                analysis,
-                                figures=per_image,
-                                formats=formats,
-                                settings=settings,
-                            )
+                        if files is not None:
                             run.write(f"{name}/{image_name}", files)
-                            for text in notes:
-                                run.note(text)
-                        run.results.append({"checkpoint": name, "image": image_name,
-                                            **result_info(analysis, ckpt.class_names)})  # fmt: skip
-                        light.append(_light(analysis))
                     except Exception as exc:  # one input's failure must not stop the others
                         run.fail("analysis", str(path), exc, name)
-                        light.append(None)
-                    bar.update(1)
-                if "model-grid" in figures and all(item is not None for item in light):
-                    first = checkpoints[0][2]
-                    title = first.class_names[int(light[0].target[0])]
-                    grid_images.append((image_name, first.preprocess.display_crop(pil), title))
-                    for (_, name, ckpt), item in zip(checkpoints, light):
-                        if title not in ckpt.class_names:  # n/a in the grid, not another class
+                        continue
+                    for text in notes:
+                        run.note(text)
+                    run.results.append({"checkpoint": name, "image": image_name, **result})
+                if outcome["grid"] is not None:
+                    crop, title, cells = outcome["grid"]
+                    grid_images.append((image_name, crop, title))
+                    for (_, name, _), (absent, light) in zip(checkpoints, cells):
+                        if absent:  # n/a in the grid, not another class
                             grid_missing[name].add(len(grid[name]))
-                        grid[name].append(_same_class(ckpt, pil, item, title))
+                        grid[name].append(light)
         if "model-grid" in figures:
             _model_grids(run, checkpoints, grid, grid_images, formats, settings, grid_missing)
     if "class-stats" in figures:
@@ -536,6 +517,111 @@ def _export(args: argparse.Namespace) -> int:
     )
     run.write("", {"manifest.json": manifest_bytes(manifest)})
     return 1 if run.failures else 0
+
+
+class _Reported(ValueError):
+    """A failure already put in one line (by a worker process)."""
+
+
+@dataclass
+class _ImageWork:
+    """Everything one image needs, for every model: analysis, figures, grid cells.
+
+    Called in this process (`--jobs 1`) or in worker processes; it returns plain data (bytes,
+    dicts, tensors) and one-line error texts, and the caller writes files in input order, so the
+    output is the same whatever `--jobs`.
+    """
+
+    checkpoints: list
+    targets: dict
+    settings: FigureSettings
+    per_image: list
+    formats: list
+    grid: bool
+
+    def __call__(self, item: tuple[Path, str]) -> dict:
+        from .export import render_image, result_info
+        from .images import load_image
+        from .session import analyze_images
+
+        path, image_name = item
+        try:
+            _regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
+            data = path.read_bytes()
+            pil = load_image(data)
+        except (OSError, ValueError, UsageError) as exc:
+            return {"load_error": _one_line(exc)}
+        info = {"name": image_name, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
+        runs, lights = [], []
+        for _, name, ckpt in self.checkpoints:
+            try:
+                analysis = analyze_images(
+                    ckpt, [pil], self.targets[image_name][name],
+                    method=self.settings.method, layers=self.settings.layers,
+                )  # fmt: skip
+                files, notes = None, []
+                if self.per_image:
+                    files, notes = render_image(pil, ckpt, analysis, figures=self.per_image,
+                                                formats=self.formats, settings=self.settings)  # fmt: skip
+                runs.append((name, files, notes, result_info(analysis, ckpt.class_names), None))
+                lights.append(_light(analysis))
+            except Exception as exc:  # one input's failure must not stop the others
+                runs.append((name, None, [], None, _one_line(exc)))
+                lights.append(None)
+        grid = None
+        if self.grid and all(light is not None for light in lights):
+            first = self.checkpoints[0][2]
+            title = first.class_names[int(lights[0].target[0])]
+            cells = [
+                (title not in ckpt.class_names, _same_class(ckpt, pil, light, title))
+                for (_, _, ckpt), light in zip(self.checkpoints, lights)
+            ]
+            grid = (first.preprocess.display_crop(pil), title, cells)
+        return {"load_error": None, "info": info, "runs": runs, "grid": grid}
+
+
+_WORKER: _ImageWork | None = None
+
+
+def _start_worker(work: _ImageWork, paths: list[str], plugins: list[str]) -> None:
+    """In a worker process: the plugins, the checkpoints (read again), one thread."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.plugins import load_plugins
+
+    global _WORKER
+    torch.set_num_threads(1)
+    load_plugins(plugins)
+    checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
+    _WORKER = _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
+                         work.formats, work.grid)  # fmt: skip
+
+
+def _run_in_worker(item: tuple[Path, str]) -> dict:
+    assert _WORKER is not None
+    return _WORKER(item)
+
+
+def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
+    """Each image's outcome, in input order: here, or from `jobs` worker processes."""
+    if jobs <= 1:
+        yield from map(work, images)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from models.plugins import plugins_from_env
+
+    # workers get the settings, not the models: they read the checkpoints again (spawned
+    # processes share nothing; forking a process that has run torch's thread pool can hang)
+    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
+    paths = [(raw, name) for raw, name, _ in work.checkpoints]
+    plugins = plugins_from_env() + list(getattr(args, "plugin", []))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(bare, paths, plugins)) as pool:  # fmt: skip
+        yield from pool.map(_run_in_worker, images, chunksize=1)
 
 
 def _light(analysis):
