@@ -265,24 +265,23 @@ def _width(text: str) -> str | float:
     return value
 
 
-def _dpi(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"dpi must be an integer, got {text!r}") from None
-    if not 10 <= value <= 2400:
-        raise argparse.ArgumentTypeError(f"dpi must be from 10 to 2400, got {value}")
-    return value
+def _int_in(what: str, low: int, high: int):
+    """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
 
 
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"jobs must be an integer, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"jobs must be from 1 to 64, got {value}")
-    return value
+_dpi = _int_in("dpi", 10, 2400)
+_jobs = _int_in("jobs", 1, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:
