@@ -151,7 +151,8 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> Non
 def _render(build: Callable[[], Figure], fmt: str) -> bytes:
     fig = build()
     try:
-        return figure_bytes(fig, fmt, dpi=st.session_state.get("download_dpi", 300))
+        settings = st.session_state.get("figure_settings")
+        return figure_bytes(fig, fmt, dpi=settings.dpi if settings else 300)
     finally:
         fig.clear()
 
@@ -330,7 +331,6 @@ def main() -> None:
             dpi=st.sidebar.select_slider("Download dpi", [150, 300, 600], value=300, key="dpi"),
         )  # fmt: skip
         st.session_state["figure_settings"] = settings  # what the downloads below will use
-        st.session_state["download_dpi"] = settings.dpi
         st.session_state["download_prefix"] = safe_stem(ckpt.label) if ckpt else "model"
         draw = dict(
             cmap=settings.cmap, alpha=settings.alpha, shared_scale=settings.shared_scale,
@@ -565,7 +565,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     rows, missing = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
-        other = models[name].load()
+        other = loaded[name]
         found, absent = [], []
         for c, (item, cls) in enumerate(zip(items, classes)):
             t = other.class_names.index(cls) if cls in other.class_names else None

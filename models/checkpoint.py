@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .architectures import ForeignArch, attention_kind, match_architecture
 from .attention import attention_from_keys
-from .errors import CheckpointError, first_keys
+from .errors import CheckpointError, first_keys, one_line
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
@@ -464,7 +464,7 @@ def load_checkpoint(
         raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
     _check_metadata_agrees(arch_meta, arch)
     if "name" in meta:  # shown as a label: text, one line, bounded
-        meta["name"] = " ".join(str(meta["name"]).split())[:120] or arch.label
+        meta["name"] = one_line(meta["name"]) or arch.label
     try:
         preprocess = (
             Preprocess.from_dict(meta["preprocess"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "first_keys"]
+__all__ = ["CheckpointError", "first_keys", "one_line"]
 
 
 class CheckpointError(ValueError):
@@ -14,3 +14,8 @@ def first_keys(keys, n: int = 3) -> str:
     keys = list(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def one_line(value: object, limit: int = 120) -> str:
+    """Text from a file shown as a label: whitespace runs collapsed to one space, cut to `limit`."""
+    return " ".join(str(value).split())[:limit]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import METADATA_KEY
+from .errors import one_line
 
 __all__ = [
     "CHECKPOINT_DIR_ENV",
@@ -59,7 +60,7 @@ class EmbeddedCheckpoint:
         if not name and isinstance(arch, dict) and "depth" in arch:
             extra = f" + {str(arch['attention']).upper()}" if arch.get("attention") else ""
             name = f"ResNet-{arch['depth']}{extra}"
-        name = " ".join(str(name).split())[:120] if name else ""  # text from a file: one line
+        name = one_line(name) if name else ""  # text from a file
         return f"{name} ({self.path.name})" if name else self.path.name
 
 

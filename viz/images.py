@@ -170,16 +170,7 @@ def _open_path(path: str | os.PathLike) -> IO[bytes]:
     if info.st_size == 0:
         os.close(fd)
         raise _Unreadable("the file is empty")
-    try:
-        return os.fdopen(fd, "rb")  # closed by the caller's `with`
-    except FileNotFoundError as e:
-        raise _Unreadable("no such file") from e
-    except IsADirectoryError as e:
-        raise _Unreadable("this is a directory, not a file") from e
-    except PermissionError as e:
-        raise _Unreadable("permission denied") from e
-    except (OSError, ValueError) as e:
-        raise _Unreadable(f"cannot open the file ({_one_line(e)})") from e
+    return os.fdopen(fd, "rb")  # closed by the caller's `with`
 
 
 def _seekable(fp: IO[bytes]) -> IO[bytes]:

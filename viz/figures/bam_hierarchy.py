@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
@@ -20,9 +18,6 @@ from .canvas import (
     styled,
     value_range,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["bam_hierarchy"]
 

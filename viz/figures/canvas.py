@@ -10,7 +10,7 @@ import re
 import textwrap
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -25,9 +25,6 @@ from torch import Tensor
 from ..maps import upsample
 from ..probes import kind_style
 from ..trace import AttentionRecord, AttentionTrace
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "fit_text",

@@ -118,7 +118,8 @@ def channel_weights(
     bars = min(top_k, len(a_rows[-1]))
     # room for the rows of the heat map and for the bars' labels (at least 0.12 in each)
     height = min(9.0, max(0.9 + 0.1 * n, 1.0 + 0.13 * bars))
-    narrow = False
+    # a single column: A and B above, A - B and the bars below
+    narrow = b_rows is not None and figure_width(width) < 4.5
     if b_rows is None:
         fig = new_figure(width, max(1.8, height))
         ax_heat, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
@@ -128,7 +129,6 @@ def channel_weights(
     else:
         heat_b = _resample([row[o] for row, o in zip(b_rows, orders)], resolution)
         diff = heat_a - heat_b
-        narrow = figure_width(width) < 4.5  # a single column: A and B above, A - B and bars below
         if narrow:
             fig = new_figure(width, 2 * max(2.0, height) + 0.4)
             grid = fig.subplots(2, 2)
@@ -152,11 +152,10 @@ def channel_weights(
                  location="right" if narrow else "bottom")  # fmt: skip
     for i, ax in enumerate(heat_axes):
         _row_ticks(ax, records)
-        if i and not (b_rows is not None and narrow and i == 2):  # row starts keep their labels
+        if i and not (narrow and i == 2):  # row starts keep their labels
             ax.set_yticklabels([])
         ax.set_xticks([0, (resolution - 1) / 2, resolution - 1], ["0", "50", "100"])
         ax.set_xlabel("channel rank, % of C")
-    narrow = b_rows is not None and narrow
     own = all(kind_style(k).own_level for k in kinds)
     heat_axes[0].set_ylabel(f"{kind_style(kinds[0]).label} module" if own else "stage.block")
     colorbar(fig, heat_axes[: 2 if b_rows else 1], cmap, 0.0, 1.0, what, location="bottom")
