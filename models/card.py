@@ -76,7 +76,30 @@ def _status(entries: list[EmbeddedCheckpoint]) -> str:
     line = f"**Status:** the goal is at least {GOAL_TOP1:g}% top-1 for each at {GOAL_SIZE} px; "
     if not short:
         return line + "every checkpoint below reaches it."
-    return line + f"reached by {', '.join(reached) or 'none'}; not by {', '.join(short)}."
+    return (
+        line
+        + f"reached by {', '.join(reached) or 'none'}; not by {', '.join(short)}."
+        + _holdout_note(entries)
+    )
+
+
+def _last_holdout(meta: dict) -> float | None:
+    history = meta.get("training", {}).get("history", [])
+    curve = [h.get("holdout_acc") for h in history if h.get("holdout_acc") is not None]
+    return curve[-1] if curve else None
+
+
+def _holdout_note(entries: list[EmbeddedCheckpoint]) -> str:
+    """What the hold-out said about the files short of the goal (the only split choices used)."""
+    final = {e.path.name: _last_holdout(e.metadata) for e in entries}
+    if None in final.values():
+        return ""
+    shown = ", ".join(f"`{name}` {acc}%" for name, acc in sorted(final.items()))
+    return (
+        f" Hold-out top-1 after the last stage: {shown}. The hold-out did not single out a"
+        " model that needed another recipe; training one further because its validation score"
+        " fell short would be choosing on the validation split, so it ships as it is."
+    )
 
 
 _OFFICIAL = """## Adding the official ImageNet checkpoints

@@ -54,6 +54,44 @@ class Preprocess:
         image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR)
         return TF.center_crop(image, self.crop)
 
+    def map_box(
+        self, box: tuple[float, float, float, float], size: tuple[int, int]
+    ) -> tuple[float, float, float, float] | None:
+        """A box (x0, y0, x1, y1) in the original image's pixels -> the same box in the crop.
+
+        Follows `crop_image` exactly: the sliver cut, the short-side resize (torchvision's
+        rounding of the long side) and the centre crop; the result is clipped to the crop.
+
+        Args:
+            box: corners in pixel coordinates of the original, x1 > x0, y1 > y0 (continuous:
+                a box covering pixel columns 0..9 is x0=0, x1=10).
+            size: the original image's (width, height).
+
+        Returns:
+            The box in crop coordinates, or None when none of it is inside the crop.
+        """
+        w, h = size
+        x0, y0, x1, y1 = (float(v) for v in box)
+        short, long = min(w, h), max(w, h)
+        if long > 4 * short:  # the sliver cut of crop_image
+            keep = 4 * short
+            if w > h:
+                x0, x1, w = x0 - (w - keep) // 2, x1 - (w - keep) // 2, keep
+            else:
+                y0, y1, h = y0 - (h - keep) // 2, y1 - (h - keep) // 2, keep
+            short, long = min(w, h), max(w, h)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        left = int(round((new_w - self.crop) / 2.0))
+        top = int(round((new_h - self.crop) / 2.0))
+        sx, sy = new_w / w, new_h / h
+        mapped = [x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top]
+        cx0, cx1 = (min(max(v, 0.0), float(self.crop)) for v in (mapped[0], mapped[2]))
+        cy0, cy1 = (min(max(v, 0.0), float(self.crop)) for v in (mapped[1], mapped[3]))
+        if cx1 <= cx0 or cy1 <= cy0:
+            return None
+        return (cx0, cy0, cx1, cy1)
+
     def display_crop(self, image: Image.Image, size: int = 512) -> Image.Image:
         """The region the network sees, cut from the original at up to `size` px (for figures).
 

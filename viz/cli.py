@@ -29,6 +29,8 @@ __all__ = [
     "resolve_target",
     "read_labels",
     "label_of",
+    "load_checkpoints",
+    "UsageError",
     "IMAGE_SUFFIXES",
     "GRID_COLUMNS",
 ]
@@ -335,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="your own code registering architectures and attention probes "
                              "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
+    from .report import add_report_parser
+
+    add_report_parser(commands)
     return parser
 
 
@@ -389,7 +394,7 @@ def _one_line(error: BaseException) -> str:
     return text if known else f"{type(error).__name__}: {text}"
 
 
-def _load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
+def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
     from models.checkpoint import CheckpointError, load_checkpoint
 
     from .export import safe_name
@@ -445,7 +450,7 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {' '.join(args.images)}"
         )
-    checkpoints = _load_checkpoints(args.checkpoint)
+    checkpoints = load_checkpoints(args.checkpoint)
     analyzed = per_image or "model-grid" in figures
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     try:
@@ -747,6 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     try:
+        if args.command == "report":
+            from .report import report_command
+
+            return report_command(args)
         return _export(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

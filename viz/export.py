@@ -362,13 +362,14 @@ def build_manifest(
     failures: Sequence[dict] = (),
     notes: Sequence[str] = (),
     files: Mapping[str, bytes] | None = None,
+    tool: str = "attention-lens export",
 ) -> dict:
     """The manifest of an export: inputs with their hashes, options, versions, outcomes, files.
 
     `files` (name -> bytes) is recorded as name -> sha256. Nothing time-dependent is recorded.
     """
     return {
-        "tool": "attention-lens export",
+        "tool": tool,
         "manifest_version": MANIFEST_VERSION,
         "checkpoints": list(checkpoints),
         "images": list(images),

@@ -249,14 +249,25 @@ def _gaussian_blur(x: Tensor) -> Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def _saliency_ranks(saliency: Tensor, size: tuple[int, int]) -> Tensor:
+def _saliency_ranks(
+    saliency: Tensor, size: tuple[int, int], tie_seeds: Sequence[int] | None = None
+) -> Tensor:
     """(N, h, w) saliency -> (N, H, W) rank of each pixel, 0 = most salient."""
     s = saliency.float()
     if tuple(s.shape[-2:]) != size:
         s = upsample(s, size)
     flat = torch.nan_to_num(s.reshape(s.shape[0], -1), nan=-math.inf)
-    # stable: equal saliencies keep row-major pixel order, so ties are broken the same every time
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    if tie_seeds is None:
+        # stable: equal saliencies keep row-major pixel order, the same every time
+        order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    else:
+        # equal saliencies in a seeded random order: a constant map is a random ordering
+        shuffle = torch.stack([
+            torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(int(seed)))
+            for seed in tie_seeds
+        ]).to(flat.device)  # fmt: skip
+        within = torch.sort(flat.gather(1, shuffle), dim=1, descending=True, stable=True).indices
+        order = shuffle.gather(1, within)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
     return ranks.view(-1, *size)
@@ -284,11 +295,12 @@ def deletion_insertion(
     steps: int = 32,
     batch_size: int = 32,
     baseline: str = "blur",
+    tie_seeds: Sequence[int] | None = None,
 ) -> DeletionInsertion:
     """Deletion and insertion curves of saliency maps (Petsiuk et al., RISE, BMVC 2018).
 
     Pixels are ordered by saliency, most salient first; equal saliencies keep row-major pixel
-    order (nan counts as least salient). At step i of `steps`, the first floor(i * H * W / steps)
+    order, or a random order seeded per image by `tie_seeds` (nan counts as least salient). At step i of `steps`, the first floor(i * H * W / steps)
     pixels are, for deletion, replaced by the baseline in the image and, for insertion, copied
     from the image onto the baseline. Every step's image is scored by the softmax probability of
     the target class; each AUC is the trapezoid rule over the fractions in [0, 1].
@@ -304,6 +316,8 @@ def deletion_insertion(
         batch_size: perturbed images per forward pass.
         baseline: "blur" (a strong Gaussian blur of `x`, sigma = max(H, W) / 20) or "zero"
             (zeros, i.e. the mean colour once normalised).
+        tie_seeds: one seed per image to break ties at random (a constant map then scores as
+            a random one, in expectation); None keeps row-major order.
 
     Returns:
         A `DeletionInsertion` on the CPU.
@@ -328,7 +342,9 @@ def deletion_insertion(
     x = x.detach()
     pixels = h * w
     counts = torch.tensor([i * pixels // steps for i in range(steps + 1)], device=x.device)
-    ranks = _saliency_ranks(sal.to(x.device), (h, w))
+    if tie_seeds is not None and len(tie_seeds) != n:
+        raise ValueError(f"tie_seeds needs one seed per image ({n}), got {len(tie_seeds)}")
+    ranks = _saliency_ranks(sal.to(x.device), (h, w), tie_seeds)
     points = steps + 1
     total = n * 2 * points  # per image: deletion steps, then insertion steps
     with preserve_model_state(model), torch.no_grad():

@@ -1,0 +1,689 @@
+"""`python -m viz report`: data-set numbers for the maps of one or more checkpoints.
+
+For every image and checkpoint: the explained class (the image's label, else the top-1) and its
+probability; deletion and insertion AUC (RISE) of every map; attention <-> CAM agreement per
+module; localisation against boxes; and, on the first `--sanity` images, the cascading
+randomisation check. Then means with bootstrap intervals, paired differences between models,
+and `report.md` / `report.html` (`viz.report_page`).
+
+Work is cut into chunks of `--batch-size` consecutive images (the list order is fixed), each
+chunk one batch through every model, so the numbers do not depend on how the work is spread.
+Under `torchrun` chunk c goes to rank c mod world size; ranks send their rows to rank 0, which
+writes the report. Each finished chunk is saved atomically under `OUT/parts/`; a rerun with the
+same inputs and options skips them (a changed one is refused unless `--overwrite`).
+
+Maps (the `map` column): `gradcam/stageS` (the CAM method at stage S's layer), `attention/NAME`
+(the spatial gate of module NAME, after its sigmoid where the probe gives a logit, as drawn),
+and `random` (uniform noise per pixel, seeded by the image: the chance level of every score).
+The default map of `per_image.csv` is the last stage's CAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ReportOptions",
+    "ReportInputs",
+    "add_report_parser",
+    "run_report",
+    "report_command",
+    "chunks_of_rank",
+    "Ranks",
+    "RankFailure",
+    "map_tensors",
+    "PER_IMAGE_COLUMNS",
+    "PER_MAP_COLUMNS",
+]
+
+PER_IMAGE_COLUMNS = (
+    "checkpoint", "image", "label", "target", "target_name", "predicted", "prob", "correct",
+    "deletion_auc", "insertion_auc", "error",
+)  # fmt: skip
+PER_MAP_COLUMNS = (
+    "checkpoint", "image", "map", "kind", "stage", "layer", "deletion_auc", "insertion_auc",
+    "pearson", "spearman", "iou", "pointing", "energy", "box_iou",
+)  # fmt: skip
+SANITY_COLUMNS = ("checkpoint", "image", "step", "randomised", "map", "spearman", "ssim")
+DELETION_CHOICES = ("all", "default", "off")
+_PARTS = "parts"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Everything that changes the numbers (a rerun must match them to reuse finished work)."""
+
+    method: str = "gradcam"
+    deletion: str = "all"  # which maps get deletion/insertion: all, default (last CAM), off
+    steps: int = 16
+    baseline: str = "blur"
+    batch_size: int = 16
+    sanity: int = 32
+    top_k: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class ReportInputs:
+    """What to run on: checkpoints (name, path, Checkpoint) and images (path, name, label)."""
+
+    checkpoints: list[tuple[str, str, object]]
+    images: list[tuple[Path, str, str | None]]
+    boxes: dict[str, list] | None = None
+
+
+# --- chunks and ranks -------------------------------------------------------------------------
+
+
+def chunks_of_rank(n_images: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Image indices of the chunks rank `rank` of `world` handles: chunk c goes to c mod world."""
+    chunks = [list(range(s, min(s + batch_size, n_images))) for s in range(0, n_images, batch_size)]
+    return [c for i, c in enumerate(chunks) if i % world == rank]
+
+
+def _image_seed(name: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# --- maps ------------------------------------------------------------------------------------
+
+
+def map_tensors(analysis) -> dict[str, tuple[str, int, str, Tensor]]:
+    """{map name: (kind, stage, layer, (N, h, w) map)} of an `Analysis`: CAMs, then gates."""
+    out: dict[str, tuple[str, int, str, Tensor]] = {}
+    for stage, layer in analysis.stage_cams().items():
+        out[f"gradcam/stage{stage}"] = ("cam", stage, layer, analysis.cams[layer])
+    for rec in analysis.trace.spatial_records:
+        spatial = rec.spatial.sigmoid() if rec.logits else rec.spatial
+        out[f"attention/{rec.name}"] = ("attention", rec.stage, rec.name, spatial)
+    return out
+
+
+def _default_map(maps: dict) -> str | None:
+    cams = [k for k, v in maps.items() if v[0] == "cam"]
+    return max(cams, key=lambda k: maps[k][1]) if cams else None
+
+
+# --- one chunk --------------------------------------------------------------------------------
+
+
+def _nan(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+def _chunk_rows(
+    ckpt_name: str,
+    ckpt,
+    x: Tensor,
+    names: list[str],
+    labels: list[int | None],
+    label_texts: list[str | None],
+    boxes: list[list | None],
+    sanity_rows: list[int],
+    options: ReportOptions,
+) -> dict[str, list[dict]]:
+    """Every row one checkpoint gives for one decoded batch."""
+    from .cam import analyze
+    from .localization import box_iou, energy_pointing_game, pointing_game
+    from .metrics import agreement, deletion_insertion
+    from .sanity import cascading_randomisation
+
+    model = ckpt.model
+    known = all(label is not None for label in labels)
+    target = torch.tensor(labels) if known else None
+    analysis = analyze(model, x, target, method=options.method)
+    predicted = analysis.logits.argmax(1)
+    maps = map_tensors(analysis)
+    size = x.shape[-1]
+    seeds = [_image_seed(n, options.seed) for n in names]
+    maps["random"] = ("random", 0, "", torch.stack([
+        torch.rand(size, size, generator=torch.Generator().manual_seed(s)) for s in seeds
+    ]))  # fmt: skip
+    default = _default_map(maps)
+    chosen = {"all": list(maps), "default": [default, "random"], "off": []}[options.deletion]
+    causal = {}
+    for name in chosen:
+        if name is None:
+            continue
+        causal[name] = deletion_insertion(
+            model, x, maps[name][3], analysis.target, steps=options.steps,
+            batch_size=max(options.batch_size, 2 * (options.steps + 1)),
+            baseline=options.baseline, tie_seeds=seeds,
+        )  # fmt: skip
+    stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
+    per_image, per_map = [], []
+    for i, image in enumerate(names):
+        t = int(analysis.target[i])
+        d = causal.get(default)
+        per_image.append({
+            "checkpoint": ckpt_name, "image": image,
+            "label": label_texts[i], "target": t,
+            "target_name": ckpt.class_names[t], "predicted": int(predicted[i]),
+            "prob": _nan(float(analysis.target_probs[i])),
+            "correct": int(int(predicted[i]) == t) if known else None,
+            "deletion_auc": _nan(float(d.deletion_auc[i])) if d else None,
+            "insertion_auc": _nan(float(d.insertion_auc[i])) if d else None,
+            "error": "",
+        })  # fmt: skip
+        for name, (kind, stage, layer, m) in maps.items():
+            row = {"checkpoint": ckpt_name, "image": image, "map": name, "kind": kind,
+                   "stage": stage, "layer": layer}  # fmt: skip
+            if name in causal:
+                row["deletion_auc"] = _nan(float(causal[name].deletion_auc[i]))
+                row["insertion_auc"] = _nan(float(causal[name].insertion_auc[i]))
+            if kind == "attention" and stage in stage_cam:
+                agree = agreement(m[i], stage_cam[stage][i], top_k=options.top_k)
+                row.update(pearson=_nan(agree.pearson), spearman=_nan(agree.spearman),
+                           iou=_nan(agree.iou))  # fmt: skip
+            if boxes[i] is not None:
+                row.update(
+                    pointing=_nan(pointing_game(m[i], boxes[i], size)),
+                    energy=_nan(energy_pointing_game(m[i], boxes[i], size)),
+                    box_iou=_nan(box_iou(m[i], boxes[i], size)),
+                )
+            per_map.append(row)
+    sanity = []
+    if sanity_rows:
+        pick = torch.tensor(sanity_rows)
+
+        def maps_of(net, images, tgt):
+            found = map_tensors(analyze(net, images, tgt, method=options.method))
+            return {k: v[3] for k, v in found.items()}
+
+        for step in cascading_randomisation(
+            model, x[pick], analysis.target[pick], maps_of, seed=options.seed
+        ):
+            sanity.append({
+                "checkpoint": ckpt_name, "image": names[sanity_rows[step.image]],
+                "step": step.step, "randomised": step.randomised, "map": step.map,
+                "spearman": _nan(step.spearman), "ssim": _nan(step.ssim),
+            })  # fmt: skip
+    return {"per_image": per_image, "per_map": per_map, "sanity": sanity}
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Image i -> (i, {preprocess key: (3, S, S) tensor}, original size, error)."""
+
+    def __init__(self, paths: list[Path], preprocesses: dict[str, object]) -> None:
+        self.paths, self.preprocesses = paths, preprocesses
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .images import ImageError, load_image
+
+        try:
+            image = load_image(self.paths[i])
+        except (ImageError, OSError, ValueError) as exc:
+            return i, None, None, " ".join(str(exc).split()) or type(exc).__name__
+        tensors = {k: p(image)[0] for k, p in self.preprocesses.items()}
+        return i, tensors, image.size, ""
+
+
+def _collate(items):
+    return items
+
+
+def _preprocess_key(ckpt) -> str:
+    return json.dumps(ckpt.preprocess.to_dict(), sort_keys=True)
+
+
+def _run_chunk(
+    items, inputs: ReportInputs, options: ReportOptions, device: torch.device
+) -> dict[str, list[dict]]:
+    """All rows of one chunk (decoded `items`) for every checkpoint."""
+    from .cli import label_of
+
+    result: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
+    good = [it for it in items if it[1] is not None]
+    for index, _, _, error in items:
+        if error:
+            for name, _, _ in inputs.checkpoints:
+                row = dict.fromkeys(PER_IMAGE_COLUMNS)
+                row.update(checkpoint=name, image=inputs.images[index][1], error=error)
+                result["per_image"].append(row)
+    if not good:
+        return result
+    names = [inputs.images[i][1] for i, *_ in good]
+    for ckpt_name, _, ckpt in inputs.checkpoints:
+        key = _preprocess_key(ckpt)
+        x = torch.stack([tensors[key] for _, tensors, _, _ in good]).to(device)
+        labels = [inputs.images[i][2] for i, *_ in good]
+        targets = [None if lab is None else _class_index(lab, ckpt) for lab in labels]
+        boxes = []
+        for i, _, size, _ in good:
+            if inputs.boxes is None:
+                boxes.append(None)
+                continue
+            raw = label_of(inputs.images[i][0], inputs.boxes) or []
+            mapped = [ckpt.preprocess.map_box(b, size) for b in raw]
+            boxes.append([b for b in mapped if b is not None])
+        sanity = [k for k, (i, *_) in enumerate(good) if i < options.sanity]
+        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, sanity, options)
+        for key_, value in rows.items():
+            result[key_] += value
+    return result
+
+
+def _class_index(label: str, ckpt) -> int:
+    from .cli import resolve_target
+
+    index = resolve_target(label, ckpt.class_names, "label")
+    assert index is not None
+    return index
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _fingerprint(inputs: ReportInputs, options: ReportOptions) -> dict:
+    images = hashlib.sha256()
+    for path, name, label in inputs.images:
+        st = path.stat()
+        images.update(f"{name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    boxes = json.dumps(inputs.boxes, sort_keys=True) if inputs.boxes is not None else ""
+    return {
+        "options": asdict(options),
+        "checkpoints": {name: ckpt.sha256 for name, _, ckpt in inputs.checkpoints},
+        "images": images.hexdigest(),
+        "boxes": hashlib.sha256(boxes.encode()).hexdigest(),
+    }
+
+
+def _write_json(path: Path, value: object) -> None:
+    from models.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(value, sort_keys=True).encode())
+
+
+def _prepare_parts(out: Path, fingerprint: dict, overwrite: bool) -> Path:
+    """OUT/parts, checked against this run's fingerprint (or cleared with `overwrite`)."""
+    from .cli import UsageError
+
+    parts = out / _PARTS
+    stamp = parts / "run.json"
+    if parts.exists() and overwrite:
+        shutil.rmtree(parts)
+    if stamp.exists():
+        try:
+            before = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != fingerprint:
+            raise UsageError(
+                f"{out} holds results of a different run (another checkpoint, image set or "
+                "option); use --overwrite to start again, or another --out"
+            )
+    elif out.exists() and any(p.name != _PARTS for p in out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} is not empty and holds no report parts; use --overwrite")
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_json(stamp, fingerprint)
+    return parts
+
+
+class RankFailure(RuntimeError):
+    """Another rank (or this one) failed; the message names the rank and its error."""
+
+
+class Ranks:
+    """This process's place among the ranks of a run, and the two collectives the report needs.
+
+    Alone (world 1) both collectives just return this process's value in a list.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    def all_gather(self, value: object) -> list[object]:
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        found: list[object] = [None] * self.world
+        dist.all_gather_object(found, value)
+        return found
+
+    def gather(self, value: object) -> list[object] | None:
+        """Every rank's value on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        found: list[object] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(value, found, dst=0)
+        return found
+
+    def check(self, error: str | None) -> None:
+        """Raise `RankFailure` on every rank if any rank reports an error."""
+        errors = [e for e in self.all_gather(error) if e]
+        if errors:
+            raise RankFailure("; ".join(errors))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_report(
+    inputs: ReportInputs,
+    out: str | os.PathLike,
+    options: ReportOptions = ReportOptions(),
+    *,
+    overwrite: bool = False,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    ranks: Ranks | None = None,
+) -> dict[str, list[dict]] | None:
+    """Run the report's measurements; rank 0 gets every rank's rows (the report is written apart).
+
+    Args:
+        inputs: checkpoints and images (see `ReportInputs`).
+        out: output folder (its `parts/` keeps finished chunks).
+        options: what to measure.
+        overwrite: clear earlier parts.
+        workers: DataLoader worker processes for decoding (0: decode in this process).
+        device: "cpu" or "cuda".
+        progress: called with (images done, images of this rank) after each chunk.
+        ranks: this process among the ranks of a torchrun job; default alone.
+
+    Returns:
+        On rank 0 the rows ({"per_image", "per_map", "sanity"}, in image order), else None.
+
+    Raises:
+        RankFailure: with several ranks, when any of them failed (on every rank).
+        UsageError: alone, when `out` holds another run's results.
+    """
+    ranks = ranks or Ranks()
+    out = Path(out)
+    parts = out / _PARTS
+    error = None
+    if ranks.rank == 0:
+        try:
+            _prepare_parts(out, _fingerprint(inputs, options), overwrite)
+        except Exception as exc:
+            if ranks.world == 1:
+                raise
+            error = f"rank 0: {_one_line(exc)}"
+    ranks.check(error)
+    parts.mkdir(parents=True, exist_ok=True)  # on a node without a shared disk too
+    done: dict[int, dict] = {}
+    try:
+        done = _run_chunks(inputs, options, parts, workers, device, progress, ranks)
+        error = None
+    except Exception as exc:
+        if ranks.world == 1:
+            raise
+        error = f"rank {ranks.rank}: {_one_line(exc)}"
+    ranks.check(error)
+    gathered = ranks.gather(done)
+    if gathered is None:
+        return None
+    for other in gathered[1:]:
+        for first, rows in other.items():  # type: ignore[union-attr]
+            if first not in done:
+                _write_json(parts / f"chunk-{first:08d}.json", rows)
+                done[first] = rows
+    merged: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
+    for first in sorted(done):
+        for key, value in done[first].items():
+            merged[key] += value
+    return merged
+
+
+def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: Ranks):
+    """This rank's chunks: finished ones read back, the others run and saved; {first: rows}."""
+    dev = torch.device(device)
+    for _, _, ckpt in inputs.checkpoints:
+        ckpt.model.to(dev)
+    mine = chunks_of_rank(len(inputs.images), options.batch_size, ranks.rank, ranks.world)
+    done: dict[int, dict] = {}
+    todo = []
+    for chunk in mine:
+        try:
+            done[chunk[0]] = json.loads((parts / f"chunk-{chunk[0]:08d}.json").read_text())
+        except (OSError, ValueError):
+            todo.append(chunk)
+    preprocesses = {_preprocess_key(c): c.preprocess for _, _, c in inputs.checkpoints}
+    loader = torch.utils.data.DataLoader(
+        _Decode([p for p, _, _ in inputs.images], preprocesses), batch_sampler=todo,
+        num_workers=workers, collate_fn=_collate,
+        multiprocessing_context="spawn" if workers else None,
+    )  # fmt: skip
+    total = sum(len(c) for c in mine)
+    finished = sum(len(c) for c in mine if c[0] in done)
+    if progress:
+        progress(finished, total)
+    for items in loader:
+        first = items[0][0]
+        rows = _run_chunk(items, inputs, options, dev)
+        _write_json(parts / f"chunk-{first:08d}.json", rows)
+        done[first] = rows
+        finished += len(items)
+        if progress:
+            progress(finished, total)
+    return done
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_report_parser(commands) -> argparse.ArgumentParser:
+    """The `report` subcommand's options."""
+    from .cam import CAM_METHODS
+    from .metrics import BASELINES
+
+    report = commands.add_parser(
+        "report",
+        help="data-set report: accuracy, deletion/insertion, agreement, localisation, sanity",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    report.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                        help="checkpoint file; repeat for several models (paired comparison)")  # fmt: skip
+    report.add_argument("--images", required=True, metavar="DIR",
+                        help="an ImageFolder (one subfolder per class: labels from folder "
+                             "names) or any folder of images with --labels, or neither")  # fmt: skip
+    report.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    report.add_argument("--labels", metavar="CSV", help="CSV with columns file,label")
+    report.add_argument("--boxes", metavar="PATH",
+                        help="bounding boxes: Pascal VOC XML folder, COCO JSON, or CSV "
+                             "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
+    report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
+                        help="CAM method (default: gradcam)")  # fmt: skip
+    report.add_argument("--deletion", default="all", choices=DELETION_CHOICES,
+                        help="maps scored by deletion/insertion: all, default (last stage's CAM "
+                             "and random), off (default: all)")  # fmt: skip
+    report.add_argument("--steps", type=_int_range(1, 1024), default=16,
+                        help="deletion/insertion steps (default: 16)")  # fmt: skip
+    report.add_argument("--baseline", default="blur", choices=BASELINES,
+                        help="what deleted pixels become (default: blur)")  # fmt: skip
+    report.add_argument("--batch-size", type=_int_range(1, 4096), default=16,
+                        help="images per chunk and batch (default: 16)")  # fmt: skip
+    report.add_argument("--sanity", type=_int_range(0, 10**9), default=32, metavar="N",
+                        help="images for the randomisation check, the first N (default: 32)")  # fmt: skip
+    report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
+    report.add_argument("--workers", type=_int_range(0, 64), default=min(2, os.cpu_count() or 1),
+                        help="decoding worker processes per rank (default: 2)")  # fmt: skip
+    report.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu (gloo between ranks) or cuda (nccl; one GPU per rank)")  # fmt: skip
+    report.add_argument("--overwrite", action="store_true",
+                        help="discard earlier results in OUT and start again")  # fmt: skip
+    report.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="your own code registering architectures and attention probes")  # fmt: skip
+    return report
+
+
+_EPILOG = """\
+outputs (OUT):
+  per_image.csv   one row per image x checkpoint: target, prob, correct, deletion/insertion
+                  AUC of the last stage's CAM, error
+  per_map.csv     one row per image x checkpoint x map: deletion/insertion AUC, agreement with
+                  the same stage's CAM, pointing game, energy pointing game, box IoU
+  sanity.csv      cascading randomisation: Spearman and SSIM per step, image and map
+  summary.csv     means with 95% bootstrap intervals; paired differences between checkpoints
+  report.md, report.html (self-contained), manifest.json, parts/ (finished chunks, for reruns)
+
+scale out:  torchrun --nproc-per-node 2 -m viz report ...   (same numbers, shared by ranks)
+"""
+
+
+def _int_range(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path, str, str | None]]:
+    """Image files of `folder` with labels from the CSV, from class subfolders, or none."""
+    from .cli import UsageError, collect_images, label_of, read_labels
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"--images {folder}: not a folder")
+    files, _ = collect_images([folder])
+    if labels_csv:
+        labels = read_labels(labels_csv)
+        out = []
+        for path, name in files:
+            label = label_of(path, labels)
+            if label is None:
+                raise UsageError(f"--labels {labels_csv} has no row for {path}")
+            out.append((path, name, label))
+        return out
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes and all(path.parent != root for path, _ in files):
+        return [(path, name, path.relative_to(root).parts[0]) for path, name in files]
+    return [(path, name, None) for path, name in files]
+
+
+def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | None]]:
+    """ImageFolder class folders -> class names each checkpoint knows (by name or by order)."""
+    from .cli import UsageError
+
+    folders = sorted({lab for _, _, lab in images if lab is not None})
+    out_labels: dict[str, str] = {}
+    for _, _, ckpt in checkpoints:
+        lowered = [n.casefold() for n in ckpt.class_names]
+        by_name = all(f.casefold() in lowered for f in folders)
+        by_order = len(folders) == len(ckpt.class_names)
+        if not (by_name or by_order):
+            raise UsageError(
+                f"the class folders ({', '.join(folders[:4])}, ...) match neither the class "
+                f"names nor the number of classes ({len(ckpt.class_names)}) of {ckpt.label}; "
+                "give --labels"
+            )
+        for i, f in enumerate(folders):
+            # a folder named like a class is that class; else the i-th folder is class i,
+            # as torchvision's ImageFolder (and models.train) number them
+            out_labels.setdefault(f, f if by_name else str(i))
+    return [(p, n, None if lab is None else out_labels[lab]) for p, n, lab in images]
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """`python -m viz report`: returns the exit status (0 ok, 1 some images or a rank failed)."""
+    from tqdm import tqdm
+
+    from .cli import UsageError, load_checkpoints
+    from .localization import BoxError, read_boxes
+    from .report_page import write_report
+
+    checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
+    images = _images_with_labels(args.images, args.labels)
+    if not args.labels:
+        images = _resolve_folder_labels(images, checkpoints)
+    for _, _, ckpt in checkpoints:  # every label must be a class of every model
+        for path, _, label in images:
+            if label is not None:
+                _class_index_or_usage(label, ckpt, path)
+    try:
+        boxes = read_boxes(args.boxes) if args.boxes else None
+    except BoxError as exc:
+        raise UsageError(str(exc)) from None
+    options = ReportOptions(
+        method=args.method, deletion=args.deletion, steps=args.steps, baseline=args.baseline,
+        batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
+    )  # fmt: skip
+    inputs = ReportInputs(checkpoints, images, boxes)
+    ranks = _start_distributed(args.device)
+    bar = tqdm(total=0, unit="img", disable=ranks.rank != 0, desc="report", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        rows = run_report(
+            inputs, args.out, options, overwrite=args.overwrite, workers=args.workers,
+            device=args.device, progress=progress, ranks=ranks,
+        )  # fmt: skip
+    except RankFailure as exc:
+        if ranks.rank == 0:
+            print(f"error: {exc}; no report written", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        _stop_distributed()
+    if rows is None:
+        return 0
+    failed = write_report(Path(args.out), rows, inputs, options, world=ranks.world)
+    if failed:
+        print(f"error: {failed} image(s) could not be read; see per_image.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _class_index_or_usage(label: str, ckpt, path: Path) -> int:
+    from .cli import resolve_target
+
+    index = resolve_target(label, ckpt.class_names, f"label of {path.name}")
+    assert index is not None
+    return index
+
+
+# --- torch.distributed ------------------------------------------------------------------------
+
+
+def _start_distributed(device: str) -> Ranks:
+    """Join the torchrun job this process belongs to (gloo on CPU, NCCL on GPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _stop_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

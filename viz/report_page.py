@@ -1,0 +1,448 @@
+"""The files of a data-set report: CSV tables, summary with intervals, figures, Markdown, HTML.
+
+Every name in these files (images, checkpoints, modules, classes) comes from the user's files:
+the HTML escapes it, the Markdown escapes the characters a table or a link would read, and the
+app shows the tables as data, never as Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .figures.canvas import styled
+from .stats import bootstrap_mean, paired_difference
+
+__all__ = [
+    "write_report",
+    "summarise",
+    "sanity_summary",
+    "csv_bytes",
+    "read_csv",
+    "SUMMARY_COLUMNS",
+    "MAP_METRICS",
+]
+
+MAP_METRICS = (
+    "deletion_auc", "insertion_auc", "pearson", "spearman", "iou", "pointing", "energy", "box_iou",
+)  # fmt: skip
+IMAGE_METRICS = ("correct", "prob")
+SUMMARY_COLUMNS = (
+    "section", "checkpoint", "compared_to", "map", "metric", "n", "mean", "ci_low", "ci_high",
+)  # fmt: skip
+SANITY_SUMMARY_COLUMNS = ("checkpoint", "step", "randomised", "map", "n", "spearman", "ssim")
+ALL_ATTENTION = "attention/all"  # per image, the mean over its attention modules
+_METRIC_WORDS = {
+    "correct": "top-1 accuracy",
+    "prob": "P(target)",
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "pearson": "Pearson r with the stage's CAM",
+    "spearman": "Spearman rho with the stage's CAM",
+    "iou": "top-20% IoU with the stage's CAM",
+    "pointing": "pointing game",
+    "energy": "energy pointing game",
+    "box_iou": "box IoU",
+}
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else repr(round(value, 6))
+    return str(value)
+
+
+def csv_bytes(rows: Iterable[dict], columns: Sequence[str]) -> bytes:
+    """Rows as UTF-8 CSV with a header; missing and non-finite values are empty cells."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buffer.getvalue().encode("utf-8")
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """A report CSV back as a list of {column: text} (for the app)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _value(v: object) -> float:
+    return math.nan if v is None or v == "" else float(v)  # type: ignore[arg-type]
+
+
+def _with_all_attention(per_map: list[dict]) -> list[dict]:
+    """per_map rows plus, per checkpoint and image, the mean over its attention modules."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in per_map:
+        if row["kind"] == "attention":
+            groups[(row["checkpoint"], row["image"])].append(row)
+    extra = []
+    for (ckpt, image), rows in groups.items():
+        mean = {"checkpoint": ckpt, "image": image, "map": ALL_ATTENTION, "kind": "attention"}
+        for metric in MAP_METRICS:
+            values = [_value(r.get(metric)) for r in rows]
+            finite = [v for v in values if math.isfinite(v)]
+            mean[metric] = float(np.mean(finite)) if finite else None
+        extra.append(mean)
+    return per_map + extra
+
+
+def summarise(rows: dict[str, list[dict]], checkpoints: Sequence[str], seed: int = 0) -> list[dict]:
+    """Means with bootstrap intervals per checkpoint, then paired differences between them."""
+    per_image = [r for r in rows["per_image"] if not r.get("error")]
+    per_map = _with_all_attention(rows["per_map"])
+    values: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    for r in per_image:
+        for metric in IMAGE_METRICS:
+            values[(r["checkpoint"], "", metric)][r["image"]] = _value(r.get(metric))
+    for r in per_map:
+        for metric in MAP_METRICS:
+            v = _value(r.get(metric))
+            if math.isfinite(v):
+                values[(r["checkpoint"], r["map"], metric)][r["image"]] = v
+    out = []
+    order = {name: i for i, name in enumerate(checkpoints)}
+    keys = sorted(values, key=lambda k: (order.get(k[0], 99), k[1], MAP_METRICS.index(k[2])
+                                         if k[2] in MAP_METRICS else -1))  # fmt: skip
+    for ckpt, map_name, metric in keys:
+        by_image = values[(ckpt, map_name, metric)]
+        est = bootstrap_mean(list(by_image.values()), seed=seed)
+        if est.n:
+            out.append(_summary_row("model", ckpt, "", map_name, metric, est))
+    for i, a in enumerate(checkpoints):
+        for b in checkpoints[i + 1 :]:
+            for ckpt, map_name, metric in keys:
+                if ckpt != a or (b, map_name, metric) not in values:
+                    continue
+                va, vb = values[(a, map_name, metric)], values[(b, map_name, metric)]
+                common = sorted(set(va) & set(vb))
+                est = paired_difference([va[k] for k in common], [vb[k] for k in common], seed=seed)
+                if est.n:
+                    out.append(_summary_row("paired", a, b, map_name, metric, est))
+    return out
+
+
+def _summary_row(section, ckpt, other, map_name, metric, est) -> dict:
+    return {
+        "section": section, "checkpoint": ckpt, "compared_to": other, "map": map_name,
+        "metric": metric, "n": est.n, "mean": est.mean, "ci_low": est.low, "ci_high": est.high,
+    }  # fmt: skip
+
+
+def sanity_summary(sanity: list[dict]) -> list[dict]:
+    """Mean Spearman and SSIM per checkpoint, step and map (attention maps also together)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in sanity:
+        groups[(r["checkpoint"], r["step"], r["randomised"], r["map"])].append(r)
+        if r["map"].startswith("attention/"):
+            groups[(r["checkpoint"], r["step"], r["randomised"], ALL_ATTENTION)].append(r)
+    out = []
+    for (ckpt, step, group, map_name), rs in groups.items():
+        sp = [_value(r["spearman"]) for r in rs]
+        ss = [_value(r["ssim"]) for r in rs]
+        out.append({
+            "checkpoint": ckpt, "step": step, "randomised": group, "map": map_name, "n": len(rs),
+            "spearman": _nanmean(sp), "ssim": _nanmean(ss),
+        })  # fmt: skip
+    return sorted(out, key=lambda r: (r["checkpoint"], r["map"], r["step"]))
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _last_cam(per_map: list[dict]) -> str | None:
+    stages = sorted({r["map"] for r in per_map if r["kind"] == "cam"})
+    return stages[-1] if stages else None
+
+
+@styled
+def _distribution_figure(per_map: list[dict], checkpoints: Sequence[str]):
+    """Box plots of deletion and insertion AUC: last CAM, attention (mean), random; per model."""
+    from matplotlib.patches import Patch
+
+    from .figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
+
+    cam = _last_cam(per_map)
+    maps = [m for m in (cam, ALL_ATTENTION, "random") if m]
+    rows = _with_all_attention(per_map)
+    metrics = [m for m in ("deletion_auc", "insertion_auc")
+               if any(r.get(m) not in (None, "") for r in rows)]  # fmt: skip
+    if not metrics:
+        return None
+    fig = new_figure(DOUBLE_COLUMN, 2.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colours = {cam: "#0072B2", ALL_ATTENTION: "#D55E00", "random": "#999999"}
+    for ax, metric in zip(axes, metrics):
+        positions, data, tint = [], [], []
+        for i, ckpt in enumerate(checkpoints):
+            for j, m in enumerate(maps):
+                v = [_value(r.get(metric)) for r in rows if r["checkpoint"] == ckpt
+                     and r["map"] == m]  # fmt: skip
+                v = [x for x in v if math.isfinite(x)]
+                if v:
+                    positions.append(i * (len(maps) + 1) + j)
+                    data.append(v)
+                    tint.append(colours[m])
+        if not data:
+            continue
+        parts = ax.boxplot(data, positions=positions, widths=0.8, patch_artist=True,
+                           showfliers=False)  # fmt: skip
+        for patch, colour in zip(parts["boxes"], tint):
+            patch.set_facecolor(colour)
+            patch.set_alpha(0.7)
+        centres = [i * (len(maps) + 1) + (len(maps) - 1) / 2 for i in range(len(checkpoints))]
+        ax.set_xticks(centres)
+        width_each = (fig.get_figwidth() / len(metrics)) / max(1, len(checkpoints))
+        ax.set_xticklabels(
+            [fit_text(c, width_each, fontsize=6, max_lines=2)[0] for c in checkpoints], fontsize=6
+        )
+        ax.set_title(_METRIC_WORDS[metric], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=6)
+    drawn = [m for m in maps if any(r["map"] == m and r.get(metrics[0]) not in (None, "")
+                                    for r in rows)]  # fmt: skip
+    handles = [Patch(color=colours[m], label=m) for m in drawn]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(drawn), fontsize=6,
+               frameon=False)  # fmt: skip
+    return fig
+
+
+@styled
+def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
+    """Spearman and SSIM against the randomisation step: the last CAM and the attention mean."""
+    from .figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
+
+    if not summary:
+        return None
+    cams = sorted({r["map"] for r in summary if r["map"].startswith("gradcam/")})
+    maps = [m for m in (cams[-1] if cams else None, ALL_ATTENTION) if m]
+    fig = new_figure(DOUBLE_COLUMN, 3.0)
+    axes = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    for ax, metric in zip(axes, ("spearman", "ssim")):
+        for i, ckpt in enumerate(checkpoints):
+            for m, colour in zip(maps, ("#0072B2", "#D55E00")):
+                pts = [r for r in summary if r["checkpoint"] == ckpt and r["map"] == m]
+                if not pts:
+                    continue
+                pts.sort(key=lambda r: r["step"])
+                ax.plot([r["step"] for r in pts], [r[metric] for r in pts], styles[i % 4],
+                        color=colour, marker="o", markersize=2, linewidth=1,
+                        label=f"{ckpt} · {m}")  # fmt: skip
+        ax.axhline(0, color="#bbbbbb", linewidth=0.5)
+        steps = sorted({(r["step"], r["randomised"]) for r in summary})
+        ax.set_xticks([k for k, _ in steps])
+        ax.set_xticklabels([fit_text(g, 0.5, fontsize=6)[0] for _, g in steps], rotation=90)
+        ax.set_xlabel("randomised up to (from the logits down)", fontsize=6)
+        ax.set_ylabel(f"{'Spearman ρ' if metric == 'spearman' else 'SSIM'} to trained map",
+                      fontsize=6)  # fmt: skip
+        ax.tick_params(labelsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=6, frameon=False)
+    return fig
+
+
+@styled
+def _sample_figure(inputs, options, count: int = 4):
+    """The first images under each model's last-stage CAM and its last attention map."""
+    from matplotlib.figure import Figure
+
+    from .cam import analyze
+    from .figures.canvas import DOUBLE_COLUMN, fit_text
+    from .images import load_image
+    from .maps import overlay
+    from .report import map_tensors
+
+    shown = []
+    for path, name, label in inputs.images:
+        try:
+            shown.append((load_image(path), name, label))
+        except Exception:  # a broken image is in per_image.csv already
+            continue
+        if len(shown) == count:
+            break
+    if not shown:
+        return None
+    panels = []  # (checkpoint name, map name, (N, h, w)) per column
+    for ckpt_name, _, ckpt in inputs.checkpoints:
+        x = ckpt.preprocess.batch([im for im, _, _ in shown])
+        targets = None
+        if all(lab is not None for _, _, lab in shown):
+            from .cli import resolve_target
+
+            targets = [resolve_target(lab, ckpt.class_names, "label") for _, _, lab in shown]
+        maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method))
+        cams = [k for k, v in maps.items() if v[0] == "cam"]
+        gates = [k for k, v in maps.items() if v[0] == "attention"]
+        for key in cams[-1:] + gates[-1:]:
+            panels.append((ckpt_name, ckpt, key, maps[key][3]))
+    columns = max(1, len(panels))
+    # panels placed by hand: no layout engine
+    fig = Figure(figsize=(DOUBLE_COLUMN, 0.5 + DOUBLE_COLUMN / columns * len(shown)))
+    axes = fig.subplots(len(shown), columns, squeeze=False)
+    width = fig.get_figwidth() / columns
+    for c, (ckpt_name, ckpt, key, m) in enumerate(panels):
+        for r, (image, _, _) in enumerate(shown):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            ax.imshow(overlay(ckpt.preprocess.crop_image(image), m[r], alpha=0.5))
+        title = fit_text(f"{ckpt_name} · {key}", width, fontsize=6, max_lines=3)[0]
+        axes[0, c].set_title(title, fontsize=6)
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=1 - 0.5 / fig.get_figheight(),
+        wspace=0.04,
+        hspace=0.04,
+    )
+    return fig
+
+
+def _png(fig) -> bytes:
+    from .export import figure_bytes
+
+    return figure_bytes(fig, "png", dpi=150)
+
+
+# --- documents --------------------------------------------------------------------------------
+
+
+def _md_escape(text: object) -> str:
+    out = str(text).replace("\\", "\\\\")
+    for ch in "|*_`[]<>#":
+        out = out.replace(ch, "\\" + ch)
+    return " ".join(out.split())
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    x = _value(v) if not isinstance(v, float) else v
+    return "" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _table_rows(summary: list[dict], section: str) -> list[list[str]]:
+    rows = []
+    for r in summary:
+        if r["section"] != section:
+            continue
+        who = r["checkpoint"] if section == "model" else f"{r['checkpoint']} − {r['compared_to']}"
+        rows.append([
+            who, r["map"] or "(image)", _METRIC_WORDS.get(r["metric"], r["metric"]), str(r["n"]),
+            f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+        ])  # fmt: skip
+    return rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+    "img{max-width:100%}code{background:#f3f3f3}"
+)
+
+
+def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, world: int = 1) -> int:
+    """Write every report file into `out`; returns how many images could not be read."""
+    from dataclasses import asdict
+
+    from .export import build_manifest, checkpoint_info, manifest_bytes, write_files
+    from .report import PER_IMAGE_COLUMNS, PER_MAP_COLUMNS, SANITY_COLUMNS
+
+    names = [name for name, _, _ in inputs.checkpoints]
+    summary = summarise(rows, names, options.seed)
+    sanity = sanity_summary(rows["sanity"])
+    files: dict[str, bytes] = {
+        "per_image.csv": csv_bytes(rows["per_image"], PER_IMAGE_COLUMNS),
+        "per_map.csv": csv_bytes(rows["per_map"], PER_MAP_COLUMNS),
+        "sanity.csv": csv_bytes(rows["sanity"], SANITY_COLUMNS),
+        "summary.csv": csv_bytes(summary, SUMMARY_COLUMNS),
+        "sanity_summary.csv": csv_bytes(sanity, SANITY_SUMMARY_COLUMNS),
+    }
+    figures = {}
+    for fname, make in (
+        ("figures/distributions.png", lambda: _distribution_figure(rows["per_map"], names)),
+        ("figures/sanity.png", lambda: _sanity_figure(sanity, names)),
+        ("figures/samples.png", lambda: _sample_figure(inputs, options)),
+    ):
+        fig = make()
+        if fig is not None:
+            figures[fname] = _png(fig)
+    files.update(figures)
+    failed = sorted({r["image"] for r in rows["per_image"] if r.get("error")})
+    header = ["model", "map", "metric", "n", "mean [95% CI]"]
+    model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
+    intro = (
+        f"{len(inputs.images)} images, {len(names)} checkpoint(s), CAM method "
+        f"{options.method}, deletion/insertion on {options.deletion} maps with {options.steps} "
+        f"steps ({options.baseline} baseline), sanity check on the first {options.sanity} "
+        f"images, {world} process(es). Intervals: 95% percentile bootstrap over images."
+    )
+    md = [
+        "# Attention Lens data-set report", "", _md_escape(intro), "",
+        "## Per model", "", _markdown(header, model_rows), "",
+    ]  # fmt: skip
+    if paired_rows:
+        md += ["## Paired differences (same images)", "", _markdown(header, paired_rows), ""]
+    for fname in figures:
+        md += [f"![{fname}]({fname})", ""]
+    if failed:
+        md += [f"Unreadable images: {len(failed)} (see per_image.csv).", ""]
+    files["report.md"] = "\n".join(md).encode("utf-8")
+    body = [f"<h1>Attention Lens data-set report</h1><p>{html.escape(intro)}</p>",
+            "<h2>Per model</h2>", _html_table(header, model_rows)]  # fmt: skip
+    if paired_rows:
+        body += ["<h2>Paired differences (same images)</h2>", _html_table(header, paired_rows)]
+    for fname, data in figures.items():
+        encoded = base64.b64encode(data).decode("ascii")
+        body.append(f'<h2>{html.escape(fname)}</h2><img alt="{html.escape(fname)}" '
+                    f'src="data:image/png;base64,{encoded}">')  # fmt: skip
+    if failed:
+        body.append(f"<p>Unreadable images: {len(failed)} (see per_image.csv).</p>")
+    files["report.html"] = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Attention Lens report</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+    ).encode()
+    manifest = build_manifest(
+        checkpoints=[checkpoint_info(c, p) | {"name": n} for n, p, c in inputs.checkpoints],
+        images=[{"file": str(p), "name": n, "label": lab} for p, n, lab in inputs.images],
+        options=asdict(options) | {"world_size": world},
+        failures=[{"input": name, "step": "decode"} for name in failed],
+        files=files, tool="attention-lens report",
+    )  # fmt: skip
+    files["manifest.json"] = manifest_bytes(manifest)
+    write_files(out, files)
+    return len(failed)
