@@ -1,0 +1,223 @@
+"""`python -m viz report` end to end on tiny checkpoints: files, resuming, failures, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import Preprocess, build_model, save_checkpoint
+from tests.conftest import ROOT, randomize_bn
+from viz.cli import main
+from viz.report import PER_IMAGE_COLUMNS, chunks_of_rank
+
+CLASSES = ["cat", "dog", "fish"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for seed, attention in enumerate(["cbam", None]):
+        torch.manual_seed(seed)
+        model = randomize_bn(build_model(18, attention, num_classes=3), seed).eval()
+        path = folder / f"tiny_{attention or 'plain'}.safetensors"
+        save_checkpoint(path, model, class_names=CLASSES, preprocess=Preprocess(72, 64))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    gen = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for k in range(3):
+            w, h = 70 + 9 * k, 80 - 5 * c
+            Image.fromarray(gen.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                root / name / f"{k}.png"
+            )
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _report(out: Path, checkpoints, images, *extra: str) -> int:
+    args = ["report", "--images", str(images), "--out", str(out), "--workers", "0",
+            "--batch-size", "4", "--steps", "4", "--sanity", "3"]  # fmt: skip
+    for c in checkpoints:
+        args += ["--checkpoint", c]
+    return main(args + list(extra))
+
+
+def test_chunks_are_dealt_round_robin():
+    assert chunks_of_rank(10, 4, 0, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert chunks_of_rank(10, 4, 0, 2) == [[0, 1, 2, 3], [8, 9]]
+    assert chunks_of_rank(10, 4, 1, 2) == [[4, 5, 6, 7]]
+    assert chunks_of_rank(3, 4, 1, 2) == []
+
+
+def test_report_files_and_columns(tmp_path, checkpoints, image_folder):
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("file,x0,y0,x1,y1\ncat/0.png,10,10,50,60\ndog/1.png,0,0,30,30\n")
+    out = tmp_path / "out"
+    assert _report(out, checkpoints, image_folder, "--boxes", str(boxes)) == 0
+    for name in ("per_image.csv", "per_map.csv", "sanity.csv", "summary.csv", "report.md",
+                 "report.html", "manifest.json", "figures/sanity.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    per_image = _rows(out / "per_image.csv")
+    assert list(per_image[0]) == list(PER_IMAGE_COLUMNS)
+    assert len(per_image) == 9 * 2
+    # labels come from the class folders; the explained class is the label
+    cat = next(r for r in per_image if r["image"] == "cat_0" and r["checkpoint"] == "tiny_cbam")
+    assert (cat["label"], cat["target"], cat["target_name"]) == ("cat", "0", "cat")
+    assert all(0.0 <= float(r["deletion_auc"]) <= 1.0 for r in per_image)
+    per_map = _rows(out / "per_map.csv")
+    cbam = {r["map"] for r in per_map if r["checkpoint"] == "tiny_cbam"}
+    assert {"gradcam/stage4", "random", "attention/layer4.1.cbam"} <= cbam
+    assert {r["map"] for r in per_map if r["checkpoint"] == "tiny_plain"} == {
+        "gradcam/stage1", "gradcam/stage2", "gradcam/stage3", "gradcam/stage4", "random"}  # fmt: skip
+    located = [r for r in per_map if r["image"] in ("cat_0", "dog_1")]
+    assert all(r["pointing"] in ("0.0", "1.0") for r in located)
+    assert all(r["pointing"] == "" for r in per_map if r["image"] == "fish_2")  # no boxes
+    gated = [r for r in per_map if r["map"].startswith("attention/")]
+    assert gated and all(r["spearman"] != "" or r["iou"] != "" for r in gated)
+    sanity = _rows(out / "sanity.csv")
+    assert {r["image"] for r in sanity} == {"cat_0", "cat_1", "cat_2"}  # the first --sanity 3
+    summary = _rows(out / "summary.csv")
+    paired = [r for r in summary if r["section"] == "paired"]
+    assert paired and all(r["compared_to"] == "tiny_plain" for r in paired)
+    acc = next(r for r in summary if r["metric"] == "correct" and r["checkpoint"] == "tiny_cbam")
+    correct = [int(r["correct"]) for r in per_image if r["checkpoint"] == "tiny_cbam"]
+    assert float(acc["mean"]) == pytest.approx(np.mean(correct))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tool"] == "attention-lens report"
+    assert manifest["options"]["steps"] == 4 and len(manifest["images"]) == 9
+
+
+def test_rerun_skips_finished_work_and_refuses_to_mix(tmp_path, checkpoints, image_folder,
+                                                      monkeypatch):  # fmt: skip
+    out = tmp_path / "out"
+    assert _report(out, checkpoints[:1], image_folder, "--deletion", "off") == 0
+    first = (out / "per_image.csv").read_bytes()
+    import viz.report
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished chunk was run again")
+
+    monkeypatch.setattr(viz.report, "_run_chunk", must_not_run)
+    assert _report(out, checkpoints[:1], image_folder, "--deletion", "off") == 0
+    assert (out / "per_image.csv").read_bytes() == first
+    # another option: refused, nothing changed
+    assert _report(out, checkpoints[:1], image_folder, "--deletion", "default") == 2
+    assert (out / "per_image.csv").read_bytes() == first
+    monkeypatch.undo()
+    assert _report(out, checkpoints[:1], image_folder, "--deletion", "default",
+                   "--overwrite") == 0  # fmt: skip
+    assert _rows(out / "per_image.csv")[0]["deletion_auc"] != ""
+
+
+def test_broken_images_and_hostile_names(tmp_path, checkpoints, image_folder, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, name in enumerate(["<b>bold<i>.png", "ok.png"]):
+        Image.fromarray(np.full((70, 70, 3), 40 * i, np.uint8)).save(images / name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    assert _report(out, checkpoints[:1], images, "--deletion", "off") == 1
+    assert "1 image(s) could not be read" in capsys.readouterr().err
+    rows = _rows(out / "per_image.csv")
+    broken = next(r for r in rows if r["image"] == "broken")
+    assert broken["error"] and broken["prob"] == ""
+    assert all(r["label"] == "" for r in rows)  # no labels: the top-1 is explained
+    page = (out / "report.html").read_text()
+    assert "<b>bold" not in page
+
+
+def test_bad_options_are_one_line(tmp_path, checkpoints, image_folder, capsys):
+    out = tmp_path / "out"
+    assert _report(out, checkpoints, tmp_path / "missing") == 2
+    assert _report(out, checkpoints, image_folder, "--boxes", str(tmp_path / "x.txt")) == 2
+    assert _report(out, checkpoints, image_folder, "--steps", "0") == 2
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(
+        f"{c}/{k}.png,{'zebra' if c == 'dog' else c}\n" for c in CLASSES for k in range(3)))  # fmt: skip
+    assert _report(out, checkpoints, image_folder, "--labels", str(labels)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) >= 3 and any("zebra" in line for line in errors)
+
+
+def _python_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, checkpoints, image_folder):
+    common = ["--images", str(image_folder), "--workers", "1", "--batch-size", "2",
+              "--steps", "3", "--sanity", "2"]  # fmt: skip
+    for c in checkpoints:
+        common += ["--checkpoint", c]
+    alone = subprocess.run(
+        [sys.executable, "-m", "viz", "report", "--out", str(tmp_path / "one"), *common],
+        env=_python_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    ranks = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "viz", "report", "--out", str(tmp_path / "two"), *common],
+        env=_python_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    for name in ("per_image.csv", "per_map.csv", "sanity.csv", "summary.csv"):
+        one = (tmp_path / "one" / name).read_text().splitlines()
+        two = (tmp_path / "two" / name).read_text().splitlines()
+        assert one == two, name
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["options"]["world_size"] == 2
+
+
+def test_a_failing_rank_fails_the_run_without_a_report(tmp_path, checkpoints, image_folder):
+    plugin = tmp_path / "fail_rank1.py"
+    plugin.write_text(
+        "import os\n"
+        "import viz.report\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    def boom(*args, **kwargs):\n"
+        "        raise RuntimeError('disk on fire')\n"
+        "    viz.report._run_chunk = boom\n"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "viz", "report", "--out", str(out), "--images", str(image_folder),
+         "--checkpoint", checkpoints[1], "--workers", "0", "--batch-size", "2",
+         "--deletion", "off", "--sanity", "0", "--plugin", str(plugin)],
+        env=_python_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "rank 1: disk on fire" in run.stderr
+    assert not (out / "report.md").exists() and not (out / "per_image.csv").exists()
+
+
+def test_report_pages_show_file_text_as_text():
+    from viz.report_page import _html_table, _markdown
+
+    hostile = "<script>alert(1)</script> | **x** [a](http://b)"
+    page = _html_table(["h"], [[hostile]])
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    md = _markdown(["h"], [[hostile]])
+    row = md.splitlines()[-1]
+    assert row.count("|") - row.count("\\|") == 2  # the cell's own pipe cannot split the row
+    assert "\\*\\*x\\*\\*" in row and "\\[a\\]" in row
