@@ -42,6 +42,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .distributed import Ranks, start_distributed, stop_distributed
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .resnet import Arch, ResNet, build_model
 
@@ -124,6 +125,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["cosine", "step"],
+        help="cosine after linear warm-up, or the official step decay (x0.1 every --step-epochs)",
+    )
+    p.add_argument("--step-epochs", type=int, default=30, help="epochs per step of --schedule step")
+    p.add_argument(
+        "--data-loading",
+        default="cache",
+        choices=["cache", "stream"],
+        help="cache: decode every image once into memory (small data sets); stream: decode "
+        "and augment per batch in --workers processes (ImageNet)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="decoding processes per rank (stream)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm across ranks (CUDA only): batch statistics over the global batch",
+    )
+    p.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="BatchNorm uses and keeps its running statistics (fine-tuning with small batches)",
+    )
     return p.parse_args(argv)
 
 
@@ -207,7 +234,9 @@ def list_split(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return folder.samples, folder.classes
 
 
-def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[str], list[str]]:
+def load_split(
+    root: Path, size: int, desc: str, quiet: bool = False
+) -> tuple[Tensor, Tensor, list[str], list[str]]:
     """Decode an ImageFolder split to uint8 (N, 3, size, size), labels (N,), classes, paths.
 
     Images go through `viz.images.load_image` (allow-listed Pillow decoders only: a data set
@@ -216,7 +245,7 @@ def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[s
     samples, classes = list_split(root)
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
     labels, paths, skipped = [], [], []
-    for path, target in tqdm(samples, desc=desc, unit="img", leave=False):
+    for path, target in tqdm(samples, desc=desc, unit="img", leave=False, disable=quiet):
         try:
             im = load_image(path)
         except ImageError as exc:
@@ -226,7 +255,7 @@ def load_split(root: Path, size: int, desc: str) -> tuple[Tensor, Tensor, list[s
         images[len(labels)] = TF.pil_to_tensor(im)
         labels.append(target)
         paths.append(path)
-    if skipped:
+    if skipped and not quiet:
         print(f"warning: skipped {len(skipped)} unreadable image(s) in {root}; first: {skipped[0]}")
     return images[: len(labels)], torch.tensor(labels, dtype=torch.long), classes, paths
 
@@ -249,11 +278,21 @@ def holdout_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, T
     return mask.nonzero().flatten(), held_out
 
 
-def augment(batch: Tensor, out_size: int, min_scale: float, gen: torch.Generator) -> Tensor:
-    """Random-resized crop (area in [min_scale, 1], ratio 3/4..4/3) and horizontal flip, uint8."""
+def augment(
+    batch: Tensor, out_size: int, min_scale: float, gen: torch.Generator, part: slice | None = None
+) -> Tensor:
+    """Random-resized crop (area in [min_scale, 1], ratio 3/4..4/3) and horizontal flip, uint8.
+
+    `part` picks the images to return (a rank's share of the global batch): the random draws
+    are made for the whole batch, so every rank stays in step and the shares add up to exactly
+    what one process would make of the whole batch.
+    """
+    r = torch.rand((batch.shape[0], 4), generator=gen)
+    flip = torch.rand(batch.shape[0], generator=gen) < 0.5
+    if part is not None:
+        batch, r, flip = batch[part], r[part], flip[part]
     n, _, h, w = batch.shape
     out = torch.empty((n, 3, out_size, out_size), dtype=torch.uint8)
-    r = torch.rand((n, 4), generator=gen)
     for i in range(n):
         area = h * w * (min_scale + (1 - min_scale) * r[i, 0].item())
         ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[i, 1].item())
@@ -262,7 +301,6 @@ def augment(batch: Tensor, out_size: int, min_scale: float, gen: torch.Generator
         top = int(r[i, 2].item() * (h - ch + 1))
         left = int(r[i, 3].item() * (w - cw + 1))
         out[i] = TF.resized_crop(batch[i], top, left, ch, cw, [out_size, out_size], antialias=True)
-    flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -297,8 +335,9 @@ def evaluate_cached(
         if resize != x.shape[-1]:
             x = TF.resize(x, [resize, resize], antialias=True)
         x = TF.center_crop(x, [crop, crop])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = model(normalize(x)).argmax(1)
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(normalize(x).to(device)).argmax(1).cpu()
         correct += (pred == labels[i : i + bs]).sum().item()
     return 100.0 * correct / len(images)
 
@@ -333,10 +372,14 @@ def evaluate_checkpoint(path: Path, val_root: Path) -> tuple[float, int]:
 # --- training ---------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up, then cosine decay to zero."""
+def lr_at(
+    step: int, total: int, warmup: int, peak: float, schedule: str = "cosine", every: int = 0
+) -> float:
+    """Linear warm-up, then cosine decay to zero, or x0.1 every `every` steps ("step")."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "step":
+        return peak * 0.1 ** (step // max(1, every))
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -372,83 +415,255 @@ def read_class_names(spec: str | None, folders: list[str]) -> list[str]:
     return names
 
 
+class CachedData:
+    """Every image decoded once into memory (uint8); batches cut from one seeded permutation."""
+
+    def __init__(self, args: argparse.Namespace, ranks: Ranks) -> None:
+        t0 = time.time()
+        self.args, self.ranks = args, ranks
+        quiet = not ranks.main
+        self.train_x, self.train_y, self.classes, _ = load_split(
+            args.data / "train", args.cache_size, "decode train", quiet
+        )
+        self.val_classes = list_split(args.data / "val")[1]
+        if args.holdout > 0:
+            # choices are made on images carved from train/; val/ is only scored at the end
+            keep, held = holdout_split(self.train_y, args.holdout, args.holdout_seed)
+            self.select_x, self.select_y = self.train_x[held], self.train_y[held]
+            self.train_x, self.train_y = self.train_x[keep], self.train_y[keep]
+            self.select_split = "holdout"
+        else:
+            self.select_x, self.select_y, _, _ = load_split(
+                args.data / "val", args.cache_size, "decode val", quiet
+            )
+            self.select_split = "val"
+        self.seconds = time.time() - t0
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_x)
+
+    @property
+    def n_select(self) -> int:
+        return len(self.select_x)
+
+    def batches(self, epoch: int, gen: torch.Generator):
+        """(uint8 images, labels) of this rank's share of each global batch of the epoch."""
+        del epoch  # the generator carries the state from epoch to epoch (saved for --resume)
+        args, ranks = self.args, self.ranks
+        share = args.batch_size // ranks.world
+        part = slice(ranks.rank * share, (ranks.rank + 1) * share)
+        order = torch.randperm(self.n_train, generator=gen)
+        for b in range(self.n_train // args.batch_size):
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+            images = augment(self.train_x[idx], args.img_size, args.min_scale, gen, part)
+            yield images, self.train_y[idx][part]
+
+    def evaluate(self, model, size: int) -> float:
+        return evaluate_cached(
+            model, self.select_x, self.select_y, size, self.args.bf16,
+            crop_ratio=self.args.test_crop_ratio,
+        )  # fmt: skip
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """(path, label) samples decoded by the allow-listed loader, then `transform` (uint8 out)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            image = load_image(path)
+        except ImageError:
+            # a broken file in a large data set: a black image keeps the batch shapes; the
+            # count is small and said by the decoding of the validation split as well
+            return torch.zeros(3, *self.transform.size, dtype=torch.uint8), label
+        return TF.pil_to_tensor(self.transform(image)), label
+
+
+class _TrainCrop:
+    """Random-resized crop and horizontal flip of a PIL image (torchvision's parameters)."""
+
+    def __init__(self, size: int, min_scale: float) -> None:
+        from torchvision import transforms
+
+        self.size = (size, size)
+        self.crop = transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
+        self.flip = transforms.RandomHorizontalFlip()
+
+    def __call__(self, image):
+        return self.flip(self.crop(image.convert("RGB")))
+
+
+class _TestCrop:
+    def __init__(self, size: int, crop_ratio: float) -> None:
+        resize, crop = eval_geometry(size, crop_ratio)
+        self.size = (crop, crop)
+        self.preprocess = Preprocess(resize=resize, crop=crop)
+
+    def __call__(self, image):
+        return self.preprocess.crop_image(image)
+
+
+class StreamData:
+    """Images decoded and augmented per batch in worker processes, sharded by a sampler."""
+
+    def __init__(self, args: argparse.Namespace, ranks: Ranks) -> None:
+        self.args, self.ranks = args, ranks
+        samples, self.classes = list_split(args.data / "train")
+        self.val_classes = list_split(args.data / "val")[1]
+        labels = torch.tensor([y for _, y in samples], dtype=torch.long)
+        if args.holdout > 0:
+            keep, held = holdout_split(labels, args.holdout, args.holdout_seed)
+            self.train = [samples[i] for i in keep.tolist()]
+            self.select = [samples[i] for i in held.tolist()]
+            self.select_split = "holdout"
+        else:
+            self.train, self.select_split = samples, "val"
+            self.select = list_split(args.data / "val")[0]
+        self.seconds = 0.0
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_select(self) -> int:
+        return len(self.select)
+
+    def batches(self, epoch: int, gen: torch.Generator):
+        from torch.utils.data import DataLoader
+        from torch.utils.data.distributed import DistributedSampler
+
+        args, ranks = self.args, self.ranks
+        dataset = _Decoded(self.train, _TrainCrop(args.img_size, args.min_scale))
+        sampler = DistributedSampler(
+            dataset, ranks.world, ranks.rank, shuffle=True, seed=args.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        loader = DataLoader(
+            dataset, batch_size=args.batch_size // ranks.world, sampler=sampler,
+            num_workers=args.workers, drop_last=True, pin_memory=args.device == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        yield from loader
+
+    def evaluate(self, model, size: int) -> float:
+        from torch.utils.data import DataLoader
+
+        dataset = _Decoded(self.select, _TestCrop(size, self.args.test_crop_ratio))
+        loader = DataLoader(dataset, batch_size=100, num_workers=self.args.workers)
+        device = next(model.parameters()).device
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in loader:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+                    pred = model(normalize(x).to(device)).argmax(1)
+                correct += (pred.cpu() == y).sum().item()
+        return 100.0 * correct / max(1, len(dataset))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_options(args: argparse.Namespace, ranks: Ranks) -> str | None:
+    """What is wrong with the options (one line), or None."""
+    if not 0.0 <= args.holdout < 0.5:
+        return "--holdout must be in [0, 0.5)"
+    if not 0.5 <= args.test_crop_ratio <= 1.0:
+        return "--test-crop-ratio must be in [0.5, 1]"
+    if args.batch_size % ranks.world:
+        return f"--batch-size {args.batch_size} is not divisible by the {ranks.world} ranks"
+    if args.sync_bn and args.device != "cuda":
+        return "--sync-bn needs --device cuda (PyTorch's SyncBatchNorm has no CPU kernel)"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available"
+    return None
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for split in ("train", "val"):
         if not (args.data / split).is_dir():
-            print(
-                f"error: {args.data / split} is not a folder (need train/ and val/)",
-                file=sys.stderr,
-            )
-            return 2
+            return _fail(f"{args.data / split} is not a folder (need train/ and val/)")
     init = None
     if args.init is not None:
         try:  # before the data: a bad --init fails in a second, not after decoding
             init = load_checkpoint(args.init)
         except CheckpointError as exc:
-            print(f"error: --init {args.init}: {exc}", file=sys.stderr)
-            return 2
+            return _fail(f"--init {args.init}: {exc}")
         if not isinstance(init.arch, Arch):
-            print(
-                f"error: --init {args.init}: a {init.arch.label}; training continues only our "
-                "ResNets (with SE, BAM or CBAM) for now",
-                file=sys.stderr,
+            return _fail(
+                f"--init {args.init}: a {init.arch.label}; training continues only our "
+                "ResNets (with SE, BAM or CBAM) for now"
             )
-            return 2
     conflict = resolve_arch(args, init)
     if conflict:
-        print(f"error: {conflict}", file=sys.stderr)
-        return 2
+        return _fail(conflict)
+    ranks = start_distributed(args.device)
+    try:
+        problem = _check_options(args, ranks)
+        if problem:
+            return _fail(problem)
+        return _train(args, init, ranks)
+    finally:
+        stop_distributed()
+
+
+def _say(ranks: Ranks, text: str) -> None:
+    if ranks.main:
+        print(text, flush=True)
+
+
+def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> int:
     state_path = args.out.with_name(args.out.name + ".state.pt")
     torch.manual_seed(args.seed)
     attention = None if args.attention == "none" else args.attention
-
-    if not 0.0 <= args.holdout < 0.5:
-        print("error: --holdout must be in [0, 0.5)", file=sys.stderr)
-        return 2
-    if not 0.5 <= args.test_crop_ratio <= 1.0:
-        print("error: --test-crop-ratio must be in [0.5, 1]", file=sys.stderr)
-        return 2
-    t0 = time.time()
-    train_x, train_y, classes, train_paths = load_split(
-        args.data / "train", args.cache_size, "decode train"
+    device = (
+        torch.device("cuda", ranks.local_rank) if args.device == "cuda" else torch.device("cpu")
     )
-    val_classes = list_split(args.data / "val")[1]
-    if val_classes != classes:
-        print("error: train/ and val/ have different class folders", file=sys.stderr)
-        return 2
-    if args.holdout > 0:
-        # choices are made on images carved from train/; val/ is only scored at the end
-        keep, held = holdout_split(train_y, args.holdout, args.holdout_seed)
-        select_x, select_y = train_x[held], train_y[held]
-        train_x, train_y = train_x[keep], train_y[keep]
-        select_split = "holdout"
-    else:
-        select_x, select_y, _, _ = load_split(args.data / "val", args.cache_size, "decode val")
-        select_split = "val"
+    data = StreamData(args, ranks) if args.data_loading == "stream" else CachedData(args, ranks)
+    if data.val_classes != data.classes:
+        return _fail("train/ and val/ have different class folders")
+    classes = data.classes
     class_names = read_class_names(args.class_names, classes)
-    print(
-        f"data: {len(train_x)} train, {len(select_x)} {select_split} (choices), "
-        f"{len(classes)} classes (decoded in {time.time() - t0:.0f}s)",
-        flush=True,
-    )
+    _say(ranks, (
+        f"data: {data.n_train} train, {data.n_select} {data.select_split} (choices), "
+        f"{len(classes)} classes (decoded in {data.seconds:.0f}s); {ranks.world} process(es)"
+    ))  # fmt: skip
 
     torch.manual_seed(args.seed)
     model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
+    keep_classifier = True
     if init is not None:
         try:
             keep_classifier = start_from(model, init)
         except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(
+            return _fail(str(exc))
+        _say(ranks, (
             f"starting from {args.init} ({init.label}; classifier "
-            f"{'kept' if keep_classifier else 'new, class count differs'})",
-            flush=True,
-        )
-    model = model.to(memory_format=torch.channels_last)
+            f"{'kept' if keep_classifier else 'new, class count differs'})"
+        ))  # fmt: skip
+    model = model.to(device, memory_format=torch.channels_last)
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -460,85 +675,130 @@ def main(argv: list[str] | None = None) -> int:
         momentum=0.9,
         nesterov=True,
     )
-    steps_per_epoch = len(train_x) // args.batch_size
+    steps_per_epoch = data.n_train // args.batch_size
     total = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(args.seed)
     start_epoch, history = 0, []
-    if args.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start_epoch, history = state["epoch"], json.loads(state["history"])
-        print(f"resumed from {state_path} after epoch {start_epoch}", flush=True)
+    if args.resume:
+        # rank 0 reads the state and sends it: no shared disk needed between nodes
+        state = None
+        if ranks.main and state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = ranks.broadcast(state)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            start_epoch, history = state["epoch"], json.loads(state["history"])
+            _say(ranks, f"resumed from {state_path} after epoch {start_epoch}")
+    net = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if device.type == "cuda" else None
+        )
 
     for epoch in range(start_epoch, args.epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=gen)
-        seen = correct = 0
-        loss_sum = 0.0
+        net.train()
+        if args.freeze_bn:
+            _freeze_batchnorm(net)
+        totals = torch.zeros(3, dtype=torch.float64)  # images, correct, loss sum
         t_epoch = time.time()
         bar = tqdm(
-            range(steps_per_epoch),
+            data.batches(epoch, gen),
+            total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{args.epochs}",
             unit="batch",
             leave=False,
+            disable=not ranks.main,
         )
-        for b in bar:
+        for b, (images, y) in enumerate(bar):
             step = epoch * steps_per_epoch + b
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, args.lr)
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            x = normalize(augment(train_x[idx], args.img_size, args.min_scale, gen))
-            y = train_y[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                logits = model(x)
+                group["lr"] = lr_at(step, total, warmup, args.lr, args.schedule,
+                                    args.step_epochs * steps_per_epoch)  # fmt: skip
+            x = normalize(images).to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = net(x)
+            # the mean over this rank's share; DDP averages the gradients over the ranks,
+            # which is the mean over the global batch (equal shares)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+            totals += torch.tensor(
+                [len(y), (logits.argmax(1) == y).sum().item(), loss.item() * len(y)],
+                dtype=torch.float64,
+            )
+            seen = totals[0].item()
+            bar.set_postfix(loss=f"{totals[2].item() / seen:.3f}",
+                            acc=f"{100 * totals[1].item() / seen:.1f}")  # fmt: skip
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        seen = max(1.0, totals[0].item())
         val_acc = None
-        if (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs:
+        if ranks.main and ((epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs):
             sizes = eval_sizes(args)
             watch = max(sizes) if len(sizes) == 1 else min(args.img_size + 32, args.cache_size)
-            val_acc = evaluate_cached(
-                model, select_x, select_y, watch, args.bf16, crop_ratio=args.test_crop_ratio
-            )
+            val_acc = data.evaluate(model, watch)
         row = {
             "epoch": epoch + 1,
-            "train_loss": round(loss_sum / seen, 4),
-            "train_acc": round(100 * correct / seen, 2),
-            f"{select_split}_acc": None if val_acc is None else round(val_acc, 2),
+            "train_loss": round(totals[2].item() / seen, 4),
+            "train_acc": round(100 * totals[1].item() / seen, 2),
+            f"{data.select_split}_acc": None if val_acc is None else round(val_acc, 2),
             "seconds": round(time.time() - t_epoch, 1),
         }
         history.append(row)
-        print(json.dumps(row), flush=True)
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "epoch": epoch + 1,
-                "history": json.dumps(history),
-            },
-            buf,
-        )
-        atomic_write_bytes(state_path, buf.getvalue())
+        if ranks.main:
+            print(json.dumps(row), flush=True)
+            buf = io.BytesIO()
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "epoch": epoch + 1,
+                    "history": json.dumps(history),
+                },
+                buf,
+            )
+            atomic_write_bytes(state_path, buf.getvalue())
+    if not ranks.main:
+        return 0
+    if args.sync_bn:
+        model = _plain_batchnorm(model)
+    model = model.cpu()
+    return _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
+                   attention, ranks)  # fmt: skip
 
-    by_size = {
-        s: evaluate_cached(model, select_x, select_y, s, args.bf16, crop_ratio=args.test_crop_ratio)
-        for s in eval_sizes(args)
-    }
+
+def _plain_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm layers back to BatchNorm2d (same parameters and statistics)."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            bn = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum,
+                                      child.affine, child.track_running_stats)  # fmt: skip
+            bn.load_state_dict(child.state_dict())
+            setattr(model, name, bn)
+        else:
+            _plain_batchnorm(child)
+    return model
+
+
+def _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
+            attention, ranks: Ranks) -> int:  # fmt: skip
+    """Rank 0: choose the test size on the selection split, save, score val/ once."""
+    by_size = {s: data.evaluate(model, s) for s in eval_sizes(args)}
     best = max(by_size, key=by_size.get)
     precision = "bf16" if args.bf16 else "float32"
+    select_split = data.select_split
     print(
-        f"{select_split} top-1 by test size ({precision}, cached): {by_size}; using {best}",
+        f"{select_split} top-1 by test size ({precision}): {by_size}; using {best}",
         flush=True,
     )
     resize, crop = eval_geometry(best, args.test_crop_ratio)
@@ -549,17 +809,22 @@ def main(argv: list[str] | None = None) -> int:
         + f" ({args.dataset_name or args.data.name})",
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
-            "selection": selection_record(args, select_split, len(train_x), len(select_x)),
+            "selection": selection_record(args, select_split, data.n_train, data.n_select),
             "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS}
             | {
-                "optimizer": "SGD nesterov momentum 0.9, cosine after linear warm-up",
+                "optimizer": "SGD nesterov momentum 0.9, "
+                + ("cosine after linear warm-up" if args.schedule == "cosine"
+                   else f"x0.1 every {args.step_epochs} epochs after linear warm-up"),
                 "augmentation": "random-resized crop + horizontal flip",
-            },
+            }
+            | ({"processes": ranks.world} if ranks.world > 1 else {})
+            | ({"freeze_bn": True} if args.freeze_bn else {})
+            | ({"sync_bn": True} if args.sync_bn else {}),
             "history": history,
             "date": dt.date.today().isoformat(),
             "torch": torch.__version__,
         },
-    }
+    }  # fmt: skip
     if init is not None:
         metadata["training"]["init"] = init_record(args.init, init, keep_classifier)
     model = model.to(memory_format=torch.contiguous_format).eval()
@@ -581,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "resize": resize,
         "selected_on": select_split,
         "measured_on": "stored weights after save/load, float32, checkpoint preprocessing",
-        # cached-image accuracy per test size on the selection split, training precision
+        # accuracy per test size on the selection split, training precision
         f"by_test_size_{select_split}": {str(k): round(v, 2) for k, v in by_size.items()},
     }
     sha = save_checkpoint(

@@ -110,8 +110,11 @@ def test_read_boxes_in_three_formats(tmp_path):
     "name, text, words",
     [
         ("x.xml", '<!DOCTYPE a [<!ENTITY x "y">]><annotation/>', "DOCTYPE"),
-        ("x.xml", "<annotation><object><bndbox><xmin>a</xmin></bndbox></object></annotation>",
-         "four numbers"),  # fmt: skip
+        (
+            "x.xml",
+            "<annotation><object><bndbox><xmin>a</xmin></bndbox></object></annotation>",
+            "four numbers",
+        ),  # fmt: skip
         ("x.csv", "file,x0,y0,x1,y1\na.jpg,5,5,1,1\n", "not a box"),
         ("x.csv", "name,a\n", "needs the columns"),
         ("x.json", "{", "not JSON"),

@@ -274,3 +274,81 @@ def test_init_from_another_library_is_one_line(tiny_folder, tmp_path, capsys):
     code = train_mod.main(["--data", str(tiny_folder), "--out", str(out), "--init", str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "torchvision mobilenet_v3_small" in err[0]
+
+
+# --- several processes (torchrun, gloo on the CPU) --------------------------------------------
+
+
+def _torchrun(n: int, argv: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                if n > 1 else [])  # fmt: skip
+    return subprocess.run([sys.executable, *launcher, "-m", "models.train", *argv], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_two_processes_train_exactly_what_one_does(tiny_folder, tmp_path):
+    """DDP over 2 ranks, each with half of every global batch, equals one process (BN frozen)."""
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"ranks{n}.safetensors"
+        argv = _args(tiny_folder, out, 2, "--freeze-bn", "--no-float16", "--eval-sizes", "32")
+        run = _torchrun(n, argv)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[n] = load_checkpoint(out)
+    one, two = runs[1], runs[2]
+    start = build_model(18, "cbam", 2)
+    moved = 0.0
+    for (key, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+        if (
+            key in start.state_dict()
+            and a.is_floating_point()
+            and a.shape == start.state_dict()[key].shape
+        ):
+            moved = max(moved, float((a - start.state_dict()[key]).abs().max()))
+    assert moved > 1e-3  # the weights did train
+    h1, h2 = one.metadata["training"]["history"], two.metadata["training"]["history"]
+    assert [h["train_loss"] for h in h1] == pytest.approx([h["train_loss"] for h in h2], abs=2e-4)
+    assert two.metadata["training"]["recipe"]["processes"] == 2
+
+
+def test_streamed_data_trains_on_two_ranks(tiny_folder, tmp_path):
+    out = tmp_path / "stream.safetensors"
+    run = _torchrun(2, _args(tiny_folder, out, 1, "--data-loading", "stream", "--workers", "1",
+                             "--eval-sizes", "32"))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(out)
+    assert ckpt.metadata["accuracy"]["images"] == 8 and ckpt.preprocess.crop == 32
+    assert run.stdout.count("wrote ") == 1  # rank 0 alone logs and writes
+
+
+def test_distributed_options_are_checked(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert train_mod.main(_args(tiny_folder, out, 1, "--sync-bn")) == 2
+    assert "--sync-bn needs --device cuda" in capsys.readouterr().err
+    run = _torchrun(2, _args(tiny_folder, out, 1, "--batch-size", "3"))
+    assert run.returncode != 0 and "not divisible by the 2 ranks" in run.stderr
+
+
+def test_each_rank_gets_its_half_of_every_global_batch(tiny_folder):
+    from models.distributed import Ranks
+
+    args = train_mod.parse_args(_args(tiny_folder, "x.safetensors", 1))
+    whole = list(
+        train_mod.CachedData(args, Ranks(0, 1)).batches(0, torch.Generator().manual_seed(5))
+    )
+    halves = [
+        list(train_mod.CachedData(args, Ranks(r, 2)).batches(0, torch.Generator().manual_seed(5)))
+        for r in (0, 1)
+    ]
+    assert len(whole) == len(halves[0]) == len(halves[1]) == 4
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves):
+        assert len(y0) == len(y1) == 2
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.distributed import RankFailure, Ranks
+
 __all__ = [
     "ReportOptions",
     "ReportInputs",
@@ -41,8 +43,6 @@ __all__ = [
     "run_report",
     "report_command",
     "chunks_of_rank",
-    "Ranks",
-    "RankFailure",
     "map_tensors",
     "PER_IMAGE_COLUMNS",
     "PER_MAP_COLUMNS",
@@ -338,45 +338,6 @@ def _prepare_parts(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     return parts
 
 
-class RankFailure(RuntimeError):
-    """Another rank (or this one) failed; the message names the rank and its error."""
-
-
-class Ranks:
-    """This process's place among the ranks of a run, and the two collectives the report needs.
-
-    Alone (world 1) both collectives just return this process's value in a list.
-    """
-
-    def __init__(self, rank: int = 0, world: int = 1) -> None:
-        self.rank, self.world = rank, world
-
-    def all_gather(self, value: object) -> list[object]:
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        found: list[object] = [None] * self.world
-        dist.all_gather_object(found, value)
-        return found
-
-    def gather(self, value: object) -> list[object] | None:
-        """Every rank's value on rank 0 (None on the others)."""
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        found: list[object] | None = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(value, found, dst=0)
-        return found
-
-    def check(self, error: str | None) -> None:
-        """Raise `RankFailure` on every rank if any rank reports an error."""
-        errors = [e for e in self.all_gather(error) if e]
-        if errors:
-            raise RankFailure("; ".join(errors))
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -609,6 +570,8 @@ def report_command(args: argparse.Namespace) -> int:
     """`python -m viz report`: returns the exit status (0 ok, 1 some images or a rank failed)."""
     from tqdm import tqdm
 
+    from models.distributed import start_distributed, stop_distributed
+
     from .cli import UsageError, load_checkpoints
     from .localization import BoxError, read_boxes
     from .report_page import write_report
@@ -630,7 +593,7 @@ def report_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
     )  # fmt: skip
     inputs = ReportInputs(checkpoints, images, boxes)
-    ranks = _start_distributed(args.device)
+    ranks = start_distributed(args.device)
     bar = tqdm(total=0, unit="img", disable=ranks.rank != 0, desc="report", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -648,7 +611,7 @@ def report_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.close()
-        _stop_distributed()
+        stop_distributed()
     if rows is None:
         return 0
     failed = write_report(Path(args.out), rows, inputs, options, world=ranks.world)
@@ -664,26 +627,3 @@ def _class_index_or_usage(label: str, ckpt, path: Path) -> int:
     index = resolve_target(label, ckpt.class_names, f"label of {path.name}")
     assert index is not None
     return index
-
-
-# --- torch.distributed ------------------------------------------------------------------------
-
-
-def _start_distributed(device: str) -> Ranks:
-    """Join the torchrun job this process belongs to (gloo on CPU, NCCL on GPU), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    import torch.distributed as dist
-
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
-
-
-def _stop_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
