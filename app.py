@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz.cli import UsageError
 from viz.export import (
     FORMATS,
     IMAGE_FIGURES,
@@ -38,6 +40,8 @@ from viz.export import (
 )
 from viz.figures.class_channel_stats import default_modules
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
+from viz.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
+from viz.report_page import open_report, write_report
 from viz.serving import ServePolicy, serve_policy
 from viz.session import (
     IMAGE_TYPES,
@@ -437,7 +441,7 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
 
     tabs = st.tabs(
         ["Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
-         "BAM hierarchy", "Compare models", "Class statistics"]
+         "BAM hierarchy", "Compare models", "Class statistics", "Data set"]
     )  # fmt: skip
     with tabs[0]:
         show_figure(
@@ -465,6 +469,8 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
         compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     with tabs[6]:
         class_stats_tab(ckpt, draw, errors)
+    with tabs[7]:
+        dataset_tab(ckpt, label, method, errors)
 
 
 def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
@@ -625,6 +631,66 @@ def class_stats_tab(ckpt, draw, errors) -> None:
         show_figure(
             lambda: figures.class_channel_stats(stats, modules=chosen, cmap=draw["cmap"], shared_scale=draw["shared_scale"], width=draw["width"]),
             "class_channel_stats", f"stats:{ckpt.sha256[:16]}", errors,
+        )  # fmt: skip
+
+
+def dataset_tab(ckpt, label, method, errors) -> None:
+    st.markdown(
+        "Numbers over a folder of images on the server (`python -m viz report`): accuracy, "
+        "deletion/insertion AUC, attention ↔ CAM agreement, the randomisation sanity check, "
+        "with 95% bootstrap intervals. Run it here on the model in use, or open a report folder."
+    )
+    limits = policy()
+    if not limits.server_paths:
+        st.info("Server paths are turned off on this server (shared mode without allowed folders).")
+        return
+    reports: dict = state("reports", {})
+    run_tab, open_tab = st.columns(2)
+    with run_tab:
+        folder = st.text_input(
+            "Image folder (ImageFolder layout, or any images)", key="rep_images"
+        ).strip()
+        deletion = st.selectbox("Deletion/insertion on", DELETION_CHOICES, index=2, key="rep_del",
+                                help="all maps (slow: 34 forwards per map and image), the last "
+                                "stage's CAM and a random map, or off")  # fmt: skip
+        sanity = st.number_input("Sanity-check images", 0, 256, 8, key="rep_sanity")
+        if st.button("Run the report", disabled=not folder, key="rep_run"):
+            bar = st.progress(0.0, text="Starting…")
+            try:
+                root = limits.check_path(folder, "folder")
+                name = safe_stem(label)
+                inputs = inputs_for([(name, label, ckpt)], root, max_images=limits.max_stats_images)
+                out = Path(tempfile.mkdtemp(prefix="attention_lens_report_"))
+                options = ReportOptions(method=method, deletion=deletion, sanity=int(sanity))
+                rows = run_report(inputs, out, options, progress=lambda done, total: bar.progress(
+                    done / max(1, total), text=f"{done} of {total} images"))  # fmt: skip
+                write_report(out, rows, inputs, options)
+                reports["current"] = open_report(out)
+            except (*USER_ERRORS, UsageError) as exc:
+                errors.error(md_text(f"{folder}: {exc}"))
+            bar.empty()
+    with open_tab:
+        done_folder = st.text_input("A finished report folder", key="rep_open").strip()
+        if st.button("Open", disabled=not done_folder, key="rep_open_go"):
+            try:
+                reports["current"] = open_report(limits.check_path(done_folder, "folder"))
+            except USER_ERRORS as exc:
+                errors.error(md_text(f"{done_folder}: {exc}"))
+    report = reports.get("current")
+    if report is None:
+        return
+    st.subheader("Summary")
+    st.dataframe(pd.DataFrame(report.summary), hide_index=True)  # file text shown as data
+    for name, image in report.figures.items():
+        st.image(image, caption=name)
+    if report.per_image:
+        with st.expander("Per image"):
+            st.dataframe(pd.DataFrame(report.per_image), hide_index=True)
+    cols = st.columns(4)
+    for i, (name, path) in enumerate(report.files.items()):
+        cols[i % 4].download_button(
+            name, data=path.read_bytes(), file_name=name, key=f"rep_dl:{name}", on_click="ignore",
+            mime="text/html" if name.endswith(".html") else "text/plain",
         )  # fmt: skip
 
 

@@ -257,6 +257,121 @@ def measure_parallel_export(n_images: int = 100) -> list[tuple]:
     return rows
 
 
+def _report_images(folder: Path, n: int, size: tuple[int, int] = (320, 240)) -> None:
+    """`n` JPEG photos-to-be (noise) of `size`, the decoding cost of a real data set."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def measure_report(n_images: int = 256, batch: int = 16) -> list[tuple]:
+    """`python -m viz report` throughput against its floor, and over two processes.
+
+    Floor: one `analyze` (forward + backward, every map) per batch of already decoded images,
+    the same batch size, in this process. The report adds decoding (overlapped in a worker),
+    agreement, the random map, CSV/JSON parts and the final files; deletion/insertion is off
+    and the sanity check too (both are separate, much larger costs). The two-process run is
+    `torchrun --nproc-per-node 2`, one thread each, against one process with all threads.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from models import load_checkpoint
+    from viz.images import load_image
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt_path = root / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+    if not ckpt_path.is_file():
+        return []
+    ckpt = load_checkpoint(ckpt_path)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        _report_images(images, n_images)
+        files = sorted(images.iterdir())
+        decoded = [ckpt.preprocess(load_image(f))[0] for f in files]
+        analyze(ckpt.model, torch.stack(decoded[:batch]))  # warm-up
+        t0 = time.perf_counter()
+        for start in range(0, n_images, batch):
+            analyze(ckpt.model, torch.stack(decoded[start : start + batch]))
+        floor = time.perf_counter() - t0
+        config = f"viz report, {n_images} JPEGs 320x240, embedded ResNet-18+CBAM at 224, b{batch}"
+        common = ["report", "--checkpoint", str(ckpt_path), "--images", str(images),
+                  "--deletion", "off", "--sanity", "0", "--batch-size", str(batch)]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(root))
+        seconds = {}
+        for name, launcher, threads in (
+            ("1 process", [sys.executable, "-m", "viz"], str(torch.get_num_threads())),
+            ("torchrun 2 processes", [sys.executable, "-m", "torch.distributed.run",
+                                      "--standalone", "--nproc-per-node", "2", "-m", "viz"], "1"),
+        ):  # fmt: skip
+            out = Path(tmp) / name.replace(" ", "_")
+            t0 = time.perf_counter()
+            run = subprocess.run(
+                [*launcher, *common, "--out", str(out), "--workers", "1"],
+                env=env | {"OMP_NUM_THREADS": threads}, capture_output=True, text=True,
+            )  # fmt: skip
+            if run.returncode != 0:
+                raise RuntimeError(f"report failed: {run.stderr[-500:]}")
+            seconds[name] = time.perf_counter() - t0
+        rows.append((config, "floor: analyze per batch, decoded images", floor, None))
+        rows.append((config, "report, 1 process (whole command)", seconds["1 process"], None))
+        rows.append((config, "report / floor throughput (goal >= 0.8x)", None,
+                     floor / seconds["1 process"] - 1))  # fmt: skip
+        rows.append((config, "torchrun 2 processes (whole command)",
+                     seconds["torchrun 2 processes"], None))  # fmt: skip
+        rows.append((config, "speed-up of 2 processes", None,
+                     seconds["1 process"] / seconds["torchrun 2 processes"] - 1))  # fmt: skip
+    return rows
+
+
+def measure_report_memory(n_images: int = 10_000) -> list[tuple]:
+    """Peak memory of a report run at 1,000 images and at `n_images` (tiny network, 32 px)."""
+    import resource
+    import tempfile
+
+    from models import Preprocess, save_checkpoint
+    from viz.report import ReportInputs, ReportOptions, run_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        _report_images(images, 100, (40, 40))
+        files = sorted(images.iterdir())
+        model = build_model(18, "cbam", num_classes=10).eval()
+        path = Path(tmp) / "tiny.safetensors"
+        save_checkpoint(path, model, preprocess=Preprocess(resize=36, crop=32))
+        from models import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        # the same 100 files many times over: memory, not decoding, is measured here
+        listed = [(files[i % 100], f"{i:05d}", None) for i in range(n_images)]
+        inputs = ReportInputs([("tiny", str(path), ckpt)], listed)
+        marks: dict[int, float] = {}
+
+        def progress(done: int, total: int) -> None:
+            for mark in (1000, n_images):
+                if done >= mark and mark not in marks:
+                    marks[mark] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        options = ReportOptions(deletion="off", sanity=0, batch_size=50)
+        t0 = time.perf_counter()
+        run_report(inputs, Path(tmp) / "out", options, progress=progress)
+        seconds = time.perf_counter() - t0
+    config = f"viz report memory, {n_images} images (tiny ResNet-18+CBAM, 32 px)"
+    growth = marks[n_images] - marks[1000]
+    return [
+        (config, f"peak RSS after 1,000 images: {marks[1000]:.0f} MiB", None, None),
+        (config, f"peak RSS after {n_images:,} images: {marks[n_images]:.0f} MiB "
+                 f"(+{growth:.0f} MiB; {seconds:.0f} s)", None, None),
+    ]  # fmt: skip
+
+
 def measure(cases: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, float]:
     """Median seconds per case; cases interleaved in each repetition."""
     for fn in cases.values():
@@ -316,7 +431,9 @@ def run_config(
 def format_table(rows: list[tuple]) -> str:
     lines = ["| config | case | median | ratio to unit |", "|---|---|---:|---:|"]
     for config, name, med, ratio in rows:
-        if med is None:
+        if med is None and ratio is None:
+            lines.append(f"| {config} | {name} | | |")
+        elif med is None:
             lines.append(f"| {config} | {name} | | {ratio * 100:+.1f}% |")
         elif ratio is None:
             lines.append(f"| {config} | {name} | {med * 1000:.1f} ms | |")
@@ -374,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure_recognition(reps=3)
         print("measuring parallel export ...", file=sys.stderr)
         rows += measure_parallel_export()
+        print("measuring the data-set report ...", file=sys.stderr)
+        rows += measure_report()
+        rows += measure_report_memory()
     if not args.quick and not args.no_app:
         upload = measure_app_upload(reps=5)
         if upload is not None:

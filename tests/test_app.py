@@ -403,3 +403,24 @@ def test_compare_a_timm_network_beside_ours(app):
     assert len(at.image) >= images_before  # the grid of both families is drawn
     described = plain(" ".join(m.value for m in at.sidebar.markdown))
     assert "resnet18+cbam (timm)" in described and "**Attention**: CBAM" in described
+
+
+def test_data_set_report_runs_and_opens(app, tmp_path):
+    for cls, sample in (("tench", "tench_12881.jpg"), ("church", "church_29612.jpg")):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / sample).write_bytes(sample_bytes(sample))
+    at = app.run()
+    images = len(at.image)
+    at.text_input(key="rep_images").set_value(str(tmp_path)).run()
+    at.number_input(key="rep_sanity").set_value(1).run()
+    at.button(key="rep_run").click().run()
+    assert_clean(at)
+    assert len(at.image) >= images + 2  # sanity curves and sample maps
+    summary = next(d.value for d in at.dataframe if "section" in d.value.columns)
+    assert {"section", "checkpoint", "metric", "mean", "ci_low", "ci_high"} <= set(summary.columns)
+    assert "correct" in set(summary["metric"])  # labels came from the class folders
+    # a folder that is no report: one error, the app goes on
+    at.text_input(key="rep_open").set_value(str(tmp_path)).run()
+    at.button(key="rep_open_go").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "not a finished report" in at.error[0].value

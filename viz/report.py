@@ -43,6 +43,7 @@ __all__ = [
     "run_report",
     "report_command",
     "chunks_of_rank",
+    "inputs_for",
     "map_tensors",
     "PER_IMAGE_COLUMNS",
     "PER_MAP_COLUMNS",
@@ -385,22 +386,24 @@ def run_report(
             error = f"rank 0: {_one_line(exc)}"
     ranks.check(error)
     parts.mkdir(parents=True, exist_ok=True)  # on a node without a shared disk too
-    done: dict[int, dict] = {}
+    finished: list[int] = []
     try:
-        done = _run_chunks(inputs, options, parts, workers, device, progress, ranks)
+        finished = _run_chunks(inputs, options, parts, workers, device, progress, ranks)
         error = None
     except Exception as exc:
         if ranks.world == 1:
             raise
         error = f"rank {ranks.rank}: {_one_line(exc)}"
     ranks.check(error)
+    # rows are read back from the parts only now, so memory stays flat while images run
+    done = {first: _read_part(parts, first) for first in finished}
     gathered = ranks.gather(done)
     if gathered is None:
         return None
     for other in gathered[1:]:
         for first, rows in other.items():  # type: ignore[union-attr]
             if first not in done:
-                _write_json(parts / f"chunk-{first:08d}.json", rows)
+                _write_json(_part_path(parts, first), rows)
                 done[first] = rows
     merged: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
     for first in sorted(done):
@@ -409,17 +412,24 @@ def run_report(
     return merged
 
 
+def _part_path(parts: Path, first: int) -> Path:
+    return parts / f"chunk-{first:08d}.json"
+
+
+def _read_part(parts: Path, first: int) -> dict:
+    return json.loads(_part_path(parts, first).read_text())
+
+
 def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: Ranks):
-    """This rank's chunks: finished ones read back, the others run and saved; {first: rows}."""
+    """This rank's chunks: those not saved yet are run and saved. Returns every chunk's first."""
     dev = torch.device(device)
     for _, _, ckpt in inputs.checkpoints:
         ckpt.model.to(dev)
     mine = chunks_of_rank(len(inputs.images), options.batch_size, ranks.rank, ranks.world)
-    done: dict[int, dict] = {}
     todo = []
     for chunk in mine:
         try:
-            done[chunk[0]] = json.loads((parts / f"chunk-{chunk[0]:08d}.json").read_text())
+            _read_part(parts, chunk[0])  # a complete part (written atomically) is kept
         except (OSError, ValueError):
             todo.append(chunk)
     preprocesses = {_preprocess_key(c): c.preprocess for _, _, c in inputs.checkpoints}
@@ -429,18 +439,15 @@ def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: 
         multiprocessing_context="spawn" if workers else None,
     )  # fmt: skip
     total = sum(len(c) for c in mine)
-    finished = sum(len(c) for c in mine if c[0] in done)
+    finished = total - sum(len(c) for c in todo)
     if progress:
         progress(finished, total)
     for items in loader:
-        first = items[0][0]
-        rows = _run_chunk(items, inputs, options, dev)
-        _write_json(parts / f"chunk-{first:08d}.json", rows)
-        done[first] = rows
+        _write_json(_part_path(parts, items[0][0]), _run_chunk(items, inputs, options, dev))
         finished += len(items)
         if progress:
             progress(finished, total)
-    return done
+    return [c[0] for c in mine]
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -566,33 +573,60 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
     return [(p, n, None if lab is None else out_labels[lab]) for p, n, lab in images]
 
 
+def inputs_for(
+    checkpoints: list[tuple[str, str, object]],
+    images: str | os.PathLike,
+    *,
+    labels: str | None = None,
+    boxes: str | None = None,
+    max_images: int | None = None,
+) -> ReportInputs:
+    """What a report runs on: the images of a folder with their labels, checked against models.
+
+    Args:
+        checkpoints: (name, path, Checkpoint) per model.
+        images: an ImageFolder (labels from the class folders) or any folder of images.
+        labels: CSV with columns file,label (overrides class folders).
+        boxes: box file or folder (`viz.localization.read_boxes`).
+        max_images: refuse larger folders.
+
+    Raises:
+        UsageError: a missing folder, a label no model knows, a bad box file, too many images.
+    """
+    from .cli import UsageError
+    from .localization import BoxError, read_boxes
+
+    found = _images_with_labels(str(images), labels)
+    if not labels:
+        found = _resolve_folder_labels(found, checkpoints)
+    if max_images is not None and len(found) > max_images:
+        raise UsageError(f"{len(found)} images in {images}; this server allows {max_images}")
+    for _, _, ckpt in checkpoints:  # every label must be a class of every model
+        for path, _, label in found:
+            if label is not None:
+                _class_index_or_usage(label, ckpt, path)
+    try:
+        box_map = read_boxes(boxes) if boxes else None
+    except BoxError as exc:
+        raise UsageError(str(exc)) from None
+    return ReportInputs(checkpoints, found, box_map)
+
+
 def report_command(args: argparse.Namespace) -> int:
     """`python -m viz report`: returns the exit status (0 ok, 1 some images or a rank failed)."""
     from tqdm import tqdm
 
     from models.distributed import start_distributed, stop_distributed
 
-    from .cli import UsageError, load_checkpoints
-    from .localization import BoxError, read_boxes
+    from .cli import load_checkpoints
     from .report_page import write_report
 
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
-    images = _images_with_labels(args.images, args.labels)
-    if not args.labels:
-        images = _resolve_folder_labels(images, checkpoints)
-    for _, _, ckpt in checkpoints:  # every label must be a class of every model
-        for path, _, label in images:
-            if label is not None:
-                _class_index_or_usage(label, ckpt, path)
-    try:
-        boxes = read_boxes(args.boxes) if args.boxes else None
-    except BoxError as exc:
-        raise UsageError(str(exc)) from None
+    inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
     options = ReportOptions(
         method=args.method, deletion=args.deletion, steps=args.steps, baseline=args.baseline,
         batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
     )  # fmt: skip
-    inputs = ReportInputs(checkpoints, images, boxes)
     ranks = start_distributed(args.device)
     bar = tqdm(total=0, unit="img", disable=ranks.rank != 0, desc="report", file=sys.stderr)
 

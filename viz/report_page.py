@@ -14,6 +14,7 @@ import io
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from .figures.canvas import styled
 from .stats import bootstrap_mean, paired_difference
 
 __all__ = [
+    "FinishedReport",
+    "open_report",
     "write_report",
     "summarise",
     "sanity_summary",
@@ -446,3 +449,71 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     files["manifest.json"] = manifest_bytes(manifest)
     write_files(out, files)
     return len(failed)
+
+
+# --- reading a finished report (the app) ------------------------------------------------------
+
+_MAX_TABLE_BYTES = 200 * 2**20
+REPORT_FIGURES = ("figures/distributions.png", "figures/sanity.png", "figures/samples.png")
+
+
+@dataclass
+class FinishedReport:
+    """A report folder read back: its tables (as text) and figures (decoded as PNG only)."""
+
+    folder: Path
+    summary: list[dict[str, str]]
+    per_image: list[dict[str, str]]
+    figures: dict[str, object]  # name -> PIL image
+    files: dict[str, Path]  # downloadable files that exist
+
+
+def open_report(folder: str | Path) -> FinishedReport:
+    """Read a report folder written by `python -m viz report`.
+
+    Only regular files of bounded size are read; figures go through the allow-listed decoder.
+
+    Raises:
+        ValueError: not a report folder, or a table that cannot be read (one line).
+    """
+    import os
+    import stat
+
+    from .images import load_image
+
+    root = Path(folder)
+
+    def regular(name: str) -> Path | None:
+        path = root / name
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_TABLE_BYTES:
+            return None
+        return path
+
+    summary_path = regular("summary.csv")
+    if summary_path is None:
+        raise ValueError(f"{root} holds no summary.csv: not a finished report folder")
+    try:
+        summary = read_csv(summary_path)
+        per_image_path = regular("per_image.csv")
+        per_image = read_csv(per_image_path) if per_image_path else []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{root}: cannot read the report's tables ({exc})") from None
+    figures = {}
+    for name in REPORT_FIGURES:
+        path = regular(name)
+        if path is not None:
+            try:
+                figures[name] = load_image(path)
+            except ValueError:
+                continue  # a figure that is not a PNG is not shown
+    files = {
+        name: path
+        for name in ("report.html", "report.md", "summary.csv", "per_image.csv", "per_map.csv",
+                     "sanity.csv", "manifest.json")
+        if (path := regular(name)) is not None
+    }  # fmt: skip
+    return FinishedReport(root, summary, per_image, figures, files)
