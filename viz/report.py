@@ -435,8 +435,7 @@ def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: 
     preprocesses = {_preprocess_key(c): c.preprocess for _, _, c in inputs.checkpoints}
     loader = torch.utils.data.DataLoader(
         _Decode([p for p, _, _ in inputs.images], preprocesses), batch_sampler=todo,
-        num_workers=workers, collate_fn=_collate,
-        multiprocessing_context="spawn" if workers else None,
+        num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None,
     )  # fmt: skip
     total = sum(len(c) for c in mine)
     finished = total - sum(len(c) for c in todo)
