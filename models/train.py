@@ -133,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--step-epochs", type=int, default=30, help="epochs per step of --schedule step")
     p.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Nesterov momentum (the official BAM/CBAM recipe uses plain momentum: --no-nesterov)",
+    )
+    p.add_argument(
         "--data-loading",
         default="cache",
         choices=["cache", "stream"],
@@ -673,7 +679,7 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
         ],
         lr=args.lr,
         momentum=0.9,
-        nesterov=True,
+        nesterov=args.nesterov,
     )
     steps_per_epoch = data.n_train // args.batch_size
     total = steps_per_epoch * args.epochs
@@ -812,7 +818,7 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
             "selection": selection_record(args, select_split, data.n_train, data.n_select),
             "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS}
             | {
-                "optimizer": "SGD nesterov momentum 0.9, "
+                "optimizer": f"SGD {'nesterov ' if args.nesterov else ''}momentum 0.9, "
                 + ("cosine after linear warm-up" if args.schedule == "cosine"
                    else f"x0.1 every {args.step_epochs} epochs after linear warm-up"),
                 "augmentation": "random-resized crop + horizontal flip",

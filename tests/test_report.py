@@ -221,3 +221,17 @@ def test_report_pages_show_file_text_as_text():
     row = md.splitlines()[-1]
     assert row.count("|") - row.count("\\|") == 2  # the cell's own pipe cannot split the row
     assert "\\*\\*x\\*\\*" in row and "\\[a\\]" in row
+
+
+def test_class_folders_named_by_id_are_classes_in_order(tmp_path, checkpoints):
+    """Imagenette's folders are WordNet ids: the i-th folder is class i, shown by its name."""
+    for i, wnid in enumerate(["n03", "n01", "n02"]):
+        (tmp_path / "img" / wnid).mkdir(parents=True)
+        Image.fromarray(np.full((70, 70, 3), 60 * i, np.uint8)).save(
+            tmp_path / "img" / wnid / "a.png"
+        )
+    out = tmp_path / "out"
+    assert _report(out, checkpoints, tmp_path / "img", "--deletion", "off", "--sanity", "0") == 0
+    rows = {(r["checkpoint"], r["image"]): r for r in _rows(out / "per_image.csv")}
+    assert rows[("tiny_plain", "n01_a")]["label"] == "cat"  # sorted folders: n01 is class 0
+    assert rows[("tiny_plain", "n03_a")]["target"] == "2"

@@ -339,6 +339,24 @@ def _prepare_parts(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     return parts
 
 
+def _check_local_parts(parts: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Another rank's parts folder (its own disk, or rank 0's shared one): same run or cleared."""
+    from .cli import UsageError
+
+    stamp = parts / "run.json"
+    try:
+        before = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        before = None
+    if before is not None and before != fingerprint:
+        if not overwrite:
+            raise UsageError(f"{parts} holds results of a different run; use --overwrite")
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if before != fingerprint:
+        _write_json(stamp, fingerprint)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -385,9 +403,10 @@ def run_report(
                 raise
             error = f"rank 0: {_one_line(exc)}"
     ranks.check(error)
-    parts.mkdir(parents=True, exist_ok=True)  # on a node without a shared disk too
     finished: list[int] = []
     try:
+        if ranks.rank != 0:  # a node without a shared disk keeps its own parts
+            _check_local_parts(parts, _fingerprint(inputs, options), overwrite)
         finished = _run_chunks(inputs, options, parts, workers, device, progress, ranks)
         error = None
     except Exception as exc:
@@ -488,8 +507,10 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
     report.add_argument("--sanity", type=_int_range(0, 10**9), default=32, metavar="N",
                         help="images for the randomisation check, the first N (default: 32)")  # fmt: skip
     report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
-    report.add_argument("--workers", type=_int_range(0, 64), default=min(2, os.cpu_count() or 1),
-                        help="decoding worker processes per rank (default: 2)")  # fmt: skip
+    report.add_argument("--workers", type=_int_range(0, 64),
+                        default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                        help="decoding worker processes per rank (default: half the cores, "
+                             "1 to 4)")  # fmt: skip
     report.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cpu (gloo between ranks) or cuda (nccl; one GPU per rank)")  # fmt: skip
     report.add_argument("--overwrite", action="store_true",
@@ -567,8 +588,18 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
             )
         for i, f in enumerate(folders):
             # a folder named like a class is that class; else the i-th folder is class i,
-            # as torchvision's ImageFolder (and models.train) number them
-            out_labels.setdefault(f, f if by_name else str(i))
+            # as torchvision's ImageFolder (and models.train) number them: shown by its name
+            # when every model calls class i the same, else by its index
+            if by_name:
+                out_labels.setdefault(f, f)
+                continue
+            name = ckpt.class_names[i]
+            same = all(
+                [n.casefold() for n in c.class_names].index(name.casefold()) == i
+                if name.casefold() in [n.casefold() for n in c.class_names] else False
+                for _, _, c in checkpoints
+            )  # fmt: skip
+            out_labels.setdefault(f, name if same else str(i))
     return [(p, n, None if lab is None else out_labels[lab]) for p, n, lab in images]
 
 
