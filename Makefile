@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: app test lint bench figures clean
+.PHONY: app test lint bench figures report-example clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,13 @@ figures: $(STAMP)
 		--images samples/$(BAM_IMAGE).jpg --figure bam-hierarchy --width single --dpi 200 --out out/figures/bam
 	cp out/figures/grid/model-grid.png docs/model-grid.png
 	cp out/figures/bam/resnet18_bam_imagenette/$(BAM_IMAGE)/bam-hierarchy.png docs/bam-hierarchy.png
+
+# the README's report excerpt: the embedded checkpoints on the bundled samples
+report-example: $(STAMP)
+	$(BIN)/python -m viz report --images samples --labels samples/labels.csv --out out/report \
+		--overwrite --sanity 8 --steps 16 --workers 1 \
+		$(foreach m,plain se bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
+	cp out/report/figures/sanity.png docs/report-sanity.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

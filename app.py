@@ -28,6 +28,7 @@ from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz.maps import RENDERS
 from viz.cli import UsageError
 from viz.export import (
     FORMATS,
@@ -333,12 +334,15 @@ def main() -> None:
             width=st.sidebar.radio("Figure width", ["double", "single"], horizontal=True,
                                    key="width", help="double: 6.9 in, single: 3.3 in (a paper column)"),
             dpi=st.sidebar.select_slider("Download dpi", [150, 300, 600], value=300, key="dpi"),
+            render=st.sidebar.radio("Maps drawn", RENDERS, horizontal=True, key="render",
+                                    help="smooth: enlarged bilinearly, as in the papers; cells: "
+                                         "one flat block per map cell, the grid drawn"),
         )  # fmt: skip
         st.session_state["figure_settings"] = settings  # what the downloads below will use
         st.session_state["download_prefix"] = safe_stem(ckpt.label) if ckpt else "model"
         draw = dict(
             cmap=settings.cmap, alpha=settings.alpha, shared_scale=settings.shared_scale,
-            width=settings.width,
+            width=settings.width, render=settings.render,
         )  # fmt: skip
         if ckpt is None:
             return
@@ -452,7 +456,7 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
         channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors)
     with tabs[2]:
         show_figure(
-            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
+            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], render=draw["render"]),
             f"{stem}_gradcam", f"gc:{tkey}", errors,
         )  # fmt: skip
     with tabs[3]:
@@ -460,7 +464,7 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
     with tabs[4]:
         if ckpt.arch.attention == "bam":
             show_figure(
-                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"], width=draw["width"]),
+                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"], width=draw["width"], render=draw["render"]),
                 f"{stem}_bam_hierarchy", f"bam:{tkey}", errors,
             )  # fmt: skip
         else:
@@ -589,7 +593,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if len(set(short)) < len(short):  # same architecture twice: tell them apart
         rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing),
+        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing, render=draw["render"]),
         "model_grid", "grid", errors,
     )  # fmt: skip
 

@@ -370,11 +370,12 @@ def test_non_default_settings_drive_the_screen_and_the_downloads(app):
     at.sidebar.slider(key="alpha").set_value(0.7).run()
     at.sidebar.radio(key="scale").set_value("per-map").run()
     at.sidebar.radio(key="width").set_value("single").run()
+    at.sidebar.radio(key="render").set_value("cells").run()
     assert_clean(at)
     settings = at.session_state["figure_settings"]
     assert settings == FigureSettings(
         method="hirescam", layers=("layer1", "layer2", "layer3", "layer4"), cmap="viridis",
-        alpha=0.7, scale="per-map", width="single", dpi=300,
+        alpha=0.7, scale="per-map", width="single", dpi=300, render="cells",
     )  # fmt: skip
     names = [b.proto.label for b in at.get("download_button")]
     assert "Everything for this image (zip)" in names

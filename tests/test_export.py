@@ -590,21 +590,21 @@ def test_the_bundle_follows_its_settings(cbam):
 
     png = _png(0)
     settings = FigureSettings(method="gradcam++", cmap="viridis", alpha=0.7, scale="per-map",
-                              width="single", dpi=80)  # fmt: skip
+                              width="single", dpi=80, render="cells")  # fmt: skip
     files = image_bundle(png, cbam, figures=("overview", "gradcam"), formats=("png",),
                          settings=settings)  # fmt: skip
     options = json.loads(files["manifest.json"])["options"]
     assert options["cam_method"] == "gradcam++" and options["cmap"] == "viridis"
     assert options["alpha"] == 0.7 and options["scale"] == "per-map" and options["dpi"] == 80
-    assert options["width_inches"] == pytest.approx(3.3)
+    assert options["width_inches"] == pytest.approx(3.3) and options["render"] == "cells"
     pil = load_image(png)
     analysis = analyze_images(cbam, [pil], method="gradcam++")
     crop = cbam.preprocess.display_crop(pil)
     overview = spatial_overview(crop, analysis.trace, cmap="viridis", alpha=0.7,
-                                shared_scale=False, width="single")  # fmt: skip
+                                shared_scale=False, width="single", render="cells")  # fmt: skip
     assert files["overview.png"] == figure_bytes(overview, "png", dpi=80)
     gradcam = attention_vs_gradcam(crop, analysis, class_names=cbam.class_names, cmap="viridis",
-                                   alpha=0.7, width="single")  # fmt: skip
+                                   alpha=0.7, width="single", render="cells")  # fmt: skip
     assert files["gradcam.png"] == figure_bytes(gradcam, "png", dpi=80)
     with np.load(io.BytesIO(files["maps.npz"])) as maps:
         cams = [k for k in maps.files if k.startswith("cam/")]
@@ -615,7 +615,7 @@ def test_the_bundle_follows_its_settings(cbam):
 
 def test_settings_are_checked_in_one_line():
     for bad in ({"method": "scorecam"}, {"cmap": "nope"}, {"alpha": 2}, {"scale": "global"},
-                {"dpi": 5}, {"width": "triple"}):  # fmt: skip
+                {"dpi": 5}, {"width": "triple"}, {"render": "blocky"}):  # fmt: skip
         with pytest.raises(ExportError) as info:
             FigureSettings(**bad)
         assert "\n" not in str(info.value)
@@ -625,12 +625,13 @@ def test_cli_settings_flags_reach_the_manifest_and_the_maps(ckpts, image_dir, tm
     out = tmp_path / "o"
     code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--method", "layercam",
                         "--layers", "layer3,layer4", "--cmap", "viridis", "--alpha", "0.8",
-                        "--scale", "per-map", "--width", "single")  # fmt: skip
+                        "--scale", "per-map", "--width", "single", "--render", "cells")  # fmt: skip
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     options = manifest["options"]
     assert (options["cam_method"], options["cam_layers"]) == ("layercam", ["layer3", "layer4"])
     assert (options["cmap"], options["alpha"], options["scale"]) == ("viridis", 0.8, "per-map")
+    assert options["render"] == "cells"
     assert all(r["cam_method"] == "layercam" for r in manifest["results"])
     with np.load(next(out.rglob("maps.npz"))) as maps:
         assert sorted(k for k in maps.files if k.startswith("cam/")) == ["cam/layer3", "cam/layer4"]

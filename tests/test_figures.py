@@ -263,3 +263,41 @@ def test_bam_hierarchy_needs_feature_means(images):
     with torch.no_grad(), record_attention(net, feature_means=True) as trace:
         net(x)
     assert isinstance(bam_hierarchy(PREPROCESS.crop_image(images[0]), trace), Figure)
+
+
+def test_cells_rendering_shows_each_cell_flat_with_the_grid():
+    from viz.maps import cell_grid, overlay
+
+    m = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
+    photo = Image.new("RGB", (64, 64), (0, 0, 0))
+    smooth = np.asarray(overlay(photo, m, "viridis", alpha=1.0))
+    cells = np.asarray(overlay(photo, m, "viridis", alpha=1.0, render="cells"))
+    grid = cell_grid((2, 2), (64, 64))
+    assert grid[32].all() and grid[:, 32].all() and grid.sum() == 64 + 64 - 1  # one cross
+    # inside each cell a single colour, the cell's own; the smooth map has a gradient
+    for (r, c), v in {(0, 0): 0.0, (0, 1): 1.0, (1, 0): 0.5, (1, 1): 0.25}.items():
+        inside = [slice(0, 32), slice(33, 64)]  # row/column 32 holds the grid line
+        block = cells[inside[r], inside[c]].reshape(-1, 3)
+        assert len(np.unique(block, axis=0)) == 1
+        want = np.round(np.asarray(matplotlib.colormaps["viridis"](v)[:3]) * 255)
+        assert np.abs(block[0] - want).max() <= 1
+    assert len(np.unique(smooth[:31, :31].reshape(-1, 3), axis=0)) > 10
+    # the grid is drawn in grey over the colours, a 7x7 map at 224 px gets 6 + 6 lines
+    assert not np.array_equal(cells[32], cells[31])
+    assert cell_grid((7, 7), (224, 224))[:, 0].sum() == 6
+    assert not cell_grid((1, 1), (50, 50)).any()
+    with pytest.raises(ValueError, match="render must be"):
+        overlay(photo, m, render="blocky")
+
+
+def test_every_map_figure_takes_the_cells_rendering(analyses, crop):
+    from viz.figures import attention_vs_gradcam, bam_hierarchy, model_grid, spatial_overview
+
+    an = analyses["cbam"]
+    for fig in (
+        spatial_overview(crop, an.trace, render="cells"),
+        attention_vs_gradcam(crop, an, render="cells"),
+        model_grid([crop], [("cbam", an.select(0))], column_titles=["x"], render="cells"),
+        bam_hierarchy(crop, analyses["bam"].trace, render="cells"),
+    ):
+        assert isinstance(fig, Figure)

@@ -226,3 +226,28 @@ def test_cascading_randomisation_runs_from_the_logits_down_and_decorrelates():
         last = [r.spearman for r in rows if r.step == len(steps) - 1 and r.map == name]
         finite = [v for v in last if math.isfinite(v)]
         assert finite and abs(float(np.mean(finite))) < 0.3  # a random network's maps: unrelated
+
+
+def test_batched_agreement_equals_the_per_map_one():
+    from viz.metrics import agreement, agreement_batch
+
+    gen = torch.Generator().manual_seed(0)
+    att = torch.rand(7, 7, 7, generator=gen)
+    cam = torch.relu(torch.randn(7, 14, 14, generator=gen))  # many tied zeros
+    att[1] = 0.5  # constant
+    cam[2] = 0.0  # constant zero CAM
+    att[3, 2:5, 2:5] = 0.9  # a plateau of ties
+    att[4, 0, 0] = math.nan
+    cam[5] = torch.round(cam[5] * 2) / 2  # coarse values: ties at the top-k cut
+    pearson, spearman, iou = agreement_batch(att, cam, top_k=0.2)
+    for i in range(7):
+        one = agreement(att[i], cam[i], top_k=0.2)
+        for got, want in (
+            (pearson[i], one.pearson),
+            (spearman[i], one.spearman),
+            (iou[i], one.iou),
+        ):
+            if math.isnan(want):
+                assert math.isnan(float(got)), i
+            else:
+                assert float(got) == pytest.approx(want, abs=1e-9), i

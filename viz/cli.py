@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--scale", choices=["shared", "per-map"], default="shared",
                         help="one colour scale with real values, or each map's own min-max "
                              "(default: shared)")  # fmt: skip
+    export.add_argument("--render", choices=["smooth", "cells"], default="smooth",
+                        help="maps enlarged smoothly (bilinear), or as cells with the grid drawn, "
+                             "the resolution the network computed at (default: smooth)")  # fmt: skip
     export.add_argument("--jobs", type=_jobs, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes for images (default: all cores; 1: no workers)")  # fmt: skip
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
@@ -436,7 +439,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         settings = FigureSettings(
             method=args.method, layers=layers, cmap=args.cmap, alpha=args.alpha,
-            scale=args.scale, width=width, dpi=dpi,
+            scale=args.scale, width=width, dpi=dpi, render=args.render,
         )  # fmt: skip
     except ExportError as exc:
         raise UsageError(str(exc)) from None
@@ -677,7 +680,8 @@ def _model_grids(run: _Run, checkpoints, grid, grid_images, formats, settings, m
                       for _, name, _ in checkpoints]  # fmt: skip
             fig = model_grid([crop for _, crop, _ in chunk], rows,
                              column_titles=[title for _, _, title in chunk], width=settings.width,
-                             cmap=settings.cmap, alpha=settings.alpha, missing=absent)  # fmt: skip
+                             cmap=settings.cmap, alpha=settings.alpha, missing=absent,
+                             render=settings.render)  # fmt: skip
             stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
             run.write(
                 "", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats}

@@ -47,7 +47,7 @@ from .figures import (
     spatial_overview,
 )
 from .images import ImageSource, load_image
-from .maps import DEFAULT_CMAP
+from .maps import DEFAULT_CMAP, RENDERS
 
 __all__ = [
     "FigureSettings",
@@ -409,6 +409,7 @@ class FigureSettings:
         scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max).
         width: "single", "double" or inches.
         dpi: raster resolution of PNG files.
+        render: "smooth" (bilinear) or "cells" (each map cell flat, the grid drawn).
     """
 
     method: str = "gradcam"
@@ -418,6 +419,7 @@ class FigureSettings:
     scale: str = "shared"
     width: str | float = "double"
     dpi: int = 300
+    render: str = "smooth"
 
     def __post_init__(self) -> None:
         from .cam import CAM_METHODS
@@ -432,6 +434,8 @@ class FigureSettings:
             raise ExportError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.scale not in SCALES:
             raise ExportError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if self.render not in RENDERS:
+            raise ExportError(f"render must be one of {', '.join(RENDERS)}, got {self.render!r}")
         if not 10 <= int(self.dpi) <= 2400:
             raise ExportError(f"dpi must be from 10 to 2400, got {self.dpi}")
         try:
@@ -453,6 +457,7 @@ class FigureSettings:
             "width": self.width,
             "width_inches": figure_width(self.width),
             "dpi": int(self.dpi),
+            "render": self.render,
         }
 
 
@@ -501,10 +506,11 @@ def render_image(
     notes: list[str] = []
     kinds = {r.kind for r in analysis.trace}
     draw = {"cmap": s.cmap, "width": s.width}
+    maps_drawn = draw | {"render": s.render}
     for name in figures:
         if name == "overview":
             fig = spatial_overview(
-                crop, analysis.trace, alpha=s.alpha, shared_scale=s.shared_scale, **draw
+                crop, analysis.trace, alpha=s.alpha, shared_scale=s.shared_scale, **maps_drawn
             )
         elif name == "channels":
             if not analysis.trace.channel_records:
@@ -513,7 +519,7 @@ def render_image(
             fig = channel_weights(analysis.trace, **draw)
         elif name == "gradcam":
             fig = attention_vs_gradcam(
-                crop, analysis, class_names=checkpoint.class_names, alpha=s.alpha, **draw
+                crop, analysis, class_names=checkpoint.class_names, alpha=s.alpha, **maps_drawn
             )
         else:  # bam-hierarchy
             if "bam" not in kinds:
@@ -521,7 +527,7 @@ def render_image(
                     f"bam-hierarchy skipped for {checkpoint.label}: the model has no BAM modules"
                 )
                 continue
-            fig = bam_hierarchy(crop, analysis.trace, **draw)
+            fig = bam_hierarchy(crop, analysis.trace, **maps_drawn)
         for fmt in formats:
             files[f"{name}.{fmt}"] = figure_bytes(fig, fmt, dpi=s.dpi)
     files["maps.npz"] = npz_bytes(analysis_arrays(analysis))

@@ -41,6 +41,7 @@ __all__ = [
     "DeletionInsertion",
     "BASELINES",
     "agreement",
+    "agreement_batch",
     "agreement_table",
     "channel_statistics",
     "deletion_insertion",
@@ -168,6 +169,87 @@ def agreement(
     ma, mb = _top_k_membership(a, k, const_a), _top_k_membership(b, k, const_b)
     iou = float(torch.minimum(ma, mb).sum() / torch.maximum(ma, mb).sum())
     return Agreement(pearson, spearman, iou, top_k)
+
+
+def agreement_batch(
+    attention: Tensor, cam: Tensor, *, top_k: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`agreement` for a batch of map pairs at once: (pearson, spearman, iou), each (N,).
+
+    The same numbers as calling `agreement(attention[i], cam[i], top_k=top_k)` for every i
+    (tested), computed with batched tensor operations (the data-set report's inner loop).
+
+    Args:
+        attention: (N, h1, w1) maps.
+        cam: (N, h2, w2) maps.
+        top_k: as in `agreement`.
+    """
+    if not 0.0 < top_k <= 1.0:
+        raise ValueError(f"top_k must be within (0, 1], got {top_k}")
+    if attention.ndim != 3 or cam.ndim != 3 or attention.shape[0] != cam.shape[0]:
+        raise ValueError(
+            f"need (N, h, w) maps of the same N, got {tuple(attention.shape)} and {tuple(cam.shape)}"
+        )
+    size = (max(attention.shape[1], cam.shape[1]), max(attention.shape[2], cam.shape[2]))
+    a, b = (
+        (m.detach().float().cpu() if tuple(m.shape[1:]) == size else upsample(m.detach().float().cpu(), size))
+        .flatten(1).double()
+        for m in (attention, cam)
+    )  # fmt: skip
+    finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
+    a, b = torch.where(finite[:, None], a, 0.0), torch.where(finite[:, None], b, 0.0)
+    const_a, const_b = _constant_rows(a), _constant_rows(b)
+    pearson = _pearson_rows(a, b)
+    spearman = _pearson_rows(_rank_rows(a), _rank_rows(b))
+    undefined = const_a | const_b
+    pearson[undefined] = math.nan
+    spearman[undefined] = math.nan
+    k = max(1, round(top_k * a.shape[1]))
+    ma, mb = _top_k_rows(a, k, const_a), _top_k_rows(b, k, const_b)
+    iou = torch.minimum(ma, mb).sum(1) / torch.maximum(ma, mb).sum(1)
+    nan = torch.full_like(iou, math.nan)
+    return (
+        torch.where(finite, pearson, nan),
+        torch.where(finite, spearman, nan),
+        torch.where(finite, iou, nan),
+    )
+
+
+def _constant_rows(v: Tensor) -> Tensor:
+    lo, hi = v.min(1).values, v.max(1).values
+    return hi - lo <= _CONSTANT_RTOL * torch.maximum(lo.abs(), hi.abs())
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denom = torch.sqrt((a * a).sum(1) * (b * b).sum(1))
+    r = (a * b).sum(1) / denom
+    return torch.where(denom == 0, torch.full_like(r, math.nan), r.clamp(-1.0, 1.0))
+
+
+def _rank_rows(v: Tensor) -> Tensor:
+    """1-based ranks along each row, tied values sharing their average rank (as `_ranks`)."""
+    n, p = v.shape
+    values, order = v.sort(1)
+    starts_run = torch.ones_like(values, dtype=torch.bool)
+    starts_run[:, 1:] = values[:, 1:] != values[:, :-1]
+    run = starts_run.long().cumsum(1) - 1  # run index of each sorted position
+    position = torch.arange(p, dtype=torch.float64).expand(n, p)
+    first = torch.full((n, p), float(p), dtype=torch.float64).scatter_reduce(
+        1, run, position, "amin"
+    )
+    last = torch.zeros((n, p), dtype=torch.float64).scatter_reduce(1, run, position, "amax")
+    average = (first + last) / 2 + 1
+    ranks = torch.empty_like(average)
+    return ranks.scatter_(1, order, average.gather(1, run))
+
+
+def _top_k_rows(v: Tensor, k: int, constant: Tensor) -> Tensor:
+    cut = torch.topk(v, k, dim=1).values[:, -1:]
+    above, tied = v > cut, v == cut
+    share = (k - above.sum(1, keepdim=True)) / tied.sum(1, keepdim=True)
+    member = above.to(v.dtype) + tied.to(v.dtype) * share
+    return torch.where(constant[:, None], torch.full_like(v, k / v.shape[1]), member)
 
 
 def agreement_table(

@@ -139,7 +139,7 @@ def _chunk_rows(
     """Every row one checkpoint gives for one decoded batch."""
     from .cam import analyze
     from .localization import box_iou, energy_pointing_game, pointing_game
-    from .metrics import agreement, deletion_insertion
+    from .metrics import agreement_batch, deletion_insertion
     from .sanity import cascading_randomisation
 
     model = ckpt.model
@@ -165,6 +165,11 @@ def _chunk_rows(
             baseline=options.baseline, tie_seeds=seeds,
         )  # fmt: skip
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
+    agree = {
+        name: agreement_batch(m, stage_cam[stage], top_k=options.top_k)
+        for name, (kind, stage, _, m) in maps.items()
+        if kind == "attention" and stage in stage_cam
+    }
     per_image, per_map = [], []
     for i, image in enumerate(names):
         t = int(analysis.target[i])
@@ -185,10 +190,9 @@ def _chunk_rows(
             if name in causal:
                 row["deletion_auc"] = _nan(float(causal[name].deletion_auc[i]))
                 row["insertion_auc"] = _nan(float(causal[name].insertion_auc[i]))
-            if kind == "attention" and stage in stage_cam:
-                agree = agreement(m[i], stage_cam[stage][i], top_k=options.top_k)
-                row.update(pearson=_nan(agree.pearson), spearman=_nan(agree.spearman),
-                           iou=_nan(agree.iou))  # fmt: skip
+            if name in agree:
+                pearson, spearman, iou = (float(t[i]) for t in agree[name])
+                row.update(pearson=_nan(pearson), spearman=_nan(spearman), iou=_nan(iou))
             if boxes[i] is not None:
                 row.update(
                     pointing=_nan(pointing_game(m[i], boxes[i], size)),

@@ -38,6 +38,7 @@ def attention_vs_gradcam(
     cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     width: str | float = "single",
+    render: str = "smooth",
     title: str | None = None,
 ) -> Figure:
     """Per stage: the attention map, that stage's Grad-CAM, and their agreement.
@@ -52,6 +53,8 @@ def attention_vs_gradcam(
         analysis: from `viz.cam.analyze`; one row per stage that has a CAM (`layer1`...`layer4`
             for a ResNet, the stage layers of any network by default).
         class_names: names of the classes, to title the figure with the target and P.
+        render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
+            the grid drawn: the resolution the network computed at).
     """
     from ..metrics import agreement_table
 
@@ -82,7 +85,7 @@ def attention_vs_gradcam(
             canvas.note(r, 0, f"{why}\nin stage {stage}")
             canvas.note(r, 2, "agreement:\nn/a")
         else:
-            canvas.image(r, 0, overlay(img, spatial_map(rec)[0], cmap, alpha))
+            canvas.image(r, 0, overlay(img, spatial_map(rec)[0], cmap, alpha, render=render))
             cells = rec.spatial[0].numel()
             coarse = f"\nonly {cells} cells: coarse" if cells < 64 else f"\n{cells} cells"
             canvas.ax.text(
@@ -92,7 +95,7 @@ def attention_vs_gradcam(
                 ha="left", va="center", fontsize=6,
             )  # fmt: skip
         cam = one.cams[layer][0]
-        canvas.image(r, 1, overlay(img, cam, cmap, alpha))
+        canvas.image(r, 1, overlay(img, cam, cmap, alpha, render=render))
         # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
         canvas.left_of(r, 0, f"stage {stage} · {layer}\n{cam.shape[-2]}×{cam.shape[-1]}")
     symbols = {kind_style(r.kind).symbol for r in one.trace.spatial_records}

@@ -30,6 +30,7 @@ def bam_hierarchy(
     index: int = 0,
     cmap: str = DEFAULT_CMAP,
     width: str | float = "single",
+    render: str = "smooth",
     title: str | None = None,
 ) -> Figure:
     """The BAM paper's Figure 1: at each BAM, the feature before, the attention, the feature after.
@@ -37,7 +38,8 @@ def bam_hierarchy(
     Rows are the BAM modules (after stages 1, 2, 3); columns are the channel-mean |F| entering
     the module, the channel mean of its 3-D gate 1 + M(F), and the channel-mean |F'| leaving it.
     F and F' share one scale per row (so the amplification shows); the gate has its own scale.
-    Maps are resized (bilinear) from the stage's resolution to the image.
+    Maps are resized from the stage's resolution to the image: bilinear (`render="smooth"`)
+    or as flat cells with the grid drawn (`render="cells"`).
 
     Raises:
         ValueError: the trace has no BAM module.
@@ -68,9 +70,9 @@ def bam_hierarchy(
         f_in, gate, f_out = rec.feature_in[0], rec.gate[0], rec.feature_out[0]
         lo, hi = value_range([f_in, f_out])
         glo, ghi = value_range([gate])
-        canvas.image(r, 1, heat_rgb(f_in, size, cmap, lo, hi))
-        canvas.image(r, 2, heat_rgb(gate, size, cmap, glo, ghi))
-        canvas.image(r, 3, heat_rgb(f_out, size, cmap, lo, hi))
+        canvas.image(r, 1, heat_rgb(f_in, size, cmap, lo, hi, render))
+        canvas.image(r, 2, heat_rgb(gate, size, cmap, glo, ghi, render))
+        canvas.image(r, 3, heat_rgb(f_out, size, cmap, lo, hi, render))
         canvas.left_of(r, 1, f"BAM {rec.stage} ({f_in.shape[0]}×{f_in.shape[1]})")
     for col, text in ((1, "F (before)"), (2, "1 + M(F)"), (3, "F′ (after)")):
         canvas.above(0, col, text)

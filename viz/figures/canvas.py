@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
-from ..maps import upsample
+from ..maps import resize_map, with_cell_grid
 from ..probes import kind_style
 from ..trace import AttentionRecord, AttentionTrace
 
@@ -314,11 +314,16 @@ class Canvas:
                      fontsize=size, multialignment="center")  # fmt: skip
 
 
-def heat_rgb(m: Tensor, size: tuple[int, int], cmap: str, vmin: float, vmax: float) -> np.ndarray:
-    """A (h, w) map resized to `size` (H, W) and colour-mapped to uint8 RGB."""
-    resized = upsample(m.float(), size).numpy()
+def heat_rgb(
+    m: Tensor, size: tuple[int, int], cmap: str, vmin: float, vmax: float, render: str = "smooth"
+) -> np.ndarray:
+    """A (h, w) map resized to `size` (H, W) (smooth or as cells) and colour-mapped to uint8 RGB."""
+    resized = resize_map(m.float(), size, render).numpy()
     scaled = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    return np.round(matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+    rgb = matplotlib.colormaps[cmap](scaled)[..., :3]
+    if render == "cells":
+        rgb = with_cell_grid(rgb, tuple(m.shape[-2:]))
+    return np.round(rgb * 255).astype(np.uint8)
 
 
 def value_range(maps: Sequence[Tensor]) -> tuple[float, float]:

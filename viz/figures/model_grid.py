@@ -38,6 +38,7 @@ def model_grid(
     cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     width: str | float = "double",
+    render: str = "smooth",
     decimals: int = 5,
     title: str | None = None,
     missing: Sequence[Sequence[int]] | None = None,
@@ -55,6 +56,8 @@ def model_grid(
         decimals: digits of the softmax score printed under each map, "P=0.96340".
         missing: per row, the columns whose class that model does not have: drawn as "n/a"
             rather than explaining another class under the column's title.
+        render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
+            the grid drawn: the resolution the network computed at).
 
     Raises:
         ValueError: counts do not match, or a row has no CAM for `layer`.
@@ -107,7 +110,7 @@ def model_grid(
             if c in absent[r - 1]:
                 canvas.note(r, c, "n/a:\nclass not\nin this model")
                 continue
-            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha))
+            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha, render=render))
             canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
     if title:

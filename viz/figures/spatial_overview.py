@@ -37,6 +37,7 @@ def spatial_overview(
     cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     width: str | float = "double",
+    render: str = "smooth",
     title: str | None = None,
     max_columns: int | None = None,
 ) -> Figure:
@@ -51,6 +52,8 @@ def spatial_overview(
         shared_scale: one colour scale for all maps (comparable colours, one colour bar);
             False scales each map to its own min-max.
         cmap: colour map of the maps.
+        render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
+            the grid drawn: the resolution the network computed at).
         alpha: opacity of the maps over the image, in [0, 1].
         width: "single", "double" or inches.
         title: optional figure title.
@@ -120,7 +123,9 @@ def spatial_overview(
                     canvas.above(r, col, "input")
                 else:
                     rec = records[item]
-                    canvas.image(r, col, overlay(img, maps[item], cmap, alpha, **scale))
+                    canvas.image(
+                        r, col, overlay(img, maps[item], cmap, alpha, render=render, **scale)
+                    )
                     canvas.above(r, col, panel_label(rec))
                 col += 1
     kinds = sorted({r.kind for r in records})
