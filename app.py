@@ -28,7 +28,6 @@ from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
-from viz.maps import RENDERS
 from viz.cli import UsageError
 from viz.export import (
     FORMATS,
@@ -40,6 +39,7 @@ from viz.export import (
     zip_bundle,
 )
 from viz.figures.class_channel_stats import default_modules
+from viz.maps import RENDERS
 from viz.metrics import agreement_table, channel_statistics, deletion_insertion
 from viz.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
 from viz.report_page import open_report, write_report
