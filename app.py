@@ -34,13 +34,20 @@ from viz.export import (
     IMAGE_FIGURES,
     SCALES,
     FigureSettings,
+    deletion_insertion_csv,
     figure_bytes,
     image_bundle,
     zip_bundle,
 )
 from viz.figures.class_channel_stats import default_modules
 from viz.maps import RENDERS
-from viz.metrics import agreement_table, channel_statistics, deletion_insertion
+from viz.metrics import (
+    agreement_table,
+    channel_statistics,
+    deletion_insertion,
+    random_saliency,
+    seed_of,
+)
 from viz.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
 from viz.report_page import open_report, write_report
 from viz.serving import ServePolicy, serve_policy
@@ -117,7 +124,10 @@ def causal_scores(
     _saliency,
 ):
     x = _ckpt.preprocess.batch([_image])
-    return deletion_insertion(_ckpt.model, x, _saliency, target, steps=steps)
+    # ties in random order, as in the data-set report: a flat map scores at chance
+    return deletion_insertion(
+        _ckpt.model, x, _saliency, target, steps=steps, tie_seeds=[seed_of(image_sha)]
+    )
 
 
 def load_path(path: str) -> Checkpoint:
@@ -460,7 +470,7 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
             f"{stem}_gradcam", f"gc:{tkey}", errors,
         )  # fmt: skip
     with tabs[3]:
-        agreement_tab(ckpt, item, an, target, method, layers)
+        agreement_tab(ckpt, item, an, target, method, layers, errors)
     with tabs[4]:
         if ckpt.arch.attention == "bam":
             show_figure(
@@ -497,7 +507,7 @@ def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
     )  # fmt: skip
 
 
-def agreement_tab(ckpt, item, an, target, method, layers) -> None:
+def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
     rows = agreement_table(an, 0)
     prefix = f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}"
     if rows:
@@ -522,30 +532,43 @@ def agreement_tab(ckpt, item, an, target, method, layers) -> None:
         )  # fmt: skip
     else:
         st.info("No spatial attention map to compare with Grad-CAM in this model.")
-    st.markdown("**Deletion / insertion** (RISE): remove or reveal the most salient pixels first.")
+    st.markdown(
+        "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
+        "a random map gives the chance level."
+    )
     maps = {f"{an.method_label} {k}": v for k, v in an.cams.items()}
     maps.update({f"attention {r.name}": r.spatial for r in an.trace.spatial_records})
-    which = st.selectbox("Saliency map", list(maps), index=len(an.cams) - 1, key="di_map")
+    cams = [m for m in maps if not m.startswith("attention ")]
+    gates = [m for m in maps if m.startswith("attention ")]
+    chosen = st.multiselect("Saliency maps", list(maps), default=cams[-1:] + gates[-1:],
+                            key="di_maps")  # fmt: skip
     steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
-    if st.toggle(f"Run ({2 * (steps + 1) + 1} forward passes)", key="di_run"):
-        with st.spinner("Deleting and inserting pixels…"):
-            key = f"{method}:{','.join(layers)}:{which}"
-            res = causal_scores(
-                item.sha, ckpt.sha256, target, key, steps, ckpt, item.image, maps[which]
+    runs = len(chosen) + 1
+    if chosen and st.toggle(f"Run ({runs} maps x {2 * (steps + 1) + 1} forward passes)",
+                            key="di_run"):  # fmt: skip
+        results = {}
+        bar = st.progress(0.0, text="Deleting and inserting pixels…")
+        size = tuple(ckpt.preprocess.batch([item.image]).shape[-2:])
+        noise = random_saliency([seed_of(item.sha)], size)
+        named = [(m, maps[m]) for m in chosen] + [(figures.RANDOM_LABEL, noise)]
+        for done, (name, saliency) in enumerate(named):
+            key = f"{method}:{','.join(layers)}:{name}"
+            results[name] = causal_scores(
+                item.sha, ckpt.sha256, target, key, steps, ckpt, item.image, saliency
             )
-        c1, c2 = st.columns(2)
-        c1.metric("Deletion AUC (lower is better)", f"{float(res.deletion_auc[0]):.3f}")
-        c2.metric("Insertion AUC (higher is better)", f"{float(res.insertion_auc[0]):.3f}")
-        curves = pd.DataFrame(
-            {
-                "deletion": res.deletion_curve[0].numpy(),
-                "insertion": res.insertion_curve[0].numpy(),
-            },
-            index=pd.Index(res.fractions.numpy(), name="fraction of pixels"),
-        )
-        st.line_chart(curves, x_label="fraction of pixels", y_label="P(target)")
+            bar.progress((done + 1) / len(named), text=f"{done + 1} of {len(named)} maps")
+        bar.empty()
+        table = pd.DataFrame(
+            [(m, float(r.deletion_auc[0]), float(r.insertion_auc[0])) for m, r in results.items()],
+            columns=["map", "deletion AUC (lower is better)", "insertion AUC (higher is better)"],
+        )  # fmt: skip
+        st.dataframe(table, hide_index=True)
+        show_figure(
+            lambda: figures.deletion_insertion_curves(results, width=st.session_state["figure_settings"].width),
+            f"{prefix}_deletion_insertion", f"di_fig:{prefix}", errors,
+        )  # fmt: skip
         st.download_button(
-            "Curves (CSV)", curves.to_csv().encode(), mime="text/csv",
+            "Curves (CSV)", deletion_insertion_csv(results), mime="text/csv",
             file_name=f"{prefix}_deletion_insertion.csv", key=f"di_csv:{prefix}",
             on_click="ignore", icon=":material/download:",
         )  # fmt: skip

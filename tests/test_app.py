@@ -217,15 +217,17 @@ def test_cam_options_and_bad_layers(app):
 
 def test_deletion_insertion_runs_on_demand(app):
     at = app.run()
-    assert not at.metric
+    images = len(at.image)
+    assert at.multiselect(key="di_maps").value == ["Grad-CAM layer4", "attention layer4.1.cbam"]
     at.slider(key="di_steps").set_value(8).run()
-    at.selectbox(key="di_map").set_value("attention layer4.1.cbam").run()
+    at.multiselect(key="di_maps").set_value(["Grad-CAM layer3", "attention layer4.1.cbam"]).run()
     at.toggle(key="di_run").set_value(True).run()
     assert_clean(at)
-    assert [m.label for m in at.metric] == [
-        "Deletion AUC (lower is better)", "Insertion AUC (higher is better)"
-    ]  # fmt: skip
-    assert all(0.0 <= float(m.value) <= 1.0 for m in at.metric)
+    table = next(d.value for d in at.dataframe if "map" in d.value.columns)
+    assert list(table["map"]) == ["Grad-CAM layer3", "attention layer4.1.cbam", "random map"]
+    aucs = table[["deletion AUC (lower is better)", "insertion AUC (higher is better)"]]
+    assert ((aucs >= 0) & (aucs <= 1)).all().all()
+    assert len(at.image) == images + 1  # the curves figure
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Agreement table (CSV)" in labels and "Curves (CSV)" in labels
 

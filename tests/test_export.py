@@ -666,3 +666,20 @@ def test_parallel_export_writes_the_same_bytes(ckpts, tmp_path, capsys):
         assert code == 0, err
         outs[jobs] = _files(out)
     assert outs["1"].keys() == outs["2"].keys() and outs["1"] == outs["2"]
+
+
+def test_deletion_insertion_csv_has_every_map():
+    from viz.export import deletion_insertion_csv
+    from viz.metrics import DeletionInsertion
+
+    f = torch.linspace(0, 1, 3)
+    one = DeletionInsertion(torch.tensor([0.2]), torch.tensor([0.7]), f,
+                            torch.tensor([[1.0, 0.5, 0.1]]), torch.tensor([[0.0, 0.6, 0.9]]),
+                            torch.tensor([0]))  # fmt: skip
+    text = deletion_insertion_csv({"cam": one, "random map": one}).decode()
+    lines = text.splitlines()
+    assert lines[0] == ("fraction,cam deletion,cam insertion,random map deletion,"
+                        "random map insertion")  # fmt: skip
+    assert lines[2] == "0.500000,0.500000,0.600000,0.500000,0.600000" and len(lines) == 4
+    with pytest.raises(ExportError):
+        deletion_insertion_csv({})

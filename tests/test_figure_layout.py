@@ -160,3 +160,24 @@ def _stack(one, n):
     from viz.session import stack_analyses
 
     return stack_analyses([one] * n)
+
+
+def _causal(n_maps: int):
+    from viz.metrics import DeletionInsertion
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.linspace(0, 1, 17)
+    out = {}
+    for i in range(n_maps):
+        d, ins = torch.rand(1, 17, generator=gen), torch.rand(1, 17, generator=gen)
+        out[i] = DeletionInsertion(d.mean(1), ins.mean(1), f, d, ins, torch.tensor([1]))
+    return list(out.values())
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_deletion_insertion_curves_with_long_map_names(width):
+    names = ["Grad-CAM++ layer4 (a rather long layer name)", "attention layer4.1.cbam spatial gate",
+             "attention features.7.0.block.2 squeeze-excitation", figures.RANDOM_LABEL]  # fmt: skip
+    fig = figures.deletion_insertion_curves(dict(zip(names, _causal(4))), width=width,
+                                            title=LONG_NAMES[1])  # fmt: skip
+    assert _problems(fig) == []

@@ -138,6 +138,30 @@ def figure_bytes(fig: Figure, fmt: str, *, dpi: int = 300) -> bytes:
     return buf.getvalue()
 
 
+def deletion_insertion_csv(results: Mapping[str, Any], index: int = 0) -> bytes:
+    """Deletion/insertion curves of several maps as CSV: one row per fraction of pixels.
+
+    Columns: `fraction`, then `<map> deletion` and `<map> insertion` per map (P(target)).
+    """
+    import csv
+
+    labels = list(results)
+    if not labels:
+        raise ExportError("no deletion/insertion results to write")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["fraction"] + [f"{m} {c}" for m in labels for c in ("deletion", "insertion")])
+    fractions = results[labels[0]].fractions
+    for step, fraction in enumerate(fractions.tolist()):
+        row = [f"{fraction:.6f}"]
+        for m in labels:
+            res = results[m]
+            row += [f"{float(res.deletion_curve[index, step]):.6f}",
+                    f"{float(res.insertion_curve[index, step]):.6f}"]  # fmt: skip
+        writer.writerow(row)
+    return buf.getvalue().encode("utf-8")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: never a half-written file."""
     atomic_write_bytes(Path(path), data)

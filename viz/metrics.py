@@ -45,6 +45,8 @@ __all__ = [
     "agreement_table",
     "channel_statistics",
     "deletion_insertion",
+    "random_saliency",
+    "seed_of",
 ]
 
 BASELINES = ("blur", "zero")
@@ -453,6 +455,23 @@ def deletion_insertion(
         insertion,
         targets.cpu(),
     )
+
+
+def random_saliency(seeds: Sequence[int], size: tuple[int, int]) -> Tensor:
+    """(N, H, W) uniform noise, one map per seed: the chance level of every saliency score.
+
+    Seeded per image (not per batch), so a map does not depend on how images are batched.
+    """
+    return torch.stack(
+        [torch.rand(size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+
+
+def seed_of(text: str, seed: int = 0) -> int:
+    """A 32-bit seed from a name (an image's file name or hash) and a run seed, stable anywhere."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{text}".encode()).digest()[:4], "little")
 
 
 # --- channel statistics -----------------------------------------------------------------------

@@ -94,11 +94,6 @@ def chunks_of_rank(n_images: int, batch_size: int, rank: int, world: int) -> lis
     return [c for i, c in enumerate(chunks) if i % world == rank]
 
 
-def _image_seed(name: str, seed: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
 # --- maps ------------------------------------------------------------------------------------
 
 
@@ -139,7 +134,7 @@ def _chunk_rows(
     """Every row one checkpoint gives for one decoded batch."""
     from .cam import analyze
     from .localization import box_iou, energy_pointing_game, pointing_game
-    from .metrics import agreement_batch, deletion_insertion
+    from .metrics import agreement_batch, deletion_insertion, random_saliency, seed_of
     from .sanity import cascading_randomisation
 
     model = ckpt.model
@@ -149,10 +144,8 @@ def _chunk_rows(
     predicted = analysis.logits.argmax(1)
     maps = map_tensors(analysis)
     size = x.shape[-1]
-    seeds = [_image_seed(n, options.seed) for n in names]
-    maps["random"] = ("random", 0, "", torch.stack([
-        torch.rand(size, size, generator=torch.Generator().manual_seed(s)) for s in seeds
-    ]))  # fmt: skip
+    seeds = [seed_of(n, options.seed) for n in names]
+    maps["random"] = ("random", 0, "", random_saliency(seeds, (size, size)))
     default = _default_map(maps)
     chosen = {"all": list(maps), "default": [default, "random"], "off": []}[options.deletion]
     causal = {}

@@ -33,11 +33,14 @@ from .canvas import (
 )
 from .channel_weights import channel_weights
 from .class_channel_stats import class_channel_stats
+from .deletion_curves import RANDOM_LABEL, deletion_insertion_curves
 from .model_grid import model_grid
 from .spatial_overview import spatial_overview
 
 __all__ = [
     "DIFF_CMAP",
+    "RANDOM_LABEL",
+    "deletion_insertion_curves",
     "DOUBLE_COLUMN",
     "FIGURE_STYLE",
     "SINGLE_COLUMN",
