@@ -28,7 +28,7 @@ from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
-from viz.cli import UsageError
+from viz.cli import UsageError, label_of, parse_labels
 from viz.export import (
     FORMATS,
     IMAGE_FIGURES,
@@ -587,14 +587,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
     loaded = {name: models[name].load() for name in picked}
     picked = sorted(picked, key=lambda name: comparison_order(loaded[name]))
-    classes = []
-    for item in items:
-        t = chosen_target(item, ckpt)
-        if t is None:
-            t = int(
-                analysis(item.sha, ckpt.sha256, None, method, layers, ckpt, item.image).target[0]
-            )
-        classes.append(ckpt.class_names[t])
+    classes = column_classes(ckpt, items, loaded, method, layers, errors)
     rows, missing = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
@@ -619,6 +612,54 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
         lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing, render=draw["render"]),
         "model_grid", "grid", errors,
     )  # fmt: skip
+
+
+FROM_MODEL = "(the model in use: its chosen class or top-1)"
+
+
+def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
+    """The class of each column, per image and independent of the model in use: from an
+    uploaded labels CSV, a choice made here, or else what the model in use explains."""
+    upload = st.file_uploader(
+        "Labels CSV (columns file,label: the image's file name and its class name)",
+        type=["csv"], key="grid_labels",
+    )  # fmt: skip
+    labels: dict[str, str] = {}
+    if upload is not None:
+        try:
+            labels = parse_labels(upload.getvalue().decode("utf-8-sig"), upload.name)
+        except (UnicodeDecodeError, UsageError) as exc:
+            errors.error(md_text(f"{upload.name}: {exc}"))
+    names = sorted(
+        {n for other in loaded.values() for n in other.class_names} | set(ckpt.class_names)
+    )
+    classes = []
+    with st.expander("Class of each column", expanded=bool(labels)):
+        for item in items:
+            key = f"colcls:{item.sha[:16]}"
+            label = label_of(Path(item.name), labels) if labels else None
+            if label is not None:
+                label = next((n for n in names if n.casefold() == label.strip().casefold()), label)
+                if label not in names:
+                    errors.warning(
+                        md_text(f"{item.name}: label {label!r} is no class of these models")
+                    )
+                    label = None
+            stamp = f"{key}:from"  # a new CSV sets the choice again; a choice made here stays
+            if label is not None and st.session_state.get(stamp) != label:
+                st.session_state[key], st.session_state[stamp] = label, label
+            choice = st.selectbox(
+                md_text(item.name), [FROM_MODEL, *names], key=key,
+                help="The class every row explains in this column, whichever model is in use.",
+            )  # fmt: skip
+            if choice == FROM_MODEL:
+                t = chosen_target(item, ckpt)
+                if t is None:
+                    t = int(analysis(item.sha, ckpt.sha256, None, method, layers, ckpt,
+                                     item.image).target[0])  # fmt: skip
+                choice = ckpt.class_names[t]
+            classes.append(choice)
+    return classes
 
 
 def class_stats_tab(ckpt, draw, errors) -> None:

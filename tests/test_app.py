@@ -427,3 +427,34 @@ def test_data_set_report_runs_and_opens(app, tmp_path):
     at.button(key="rep_open_go").click().run()
     assert not at.exception
     assert len(at.error) == 1 and "not a finished report" in at.error[0].value
+
+
+def test_grid_columns_take_their_class_from_the_image_not_the_model(app, monkeypatch):
+    import viz.figures
+
+    seen = []
+    real = viz.figures.model_grid
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["column_titles"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz.figures, "model_grid", spy)
+    at = app.run()
+    item = next(s for s in at.selectbox if s.key.startswith("colcls:"))
+    at.file_uploader(key="grid_labels").set_value(
+        ("labels.csv", b"file,label\nenglish_springer_4972.jpg,church\n", "text/csv")
+    ).run()
+    assert_clean(at)
+    assert at.selectbox(key=item.key).value == "church" and seen[-1] == ["church"]
+    # a choice made per image stays when the model in use changes
+    at.selectbox(key=item.key).set_value("tench").run()
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "bam")).run()
+    assert_clean(at)
+    assert seen[-1] == ["tench"]
+    # a label that no model has: a warning, and the column falls back to the model's class
+    at.file_uploader(key="grid_labels").set_value(
+        ("labels.csv", b"file,label\nenglish_springer_4972.jpg,zebra\n", "text/csv")
+    ).run()
+    assert not at.exception
+    assert any("zebra" in w.value for w in at.warning)

@@ -28,6 +28,7 @@ __all__ = [
     "collect_images",
     "resolve_target",
     "read_labels",
+    "parse_labels",
     "label_of",
     "load_checkpoints",
     "UsageError",
@@ -192,20 +193,32 @@ def read_labels(path: str) -> dict[str, str]:
     _regular_file(path, "--labels", limit=50 * 2**20)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--labels {path}: cannot read it ({exc})") from None
+    return parse_labels(text, f"--labels {path}")
+
+
+def parse_labels(text: str, source: str = "labels") -> dict[str, str]:
+    """The text of a labels CSV (columns `file`, `label`) -> {file: label}; see `read_labels`.
+
+    `source` names the file in error messages (one line each).
+    """
+    try:
+        reader = csv.DictReader(text.splitlines())
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    except csv.Error as exc:
+        raise UsageError(f"{source}: cannot read it ({exc})") from None
     if not {"file", "label"} <= set(columns):
-        raise UsageError(f"--labels {path}: needs the columns file,label (has: {columns})")
+        raise UsageError(f"{source}: needs the columns file,label (has: {columns})")
     labels: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
         file, label = (row["file"] or "").strip(), (row["label"] or "").strip()
         if not file or not label:
-            raise UsageError(f"--labels {path}: line {line} has an empty file or label")
+            raise UsageError(f"{source}: line {line} has an empty file or label")
         if labels.get(file, label) != label:
-            raise UsageError(f"--labels {path}: {file} is listed with two labels")
+            raise UsageError(f"{source}: {file} is listed with two labels")
         labels[file] = label
     return labels
 
