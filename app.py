@@ -27,7 +27,8 @@ from PIL import Image
 from models import Checkpoint, CheckpointError, load_checkpoint
 from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
-from viz import CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
+from viz.cam import attribute
 from viz.cli import UsageError, label_of, parse_labels
 from viz.export import (
     FORMATS,
@@ -37,10 +38,11 @@ from viz.export import (
     deletion_insertion_csv,
     figure_bytes,
     image_bundle,
+    npz_bytes,
     zip_bundle,
 )
 from viz.figures.class_channel_stats import default_modules
-from viz.maps import RENDERS
+from viz.maps import RENDERS, overlay
 from viz.metrics import (
     agreement_table,
     channel_statistics,
@@ -469,6 +471,7 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
             lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], render=draw["render"]),
             f"{stem}_gradcam", f"gc:{tkey}", errors,
         )  # fmt: skip
+        captum_panel(ckpt, item, target, draw, stem, tkey, errors)
     with tabs[3]:
         agreement_tab(ckpt, item, an, target, method, layers, errors)
     with tabs[4]:
@@ -485,6 +488,44 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
         class_stats_tab(ckpt, draw, errors)
     with tabs[7]:
         dataset_tab(ckpt, label, method, errors)
+
+
+CAPTUM_LABELS = {
+    "guided-gradcam": "Guided Grad-CAM (2 passes)",
+    "integrated-gradients": "Integrated Gradients (32 passes)",
+    "occlusion": "Occlusion (one pass per 16-px step of a 32-px window)",
+}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def captum_attribution(image_sha: str, ckpt_sha: str, target, method: str, _ckpt, _image, _bar):
+    x = _ckpt.preprocess.batch([_image])
+    return attribute(_ckpt.model, x, target, method=method, progress=lambda done, total: _bar.progress(
+        done / total, text=f"{done} of {total} images through the network"))  # fmt: skip
+
+
+def captum_panel(ckpt, item, target, draw, stem, tkey, errors) -> None:
+    with st.expander("Captum attributions at input resolution"):
+        method = st.selectbox("Method", list(ATTRIBUTION_METHODS), key="captum_method",
+                              format_func=lambda m: CAPTUM_LABELS.get(m, m))  # fmt: skip
+        if not st.toggle("Run", key="captum_run"):
+            return
+        bar = st.progress(0.0, text="Starting…")
+        try:
+            attr = captum_attribution(item.sha, ckpt.sha256, target, method, ckpt, item.image, bar)
+        except USER_ERRORS as exc:
+            errors.error(md_text(exc))
+            return
+        finally:
+            bar.empty()
+        crop = ckpt.preprocess.crop_image(item.image)
+        st.image(overlay(crop, attr[0].abs(), draw["cmap"], draw["alpha"]),
+                 caption=f"|{CAPTUM_LABELS.get(method, method)}| over the network's input")  # fmt: skip
+        st.download_button(
+            "Attribution (npz)", npz_bytes({"attribution": attr[0].numpy()}),
+            file_name=f"{st.session_state.get('download_prefix', 'model')}_{stem}_{method}.npz",
+            key=f"captum_dl:{tkey}", on_click="ignore", icon=":material/download:",
+        )  # fmt: skip
 
 
 def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:

@@ -458,3 +458,16 @@ def test_grid_columns_take_their_class_from_the_image_not_the_model(app, monkeyp
     ).run()
     assert not at.exception
     assert any("zebra" in w.value for w in at.warning)
+
+
+def test_captum_attribution_runs_with_progress_on_demand(app):
+    at = app.run()
+    images = len(at.image)
+    assert at.selectbox(key="captum_method").options == [
+        "Guided Grad-CAM (2 passes)", "Integrated Gradients (32 passes)",
+        "Occlusion (one pass per 16-px step of a 32-px window)",
+    ]  # fmt: skip
+    at.toggle(key="captum_run").set_value(True).run()
+    assert_clean(at)
+    assert len(at.image) == images + 1
+    assert "Attribution (npz)" in [b.proto.label for b in at.get("download_button")]

@@ -212,9 +212,14 @@ def test_any_module_name_and_resnet50(image_batch):
 def test_captum_attributions_have_image_shape(method):
     model = randomize_bn(build_model(18, "cbam", num_classes=3)).eval()
     x = torch.randn(1, 3, 32, 32)
-    attr = attribute(model, x, method=method, steps=4, window=16)
+    calls = []
+    attr = attribute(model, x, method=method, steps=4, window=16,
+                     progress=lambda done, total: calls.append((done, total)))  # fmt: skip
     assert attr.shape == (1, 32, 32) and torch.isfinite(attr).all()
     assert _hook_count(model) == 0
+    # progress counts every forward pass and ends at the total the method needs
+    assert calls and calls[-1][0] == calls[-1][1]
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
 def test_analyze_inside_no_grad(tiny_model, image_batch):

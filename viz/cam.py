@@ -294,8 +294,12 @@ def attribute(
     layer: str | None = None,
     steps: int = 32,
     window: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Input-resolution attributions through Captum, summed over colour channels: (N, H, W).
+
+    `progress(done, total)` is called after every forward pass with the images run so far and
+    the number the method needs (counted by a forward hook on the model, removed afterwards).
 
     Costs (passes through the network):
         - "guided-gradcam": Grad-CAM at `layer` (default the last stage layer) times guided
@@ -304,10 +308,33 @@ def attribute(
         - "occlusion": one forward per occluded window position: about (H/stride)*(W/stride)
           forwards, stride = window/2.
     """
-    from captum.attr import GuidedGradCam, IntegratedGradients, Occlusion
 
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method must be one of {list(ATTRIBUTION_METHODS)}, got {method!r}")
+    n, _, h, w = x.shape
+    stride = max(1, window // 2)
+    windows = (max(0, h - window) // stride + 1) * (max(0, w - window) // stride + 1)
+    total = n * {"guided-gradcam": 3, "integrated-gradients": 1 + steps,
+                 "occlusion": 2 + windows}[method]  # fmt: skip
+    seen = [0]
+
+    def count(_module, _inputs, output) -> None:
+        seen[0] += output.shape[0] if isinstance(output, Tensor) else 0
+        progress(min(seen[0], total), total)
+
+    # Captum hooks the model's ReLUs (guided backprop): one user of a shared model at a time
+    with model_lock(model):
+        handle = model.register_forward_hook(count) if progress else None
+        try:
+            return _attribute(model, x, target, method, layer, steps, window, stride)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def _attribute(model, x, target, method, layer, steps, window, stride) -> Tensor:
+    from captum.attr import GuidedGradCam, IntegratedGradients, Occlusion
+
     with preserve_model_state(model):
         with torch.no_grad():
             targets = resolve_targets(target, model(x)).tolist()
@@ -320,7 +347,6 @@ def attribute(
                 x, target=targets, n_steps=steps, internal_batch_size=max(1, steps)
             )
         else:
-            stride = max(1, window // 2)
             attr = Occlusion(model).attribute(
                 x, target=targets, sliding_window_shapes=(x.shape[1], window, window),
                 strides=(x.shape[1], stride, stride),
