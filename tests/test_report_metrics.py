@@ -204,8 +204,13 @@ def test_cascading_randomisation_runs_from_the_logits_down_and_decorrelates():
     torch.manual_seed(0)
     model = randomize_bn(build_model(18, "cbam", num_classes=5)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = randomisation_steps(model)
+    steps = randomisation_steps(model, torch.zeros(1, 3, 64, 64))
     assert steps[0] == "fc" and steps[1] == "layer4.1" and steps[-1] == "conv1"
+    # BAMs are registered after layer4 but act after their stage: forward order puts them there
+    bam = build_model(18, "bam", num_classes=5).eval()
+    order = randomisation_steps(bam, torch.zeros(1, 3, 64, 64))
+    assert order.index("layer4.0") < order.index("bam3.channel_att") < order.index("layer3.1")
+    assert randomisation_steps(bam) != order  # registration order would put them elsewhere
     x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([0, 1, 2, 3, 4, 0])
 

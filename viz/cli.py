@@ -624,12 +624,19 @@ def _run_in_worker(item: tuple[Path, str]) -> dict:
 
 
 def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
-    """Each image's outcome, in input order: here, or from `jobs` worker processes."""
+    """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes.
+
+    This process works on images too, from the first second, while the workers start (a
+    spawned worker imports torch and reads the checkpoints again: seconds); each worker keeps
+    two images queued, and this process takes the next image whenever they are busy.
+    """
     if jobs <= 1:
         yield from map(work, images)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import torch
 
     from models.plugins import plugins_from_env
 
@@ -639,9 +646,32 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
     plugins = plugins_from_env() + list(getattr(args, "plugin", []))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(bare, paths, plugins)) as pool:  # fmt: skip
-        yield from pool.map(_run_in_worker, images, chunksize=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per process, this one included
+    done: dict[int, dict] = {}
+    pending: dict = {}  # future -> image index
+    try:
+        with ProcessPoolExecutor(jobs - 1, mp_context=context, initializer=_start_worker,
+                                 initargs=(bare, paths, plugins)) as pool:  # fmt: skip
+            following, emitted = 0, 0
+            while emitted < len(images):
+                while following < len(images) and len(pending) < 2 * (jobs - 1):
+                    pending[pool.submit(_run_in_worker, images[following])] = following
+                    following += 1
+                if following < len(images) and all(not f.done() for f in pending):
+                    done[following] = work(images[following])  # the workers are busy
+                    following += 1
+                elif emitted not in done:
+                    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        done[pending.pop(future)] = future.result()
+                for future in [f for f in pending if f.done()]:
+                    done[pending.pop(future)] = future.result()
+                while emitted in done:
+                    yield done.pop(emitted)
+                    emitted += 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _light(analysis):

@@ -6,9 +6,9 @@ each step for the same images and class, and compare it with the trained network
 rank correlation and SSIM). A map that stays the same while the weights it should explain are
 noise is not explaining them.
 
-Steps are the network's top-level blocks in reverse forward order: for a ResNet `fc`,
-`layer4.1`, `layer4.0`, …, `conv1` — names cut to two components, so any network is grouped the
-same way (`features.7`, `classifier.1` in torchvision's EfficientNet). Each parameter is redrawn
+Steps are the network's blocks in reverse forward order (found with one forward pass): for a
+ResNet `fc`, `layer4.1`, `layer4.0`, …, `conv1`, a BAM after the stage it follows — names cut to
+two components, so any network is grouped the same way (`features.7`, `classifier.1` in torchvision's EfficientNet). Each parameter is redrawn
 from a normal distribution with the trained tensor's own mean and standard deviation (seeded per
 step), which keeps activations at their scale; buffers (BatchNorm running statistics) are kept.
 """
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .maps import upsample
+from .state import preserve_model_state
 
 __all__ = [
     "randomisation_steps",
@@ -36,13 +37,37 @@ __all__ = [
 ]
 
 
-def randomisation_steps(model: nn.Module) -> list[str]:
-    """Parameter groups of `model`, from the logits down: two-component name prefixes."""
+def randomisation_steps(model: nn.Module, x: Tensor | None = None) -> list[str]:
+    """Parameter groups of `model`, from the logits down: two-component name prefixes.
+
+    With an input `x` the order is the order in which a forward pass first runs each group
+    (modules registered out of order, such as a ResNet's BAMs, land where they act), reversed;
+    without, the order of registration, reversed.
+    """
+    owners = {
+        name: ".".join(name.split(".")[:2])
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    }
     order: list[str] = []
-    for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
-        prefix = ".".join(name.split(".")[:2])
+    if x is not None:
+        modules = dict(model.named_modules())
+
+        def seen(prefix: str):
+            def hook(*_args) -> None:
+                if prefix not in order:
+                    order.append(prefix)
+
+            return hook
+
+        handles = [modules[n].register_forward_pre_hook(seen(p)) for n, p in owners.items()]
+        try:
+            with preserve_model_state(model), torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    for prefix in owners.values():  # groups the pass did not run, and the no-input case
         if prefix not in order:
             order.append(prefix)
     return order[::-1]
@@ -147,7 +172,7 @@ def cascading_randomisation(
         A `SanityStep` per step, image and map (maps missing after a step are skipped).
     """
     work = copy.deepcopy(model)
-    groups = randomisation_steps(work) if steps is None else steps
+    groups = randomisation_steps(work, x[:1]) if steps is None else steps
     original = maps_of(work, x, target)
     rows: list[SanityStep] = []
     for k, group in enumerate(groups):
