@@ -629,6 +629,9 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     loaded = {name: models[name].load() for name in picked}
     picked = sorted(picked, key=lambda name: comparison_order(loaded[name]))
     classes = column_classes(ckpt, items, loaded, method, layers, errors)
+    stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",
+                     format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
+                     help="The same stage in every row, whatever each network calls the layer.")  # fmt: skip
     rows, missing = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
@@ -650,7 +653,7 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if len(set(short)) < len(short):  # same architecture twice: tell them apart
         rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing, render=draw["render"]),
+        lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing, render=draw["render"]),
         "model_grid", "grid", errors,
     )  # fmt: skip
 

@@ -471,3 +471,27 @@ def test_captum_attribution_runs_with_progress_on_demand(app):
     assert_clean(at)
     assert len(at.image) == images + 1
     assert "Attribution (npz)" in [b.proto.label for b in at.get("download_button")]
+
+
+def test_comparison_has_its_own_stage(app, monkeypatch):
+    import viz.figures
+
+    seen = []
+    real = viz.figures.model_grid
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["stage"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz.figures, "model_grid", spy)
+    at = app.run()
+    assert seen[-1] == 4
+    at.radio(key="grid_stage").set_value(2).run()
+    assert_clean(at)
+    assert seen[-1] == 2
+    # the sidebar's CAM layers do not limit it: analyses for the grid use every stage layer
+    at.sidebar.multiselect(
+        key=next(m.key for m in at.sidebar.multiselect if m.key.startswith("layers:"))
+    ).set_value(["layer4"]).run()
+    assert_clean(at)
+    assert seen[-1] == 2

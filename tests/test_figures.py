@@ -301,3 +301,24 @@ def test_every_map_figure_takes_the_cells_rendering(analyses, crop):
         bam_hierarchy(crop, analyses["bam"].trace, render="cells"),
     ):
         assert isinstance(fig, Figure)
+
+
+def test_model_grid_shows_the_chosen_stage_of_every_row(analyses, crop, monkeypatch):
+    import sys
+
+    grid_module = sys.modules["viz.figures.model_grid"]  # the package exports the function
+
+    drawn = []
+    real = grid_module.overlay
+
+    def spy(pic, m, *args, **kwargs):
+        drawn.append(m.shape)
+        return real(pic, m, *args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "overlay", spy)
+    rows = [("cbam", analyses["cbam"].select(0)), ("se", analyses["se"].select(0))]
+    model_grid([crop], rows, column_titles=["x"], stage=3)
+    expected = analyses["cbam"].cams["layer3"].shape[-2:]
+    assert drawn == [expected, expected]
+    with pytest.raises(ValueError, match="no stage 7"):
+        model_grid([crop], rows, column_titles=["x"], stage=7)

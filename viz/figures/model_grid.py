@@ -35,6 +35,7 @@ def model_grid(
     *,
     column_titles: Sequence[str],
     layer: str | None = None,
+    stage: int | None = None,
     cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     width: str | float = "double",
@@ -53,6 +54,8 @@ def model_grid(
         column_titles: one title per image (the class name).
         layer: CAM layer shown; default each row's deepest stage (`layer4` in a ResNet,
             whatever its name in another network).
+        stage: show each row's CAM at this stage (1..4) instead, whatever the layer is called
+            in that network (rows of different networks); ignored when `layer` is given.
         decimals: digits of the softmax score printed under each map, "P=0.96340".
         missing: per row, the columns whose class that model does not have: drawn as "n/a"
             rather than explaining another class under the column's title.
@@ -69,7 +72,12 @@ def model_grid(
         raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
     shown: list[str] = []
     for label, analysis in rows:
-        row_layer = layer if layer is not None else _deepest_cam(analysis)
+        if layer is not None:
+            row_layer = layer
+        elif stage is not None:
+            row_layer = analysis.stage_cams().get(stage, f"(no stage {stage})")
+        else:
+            row_layer = _deepest_cam(analysis)
         if row_layer not in analysis.cams:
             raise ValueError(
                 f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
@@ -90,6 +98,7 @@ def model_grid(
     canvas = Canvas(
         width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
         foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0, max_panel=1.4,
+        footer=0.42,
     )  # fmt: skip
     # as many digits of P as fit under a panel (at least 2; 5 as in the CBAM paper when room)
     digits = next(
@@ -113,6 +122,8 @@ def model_grid(
             canvas.image(r, c, overlay(pic, cams[c], cmap, alpha, render=render))
             canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
+    # each CAM is stretched to its own range, as in the papers: the bar says so
+    canvas.colorbar(cmap, 0.0, 1.0, "CAM, each map: own min–max")
     if title:
         canvas.title(title)
     return canvas.fig
