@@ -239,24 +239,39 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
         return None
     cams = sorted({r["map"] for r in summary if r["map"].startswith("gradcam/")})
     maps = [m for m in (cams[-1] if cams else None, ALL_ATTENTION) if m]
-    fig = new_figure(DOUBLE_COLUMN, 3.0)
+    # one axis of block names when every model has the same blocks; else the fraction of the
+    # network randomised, so networks of different depth share the axis
+    sequences = {
+        ckpt: [g for _, g in sorted({(r["step"], r["randomised"]) for r in summary
+                                     if r["checkpoint"] == ckpt})]
+        for ckpt in checkpoints
+    }  # fmt: skip
+    known = [seq for seq in sequences.values() if seq]
+    named = all(seq == known[0] for seq in known)
+    fig = new_figure(DOUBLE_COLUMN, 3.0 if named else 2.6)
     axes = fig.subplots(1, 2)
     styles = ["-", "--", ":", "-."]
     for ax, metric in zip(axes, ("spearman", "ssim")):
         for i, ckpt in enumerate(checkpoints):
+            last = max(1, len(sequences[ckpt]) - 1)
             for m, colour in zip(maps, ("#0072B2", "#D55E00")):
                 pts = [r for r in summary if r["checkpoint"] == ckpt and r["map"] == m]
                 if not pts:
                     continue
                 pts.sort(key=lambda r: r["step"])
-                ax.plot([r["step"] for r in pts], [r[metric] for r in pts], styles[i % 4],
+                xs = [r["step"] if named else r["step"] / last for r in pts]
+                ax.plot(xs, [r[metric] for r in pts], styles[i % 4],
                         color=colour, marker="o", markersize=2, linewidth=1,
                         label=f"{ckpt} · {m}")  # fmt: skip
         ax.axhline(0, color="#bbbbbb", linewidth=0.5)
-        steps = sorted({(r["step"], r["randomised"]) for r in summary})
-        ax.set_xticks([k for k, _ in steps])
-        ax.set_xticklabels([fit_text(g, 0.5, fontsize=6)[0] for _, g in steps], rotation=90)
-        ax.set_xlabel("randomised up to (from the logits down)", fontsize=6)
+        if named:
+            ax.set_xticks(range(len(known[0])))
+            ax.set_xticklabels([fit_text(g, 0.5, fontsize=6)[0] for g in known[0]], rotation=90)
+            ax.set_xlabel("randomised up to (from the logits down)", fontsize=6)
+        else:
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_xlabel("share of the blocks randomised, from the logits (0) to the input (1)",
+                          fontsize=6)  # fmt: skip
         ax.set_ylabel(f"{'Spearman ρ' if metric == 'spearman' else 'SSIM'} to trained map",
                       fontsize=6)  # fmt: skip
         ax.tick_params(labelsize=6)
