@@ -627,8 +627,9 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes.
 
     This process works on images too, from the first second, while the workers start (a
-    spawned worker imports torch and reads the checkpoints again: seconds); each worker keeps
-    two images queued, and this process takes the next image whenever they are busy.
+    spawned worker imports torch and reads the checkpoints again: seconds): it takes the
+    earliest queued image that no worker has started yet. At most 4 x `jobs` images are
+    queued, so finished outputs waiting for their turn stay few.
     """
     if jobs <= 1:
         yield from map(work, images)
@@ -649,24 +650,26 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per process, this one included
     done: dict[int, dict] = {}
-    pending: dict = {}  # future -> image index
+    queued: dict[int, object] = {}  # image index -> future, at most `window` at a time
+    window = 4 * jobs
     try:
         with ProcessPoolExecutor(jobs - 1, mp_context=context, initializer=_start_worker,
                                  initargs=(bare, paths, plugins)) as pool:  # fmt: skip
             following, emitted = 0, 0
             while emitted < len(images):
-                while following < len(images) and len(pending) < 2 * (jobs - 1):
-                    pending[pool.submit(_run_in_worker, images[following])] = following
+                while following < len(images) and len(queued) < window:
+                    queued[following] = pool.submit(_run_in_worker, images[following])
                     following += 1
-                if following < len(images) and all(not f.done() for f in pending):
-                    done[following] = work(images[following])  # the workers are busy
-                    following += 1
-                elif emitted not in done:
-                    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        done[pending.pop(future)] = future.result()
-                for future in [f for f in pending if f.done()]:
-                    done[pending.pop(future)] = future.result()
+                for index in [i for i, f in queued.items() if f.done()]:
+                    done[index] = queued.pop(index).result()
+                if emitted not in done:
+                    # take the earliest image no worker has started, else wait for the next
+                    stolen = next((i for i in sorted(queued) if queued[i].cancel()), None)
+                    if stolen is not None:
+                        del queued[stolen]
+                        done[stolen] = work(images[stolen])
+                    else:
+                        wait([queued[emitted]], return_when=FIRST_COMPLETED)
                 while emitted in done:
                     yield done.pop(emitted)
                     emitted += 1
