@@ -269,8 +269,10 @@ def _report_images(folder: Path, n: int, size: tuple[int, int] = (320, 240)) -> 
         Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def measure_report(n_images: int = 512, batch: int = 16) -> list[tuple]:
+def measure_report(n_images: int = 512, batch: int = 16, reps: int = 3) -> list[tuple]:
     """`python -m viz report` throughput against its floor, and over two processes.
+
+    Floor and report run `reps` times, interleaved; medians are reported.
 
     Floor: one `analyze` (forward + backward, every map) per batch of already decoded images,
     the same batch size, in this process. The report, also in this process with the model
@@ -301,24 +303,29 @@ def measure_report(n_images: int = 512, batch: int = 16) -> list[tuple]:
         files = sorted(images.iterdir())
         decoded = [ckpt.preprocess(load_image(f))[0] for f in files]
         analyze(ckpt.model, torch.stack(decoded[:batch]))  # warm-up
-        t0 = time.perf_counter()
-        for start in range(0, n_images, batch):
-            analyze(ckpt.model, torch.stack(decoded[start : start + batch]))
-        floor = time.perf_counter() - t0
-        del decoded
         options = ReportOptions(deletion="off", sanity=0, batch_size=batch)
-        ticks: list[tuple[float, int]] = []  # (time, images done) after each chunk
-        t0 = time.perf_counter()
         inputs = inputs_for([("cbam", str(ckpt_path), ckpt)], images)
-        out = Path(tmp) / "in_process"
-        rows_done = run_report(inputs, out, options, workers=1,
-                               progress=lambda done, _: ticks.append((time.perf_counter(), done)))  # fmt: skip
-        write_report(out, rows_done, inputs, options)
-        report = time.perf_counter() - t0
-        # steady state: from the first finished chunk to the last (worker start-up and the
-        # final files left out), against the floor's rate over the same number of images
-        (t_first, first), (t_last, last) = ticks[1], ticks[-1]
-        steady = (t_last - t_first) / (last - first) * n_images
+        floors, reports, steadies = [], [], []
+        for rep in range(reps):  # interleaved: floor, report, floor, report, ...
+            t0 = time.perf_counter()
+            for start in range(0, n_images, batch):
+                analyze(ckpt.model, torch.stack(decoded[start : start + batch]))
+            floors.append(time.perf_counter() - t0)
+            ticks: list[tuple[float, int]] = []  # (time, images done) after each chunk
+            out = Path(tmp) / f"in_process_{rep}"
+            t0 = time.perf_counter()
+            rows_done = run_report(inputs, out, options, workers=1,
+                                   progress=lambda done, _, ticks=ticks: ticks.append(
+                                       (time.perf_counter(), done)))  # fmt: skip
+            write_report(out, rows_done, inputs, options)
+            reports.append(time.perf_counter() - t0)
+            # steady state: from the first finished chunk to the last (worker start-up and the
+            # final files left out), scaled to all images
+            (t_first, first), (t_last, last) = ticks[1], ticks[-1]
+            steadies.append((t_last - t_first) / (last - first) * n_images)
+        del decoded
+        floor, report = statistics.median(floors), statistics.median(reports)
+        steady = statistics.median(steadies)
         config = f"viz report, {n_images} JPEGs 320x240, embedded ResNet-18+CBAM at 224, b{batch}"
         rows.append((config, "floor: analyze per batch, decoded images", floor, None))
         rows.append((config, "report in process, all of it (decoding, parts, files)", report, None))

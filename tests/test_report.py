@@ -86,9 +86,9 @@ def test_report_files_and_columns(tmp_path, checkpoints, image_folder):
     assert all(0.0 <= float(r["deletion_auc"]) <= 1.0 for r in per_image)
     per_map = _rows(out / "per_map.csv")
     cbam = {r["map"] for r in per_map if r["checkpoint"] == "tiny_cbam"}
-    assert {"gradcam/stage4", "random", "attention/layer4.1.cbam"} <= cbam
+    assert {"cam/stage4", "random", "attention/layer4.1.cbam"} <= cbam
     assert {r["map"] for r in per_map if r["checkpoint"] == "tiny_plain"} == {
-        "gradcam/stage1", "gradcam/stage2", "gradcam/stage3", "gradcam/stage4", "random"}  # fmt: skip
+        "cam/stage1", "cam/stage2", "cam/stage3", "cam/stage4", "random"}  # fmt: skip
     located = [r for r in per_map if r["image"] in ("cat_0", "dog_1")]
     assert all(r["pointing"] in ("0.0", "1.0") for r in located)
     assert all(r["pointing"] == "" for r in per_map if r["image"] == "fish_2")  # no boxes

@@ -12,7 +12,7 @@ Under `torchrun` chunk c goes to rank c mod world size; ranks send their rows to
 writes the report. Each finished chunk is saved atomically under `OUT/parts/`; a rerun with the
 same inputs and options skips them (a changed one is refused unless `--overwrite`).
 
-Maps (the `map` column): `gradcam/stageS` (the CAM method at stage S's layer), `attention/NAME`
+Maps (the `map` column): `cam/stageS` (the CAM of `--method` at stage S's layer), `attention/NAME`
 (the spatial gate of module NAME, after its sigmoid where the probe gives a logit, as drawn),
 and `random` (uniform noise per pixel, seeded by the image: the chance level of every score).
 The default map of `per_image.csv` is the last stage's CAM.
@@ -101,7 +101,7 @@ def map_tensors(analysis) -> dict[str, tuple[str, int, str, Tensor]]:
     """{map name: (kind, stage, layer, (N, h, w) map)} of an `Analysis`: CAMs, then gates."""
     out: dict[str, tuple[str, int, str, Tensor]] = {}
     for stage, layer in analysis.stage_cams().items():
-        out[f"gradcam/stage{stage}"] = ("cam", stage, layer, analysis.cams[layer])
+        out[f"cam/stage{stage}"] = ("cam", stage, layer, analysis.cams[layer])
     for rec in analysis.trace.spatial_records:
         spatial = rec.spatial.sigmoid() if rec.logits else rec.spatial
         out[f"attention/{rec.name}"] = ("attention", rec.stage, rec.name, spatial)
@@ -116,7 +116,8 @@ def _default_map(maps: dict) -> str | None:
 # --- one chunk --------------------------------------------------------------------------------
 
 
-def _nan(value: float) -> float | None:
+def _number(value: float) -> float | None:
+    """A finite value rounded to 6 digits; None (an empty CSV cell) for nan and infinities."""
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
@@ -171,26 +172,26 @@ def _chunk_rows(
             "checkpoint": ckpt_name, "image": image,
             "label": label_texts[i], "target": t,
             "target_name": ckpt.class_names[t], "predicted": int(predicted[i]),
-            "prob": _nan(float(analysis.target_probs[i])),
+            "prob": _number(float(analysis.target_probs[i])),
             "correct": int(int(predicted[i]) == t) if known else None,
-            "deletion_auc": _nan(float(d.deletion_auc[i])) if d else None,
-            "insertion_auc": _nan(float(d.insertion_auc[i])) if d else None,
+            "deletion_auc": _number(float(d.deletion_auc[i])) if d else None,
+            "insertion_auc": _number(float(d.insertion_auc[i])) if d else None,
             "error": "",
         })  # fmt: skip
         for name, (kind, stage, layer, m) in maps.items():
             row = {"checkpoint": ckpt_name, "image": image, "map": name, "kind": kind,
                    "stage": stage, "layer": layer}  # fmt: skip
             if name in causal:
-                row["deletion_auc"] = _nan(float(causal[name].deletion_auc[i]))
-                row["insertion_auc"] = _nan(float(causal[name].insertion_auc[i]))
+                row["deletion_auc"] = _number(float(causal[name].deletion_auc[i]))
+                row["insertion_auc"] = _number(float(causal[name].insertion_auc[i]))
             if name in agree:
                 pearson, spearman, iou = (float(t[i]) for t in agree[name])
-                row.update(pearson=_nan(pearson), spearman=_nan(spearman), iou=_nan(iou))
+                row.update(pearson=_number(pearson), spearman=_number(spearman), iou=_number(iou))
             if boxes[i] is not None:
                 row.update(
-                    pointing=_nan(pointing_game(m[i], boxes[i], size)),
-                    energy=_nan(energy_pointing_game(m[i], boxes[i], size)),
-                    box_iou=_nan(box_iou(m[i], boxes[i], size)),
+                    pointing=_number(pointing_game(m[i], boxes[i], size)),
+                    energy=_number(energy_pointing_game(m[i], boxes[i], size)),
+                    box_iou=_number(box_iou(m[i], boxes[i], size)),
                 )
             per_map.append(row)
     sanity = []
@@ -207,7 +208,7 @@ def _chunk_rows(
             sanity.append({
                 "checkpoint": ckpt_name, "image": names[sanity_rows[step.image]],
                 "step": step.step, "randomised": step.randomised, "map": step.map,
-                "spearman": _nan(step.spearman), "ssim": _nan(step.ssim),
+                "spearman": _number(step.spearman), "ssim": _number(step.ssim),
             })  # fmt: skip
     return {"per_image": per_image, "per_map": per_map, "sanity": sanity}
 

@@ -237,7 +237,7 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
 
     if not summary:
         return None
-    cams = sorted({r["map"] for r in summary if r["map"].startswith("gradcam/")})
+    cams = sorted({r["map"] for r in summary if r["map"].startswith("cam/")})
     maps = [m for m in (cams[-1] if cams else None, ALL_ATTENTION) if m]
     # one axis of block names when every model has the same blocks; else the fraction of the
     # network randomised, so networks of different depth share the axis
