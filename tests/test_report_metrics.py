@@ -118,6 +118,7 @@ def test_read_boxes_in_three_formats(tmp_path):
         ("x.csv", "file,x0,y0,x1,y1\na.jpg,5,5,1,1\n", "not a box"),
         ("x.csv", "name,a\n", "needs the columns"),
         ("x.json", "{", "not JSON"),
+        ("x.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("x.txt", "", "give a .csv"),
     ],
 )

@@ -108,6 +108,8 @@ def _read_coco(path: Path) -> dict[str, list[Box]]:
         data = json.loads(_read_text(path, _MAX_BOX_FILE))
     except json.JSONDecodeError as exc:
         raise BoxError(f"--boxes {path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:  # brackets nested thousands deep
+        raise BoxError(f"--boxes {path}: JSON nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise BoxError(f"--boxes {path}: not COCO JSON (no 'images' list)")
     names = {}
