@@ -281,10 +281,11 @@ def _run_chunk(
     return result
 
 
-def _class_index(label: str, ckpt) -> int:
+def _class_index(label: str, ckpt, where: str = "label") -> int:
+    """The class index a label names in `ckpt` (a UsageError naming `where` otherwise)."""
     from .cli import resolve_target
 
-    index = resolve_target(label, ckpt.class_names, "label")
+    index = resolve_target(label, ckpt.class_names, where)
     assert index is not None
     return index
 
@@ -632,7 +633,7 @@ def inputs_for(
     for _, _, ckpt in checkpoints:  # every label must be a class of every model
         for path, _, label in found:
             if label is not None:
-                _class_index_or_usage(label, ckpt, path)
+                _class_index(label, ckpt, f"label of {path.name}")
     try:
         box_map = read_boxes(boxes) if boxes else None
     except BoxError as exc:
@@ -681,11 +682,3 @@ def report_command(args: argparse.Namespace) -> int:
         print(f"error: {failed} image(s) could not be read; see per_image.csv", file=sys.stderr)
         return 1
     return 0
-
-
-def _class_index_or_usage(label: str, ckpt, path: Path) -> int:
-    from .cli import resolve_target
-
-    index = resolve_target(label, ckpt.class_names, f"label of {path.name}")
-    assert index is not None
-    return index
