@@ -589,7 +589,7 @@ def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
                             key="di_run"):  # fmt: skip
         results = {}
         bar = st.progress(0.0, text="Deleting and inserting pixels…")
-        size = tuple(ckpt.preprocess.batch([item.image]).shape[-2:])
+        size = (ckpt.preprocess.crop, ckpt.preprocess.crop)  # the network input's side
         noise = random_saliency([seed_of(item.sha)], size)
         named = [(m, maps[m]) for m in chosen] + [(figures.RANDOM_LABEL, noise)]
         for done, (name, saliency) in enumerate(named):

@@ -389,7 +389,7 @@ def measure_report_memory(n_images: int = 10_000) -> list[tuple]:
     """Resident memory of a report run at 1,000 images and at `n_images` (tiny network, 32 px)."""
     import tempfile
 
-    from models import Preprocess, save_checkpoint
+    from models import Preprocess, load_checkpoint, save_checkpoint
     from viz.report import ReportInputs, ReportOptions, run_report
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -399,8 +399,6 @@ def measure_report_memory(n_images: int = 10_000) -> list[tuple]:
         model = build_model(18, "cbam", num_classes=10).eval()
         path = Path(tmp) / "tiny.safetensors"
         save_checkpoint(path, model, preprocess=Preprocess(resize=36, crop=32))
-        from models import load_checkpoint
-
         ckpt = load_checkpoint(path)
         # the same 100 files many times over: memory, not decoding, is measured here
         listed = [(files[i % 100], f"{i:05d}", None) for i in range(n_images)]

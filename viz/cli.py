@@ -31,6 +31,7 @@ __all__ = [
     "parse_labels",
     "label_of",
     "load_checkpoints",
+    "int_in",
     "UsageError",
     "IMAGE_SUFFIXES",
     "GRID_COLUMNS",
@@ -280,7 +281,7 @@ def _width(text: str) -> str | float:
     return value
 
 
-def _int_in(what: str, low: int, high: int):
+def int_in(what: str, low: int, high: int):
     """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
 
     def parse(text: str) -> int:
@@ -295,8 +296,8 @@ def _int_in(what: str, low: int, high: int):
     return parse
 
 
-_dpi = _int_in("dpi", 10, 2400)
-_jobs = _int_in("jobs", 1, 64)
+_dpi = int_in("dpi", 10, 2400)
+_jobs = int_in("jobs", 1, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:

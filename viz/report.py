@@ -202,8 +202,9 @@ def _chunk_rows(
             found = map_tensors(analyze(net, images, tgt, method=options.method))
             return {k: v[3] for k, v in found.items()}
 
+        trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
         for step in cascading_randomisation(
-            model, x[pick], analysis.target[pick], maps_of, seed=options.seed
+            model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained
         ):
             sanity.append({
                 "checkpoint": ckpt_name, "image": names[sanity_rows[step.image]],
@@ -473,6 +474,7 @@ def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: 
 def add_report_parser(commands) -> argparse.ArgumentParser:
     """The `report` subcommand's options."""
     from .cam import CAM_METHODS
+    from .cli import int_in
     from .metrics import BASELINES
 
     report = commands.add_parser(
@@ -497,16 +499,16 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
     report.add_argument("--deletion", default="all", choices=DELETION_CHOICES,
                         help="maps scored by deletion/insertion: all, default (last stage's CAM "
                              "and random), off (default: all)")  # fmt: skip
-    report.add_argument("--steps", type=_int_range(1, 1024), default=16,
+    report.add_argument("--steps", type=int_in("--steps", 1, 1024), default=16,
                         help="deletion/insertion steps (default: 16)")  # fmt: skip
     report.add_argument("--baseline", default="blur", choices=BASELINES,
                         help="what deleted pixels become (default: blur)")  # fmt: skip
-    report.add_argument("--batch-size", type=_int_range(1, 4096), default=16,
+    report.add_argument("--batch-size", type=int_in("--batch-size", 1, 4096), default=16,
                         help="images per chunk and batch (default: 16)")  # fmt: skip
-    report.add_argument("--sanity", type=_int_range(0, 10**9), default=32, metavar="N",
+    report.add_argument("--sanity", type=int_in("--sanity", 0, 10**9), default=32, metavar="N",
                         help="images for the randomisation check, the first N (default: 32)")  # fmt: skip
     report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
-    report.add_argument("--workers", type=_int_range(0, 64),
+    report.add_argument("--workers", type=int_in("--workers", 0, 64),
                         default=max(1, min(4, (os.cpu_count() or 2) // 2)),
                         help="decoding worker processes per rank (default: half the cores, "
                              "1 to 4)")  # fmt: skip
@@ -533,19 +535,6 @@ scale out:  torchrun --nproc-per-node 2 -m viz report ...   (same numbers, share
 """
 
 
-def _int_range(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be within {low}..{high}, got {value}")
-        return value
-
-    return parse
-
-
 def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path, str, str | None]]:
     """Image files of `folder` with labels from the CSV, from class subfolders, or none."""
     from .cli import UsageError, collect_images, label_of, read_labels
@@ -569,6 +558,12 @@ def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path,
     return [(path, name, None) for path, name in files]
 
 
+def _find_class(name: str, class_names: list[str]) -> int | None:
+    """The index of `name` among `class_names` (case-insensitive, first match), or None."""
+    lowered = [n.casefold() for n in class_names]
+    return lowered.index(name.casefold()) if name.casefold() in lowered else None
+
+
 def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | None]]:
     """ImageFolder class folders -> class names each checkpoint knows (by name or by order)."""
     from .cli import UsageError
@@ -576,8 +571,7 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
     folders = sorted({lab for _, _, lab in images if lab is not None})
     out_labels: dict[str, str] = {}
     for _, _, ckpt in checkpoints:
-        lowered = [n.casefold() for n in ckpt.class_names]
-        by_name = all(f.casefold() in lowered for f in folders)
+        by_name = all(_find_class(f, ckpt.class_names) is not None for f in folders)
         by_order = len(folders) == len(ckpt.class_names)
         if not (by_name or by_order):
             raise UsageError(
@@ -593,11 +587,7 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
                 out_labels.setdefault(f, f)
                 continue
             name = ckpt.class_names[i]
-            same = all(
-                [n.casefold() for n in c.class_names].index(name.casefold()) == i
-                if name.casefold() in [n.casefold() for n in c.class_names] else False
-                for _, _, c in checkpoints
-            )  # fmt: skip
+            same = all(_find_class(name, c.class_names) == i for _, _, c in checkpoints)
             out_labels.setdefault(f, name if same else str(i))
     return [(p, n, None if lab is None else out_labels[lab]) for p, n, lab in images]
 

@@ -156,6 +156,7 @@ def cascading_randomisation(
     *,
     seed: int = 0,
     steps: list[str] | None = None,
+    original: dict[str, Tensor] | None = None,
 ) -> list[SanityStep]:
     """Compare every map of the trained `model` with the same map after each randomisation step.
 
@@ -163,17 +164,20 @@ def cascading_randomisation(
         model: the trained network; it is copied, never changed.
         x: images (N, 3, H, W).
         target: (N,) class to explain, fixed for every step (the trained model's).
-        maps_of: (model, x, target) -> {map name: (N, h, w)}; called once on the trained copy
-            and once per step.
+        maps_of: (model, x, target) -> {map name: (N, h, w)}; called once per step (and on
+            the trained copy unless `original` is given).
         seed: step k is randomised with seed `seed + k`.
         steps: parameter groups in the order to randomise; default `randomisation_steps`.
+        original: the trained model's maps of `x`, when the caller has them already (saves
+            a forward and a backward); default `maps_of` on the trained copy.
 
     Returns:
         A `SanityStep` per step, image and map (maps missing after a step are skipped).
     """
     work = copy.deepcopy(model)
     groups = randomisation_steps(work, x[:1]) if steps is None else steps
-    original = maps_of(work, x, target)
+    if original is None:
+        original = maps_of(work, x, target)
     rows: list[SanityStep] = []
     for k, group in enumerate(groups):
         randomise_(work, group, seed + k)
