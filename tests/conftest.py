@@ -35,6 +35,18 @@ def module_vectors() -> dict:
         return {k: data[k] for k in data.files}
 
 
+def leftovers(model: torch.nn.Module) -> int:
+    """Hooks and taps (`viz.taps`) still on `model`: 0 after any trace, also a failed one."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + ("_attention_lens_taps" in m.__dict__)
+        + (type(m).forward.__name__ == "tapped_forward")
+        for m in model.modules()
+    )
+
+
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial statistics so eval-mode tests are not degenerate."""
     gen = torch.Generator().manual_seed(seed)

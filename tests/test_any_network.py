@@ -15,6 +15,7 @@ import timm
 import torch
 import torchvision
 from captum.attr import LayerGradCam
+from conftest import leftovers
 from timm.layers.cbam import CbamModule, LightCbamModule
 from timm.layers.eca import EcaModule
 from timm.layers.squeeze_excite import SEModule
@@ -24,6 +25,7 @@ from tests.conftest import randomize_bn
 from viz import (
     CAM_METHODS,
     analyze,
+    attention_hooks,
     record_attention,
     register_attention,
     registered_attention,
@@ -154,10 +156,6 @@ def _independent_gates(model: nn.Module, cls: type, paths: list[str], x: torch.T
     return found
 
 
-def _hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @pytest.mark.parametrize("net", list(NETWORKS))
 def test_every_gate_is_recorded_in_order_with_its_stage(net):
     torch.manual_seed(0)
@@ -181,7 +179,25 @@ def test_every_gate_is_recorded_in_order_with_its_stage(net):
     for rec in trace:
         blocks.setdefault(rec.stage, []).append(rec.block)
     assert all(b == list(range(len(b))) for b in blocks.values())
-    assert _hooks(model) == 0
+    assert leftovers(model) == 0
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_hooks_kept_for_many_traces_record_the_same(net):
+    model = _seeded(NETWORKS[net]())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with record_attention(model) as fresh:
+            model(x)
+        with attention_hooks(model):
+            for _ in range(2):
+                with record_attention(model) as kept:
+                    model(x)
+    assert leftovers(model) == 0
+    assert [(r.name, r.stage, r.block) for r in kept] == [(r.name, r.stage, r.block) for r in fresh]
+    for a, b in zip(fresh, kept):
+        torch.testing.assert_close(a.channel, b.channel)
+        torch.testing.assert_close(a.gate, b.gate)
 
 
 @pytest.mark.parametrize("net", list(NETWORKS))
@@ -198,7 +214,7 @@ def test_analyze_finds_stage_layers_and_equals_captum(net):
             x, target=result.target.tolist(), relu_attributions=True
         )[:, 0]
         torch.testing.assert_close(result.cams[name], ref, atol=1e-5, rtol=1e-4)
-    assert _hooks(model) == 0
+    assert leftovers(model) == 0
 
 
 def test_our_resnets_keep_layer1_to_layer4(tiny_model):
@@ -287,7 +303,7 @@ def test_a_wrong_submodule_name_is_one_clear_error():
             with record_attention(model):
                 pass
         assert "\n" not in str(info.value)
-        assert _hooks(model) == 0
+        assert leftovers(model) == 0
     finally:
         unregister_attention(MyCBAM)
 
@@ -300,7 +316,7 @@ def test_a_gate_of_the_wrong_shape_is_one_clear_error():
         with pytest.raises(ValueError, match="channel output .* has no N x C"):
             with record_attention(model):
                 model(torch.randn(1, 3, 64, 64))
-        assert _hooks(model) == 0 and model.training
+        assert leftovers(model) == 0 and model.training
     finally:
         unregister_attention(MyCBAM)
 
@@ -345,7 +361,7 @@ def test_no_hook_or_flag_left_after_an_exception_in_any_network():
     model.features[4].add_module("boom", _Boom())
     with pytest.raises(RuntimeError, match="boom"):
         analyze(model, torch.randn(1, 3, 64, 64), cam_layers=["features.2"])
-    assert _hooks(model) == 0
+    assert leftovers(model) == 0
     assert all(m.training for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -451,4 +467,4 @@ def test_a_network_the_probe_cannot_run_still_traces_and_says_why(my_cbam_regist
     assert "\n" not in str(info.value)
     result = analyze(model, x, cam_layers=["features"])
     assert result.cams["features"].shape == (1, 16, 16)
-    assert _hooks(model) == 0
+    assert leftovers(model) == 0

@@ -8,18 +8,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import leftovers
 
 from models import build_model
 from tests.conftest import randomize_bn
 from viz.cam import analyze
 from viz.trace import record_attention
-
-
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 def _state(model):
@@ -50,7 +44,7 @@ def test_keyboard_interrupt_in_forward_leaves_no_hooks(cbam18):
         with record_attention(cbam18):
             cbam18(torch.randn(1, 3, 32, 32))
     del cbam18.layer3.stop
-    assert _hooks(cbam18) == 0
+    assert leftovers(cbam18) == 0
     assert _state(cbam18)[1] == before[1]
     modes = _state(cbam18)[0]
     assert all(modes[n] == before[0][n] for n in before[0])
@@ -72,7 +66,7 @@ def test_memory_does_not_grow_over_200_analyses(cbam18):
         result = analyze(cbam18, x)
     del result
     assert live_tensors() - start <= 5
-    assert _hooks(cbam18) == 0
+    assert leftovers(cbam18) == 0
 
 
 def test_two_threads_give_the_same_results_as_one_at_a_time(cbam18):
@@ -104,4 +98,4 @@ def test_two_threads_give_the_same_results_as_one_at_a_time(cbam18):
         assert got.trace.names == expected.trace.names
         for a, b in zip(got.trace, expected.trace):
             torch.testing.assert_close(a.spatial, b.spatial)
-    assert _hooks(cbam18) == 0
+    assert leftovers(cbam18) == 0

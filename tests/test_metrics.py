@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import leftovers
 from PIL import Image
 from torch import nn
 
@@ -26,10 +27,6 @@ from viz.metrics import (
     deletion_insertion,
 )
 from viz.trace import record_attention
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _tiny(attention: str | None, num_classes: int = 5) -> nn.Module:
@@ -199,7 +196,7 @@ def test_curves_start_and_end_where_they_should(image_batch):
     x = image_batch[:, :, :32, :32]
     result = deletion_insertion(model, x, torch.rand(2, 32, 32), steps=4)
     assert {n: m.training for n, m in model.named_modules()} == modes
-    assert _hook_count(model) == 0
+    assert leftovers(model) == 0
     torch.testing.assert_close(result.fractions, torch.tensor([0, 0.25, 0.5, 0.75, 1]))
     assert result.deletion_curve.shape == result.insertion_curve.shape == (2, 5)
     model.eval()
@@ -261,7 +258,7 @@ def test_channel_statistics_equal_per_class_means(attention, image_folder):
     assert stats.class_names == ["cat", "dog"]
     assert stats.counts.tolist() == [3, 2]
     assert calls == [(2, 5), (4, 5), (5, 5)]
-    assert _hook_count(model) == 0
+    assert leftovers(model) == 0
     expected: dict[str, list[torch.Tensor]] = {}
     for name in ("cat", "dog"):
         images = [load_image(p) for p in sorted((image_folder / name).iterdir())]

@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerActivation, LayerGradCam, LayerGradientXActivation
+from conftest import leftovers
 
 from models import build_model
 from models.attention import CBAM
 from tests.conftest import randomize_bn
 from viz.cam import analyze, attribute, resolve_layers
 from viz.trace import attention_modules, record_attention
-
-
-def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("name", ["cbam", "cbam_rect"])
@@ -127,7 +124,7 @@ def test_hooks_removed_and_training_restored_after_exception(tiny_model):
     with pytest.raises(RuntimeError):
         with record_attention(tiny_model):
             tiny_model(torch.randn(1, 5, 32, 32))  # wrong channel count raises inside forward
-    assert _hook_count(tiny_model) == 0
+    assert leftovers(tiny_model) == 0
     assert {n: m.training for n, m in tiny_model.named_modules()} == before
 
 
@@ -155,7 +152,7 @@ def test_analyze_leaves_model_as_it_was(tiny_model, image_batch):
     analyze(tiny_model, image_batch, cam_layers=["layer3"])
     assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == grads
     assert {n: m.training for n, m in tiny_model.named_modules()} == modes
-    assert _hook_count(tiny_model) == 0
+    assert leftovers(tiny_model) == 0
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
@@ -197,7 +194,7 @@ def test_target_validation_and_layer_names(tiny_model, image_batch):
     with pytest.raises(ValueError, match="2 images"):
         analyze(tiny_model, image_batch, target=[1, 2, 3])
     assert list(resolve_layers(tiny_model, ["layer1.0.conv1"])) == ["layer1.0.conv1"]
-    assert _hook_count(tiny_model) == 0
+    assert leftovers(tiny_model) == 0
 
 
 def test_any_module_name_and_resnet50(image_batch):
@@ -216,7 +213,7 @@ def test_captum_attributions_have_image_shape(method):
     attr = attribute(model, x, method=method, steps=4, window=16,
                      progress=lambda done, total: calls.append((done, total)))  # fmt: skip
     assert attr.shape == (1, 32, 32) and torch.isfinite(attr).all()
-    assert _hook_count(model) == 0
+    assert leftovers(model) == 0
     # progress counts every forward pass and ends at the total the method needs
     assert calls and calls[-1][0] == calls[-1][1]
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)

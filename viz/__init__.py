@@ -39,7 +39,7 @@ from .metrics import (
 )
 from .probes import AttentionProbe, register_attention, registered_attention, unregister_attention
 from .state import model_lock, preserve_model_state
-from .trace import AttentionRecord, AttentionTrace, record_attention
+from .trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -84,6 +84,7 @@ __all__ = [
     "normalize",
     "overlay",
     "record_attention",
+    "attention_hooks",
     "safe_name",
     "spatial_overview",
     "upsample",

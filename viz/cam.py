@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .levels import fallback_stage, network_levels, stride_of
+from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
 from .state import model_lock, preserve_model_state
-from .trace import AttentionTrace, record_attention
+from .trace import AttentionTrace, model_modules, record_attention
 
 __all__ = [
     "Analysis",
@@ -173,9 +173,16 @@ def stage_layers(model: nn.Module) -> list[str]:
 
 def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> dict[str, nn.Module]:
     """Map dotted names (or modules of `model`) to (name, module); a wrong one gets a ValueError."""
-    modules = dict(model.named_modules())
     found = {}
+    named: dict[str, nn.Module] = {}
     for layer in layers:
+        if isinstance(layer, str) and layer:
+            try:  # no walk of the whole model for the common case
+                found[layer] = model.get_submodule(layer)
+                continue
+            except AttributeError:
+                pass
+        modules = named = named or dict(model.named_modules())
         if isinstance(layer, nn.Module):
             name = next((n for n, m in modules.items() if m is layer and n), None)
             if name is None:
@@ -207,12 +214,9 @@ def resolve_targets(target: int | Sequence[int] | Tensor | None, logits: Tensor)
     return t.clone()
 
 
-def _cam_stage(model: nn.Module, input_size: int, map_size: int) -> int:
+def _cam_stage(levels: NetworkLevels | None, input_size: int, map_size: int) -> int:
     stride = stride_of(input_size, map_size)
-    try:
-        return network_levels(model).stage_of(stride)
-    except ValueError:
-        return fallback_stage(stride)
+    return fallback_stage(stride) if levels is None else levels.stage_of(stride)
 
 
 def analyze(
@@ -241,7 +245,6 @@ def analyze(
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
-    layers = resolve_layers(model, stage_layers(model) if cam_layers is None else cam_layers)
     acts: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -259,8 +262,18 @@ def analyze(
         return hook
 
     with model_lock(model):
+        modules = model_modules(model)  # one walk for the caches, the flags and the freeze
+        try:
+            levels = network_levels(model, len(modules))
+        except ValueError:
+            if cam_layers is None:
+                raise
+            levels = None  # stages of the given layers from their stride alone
+        if cam_layers is None:
+            cam_layers = [levels.layers[s] for s in sorted(levels.layers)]
+        layers = resolve_layers(model, cam_layers)
         handles = []
-        with preserve_model_state(model, eval_mode=False, freeze=True):
+        with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
             try:
                 with torch.enable_grad():  # also when the caller is inside torch.no_grad()
                     with record_attention(model, feature_means=True) as trace:
@@ -280,7 +293,7 @@ def analyze(
         if grad is None:  # the layer does not influence the logits
             grad = torch.zeros_like(act)
         cams[name] = weigh(act.detach(), grad)
-        cam_stages[name] = _cam_stage(model, x.shape[-2], act.shape[-2])
+        cam_stages[name] = _cam_stage(levels, x.shape[-2], act.shape[-2])
     logits = logits.detach()
     return Analysis(logits, logits.softmax(1), targets, trace, cams, method, cam_stages)
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .probes import find_probe, registry_generation
-from .state import preserve_model_state
+from .state import preserve_model_state, submodules
 
 __all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]
 
@@ -48,10 +48,14 @@ class NetworkLevels:
         strides: distinct strides of its 4-D feature maps, ascending, e.g. (2, 4, 8, 16, 32).
         layers: stage -> dotted name of the stage layer, for stages 1..4 (fewer in a network
             with fewer levels), e.g. {1: "layer1", ..., 4: "layer4"}.
+        attention_inputs: attention-module name -> (stride, channels) of the feature map it
+            attends, for modules the probe saw at one resolution (the tracer then needs no
+            hook on the module itself, only on its gates).
     """
 
     strides: tuple[int, ...]
     layers: dict[int, str]
+    attention_inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def stage_of(self, stride: int) -> int:
         """The stage of a map at `stride` (0 or below: shallower than stage 1)."""
@@ -81,13 +85,13 @@ def network_levels(model: nn.Module, count: int | None = None) -> NetworkLevels:
 
     Args:
         model: any network.
-        count: its number of modules, when the caller has counted them (the cache key).
+        count: `len(submodules(model))`, when the caller has it (the cache key).
 
     Raises:
         ValueError: the shape probe could not run the network (one line, with the reason).
     """
     if count is None:
-        count = sum(1 for _ in model.modules())
+        count = len(submodules(model))
     key = (count, registry_generation())
     with _cache_guard:
         hit = _cache.get(model)
@@ -136,6 +140,16 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
 
         return hook
 
+    inputs: dict[str, set[tuple[int, int]]] = {}
+
+    def input_hook(name: str):
+        def hook(_m, args, _out) -> None:
+            f = args[0] if args and isinstance(args[0], Tensor) else None
+            if f is not None and f.ndim == 4:
+                inputs.setdefault(name, set()).add((stride_of(PROBE_SIZE, f.shape[-2]), f.shape[1]))
+
+        return hook
+
     x = torch.zeros(1, _in_channels(model), PROBE_SIZE, PROBE_SIZE)
     try:
         param = next(model.parameters())
@@ -149,6 +163,8 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
             for name, m in modules
             if name and not inside_attention(name)
         ]
+        named = dict(modules)
+        handles += [named[name].register_forward_hook(input_hook(name)) for name in gated]
         try:
             model(x)
         except Exception as exc:
@@ -167,4 +183,6 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         at_level = [(name, depth) for name, depth, s in seen if s == stride]
         shallowest = min(depth for _, depth in at_level)
         layers[i + 1] = [name for name, depth in at_level if depth == shallowest][-1]
-    return NetworkLevels(strides, layers)
+    # a module run at two resolutions (shared weights) is left to the tracer's module hook
+    attention_inputs = {name: found.pop() for name, found in inputs.items() if len(found) == 1}
+    return NetworkLevels(strides, layers, attention_inputs)

@@ -19,18 +19,21 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
 from .probes import AttentionProbe, find_probe, kind_style, registry_generation
-from .state import model_lock, preserve_model_state
+from .state import model_lock, preserve_model_state, submodules
+from .taps import TapHandle, tap
 
 __all__ = [
     "AttentionRecord",
     "AttentionTrace",
     "record_attention",
+    "attention_hooks",
     "model_lock",
     "attention_modules",
 ]
@@ -201,7 +204,7 @@ def _plan(model: nn.Module, count: int | None = None) -> _Plan:
     walked the model already) and the registry's generation.
     """
     if count is None:
-        count = sum(1 for _ in model.modules())
+        count = len(submodules(model))
     key = (count, registry_generation())
     with _plans_guard:
         hit = _plans.get(model)
@@ -265,15 +268,14 @@ class _TraceState:
         self.trace = trace
         self.levels = levels
         self.feature_means = feature_means
-        self.input_size = 0
+        self.input_hw = (0, 0)
         self.call = 0  # forward calls seen; blocks are numbered within each call
         self.blocks: dict[tuple[int, int], int] = {}
 
-    def stage(self, input_size: int, map_size: int) -> tuple[int, int]:
-        stride = stride_of(input_size, map_size) if input_size else 0
+    def stage(self, stride: int) -> int:
         if self.levels is None:
-            return fallback_stage(stride), stride
-        return self.levels.stage_of(stride), stride
+            return fallback_stage(stride)
+        return self.levels.stage_of(stride)
 
     def next_block(self, call: int, stage: int) -> int:
         block = self.blocks.get((call, stage), 0)
@@ -288,69 +290,107 @@ def _probe_error(name: str, probe: AttentionProbe, what: str) -> ValueError:
     )
 
 
-class _ModuleProbe:
-    """Collects one module's gate outputs, then builds its record when the module returns."""
+class _ModuleWatch:
+    """One attention module during one trace: its hooks collect the gate outputs of each call.
 
-    def __init__(self, name: str, probe: AttentionProbe, state: _TraceState) -> None:
-        self.name, self.probe, self.state = name, probe, state
-        self.parts: dict[str, Tensor] = {}
+    A call's outputs ("channel", "spatial", "gate", and "module" = (input, output) when the
+    module itself is hooked) go into one dict, opened by the call's first output; its record
+    is built when the trace is first read. The module itself is hooked only when the trace
+    needs its input: for feature means, or when the shape probe did not see the module
+    (`known`: the (stride, channels) of its input from `viz.levels`).
+    """
 
-    def keep(self, part: str):
-        activation = self.probe.activations.get(part)
+    def __init__(self, name: str, probe: AttentionProbe, known: tuple[int, int] | None) -> None:
+        self.name, self.probe = name, probe
+        self.stride, self.channels = known if known is not None else (0, 0)
+        self.state: _TraceState | None = None  # None between traces: the hooks do nothing
+        self.parts: dict[str, object] = {}
+
+    def _put(self, part: str, value: object) -> None:
+        parts = self.parts
+        if not parts or part in parts:  # a new call of the module
+            parts = self.parts = {}
+            state = self.state
+            state.trace._defer(partial(self._record, state, parts, state.call, state.input_hw))
+        parts[part] = value
+
+    def tap(self, part: str) -> Callable:
+        """The forward hook on the submodule whose output is map `part`."""
+        put, channels = self._put, self.channels
         if part == "gate":
 
             def keep_gate(_m, _i, out):  # reduce the (N, C, H, W) gate right away
-                self.parts["gate"] = out.detach().mean(1)
+                if self.state is not None:
+                    put("gate", out.detach().mean(1))
 
             return keep_gate
+        if part == "channel" and channels:
 
-        def hook(_module, _inputs, output):
-            out = output.detach()
-            self.parts[part] = out if activation is None else activation(out)
+            def keep_channel(_m, _i, out):  # checked now, so the error points at the forward
+                if self.state is None:
+                    return
+                if out.numel() != out.shape[0] * channels:
+                    raise self._shape_error("channel", out, out.shape[0], channels)
+                put("channel", out.detach())
 
-        return hook
+            return keep_channel
 
-    def finish(self, _module, inputs, output) -> None:
-        parts, self.parts = self.parts, {}
+        def keep(_m, _i, out):
+            if self.state is not None:
+                put(part, out.detach())
+
+        return keep
+
+    def module_hook(self, _module, inputs, output) -> None:
+        if self.state is None:
+            return
         f_in = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
         if f_in is None or f_in.ndim != 4:
             raise _probe_error(self.name, self.probe, "its input is not an (N, C, H, W) tensor")
         n, c = f_in.shape[:2]
-        # shapes are checked now (an error points at the forward); maps are built on access
-        channel = self._channel(parts.get("channel"), n, c)
-        spatial = self._spatial(parts.get("spatial"), n)
-        state = self.state
-        keep_in = f_in.detach() if state.feature_means else None
-        keep_out = output.detach() if state.feature_means and isinstance(output, Tensor) else None
-        size, height, call = state.input_size, f_in.shape[-2], state.call
-        state.trace._defer(
-            lambda: self._record(
-                channel,
-                spatial,
-                parts.get("gate"),
-                keep_in,
-                keep_out,
-                tuple(f_in.shape),
-                size,
-                height,
-                call,
-            )  # fmt: skip
+        channel = self.parts.get("channel")
+        if channel is not None and channel.numel() != n * c:
+            raise self._shape_error("channel", channel, n, c)
+        spatial = self.parts.get("spatial")
+        if spatial is not None and (
+            spatial.ndim < 3 or spatial.numel() != n * spatial.shape[-2] * spatial.shape[-1]
+        ):
+            raise _probe_error(
+                self.name, self.probe, f"spatial output {tuple(spatial.shape)} is not N x H x W"
+            )
+        keep_out = output.detach() if isinstance(output, Tensor) else None
+        self._put("module", (f_in.detach(), keep_out))
+
+    def _shape_error(self, part: str, out: Tensor, n: int, c: int) -> ValueError:
+        return _probe_error(
+            self.name, self.probe, f"{part} output {tuple(out.shape)} has no N x C = {n} x {c}"
         )
 
     def _record(
-        self,
-        channel: Tensor | None,
-        spatial: Tensor | None,
-        gate: Tensor | None,
-        f_in: Tensor | None,
-        output: Tensor | None,
-        shape: tuple[int, ...],
-        input_size: int,
-        height: int,
-        call: int,
+        self, state: _TraceState, parts: dict, call: int, input_hw: tuple[int, int]
     ) -> AttentionRecord:
-        n, _, h, w = shape
+        activations = self.probe.activations
+        channel, spatial, gate = parts.get("channel"), parts.get("spatial"), parts.get("gate")
+        f_in, output = parts.get("module", (None, None))
+        if f_in is not None:
+            n, c, h, w = f_in.shape
+            stride = self.stride or stride_of(input_hw[0], h)
+        else:  # the shape probe gave the stride; the map's size follows from the input's
+            n = next(t for t in (channel, spatial, gate) if t is not None).shape[0]
+            c, stride = self.channels, self.stride
+            h, w = -(-input_hw[0] // stride), -(-input_hw[1] // stride)
+        if channel is not None:
+            channel = channel.reshape(n, c)
+            if "channel" in activations:
+                channel = activations["channel"](channel)
         if spatial is not None:
+            if spatial.ndim < 3 or spatial.numel() != n * spatial.shape[-2] * spatial.shape[-1]:
+                raise _probe_error(
+                    self.name, self.probe, f"spatial output {tuple(spatial.shape)} is not N x H x W"
+                )
+            spatial = spatial.reshape(n, spatial.shape[-2], spatial.shape[-1])
+            if "spatial" in activations:
+                spatial = activations["spatial"](spatial)
             h, w = spatial.shape[-2:]
         if gate is None:
             if spatial is None:
@@ -360,17 +400,17 @@ class _ModuleProbe:
             else:  # the 3-D gate is M_c (x) M_s, so its channel mean factorises
                 gate = channel.mean(1).view(n, 1, 1) * spatial
         mean_in = mean_out = None
-        if f_in is not None:
+        if f_in is not None and state.feature_means:
             if self.probe.multiplies and (spatial is None or spatial.shape[-2:] == f_in.shape[-2:]):
                 mean_in, mean_out = _feature_means_gated(f_in, channel, spatial)
             elif output is not None and output.shape == f_in.shape:
                 mean_in, mean_out = _feature_mean(f_in), _feature_mean(output)
-        stage, stride = self.state.stage(input_size, height)
+        stage = state.stage(stride)
         return AttentionRecord(
             name=self.name,
             kind=self.probe.kind,
             stage=stage,
-            block=self.state.next_block(call, stage),
+            block=state.next_block(call, stage),
             channel=channel,
             spatial=spatial,
             gate=gate,
@@ -380,30 +420,111 @@ class _ModuleProbe:
             stride=stride,
         )
 
-    def _channel(self, out: Tensor | None, n: int, c: int) -> Tensor | None:
-        if out is None:
-            return None
-        if out.numel() != n * c:
-            raise _probe_error(
-                self.name, self.probe, f"channel output {tuple(out.shape)} has no N x C = {n} x {c}"
-            )
-        return out.reshape(n, c)
-
-    def _spatial(self, out: Tensor | None, n: int) -> Tensor | None:
-        if out is None:
-            return None
-        if out.ndim < 3 or out.numel() != n * out.shape[-2] * out.shape[-1]:
-            raise _probe_error(
-                self.name, self.probe, f"spatial output {tuple(out.shape)} is not N x H x W"
-            )
-        return out.reshape(n, out.shape[-2], out.shape[-1])
-
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
             return value
     return None
+
+
+class _HookSet:
+    """The hooks on one model's gates, switched on for one trace at a time.
+
+    `record_attention` makes one per trace and removes it on exit; `attention_hooks` keeps
+    one on the model for a block of many traces, so that each trace only switches it on.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module], module_hooks: bool) -> None:
+        self.model, self.modules = model, modules
+        self.plan = _plan(model, len(modules))
+        self.levels = None
+        if self.plan:
+            try:
+                self.levels = network_levels(model, len(modules))
+            except ValueError:  # the shape probe cannot run it: stages from the stride alone
+                self.levels = None
+        self.module_hooks = module_hooks  # feature means need each module's input and output
+        self.state: _TraceState | None = None
+        known = self.levels.attention_inputs if self.levels is not None else {}
+        self.watches = [
+            _ModuleWatch(name, probe, known.get(name)) for name, _, probe, _ in self.plan
+        ]
+        self.handles: list[TapHandle] = []
+        try:
+            if self.plan:
+                self.handles.append(tap(model, before=self._note_input))
+            for watch, (_, module, _, taps) in zip(self.watches, self.plan):
+                for part, sub in taps.items():
+                    self.handles.append(tap(sub, after=watch.tap(part)))
+                if module_hooks or not watch.stride:
+                    self.handles.append(tap(module, after=watch.module_hook))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _note_input(self, _m, args, kwargs) -> None:
+        state = self.state
+        if state is None:
+            return
+        x = _first_tensor(args, kwargs)
+        if x is not None and x.ndim == 4:
+            state.input_hw = (x.shape[-2], x.shape[-1])
+        state.call += 1
+
+    def start(self, state: _TraceState) -> None:
+        self.state = state
+        for watch in self.watches:
+            watch.state, watch.parts = state, {}
+
+    def stop(self) -> None:
+        self.state = None
+        for watch in self.watches:
+            watch.state = None
+
+    def remove(self) -> None:
+        self.stop()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+_kept: weakref.WeakKeyDictionary[nn.Module, _HookSet] = weakref.WeakKeyDictionary()
+
+
+def model_modules(model: nn.Module) -> list[nn.Module]:
+    """`submodules(model)`, from the hooks kept by `attention_hooks` when there are some."""
+    kept = _kept.get(model)
+    return kept.modules if kept is not None else submodules(model)
+
+
+@contextmanager
+def attention_hooks(model: nn.Module, *, feature_means: bool = False) -> Iterator[nn.Module]:
+    """Keep the tracing hooks on `model` for a block of many traces (a loop over images).
+
+        with attention_hooks(model):
+            for x in batches:
+                result = analyze(model, x)   # each trace now only switches the hooks on
+
+    Every `record_attention` (and `analyze`, `agreement`, ...) on `model` inside the block
+    uses these hooks instead of installing and removing its own; on exit, also after an
+    exception, they are removed. Traces with `feature_means=True` (as `analyze` makes) use
+    them only when the block was opened with `feature_means=True`.
+
+    Inside the block a plain forward of `model` runs through the idle hooks (a few
+    microseconds each), and modules added to the model are not seen.
+    """
+    with model_lock(model):
+        if model in _kept:  # nested: the outer block's hooks serve
+            yield model
+            return
+        hooks = _HookSet(model, submodules(model), module_hooks=feature_means)
+        _kept[model] = hooks
+        try:
+            yield model
+        finally:
+            del _kept[model]
+            hooks.remove()
 
 
 @contextmanager
@@ -428,36 +549,26 @@ def record_attention(
     levels; a network the probe cannot run gets stages from the stride alone. On exit, also
     after an exception or KeyboardInterrupt, every hook is removed and the training flags are
     restored. A per-model lock is held inside the block.
+
+    Cost: one hook per gate submodule (none on the modules themselves unless `feature_means`
+    or the probe could not run); records are built when the trace is first read. Installing
+    and removing the hooks costs about as much again as running them: a loop of many traces
+    saves it with `attention_hooks`.
     """
     with model_lock(model):
-        modules = list(model.modules())  # one walk serves the caches and the flags
-        plan = _plan(model, len(modules))
-        levels = None
-        if plan:
-            try:
-                levels = network_levels(model, len(modules))
-            except ValueError:
-                levels = None
+        kept = _kept.get(model)
+        if kept is not None and kept.state is None and (kept.module_hooks or not feature_means):
+            hooks, own = kept, False
+        else:  # not kept, already tracing (nested), or without the module hooks we need
+            hooks, own = _HookSet(model, submodules(model), module_hooks=feature_means), True
         trace = AttentionTrace()
-        state = _TraceState(trace, levels, feature_means)
-        handles: list = []
-        with preserve_model_state(model, eval_mode=eval_mode, modules=modules):
+        state = _TraceState(trace, hooks.levels, feature_means)
+        with preserve_model_state(model, eval_mode=eval_mode, modules=hooks.modules):
+            hooks.start(state)
             try:
-                if plan:
-
-                    def note_input(_m, args, kwargs):
-                        x = _first_tensor(args, kwargs)
-                        if x is not None and x.ndim == 4:
-                            state.input_size = x.shape[-2]
-                        state.call += 1
-
-                    handles.append(model.register_forward_pre_hook(note_input, with_kwargs=True))
-                for name, module, probe, taps in plan:
-                    watcher = _ModuleProbe(name, probe, state)
-                    for part, sub in taps.items():
-                        handles.append(sub.register_forward_hook(watcher.keep(part)))
-                    handles.append(module.register_forward_hook(watcher.finish))
                 yield trace
             finally:
-                for handle in handles:
-                    handle.remove()
+                if own:
+                    hooks.remove()
+                else:
+                    hooks.stop()
