@@ -313,10 +313,12 @@ def test_a_gate_of_the_wrong_shape_is_one_clear_error():
     register_attention(MyCBAM, kind="cbam", channel="ca.mlp.0")
     try:
         model = MyNet().train()
-        with pytest.raises(ValueError, match="channel output .* has no N x C"):
-            with record_attention(model):
-                model(torch.randn(1, 3, 64, 64))
+        with record_attention(model) as trace:
+            model(torch.randn(1, 3, 64, 64))
         assert leftovers(model) == 0 and model.training
+        with pytest.raises(ValueError, match="channel output .* has no N x C") as info:
+            list(trace)  # shapes are checked when the records are built, on first read
+        assert "\n" not in str(info.value) and "ca.mlp.0" in str(info.value)
     finally:
         unregister_attention(MyCBAM)
 

@@ -131,3 +131,16 @@ def test_kept_hooks_are_removed_after_an_exception(tiny_model, image_batch):
                 tiny_model(image_batch)
                 raise RuntimeError("stop")
     assert leftovers(tiny_model) == 0 and all(m.training for m in tiny_model.modules())
+
+
+def test_kept_hooks_trace_in_eval_mode_after_model_train(tiny_model, image_batch):
+    with record_attention(tiny_model) as expected:
+        tiny_model(image_batch)
+    with attention_hooks(tiny_model):
+        tiny_model.train()
+        with record_attention(tiny_model) as got:
+            assert not any(m.training for m in tiny_model.modules())
+            tiny_model(image_batch)
+        assert all(m.training for m in tiny_model.modules())
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a.gate, b.gate)

@@ -56,7 +56,8 @@ def preserve_model_state(
 
     Args:
         model: the network.
-        eval_mode: call `model.eval()` inside the block.
+        eval_mode: call `model.eval()` inside the block and give every module its `training`
+            flag back on exit (False: flags are neither changed nor read).
         freeze: set `requires_grad=False` on every parameter inside the block (a CAM needs
             gradients of activations, not of weights: the backward stops earlier).
         modules: `submodules(model)` when the caller has it already (saves a walk).
@@ -67,7 +68,8 @@ def preserve_model_state(
     with model_lock(model):
         if modules is None:
             modules = submodules(model)
-        flags = [(m, m.training) for m in modules]
+        # reading every module's flag is a pass over the whole model: only when they change
+        flags = [(m, m.training) for m in modules] if eval_mode else []
         grads = []
         if freeze:  # read straight from the modules: `model.parameters()` is 10x slower
             grads = [
@@ -77,7 +79,7 @@ def preserve_model_state(
                 if p is not None
             ]
         try:
-            if eval_mode and any(flag for _, flag in flags):
+            if any(flag for _, flag in flags):
                 model.eval()
             for p, _ in grads:
                 p.requires_grad_(False)

@@ -17,9 +17,8 @@ import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -117,20 +116,19 @@ class AttentionTrace:
 
     def __init__(self, records: list[AttentionRecord] | None = None) -> None:
         self._built: list[AttentionRecord] = list(records or [])
-        # what hooks collected, turned into records on first access: a traced forward then
-        # costs little more than the hooks themselves
-        self._pending: list[Callable[[], AttentionRecord]] = []
+        # what the taps collected, turned into records on access: a traced forward then
+        # costs little more than the taps themselves
+        self._source: _TraceState | None = None
 
     @property
     def _records(self) -> list[AttentionRecord]:
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self._built.extend(build() for build in pending)
+        if self._source is not None:
+            self._built.extend(self._source.take())
         return self._built
 
     def __getstate__(self) -> dict:
         # pickling (the app's cache) and copying see built records only
-        return {"_built": list(self._records), "_pending": []}
+        return {"_built": list(self._records), "_source": None}
 
     def __iter__(self) -> Iterator[AttentionRecord]:
         return iter(self._records)
@@ -176,9 +174,6 @@ class AttentionTrace:
     def select(self, index: int) -> AttentionTrace:
         """The trace of image `index` of the batch."""
         return AttentionTrace([r.select(index) for r in self._records])
-
-    def _defer(self, build: Callable[[], AttentionRecord]) -> None:
-        self._pending.append(build)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -262,15 +257,36 @@ def _feature_means_gated(f_in: Tensor, channel: Tensor | None, spatial: Tensor |
 
 
 class _TraceState:
-    """What hooks share during one `record_attention` block."""
+    """One `record_attention` block: the taps append events, records are built on access.
+
+    An event is (watch, part, tensor) for a gate output, (watch, "module", (input, output))
+    for an attention module's own call, or (None, "call", (H, W)) for a forward of the model.
+    """
 
     def __init__(self, trace: AttentionTrace, levels: NetworkLevels | None, feature_means: bool):
-        self.trace = trace
         self.levels = levels
         self.feature_means = feature_means
-        self.input_hw = (0, 0)
-        self.call = 0  # forward calls seen; blocks are numbered within each call
+        self.events: list[tuple] = []
+        self.used = 0  # events already turned into records
+        self.call, self.input_hw = 0, (0, 0)
+        self.open: dict[_ModuleWatch, dict] = {}  # each module's latest call
         self.blocks: dict[tuple[int, int], int] = {}
+        trace._source = self
+
+    def take(self) -> list[AttentionRecord]:
+        """Records of the events since the last take, in forward order."""
+        events, self.used = self.events[self.used :], len(self.events)
+        calls: list[tuple[_ModuleWatch, dict, int, tuple[int, int]]] = []
+        for watch, part, value in events:
+            if watch is None:  # a new forward of the model
+                self.call, self.input_hw = self.call + 1, value
+                continue
+            parts = self.open.get(watch)
+            if parts is None or part in parts:  # a new call of the module
+                parts = self.open[watch] = {}
+                calls.append((watch, parts, self.call, self.input_hw))
+            parts[part] = value
+        return [watch.record(self, parts, call, hw) for watch, parts, call, hw in calls]
 
     def stage(self, stride: int) -> int:
         if self.levels is None:
@@ -291,82 +307,59 @@ def _probe_error(name: str, probe: AttentionProbe, what: str) -> ValueError:
 
 
 class _ModuleWatch:
-    """One attention module during one trace: its hooks collect the gate outputs of each call.
+    """One attention module: what its taps record, and how its record is built.
 
-    A call's outputs ("channel", "spatial", "gate", and "module" = (input, output) when the
-    module itself is hooked) go into one dict, opened by the call's first output; its record
-    is built when the trace is first read. The module itself is hooked only when the trace
-    needs its input: for feature means, or when the shape probe did not see the module
-    (`known`: the (stride, channels) of its input from `viz.levels`).
+    Its gate submodules are tapped ("channel", "spatial", "gate"); the module itself only when
+    a trace needs its input: for feature means, or when the shape probe did not see the module
+    (`known`: the (stride, channels) of its input from `viz.levels`). Shapes are checked when
+    the record is built, so a tap does no more than keep the tensor.
     """
 
     def __init__(self, name: str, probe: AttentionProbe, known: tuple[int, int] | None) -> None:
         self.name, self.probe = name, probe
         self.stride, self.channels = known if known is not None else (0, 0)
-        self.state: _TraceState | None = None  # None between traces: the hooks do nothing
-        self.parts: dict[str, object] = {}
 
-    def _put(self, part: str, value: object) -> None:
-        parts = self.parts
-        if not parts or part in parts:  # a new call of the module
-            parts = self.parts = {}
-            state = self.state
-            state.trace._defer(partial(self._record, state, parts, state.call, state.input_hw))
-        parts[part] = value
-
-    def tap(self, part: str) -> Callable:
-        """The forward hook on the submodule whose output is map `part`."""
-        put, channels = self._put, self.channels
+    def tap(self, hooks: _HookSet, part: str) -> Callable:
+        """What the tap on the submodule whose output is map `part` calls."""
         if part == "gate":
 
-            def keep_gate(_m, _i, out):  # reduce the (N, C, H, W) gate right away
-                if self.state is not None:
-                    put("gate", out.detach().mean(1))
+            def keep_gate(_m, _a, out):  # reduce the (N, C, H, W) gate right away
+                state = hooks.state
+                if state is not None:
+                    state.events.append((self, "gate", out.detach().mean(1)))
 
             return keep_gate
-        if part == "channel" and channels:
 
-            def keep_channel(_m, _i, out):  # checked now, so the error points at the forward
-                if self.state is None:
-                    return
-                if out.numel() != out.shape[0] * channels:
-                    raise self._shape_error("channel", out, out.shape[0], channels)
-                put("channel", out.detach())
-
-            return keep_channel
-
-        def keep(_m, _i, out):
-            if self.state is not None:
-                put(part, out.detach())
+        def keep(_m, _a, out):
+            state = hooks.state
+            if state is not None:  # detach only when needed: a new tensor costs more than the test
+                state.events.append((self, part, out.detach() if out.requires_grad else out))
 
         return keep
 
-    def module_hook(self, _module, inputs, output) -> None:
-        if self.state is None:
-            return
-        f_in = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-        if f_in is None or f_in.ndim != 4:
-            raise _probe_error(self.name, self.probe, "its input is not an (N, C, H, W) tensor")
-        n, c = f_in.shape[:2]
-        channel = self.parts.get("channel")
-        if channel is not None and channel.numel() != n * c:
-            raise self._shape_error("channel", channel, n, c)
-        spatial = self.parts.get("spatial")
-        if spatial is not None and (
-            spatial.ndim < 3 or spatial.numel() != n * spatial.shape[-2] * spatial.shape[-1]
-        ):
-            raise _probe_error(
-                self.name, self.probe, f"spatial output {tuple(spatial.shape)} is not N x H x W"
-            )
-        keep_out = output.detach() if isinstance(output, Tensor) else None
-        self._put("module", (f_in.detach(), keep_out))
+    def module_tap(self, hooks: _HookSet) -> Callable:
+        def keep_module(_m, args, output):
+            state = hooks.state
+            if state is not None:
+                f_in = args[0] if args and isinstance(args[0], Tensor) else None
+                if f_in is None or f_in.ndim != 4:
+                    raise _probe_error(
+                        self.name, self.probe, "its input is not an (N, C, H, W) tensor"
+                    )
+                keep_out = output.detach() if isinstance(output, Tensor) else None
+                state.events.append((self, "module", (f_in.detach(), keep_out)))
+
+        return keep_module
 
     def _shape_error(self, part: str, out: Tensor, n: int, c: int) -> ValueError:
+        path = self.probe.taps()[part] or "the module itself"
         return _probe_error(
-            self.name, self.probe, f"{part} output {tuple(out.shape)} has no N x C = {n} x {c}"
+            self.name,
+            self.probe,
+            f"{part} output {tuple(out.shape)} of {path!r} has no N x C = {n} x {c}",
         )
 
-    def _record(
+    def record(
         self, state: _TraceState, parts: dict, call: int, input_hw: tuple[int, int]
     ) -> AttentionRecord:
         activations = self.probe.activations
@@ -380,13 +373,18 @@ class _ModuleWatch:
             c, stride = self.channels, self.stride
             h, w = -(-input_hw[0] // stride), -(-input_hw[1] // stride)
         if channel is not None:
+            if channel.numel() != n * c:
+                raise self._shape_error("channel", channel, n, c)
             channel = channel.reshape(n, c)
             if "channel" in activations:
                 channel = activations["channel"](channel)
         if spatial is not None:
             if spatial.ndim < 3 or spatial.numel() != n * spatial.shape[-2] * spatial.shape[-1]:
+                path = self.probe.taps()["spatial"] or "the module itself"
                 raise _probe_error(
-                    self.name, self.probe, f"spatial output {tuple(spatial.shape)} is not N x H x W"
+                    self.name,
+                    self.probe,
+                    f"spatial output {tuple(spatial.shape)} of {path!r} is not N x H x W",
                 )
             spatial = spatial.reshape(n, spatial.shape[-2], spatial.shape[-1])
             if "spatial" in activations:
@@ -422,10 +420,9 @@ class _ModuleWatch:
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value
-    return None
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
 
 
 class _HookSet:
@@ -456,34 +453,22 @@ class _HookSet:
                 self.handles.append(tap(model, before=self._note_input))
             for watch, (_, module, _, taps) in zip(self.watches, self.plan):
                 for part, sub in taps.items():
-                    self.handles.append(tap(sub, after=watch.tap(part)))
+                    self.handles.append(tap(sub, after=watch.tap(self, part)))
                 if module_hooks or not watch.stride:
-                    self.handles.append(tap(module, after=watch.module_hook))
+                    self.handles.append(tap(module, after=watch.module_tap(self)))
         except BaseException:
             self.remove()
             raise
 
     def _note_input(self, _m, args, kwargs) -> None:
         state = self.state
-        if state is None:
-            return
-        x = _first_tensor(args, kwargs)
-        if x is not None and x.ndim == 4:
-            state.input_hw = (x.shape[-2], x.shape[-1])
-        state.call += 1
-
-    def start(self, state: _TraceState) -> None:
-        self.state = state
-        for watch in self.watches:
-            watch.state, watch.parts = state, {}
-
-    def stop(self) -> None:
-        self.state = None
-        for watch in self.watches:
-            watch.state = None
+        if state is not None:
+            x = _first_tensor(args, kwargs)
+            hw = (x.shape[-2], x.shape[-1]) if x is not None and x.ndim == 4 else (0, 0)
+            state.events.append((None, "call", hw))
 
     def remove(self) -> None:
-        self.stop()
+        self.state = None
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -512,7 +497,10 @@ def attention_hooks(model: nn.Module, *, feature_means: bool = False) -> Iterato
     them only when the block was opened with `feature_means=True`.
 
     Inside the block a plain forward of `model` runs through the idle hooks (a few
-    microseconds each), and modules added to the model are not seen.
+    microseconds each), modules added to the model are not seen, and a trace checks only the
+    model's own `training` flag: after `model.eval()` it takes every module to be in eval mode
+    (after `model.train()` it puts them all in eval for the trace, as outside the block).
+    The model's lock is held for the whole block.
     """
     with model_lock(model):
         if model in _kept:  # nested: the outer block's hooks serve
@@ -563,12 +551,20 @@ def record_attention(
             hooks, own = _HookSet(model, submodules(model), module_hooks=feature_means), True
         trace = AttentionTrace()
         state = _TraceState(trace, hooks.levels, feature_means)
-        with preserve_model_state(model, eval_mode=eval_mode, modules=hooks.modules):
-            hooks.start(state)
+        # with kept hooks, a model whose own flag says eval is taken to be all in eval: reading
+        # every module's flag costs more than the trace itself in a loop of small batches
+        trusted = not own and not model.training
+        flags = (
+            nullcontext()
+            if trusted
+            else preserve_model_state(model, eval_mode=eval_mode, modules=hooks.modules)
+        )
+        with flags:
+            hooks.state = state
             try:
                 yield trace
             finally:
                 if own:
                     hooks.remove()
                 else:
-                    hooks.stop()
+                    hooks.state = None
