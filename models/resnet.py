@@ -182,6 +182,8 @@ class ResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.fc.weight.is_meta:  # built to load a checkpoint into: nothing to initialise
+            return  # (and initialising meta tensors imports torch._dynamo: a second)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -45,3 +45,23 @@ def test_display_crop_is_the_network_view_at_the_original_resolution():
     assert np.abs(small - again).mean() < 6
     tiny = Image.new("RGB", (200, 150))
     assert pre.display_crop(tiny).size == (224, 224)  # no more pixels: the network input
+
+
+@pytest.mark.parametrize("resize, crop", [(256, 224), (224, 224), (146, 128), (200, 224)])
+def test_preprocessing_equals_torchvision_pixel_for_pixel(resize, crop):
+    # the library resizes and crops with PIL itself (no torchvision import at start-up)
+    rng = np.random.default_rng(resize + crop)
+    sizes = [(w, h) for w, h in rng.integers(1, 700, size=(40, 2))]
+    sizes += [(224, 224), (256, 256), (301, 224), (224, 301), (crop - 1, crop + 7), (1, 3)]
+    pre = Preprocess(resize=resize, crop=crop)
+    for w, h in sizes:
+        image = Image.fromarray(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8))
+        if max(w, h) > 4 * min(w, h):
+            continue  # slivers are cut first (their own test)
+        expected = TF.center_crop(
+            TF.resize(image, resize, interpolation=TF.InterpolationMode.BILINEAR), crop
+        )
+        got = pre.crop_image(image)
+        assert got.size == expected.size, (w, h)
+        assert np.array_equal(np.asarray(got), np.asarray(expected)), (w, h)
+        assert torch.equal(pre(image)[0], pre.normalize(TF.pil_to_tensor(expected))), (w, h)

@@ -601,79 +601,48 @@ class _ImageWork:
         return {"load_error": None, "info": info, "runs": runs, "grid": grid}
 
 
-_WORKER: _ImageWork | None = None
-
-
-def _start_worker(work: _ImageWork, paths: list[str], plugins: list[str]) -> None:
+def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWork:
     """In a worker process: the plugins, the checkpoints (read again), one thread."""
     import torch
 
     from models.checkpoint import load_checkpoint
     from models.plugins import load_plugins
 
-    global _WORKER
     torch.set_num_threads(1)
     load_plugins(plugins)
     checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
-    _WORKER = _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
-                         work.formats, work.grid)  # fmt: skip
+    return _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
+                      work.formats, work.grid)  # fmt: skip
 
 
-def _run_in_worker(item: tuple[Path, str]) -> dict:
-    assert _WORKER is not None
-    return _WORKER(item)
+def _worker_died(item: tuple[Path, str], exit_code: int | None) -> dict:
+    return {"load_error": f"the worker process on this image stopped (exit code {exit_code})"}
 
 
 def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
-    """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes.
+    """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes
+    (`viz.parallel`), each process at one thread.
 
-    This process works on images too, from the first second, while the workers start (a
-    spawned worker imports torch and reads the checkpoints again: seconds): it takes the
-    earliest queued image that no worker has started yet. At most 4 x `jobs` images are
-    queued, so finished outputs waiting for their turn stay few.
+    Workers get the settings, not the models: they read the checkpoints again (spawned
+    processes share nothing).
     """
     if jobs <= 1:
         yield from map(work, images)
         return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     import torch
 
     from models.plugins import plugins_from_env
 
-    # workers get the settings, not the models: they read the checkpoints again (spawned
-    # processes share nothing; forking a process that has run torch's thread pool can hang)
+    from .parallel import ordered_map
+
     bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
     plugins = plugins_from_env() + list(getattr(args, "plugin", []))
-    context = multiprocessing.get_context("spawn")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per process, this one included
-    done: dict[int, dict] = {}
-    queued: dict[int, object] = {}  # image index -> future, at most `window` at a time
-    window = 4 * jobs
     try:
-        with ProcessPoolExecutor(jobs - 1, mp_context=context, initializer=_start_worker,
-                                 initargs=(bare, paths, plugins)) as pool:  # fmt: skip
-            following, emitted = 0, 0
-            while emitted < len(images):
-                while following < len(images) and len(queued) < window:
-                    queued[following] = pool.submit(_run_in_worker, images[following])
-                    following += 1
-                for index in [i for i, f in queued.items() if f.done()]:
-                    done[index] = queued.pop(index).result()
-                if emitted not in done:
-                    # take the earliest image no worker has started, else wait for the next
-                    stolen = next((i for i in sorted(queued) if queued[i].cancel()), None)
-                    if stolen is not None:
-                        del queued[stolen]
-                        done[stolen] = work(images[stolen])
-                    else:
-                        wait([queued[emitted]], return_when=FIRST_COMPLETED)
-                while emitted in done:
-                    yield done.pop(emitted)
-                    emitted += 1
+        yield from ordered_map(work, images, jobs, initializer=_start_worker,
+                               initargs=(bare, paths, plugins), on_crash=_worker_died)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 

@@ -21,6 +21,7 @@ BAM?".
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,12 +183,15 @@ def unregister_attention(module_type: type) -> None:
 
 def registered_attention() -> dict[type, AttentionProbe]:
     """A copy of the registry: module type -> probe."""
+    _register_imported_packages()
     with _lock:
         return dict(_probes)
 
 
 def find_probe(module: nn.Module) -> AttentionProbe | None:
     """The probe of the most specific registered class `module` is an instance of, or None."""
+    if _third_party:
+        _register_imported_packages()
     probes = _probes
     for cls in type(module).__mro__:
         probe = probes.get(cls)
@@ -226,10 +230,16 @@ register_attention(
 )
 
 
+def _builtin(module_type: type, **options) -> None:
+    """Register a third-party type unless the user has registered it already."""
+    if module_type not in _probes:
+        register_attention(module_type, **options)
+
+
 def _register_torchvision() -> None:
     from torchvision.ops.misc import SqueezeExcitation
 
-    register_attention(SqueezeExcitation, kind="se", channel="scale_activation", _multiplies=True)
+    _builtin(SqueezeExcitation, kind="se", channel="scale_activation", _multiplies=True)
 
 
 def _register_timm() -> None:
@@ -242,14 +252,14 @@ def _register_timm() -> None:
     except ImportError:  # timm is optional for the library; the app and tests pin it
         return
     for cls in (SEModule, EffectiveSEModule, TimmSqueezeExcite):
-        register_attention(cls, kind="se", channel="gate", _multiplies=True)
+        _builtin(cls, kind="se", channel="gate", _multiplies=True)
     for cls in (EcaModule, CecaModule):
-        register_attention(cls, kind="eca", channel="gate", _multiplies=True)
-    register_attention(
+        _builtin(cls, kind="eca", channel="gate", _multiplies=True)
+    _builtin(
         CbamModule, kind="cbam", channel="channel.gate", spatial="spatial.gate", _multiplies=True
     )
     # its channel half applies F.sigmoid itself: read the logits of fc2 and apply it here
-    register_attention(
+    _builtin(
         LightCbamModule,
         kind="cbam",
         channel="channel.fc2",
@@ -258,8 +268,16 @@ def _register_timm() -> None:
         _multiplies=True,
     )
     # the gate exists only with fuse_scale=True; without it the probe finds no map (skipped)
-    register_attention(GlobalContext, kind="gc", channel="gate", _optional=True)
+    _builtin(GlobalContext, kind="gc", channel="gate", _optional=True)
 
 
-_register_torchvision()
-_register_timm()
+# torchvision's and timm's types are registered once their package has been imported (no
+# module of theirs exists before): importing them here would add a second to every start-up
+_third_party = {"torchvision": _register_torchvision, "timm": _register_timm}
+
+
+def _register_imported_packages() -> None:
+    for package in [p for p in _third_party if p in sys.modules]:
+        register = _third_party.pop(package, None)  # None: another thread got there first
+        if register is not None:
+            register()

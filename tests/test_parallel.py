@@ -1,0 +1,81 @@
+"""`viz.parallel.ordered_map`: outcomes in order whoever computes them; dead or failed workers."""
+
+import os
+import time
+from pathlib import Path
+
+from viz.parallel import ordered_map
+
+
+def _square(item):
+    return item[1] * item[1]
+
+
+def _slow_square(item):
+    time.sleep(0.05)
+    return _square(item)
+
+
+def _start(flag: str):
+    Path(flag).touch()  # tells the test's main process that the worker is running
+    return _worker_square
+
+
+def _worker_square(item):
+    if item[1] == 1:
+        os._exit(3)  # a worker that dies on item 1
+    return _slow_square(item)
+
+
+def _cannot_start(flag: str):
+    Path(flag).touch()
+    raise RuntimeError("no GPU here")
+
+
+def _crashed(item, code):
+    return ("crashed", item[1], code)
+
+
+def _parent(flag: str):
+    def fn(item):
+        if item[1] == 0:  # keep this process busy until the worker runs, so it takes item 1
+            deadline = time.time() + 60
+            while not Path(flag).exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+        return _slow_square(item)
+
+    return fn
+
+
+def test_outcomes_come_in_input_order_whoever_computes_them(tmp_path):
+    items = [(str(tmp_path), i) for i in range(30)]
+    flag = str(tmp_path / "started")
+    got = list(ordered_map(_slow_square, items, 2, initializer=_start, initargs=(flag,),
+                           on_crash=_crashed))  # fmt: skip
+    # the worker dies on item 1 if it takes it; otherwise this process squared it
+    assert got[0] == 0 and got[2:] == [i * i for i in range(2, 30)]
+    assert got[1] in (1, ("crashed", 1, 3))
+
+
+def test_a_worker_that_dies_gives_its_item_a_crash_outcome_and_the_rest_go_on(tmp_path):
+    flag = str(tmp_path / "started")
+    items = [(flag, i) for i in range(12)]
+    got = list(ordered_map(_parent(flag), items, 2, initializer=_start, initargs=(flag,),
+                           on_crash=_crashed))  # fmt: skip
+    assert got[1] == ("crashed", 1, 3)
+    assert got[:1] + got[2:] == [i * i for i in range(12) if i != 1]
+
+
+def test_a_worker_that_cannot_start_leaves_the_work_to_this_process(tmp_path, capsys):
+    flag = str(tmp_path / "started")
+    items = [(flag, i) for i in range(5)]
+    got = list(ordered_map(_parent(flag), items, 2, initializer=_cannot_start, initargs=(flag,),
+                           on_crash=_crashed))  # fmt: skip
+    assert got == [i * i for i in range(5)]
+    assert "worker could not start (RuntimeError: no GPU here)" in capsys.readouterr().err
+
+
+def test_one_job_runs_here():
+    assert list(ordered_map(_square, [("", 2), ("", 3)], 1, initializer=_start,
+                            on_crash=_crashed)) == [4, 9]  # fmt: skip
