@@ -276,7 +276,7 @@ def analyze(
         with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
             try:
                 with torch.enable_grad():  # also when the caller is inside torch.no_grad()
-                    with record_attention(model, feature_means=True) as trace:
+                    with record_attention(model, feature_means=True, modules=modules) as trace:
                         handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
                         logits = model(x)
                     for h in handles:

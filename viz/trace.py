@@ -511,13 +511,17 @@ def attention_hooks(model: nn.Module, *, feature_means: bool = False) -> Iterato
         try:
             yield model
         finally:
-            del _kept[model]
+            _kept.pop(model, None)
             hooks.remove()
 
 
 @contextmanager
 def record_attention(
-    model: nn.Module, *, eval_mode: bool = True, feature_means: bool = False
+    model: nn.Module,
+    *,
+    eval_mode: bool = True,
+    feature_means: bool = False,
+    modules: list[nn.Module] | None = None,
 ) -> Iterator[AttentionTrace]:
     """Hook every registered attention module of `model` and yield the trace they fill.
 
@@ -529,6 +533,7 @@ def record_attention(
         feature_means: also record each record's `feature_in` / `feature_out` (channel-mean |F|
             before and after the module, for the BAM hierarchy figure). They cost a pass over
             every attended feature map, so a plain trace leaves them None.
+        modules: `viz.state.submodules(model)` when the caller has it already (saves a walk).
 
     Yields:
         An `AttentionTrace`, filled in forward order by each forward pass inside the block.
@@ -548,7 +553,8 @@ def record_attention(
         if kept is not None and kept.state is None and (kept.module_hooks or not feature_means):
             hooks, own = kept, False
         else:  # not kept, already tracing (nested), or without the module hooks we need
-            hooks, own = _HookSet(model, submodules(model), module_hooks=feature_means), True
+            modules = submodules(model) if modules is None else modules
+            hooks, own = _HookSet(model, modules, module_hooks=feature_means), True
         trace = AttentionTrace()
         state = _TraceState(trace, hooks.levels, feature_means)
         # with kept hooks, a model whose own flag says eval is taken to be all in eval: reading
