@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from viz.metrics import (
     seed_of,
 )
 from viz.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
-from viz.report_page import open_report, write_report
+from viz.report_page import open_report, temporary_report_folder, write_report
 from viz.serving import ServePolicy, serve_policy
 from viz.session import (
     IMAGE_TYPES,
@@ -772,7 +771,8 @@ def dataset_tab(ckpt, label, method, errors) -> None:
                 root = limits.check_path(folder, "folder")
                 name = safe_stem(label)
                 inputs = inputs_for([(name, label, ckpt)], root, max_images=limits.max_stats_images)
-                out = Path(tempfile.mkdtemp(prefix="attention_lens_report_"))
+                out = temporary_report_folder(reports.get("folder"))
+                reports["folder"], reports["current"] = out, None
                 options = ReportOptions(method=method, deletion=deletion, sanity=int(sanity))
                 rows = run_report(inputs, out, options, progress=lambda done, total: bar.progress(
                     done / max(1, total), text=f"{done} of {total} images"))  # fmt: skip

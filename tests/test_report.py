@@ -235,3 +235,22 @@ def test_class_folders_named_by_id_are_classes_in_order(tmp_path, checkpoints):
     rows = {(r["checkpoint"], r["image"]): r for r in _rows(out / "per_image.csv")}
     assert rows[("tiny_plain", "n01_a")]["label"] == "cat"  # sorted folders: n01 is class 0
     assert rows[("tiny_plain", "n03_a")]["target"] == "2"
+
+
+def test_the_apps_temporary_report_folders_do_not_pile_up(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from viz.report_page import temporary_report_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / "attention_lens_report_old"
+    stale.mkdir()
+    os.utime(stale, (1_000_000, 1_000_000))
+    mine = tmp_path / "unrelated"  # not one of ours: never touched
+    mine.mkdir()
+    first = temporary_report_folder()
+    (first / "summary.csv").write_text("x")
+    second = temporary_report_folder(first)
+    assert second.is_dir() and second.parent == tmp_path
+    assert not first.exists() and not stale.exists() and mine.is_dir()

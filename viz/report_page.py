@@ -25,6 +25,7 @@ from .stats import bootstrap_mean, paired_difference
 __all__ = [
     "FinishedReport",
     "open_report",
+    "temporary_report_folder",
     "write_report",
     "summarise",
     "sanity_summary",
@@ -532,3 +533,30 @@ def open_report(folder: str | Path) -> FinishedReport:
         if (path := regular(name)) is not None
     }  # fmt: skip
     return FinishedReport(root, summary, per_image, figures, files)
+
+
+TEMPORARY_PREFIX = "attention_lens_report_"
+_STALE_SECONDS = 24 * 3600
+
+
+def temporary_report_folder(previous: str | Path | None = None) -> Path:
+    """A new folder under the system's temporary directory for a report run from the app.
+
+    The run's files stay there to be downloaded while the report is shown; `previous` (the
+    folder this session showed before, which the new report replaces) is removed, and so are
+    folders of this kind left for more than a day by sessions that ended.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    base = Path(tempfile.gettempdir())
+    stale_before = time.time() - _STALE_SECONDS
+    for folder in base.glob(TEMPORARY_PREFIX + "*"):
+        try:
+            old = folder.is_dir() and folder.stat().st_mtime < stale_before
+        except OSError:
+            continue
+        if old or (previous is not None and folder == Path(previous)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
