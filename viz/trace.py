@@ -7,8 +7,9 @@
 
 Which modules are attention modules, and which of their submodules output the maps, is the
 probe registry's business (`viz.probes`: ours, timm's, torchvision's, and yours with
-`register_attention`). Hooks sit on those gate submodules, so nothing is computed twice. A
-record's stage is the resolution level its map lives at (`viz.levels`), not a name pattern.
+`register_attention`). Taps (`viz.taps`, cheaper than forward hooks) sit on those gate
+submodules, so nothing is computed twice. A record's stage is the resolution level its map
+lives at (`viz.levels`), not a name pattern.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module, _, _ in _plan(model)]
 
 
-# --- per-model plan: which modules to hook and where (cached) -------------------------------
+# --- per-model plan: which modules to tap and where (cached) - -------------------------------
 
 _Plan = list[tuple[str, nn.Module, AttentionProbe, dict[str, nn.Module]]]
 _plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Plan]] = weakref.WeakKeyDictionary()
@@ -319,27 +320,27 @@ class _ModuleWatch:
         self.name, self.probe = name, probe
         self.stride, self.channels = known if known is not None else (0, 0)
 
-    def tap(self, hooks: _HookSet, part: str) -> Callable:
+    def gate_tap(self, taps: _TapSet, part: str) -> Callable:
         """What the tap on the submodule whose output is map `part` calls."""
         if part == "gate":
 
             def keep_gate(_m, _a, out):  # reduce the (N, C, H, W) gate right away
-                state = hooks.state
+                state = taps.state
                 if state is not None:
                     state.events.append((self, "gate", out.detach().mean(1)))
 
             return keep_gate
 
         def keep(_m, _a, out):
-            state = hooks.state
+            state = taps.state
             if state is not None:  # detach only when needed: a new tensor costs more than the test
                 state.events.append((self, part, out.detach() if out.requires_grad else out))
 
         return keep
 
-    def module_tap(self, hooks: _HookSet) -> Callable:
+    def module_tap(self, taps: _TapSet) -> Callable:
         def keep_module(_m, args, output):
-            state = hooks.state
+            state = taps.state
             if state is not None:
                 f_in = args[0] if args and isinstance(args[0], Tensor) else None
                 if f_in is None or f_in.ndim != 4:
@@ -425,14 +426,14 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
 
 
-class _HookSet:
-    """The hooks on one model's gates, switched on for one trace at a time.
+class _TapSet:
+    """The taps on one model's gates, switched on for one trace at a time.
 
     `record_attention` makes one per trace and removes it on exit; `attention_hooks` keeps
     one on the model for a block of many traces, so that each trace only switches it on.
     """
 
-    def __init__(self, model: nn.Module, modules: list[nn.Module], module_hooks: bool) -> None:
+    def __init__(self, model: nn.Module, modules: list[nn.Module], module_taps: bool) -> None:
         self.model, self.modules = model, modules
         self.plan = _plan(model, len(modules))
         self.levels = None
@@ -441,7 +442,7 @@ class _HookSet:
                 self.levels = network_levels(model, len(modules))
             except ValueError:  # the shape probe cannot run it: stages from the stride alone
                 self.levels = None
-        self.module_hooks = module_hooks  # feature means need each module's input and output
+        self.module_taps = module_taps  # feature means need each module's input and output
         self.state: _TraceState | None = None
         known = self.levels.attention_inputs if self.levels is not None else {}
         self.watches = [
@@ -453,8 +454,8 @@ class _HookSet:
                 self.handles.append(tap(model, before=self._note_input))
             for watch, (_, module, _, taps) in zip(self.watches, self.plan):
                 for part, sub in taps.items():
-                    self.handles.append(tap(sub, after=watch.tap(self, part)))
-                if module_hooks or not watch.stride:
+                    self.handles.append(tap(sub, after=watch.gate_tap(self, part)))
+                if module_taps or not watch.stride:
                     self.handles.append(tap(module, after=watch.module_tap(self)))
         except BaseException:
             self.remove()
@@ -474,45 +475,45 @@ class _HookSet:
         self.handles = []
 
 
-_kept: weakref.WeakKeyDictionary[nn.Module, _HookSet] = weakref.WeakKeyDictionary()
+_kept: weakref.WeakKeyDictionary[nn.Module, _TapSet] = weakref.WeakKeyDictionary()
 
 
 def model_modules(model: nn.Module) -> list[nn.Module]:
-    """`submodules(model)`, from the hooks kept by `attention_hooks` when there are some."""
+    """`submodules(model)`, from the taps kept by `attention_hooks` when there are some."""
     kept = _kept.get(model)
     return kept.modules if kept is not None else submodules(model)
 
 
 @contextmanager
 def attention_hooks(model: nn.Module, *, feature_means: bool = False) -> Iterator[nn.Module]:
-    """Keep the tracing hooks on `model` for a block of many traces (a loop over images).
+    """Keep the tracing taps on `model` for a block of many traces (a loop over images).
 
         with attention_hooks(model):
             for x in batches:
-                result = analyze(model, x)   # each trace now only switches the hooks on
+                result = analyze(model, x)   # each trace now only switches the taps on
 
     Every `record_attention` (and `analyze`, `agreement`, ...) on `model` inside the block
-    uses these hooks instead of installing and removing its own; on exit, also after an
+    uses these taps instead of putting on and taking off its own; on exit, also after an
     exception, they are removed. Traces with `feature_means=True` (as `analyze` makes) use
     them only when the block was opened with `feature_means=True`.
 
-    Inside the block a plain forward of `model` runs through the idle hooks (a few
+    Inside the block a plain forward of `model` runs through the idle taps (a few
     microseconds each), modules added to the model are not seen, and a trace checks only the
     model's own `training` flag: after `model.eval()` it takes every module to be in eval mode
     (after `model.train()` it puts them all in eval for the trace, as outside the block).
     The model's lock is held for the whole block.
     """
     with model_lock(model):
-        if model in _kept:  # nested: the outer block's hooks serve
+        if model in _kept:  # nested: the outer block's taps serve
             yield model
             return
-        hooks = _HookSet(model, submodules(model), module_hooks=feature_means)
-        _kept[model] = hooks
+        taps = _TapSet(model, submodules(model), module_taps=feature_means)
+        _kept[model] = taps
         try:
             yield model
         finally:
             _kept.pop(model, None)
-            hooks.remove()
+            taps.remove()
 
 
 @contextmanager
@@ -540,37 +541,37 @@ def record_attention(
 
     The first trace of a model runs a shape probe (`viz.levels`) to learn its resolution
     levels; a network the probe cannot run gets stages from the stride alone. On exit, also
-    after an exception or KeyboardInterrupt, every hook is removed and the training flags are
+    after an exception or KeyboardInterrupt, every tap is removed and the training flags are
     restored. A per-model lock is held inside the block.
 
-    Cost: one hook per gate submodule (none on the modules themselves unless `feature_means`
+    Cost: one tap per gate submodule (none on the modules themselves unless `feature_means`
     or the probe could not run); records are built when the trace is first read. Installing
-    and removing the hooks costs about as much again as running them: a loop of many traces
+    and removing the taps costs about as much again as running them: a loop of many traces
     saves it with `attention_hooks`.
     """
     with model_lock(model):
         kept = _kept.get(model)
-        if kept is not None and kept.state is None and (kept.module_hooks or not feature_means):
-            hooks, own = kept, False
-        else:  # not kept, already tracing (nested), or without the module hooks we need
+        if kept is not None and kept.state is None and (kept.module_taps or not feature_means):
+            taps, own = kept, False
+        else:  # not kept, already tracing (nested), or without the module taps we need
             modules = submodules(model) if modules is None else modules
-            hooks, own = _HookSet(model, modules, module_hooks=feature_means), True
+            taps, own = _TapSet(model, modules, module_taps=feature_means), True
         trace = AttentionTrace()
-        state = _TraceState(trace, hooks.levels, feature_means)
-        # with kept hooks, a model whose own flag says eval is taken to be all in eval: reading
+        state = _TraceState(trace, taps.levels, feature_means)
+        # with kept taps, a model whose own flag says eval is taken to be all in eval: reading
         # every module's flag costs more than the trace itself in a loop of small batches
         trusted = not own and not model.training
         flags = (
             nullcontext()
             if trusted
-            else preserve_model_state(model, eval_mode=eval_mode, modules=hooks.modules)
+            else preserve_model_state(model, eval_mode=eval_mode, modules=taps.modules)
         )
         with flags:
-            hooks.state = state
+            taps.state = state
             try:
                 yield trace
             finally:
                 if own:
-                    hooks.remove()
+                    taps.remove()
                 else:
-                    hooks.state = None
+                    taps.state = None
