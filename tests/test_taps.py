@@ -144,3 +144,14 @@ def test_kept_hooks_trace_in_eval_mode_after_model_train(tiny_model, image_batch
         assert all(m.training for m in tiny_model.modules())
     for a, b in zip(expected, got):
         torch.testing.assert_close(a.gate, b.gate)
+
+
+def test_the_fast_walk_finds_every_module_once():
+    from viz.state import submodules
+
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Sequential(shared, nn.ReLU()), nn.Identity())
+    model.add_module("back", model[1])  # registered under two parents
+    found = submodules(model)
+    assert len(found) == len({id(m) for m in found}) == len(list(model.modules()))
+    assert {id(m) for m in found} == {id(m) for m in model.modules()}

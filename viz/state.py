@@ -30,16 +30,19 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 
 def submodules(model: nn.Module) -> list[nn.Module]:
-    """`model` and every module inside it, parents first.
+    """`model` and every module inside it, once each, parents first.
 
-    What `list(model.modules())` gives, minus its names and duplicate check: a module shared
-    by two parents is listed twice. Five times faster (25 us for a ResNet-50), which matters
-    because every trace walks the model once to check its caches and flags.
+    What `list(model.modules())` gives (breadth first rather than depth first), without the
+    names and nested generators that make that 4x slower: every trace walks the model once to
+    check its caches and flags. A module registered under two parents, or under its own
+    descendant, is listed once.
     """
     found = [model]
+    seen = {id(model)}
     for module in found:  # grows while it is read: breadth first
         for child in module._modules.values():
-            if child is not None:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
                 found.append(child)
     return found
 
