@@ -28,7 +28,7 @@ from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
 from viz.cam import attribute
-from viz.cli import UsageError, label_of, parse_labels
+from viz.cli import UsageError, class_index, label_of, parse_labels
 from viz.export import (
     FORMATS,
     IMAGE_FIGURES,
@@ -682,7 +682,8 @@ def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
             key = f"colcls:{item.sha[:16]}"
             label = label_of(Path(item.name), labels) if labels else None
             if label is not None:
-                label = next((n for n in names if n.casefold() == label.strip().casefold()), label)
+                found = class_index(label.strip(), names)
+                label = label if found is None else names[found]
                 if label not in names:
                     errors.warning(
                         md_text(f"{item.name}: label {label!r} is no class of these models")

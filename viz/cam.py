@@ -167,8 +167,7 @@ def stage_layers(model: nn.Module) -> list[str]:
     Raises:
         ValueError: the network could not be probed (give the layers by name).
     """
-    levels = network_levels(model)
-    return [levels.layers[s] for s in sorted(levels.layers)]
+    return network_levels(model).stage_layer_names()
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> dict[str, nn.Module]:
@@ -270,7 +269,7 @@ def analyze(
                 raise
             levels = None  # stages of the given layers from their stride alone
         if cam_layers is None:
-            cam_layers = [levels.layers[s] for s in sorted(levels.layers)]
+            cam_layers = levels.stage_layer_names()
         layers = resolve_layers(model, cam_layers)
         handles = []
         with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):

@@ -30,6 +30,7 @@ __all__ = [
     "read_labels",
     "parse_labels",
     "label_of",
+    "class_index",
     "load_checkpoints",
     "int_in",
     "UsageError",
@@ -141,6 +142,13 @@ def unique_names(names) -> list[str]:
     return out
 
 
+def class_index(name: str, class_names: Sequence[str]) -> int | None:
+    """The index of `name` among `class_names` (case-insensitive, first match), or None."""
+    lowered = [n.casefold() for n in class_names]
+    key = name.casefold()
+    return lowered.index(key) if key in lowered else None
+
+
 def resolve_target(
     value: str | None, class_names: Sequence[str], option: str = "--target"
 ) -> int | None:
@@ -150,9 +158,9 @@ def resolve_target(
     """
     if value is None:
         return None
-    lowered = [n.casefold() for n in class_names]
-    if value.strip().casefold() in lowered:
-        return lowered.index(value.strip().casefold())
+    by_name = class_index(value.strip(), class_names)
+    if by_name is not None:
+        return by_name
     try:
         index = int(value)
     except ValueError:

@@ -50,12 +50,16 @@ class NetworkLevels:
             with fewer levels), e.g. {1: "layer1", ..., 4: "layer4"}.
         attention_inputs: attention-module name -> (stride, channels) of the feature map it
             attends, for modules the probe saw at one resolution (the tracer then needs no
-            hook on the module itself, only on its gates).
+            tap on the module itself, only on its gates).
     """
 
     strides: tuple[int, ...]
     layers: dict[int, str]
     attention_inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def stage_layer_names(self) -> list[str]:
+        """The stage layers in stage order: the default CAM layers."""
+        return [self.layers[s] for s in sorted(self.layers)]
 
     def stage_of(self, stride: int) -> int:
         """The stage of a map at `stride` (0 or below: shallower than stage 1)."""
@@ -183,6 +187,6 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         at_level = [(name, depth) for name, depth, s in seen if s == stride]
         shallowest = min(depth for _, depth in at_level)
         layers[i + 1] = [name for name, depth in at_level if depth == shallowest][-1]
-    # a module run at two resolutions (shared weights) is left to the tracer's module hook
+    # a module run at two resolutions (shared weights) is left to the tracer's module tap
     attention_inputs = {name: found.pop() for name, found in inputs.items() if len(found) == 1}
     return NetworkLevels(strides, layers, attention_inputs)

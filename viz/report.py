@@ -266,7 +266,7 @@ def _run_chunk(
         key = _preprocess_key(ckpt)
         x = torch.stack([tensors[key] for _, tensors, _, _ in good]).to(device)
         labels = [inputs.images[i][2] for i, *_ in good]
-        targets = [None if lab is None else _class_index(lab, ckpt) for lab in labels]
+        targets = [None if lab is None else _label_target(lab, ckpt) for lab in labels]
         boxes = []
         for i, _, size, _ in good:
             if inputs.boxes is None:
@@ -282,7 +282,7 @@ def _run_chunk(
     return result
 
 
-def _class_index(label: str, ckpt, where: str = "label") -> int:
+def _label_target(label: str, ckpt, where: str = "label") -> int:
     """The class index a label names in `ckpt` (a UsageError naming `where` otherwise)."""
     from .cli import resolve_target
 
@@ -558,20 +558,14 @@ def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path,
     return [(path, name, None) for path, name in files]
 
 
-def _find_class(name: str, class_names: list[str]) -> int | None:
-    """The index of `name` among `class_names` (case-insensitive, first match), or None."""
-    lowered = [n.casefold() for n in class_names]
-    return lowered.index(name.casefold()) if name.casefold() in lowered else None
-
-
 def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | None]]:
     """ImageFolder class folders -> class names each checkpoint knows (by name or by order)."""
-    from .cli import UsageError
+    from .cli import UsageError, class_index
 
     folders = sorted({lab for _, _, lab in images if lab is not None})
     out_labels: dict[str, str] = {}
     for _, _, ckpt in checkpoints:
-        by_name = all(_find_class(f, ckpt.class_names) is not None for f in folders)
+        by_name = all(class_index(f, ckpt.class_names) is not None for f in folders)
         by_order = len(folders) == len(ckpt.class_names)
         if not (by_name or by_order):
             raise UsageError(
@@ -587,7 +581,7 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
                 out_labels.setdefault(f, f)
                 continue
             name = ckpt.class_names[i]
-            same = all(_find_class(name, c.class_names) == i for _, _, c in checkpoints)
+            same = all(class_index(name, c.class_names) == i for _, _, c in checkpoints)
             out_labels.setdefault(f, name if same else str(i))
     return [(p, n, None if lab is None else out_labels[lab]) for p, n, lab in images]
 
@@ -623,7 +617,7 @@ def inputs_for(
     for _, _, ckpt in checkpoints:  # every label must be a class of every model
         for path, _, label in found:
             if label is not None:
-                _class_index(label, ckpt, f"label of {path.name}")
+                _label_target(label, ckpt, f"label of {path.name}")
     try:
         box_map = read_boxes(boxes) if boxes else None
     except BoxError as exc:

@@ -95,19 +95,12 @@ class TapHandle:
             return
         taps: _Taps = module.__dict__[_TAPS]
         if self._before is not None:
-            _remove_same(taps.before, self._before)
+            taps.before.remove(self._before)  # functions compare by identity
         if self._after is not None:
-            _remove_same(taps.after, self._after)
+            taps.after.remove(self._after)
         if not taps.before and not taps.after:
             module.__class__ = taps.original
             del module.__dict__[_TAPS]
-
-
-def _remove_same(fns: list, fn) -> None:
-    for i, f in enumerate(fns):
-        if f is fn:
-            del fns[i]
-            return
 
 
 def tap(
@@ -120,15 +113,11 @@ def tap(
     of the forward, as from a hook.
     """
     if not _wrappable(module):  # fall back to hooks with the same calls
-        hooks = []
+        hooks = []  # a tap returns None, so as a hook it changes nothing
         if before is not None:
-            hooks.append(
-                module.register_forward_pre_hook(
-                    lambda m, args, kwargs: before(m, args, kwargs), with_kwargs=True
-                )
-            )
+            hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
         if after is not None:
-            hooks.append(module.register_forward_hook(lambda m, args, out: after(m, args, out)))
+            hooks.append(module.register_forward_hook(after))
         return TapHandle(module, None, None, hooks)
     taps = module.__dict__.get(_TAPS)
     if taps is None:

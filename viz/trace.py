@@ -186,7 +186,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module, _, _ in _plan(model)]
 
 
-# --- per-model plan: which modules to tap and where (cached) - -------------------------------
+# --- per-model plan: which modules to tap and where (cached) ---------------------------------
 
 _Plan = list[tuple[str, nn.Module, AttentionProbe, dict[str, nn.Module]]]
 _plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Plan]] = weakref.WeakKeyDictionary()
@@ -352,12 +352,10 @@ class _ModuleWatch:
 
         return keep_module
 
-    def _shape_error(self, part: str, out: Tensor, n: int, c: int) -> ValueError:
+    def _part_error(self, part: str, out: Tensor, what: str) -> ValueError:
         path = self.probe.taps()[part] or "the module itself"
         return _probe_error(
-            self.name,
-            self.probe,
-            f"{part} output {tuple(out.shape)} of {path!r} has no N x C = {n} x {c}",
+            self.name, self.probe, f"{part} output {tuple(out.shape)} of {path!r} {what}"
         )
 
     def record(
@@ -375,18 +373,13 @@ class _ModuleWatch:
             h, w = -(-input_hw[0] // stride), -(-input_hw[1] // stride)
         if channel is not None:
             if channel.numel() != n * c:
-                raise self._shape_error("channel", channel, n, c)
+                raise self._part_error("channel", channel, f"has no N x C = {n} x {c}")
             channel = channel.reshape(n, c)
             if "channel" in activations:
                 channel = activations["channel"](channel)
         if spatial is not None:
             if spatial.ndim < 3 or spatial.numel() != n * spatial.shape[-2] * spatial.shape[-1]:
-                path = self.probe.taps()["spatial"] or "the module itself"
-                raise _probe_error(
-                    self.name,
-                    self.probe,
-                    f"spatial output {tuple(spatial.shape)} of {path!r} is not N x H x W",
-                )
+                raise self._part_error("spatial", spatial, "is not N x H x W")
             spatial = spatial.reshape(n, spatial.shape[-2], spatial.shape[-1])
             if "spatial" in activations:
                 spatial = activations["spatial"](spatial)
@@ -434,7 +427,7 @@ class _TapSet:
     """
 
     def __init__(self, model: nn.Module, modules: list[nn.Module], module_taps: bool) -> None:
-        self.model, self.modules = model, modules
+        self.modules = modules
         self.plan = _plan(model, len(modules))
         self.levels = None
         if self.plan:
@@ -524,7 +517,7 @@ def record_attention(
     feature_means: bool = False,
     modules: list[nn.Module] | None = None,
 ) -> Iterator[AttentionTrace]:
-    """Hook every registered attention module of `model` and yield the trace they fill.
+    """Tap every registered attention module of `model` and yield the trace they fill.
 
     Args:
         model: any `nn.Module`; modules are found through the probe registry (`viz.probes`),
