@@ -41,7 +41,7 @@ from viz.export import (
     zip_bundle,
 )
 from viz.figures.class_channel_stats import default_modules
-from viz.maps import RENDERS, overlay
+from viz.maps import RENDERS
 from viz.metrics import (
     agreement_table,
     channel_statistics,
@@ -496,11 +496,28 @@ CAPTUM_LABELS = {
 }
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def captum_attribution(image_sha: str, ckpt_sha: str, target, method: str, _ckpt, _image, _bar):
-    x = _ckpt.preprocess.batch([_image])
-    return attribute(_ckpt.model, x, target, method=method, progress=lambda done, total: _bar.progress(
-        done / total, text=f"{done} of {total} images through the network"))  # fmt: skip
+CAPTUM_KEPT = 8  # attributions kept per browser session
+
+
+def captum_attribution(ckpt, item: ImageItem, target: int | None, method: str):
+    """The attribution of this image, model, class and method: computed once per session.
+
+    Not an `st.cache_data` function: the computation reports progress on the page, and a
+    cached function must not touch Streamlit elements (its replay would fail on a revisit).
+    """
+    kept: dict = state("captum_results", {})
+    key = (item.sha, ckpt.sha256, target, method)
+    if key not in kept:
+        bar = st.progress(0.0, text="Starting…")
+        try:
+            x = ckpt.preprocess.batch([item.image])
+            kept[key] = attribute(ckpt.model, x, target, method=method, progress=lambda done, total: bar.progress(
+                done / total, text=f"{done} of {total} images through the network"))  # fmt: skip
+        finally:
+            bar.empty()
+        while len(kept) > CAPTUM_KEPT:
+            kept.pop(next(iter(kept)))
+    return kept[key]
 
 
 def captum_panel(ckpt, item, target, draw, stem, tkey, errors) -> None:
@@ -509,17 +526,17 @@ def captum_panel(ckpt, item, target, draw, stem, tkey, errors) -> None:
                               format_func=lambda m: CAPTUM_LABELS.get(m, m))  # fmt: skip
         if not st.toggle("Run", key="captum_run"):
             return
-        bar = st.progress(0.0, text="Starting…")
         try:
-            attr = captum_attribution(item.sha, ckpt.sha256, target, method, ckpt, item.image, bar)
+            attr = captum_attribution(ckpt, item, target, method)
         except USER_ERRORS as exc:
             errors.error(md_text(exc))
             return
-        finally:
-            bar.empty()
         crop = ckpt.preprocess.crop_image(item.image)
-        st.image(overlay(crop, attr[0].abs(), draw["cmap"], draw["alpha"]),
-                 caption=f"|{CAPTUM_LABELS.get(method, method)}| over the network's input")  # fmt: skip
+        label = CAPTUM_LABELS.get(method, method).split(" (")[0]
+        show_figure(
+            lambda: figures.attribution_map(crop, attr[0], method_label=label, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
+            f"{stem}_{method}", f"captum:{tkey}:{method}", errors,
+        )  # fmt: skip
         st.download_button(
             "Attribution (npz)", npz_bytes({"attribution": attr[0].numpy()}),
             file_name=f"{st.session_state.get('download_prefix', 'model')}_{stem}_{method}.npz",

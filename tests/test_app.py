@@ -470,7 +470,32 @@ def test_captum_attribution_runs_with_progress_on_demand(app):
     at.toggle(key="captum_run").set_value(True).run()
     assert_clean(at)
     assert len(at.image) == images + 1
-    assert "Attribution (npz)" in [b.proto.label for b in at.get("download_button")]
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Attribution (npz)" in labels and labels.count("PDF") >= 2  # the figure downloads too
+
+
+def test_captum_panel_survives_coming_back_to_a_class_and_a_model(app):
+    # a cached function that drew the progress bar failed on replay (CacheReplayClosureError)
+    at = app.run()
+    at.multiselect(key="compare").set_value([model_label(at, "cbam"), model_label(at, "bam")])
+    at.toggle(key="captum_run").set_value(True).run()
+    assert_clean(at)
+    images = len(at.image)
+
+    def radio():
+        return next(r for r in at.radio if r.key.startswith("t5:"))
+
+    first, second = radio().options[:2]
+    for choice in (second, first):  # another class, then the first one again
+        radio().set_value(choice).run()
+        assert_clean(at)
+        assert len(at.image) == images
+    cbam, plain_model = model_label(at, "cbam"), model_label(at, "plain")
+    for label in (plain_model, cbam):  # model A -> B -> A
+        at.sidebar.selectbox(key="model").set_value(label).run()
+        assert_clean(at)
+    assert len(at.image) == images
+    assert len(at.multiselect(key="compare").value) == 2  # the comparison is not lost
 
 
 def test_comparison_has_its_own_stage(app, monkeypatch):

@@ -276,7 +276,7 @@ def test_image_bundle_notes_figures_a_model_cannot_show(cbam):
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("ckpts")
     paths = {}
-    for depth, attention in [(18, "cbam"), (50, None), (18, "bam")]:
+    for depth, attention in [(18, "cbam"), (50, None), (18, "bam"), (18, "se")]:
         path = folder / f"r{depth}_{attention or 'plain'}.safetensors"
         save_checkpoint(path, _model(depth, attention), class_names=CLASSES, preprocess=PREPROCESS)
         paths[path.stem] = path
@@ -653,19 +653,27 @@ def test_cli_model_grid_rows_follow_the_papers_order(ckpts, image_dir, tmp_path,
 
 
 def test_parallel_export_writes_the_same_bytes(ckpts, tmp_path, capsys):
+    # every figure kind, four models, some figures skipped for some (channels of the plain
+    # network, the BAM hierarchy of all but BAM); two parallel runs against one serial run
     images = tmp_path / "imgs"
-    for i, cls in enumerate(["tench", "church", "tench", "church"]):
+    for i, cls in enumerate(["tench", "church", "tench"]):
         (images / cls).mkdir(parents=True, exist_ok=True)
         _picture(i).save(images / cls / f"{i}.png")
+    models = [a for name in ("r18_cbam", "r18_bam", "r50_plain", "r18_se")
+              for a in ("--checkpoint", ckpts[name])]  # fmt: skip
     outs = {}
-    for jobs in ("1", "2"):
-        out = tmp_path / f"o{jobs}"
-        code, err = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--checkpoint", ckpts["r18_bam"],
-                         "--images", images, "--out", out, "--figure", "overview", "model-grid",
-                         "--dpi", "40", "--jobs", jobs)  # fmt: skip
+    for run in ("1", "2", "2 again"):
+        out = tmp_path / run.replace(" ", "_")
+        code, err = _run(capsys, *models, "--images", images, "--out", out, "--figure",
+                         "overview", "channels", "gradcam", "bam-hierarchy", "model-grid",
+                         "--format", "png,pdf", "--dpi", "30", "--jobs", run.split()[0])  # fmt: skip
         assert code == 0, err
-        outs[jobs] = _files(out)
-    assert outs["1"].keys() == outs["2"].keys() and outs["1"] == outs["2"]
+        outs[run] = _files(out)
+    assert "model-grid.pdf" in outs["1"] and "manifest.json" in outs["1"]
+    assert "r18_bam/tench_0/bam-hierarchy.png" in outs["1"]
+    assert "r18_cbam/tench_0/bam-hierarchy.png" not in outs["1"]
+    assert "r50_plain/tench_0/channels.png" not in outs["1"]
+    assert outs["1"] == outs["2"] == outs["2 again"]
 
 
 def test_deletion_insertion_csv_has_every_map():

@@ -181,3 +181,22 @@ def test_deletion_insertion_curves_with_long_map_names(width):
     fig = figures.deletion_insertion_curves(dict(zip(names, _causal(4))), width=width,
                                             title=LONG_NAMES[1])  # fmt: skip
     assert _problems(fig) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_attribution_map(width):
+    gen = torch.Generator().manual_seed(0)
+    heavy = torch.randn(64, 64, generator=gen) ** 5  # heavy-tailed, as Integrated Gradients
+    fig = figures.attribution_map(PRE.crop_image(_images()[0]), heavy, width=width,
+                                  method_label="Integrated Gradients (32 steps, black baseline)")  # fmt: skip
+    assert _problems(fig) == []
+
+
+def test_attribution_map_clips_at_the_percentile():
+    from viz.figures.attribution import clipped_magnitude
+
+    values = torch.cat([torch.ones(99), torch.tensor([1000.0])]).reshape(10, 10)
+    shown, clip = clipped_magnitude(-values, 99.0)
+    assert clip < 20 and float(shown.max()) == clip  # one outlier no longer sets the scale
+    zeros, clip = clipped_magnitude(torch.zeros(4, 4))
+    assert clip == 1.0 and float(zeros.max()) == 0.0

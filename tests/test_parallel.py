@@ -79,3 +79,31 @@ def test_a_worker_that_cannot_start_leaves_the_work_to_this_process(tmp_path, ca
 def test_one_job_runs_here():
     assert list(ordered_map(_square, [("", 2), ("", 3)], 1, initializer=_start,
                             on_crash=_crashed)) == [4, 9]  # fmt: skip
+
+
+def _start_tensors(flag: str):
+    Path(flag).touch()
+    return _tensor_of
+
+
+def _tensor_of(item):
+    import torch
+
+    return {"map": torch.full((64, 64), float(item[1])), "index": item[1]}
+
+
+def test_tensors_from_a_worker_that_has_exited_arrive_intact(tmp_path):
+    # the worker takes items 1..5 while this process is held on item 0, and exits before this
+    # process reads its tensors: they must not depend on the worker's shared memory
+    flag = str(tmp_path / "started")
+    items = [(flag, i) for i in range(6)]
+
+    def here(item):
+        _parent(flag)(item)
+        time.sleep(1.0)  # the worker has finished and exited by now
+        return _tensor_of(item)
+
+    got = list(ordered_map(here, items, 2, initializer=_start_tensors, initargs=(flag,),
+                           on_crash=_crashed))  # fmt: skip
+    assert [g["index"] for g in got] == list(range(6))
+    assert all(float(g["map"].mean()) == i for i, g in enumerate(got))

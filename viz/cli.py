@@ -385,7 +385,10 @@ class _Run:
         from .export import write_files
 
         named = {f"{prefix}/{k}" if prefix else k: v for k, v in files.items()}
-        write_files(self.out, named)
+        try:
+            write_files(self.out, named)
+        except (OSError, ExportError) as exc:  # only this is "cannot write the output"
+            raise OutputError(exc) from exc
         self.files.update(named)
 
     def fail(
@@ -415,7 +418,7 @@ def _one_line(error: BaseException) -> str:
     from .images import ImageError
 
     text = " ".join(str(error).split()) or type(error).__name__
-    known = isinstance(error, (ImageError, ValueError, FileNotFoundError))
+    known = isinstance(error, (ImageError, ValueError, FileNotFoundError, OutputError))
     return text if known else f"{type(error).__name__}: {text}"
 
 
@@ -506,8 +509,8 @@ def _export(args: argparse.Namespace) -> int:
                     try:
                         if files is not None:
                             run.write(f"{name}/{image_name}", files)
-                    except Exception as exc:  # one input's failure must not stop the others
-                        run.fail("analysis", str(path), exc, name)
+                    except OutputError as exc:  # one input's failure must not stop the others
+                        run.fail("write", str(path), exc, name)
                         continue
                     for text in notes:
                         run.note(text)
@@ -546,6 +549,15 @@ def _export(args: argparse.Namespace) -> int:
     )
     run.write("", {"manifest.json": manifest_bytes(manifest)})
     return 1 if run.failures else 0
+
+
+class OutputError(Exception):
+    """Writing a file under --out failed (a full or read-only disk, a folder in the way)."""
+
+    def __init__(self, cause: OSError | ExportError) -> None:
+        what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""
+        super().__init__(f"cannot write the output{where}: {what}")
 
 
 class _Reported(ValueError):
@@ -788,13 +800,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ExportError) as exc:  # a full or read-only disk, a folder in the way
-        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-        print(
-            f"error: cannot write the output{where}: {what}; files written before are complete",
-            file=sys.stderr,
-        )
+    except OutputError as exc:
+        print(f"error: {exc}; files written before are complete", file=sys.stderr)
+        return 1
+    except (OSError, ExportError) as exc:  # e.g. an input that vanished while we read it
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

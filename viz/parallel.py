@@ -6,11 +6,16 @@ process takes the next untaken item from a shared counter only when it is free, 
 waits in a busy worker's queue while another process idles, as the last items of a
 `ProcessPoolExecutor` run do. A worker that dies is noticed: the item it held gets
 `on_crash(item, exit_code)` as its outcome, and items no live worker can finish are done here.
+
+Outcomes cross the process boundary as plain pickled bytes (`pickle.dumps`, torch tensors by
+value): the queue's own pickler would send tensors through torch's file-descriptor sharing,
+whose storage is gone once the worker exits, before the parent has read it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import queue
 import sys
 import time
@@ -47,7 +52,7 @@ def _worker(initializer, initargs, items, counter, emitted, window, held, slot, 
         if index is None:
             break
         held[slot] = index
-        results.put((index, fn(items[index])))
+        results.put((index, pickle.dumps(fn(items[index]), protocol=pickle.HIGHEST_PROTOCOL)))
         held[slot] = -1
     results.close()
     results.join_thread()
@@ -106,7 +111,7 @@ def ordered_map(
             print(f"warning: a worker could not start ({outcome}); going on without it",
                   file=sys.stderr)  # fmt: skip
         else:
-            done[index] = outcome
+            done[index] = pickle.loads(outcome)  # bytes from our own worker
         return True
 
     try:

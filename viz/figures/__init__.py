@@ -19,6 +19,7 @@ colour-blind readers).
 """
 
 from .attention_vs_gradcam import attention_vs_gradcam
+from .attribution import attribution_map
 from .bam_hierarchy import bam_hierarchy
 from .canvas import (
     DIFF_CMAP,
@@ -46,6 +47,7 @@ __all__ = [
     "SINGLE_COLUMN",
     "STYLE_LOCK",
     "attention_vs_gradcam",
+    "attribution_map",
     "bam_hierarchy",
     "channel_map",
     "channel_weights",
