@@ -779,9 +779,9 @@ def dataset_tab(ckpt, label, method, errors) -> None:
         folder = st.text_input(
             "Image folder (ImageFolder layout, or any images)", key="rep_images"
         ).strip()
-        deletion = st.selectbox("Deletion/insertion on", DELETION_CHOICES, index=2, key="rep_del",
-                                help="all maps (slow: 34 forwards per map and image), the last "
-                                "stage's CAM and a random map, or off")  # fmt: skip
+        deletion = st.selectbox("Deletion/insertion on", DELETION_CHOICES, index=1, key="rep_del",
+                                help="all maps, default (the last stage's CAM and a random map) "
+                                "or off; each map costs 35 forwards per image")  # fmt: skip
         sanity = st.number_input("Sanity-check images", 0, 256, 8, key="rep_sanity")
         if st.button("Run the report", disabled=not folder, key="rep_run"):
             bar = st.progress(0.0, text="Starting…")
@@ -793,7 +793,7 @@ def dataset_tab(ckpt, label, method, errors) -> None:
                 reports["folder"], reports["current"] = out, None
                 options = ReportOptions(method=method, deletion=deletion, sanity=int(sanity))
                 rows = run_report(inputs, out, options, progress=lambda done, total: bar.progress(
-                    done / max(1, total), text=f"{done} of {total} images"))  # fmt: skip
+                    done / max(1, total), text=f"{done:.1f} of {total} images"))  # fmt: skip
                 write_report(out, rows, inputs, options)
                 reports["current"] = open_report(out)
             except (*USER_ERRORS, UsageError) as exc:

@@ -254,3 +254,19 @@ def test_the_apps_temporary_report_folders_do_not_pile_up(tmp_path, monkeypatch)
     second = temporary_report_folder(first)
     assert second.is_dir() and second.parent == tmp_path
     assert not first.exists() and not stale.exists() and mine.is_dir()
+
+
+def test_defaults_score_two_maps_and_progress_moves_within_a_chunk(tmp_path, checkpoints,
+                                                                    image_folder):  # fmt: skip
+    from models import load_checkpoint
+    from viz.report import ReportOptions, inputs_for, run_report
+
+    inputs = inputs_for([(Path(c).stem, c, load_checkpoint(c)) for c in checkpoints], image_folder)
+    options = ReportOptions(steps=4, sanity=2)  # one chunk of 9 images (batch size 16)
+    seen: list[tuple[float, int]] = []
+    rows = run_report(inputs, tmp_path / "out", options, progress=lambda d, t: seen.append((d, t)))
+    scored = {r["map"] for r in rows["per_map"] if r.get("deletion_auc") is not None}
+    assert scored == {"cam/stage4", "random"}  # the default: the last CAM and the chance level
+    done = [d for d, _ in seen]
+    assert {t for _, t in seen} == {9} and done[0] == 0 and done[-1] == 9
+    assert done == sorted(done) and len({round(d, 3) for d in done if 0 < d < 9}) >= 9

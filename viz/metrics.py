@@ -380,6 +380,7 @@ def deletion_insertion(
     batch_size: int = 32,
     baseline: str = "blur",
     tie_seeds: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DeletionInsertion:
     """Deletion and insertion curves of saliency maps (Petsiuk et al., RISE, BMVC 2018).
 
@@ -402,6 +403,7 @@ def deletion_insertion(
             (zeros, i.e. the mean colour once normalised).
         tie_seeds: one seed per image to break ties at random (a constant map then scores as
             a random one, in expectation); None keeps row-major order.
+        progress: called with (perturbed images scored, their number) after every batch.
 
     Returns:
         A `DeletionInsertion` on the CPU.
@@ -444,6 +446,8 @@ def deletion_insertion(
             scores[start : start + len(item)] = _probabilities(
                 model, batch, targets[image], batch_size
             )
+            if progress:
+                progress(start + len(item), total)
     curves = scores.view(n, 2, points).cpu()
     fractions = counts.cpu().double().div(pixels).float()
     deletion, insertion = curves[:, 0], curves[:, 1]

@@ -67,7 +67,7 @@ class ReportOptions:
     """Everything that changes the numbers (a rerun must match them to reuse finished work)."""
 
     method: str = "gradcam"
-    deletion: str = "all"  # which maps get deletion/insertion: all, default (last CAM), off
+    deletion: str = "default"  # maps with deletion/insertion: all, default (last CAM), off
     steps: int = 16
     baseline: str = "blur"
     batch_size: int = 16
@@ -121,6 +121,25 @@ def _number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
+class _Work:
+    """Progress through one checkpoint's share of a chunk, counted in forward-pass equivalents
+    (a backward costs about two forwards), reported as a fraction of that share."""
+
+    def __init__(self, report: Callable[[float], None] | None, total: float) -> None:
+        self.report, self.total, self.done = report, max(total, 1.0), 0.0
+
+    def part(self, units: float) -> Callable[[int, int], None]:
+        """A (done, of) callback for a step worth `units`, e.g. `deletion_insertion`'s."""
+        start = self.done
+        self.done += units
+
+        def step(done: int, of: int) -> None:
+            if self.report:
+                self.report(min(1.0, (start + units * done / max(of, 1)) / self.total))
+
+        return step
+
+
 def _chunk_rows(
     ckpt_name: str,
     ckpt,
@@ -131,33 +150,59 @@ def _chunk_rows(
     boxes: list[list | None],
     sanity_rows: list[int],
     options: ReportOptions,
+    advance: Callable[[float], None] | None = None,
 ) -> dict[str, list[dict]]:
-    """Every row one checkpoint gives for one decoded batch."""
+    """Every row one checkpoint gives for one decoded batch; `advance(fraction)` as it goes."""
     from .cam import analyze
-    from .localization import box_iou, energy_pointing_game, pointing_game
-    from .metrics import agreement_batch, deletion_insertion, random_saliency, seed_of
-    from .sanity import cascading_randomisation
+    from .metrics import random_saliency, seed_of
+    from .sanity import randomisation_steps
 
-    model = ckpt.model
-    known = all(label is not None for label in labels)
-    target = torch.tensor(labels) if known else None
-    analysis = analyze(model, x, target, method=options.method)
-    predicted = analysis.logits.argmax(1)
+    n, size = len(names), x.shape[-1]
+    target = torch.tensor(labels) if all(label is not None for label in labels) else None
+    seeds = [seed_of(name, options.seed) for name in names]
+    deletion = options.deletion != "off"
+    per_map = 2 * options.steps + 3  # forwards per image and map (see deletion_insertion)
+    sanity_units = 3 * len(sanity_rows) * len(randomisation_steps(ckpt.model))
+    # the CAM layers and gates are known only after the pass: count two maps until then
+    work = _Work(advance, 3 * n + (2 * n * per_map if deletion else 0) + sanity_units)
+    analysis = analyze(ckpt.model, x, target, method=options.method)
+    work.part(3 * n)(1, 1)
     maps = map_tensors(analysis)
-    size = x.shape[-1]
-    seeds = [seed_of(n, options.seed) for n in names]
     maps["random"] = ("random", 0, "", random_saliency(seeds, (size, size)))
     default = _default_map(maps)
-    chosen = {"all": list(maps), "default": [default, "random"], "off": []}[options.deletion]
-    causal = {}
-    for name in chosen:
-        if name is None:
-            continue
-        causal[name] = deletion_insertion(
-            model, x, maps[name][3], analysis.target, steps=options.steps,
-            batch_size=max(options.batch_size, 2 * (options.steps + 1)),
-            baseline=options.baseline, tie_seeds=seeds,
-        )  # fmt: skip
+    picked = [m for m in (list(maps) if options.deletion == "all" else [default, "random"]) if m]
+    if deletion:
+        work.total += (len(picked) - 2) * n * per_map
+    causal = {
+        name: _deletion(ckpt.model, x, maps[name][3], analysis.target, seeds, options,
+                        work.part(n * per_map))
+        for name in (picked if deletion else [])
+    }  # fmt: skip
+    rows = _image_rows(ckpt_name, ckpt, analysis, maps, causal, default, names, label_texts,
+                       boxes, size, options, known=target is not None)  # fmt: skip
+    rows["sanity"] = _sanity_rows(ckpt_name, ckpt.model, x, analysis, maps, names,
+                                  sanity_rows, options, work.part(sanity_units))  # fmt: skip
+    return rows
+
+
+def _deletion(model, x, saliency, target, seeds, options: ReportOptions, progress):
+    from .metrics import deletion_insertion
+
+    return deletion_insertion(
+        model, x, saliency, target, steps=options.steps,
+        batch_size=max(options.batch_size, 2 * (options.steps + 1)),
+        baseline=options.baseline, tie_seeds=seeds, progress=progress,
+    )  # fmt: skip
+
+
+def _image_rows(
+    ckpt_name, ckpt, analysis, maps, causal, default, names, label_texts, boxes, size,
+    options: ReportOptions, *, known: bool,
+) -> dict[str, list[dict]]:  # fmt: skip
+    """The per-image and per-map rows of one checkpoint on one batch."""
+    from .metrics import agreement_batch
+
+    predicted = analysis.logits.argmax(1)
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
     agree = {
         name: agreement_batch(m, stage_cam[stage], top_k=options.top_k)
@@ -188,30 +233,47 @@ def _chunk_rows(
                 pearson, spearman, iou = (float(t[i]) for t in agree[name])
                 row.update(pearson=_number(pearson), spearman=_number(spearman), iou=_number(iou))
             if boxes[i] is not None:
-                row.update(
-                    pointing=_number(pointing_game(m[i], boxes[i], size)),
-                    energy=_number(energy_pointing_game(m[i], boxes[i], size)),
-                    box_iou=_number(box_iou(m[i], boxes[i], size)),
-                )
+                row.update(_localisation(m[i], boxes[i], size))
             per_map.append(row)
-    sanity = []
-    if sanity_rows:
-        pick = torch.tensor(sanity_rows)
+    return {"per_image": per_image, "per_map": per_map}
 
-        def maps_of(net, images, tgt):
-            found = map_tensors(analyze(net, images, tgt, method=options.method))
-            return {k: v[3] for k, v in found.items()}
 
-        trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
-        for step in cascading_randomisation(
-            model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained
-        ):
-            sanity.append({
-                "checkpoint": ckpt_name, "image": names[sanity_rows[step.image]],
-                "step": step.step, "randomised": step.randomised, "map": step.map,
-                "spearman": _number(step.spearman), "ssim": _number(step.ssim),
-            })  # fmt: skip
-    return {"per_image": per_image, "per_map": per_map, "sanity": sanity}
+def _localisation(m: Tensor, boxes: list, size: int) -> dict:
+    from .localization import box_iou, energy_pointing_game, pointing_game
+
+    return {
+        "pointing": _number(pointing_game(m, boxes, size)),
+        "energy": _number(energy_pointing_game(m, boxes, size)),
+        "box_iou": _number(box_iou(m, boxes, size)),
+    }
+
+
+def _sanity_rows(
+    ckpt_name, model, x, analysis, maps, names, sanity_rows, options: ReportOptions, progress
+) -> list[dict]:
+    """The cascading randomisation check on the chunk's first `--sanity` images."""
+    from .cam import analyze
+    from .sanity import cascading_randomisation
+
+    if not sanity_rows:
+        return []
+    pick = torch.tensor(sanity_rows)
+
+    def maps_of(net, images, tgt):
+        found = map_tensors(analyze(net, images, tgt, method=options.method))
+        return {k: v[3] for k, v in found.items()}
+
+    trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
+    steps = cascading_randomisation(
+        model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained,
+        progress=progress,
+    )  # fmt: skip
+    return [
+        {"checkpoint": ckpt_name, "image": names[sanity_rows[step.image]], "step": step.step,
+         "randomised": step.randomised, "map": step.map, "spearman": _number(step.spearman),
+         "ssim": _number(step.ssim)}
+        for step in steps
+    ]  # fmt: skip
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -246,9 +308,13 @@ def _preprocess_key(ckpt) -> str:
 
 
 def _run_chunk(
-    items, inputs: ReportInputs, options: ReportOptions, device: torch.device
+    items,
+    inputs: ReportInputs,
+    options: ReportOptions,
+    device: torch.device,
+    advance: Callable[[float], None] | None = None,
 ) -> dict[str, list[dict]]:
-    """All rows of one chunk (decoded `items`) for every checkpoint."""
+    """All rows of one chunk (decoded `items`) for every checkpoint; `advance(fraction)`."""
     from .cli import label_of
 
     result: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
@@ -262,7 +328,8 @@ def _run_chunk(
     if not good:
         return result
     names = [inputs.images[i][1] for i, *_ in good]
-    for ckpt_name, _, ckpt in inputs.checkpoints:
+    models = len(inputs.checkpoints)
+    for c, (ckpt_name, _, ckpt) in enumerate(inputs.checkpoints):
         key = _preprocess_key(ckpt)
         x = torch.stack([tensors[key] for _, tensors, _, _ in good]).to(device)
         labels = [inputs.images[i][2] for i, *_ in good]
@@ -276,7 +343,9 @@ def _run_chunk(
             mapped = [ckpt.preprocess.map_box(b, size) for b in raw]
             boxes.append([b for b in mapped if b is not None])
         sanity = [k for k, (i, *_) in enumerate(good) if i < options.sanity]
-        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, sanity, options)
+        share = None if advance is None else (lambda f, c=c: advance((c + f) / models))
+        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, sanity, options,
+                           share)  # fmt: skip
         for key_, value in rows.items():
             result[key_] += value
     return result
@@ -369,7 +438,7 @@ def run_report(
     overwrite: bool = False,
     workers: int = 0,
     device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, int], None] | None = None,
     ranks: Ranks | None = None,
 ) -> dict[str, list[dict]] | None:
     """Run the report's measurements; rank 0 gets every rank's rows (the report is written apart).
@@ -381,7 +450,8 @@ def run_report(
         overwrite: clear earlier parts.
         workers: DataLoader worker processes for decoding (0: decode in this process).
         device: "cpu" or "cuda".
-        progress: called with (images done, images of this rank) after each chunk.
+        progress: called with (images done, images of this rank) as the work goes; within a
+            chunk the count is fractional (the share of the chunk's forward passes done).
         ranks: this process among the ranks of a torchrun job; default alone.
 
     Returns:
@@ -461,11 +531,21 @@ def _run_chunks(inputs, options, parts: Path, workers, device, progress, ranks: 
     if progress:
         progress(finished, total)
     for items in loader:
-        _write_json(_part_path(parts, items[0][0]), _run_chunk(items, inputs, options, dev))
+        rows = _run_chunk(
+            items, inputs, options, dev, _within(progress, finished, len(items), total)
+        )
+        _write_json(_part_path(parts, items[0][0]), rows)
         finished += len(items)
         if progress:
             progress(finished, total)
     return [c[0] for c in mine]
+
+
+def _within(progress, before: int, size: int, total: int) -> Callable[[float], None] | None:
+    """A chunk's `advance(fraction)` as the run's `progress(images done, total)`."""
+    if progress is None:
+        return None
+    return lambda fraction: progress(before + fraction * size, total)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -496,9 +576,11 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
                              "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
     report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
                         help="CAM method (default: gradcam)")  # fmt: skip
-    report.add_argument("--deletion", default="all", choices=DELETION_CHOICES,
-                        help="maps scored by deletion/insertion: all, default (last stage's CAM "
-                             "and random), off (default: all)")  # fmt: skip
+    report.add_argument("--deletion", default="default", choices=DELETION_CHOICES,
+                        help="maps scored by deletion/insertion: default (the last stage's CAM "
+                             "and the random map), all (every CAM and attention map: 13 maps "
+                             "for a ResNet + CBAM), off. Cost: 2*steps+3 forward passes per "
+                             "map and image (35 at --steps 16; default: default)")  # fmt: skip
     report.add_argument("--steps", type=int_in("--steps", 1, 1024), default=16,
                         help="deletion/insertion steps (default: 16)")  # fmt: skip
     report.add_argument("--baseline", default="blur", choices=BASELINES,
@@ -506,7 +588,9 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
     report.add_argument("--batch-size", type=int_in("--batch-size", 1, 4096), default=16,
                         help="images per chunk and batch (default: 16)")  # fmt: skip
     report.add_argument("--sanity", type=int_in("--sanity", 0, 10**9), default=32, metavar="N",
-                        help="images for the randomisation check, the first N (default: 32)")  # fmt: skip
+                        help="images for the randomisation check, the first N (default: 32). "
+                             "Cost: a forward and a backward per image and randomisation step "
+                             "(ResNet-18: 11 steps, about 33 forward passes per image); 0: off")  # fmt: skip
     report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
     report.add_argument("--workers", type=int_in("--workers", 0, 64),
                         default=max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -641,9 +725,12 @@ def report_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
     )  # fmt: skip
     ranks = start_distributed(args.device)
-    bar = tqdm(total=0, unit="img", disable=ranks.rank != 0, desc="report", file=sys.stderr)
+    # images done, fractional inside a chunk, so the bar and the time left move per image
+    bar = tqdm(total=0, disable=ranks.rank != 0, desc="report", file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} images "
+                          "[{elapsed}<{remaining}]")  # fmt: skip
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: float, total: int) -> None:
         bar.total, bar.n = total, done
         bar.refresh()
 

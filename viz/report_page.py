@@ -424,11 +424,19 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     failed = sorted({r["image"] for r in rows["per_image"] if r.get("error")})
     header = ["model", "map", "metric", "n", "mean [95% CI]"]
     model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
+    deletion = {"all": "every map", "default": "the last stage's CAM and the random map",
+                "off": "no map"}[options.deletion]  # fmt: skip
+    checked = min(options.sanity, len(inputs.images))
+    sanity = (
+        "no sanity check" if checked == 0
+        else f"sanity check on all {checked} images" if checked == len(inputs.images)
+        else f"sanity check on the first {checked} images"
+    )  # fmt: skip
     intro = (
         f"{len(inputs.images)} images, {len(names)} checkpoint(s), CAM method "
-        f"{options.method}, deletion/insertion on {options.deletion} maps with {options.steps} "
-        f"steps ({options.baseline} baseline), sanity check on the first {options.sanity} "
-        f"images, {world} process(es). Intervals: 95% percentile bootstrap over images."
+        f"{options.method}, deletion/insertion on {deletion} with {options.steps} "
+        f"steps ({options.baseline} baseline), {sanity}, {world} process(es). "
+        "Intervals: 95% percentile bootstrap over images."
     )
     md = [
         "# Attention Lens data-set report", "", _md_escape(intro), "",

@@ -157,6 +157,7 @@ def cascading_randomisation(
     seed: int = 0,
     steps: list[str] | None = None,
     original: dict[str, Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[SanityStep]:
     """Compare every map of the trained `model` with the same map after each randomisation step.
 
@@ -170,6 +171,7 @@ def cascading_randomisation(
         steps: parameter groups in the order to randomise; default `randomisation_steps`.
         original: the trained model's maps of `x`, when the caller has them already (saves
             a forward and a backward); default `maps_of` on the trained copy.
+        progress: called with (steps done, steps) after every step.
 
     Returns:
         A `SanityStep` per step, image and map (maps missing after a step are skipped).
@@ -191,4 +193,6 @@ def cascading_randomisation(
                     SanityStep(k, group, i, name, spearman(before[i], after[i]),
                                ssim(before[i], after[i]))
                 )  # fmt: skip
+        if progress:
+            progress(k + 1, len(groups))
     return rows
