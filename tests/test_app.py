@@ -520,3 +520,22 @@ def test_comparison_has_its_own_stage(app, monkeypatch):
     ).set_value(["layer4"]).run()
     assert_clean(at)
     assert seen[-1] == 2
+
+
+def test_addresses_in_file_text_are_shown_but_never_linked(tmp_path, monkeypatch):
+    from tests.test_session import autolinks
+
+    names = [f"https://evil.example/{i} www.evil{i}.example x{i}@evil.example" for i in range(10)]
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "links.safetensors", build_model(18, "cbam", num_classes=10).eval(),
+                    class_names=names, metadata={"name": "www.evil.example model"})  # fmt: skip
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert_clean(at)
+    shown = [e.value for e in (*at.markdown, *at.caption, *at.sidebar.markdown)]
+    shown += [o for r in at.radio for o in r.options]
+    text = "\n".join(shown)
+    assert "evil.example" in text  # on the page as text...
+    assert autolinks(text) == []  # ...with nothing GFM would turn into a link
+    st.cache_resource.clear()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models import build_model, load_checkpoint, save_checkpoint
 from models.zoo import CHECKPOINT_DIR_ENV, checkpoint_dir, default_checkpoint, embedded_checkpoints
-from tests.conftest import ROOT, randomize_bn
+from tests.conftest import ROOT, plain, randomize_bn
 from viz.cam import analyze
 from viz.session import (
     analyze_images,
@@ -153,3 +153,30 @@ def test_sample_images_with_labels():
     assert by_name["tench_12881.jpg"] == "tench"
     assert by_name["english_springer_4972.jpg"] == "English springer"
     assert sample_images(ROOT / "no such folder") == []
+
+
+# the patterns GitHub-flavoured Markdown (remark-gfm, as Streamlit renders) turns into links,
+# matched on the text after backslash escapes are undone
+GFM_AUTOLINKS = [
+    r"(?i)(https?://|www(?=\.))[-.\w]+",
+    r"(?i)(mailto:|xmpp:)?[-.\w+]+@[-\w]+(\.[-\w]+)+",
+]
+
+
+def autolinks(markdown: str) -> list[str]:
+    import re
+
+    text = plain(markdown)
+    return [m.group(0) for p in GFM_AUTOLINKS for m in re.finditer(p, text)]
+
+
+def test_md_text_leaves_no_bare_address_to_autolink():
+    from viz.session import md_text
+
+    hostile = ["see https://evil.example/x", "WWW.evil.example", "mail me: bob@evil.example",
+               "http://a.b https://c.d", "mailto:x@y.z"]  # fmt: skip
+    for text in hostile:
+        assert autolinks(text), text  # the pattern finds them in the raw text...
+        shown = md_text(text)
+        assert autolinks(shown) == [], shown  # ...and none once made literal
+        assert plain(shown).replace("\u200b", "") == text  # the same characters on screen

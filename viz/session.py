@@ -79,6 +79,10 @@ def check_upload_size(size: int, limit: int, name: str = "file") -> None:
 
 _MARKUP = re.compile(r"([\\`*_{}\[\]()#+\-!|<>$~:&])")
 _LIST_START = re.compile(r"^(\d+)\.")
+# GFM turns bare addresses into links after escapes are undone ("http\\://x" is still one),
+# so the text itself is broken with a zero-width space where an autolink would start
+_AUTOLINK_START = re.compile(r"(?i)(https?|ftp|mailto|xmpp|www)(?=[:.])|(@)")
+_ZERO_WIDTH_SPACE = "\u200b"
 
 
 def md_text(value: object, limit: int = 200) -> str:
@@ -86,12 +90,14 @@ def md_text(value: object, limit: int = 200) -> str:
 
     Strings from files (class names, labels, file names, metadata, error messages quoting a
     file) must never become links, images, HTML, LaTeX or emoji on the page: every character
-    Markdown gives a meaning is backslash-escaped, whitespace runs become one space, and the
-    text is cut to `limit` characters.
+    Markdown gives a meaning is backslash-escaped, a zero-width space keeps bare addresses
+    (`https://…`, `www.…`, `a@b.c`) from being autolinked, whitespace runs become one space,
+    and the text is cut to `limit` characters.
     """
     text = " ".join(str(value).split())
     if len(text) > limit:
         text = text[: limit - 1] + "…"
+    text = _AUTOLINK_START.sub(lambda m: m.group(0) + _ZERO_WIDTH_SPACE, text)
     return _LIST_START.sub(r"\1\\.", _MARKUP.sub(r"\\\1", text))
 
 
