@@ -12,6 +12,7 @@ ATTENTION_LENS_PLUGINS lists the operator's plugins (`models.plugins`), loaded o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Callable
@@ -62,6 +63,7 @@ from viz.session import (
     describe_checkpoint,
     digest,
     md_text,
+    parse_class_names,
     safe_stem,
     sample_images,
     stack_analyses,
@@ -71,7 +73,9 @@ from viz.session import (
 SAMPLES = Path(__file__).resolve().parent / "samples"
 DEFAULT_SAMPLE = "english_springer_4972.jpg"
 USER_ERRORS = (CheckpointError, ImageError, ValueError, OSError)
-CMAPS = (DEFAULT_CMAP, "viridis", "inferno", "magma", "cividis", "turbo", "gray")
+CMAPS = tuple(
+    dict.fromkeys((DEFAULT_CMAP, "viridis", "inferno", "magma", "cividis", "turbo", "gray"))
+)
 MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}  # FORMATS
 SCREEN_DPI = 150  # on screen; downloads use figure_bytes at 300 dpi
 OTHER = -1  # the "another class" choice of the target radio
@@ -251,10 +255,37 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
         st.session_state["model"] = first.label if first and first.label in labels else labels[0]
     label = picker.selectbox("Model in use", labels, key="model")
     with st.spinner(f"Loading {label}…"):
-        ckpt = models[label].load()
+        ckpt = with_class_names(models[label].load())
+    class_names_box(ckpt, errors)
+    ckpt = with_class_names(ckpt)
     rows = describe_checkpoint(ckpt, source=models[label].source)
     picker.markdown("  \n".join(f"**{k}**: {md_text(v)}" for k, v in rows.items()))
     return label, ckpt, models
+
+
+def with_class_names(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint with the class names this session gave it, if any (the model is shared)."""
+    names = state("class_names", {}).get(ckpt.sha256)
+    return ckpt if names is None else dataclasses.replace(ckpt, class_names=names)
+
+
+def class_names_box(ckpt: Checkpoint, errors) -> None:
+    """Sidebar: give a model its class names (a state dict often has none: "class 0", ...)."""
+    generic = ckpt.class_names == [f"class {i}" for i in range(len(ckpt.class_names))]
+    given: dict = state("class_names", {})
+    with st.sidebar.expander("Class names", expanded=generic and ckpt.sha256 not in given):
+        upload = st.file_uploader(
+            f"A text file, one name per line ({len(ckpt.class_names)} lines)", type=["txt"],
+            key=f"names_file:{ckpt.sha256[:16]}", max_upload_size=1,
+        )  # fmt: skip
+        if upload is None or st.session_state.get("names_seen") == upload.file_id:
+            return
+        st.session_state["names_seen"] = upload.file_id
+        try:
+            text = upload.getvalue().decode("utf-8-sig")
+            given[ckpt.sha256] = parse_class_names(text, len(ckpt.class_names), upload.name)
+        except (UnicodeDecodeError, ValueError) as exc:
+            errors.error(md_text(f"{upload.name}: {exc}"))
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -262,10 +293,11 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
 
 def choose_images(errors) -> list[ImageItem]:
     st.sidebar.header("Images")
-    uploads = st.sidebar.file_uploader(
-        "Upload images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images"
-    )
     limits = policy()
+    uploads = st.sidebar.file_uploader(
+        "Upload images", type=list(IMAGE_TYPES), accept_multiple_files=True, key="images",
+        max_upload_size=max(1, limits.max_image_bytes // 2**20),
+    )  # fmt: skip
     uploads = list(uploads or [])
     if len(uploads) > limits.max_images:
         errors.warning(
@@ -633,16 +665,16 @@ def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
 
 def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors) -> None:
     st.markdown(
-        "The CBAM paper's comparison: Grad-CAM of the last stage, one row per model, and the "
-        "softmax score P of each column's class (the class chosen for that image, else the "
-        "prediction of the model in use)."
+        f"The CBAM paper's comparison: {CAM_METHODS[method].label} of the last stage, one row "
+        "per model, and the softmax score P of each column's class (the class chosen for that "
+        "image, else the prediction of the model in use)."
     )
     picked = st.multiselect("Models side by side", list(models), default=[label], key="compare")
     if not picked:
         st.info("Pick at least one model.")
         return
     # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
-    loaded = {name: models[name].load() for name in picked}
+    loaded = {name: with_class_names(models[name].load()) for name in picked}
     picked = sorted(picked, key=lambda name: comparison_order(loaded[name]))
     classes = column_classes(ckpt, items, loaded, method, layers, errors)
     stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",

@@ -539,3 +539,31 @@ def test_addresses_in_file_text_are_shown_but_never_linked(tmp_path, monkeypatch
     assert "evil.example" in text  # on the page as text...
     assert autolinks(text) == []  # ...with nothing GFM would turn into a link
     st.cache_resource.clear()
+
+
+def test_a_state_dict_gets_its_class_names_from_a_file(app, tmp_path):
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(build_model(18, "cbam", num_classes=10).state_dict(), buf)  # no class names
+    at = app.run()
+    at.sidebar.file_uploader(key="ckpt_upload").set_value(
+        ("mine.pth", buf.getvalue(), "application/octet-stream")
+    ).run()
+    assert_clean(at)
+    assert "class " in prediction(at)  # "class 3": the file carried no names
+    box = next(u for u in at.sidebar.file_uploader if u.key.startswith("names_file:"))
+    box.set_value(("names.txt", "\n".join(CLASSES[:9]).encode(), "text/plain")).run()
+    assert any("9 names for a model of 10 classes" in e.value for e in at.error)
+    box = next(u for u in at.sidebar.file_uploader if u.key.startswith("names_file:"))
+    box.set_value(("names2.txt", "\n".join(CLASSES).encode(), "text/plain")).run()
+    assert not at.exception
+    assert any(name in prediction(at) for name in CLASSES)
+
+
+def test_sidebar_lists_each_colour_map_once_and_the_comparison_names_its_method(app):
+    at = app.run()
+    cmaps = at.sidebar.selectbox(key="cmap").options
+    assert len(cmaps) == len(set(cmaps)) and "inferno" in cmaps
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
+    assert_clean(at)
+    assert any("Grad-CAM++ of the last stage" in m.value for m in at.markdown)

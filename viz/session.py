@@ -37,6 +37,7 @@ __all__ = [
     "digest",
     "md_text",
     "find_classes",
+    "parse_class_names",
     "safe_stem",
     "sample_images",
     "stack_analyses",
@@ -99,6 +100,24 @@ def md_text(value: object, limit: int = 200) -> str:
         text = text[: limit - 1] + "…"
     text = _AUTOLINK_START.sub(lambda m: m.group(0) + _ZERO_WIDTH_SPACE, text)
     return _LIST_START.sub(r"\1\\.", _MARKUP.sub(r"\\\1", text))
+
+
+def parse_class_names(text: str, count: int, source: str = "class names") -> list[str]:
+    """Class names given by a user, one per line (a `.txt` file or a typed list) -> names.
+
+    Raises:
+        ValueError: not exactly `count` non-empty lines, a name repeated or over 200 characters.
+    """
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != count:
+        raise ValueError(f"{source}: {len(names)} names for a model of {count} classes")
+    long = next((n for n in names if len(n) > 200), None)
+    if long is not None:
+        raise ValueError(f"{source}: a name of {len(long)} characters (200 at most)")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"{source}: {repeated!r} is given twice")
+    return names
 
 
 def safe_stem(name: str, default: str = "image") -> str:
