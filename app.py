@@ -601,10 +601,11 @@ def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
     prefix = f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}"
     if rows:
         table = pd.DataFrame(
-            [(m, layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()))
+            [(m, layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()),
+              "" if a.reason is None else f"n/a: {a.reason}")
              for m, layer, a in rows],
             columns=["attention module", f"{an.method_label} layer", "Pearson", "Spearman",
-                     "IoU (top 20%)", "cells"],
+                     "IoU (top 20%)", "cells", "note"],
         )  # fmt: skip
         st.dataframe(
             table,

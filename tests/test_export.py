@@ -596,6 +596,7 @@ def test_the_bundle_follows_its_settings(cbam):
     options = json.loads(files["manifest.json"])["options"]
     assert options["cam_method"] == "gradcam++" and options["cmap"] == "viridis"
     assert options["alpha"] == 0.7 and options["scale"] == "per-map" and options["dpi"] == 80
+    assert options["scale_drawn"]["overview"] == "per-map"
     assert options["width_inches"] == pytest.approx(3.3) and options["render"] == "cells"
     pil = load_image(png)
     analysis = analyze_images(cbam, [pil], method="gradcam++")
@@ -619,6 +620,14 @@ def test_settings_are_checked_in_one_line():
         with pytest.raises(ExportError) as info:
             FigureSettings(**bad)
         assert "\n" not in str(info.value)
+
+
+def test_the_manifest_says_which_figures_follow_the_shared_scale():
+    from viz.export import scales_drawn
+
+    drawn = scales_drawn(["overview", "gradcam", "model-grid", "class-stats"], "shared")
+    assert drawn["overview"] == drawn["class-stats"] == "shared"
+    assert drawn["gradcam"].startswith("per-map") and drawn["model-grid"].startswith("per-map")
 
 
 def test_cli_settings_flags_reach_the_manifest_and_the_maps(ckpts, image_dir, tmp_path, capsys):

@@ -158,6 +158,30 @@ def test_attention_vs_gradcam_builds(analyses, crop, kind):
     assert f"target: k{target}, P={float(analysis.target_probs[0]):.5f}" in _texts(fig)
 
 
+@pytest.mark.parametrize("width", ["single", "double"])
+def test_attention_vs_gradcam_draws_a_block_layer_beside_the_stage_layers(images, crop, width):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(18, "cbam", num_classes=7)).eval()
+    both = analyze(model, PREPROCESS.batch(images), cam_layers=["layer4.0", "layer4"])
+    fig = attention_vs_gradcam(crop, both, width=width)
+    texts = _texts(fig)
+    assert any("layer4.0" in t for t in texts) and any(
+        t.startswith("stage 4 · layer4\n") for t in texts
+    )
+    assert sum(t.startswith("Pearson r") for t in texts) == 2  # each against the stage's M_s
+    assert _image_count(fig) == 4
+
+
+def test_a_constant_cam_says_why_it_has_no_agreement(analyses, crop):
+    import dataclasses
+
+    an = analyses["cbam"]
+    flat = dataclasses.replace(an, cams={**an.cams, "layer1": torch.zeros_like(an.cams["layer1"])})
+    texts = _texts(attention_vs_gradcam(crop, flat))
+    assert any(t.startswith("agreement n/a:\nconstant CAM") for t in texts)
+    assert not any("nan" in t for t in texts)
+
+
 def test_model_grid_mixes_depths_and_attention(images):
     crops = [PREPROCESS.crop_image(im) for im in images]
     rows = [

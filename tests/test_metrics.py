@@ -63,13 +63,15 @@ def test_agreement_across_resolutions_and_numpy(smooth_map):
 
 def test_constant_map_gives_nan_without_raising(smooth_map):
     result = agreement(torch.full((6, 5), 0.3), smooth_map)
-    assert math.isnan(result.pearson) and math.isnan(result.spearman)
-    # every pixel is in the constant map's top region with weight top_k: the chance level
-    assert result.iou == pytest.approx(0.2 / (2 - 0.2), abs=0.01)
+    # a constant map has no correlation and no top region: every score n/a, and why
+    assert all(math.isnan(v) for v in (result.pearson, result.spearman, result.iou))
+    assert result.constant == ("attention",) and result.reason == "constant attention map"
     both = agreement(np.zeros((3, 3)), np.zeros((4, 4)))
-    assert math.isnan(both.pearson) and both.iou == pytest.approx(1.0)
+    assert math.isnan(both.iou) and both.reason == "constant attention map and CAM"
     broken = agreement(torch.tensor([[1.0, float("nan")], [0.0, 2.0]]), smooth_map)
     assert all(math.isnan(v) for v in (broken.pearson, broken.spearman, broken.iou))
+    assert broken.reason == "nan or infinite values"
+    assert agreement(smooth_map, smooth_map).reason is None
 
 
 def test_spearman_invariant_to_monotone_transform_pearson_not(smooth_map):

@@ -352,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--alpha", type=float, default=0.5,
                         help="opacity of the maps over the image, 0..1 (default: 0.5)")  # fmt: skip
     export.add_argument("--scale", choices=["shared", "per-map"], default="shared",
-                        help="one colour scale with real values, or each map's own min-max "
-                             "(default: shared)")  # fmt: skip
+                        help="overview and class-stats: one colour scale with real values, or "
+                             "each map's own min-max (default: shared). gradcam and model-grid "
+                             "always scale each CAM to its own min-max; the manifest records "
+                             "each figure's scale (scale_drawn)")  # fmt: skip
     export.add_argument("--render", choices=["smooth", "cells"], default="smooth",
                         help="maps enlarged smoothly (bilinear), or as cells with the grid drawn, "
                              "the resolution the network computed at (default: smooth)")  # fmt: skip

@@ -645,6 +645,21 @@ def image_bundle(
     return files
 
 
+# how each figure scales its colours; only these follow --scale (shared | per-map)
+FIGURE_SCALES = {
+    "channels": "fixed 0-1 (sigmoid weights)",
+    "gradcam": "per-map (each map its own min-max: CAMs of different layers share no unit)",
+    "model-grid": "per-map (each map its own min-max: CAMs of different networks share no unit)",
+    "bam-hierarchy": "per-row (F and F' shared)",
+}
+SCALED_FIGURES = ("overview", "class-stats")
+
+
+def scales_drawn(figures: Sequence[str], scale: str) -> dict[str, str]:
+    """{figure: the colour scale it was drawn with}, recorded beside the --scale setting."""
+    return {f: scale if f in SCALED_FIGURES else FIGURE_SCALES.get(f, scale) for f in figures}
+
+
 def export_options(
     figures: Sequence[str],
     formats: Sequence[str],
@@ -652,11 +667,12 @@ def export_options(
     target: object,
     **extra: Any,
 ) -> dict:
-    """The options recorded in a manifest (what, with which settings)."""
+    """The options recorded in a manifest (what, with which settings, each figure's scale)."""
     return {
         "figures": list(figures),
         "formats": list(formats),
         "target": target,
         **settings.to_dict(),
+        "scale_drawn": scales_drawn(figures, settings.scale),
         **extra,
     }

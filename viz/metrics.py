@@ -67,14 +67,27 @@ class Agreement:
         pearson: linear correlation of the values, in [-1, 1]; nan when a map is constant.
         spearman: correlation of the ranks (ties share their average rank), in [-1, 1];
             nan when a map is constant.
-        iou: intersection over union of the two top-k regions, in [0, 1].
+        iou: intersection over union of the two top-k regions, in [0, 1]; nan when a map is
+            constant (it has no top region), so every score counts the same maps.
         top_k: the fraction of pixels that made each top-k region.
+        constant: which maps were constant ("attention", "cam"): the reason for the nans.
     """
 
     pearson: float
     spearman: float
     iou: float
     top_k: float
+    constant: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str | None:
+        """Why the scores are n/a ("constant attention map"), None when they are defined."""
+        if self.constant:
+            names = {"attention": "attention map", "cam": "CAM"}
+            return "constant " + " and ".join(names[c] for c in self.constant)
+        if any(math.isnan(v) for v in (self.pearson, self.spearman, self.iou)):
+            return "nan or infinite values"
+        return None
 
 
 def _as_tensor(m: Tensor | np.ndarray) -> Tensor:
@@ -109,10 +122,8 @@ def _ranks(v: Tensor) -> Tensor:
     return average[inverse]
 
 
-def _top_k_membership(v: Tensor, k: int, constant: bool) -> Tensor:
+def _top_k_membership(v: Tensor, k: int) -> Tensor:
     """Membership in [0, 1] of the k largest values; pixels tied at the cut share what is left."""
-    if constant:
-        return torch.full_like(v, k / v.numel())
     cut = torch.topk(v, k).values[-1]
     above, tied = v > cut, v == cut
     share = (k - int(above.sum())) / int(tied.sum())
@@ -139,12 +150,12 @@ def agreement(
             the region holds round(top_k * H * W) pixels (at least one).
 
     Returns:
-        An `Agreement`. A map that is constant (up to float32 rounding) has no correlation:
-        pearson and spearman are nan, and its top-k region is undefined, so every pixel
-        belongs to it with weight k / (H * W), about top_k (its IoU is the chance level). Likewise pixels tied
-        at the top-k cut share the remaining membership equally (fuzzy IoU, sum of minima
-        over sum of maxima), so the IoU never depends on the pixel order. Maps holding nan or
-        infinite values give nan everywhere. Nothing here raises for such maps.
+        An `Agreement`. A map that is constant (up to float32 rounding), such as an untrained
+        gate or an all-zero CAM, has no correlation and no top region: all three scores are
+        nan and `constant` names it. Pixels tied at the top-k cut share the remaining
+        membership equally (fuzzy IoU, sum of minima over sum of maxima), so the IoU never
+        depends on the pixel order. Maps holding nan or infinite values give nan everywhere.
+        Nothing here raises for such maps.
 
     Raises:
         ValueError: a map is not 2-D, `size` is not two positive integers, or `top_k` is
@@ -164,11 +175,11 @@ def agreement(
         return Agreement(math.nan, math.nan, math.nan, top_k)
     const_a, const_b = _is_constant(a), _is_constant(b)
     if const_a or const_b:
-        pearson = spearman = math.nan
-    else:
-        pearson, spearman = _pearson(a, b), _pearson(_ranks(a), _ranks(b))
+        which = tuple(name for name, c in (("attention", const_a), ("cam", const_b)) if c)
+        return Agreement(math.nan, math.nan, math.nan, top_k, which)
+    pearson, spearman = _pearson(a, b), _pearson(_ranks(a), _ranks(b))
     k = max(1, round(top_k * a.numel()))
-    ma, mb = _top_k_membership(a, k, const_a), _top_k_membership(b, k, const_b)
+    ma, mb = _top_k_membership(a, k), _top_k_membership(b, k)
     iou = float(torch.minimum(ma, mb).sum() / torch.maximum(ma, mb).sum())
     return Agreement(pearson, spearman, iou, top_k)
 
@@ -204,11 +215,11 @@ def agreement_batch(
     pearson = _pearson_rows(a, b)
     spearman = _pearson_rows(_rank_rows(a), _rank_rows(b))
     undefined = const_a | const_b
-    pearson[undefined] = math.nan
-    spearman[undefined] = math.nan
     k = max(1, round(top_k * a.shape[1]))
-    ma, mb = _top_k_rows(a, k, const_a), _top_k_rows(b, k, const_b)
+    ma, mb = _top_k_rows(a, k), _top_k_rows(b, k)
     iou = torch.minimum(ma, mb).sum(1) / torch.maximum(ma, mb).sum(1)
+    for score in (pearson, spearman, iou):  # a constant map: no score, as in `agreement`
+        score[undefined] = math.nan
     nan = torch.full_like(iou, math.nan)
     return (
         torch.where(finite, pearson, nan),
@@ -246,12 +257,11 @@ def _rank_rows(v: Tensor) -> Tensor:
     return ranks.scatter_(1, order, average.gather(1, run))
 
 
-def _top_k_rows(v: Tensor, k: int, constant: Tensor) -> Tensor:
+def _top_k_rows(v: Tensor, k: int) -> Tensor:
     cut = torch.topk(v, k, dim=1).values[:, -1:]
     above, tied = v > cut, v == cut
     share = (k - above.sum(1, keepdim=True)) / tied.sum(1, keepdim=True)
-    member = above.to(v.dtype) + tied.to(v.dtype) * share
-    return torch.where(constant[:, None], torch.full_like(v, k / v.shape[1]), member)
+    return above.to(v.dtype) + tied.to(v.dtype) * share
 
 
 def agreement_table(
@@ -263,8 +273,9 @@ def agreement_table(
     map of the last attention module at a level (CBAM: M_s after its sigmoid of the stage's
     last block, e.g. `layer2.1.cbam`; BAM: the spatial branch M_s of `bamK`, a logit —
     Spearman and IoU do not change under the sigmoid, Pearson does) is paired with the CAM of
-    the layer at the same level (`layer2`; `layerK`, which BAM follows). Stages whose CAM was
-    not computed are left out, as are channel-only modules (SE, ECA).
+    every CAM layer at the same level (`layer2`; `layerK`, which BAM follows; a block layer
+    such as `layer4.0` when it was asked for). Stages whose CAM was not computed are left out,
+    as are channel-only modules (SE, ECA).
 
     Args:
         analysis: from `viz.cam.analyze`.
@@ -284,13 +295,12 @@ def agreement_table(
     last: dict[int, AttentionRecord] = {}
     for rec in analysis.trace.spatial_records:
         last[rec.stage] = rec  # forward order: the stage's last module wins
-    cam_at = analysis.stage_cams()
     rows = []
     for stage, rec in last.items():
-        layer = cam_at.get(stage)
-        if layer is not None:
-            result = agreement(rec.spatial[index], analysis.cams[layer][index], top_k=top_k)
-            rows.append((rec.name, layer, result))
+        for layer in analysis.cams:  # every requested layer at this stage, block layers too
+            if analysis.cam_stages.get(layer) == stage:
+                result = agreement(rec.spatial[index], analysis.cams[layer][index], top_k=top_k)
+                rows.append((rec.name, layer, result))
     return rows
 
 

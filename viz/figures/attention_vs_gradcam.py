@@ -1,8 +1,13 @@
-"""Per stage: the attention map, the same stage's CAM, and how much they agree."""
+"""Per CAM layer: the attention map of its stage, the CAM, and how much they agree.
+
+At a single column the layers are rows (attention, CAM, numbers); from 5 inches on they are
+columns (attention above the CAM, numbers below), so a double-column figure uses its width.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,19 +17,54 @@ from torch import Tensor
 
 from ..maps import DEFAULT_CMAP, overlay
 from ..probes import kind_style
-from .canvas import (
-    Canvas,
-    as_image,
-    check_index,
-    literal,
-    spatial_map,
-    styled,
-)
+from .canvas import Canvas, as_image, check_index, figure_width, literal, spatial_map, styled
 
 if TYPE_CHECKING:
     from ..cam import Analysis
+    from ..metrics import Agreement
+    from ..trace import AttentionRecord
 
 __all__ = ["attention_vs_gradcam"]
+
+WIDE = 5.0  # inches from which the layers are laid out as columns
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One CAM layer of the figure with its stage's attention map and their agreement."""
+
+    stage: int
+    name: str
+    cam: Tensor  # (h, w)
+    attention: AttentionRecord | None
+    score: Agreement | None
+
+    @property
+    def heading(self) -> str:
+        return f"stage {self.stage} · {self.name}\n{self.cam.shape[-2]}×{self.cam.shape[-1]}"
+
+    def numbers(self, missing: str) -> str:
+        """The agreement as text (or why there is none)."""
+        if self.attention is None or self.score is None:
+            return missing
+        cells = self.attention.spatial[0].numel()
+        coarse = f"\nonly {cells} cells: coarse" if cells < 64 else f"\n{cells} cells"
+        if self.score.reason is not None:
+            return f"agreement n/a:\n{self.score.reason}{coarse}"
+        return (
+            f"Pearson r = {self.score.pearson:.2f}\nSpearman ρ = {self.score.spearman:.2f}\n"
+            f"IoU (top {self.score.top_k:.0%}) = {self.score.iou:.2f}{coarse}"
+        )
+
+
+def _layers(one: Analysis, top_k: float) -> list[_Layer]:
+    """Every CAM layer at stage >= 1 (block layers too), in stage order, with its agreement."""
+    from ..metrics import agreement_table
+
+    scores = {layer: (one.trace[name], s) for name, layer, s in agreement_table(one, top_k=top_k)}
+    named = [(one.cam_stages.get(n), n) for n in one.cams]
+    staged = sorted(((s, n) for s, n in named if s is not None and s >= 1), key=lambda t: t[0])
+    return [_Layer(s, n, one.cams[n][0], *scores.get(n, (None, None))) for s, n in staged]
 
 
 @styled
@@ -41,67 +81,79 @@ def attention_vs_gradcam(
     render: str = "smooth",
     title: str | None = None,
 ) -> Figure:
-    """Per stage: the attention map, that stage's Grad-CAM, and their agreement.
+    """Per CAM layer: its stage's attention map, the CAM, and their agreement.
 
     The attention map of stage s is the spatial map of its last module (CBAM: M_s of the last
     block; BAM: sigma(M_s) of the BAM after stage s). The agreement is
     `viz.metrics.agreement_table`'s: Pearson r, Spearman rho and the IoU of the two maps'
     top-`top_k` fractions (the same numbers as the app's agreement table; for BAM, Pearson is
-    taken on the logit M_s). Each map is scaled to its own min-max.
+    taken on the logit M_s); a constant map has none, and the figure says so. Each map is
+    scaled to its own min-max (CAMs of different layers and networks have no common unit).
 
     Args:
-        analysis: from `viz.cam.analyze`; one row per stage that has a CAM (`layer1`...`layer4`
-            for a ResNet, the stage layers of any network by default).
+        analysis: from `viz.cam.analyze`; every CAM layer at stage 1-4 is drawn, block layers
+            such as `layer4.0` beside the stage layers.
         class_names: names of the classes, to title the figure with the target and P.
         render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
             the grid drawn: the resolution the network computed at).
     """
-    from ..metrics import agreement_table
-
     img = as_image(image)
     check_index(index, analysis.logits.shape[0])
     one = analysis.select(index % analysis.logits.shape[0])
-    scores = {
-        layer: (one.trace[name], score) for name, layer, score in agreement_table(one, top_k=top_k)
-    }
-    stage_layers = [(s, layer) for s, layer in one.stage_cams().items() if s >= 1]
-    if not stage_layers:
+    layers = _layers(one, top_k)
+    if not layers:
         raise ValueError(f"attention_vs_gradcam needs CAMs at stages 1-4; got {sorted(one.cams)}")
-    target = int(one.target[0])
-    name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
-    name = literal(name)
-    canvas = Canvas(
-        width, [3] * len(stage_layers), left=0.3, footer=0.42, header=0.22, max_panel=1.3
-    )
     channel_only = sorted({kind_style(r.kind).label for r in one.trace if r.spatial is None})
-    for r, (stage, layer) in enumerate(stage_layers):
-        rec, score = scores.get(layer, (None, None))
-        if rec is None:
-            why = (
-                f"{'/'.join(channel_only)}: no spatial map"
-                if channel_only
-                else "no spatial\nattention"
-            )
-            canvas.note(r, 0, f"{why}\nin stage {stage}")
-            canvas.note(r, 2, "agreement:\nn/a")
-        else:
-            canvas.image(r, 0, overlay(img, spatial_map(rec)[0], cmap, alpha, render=render))
-            cells = rec.spatial[0].numel()
-            coarse = f"\nonly {cells} cells: coarse" if cells < 64 else f"\n{cells} cells"
-            canvas.ax.text(
-                canvas.box(r, 2)[0] + 0.02, canvas.box(r, 2)[1] + canvas.panel / 2,
-                f"Pearson r = {score.pearson:.2f}\nSpearman ρ = {score.spearman:.2f}\n"
-                f"IoU (top {score.top_k:.0%}) = {score.iou:.2f}{coarse}",
-                ha="left", va="center", fontsize=6,
-            )  # fmt: skip
-        cam = one.cams[layer][0]
-        canvas.image(r, 1, overlay(img, cam, cmap, alpha, render=render))
-        # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
-        canvas.left_of(r, 0, f"stage {stage} · {layer}\n{cam.shape[-2]}×{cam.shape[-1]}")
+    missing = (
+        f"{'/'.join(channel_only)}:\nno spatial map" if channel_only else "no spatial\nattention"
+    )
     symbols = {kind_style(r.kind).symbol for r in one.trace.spatial_records}
     attention = f"attention {symbols.pop()}".strip() if len(symbols) == 1 else "attention"
-    for col, text in enumerate((attention, one.method_label, "agreement")):
-        canvas.above(0, col, text)
+    draw = _columns if figure_width(width) >= WIDE else _rows
+    canvas = draw(img, layers, width, missing, (attention, one.method_label), cmap, alpha, render)
     canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
-    canvas.title(title or f"target: {name}, P={float(one.target_probs[0]):.5f}")
+    target = int(one.target[0])
+    name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
+    canvas.title(title or f"target: {literal(name)}, P={float(one.target_probs[0]):.5f}")
     return canvas.fig
+
+
+def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
+    """One row per layer: attention, CAM, numbers (a single column)."""
+    canvas = Canvas(width, [3] * len(layers), left=0.3, footer=0.42, header=0.22, max_panel=1.3)
+    for r, layer in enumerate(layers):
+        if layer.attention is None:
+            canvas.note(r, 0, f"{missing}\nin stage {layer.stage}")
+        else:
+            canvas.image(r, 0, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
+                                       render=render))  # fmt: skip
+        canvas.image(r, 1, overlay(img, layer.cam, cmap, alpha, render=render))
+        x, y, p = canvas.box(r, 2)
+        canvas.ax.text(x + 0.02, y + p / 2, layer.numbers("agreement:\nn/a"), ha="left",
+                       va="center", fontsize=6)  # fmt: skip
+        # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
+        canvas.left_of(r, 0, layer.heading)
+    for col, text in enumerate((*heads, "agreement")):
+        canvas.above(0, col, text)
+    return canvas
+
+
+def _columns(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
+    """One column per layer: attention above the CAM, the numbers below (double column)."""
+    n = len(layers)
+    canvas = Canvas(width, [n, n], left=0.3, head=0.3, foot=[0.03, 0.5], footer=0.45,
+                    header=0.22, max_panel=1.9)  # fmt: skip
+    for c, layer in enumerate(layers):
+        canvas.above(0, c, layer.heading, max_lines=2)
+        if layer.attention is None:
+            canvas.note(0, c, f"{missing}\nin stage {layer.stage}")
+        else:
+            canvas.image(0, c, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
+                                       render=render))  # fmt: skip
+        canvas.image(1, c, overlay(img, layer.cam, cmap, alpha, render=render))
+        x, y, p = canvas.box(1, c)
+        canvas.ax.text(x + p / 2, y - 0.03, layer.numbers("agreement: n/a"), ha="center",
+                       va="top", fontsize=6, multialignment="center")  # fmt: skip
+    for row, text in enumerate(heads):
+        canvas.left_of(row, 0, text)
+    return canvas

@@ -224,6 +224,7 @@ class Canvas:
         avail = self.width - left - 0.05 - gap * (ncols - 1) - extra
         self.panel = p = max(0.2, min(max_panel, avail / ncols))
         used = ncols * p + gap * (ncols - 1) + extra
+        self.used = used  # inches the panels take, from x0
         self.x0 = left + max(0.0, (self.width - left - 0.05 - used) / 2)
         self.gap, self.head, self.footer, self.header = gap, head, footer, header
         feet = [float(foot)] * len(counts) if isinstance(foot, (int, float)) else list(foot)
@@ -288,9 +289,9 @@ class Canvas:
         self.ax.text(x + p + 0.06, y + p / 2, text, ha="left", va="center", **kw)
 
     def colorbar(self, cmap: str, vmin: float, vmax: float, label: str) -> None:
-        """A horizontal colour bar centred in the footer (needs `footer` >= 0.4)."""
-        span = min(3.0, 0.7 * (self.width - self.x0))
-        x = (self.width + self.x0 - span) / 2
+        """A horizontal colour bar centred under the panels, in the footer (`footer` >= 0.4)."""
+        span = min(3.0, 0.7 * (self.width - self.x0), max(1.5, self.used))
+        x = min(max(0.05, self.x0 + (self.used - span) / 2), self.width - span - 0.05)
         rect = (
             x / self.width,
             (self.footer - 0.1) / self.height,
