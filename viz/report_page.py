@@ -232,6 +232,16 @@ def _distribution_figure(per_map: list[dict], checkpoints: Sequence[str]):
 
 
 @styled
+def _legend_label(checkpoint: str, map_name: str, inches: float = 3.1) -> str:
+    """`checkpoint · map` in one legend column (half the double width): a long checkpoint name
+    is cut, never the map's."""
+    from .figures.canvas import fit_text, literal, text_width
+
+    tail = f" · {map_name}"
+    room = max(0.6, inches - text_width(tail, 6.0))
+    return literal(fit_text(checkpoint, room, fontsize=6.0, min_size=6.0)[0]) + literal(tail)
+
+
 def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
     """Spearman and SSIM against the randomisation step: the last CAM and the attention mean."""
     from .figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
@@ -263,7 +273,7 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
                 xs = [r["step"] if named else r["step"] / last for r in pts]
                 ax.plot(xs, [r[metric] for r in pts], styles[i % 4],
                         color=colour, marker="o", markersize=2, linewidth=1,
-                        label=f"{ckpt} · {m}")  # fmt: skip
+                        label=_legend_label(ckpt, m))  # fmt: skip
         ax.axhline(0, color="#bbbbbb", linewidth=0.5)
         if named:
             ax.set_xticks(range(len(known[0])))

@@ -161,6 +161,12 @@ def colorbar(fig: Figure, axes, cmap: str, vmin: float, vmax: float, label: str,
 
 
 CHAR_WIDTH = 0.56  # average glyph width of DejaVu Sans, in ems: a safe estimate for labels
+BOLD_WIDTH = 1.15  # DejaVu Sans Bold is this much wider
+
+
+def fits_bold(text: str, inches: float) -> bool:
+    """Whether bold `text` fits `inches` on one line, at least at the 6-pt minimum."""
+    return text_width(text, 6.0) * BOLD_WIDTH <= inches
 
 
 def _shown_length(line: str) -> int:
@@ -255,6 +261,10 @@ class Canvas:
         self.ax.add_patch(Rectangle((x, y), w, p, facecolor="0.93", edgecolor="none"))
         self.ax.text(x + w / 2, y + p / 2, text, ha="center", va="center", multialignment="center")
 
+    def span_width(self, span: int) -> float:
+        """Inches of text room above `span` panels side by side."""
+        return self.panel * span + self.gap * (span - 1) + self.gap * 0.5
+
     def above(
         self,
         row: int,
@@ -269,7 +279,8 @@ class Canvas:
         """Text centred above a panel (or `span` panels), fitted to their width."""
         x, y, p = self.box(row, col)
         w = p * span + self.gap * (span - 1)
-        text, size = fit_text(text, w + self.gap * 0.5, max_lines=max_lines)
+        room = (w + self.gap * 0.5) / (BOLD_WIDTH if kw.get("fontweight") == "bold" else 1.0)
+        text, size = fit_text(text, room, max_lines=max_lines)
         self.ax.text(x + w / 2, y + p + lift, text, ha="center", va="bottom", fontsize=size,
                      multialignment="center", **kw)  # fmt: skip
 

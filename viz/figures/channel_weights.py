@@ -177,7 +177,8 @@ def channel_weights(
     ax_bar.set_xlim(0, 1)
     ax_bar.set_xlabel("weight")
     bar_share = 0.4 if narrow else (1.4 / 7.4 if b_rows is not None else 1.2 / 4.2)
-    ax_bar.set_title(_fit(f"top {k}: {short_label(last)}", width, bar_share, lines=2))
+    # "4.1" / "BAM 3": the heat map's own row labels
+    ax_bar.set_title(_fit(f"top {k} channels of {short_label(last)}", width, bar_share, lines=3))
     for side in ("top", "right"):
         ax_bar.spines[side].set_visible(False)
     if title:

@@ -94,6 +94,7 @@ def class_channel_stats(
     k = len(stats.class_names)
     panel_h = min(2.2, 0.5 + 0.1 * k)
     fig = new_figure(width, nrows * panel_h + 0.5 + (0.15 if title else 0.0))
+    fig.get_layout_engine().set(h_pad=0.1)  # room between a panel's x label and the next title
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     colours = matplotlib.colormaps[cmap].with_extremes(bad="0.8")
     for ax, (name, data) in zip(axes, panels):

@@ -14,6 +14,7 @@ from .canvas import (
     Canvas,
     as_image,
     figure_width,
+    fits_bold,
     group_label,
     kinds_of,
     panel_label,
@@ -112,11 +113,20 @@ def spatial_overview(
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
     canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.29, footer=0.42, header=header)
+    labels = [label for row in rows for label, members in row]
+    spans = [len(members) for row in rows for _, members in row]
+    if not all(fits_bold(t, canvas.span_width(n)) for t, n in zip(labels, spans)):
+        # a one-panel group ("BAM 1 · 56×56") gets its grid on a second line, not cut
+        canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.4, footer=0.42,
+                        header=header)  # fmt: skip
     for r, row in enumerate(rows):
         col = 0
         for label, members in row:
             if label:
-                canvas.above(r, col, label, span=len(members), lift=0.155, fontweight="bold")
+                if not fits_bold(label, canvas.span_width(len(members))):
+                    label = label.replace(" · ", "\n", 1)
+                canvas.above(r, col, label, span=len(members), lift=0.155, fontweight="bold",
+                             max_lines=2)  # fmt: skip
             for item in members:
                 if item is None:
                     canvas.image(r, col, img)
