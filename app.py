@@ -29,7 +29,6 @@ from models.plugins import load_plugins, plugins_from_env
 from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 from viz import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
 from viz.cam import attribute
-from viz.cli import UsageError, class_index, label_of, parse_labels
 from viz.export import (
     FORMATS,
     IMAGE_FIGURES,
@@ -42,6 +41,7 @@ from viz.export import (
     zip_bundle,
 )
 from viz.figures.class_channel_stats import default_modules
+from viz.inputs import UsageError, class_index, label_of, parse_labels
 from viz.maps import RENDERS
 from viz.metrics import (
     agreement_table,

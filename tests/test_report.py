@@ -209,7 +209,7 @@ def test_a_failing_rank_fails_the_run_without_a_report(tmp_path, checkpoints, im
         env=_python_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode != 0
-    assert "rank 1: disk on fire" in run.stderr
+    assert "rank 1: RuntimeError: disk on fire" in run.stderr
     assert not (out / "report.md").exists() and not (out / "per_image.csv").exists()
 
 

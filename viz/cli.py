@@ -8,10 +8,8 @@ output folder not empty without --overwrite).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import os
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,12 +17,28 @@ from pathlib import Path
 
 from .cam import stage_layers
 from .export import ExportError, FigureSettings
+from .inputs import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_FILE_BYTES,
+    UsageError,
+    class_index,
+    collect_images,
+    int_in,
+    label_of,
+    load_checkpoints,
+    parse_labels,
+    read_labels,
+    regular_file,
+    resolve_target,
+    unique_names,
+)
 from .maps import DEFAULT_CMAP
-from .session import IMAGE_TYPES
 
 __all__ = [
     "main",
     "build_parser",
+    "GRID_COLUMNS",
+    # re-exported from viz.inputs, where they live
     "collect_images",
     "resolve_target",
     "read_labels",
@@ -33,15 +47,11 @@ __all__ = [
     "class_index",
     "load_checkpoints",
     "int_in",
+    "unique_names",
     "UsageError",
     "IMAGE_SUFFIXES",
-    "GRID_COLUMNS",
 ]
 
-IMAGE_SUFFIXES = frozenset(
-    {f".{e}" for e in IMAGE_TYPES}
-    | {".gif", ".avif", ".ppm", ".pgm", ".pbm", ".ico", ".jp2", ".j2k"}
-)
 GRID_COLUMNS = 6  # images per model-grid figure; more images make more figures
 
 _DESCRIPTION = """\
@@ -81,165 +91,6 @@ example:
       --checkpoint checkpoints/resnet50.safetensors --images samples/ --out figures/ \\
       --figure overview --figure model-grid --format png,pdf --width double
 """
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: exit status 2."""
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-
-def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """Image files named by `paths` (files, or folders searched recursively) and the folders.
-
-    Returns:
-        ([(file, output name)], folders): files in command-line order, each folder's files
-        sorted; names are unique, safe, and keep the folder structure (`cat/01.jpg` -> `cat_01`).
-
-    Raises:
-        UsageError: a path does not exist, or nothing was found.
-    """
-    from .export import safe_name
-
-    found: list[tuple[Path, str]] = []
-    folders: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            folders.append(path)
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )  # fmt: skip
-            found += [(p, safe_name(str(p.relative_to(path).with_suffix("")))) for p in files]
-        elif path.is_file():
-            found.append((path, safe_name(path.stem)))
-        else:
-            raise UsageError(f"no such image file or folder: {raw}")
-    return [
-        (path, name) for path, name in zip((p for p, _ in found), unique_names(n for _, n in found))
-    ], folders
-
-
-def unique_names(names) -> list[str]:
-    """`names` made unique (`x`, `x-2`, ...), never taking a name another input has, also on
-    case-insensitive file systems: each input gets its own output folder."""
-    names = list(names)
-    originals = {n.casefold() for n in names}
-    used: set[str] = set()
-    out = []
-    for name in names:
-        candidate, count = name, 1
-        while candidate.casefold() in used or (
-            candidate != name and candidate.casefold() in originals
-        ):
-            count += 1
-            candidate = f"{name}-{count}"
-        used.add(candidate.casefold())
-        out.append(candidate)
-    return out
-
-
-def class_index(name: str, class_names: Sequence[str]) -> int | None:
-    """The index of `name` among `class_names` (case-insensitive, first match), or None."""
-    lowered = [n.casefold() for n in class_names]
-    key = name.casefold()
-    return lowered.index(key) if key in lowered else None
-
-
-def resolve_target(
-    value: str | None, class_names: Sequence[str], option: str = "--target"
-) -> int | None:
-    """A class given as a name (case-insensitive) or an index -> index; None stays None.
-
-    `option` names where the value came from, for the error message.
-    """
-    if value is None:
-        return None
-    by_name = class_index(value.strip(), class_names)
-    if by_name is not None:
-        return by_name
-    try:
-        index = int(value)
-    except ValueError:
-        shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
-        raise UsageError(
-            f"{option} {value!r} is not a class name or index (classes: {shown})"
-        ) from None
-    if not 0 <= index < len(class_names):
-        raise UsageError(f"{option} {index} is out of range 0..{len(class_names) - 1}")
-    return index
-
-
-def _regular_file(path: str | Path, what: str, limit: int) -> int:
-    """The size of `path`, a regular file of at most `limit` bytes, else a `UsageError`.
-
-    A FIFO or device would block the run forever; a huge (or sparse) file would fill memory.
-    """
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{what} {path}: not a regular file")
-    if info.st_size > limit:
-        raise UsageError(f"{what} {path}: {info.st_size / 2**20:.0f} MB, over {limit // 2**20} MB")
-    return info.st_size
-
-
-MAX_IMAGE_FILE_BYTES = 256 * 2**20
-
-
-def read_labels(path: str) -> dict[str, str]:
-    """A CSV with columns `file` and `label` (a class name or index) -> {file: label}.
-
-    Raises:
-        UsageError: unreadable file, missing columns, an empty cell, or a file listed twice
-            with different labels.
-    """
-    _regular_file(path, "--labels", limit=50 * 2**20)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--labels {path}: cannot read it ({exc})") from None
-    return parse_labels(text, f"--labels {path}")
-
-
-def parse_labels(text: str, source: str = "labels") -> dict[str, str]:
-    """The text of a labels CSV (columns `file`, `label`) -> {file: label}; see `read_labels`.
-
-    `source` names the file in error messages (one line each).
-    """
-    try:
-        reader = csv.DictReader(text.splitlines())
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    except csv.Error as exc:
-        raise UsageError(f"{source}: cannot read it ({exc})") from None
-    if not {"file", "label"} <= set(columns):
-        raise UsageError(f"{source}: needs the columns file,label (has: {columns})")
-    labels: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        file, label = (row["file"] or "").strip(), (row["label"] or "").strip()
-        if not file or not label:
-            raise UsageError(f"{source}: line {line} has an empty file or label")
-        if labels.get(file, label) != label:
-            raise UsageError(f"{source}: {file} is listed with two labels")
-        labels[file] = label
-    return labels
-
-
-def label_of(image: Path, labels: dict[str, str]) -> str | None:
-    """The label of `image`, whose CSV row names it by file name or by the end of its path."""
-    parts = image.as_posix().split("/")
-    for start in range(len(parts) - 1, -1, -1):  # "1.png", then "church/1.png", ...
-        label = labels.get("/".join(parts[start:]))
-        if label is not None:
-            return label
-    return None
 
 
 def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | None]]:
@@ -287,21 +138,6 @@ def _width(text: str) -> str | float:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
-
-
-def int_in(what: str, low: int, high: int):
-    """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
 
 
 _dpi = int_in("dpi", 10, 2400)
@@ -364,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="your own code registering architectures and attention probes "
                              "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
-    from .report import add_report_parser
+    from .report_command import add_report_parser
 
     add_report_parser(commands)
     return parser
@@ -417,27 +253,9 @@ def _say(line: str) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    from .images import ImageError
+    from .inputs import error_line
 
-    text = " ".join(str(error).split()) or type(error).__name__
-    known = isinstance(error, (ImageError, ValueError, FileNotFoundError, OutputError))
-    return text if known else f"{type(error).__name__}: {text}"
-
-
-def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
-    from models.checkpoint import CheckpointError, load_checkpoint
-
-    from .export import safe_name
-
-    loaded = []
-    for raw in paths:
-        try:
-            ckpt = load_checkpoint(raw)
-        except CheckpointError as exc:
-            raise UsageError(f"checkpoint {raw}: {exc}") from None
-        loaded.append((raw, safe_name(Path(raw).stem, default="checkpoint"), ckpt))
-    names = unique_names(name for _, name, _ in loaded)
-    return [(raw, name, ckpt) for (raw, _, ckpt), name in zip(loaded, names)]
+    return " ".join(str(error).split()) if isinstance(error, OutputError) else error_line(error)
 
 
 def _row_labels(checkpoints) -> list[str]:
@@ -589,7 +407,7 @@ class _ImageWork:
 
         path, image_name = item
         try:
-            _regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
+            regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
             data = path.read_bytes()
             pil = load_image(data)
         except (OSError, ValueError, UsageError) as exc:
@@ -795,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "report":
-            from .report import report_command
+            from .report_command import report_command
 
             return report_command(args)
         return _export(args)

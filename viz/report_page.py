@@ -317,7 +317,7 @@ def _sample_figure(inputs, options, count: int = 4):
         x = ckpt.preprocess.batch([im for im, _, _ in shown])
         targets = None
         if all(lab is not None for _, _, lab in shown):
-            from .cli import resolve_target
+            from .inputs import resolve_target
 
             targets = [resolve_target(lab, ckpt.class_names, "label") for _, _, lab in shown]
         maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method))

@@ -1,0 +1,128 @@
+"""`python -m viz report`: the command around `viz.report.run_report` and `viz.report_page`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from models.distributed import RankFailure
+
+from .report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
+
+__all__ = ["add_report_parser", "report_command"]
+
+
+def add_report_parser(commands) -> argparse.ArgumentParser:
+    """The `report` subcommand's options."""
+    from .cam import CAM_METHODS
+    from .inputs import int_in
+    from .metrics import BASELINES
+
+    report = commands.add_parser(
+        "report",
+        help="data-set report: accuracy, deletion/insertion, agreement, localisation, sanity",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    report.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                        help="checkpoint file; repeat for several models (paired comparison)")  # fmt: skip
+    report.add_argument("--images", required=True, metavar="DIR",
+                        help="an ImageFolder (one subfolder per class: labels from folder "
+                             "names) or any folder of images with --labels, or neither")  # fmt: skip
+    report.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    report.add_argument("--labels", metavar="CSV", help="CSV with columns file,label")
+    report.add_argument("--boxes", metavar="PATH",
+                        help="bounding boxes: Pascal VOC XML folder, COCO JSON, or CSV "
+                             "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
+    report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
+                        help="CAM method (default: gradcam)")  # fmt: skip
+    report.add_argument("--deletion", default="default", choices=DELETION_CHOICES,
+                        help="maps scored by deletion/insertion: default (the last stage's CAM "
+                             "and the random map), all (every CAM and attention map: 13 maps "
+                             "for a ResNet + CBAM), off. Cost: 2*steps+3 forward passes per "
+                             "map and image (35 at --steps 16; default: default)")  # fmt: skip
+    report.add_argument("--steps", type=int_in("--steps", 1, 1024), default=16,
+                        help="deletion/insertion steps (default: 16)")  # fmt: skip
+    report.add_argument("--baseline", default="blur", choices=BASELINES,
+                        help="what deleted pixels become (default: blur)")  # fmt: skip
+    report.add_argument("--batch-size", type=int_in("--batch-size", 1, 4096), default=16,
+                        help="images per chunk and batch (default: 16)")  # fmt: skip
+    report.add_argument("--sanity", type=int_in("--sanity", 0, 10**9), default=32, metavar="N",
+                        help="images for the randomisation check, the first N (default: 32). "
+                             "Cost: a forward and a backward per image and randomisation step "
+                             "(ResNet-18: 11 steps, about 33 forward passes per image); 0: off")  # fmt: skip
+    report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
+    report.add_argument("--workers", type=int_in("--workers", 0, 64),
+                        default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                        help="decoding worker processes per rank (default: half the cores, "
+                             "1 to 4)")  # fmt: skip
+    report.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu (gloo between ranks) or cuda (nccl; one GPU per rank)")  # fmt: skip
+    report.add_argument("--overwrite", action="store_true",
+                        help="discard earlier results in OUT and start again")  # fmt: skip
+    report.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="your own code registering architectures and attention probes")  # fmt: skip
+    return report
+
+
+_EPILOG = """\
+outputs (OUT):
+  per_image.csv   one row per image x checkpoint: target, prob, correct, deletion/insertion
+                  AUC of the last stage's CAM, error
+  per_map.csv     one row per image x checkpoint x map: deletion/insertion AUC, agreement with
+                  the same stage's CAM, pointing game, energy pointing game, box IoU
+  sanity.csv      cascading randomisation: Spearman and SSIM per step, image and map
+  summary.csv     means with 95% bootstrap intervals; paired differences between checkpoints
+  report.md, report.html (self-contained), manifest.json, parts/ (finished chunks, for reruns)
+
+scale out:  torchrun --nproc-per-node 2 -m viz report ...   (same numbers, shared by ranks)
+"""
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """`python -m viz report`: returns the exit status (0 ok, 1 some images or a rank failed)."""
+    from tqdm import tqdm
+
+    from models.distributed import start_distributed, stop_distributed
+
+    from .inputs import load_checkpoints
+    from .report_page import write_report
+
+    checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
+    inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
+    options = ReportOptions(
+        method=args.method, deletion=args.deletion, steps=args.steps, baseline=args.baseline,
+        batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
+    )  # fmt: skip
+    ranks = start_distributed(args.device)
+    # images done, fractional inside a chunk, so the bar and the time left move per image
+    bar = tqdm(total=0, disable=ranks.rank != 0, desc="report", file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} images "
+                          "[{elapsed}<{remaining}]")  # fmt: skip
+
+    def progress(done: float, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        rows = run_report(
+            inputs, args.out, options, overwrite=args.overwrite, workers=args.workers,
+            device=args.device, progress=progress, ranks=ranks,
+        )  # fmt: skip
+    except RankFailure as exc:
+        if ranks.rank == 0:
+            print(f"error: {exc}; no report written", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        stop_distributed()
+    if rows is None:
+        return 0
+    failed = write_report(Path(args.out), rows, inputs, options, world=ranks.world)
+    if failed:
+        print(f"error: {failed} image(s) could not be read; see per_image.csv", file=sys.stderr)
+        return 1
+    return 0
