@@ -291,7 +291,7 @@ def measure_report(n_images: int = 512, batch: int = 16, reps: int = 3) -> list[
     import tempfile
 
     from models import load_checkpoint
-    from viz.images import load_image
+    from models.images import load_image
     from viz.report import ReportOptions, inputs_for, run_report
     from viz.report_page import write_report
 

@@ -1,8 +1,11 @@
-"""Attention Lens networks and checkpoints: ResNet with SE, BAM or CBAM, and their loaders."""
+"""Attention Lens networks and checkpoints: ResNet with SE, BAM or CBAM, their loaders, the
+attention probe registry and the allow-listed image decoder (`viz` builds on all of these)."""
 
 from .architectures import ForeignArch, register_architecture
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .images import ImageError, load_image
 from .preprocess import Preprocess
+from .probes import register_attention
 from .resnet import Arch, ResNet, build_model
 
 __all__ = [
@@ -10,10 +13,13 @@ __all__ = [
     "Checkpoint",
     "ForeignArch",
     "CheckpointError",
+    "ImageError",
     "Preprocess",
     "ResNet",
     "build_model",
     "load_checkpoint",
+    "load_image",
     "register_architecture",
+    "register_attention",
     "save_checkpoint",
 ]

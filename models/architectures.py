@@ -247,10 +247,8 @@ def _hint(arch: Architecture, keys: set[str]) -> bool:
 
 def attention_kind(model: nn.Module) -> str | None:
     """The attention kinds the probe registry finds in `model`, joined ("cbam", "se+eca")."""
-    try:
-        from viz.probes import find_probe
-    except ImportError:  # models/ without viz/: nothing to say
-        return None
+    from .probes import find_probe
+
     kinds: list[str] = []
     for m in model.modules():
         probe = find_probe(m)

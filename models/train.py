@@ -32,7 +32,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from viz.images import ImageError, load_image
+from models.images import ImageError, load_image
 
 from .attention import ATTENTION
 from .checkpoint import (
@@ -245,7 +245,7 @@ def load_split(
 ) -> tuple[Tensor, Tensor, list[str], list[str]]:
     """Decode an ImageFolder split to uint8 (N, 3, size, size), labels (N,), classes, paths.
 
-    Images go through `viz.images.load_image` (allow-listed Pillow decoders only: a data set
+    Images go through `models.images.load_image` (allow-listed Pillow decoders only: a data set
     from the internet may hold an EPS named `.jpg`). Unreadable files are skipped and counted.
     """
     samples, classes = list_split(root)

@@ -21,6 +21,7 @@ from timm.layers.eca import EcaModule
 from timm.layers.squeeze_excite import SEModule
 from torch import nn
 
+from models.probes import find_probe
 from tests.conftest import randomize_bn
 from viz import (
     CAM_METHODS,
@@ -32,7 +33,6 @@ from viz import (
     stage_layers,
     unregister_attention,
 )
-from viz.probes import find_probe
 
 # --- a user's own CBAM, written unlike ours: 1x1 convs, hard sigmoid, pooled in another order
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from models import Preprocess, build_model, load_checkpoint, save_checkpoint
 from models.checkpoint import Checkpoint
+from models.images import load_image
 from tests.conftest import randomize_bn
 from viz.cam import analyze
 from viz.cli import main
@@ -37,7 +38,6 @@ from viz.export import (
     zip_bundle,
 )
 from viz.figures import spatial_overview
-from viz.images import load_image
 from viz.session import analyze_images
 
 PREPROCESS = Preprocess(resize=64, crop=64)

@@ -1,4 +1,4 @@
-"""viz.images.load_image on a corpus of odd files made here: each loads as 8-bit RGB that
+"""models.images.load_image on a corpus of odd files made here: each loads as 8-bit RGB that
 Preprocess accepts, or raises a one-line ImageError."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageFile, features
 
 from models import Preprocess
+from models.images import DEFAULT_MAX_PIXELS, FORMATS, image_name
 from viz import ImageError, load_image
-from viz.images import DEFAULT_MAX_PIXELS, FORMATS, image_name
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
 HANG_GUARD_S = 5.0  # only catches hangs; not a performance claim
@@ -384,6 +384,6 @@ def test_no_code_outside_the_image_door_opens_images_with_pillow():
     offenders = [
         str(p.relative_to(root))
         for p in sources
-        if "Image.open(" in p.read_text() and p != root / "viz" / "images.py"
+        if "Image.open(" in p.read_text() and p != root / "models" / "images.py"
     ]
     assert offenders == []

@@ -15,9 +15,9 @@ from PIL import Image
 from torch import nn
 
 from models import Preprocess, build_model
+from models.images import load_image
 from tests.conftest import randomize_bn
 from viz.cam import analyze
-from viz.images import load_image
 from viz.maps import upsample
 from viz.metrics import (
     _gaussian_blur,

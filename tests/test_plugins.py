@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from models import architectures, load_checkpoint
+from models import architectures, load_checkpoint, probes
 from models.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
 from tests.conftest import plain
-from viz import probes
 from viz.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]

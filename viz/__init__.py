@@ -3,6 +3,14 @@
 The library never imports streamlit; the app (`app.py`) is a shell over it.
 """
 
+from models.images import ImageError, load_image
+from models.probes import (
+    AttentionProbe,
+    register_attention,
+    registered_attention,
+    unregister_attention,
+)
+
 from .cam import (
     ATTRIBUTION_METHODS,
     CAM_METHODS,
@@ -25,7 +33,6 @@ from .figures import (
     model_grid,
     spatial_overview,
 )
-from .images import ImageError, load_image
 from .levels import NetworkLevels, network_levels
 from .maps import DEFAULT_CMAP, normalize, overlay, upsample
 from .metrics import (
@@ -37,7 +44,6 @@ from .metrics import (
     channel_statistics,
     deletion_insertion,
 )
-from .probes import AttentionProbe, register_attention, registered_attention, unregister_attention
 from .state import model_lock, preserve_model_state
 from .trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 

@@ -401,8 +401,9 @@ class _ImageWork:
     grid: bool
 
     def __call__(self, item: tuple[Path, str]) -> dict:
+        from models.images import load_image
+
         from .export import render_image, result_info
-        from .images import load_image
         from .session import analyze_images
 
         path, image_name = item

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from models.checkpoint import Checkpoint, atomic_write_bytes
+from models.images import ImageSource, load_image
 
 from .cam import Analysis
 from .figures import (
@@ -46,7 +47,6 @@ from .figures import (
     figure_width,
     spatial_overview,
 )
-from .images import ImageSource, load_image
 from .maps import DEFAULT_CMAP, RENDERS
 
 __all__ = [
@@ -608,7 +608,7 @@ def image_bundle(
 
     Raises:
         ExportError: unknown figure or format, or an analysis made with other settings;
-        viz.images.ImageError: unreadable image; ValueError: target outside the classes.
+        models.images.ImageError: unreadable image; ValueError: target outside the classes.
     """
     from .session import analyze_images
 

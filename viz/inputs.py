@@ -229,8 +229,7 @@ def int_in(what: str, low: int, high: int):
 def error_line(error: BaseException) -> str:
     """An exception as one line: a user's error as its message, anything else with its type."""
     from models.errors import CheckpointError
-
-    from .images import ImageError
+    from models.images import ImageError
 
     text = " ".join(str(error).split()) or type(error).__name__
     known = isinstance(

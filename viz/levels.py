@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .probes import find_probe, registry_generation
+from models.probes import find_probe, registry_generation
+
 from .state import preserve_model_state, submodules
 
 __all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]

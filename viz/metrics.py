@@ -29,8 +29,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from models.images import image_folder, load_image
+
 from .cam import Analysis, resolve_targets
-from .images import image_folder, load_image
 from .maps import upsample
 from .state import preserve_model_state
 from .trace import AttentionRecord, record_attention
@@ -512,7 +513,7 @@ class ChannelStats:
 
 
 def _read_image(path: str) -> Image.Image:
-    """Load one image file as RGB through the allow-listed decoder (`viz.images.load_image`)."""
+    """Load one image file as RGB through the allow-listed decoder (`models.images.load_image`)."""
     return load_image(path)
 
 
@@ -528,7 +529,7 @@ class _ToTensor:
 
 
 class _Folder(Dataset):
-    """The images of an ImageFolder layout, found by `viz.images.image_folder` (bounded)."""
+    """The images of an ImageFolder layout, found by `models.images.image_folder` (bounded)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
         self.samples, self.transform = samples, transform
@@ -592,7 +593,7 @@ def channel_statistics(
     Args:
         model: the network; run in eval mode without gradients, its flags restored.
         dataset_or_folder: a folder in ImageFolder layout (one subfolder per class, images
-            loaded with `viz.images.load_image`), or a `Dataset` yielding (image (3, H, W),
+            loaded with `models.images.load_image`), or a `Dataset` yielding (image (3, H, W),
             integer label). Class names come from the folders, or the dataset's `classes`
             attribute, else the label numbers.
         preprocess: PIL image -> tensor (1, 3, H, W) or (3, H, W), e.g. a `models.Preprocess`;
@@ -609,7 +610,7 @@ def channel_statistics(
     Raises:
         FileNotFoundError: the folder does not exist or has no class subfolders.
         ValueError: no images, no preprocess for a folder, or a negative label.
-        viz.images.ImageError: an image in the folder cannot be read.
+        models.images.ImageError: an image in the folder cannot be read.
     """
     dataset, class_names = _as_dataset(dataset_or_folder, preprocess, max_images)
     started = time.monotonic()

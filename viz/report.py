@@ -287,7 +287,7 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .images import ImageError, load_image
+        from models.images import ImageError, load_image
 
         try:
             image = load_image(self.paths[i])

@@ -296,9 +296,10 @@ def _sample_figure(inputs, options, count: int = 4):
     """The first images under each model's last-stage CAM and its last attention map."""
     from matplotlib.figure import Figure
 
+    from models.images import load_image
+
     from .cam import analyze
     from .figures.canvas import DOUBLE_COLUMN, fit_text
-    from .images import load_image
     from .maps import overlay
     from .report import map_tensors
 
@@ -513,7 +514,7 @@ def open_report(folder: str | Path) -> FinishedReport:
     import os
     import stat
 
-    from .images import load_image
+    from models.images import load_image
 
     root = Path(folder)
 

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-"""File extensions offered by upload widgets (`viz.images.load_image` reads them all)."""
+"""File extensions offered by upload widgets (`models.images.load_image` reads them all)."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
         rec.name, rec.kind, rec.stage, rec.channel, rec.spatial
 
 Which modules are attention modules, and which of their submodules output the maps, is the
-probe registry's business (`viz.probes`: ours, timm's, torchvision's, and yours with
+probe registry's business (`models.probes`: ours, timm's, torchvision's, and yours with
 `register_attention`). Taps (`viz.taps`, cheaper than forward hooks) sit on those gate
 submodules, so nothing is computed twice. A record's stage is the resolution level its map
 lives at (`viz.levels`), not a name pattern.
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
+
 from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
-from .probes import AttentionProbe, find_probe, kind_style, registry_generation
 from .state import model_lock, preserve_model_state, submodules
 from .taps import TapHandle, tap
 
@@ -520,7 +521,7 @@ def record_attention(
     """Tap every registered attention module of `model` and yield the trace they fill.
 
     Args:
-        model: any `nn.Module`; modules are found through the probe registry (`viz.probes`),
+        model: any `nn.Module`; modules are found through the probe registry (`models.probes`),
             none is fine (empty trace).
         eval_mode: put the model in eval mode inside the block (BatchNorm running statistics);
             every module's `training` flag is restored on exit.

@@ -11,7 +11,7 @@ object-oriented API (no pyplot state, nothing global left changed), sized for a 
 - SE (Hu et al., CVPR 2018, https://arxiv.org/abs/1709.01507): channel weights (excitation)
   per class.
 
-How each attention kind is named comes from the probe registry (`viz.probes.kind_style`), so
+How each attention kind is named comes from the probe registry (`models.probes.kind_style`), so
 a network with other attention modules is drawn with the same figures. The shared canvas,
 style and labels live in `canvas`; each figure in its own module. The default colour map is
 `viz.maps.DEFAULT_CMAP` (inferno: monotonic lightness, readable in grayscale and by

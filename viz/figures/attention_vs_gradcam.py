@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from models.probes import kind_style
+
 from ..maps import DEFAULT_CMAP, overlay
-from ..probes import kind_style
 from .canvas import Canvas, as_image, check_index, figure_width, literal, spatial_map, styled
 
 if TYPE_CHECKING:

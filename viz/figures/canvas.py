@@ -22,8 +22,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
+from models.probes import kind_style
+
 from ..maps import resize_map, with_cell_grid
-from ..probes import kind_style
 from ..trace import AttentionRecord, AttentionTrace
 
 __all__ = [

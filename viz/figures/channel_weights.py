@@ -9,8 +9,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from models.probes import kind_style
+
 from ..maps import DEFAULT_CMAP, to_numpy
-from ..probes import kind_style
 from ..trace import AttentionRecord, AttentionTrace
 from .canvas import (
     DIFF_CMAP,

@@ -7,8 +7,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from models.probes import kind_style
+
 from ..maps import DEFAULT_CMAP, overlay
-from ..probes import kind_style
 from ..trace import AttentionTrace
 from .canvas import (
     Canvas,
