@@ -24,50 +24,69 @@ import streamlit as st
 from matplotlib.figure import Figure
 from PIL import Image
 
-from models import Checkpoint, CheckpointError, load_checkpoint
-from models.plugins import load_plugins, plugins_from_env
-from models.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
-from viz import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_CMAP, ImageError, figures, load_image
-from viz.cam import attribute
-from viz.export import (
+from models import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_dir,
+    default_checkpoint,
+    embedded_checkpoints,
+    load_checkpoint,
+    load_plugins,
+    plugins_from_env,
+)
+from viz import (
+    ATTRIBUTION_METHODS,
+    CAM_METHODS,
+    DEFAULT_CMAP,
+    DELETION_CHOICES,
+    FIGURES,
     FORMATS,
     IMAGE_FIGURES,
+    IMAGE_TYPES,
+    RENDERS,
     SCALES,
     FigureSettings,
-    deletion_insertion_csv,
-    figure_bytes,
-    image_bundle,
-    npz_bytes,
-    zip_bundle,
-)
-from viz.figures.class_channel_stats import default_modules
-from viz.inputs import UsageError, class_index, label_of, parse_labels
-from viz.maps import RENDERS
-from viz.metrics import (
+    ImageError,
+    ReportOptions,
+    ServePolicy,
+    UsageError,
     agreement_table,
-    channel_statistics,
-    deletion_insertion,
-    random_saliency,
-    seed_of,
-)
-from viz.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
-from viz.report_page import open_report, temporary_report_folder, write_report
-from viz.serving import ServePolicy, serve_policy
-from viz.session import (
-    IMAGE_TYPES,
     analyze_images,
+    attribute,
     cam_layer_choices,
+    channel_statistics,
     check_upload_size,
+    class_index,
     comparison_order,
     default_cam_layers,
+    default_modules,
+    deletion_insertion,
+    deletion_insertion_csv,
     describe_checkpoint,
     digest,
+    draw_image_figure,
+    figure_bytes,
+    figures,
+    image_bundle,
+    inputs_for,
+    label_of,
+    load_image,
     md_text,
+    npz_bytes,
+    open_report,
     parse_class_names,
+    parse_labels,
+    random_saliency,
+    run_report,
     safe_stem,
     sample_images,
+    seed_of,
+    serve_policy,
     stack_analyses,
+    temporary_report_folder,
     top_predictions,
+    write_report,
+    zip_bundle,
 )
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -149,7 +168,15 @@ def policy() -> ServePolicy:
 # --- small rendering helpers ------------------------------------------------------------------
 
 
-def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> None:
+@dataclass(frozen=True)
+class View:
+    """How this page draws and names what it offers: the sidebar's settings, the model's stem."""
+
+    settings: FigureSettings
+    prefix: str  # download file names start with it
+
+
+def show_figure(build: Callable[[], Figure], name: str, key: str, view: View, errors) -> None:
     """Draw a figure as PNG, close it, and offer it as PNG/PDF/SVG (rendered on click)."""
     try:
         fig = build()
@@ -162,17 +189,16 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, errors) -> Non
         fig.clear()
     for col, fmt in zip(st.columns(len(MIME)), MIME):
         col.download_button(
-            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt),
-            file_name=f"{st.session_state.get('download_prefix', 'model')}_{name}.{fmt}",
+            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt, view.settings.dpi),
+            file_name=f"{view.prefix}_{name}.{fmt}",
             mime=MIME[fmt], key=f"dl:{key}:{fmt}", on_click="ignore", icon=":material/download:",
         )  # fmt: skip
 
 
-def _render(build: Callable[[], Figure], fmt: str) -> bytes:
+def _render(build: Callable[[], Figure], fmt: str, dpi: int) -> bytes:
     fig = build()
     try:
-        settings = st.session_state.get("figure_settings")
-        return figure_bytes(fig, fmt, dpi=settings.dpi if settings else 300)
+        return figure_bytes(fig, fmt, dpi=dpi)
     finally:
         fig.clear()
 
@@ -381,12 +407,6 @@ def main() -> None:
                                     help="smooth: enlarged bilinearly, as in the papers; cells: "
                                          "one flat block per map cell, the grid drawn"),
         )  # fmt: skip
-        st.session_state["figure_settings"] = settings  # what the downloads below will use
-        st.session_state["download_prefix"] = safe_stem(ckpt.label) if ckpt else "model"
-        draw = dict(
-            cmap=settings.cmap, alpha=settings.alpha, shared_scale=settings.shared_scale,
-            width=settings.width, render=settings.render,
-        )  # fmt: skip
         if ckpt is None:
             return
         if not items:
@@ -394,7 +414,7 @@ def main() -> None:
             return
         if not layers:
             raise ValueError("choose at least one CAM layer in the sidebar")
-        page(ckpt, label, models, items, settings, draw, errors)
+        page(ckpt, label, models, items, View(settings, safe_stem(ckpt.label)), errors)
     except USER_ERRORS as exc:
         errors.error(md_text(exc))
     except Exception as exc:  # a bug of ours: one line on the page, the traceback in the log
@@ -426,7 +446,8 @@ def chosen_target(item: ImageItem, ckpt: Checkpoint) -> int | None:
     return None if choice is None else int(choice)
 
 
-def page(ckpt, label, models, items, settings, draw, errors) -> None:
+def page(ckpt, label, models, items, view: View, errors) -> None:
+    settings = view.settings
     method, layers = settings.method, settings.layers
     base = predict_all(ckpt, items, method, layers)
     names = ckpt.class_names
@@ -490,33 +511,28 @@ def page(ckpt, label, models, items, settings, draw, errors) -> None:
         ["Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
          "BAM hierarchy", "Compare models", "Class statistics", "Data set"]
     )  # fmt: skip
+
+    def draw(name: str, **extra):
+        return lambda: draw_image_figure(name, crop, an, names, settings, **extra)
+
     with tabs[0]:
-        show_figure(
-            lambda: figures.spatial_overview(crop, an.trace, index=0, **draw),
-            f"{stem}_spatial", f"sp:{tkey}", errors,
-        )  # fmt: skip
+        show_figure(draw("overview"), f"{stem}_spatial", f"sp:{tkey}", view, errors)
     with tabs[1]:
-        channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors)
+        channel_tab(ckpt, items, base, pick, view, stem, tkey, errors)
     with tabs[2]:
-        show_figure(
-            lambda: figures.attention_vs_gradcam(crop, an, index=0, class_names=names, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], render=draw["render"]),
-            f"{stem}_gradcam", f"gc:{tkey}", errors,
-        )  # fmt: skip
-        captum_panel(ckpt, item, target, draw, stem, tkey, errors)
+        show_figure(draw("gradcam"), f"{stem}_gradcam", f"gc:{tkey}", view, errors)
+        captum_panel(ckpt, item, target, view, stem, tkey, errors)
     with tabs[3]:
-        agreement_tab(ckpt, item, an, target, method, layers, errors)
+        agreement_tab(ckpt, item, an, target, view, errors)
     with tabs[4]:
-        if ckpt.arch.attention == "bam":
-            show_figure(
-                lambda: figures.bam_hierarchy(crop, an.trace, index=0, cmap=draw["cmap"], width=draw["width"], render=draw["render"]),
-                f"{stem}_bam_hierarchy", f"bam:{tkey}", errors,
-            )  # fmt: skip
+        if FIGURES["bam-hierarchy"].unavailable(an) is None:
+            show_figure(draw("bam-hierarchy"), f"{stem}_bam_hierarchy", f"bam:{tkey}", view, errors)
         else:
             st.info("The BAM hierarchy exists only for BAM models; choose one in the sidebar.")
     with tabs[5]:
-        compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
+        compare_tab(ckpt, label, models, items, crops, view, errors)
     with tabs[6]:
-        class_stats_tab(ckpt, draw, errors)
+        class_stats_tab(ckpt, view, errors)
     with tabs[7]:
         dataset_tab(ckpt, label, method, errors)
 
@@ -552,7 +568,7 @@ def captum_attribution(ckpt, item: ImageItem, target: int | None, method: str):
     return kept[key]
 
 
-def captum_panel(ckpt, item, target, draw, stem, tkey, errors) -> None:
+def captum_panel(ckpt, item, target, view: View, stem, tkey, errors) -> None:
     with st.expander("Captum attributions at input resolution"):
         method = st.selectbox("Method", list(ATTRIBUTION_METHODS), key="captum_method",
                               format_func=lambda m: CAPTUM_LABELS.get(m, m))  # fmt: skip
@@ -565,18 +581,19 @@ def captum_panel(ckpt, item, target, draw, stem, tkey, errors) -> None:
             return
         crop = ckpt.preprocess.crop_image(item.image)
         label = CAPTUM_LABELS.get(method, method).split(" (")[0]
+        s = view.settings
         show_figure(
-            lambda: figures.attribution_map(crop, attr[0], method_label=label, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"]),
-            f"{stem}_{method}", f"captum:{tkey}:{method}", errors,
+            lambda: figures.attribution_map(crop, attr[0], method_label=label, cmap=s.cmap, alpha=s.alpha, width=s.width),
+            f"{stem}_{method}", f"captum:{tkey}:{method}", view, errors,
         )  # fmt: skip
         st.download_button(
             "Attribution (npz)", npz_bytes({"attribution": attr[0].numpy()}),
-            file_name=f"{st.session_state.get('download_prefix', 'model')}_{stem}_{method}.npz",
+            file_name=f"{view.prefix}_{stem}_{method}.npz",
             key=f"captum_dl:{tkey}", on_click="ignore", icon=":material/download:",
         )  # fmt: skip
 
 
-def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
+def channel_tab(ckpt, items, base, pick, view: View, stem, tkey, errors) -> None:
     trace = base[pick].trace
     if not len(trace):
         st.info(f"{md_text(ckpt.label)} has no attention modules, so no channel weights.")
@@ -590,13 +607,15 @@ def channel_tab(ckpt, items, base, pick, draw, stem, tkey, errors) -> None:
     )  # fmt: skip
     compare = None if other is None else base[other].trace
     labels = None if other is None else [items[pick].name, items[other].name]
+    crop = ckpt.preprocess.display_crop(items[pick].image)
     show_figure(
-        lambda: figures.channel_weights(trace, index=0, top_k=top_k, compare=compare, labels=labels, cmap=draw["cmap"], width=draw["width"]),
-        f"{stem}_channels", f"ch:{tkey}", errors,
+        lambda: draw_image_figure("channels", crop, base[pick], ckpt.class_names, view.settings, top_k=top_k, compare=compare, labels=labels),
+        f"{stem}_channels", f"ch:{tkey}", view, errors,
     )  # fmt: skip
 
 
-def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
+def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
+    method, layers = view.settings.method, view.settings.layers
     rows = agreement_table(an, 0)
     prefix = f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}"
     if rows:
@@ -654,8 +673,8 @@ def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
         )  # fmt: skip
         st.dataframe(table, hide_index=True)
         show_figure(
-            lambda: figures.deletion_insertion_curves(results, width=st.session_state["figure_settings"].width),
-            f"{prefix}_deletion_insertion", f"di_fig:{prefix}", errors,
+            lambda: figures.deletion_insertion_curves(results, width=view.settings.width),
+            f"{prefix}_deletion_insertion", f"di_fig:{prefix}", view, errors,
         )  # fmt: skip
         st.download_button(
             "Curves (CSV)", deletion_insertion_csv(results), mime="text/csv",
@@ -664,7 +683,9 @@ def agreement_tab(ckpt, item, an, target, method, layers, errors) -> None:
         )  # fmt: skip
 
 
-def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors) -> None:
+def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
+    s = view.settings
+    method, layers = s.method, s.layers
     st.markdown(
         f"The CBAM paper's comparison: {CAM_METHODS[method].label} of the last stage, one row "
         "per model, and the softmax score P of each column's class (the class chosen for that "
@@ -702,8 +723,8 @@ def compare_tab(ckpt, label, models, items, crops, method, layers, draw, errors)
     if len(set(short)) < len(short):  # same architecture twice: tell them apart
         rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
     show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=draw["cmap"], alpha=draw["alpha"], width=draw["width"], missing=missing, render=draw["render"]),
-        "model_grid", "grid", errors,
+        lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width, missing=missing, render=s.render),
+        "model_grid", "grid", view, errors,
     )  # fmt: skip
 
 
@@ -756,7 +777,8 @@ def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
     return classes
 
 
-def class_stats_tab(ckpt, draw, errors) -> None:
+def class_stats_tab(ckpt, view: View, errors) -> None:
+    s = view.settings
     st.markdown(
         "Mean channel weight per class over a folder on the server, one subfolder per class "
         "(ImageFolder layout)."
@@ -791,8 +813,8 @@ def class_stats_tab(ckpt, draw, errors) -> None:
             st.info("Pick at least one module.")
             return
         show_figure(
-            lambda: figures.class_channel_stats(stats, modules=chosen, cmap=draw["cmap"], shared_scale=draw["shared_scale"], width=draw["width"]),
-            "class_channel_stats", f"stats:{ckpt.sha256[:16]}", errors,
+            lambda: figures.class_channel_stats(stats, modules=chosen, cmap=s.cmap, shared_scale=s.shared_scale, width=s.width),
+            "class_channel_stats", f"stats:{ckpt.sha256[:16]}", view, errors,
         )  # fmt: skip
 
 

@@ -4,12 +4,19 @@ attention probe registry and the allow-listed image decoder (`viz` builds on all
 from .architectures import ForeignArch, register_architecture
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .images import ImageError, load_image
+from .plugins import load_plugins, plugins_from_env
 from .preprocess import Preprocess
 from .probes import register_attention
 from .resnet import Arch, ResNet, build_model
+from .zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
 
 __all__ = [
     "Arch",
+    "checkpoint_dir",
+    "default_checkpoint",
+    "embedded_checkpoints",
+    "load_plugins",
+    "plugins_from_env",
     "Checkpoint",
     "ForeignArch",
     "CheckpointError",

@@ -349,12 +349,12 @@ def test_real_embedded_cbam_checkpoint(monkeypatch):
 
 
 def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
-    import viz.session
+    import viz
 
     def broken(*_a, **_k):
         raise RuntimeError("simulated bug\nsecond line")
 
-    monkeypatch.setattr(viz.session, "analyze_images", broken)
+    monkeypatch.setattr(viz, "analyze_images", broken)  # what the app imports
     st.cache_data.clear()  # earlier tests cached this analysis
     at = app.run()
     assert not at.exception
@@ -363,9 +363,17 @@ def test_unexpected_error_is_one_line_not_a_traceback(app, monkeypatch):
     ]
 
 
-def test_non_default_settings_drive_the_screen_and_the_downloads(app):
-    from viz.export import FigureSettings
+def test_non_default_settings_drive_the_screen_and_the_downloads(app, monkeypatch):
+    import viz
 
+    drawn = []
+    real = viz.draw_image_figure
+
+    def spy(name, crop, analysis, class_names, settings, **extra):
+        drawn.append((name, settings))
+        return real(name, crop, analysis, class_names, settings, **extra)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)  # what the app draws every figure with
     at = app.run()
     at.sidebar.selectbox(key="method").set_value("hirescam").run()
     at.sidebar.selectbox(key="cmap").set_value("viridis").run()
@@ -374,8 +382,10 @@ def test_non_default_settings_drive_the_screen_and_the_downloads(app):
     at.sidebar.radio(key="width").set_value("single").run()
     at.sidebar.radio(key="render").set_value("cells").run()
     assert_clean(at)
-    settings = at.session_state["figure_settings"]
-    assert settings == FigureSettings(
+    assert "figure_settings" not in at.session_state  # no side channel: passed explicitly
+    settings = drawn[-1][1]
+    assert {name for name, _ in drawn} >= {"overview", "gradcam", "channels"}
+    assert settings == viz.FigureSettings(
         method="hirescam", layers=("layer1", "layer2", "layer3", "layer4"), cmap="viridis",
         alpha=0.7, scale="per-map", width="single", dpi=300, render="cells",
     )  # fmt: skip

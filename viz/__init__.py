@@ -1,6 +1,8 @@
-"""Attention Lens analysis and figures: attention traces, Grad-CAM, agreement, paper figures.
+"""Attention Lens analysis and figures: attention traces, CAMs, agreement, paper figures,
+batch export, the data-set report, and the helpers the app shows them with.
 
-The library never imports streamlit; the app (`app.py`) is a shell over it.
+This is the front door: the app (`app.py`, a shell over the library) imports only from here
+and from `models`. The library never imports streamlit.
 """
 
 from models.images import ImageError, load_image
@@ -22,7 +24,18 @@ from .cam import (
     register_cam_method,
     stage_layers,
 )
-from .export import ExportError, figure_bytes, image_bundle, safe_name, write_atomic, zip_bundle
+from .export import (
+    FORMATS,
+    deletion_insertion_csv,
+    export_options,
+    figure_bytes,
+    image_bundle,
+    npz_bytes,
+    render_image,
+    safe_name,
+    write_atomic,
+    zip_bundle,
+)
 from .figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
@@ -33,8 +46,19 @@ from .figures import (
     model_grid,
     spatial_overview,
 )
+from .figures.class_channel_stats import default_modules
+from .figures.table import (
+    FIGURES,
+    IMAGE_FIGURES,
+    SCALES,
+    ExportError,
+    FigureSettings,
+    FigureSpec,
+    draw_image_figure,
+)
+from .inputs import UsageError, class_index, label_of, parse_labels, read_labels, resolve_target
 from .levels import NetworkLevels, network_levels
-from .maps import DEFAULT_CMAP, normalize, overlay, upsample
+from .maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
 from .metrics import (
     Agreement,
     ChannelStats,
@@ -43,6 +67,27 @@ from .metrics import (
     agreement_table,
     channel_statistics,
     deletion_insertion,
+    random_saliency,
+    seed_of,
+)
+from .report import DELETION_CHOICES, ReportInputs, ReportOptions, inputs_for, run_report
+from .report_page import open_report, temporary_report_folder, write_report
+from .serving import ServePolicy, serve_policy
+from .session import (
+    IMAGE_TYPES,
+    analyze_images,
+    cam_layer_choices,
+    check_upload_size,
+    comparison_order,
+    default_cam_layers,
+    describe_checkpoint,
+    digest,
+    md_text,
+    parse_class_names,
+    safe_stem,
+    sample_images,
+    stack_analyses,
+    top_predictions,
 )
 from .state import model_lock, preserve_model_state
 from .trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
@@ -96,4 +141,50 @@ __all__ = [
     "upsample",
     "write_atomic",
     "zip_bundle",
+    # the figure table, export, inputs, the report and the app's helpers
+    "FORMATS",
+    "deletion_insertion_csv",
+    "export_options",
+    "npz_bytes",
+    "render_image",
+    "default_modules",
+    "FIGURES",
+    "IMAGE_FIGURES",
+    "SCALES",
+    "FigureSettings",
+    "FigureSpec",
+    "draw_image_figure",
+    "UsageError",
+    "class_index",
+    "label_of",
+    "parse_labels",
+    "read_labels",
+    "resolve_target",
+    "RENDERS",
+    "random_saliency",
+    "seed_of",
+    "DELETION_CHOICES",
+    "ReportInputs",
+    "ReportOptions",
+    "inputs_for",
+    "run_report",
+    "open_report",
+    "temporary_report_folder",
+    "write_report",
+    "ServePolicy",
+    "serve_policy",
+    "IMAGE_TYPES",
+    "analyze_images",
+    "cam_layer_choices",
+    "check_upload_size",
+    "comparison_order",
+    "default_cam_layers",
+    "describe_checkpoint",
+    "digest",
+    "md_text",
+    "parse_class_names",
+    "safe_stem",
+    "sample_images",
+    "stack_analyses",
+    "top_predictions",
 ]

@@ -61,18 +61,12 @@ do on a set of images, with the raw maps and a manifest, reproducibly (same inpu
 
 _EPILOG = """\
 figures (--figure, repeatable; default: overview):
-  overview       every module's spatial attention (CBAM M_s, BAM sigma(M_s)) over the image
-  channels       every module's channel weights, sorted, and the last module's top channels
-  gradcam        per stage: attention map, Grad-CAM, their agreement (Pearson, Spearman, IoU)
-  model-grid     the CBAM paper's figure: images in columns, one Grad-CAM row per checkpoint
-                 (all checkpoints together; at most %(cols)d images per figure; each column is
-                 titled with the first checkpoint's target class, the image's own class with
-                 --labels as in the paper; every row explains that class and prints its
-                 softmax score P under each map)
-  bam-hierarchy  the BAM paper's figure: feature before, attention 1 + M(F), feature after
-                 (BAM checkpoints only; others are skipped with a note)
-  class-stats    mean channel weight per class (the SENet excitation plot); needs --images
-                 folders in ImageFolder layout (one subfolder per class)
+%(figures)s
+  model-grid: all checkpoints together, at most %(cols)d images per figure; each column is titled
+  with the first checkpoint's target class (the image's own class with --labels, as in the
+  paper), every row explains that class and prints its softmax score P under each map.
+  bam-hierarchy: BAM checkpoints only (others are skipped with a note). class-stats: needs
+  --images folders in ImageFolder layout (one subfolder per class).
 
 output layout (OUT):
   OUT/<checkpoint>/<image>/<figure>.<format>   per image and checkpoint
@@ -144,6 +138,20 @@ _dpi = int_in("dpi", 10, 2400)
 _jobs = int_in("jobs", 1, 64)
 
 
+def _figure_lines() -> str:
+    """The figure table (`viz.figures.table.FIGURES`) as --help lines."""
+    import textwrap
+
+    from .figures.table import FIGURES
+
+    lines = []
+    for name, spec in FIGURES.items():
+        text = textwrap.wrap(spec.help, 78)
+        lines.append(f"  {name:<14} {text[0]}")
+        lines += [f"  {'':<14} {more}" for more in text[1:]]
+    return "\n".join(lines).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export import FIGURES
 
@@ -155,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export paper figures, raw maps and a manifest",
         description=_DESCRIPTION,
-        epilog=_EPILOG % {"cols": GRID_COLUMNS},
+        epilog=_EPILOG % {"cols": GRID_COLUMNS, "figures": _figure_lines()},
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",

@@ -25,7 +25,6 @@ import re
 import unicodedata
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,15 +38,16 @@ from models.checkpoint import Checkpoint, atomic_write_bytes
 from models.images import ImageSource, load_image
 
 from .cam import Analysis
-from .figures import (
-    STYLE_LOCK,
-    attention_vs_gradcam,
-    bam_hierarchy,
-    channel_weights,
-    figure_width,
-    spatial_overview,
+from .figures import STYLE_LOCK, figure_width
+from .figures.table import (
+    FIGURES,
+    IMAGE_FIGURES,
+    SCALES,
+    ExportError,
+    FigureSettings,
+    draw_image_figure,
+    scales_drawn,
 )
-from .maps import DEFAULT_CMAP, RENDERS
 
 __all__ = [
     "FigureSettings",
@@ -75,8 +75,6 @@ __all__ = [
 ]
 
 FORMATS = ("png", "pdf", "svg")
-FIGURES = ("overview", "channels", "gradcam", "model-grid", "bam-hierarchy", "class-stats")
-IMAGE_FIGURES = ("overview", "channels", "gradcam", "bam-hierarchy")  # one per image and model
 MANIFEST_VERSION = 1
 SOFTWARE = "Attention Lens"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
@@ -108,10 +106,6 @@ _WINDOWS_RESERVED = {
     *(f"COM{i}" for i in range(10)),
     *(f"LPT{i}" for i in range(10)),
 }
-
-
-class ExportError(ValueError):
-    """An export cannot proceed; the message is one line a user can act on."""
 
 
 # --- figures and files ------------------------------------------------------------------------
@@ -417,74 +411,6 @@ def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 # --- one image, one model ---------------------------------------------------------------------
 
 
-SCALES = ("shared", "per-map")
-
-
-@dataclass(frozen=True)
-class FigureSettings:
-    """Everything that decides how maps are computed and drawn: one object drives the app's
-    screen, every download, the zip, `python -m viz export` and the manifest.
-
-    Attributes:
-        method: CAM method (`viz.cam.CAM_METHODS`).
-        layers: CAM layers, or None for the network's stage layers.
-        cmap: colour map of the maps.
-        alpha: opacity of the maps over the image, in [0, 1].
-        scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max).
-        width: "single", "double" or inches.
-        dpi: raster resolution of PNG files.
-        render: "smooth" (bilinear) or "cells" (each map cell flat, the grid drawn).
-    """
-
-    method: str = "gradcam"
-    layers: tuple[str, ...] | None = None
-    cmap: str = DEFAULT_CMAP
-    alpha: float = 0.5
-    scale: str = "shared"
-    width: str | float = "double"
-    dpi: int = 300
-    render: str = "smooth"
-
-    def __post_init__(self) -> None:
-        from .cam import CAM_METHODS
-
-        if self.method not in CAM_METHODS:
-            raise ExportError(
-                f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"
-            )
-        if self.cmap not in matplotlib.colormaps:
-            raise ExportError(f"unknown colour map {self.cmap!r} (any matplotlib colormap name)")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ExportError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.scale not in SCALES:
-            raise ExportError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        if self.render not in RENDERS:
-            raise ExportError(f"render must be one of {', '.join(RENDERS)}, got {self.render!r}")
-        if not 10 <= int(self.dpi) <= 2400:
-            raise ExportError(f"dpi must be from 10 to 2400, got {self.dpi}")
-        try:
-            figure_width(self.width)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
-
-    @property
-    def shared_scale(self) -> bool:
-        return self.scale == "shared"
-
-    def to_dict(self) -> dict:
-        return {
-            "cam_method": self.method,
-            "cam_layers": None if self.layers is None else list(self.layers),
-            "cmap": self.cmap,
-            "alpha": float(self.alpha),
-            "scale": self.scale,
-            "width": self.width,
-            "width_inches": figure_width(self.width),
-            "dpi": int(self.dpi),
-            "render": self.render,
-        }
-
-
 def _check_options(figures: Sequence[str], formats: Sequence[str], width: str | float) -> None:
     unknown = [f for f in figures if f not in IMAGE_FIGURES]
     if unknown:
@@ -528,30 +454,12 @@ def render_image(
     crop = checkpoint.preprocess.display_crop(image)
     files: dict[str, bytes] = {}
     notes: list[str] = []
-    kinds = {r.kind for r in analysis.trace}
-    draw = {"cmap": s.cmap, "width": s.width}
-    maps_drawn = draw | {"render": s.render}
     for name in figures:
-        if name == "overview":
-            fig = spatial_overview(
-                crop, analysis.trace, alpha=s.alpha, shared_scale=s.shared_scale, **maps_drawn
-            )
-        elif name == "channels":
-            if not analysis.trace.channel_records:
-                notes.append(f"channels skipped for {checkpoint.label}: no channel attention")
-                continue
-            fig = channel_weights(analysis.trace, **draw)
-        elif name == "gradcam":
-            fig = attention_vs_gradcam(
-                crop, analysis, class_names=checkpoint.class_names, alpha=s.alpha, **maps_drawn
-            )
-        else:  # bam-hierarchy
-            if "bam" not in kinds:
-                notes.append(
-                    f"bam-hierarchy skipped for {checkpoint.label}: the model has no BAM modules"
-                )
-                continue
-            fig = bam_hierarchy(crop, analysis.trace, **maps_drawn)
+        reason = FIGURES[name].unavailable(analysis)
+        if reason is not None:
+            notes.append(f"{name} skipped for {checkpoint.label}: {reason}")
+            continue
+        fig = draw_image_figure(name, crop, analysis, checkpoint.class_names, s)
         for fmt in formats:
             files[f"{name}.{fmt}"] = figure_bytes(fig, fmt, dpi=s.dpi)
     files["maps.npz"] = npz_bytes(analysis_arrays(analysis))
@@ -643,21 +551,6 @@ def image_bundle(
         )
         files["manifest.json"] = manifest_bytes(info)
     return files
-
-
-# how each figure scales its colours; only these follow --scale (shared | per-map)
-FIGURE_SCALES = {
-    "channels": "fixed 0-1 (sigmoid weights)",
-    "gradcam": "per-map (each map its own min-max: CAMs of different layers share no unit)",
-    "model-grid": "per-map (each map its own min-max: CAMs of different networks share no unit)",
-    "bam-hierarchy": "per-row (F and F' shared)",
-}
-SCALED_FIGURES = ("overview", "class-stats")
-
-
-def scales_drawn(figures: Sequence[str], scale: str) -> dict[str, str]:
-    """{figure: the colour scale it was drawn with}, recorded beside the --scale setting."""
-    return {f: scale if f in SCALED_FIGURES else FIGURE_SCALES.get(f, scale) for f in figures}
 
 
 def export_options(

@@ -1,0 +1,217 @@
+"""The figure kinds and the settings they are drawn with: one table for the export, the
+command line and the app, so a figure is drawn from `FigureSettings` in one place.
+
+A new figure is a function in its own module of `viz.figures` and one `FigureSpec` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+from matplotlib.figure import Figure
+from PIL import Image
+
+from ..maps import DEFAULT_CMAP, RENDERS
+from .attention_vs_gradcam import attention_vs_gradcam
+from .bam_hierarchy import bam_hierarchy
+from .canvas import figure_width
+from .channel_weights import channel_weights
+from .spatial_overview import spatial_overview
+
+if TYPE_CHECKING:
+    from ..cam import Analysis
+
+__all__ = [
+    "ExportError",
+    "FIGURES",
+    "FigureSettings",
+    "FigureSpec",
+    "IMAGE_FIGURES",
+    "SCALES",
+    "draw_image_figure",
+    "scales_drawn",
+]
+
+SCALES = ("shared", "per-map")
+
+
+class ExportError(ValueError):
+    """A figure, a setting or an export cannot proceed; the message is one line to act on."""
+
+
+@dataclass(frozen=True)
+class FigureSettings:
+    """Everything that decides how maps are computed and drawn: one object drives the app's
+    screen, every download, the zip, `python -m viz export` and the manifest.
+
+    Attributes:
+        method: CAM method (`viz.cam.CAM_METHODS`).
+        layers: CAM layers, or None for the network's stage layers.
+        cmap: colour map of the maps.
+        alpha: opacity of the maps over the image, in [0, 1].
+        scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max);
+            the figures that follow it are those whose `FigureSpec.scale` is None.
+        width: "single", "double" or inches.
+        dpi: raster resolution of PNG files.
+        render: "smooth" (bilinear) or "cells" (each map cell flat, the grid drawn).
+    """
+
+    method: str = "gradcam"
+    layers: tuple[str, ...] | None = None
+    cmap: str = DEFAULT_CMAP
+    alpha: float = 0.5
+    scale: str = "shared"
+    width: str | float = "double"
+    dpi: int = 300
+    render: str = "smooth"
+
+    def __post_init__(self) -> None:
+        from ..cam import CAM_METHODS
+
+        checks = [
+            (self.method in CAM_METHODS,
+             f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"),
+            (self.cmap in matplotlib.colormaps,
+             f"unknown colour map {self.cmap!r} (any matplotlib colormap name)"),
+            (0.0 <= float(self.alpha) <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.scale in SCALES,
+             f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}"),
+            (self.render in RENDERS,
+             f"render must be one of {', '.join(RENDERS)}, got {self.render!r}"),
+            (10 <= int(self.dpi) <= 2400, f"dpi must be from 10 to 2400, got {self.dpi}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ExportError(message)
+        try:
+            figure_width(self.width)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+
+    @property
+    def shared_scale(self) -> bool:
+        return self.scale == "shared"
+
+    def to_dict(self) -> dict:
+        return {
+            "cam_method": self.method,
+            "cam_layers": None if self.layers is None else list(self.layers),
+            "cmap": self.cmap,
+            "alpha": float(self.alpha),
+            "scale": self.scale,
+            "width": self.width,
+            "width_inches": figure_width(self.width),
+            "dpi": int(self.dpi),
+            "render": self.render,
+        }
+
+
+# (crop, analysis, class names, settings, extra keyword arguments) -> Figure
+Draw = Callable[[Image.Image, "Analysis", Sequence[str], FigureSettings, dict], Figure]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure kind.
+
+    Attributes:
+        name: its `--figure` name and file stem.
+        help: one line for `--help`.
+        draw: for a figure of one image and one model; None for the figures drawn from
+            several models (model-grid) or a folder (class-stats).
+        unavailable: why a model cannot show it ("no BAM modules"), or None when it can.
+        scale: how its colours are scaled when that is not `FigureSettings.scale`.
+    """
+
+    name: str
+    help: str
+    draw: Draw | None = None
+    unavailable: Callable[[Analysis], str | None] = lambda analysis: None
+    scale: str | None = None
+
+    @property
+    def per_image(self) -> bool:
+        return self.draw is not None
+
+
+def _overview(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return spatial_overview(crop, analysis.trace, cmap=s.cmap, alpha=s.alpha, width=s.width,
+                            shared_scale=s.shared_scale, render=s.render, **extra)  # fmt: skip
+
+
+def _channels(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return channel_weights(analysis.trace, cmap=s.cmap, width=s.width, **extra)
+
+
+def _gradcam(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return attention_vs_gradcam(crop, analysis, class_names=class_names, cmap=s.cmap,
+                                alpha=s.alpha, width=s.width, render=s.render, **extra)  # fmt: skip
+
+
+def _bam(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return bam_hierarchy(crop, analysis.trace, cmap=s.cmap, width=s.width, render=s.render,
+                         **extra)  # fmt: skip
+
+
+def _no_channels(analysis: Analysis) -> str | None:
+    return None if analysis.trace.channel_records else "no channel attention"
+
+
+def _no_bam(analysis: Analysis) -> str | None:
+    return None if any(r.kind == "bam" for r in analysis.trace) else "the model has no BAM modules"
+
+
+_SPECS = (
+    FigureSpec("overview", "every module's spatial attention (CBAM M_s, BAM sigma(M_s)) over "
+               "the image", _overview),
+    FigureSpec("channels", "every module's channel weights, sorted, and the last module's top "
+               "channels", _channels, _no_channels, scale="fixed 0-1 (sigmoid weights)"),
+    FigureSpec("gradcam", "per CAM layer: attention map, CAM, their agreement (Pearson, "
+               "Spearman, IoU)", _gradcam,
+               scale="per-map (each map its own min-max: CAMs of different layers share no unit)"),
+    FigureSpec("model-grid", "the CBAM paper's figure: images in columns, one CAM row per "
+               "checkpoint",
+               scale="per-map (each map its own min-max: CAMs of different networks share no unit)"),
+    FigureSpec("bam-hierarchy", "the BAM paper's figure: feature before, attention 1 + M(F), "
+               "feature after", _bam, _no_bam, scale="per-row (F and F' shared)"),
+    FigureSpec("class-stats", "mean channel weight per class (the SENet excitation plot)"),
+)  # fmt: skip
+FIGURES: dict[str, FigureSpec] = {spec.name: spec for spec in _SPECS}
+IMAGE_FIGURES = tuple(name for name, spec in FIGURES.items() if spec.per_image)
+
+
+def draw_image_figure(
+    name: str,
+    crop: Image.Image,
+    analysis: Analysis,
+    class_names: Sequence[str],
+    settings: FigureSettings,
+    **extra: Any,
+) -> Figure:
+    """Figure `name` of one image and one model, drawn with `settings`.
+
+    Args:
+        crop: the photo under the maps (the network's square cut of the original).
+        analysis: of this image (a batch of one, or pass `index` in `extra`).
+        extra: the figure function's own options (e.g. `top_k`, `compare` for channels).
+
+    Raises:
+        ExportError: an unknown or not per-image figure, or one this model cannot show.
+    """
+    spec = FIGURES.get(name)
+    if spec is None or spec.draw is None:
+        raise ExportError(
+            f"unknown per-image figure {name!r}; choose from {', '.join(IMAGE_FIGURES)}"
+        )
+    reason = spec.unavailable(analysis)
+    if reason is not None:
+        raise ExportError(f"{name} cannot be drawn: {reason}")
+    return spec.draw(crop, analysis, class_names, settings, extra)
+
+
+def scales_drawn(figures: Sequence[str], scale: str) -> dict[str, str]:
+    """{figure: the colour scale it was drawn with}, recorded beside the --scale setting."""
+    return {f: FIGURES[f].scale or scale for f in figures}
