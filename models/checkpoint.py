@@ -12,7 +12,8 @@ Readable layouts (`Checkpoint.format`):
   ours (their plain ResNet-50/101/152 are refused: see `models/pytorchcv.py`).
 
 Every pickle goes through `torch.load(weights_only=True)`, whose unpickler only builds tensors and
-plain containers; anything else is refused before it runs.
+plain containers; anything else is refused before it runs. Before that, `_pickle_guard` walks the
+pickle's opcodes and refuses calls that would build far more than the file holds (memory bombs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+from ._pickle_guard import DAMAGED, check_pickles, refused_call
 from .architectures import ForeignArch, attention_kind, match_architecture
 from .attention import attention_from_keys
 from .errors import CheckpointError, first_keys, one_line
@@ -146,40 +149,81 @@ def _read_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
             raise CheckpointError("checkpoint metadata must be a JSON text under 1 MB")
         try:
             meta = json.loads(raw_meta)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also an int of over 4300 digits
             raise CheckpointError(
-                "checkpoint metadata is not valid JSON (or nested too deep)"
+                "checkpoint metadata is not valid JSON (or nested too deep, or a number too long)"
             ) from None
         if not isinstance(meta, dict):
             raise CheckpointError("checkpoint metadata must be a JSON object")
     return tensors, meta
 
 
-def _check_zip(data: bytes, limit: int) -> None:
-    """Refuse zip bombs before torch reads the archive."""
+# what zipfile raises on damaged archives: UnicodeDecodeError (a ValueError) for a name marked
+# UTF-8 that is not, NotImplementedError (a RuntimeError) for an unknown zip version or method,
+# OverflowError for a record offset far outside the file
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+)
+
+
+def _zip_pickles(data: bytes, limit: int) -> list[bytes]:
+    """The archive's data.pkl records, after refusing zip bombs and archives zipfile cannot read."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()
-    except zipfile.BadZipFile:
-        raise CheckpointError("checkpoint zip archive is damaged or truncated") from None
+            _check_zip(infos, limit)
+            # every data.pkl: torch reads the one under the first record's folder
+            return [zf.read(i) for i in infos if i.filename.endswith("data.pkl")]
+    except CheckpointError:
+        raise
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            "checkpoint zip archive has a record name that is not UTF-8 text (damaged?)"
+        ) from None
+    except NotImplementedError as exc:  # "zip file version 9.9", an unknown compression
+        raise CheckpointError(
+            f"checkpoint zip archive needs a zip feature this loader cannot read ({_short(exc)})"
+        ) from None
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(
+            f"checkpoint zip archive is damaged or truncated ({_short(exc)})"
+        ) from None
+
+
+def _check_zip(infos: list[zipfile.ZipInfo], limit: int) -> None:
+    """Refuse zip bombs and compressions torch cannot read, before anything is decompressed."""
     total = sum(i.file_size for i in infos)
     if total > limit or any(
         i.compress_type != zipfile.ZIP_STORED and i.file_size > 64 * i.compress_size + 2**20
         for i in infos
     ):
         raise CheckpointError("checkpoint archive expands far beyond its size (zip bomb?); refused")
+    if any(i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for i in infos):
+        raise CheckpointError("checkpoint zip archive uses a compression PyTorch cannot read")
     if not any(i.filename.endswith("data.pkl") for i in infos):
         raise CheckpointError("zip file is not a PyTorch checkpoint (no data.pkl inside)")
 
 
-# what torch.load raises on damaged files, besides pickle.UnpicklingError
+# what torch.load raises on damaged files, besides pickle.UnpicklingError (others: not readable)
 _LOAD_ERRORS = (EOFError, OSError, RuntimeError, ValueError, TypeError, LookupError, struct.error)
 
 
 def _torch_load(data: bytes, limit: int) -> object:
+    """torch.load(weights_only=True) of untrusted bytes: bounded first, every failure one line."""
     if data[:4] == b"PK\x03\x04":
-        _check_zip(data, limit)
-    elif data[:1] != b"\x80":
+        for pickled in _zip_pickles(data, limit):
+            check_pickles(pickled)
+    elif data[:1] == b"\x80":
+        # legacy: magic number, protocol, system info, the data, storage keys; then raw storages
+        check_pickles(data, count=5, storage_bytes=len(data))
+    else:
         raise CheckpointError(
             "not a checkpoint: expected a PyTorch (.pth/.pt/.tar) or safetensors file"
         )
@@ -191,15 +235,11 @@ def _torch_load(data: bytes, limit: int) -> object:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         name = found.group(1) if found else ""
         if name and not name.endswith("."):  # a cut file can end inside a GLOBAL's name
-            raise CheckpointError(
-                f"refused: the checkpoint's pickle would call {name}; only tensors and plain containers are allowed, nothing was run"
-            ) from None
-        raise CheckpointError(
-            "refused: the checkpoint's pickle is damaged or does more than build tensors; nothing was run"
-        ) from None
+            raise CheckpointError(refused_call(name)) from None
+        raise CheckpointError(DAMAGED) from None
     except MemoryError:
         raise CheckpointError(_TOO_LARGE) from None
-    except _LOAD_ERRORS as exc:
+    except Exception as exc:  # torch's loaders trust the file: AttributeError, AssertionError...
         raise CheckpointError(_explain_torch_error(exc)) from None
 
 
@@ -207,6 +247,10 @@ _TOO_LARGE = "checkpoint declares tensors too large to allocate; refused"
 _BAD_SIZE = "checkpoint is damaged: a tensor's declared size does not fit its stored data"
 _TORCH_ERRORS = (  # a phrase in torch's error (lower case) -> what it means for the user
     ("allocate", _TOO_LARGE),
+    ("file with version", "checkpoint's archive version is not one this PyTorch reads (damaged?)"),
+    ("storage key", "checkpoint is damaged: its list of storages names one its data does not have"),
+    ("can't decode", "checkpoint is damaged: a name or text in it is not UTF-8"),
+    ("failed locating file", "checkpoint is damaged: a tensor's data record is missing from it"),
     ("magic number", "not a PyTorch checkpoint (a plain pickle, or a damaged file)"),
     ("size", _BAD_SIZE),
     ("overflow", _BAD_SIZE),
@@ -219,7 +263,9 @@ def _explain_torch_error(exc: BaseException) -> str:
     for phrase, message in _TORCH_ERRORS:
         if phrase in text:
             return message
-    return f"checkpoint is damaged or truncated ({_short(exc)})"
+    if isinstance(exc, _LOAD_ERRORS):
+        return f"checkpoint is damaged or truncated ({_short(exc)})"
+    return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -254,8 +300,13 @@ def _unwrap(obj: object) -> tuple[dict, str, dict]:
 
 
 def _plain(value: object) -> object:
+    """A training value (epoch, best_prec1, ...) as JSON-able data; a tensor only when small and
+    plain (a stride-0 view of 10^9 elements would be 10^9 floats; a meta tensor has no value)."""
     if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
+        plain = value.layout == torch.strided and value.device.type == "cpu"
+        if plain and not value.is_quantized and value.numel() <= 64:
+            return value.item() if value.numel() == 1 else value.tolist()
+        return f"tensor of shape {list(value.shape)} ({value.device.type}, {value.layout})"
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 

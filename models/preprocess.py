@@ -123,16 +123,26 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        resize, crop = int(d.get("resize", 256)), int(d.get("crop", 224))
+        """From `to_dict`'s output, read from a file: raises ValueError or TypeError when invalid."""
+        try:  # JSON allows Infinity, NaN and 400-digit ints: int() and float() overflow on them
+            resize, crop = _finite_int(d.get("resize", 256)), _finite_int(d.get("crop", 224))
+            mean = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
+            std = tuple(float(v) for v in d.get("std", IMAGENET_STD))
+        except OverflowError:
+            raise ValueError("preprocess numbers must be finite and in range") from None
         if not (8 <= crop <= 4096 and 8 <= resize <= 4096):
             raise ValueError(f"preprocess sizes out of range: resize={resize}, crop={crop}")
-        mean = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
-        std = tuple(float(v) for v in d.get("std", IMAGENET_STD))
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("preprocess mean/std must be three numbers each")
         if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
             raise ValueError("preprocess mean/std must be finite, std > 0")
         return cls(resize, crop, mean, std)  # type: ignore[arg-type]
+
+
+def _finite_int(value: object) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"preprocess sizes must be finite numbers, not {value}")
+    return int(value)  # type: ignore[call-overload]
 
 
 # torchvision's `resize`, `center_crop` and `pil_to_tensor` on PIL images, pixel for pixel
