@@ -15,8 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 app: $(STAMP)
 	$(BIN)/streamlit run app.py
 
+# the tests run one torch thread each, so two workers use both cores of a laptop or CI box
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check models viz bench tests app.py
