@@ -46,6 +46,7 @@ from viz import (
     RENDERS,
     SCALES,
     FigureSettings,
+    GridModel,
     ImageError,
     ReportOptions,
     ServePolicy,
@@ -57,7 +58,6 @@ from viz import (
     channel_statistics,
     check_upload_size,
     class_index,
-    comparison_order,
     default_cam_layers,
     default_modules,
     deletion_insertion,
@@ -72,6 +72,7 @@ from viz import (
     label_of,
     load_image,
     md_text,
+    model_grid_rows,
     npz_bytes,
     open_report,
     parse_class_names,
@@ -82,7 +83,6 @@ from viz import (
     sample_images,
     seed_of,
     serve_policy,
-    stack_analyses,
     temporary_report_folder,
     top_predictions,
     write_report,
@@ -695,14 +695,12 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
     if not picked:
         st.info("Pick at least one model.")
         return
-    # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
     loaded = {name: with_class_names(models[name].load()) for name in picked}
-    picked = sorted(picked, key=lambda name: comparison_order(loaded[name]))
     classes = column_classes(ckpt, items, loaded, method, layers, errors)
     stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",
                      format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
                      help="The same stage in every row, whatever each network calls the layer.")  # fmt: skip
-    rows, missing = [], []
+    grid = []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
         other = loaded[name]
@@ -713,15 +711,13 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
                 absent.append(c)  # drawn as n/a, not as another class under this title
             # each model's own stage layers: networks name their layers differently
             found.append(analysis(item.sha, other.sha256, t, method, None, other, item.image))
-        rows.append((other.label, stack_analyses(found)))
-        missing.append(absent)
+        grid.append(GridModel(other.label, models[name].source, other, found, absent))
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
     if bar:
         bar.empty()
-    short = [r[0] for r in rows]
-    if len(set(short)) < len(short):  # same architecture twice: tell them apart
-        rows = [(f"{lab} · {models[n].source}", an) for (lab, an), n in zip(rows, picked)]
+    # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
+    rows, missing = model_grid_rows(grid)
     show_figure(
         lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width, missing=missing, render=s.render),
         "model_grid", "grid", view, errors,

@@ -523,7 +523,7 @@ def test_cli_labels_and_target_exclude_each_other(ckpts, image_dir, tmp_path, ca
 
 
 def test_unique_names_never_take_another_inputs_name():
-    from viz.cli import unique_names
+    from viz.inputs import unique_names
 
     assert unique_names(["x", "x", "x-2", "X"]) == ["x", "x-3", "x-2", "X-4"]
     assert unique_names(["m", "m"]) == ["m", "m-2"]

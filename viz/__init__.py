@@ -75,6 +75,7 @@ from .report_page import open_report, temporary_report_folder, write_report
 from .serving import ServePolicy, serve_policy
 from .session import (
     IMAGE_TYPES,
+    GridModel,
     analyze_images,
     cam_layer_choices,
     check_upload_size,
@@ -83,6 +84,7 @@ from .session import (
     describe_checkpoint,
     digest,
     md_text,
+    model_grid_rows,
     parse_class_names,
     safe_stem,
     sample_images,
@@ -174,6 +176,8 @@ __all__ = [
     "ServePolicy",
     "serve_policy",
     "IMAGE_TYPES",
+    "GridModel",
+    "model_grid_rows",
     "analyze_images",
     "cam_layer_choices",
     "check_upload_size",

@@ -31,6 +31,8 @@ __all__ = [
     "analyze_images",
     "cam_layer_choices",
     "comparison_order",
+    "GridModel",
+    "model_grid_rows",
     "default_cam_layers",
     "check_upload_size",
     "describe_checkpoint",
@@ -248,6 +250,33 @@ def analyze_images(
         resolve_layers(ckpt.model, layers)
     x = ckpt.preprocess.batch(list(images))
     return analyze(ckpt.model, x, target, layers, method=method)
+
+
+@dataclass(frozen=True)
+class GridModel:
+    """One model's row of the model grid: its analysis of each column and the n/a columns."""
+
+    label: str
+    tell_apart: str  # added to the label when two rows would read the same (a file, a source)
+    checkpoint: Checkpoint
+    analyses: Sequence[Analysis]
+    absent: Sequence[int] = ()  # columns whose class this model does not have
+
+
+def model_grid_rows(
+    models: Sequence[GridModel],
+) -> tuple[list[tuple[str, Analysis]], list[list[int]]]:
+    """The model grid's rows (label, one batch of analyses) and n/a columns, for the command line
+    and the app alike: in the papers' order (plain, SE, BAM, CBAM, then others, stable), with
+    labels that tell two rows of the same architecture apart."""
+    ordered = sorted(models, key=lambda m: comparison_order(m.checkpoint))
+    labels = [m.label for m in ordered]
+    rows = [
+        (f"{m.label} ({m.tell_apart})" if labels.count(m.label) > 1 else m.label,
+         stack_analyses(m.analyses))
+        for m in ordered
+    ]  # fmt: skip
+    return rows, [sorted(m.absent) for m in ordered]
 
 
 def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:

@@ -1,0 +1,452 @@
+"""The `python -m viz export` run: every image through every model, figures, grids, manifest.
+
+Each image is analysed and drawn here or in worker processes (`viz.parallel`); outcomes come
+back as plain data in input order and are written here, so the files are the same whatever
+`--jobs`. A failing input is a one-line error and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cam import stage_layers
+from .export import ExportError, FigureSettings
+from .inputs import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_FILE_BYTES,
+    UsageError,
+    collect_images,
+    error_line,
+    label_of,
+    load_checkpoints,
+    read_labels,
+    regular_file,
+    resolve_target,
+)
+
+__all__ = ["GRID_COLUMNS", "OutputError", "export_command"]
+
+GRID_COLUMNS = 6  # images per model-grid figure; more images make more figures
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Run an export; returns the exit status (0 all exported, 1 some inputs failed)."""
+    from .export import IMAGE_FIGURES
+
+    figures = list(dict.fromkeys(args.figure or ["overview"]))
+    settings = _settings(args)
+    per_image = [f for f in figures if f in IMAGE_FIGURES]
+    analyzed = bool(per_image) or "model-grid" in figures
+    images, folders = _inputs(args, figures, analyzed)
+    checkpoints = load_checkpoints(args.checkpoint)
+    targets = _image_targets(args, images if analyzed else [], checkpoints)
+    run = _open_run(args)
+    grid = _Grid({name: [] for _, name, _ in checkpoints})
+    if analyzed:
+        work = _ImageWork(checkpoints, targets, settings, per_image, args.format,
+                          "model-grid" in figures)  # fmt: skip
+        _run_images(run, work, images, args, grid)
+        if "model-grid" in figures:
+            _model_grids(run, checkpoints, grid, args.format, settings)
+    if "class-stats" in figures:
+        _class_stats(run, checkpoints, folders, args.format, settings)
+    _write_manifest(run, args, figures, settings, checkpoints)
+    return 1 if run.failures else 0
+
+
+def _settings(args: argparse.Namespace) -> FigureSettings:
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None
+    try:
+        return FigureSettings(
+            method=args.method, layers=layers, cmap=args.cmap, alpha=args.alpha,
+            scale=args.scale, width=args.width, dpi=args.dpi, render=args.render,
+        )  # fmt: skip
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _inputs(args, figures: list[str], analyzed: bool) -> tuple[list, list]:
+    """The image files and folders of --images, checked against what the figures need."""
+    images, folders = collect_images(args.images)
+    if "class-stats" in figures and not folders:
+        raise UsageError(
+            "class-stats needs --images folders in ImageFolder layout (one subfolder per class)"
+        )
+    if analyzed and not images:
+        raise UsageError(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {' '.join(args.images)}"
+        )
+    return images, folders
+
+
+def _open_run(args) -> _Run:
+    from .export import prepare_output
+
+    try:
+        return _Run(prepare_output(args.out, overwrite=args.overwrite))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@dataclass
+class _Grid:
+    """The model grid's columns as the images come in."""
+
+    cells: dict[str, list]  # model name -> light analysis per column
+    missing: dict[str, set[int]] = field(default_factory=dict)  # columns drawn as n/a
+    images: list[tuple[str, object, str]] = field(default_factory=list)  # (name, crop, title)
+
+    def add(self, checkpoints, image_name: str, grid) -> None:
+        crop, title, cells = grid
+        self.images.append((image_name, crop, title))
+        for (_, name, _), (absent, light) in zip(checkpoints, cells):
+            if absent:  # n/a in the grid, not another class
+                self.missing.setdefault(name, set()).add(len(self.cells[name]))
+            self.cells[name].append(light)
+
+
+def _run_images(run: _Run, work: _ImageWork, images: list, args, grid: _Grid) -> None:
+    """Every image's outcome, in input order, written as it comes."""
+    from tqdm import tqdm
+
+    jobs = max(1, min(args.jobs, len(images)))
+    bar = tqdm(total=len(images), desc="export", unit="image", file=sys.stderr, disable=None)
+    with bar:
+        for (path, image_name), outcome in zip(images, _outcomes(work, images, jobs, args)):
+            bar.update(1)
+            if outcome["load_error"] is not None:
+                run.fail("load image", str(path), _Reported(outcome["load_error"]))
+                continue
+            run.images.append(outcome["info"])
+            for name, files, notes, result, error in outcome["runs"]:
+                _keep(run, path, image_name, name, files, notes, result, error)
+            if outcome["grid"] is not None:
+                grid.add(work.checkpoints, image_name, outcome["grid"])
+
+
+def _keep(run: _Run, path: Path, image_name: str, name, files, notes, result, error) -> None:
+    """One model's outcome for one image: its files, notes and result, or its failure."""
+    if error is not None:
+        run.fail("analysis", str(path), _Reported(error), name)
+        return
+    try:
+        if files is not None:
+            run.write(f"{name}/{image_name}", files)
+    except OutputError as exc:  # one input's failure must not stop the others
+        run.fail("write", str(path), exc, name)
+        return
+    for text in notes:
+        run.note(text)
+    run.results.append({"checkpoint": name, "image": image_name, **result})
+
+
+def _write_manifest(run: _Run, args, figures, settings: FigureSettings, checkpoints) -> None:
+    from .export import build_manifest, checkpoint_info, export_options, manifest_bytes
+
+    labels = None
+    if args.labels:
+        digest = hashlib.sha256(Path(args.labels).read_bytes()).hexdigest()
+        labels = {"file": args.labels, "sha256": digest}
+    options = export_options(figures, args.format, settings, args.target,
+                             overwrite=bool(args.overwrite), labels=labels)  # fmt: skip
+    manifest = build_manifest(
+        checkpoints=[{"name": n, **checkpoint_info(ckpt, raw)} for raw, n, ckpt in checkpoints],
+        images=run.images, options=options, results=run.results, failures=run.failures,
+        notes=run.notes, files=run.files,
+    )  # fmt: skip
+    run.write("", {"manifest.json": manifest_bytes(manifest)})
+
+
+def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | None]]:
+    """{image name: {checkpoint name: class to explain}}: --target for all, or --labels each."""
+    if not args.labels:
+        fixed = {
+            name: resolve_target(args.target, ckpt.class_names) for _, name, ckpt in checkpoints
+        }
+        return {image_name: fixed for _, image_name in images}
+    labels = read_labels(args.labels)
+    targets = {}
+    for path, image_name in images:
+        label = label_of(path, labels)
+        if label is None:
+            raise UsageError(f"--labels {args.labels} has no row for {path}")
+        targets[image_name] = {
+            name: resolve_target(label, ckpt.class_names, f"--labels: {path.name}'s label")
+            for _, name, ckpt in checkpoints
+        }
+    return targets
+
+
+@dataclass
+class _Run:
+    """What one export run has done so far."""
+
+    out: Path
+    files: dict[str, bytes] = field(default_factory=dict)  # relative name -> bytes written
+    failures: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)  # each image's name, path and sha256
+
+    def write(self, prefix: str, files: dict[str, bytes]) -> None:
+        from .export import write_files
+
+        named = {f"{prefix}/{k}" if prefix else k: v for k, v in files.items()}
+        try:
+            write_files(self.out, named)
+        except (OSError, ExportError) as exc:  # only this is "cannot write the output"
+            raise OutputError(exc) from exc
+        self.files.update(named)
+
+    def fail(
+        self, step: str, what: str, error: BaseException, checkpoint: str | None = None
+    ) -> None:
+        """Record and print (one line) that `step` failed for input `what`."""
+        message = _one_line(error)
+        self.failures.append(
+            {"step": step, "input": what, "checkpoint": checkpoint, "error": message}
+        )
+        where = f" ({step}, {checkpoint})" if checkpoint else f" ({step})"
+        _say(f"error: {what}{where}: {message}")
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+            _say(f"note: {text}")
+
+
+def _say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _one_line(error: BaseException) -> str:
+
+    return " ".join(str(error).split()) if isinstance(error, OutputError) else error_line(error)
+
+
+class OutputError(Exception):
+    """Writing a file under --out failed (a full or read-only disk, a folder in the way)."""
+
+    def __init__(self, cause: OSError | ExportError) -> None:
+        what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""
+        super().__init__(f"cannot write the output{where}: {what}")
+
+
+class _Reported(ValueError):
+    """A failure already put in one line (by a worker process)."""
+
+
+@dataclass
+class _ImageWork:
+    """Everything one image needs, for every model: analysis, figures, grid cells.
+
+    Called in this process (`--jobs 1`) or in worker processes; it returns plain data (bytes,
+    dicts, tensors) and one-line error texts, and the caller writes files in input order, so the
+    output is the same whatever `--jobs`.
+    """
+
+    checkpoints: list
+    targets: dict
+    settings: FigureSettings
+    per_image: list
+    formats: list
+    grid: bool
+
+    def __call__(self, item: tuple[Path, str]) -> dict:
+        from models.images import load_image
+
+        from .export import render_image, result_info
+        from .session import analyze_images
+
+        path, image_name = item
+        try:
+            regular_file(path, "image", MAX_IMAGE_FILE_BYTES)
+            data = path.read_bytes()
+            pil = load_image(data)
+        except (OSError, ValueError, UsageError) as exc:
+            return {"load_error": _one_line(exc)}
+        info = {"name": image_name, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
+        runs, lights = [], []
+        for _, name, ckpt in self.checkpoints:
+            try:
+                analysis = analyze_images(
+                    ckpt, [pil], self.targets[image_name][name],
+                    method=self.settings.method, layers=self.settings.layers,
+                )  # fmt: skip
+                files, notes = None, []
+                if self.per_image:
+                    files, notes = render_image(pil, ckpt, analysis, figures=self.per_image,
+                                                formats=self.formats, settings=self.settings)  # fmt: skip
+                runs.append((name, files, notes, result_info(analysis, ckpt.class_names), None))
+                lights.append(_light(analysis))
+            except Exception as exc:  # one input's failure must not stop the others
+                runs.append((name, None, [], None, _one_line(exc)))
+                lights.append(None)
+        grid = None
+        if self.grid and all(light is not None for light in lights):
+            first = self.checkpoints[0][2]
+            title = first.class_names[int(lights[0].target[0])]
+            cells = [
+                (title not in ckpt.class_names, _same_class(ckpt, pil, light, title))
+                for (_, _, ckpt), light in zip(self.checkpoints, lights)
+            ]
+            grid = (first.preprocess.display_crop(pil), title, cells)
+        return {"load_error": None, "info": info, "runs": runs, "grid": grid}
+
+
+def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWork:
+    """In a worker process: the plugins, the checkpoints (read again), one thread."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.plugins import load_plugins
+
+    torch.set_num_threads(1)
+    load_plugins(plugins)
+    checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
+    return _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
+                      work.formats, work.grid)  # fmt: skip
+
+
+def _worker_died(item: tuple[Path, str], exit_code: int | None) -> dict:
+    return {"load_error": f"the worker process on this image stopped (exit code {exit_code})"}
+
+
+def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
+    """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes
+    (`viz.parallel`), each process at one thread.
+
+    Workers get the settings, not the models: they read the checkpoints again (spawned
+    processes share nothing).
+    """
+    if jobs <= 1:
+        yield from map(work, images)
+        return
+    import torch
+
+    from models.plugins import plugins_from_env
+
+    from .parallel import ordered_map
+
+    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
+    paths = [(raw, name) for raw, name, _ in work.checkpoints]
+    plugins = plugins_from_env() + list(getattr(args, "plugin", []))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per process, this one included
+    try:
+        yield from ordered_map(work, images, jobs, initializer=_start_worker,
+                               initargs=(bare, paths, plugins), on_crash=_worker_died)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _light(analysis):
+    """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
+    import dataclasses
+
+    from .trace import AttentionTrace
+
+    stages = analysis.stage_cams()
+    last = stages[max(stages)]
+    return dataclasses.replace(
+        analysis,
+        trace=AttentionTrace(),
+        cams={last: analysis.cams[last]},
+        cam_stages={last: analysis.cam_stages[last]},
+    )
+
+
+def _same_class(ckpt, image, light, class_name: str):
+    """A grid row explains its column's class (as in the CBAM paper), not its own top-1."""
+    from .session import analyze_images
+
+    names = ckpt.class_names
+    if class_name not in names or names[int(light.target[0])] == class_name:
+        return light
+    last = stage_layers(ckpt.model)[-1]
+    return _light(
+        analyze_images(ckpt, [image], names.index(class_name), method=light.method, layers=(last,))
+    )
+
+
+def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureSettings) -> None:
+    """The model grid, `GRID_COLUMNS` images per figure."""
+    from .export import figure_bytes
+    from .figures import model_grid
+    from .session import GridModel, model_grid_rows
+
+    chunks = [grid.images[i : i + GRID_COLUMNS] for i in range(0, len(grid.images), GRID_COLUMNS)]
+    for c, chunk in enumerate(chunks):
+        start, end = c * GRID_COLUMNS, c * GRID_COLUMNS + len(chunk)
+        try:
+            rows, absent = model_grid_rows([
+                GridModel(ckpt.label, name, ckpt, grid.cells[name][start:end],
+                          [i - start for i in grid.missing.get(name, ()) if start <= i < end])
+                for _, name, ckpt in checkpoints
+            ])  # fmt: skip
+            fig = model_grid([crop for _, crop, _ in chunk], rows,
+                             column_titles=[title for _, _, title in chunk], width=settings.width,
+                             cmap=settings.cmap, alpha=settings.alpha, missing=absent,
+                             render=settings.render)  # fmt: skip
+            stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
+            run.write(
+                "", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats}
+            )
+        except Exception as exc:
+            run.fail("model-grid", ", ".join(n for n, _, _ in chunk), exc)
+
+
+def _class_stats(run: _Run, checkpoints, folders, formats, settings) -> None:
+    from tqdm import tqdm
+
+    from .export import figure_bytes, npz_bytes, safe_name
+    from .figures import class_channel_stats
+    from .metrics import channel_statistics
+
+    for folder in folders:
+        stem = f"class-stats-{safe_name(folder.resolve().name, default='images')}"
+        for _, name, ckpt in checkpoints:
+            bar = tqdm(desc=f"class-stats {name}", unit="img", file=sys.stderr, disable=None)
+
+            def progress(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            try:
+                with bar:
+                    stats = channel_statistics(
+                        ckpt.model, folder, ckpt.preprocess, batch_size=16, progress=progress
+                    )
+                if not stats.means:
+                    run.note(f"class-stats skipped for {ckpt.label}: no attention modules")
+                    continue
+                fig = class_channel_stats(
+                    stats, width=settings.width, cmap=settings.cmap,
+                    shared_scale=settings.shared_scale,
+                )  # fmt: skip
+                files = {
+                    f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats
+                }
+                arrays = {
+                    "class_names": _str_array(stats.class_names),
+                    "counts": stats.counts.numpy(),
+                }
+                arrays.update({f"means/{k}": v.float().numpy() for k, v in stats.means.items()})
+                files[f"{stem}.npz"] = npz_bytes(arrays)
+                run.write(name, files)
+            except Exception as exc:
+                run.fail("class-stats", str(folder), exc, name)
+
+
+def _str_array(items: Sequence[str]):
+    import numpy as np
+
+    return np.asarray(list(items), dtype=str)
