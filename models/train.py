@@ -54,28 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m models.train",
         description="Train a ResNet with optional SE/BAM/CBAM on an ImageFolder dataset.",
     )
+    for add in (_data_options, _model_options, _optimiser_options, _run_options):
+        add(p)
+    return p.parse_args(argv)
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """The data set, its augmentation, caching, hold-out and test resolutions."""
     p.add_argument(
         "--data", required=True, type=Path, help="folder with train/ and val/ ImageFolders"
     )
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
-    # architecture: unset means "as --init" or, without it, ARCH_DEFAULTS
-    p.add_argument("--depth", type=int, default=None, choices=[18, 34, 50, 101, 152])
-    p.add_argument("--attention", default=None, choices=["none", *ATTENTION])
-    p.add_argument("--stem", default=None, choices=["imagenet", "cifar"])
-    p.add_argument("--bam-fusion", default=None, choices=["product", "sum"])
-    p.add_argument(
-        "--init",
-        type=Path,
-        default=None,
-        help="start from this checkpoint's weights with a fresh schedule (its architecture; "
-        "a new classifier if its class count differs from the data's)",
-    )
-    p.add_argument("--epochs", type=int, default=18)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (SGD, nesterov)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--img-size", type=int, default=128, help="training crop size")
     p.add_argument(
         "--cache-size", type=int, default=224, help="images are kept in memory at this size"
@@ -99,17 +87,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "during training (test size, progress) is made on it and val/ is scored once at the end",
     )
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
+    p.add_argument(
+        "--class-names", default=None, help="comma list or text file, one name per class"
+    )
+    p.add_argument("--dataset-name", default=None, help="recorded in the metadata")
+    p.add_argument(
+        "--data-loading",
+        default="cache",
+        choices=["cache", "stream"],
+        help="cache: decode every image once into memory (small data sets); stream: decode "
+        "and augment per batch in --workers processes (ImageNet)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="decoding processes per rank (stream)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The architecture: unset means as --init or, without it, ARCH_DEFAULTS."""
+    p.add_argument("--depth", type=int, default=None, choices=[18, 34, 50, 101, 152])
+    p.add_argument("--attention", default=None, choices=["none", *ATTENTION])
+    p.add_argument("--stem", default=None, choices=["imagenet", "cifar"])
+    p.add_argument("--bam-fusion", default=None, choices=["product", "sum"])
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights with a fresh schedule (its architecture; "
+        "a new classifier if its class count differs from the data's)",
+    )
+
+
+def _optimiser_options(p: argparse.ArgumentParser) -> None:
+    """Epochs, batch, SGD and its learning-rate schedule."""
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (SGD, nesterov)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["cosine", "step"],
+        help="cosine after linear warm-up, or the official step decay (x0.1 every --step-epochs)",
+    )
+    p.add_argument("--step-epochs", type=int, default=30, help="epochs per step of --schedule step")
+    p.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Nesterov momentum (the official BAM/CBAM recipe uses plain momentum: --no-nesterov)",
+    )
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Output, precision, resuming, devices and ranks."""
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors checkpoint")
     p.add_argument(
         "--eval-every",
         type=int,
         default=1,
         help="validate every N epochs and after the last (validation is not free on a CPU)",
     )
-    p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
-    p.add_argument(
-        "--class-names", default=None, help="comma list or text file, one name per class"
-    )
-    p.add_argument("--dataset-name", default=None, help="recorded in the metadata")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--bf16",
@@ -125,27 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument(
-        "--schedule",
-        default="cosine",
-        choices=["cosine", "step"],
-        help="cosine after linear warm-up, or the official step decay (x0.1 every --step-epochs)",
-    )
-    p.add_argument("--step-epochs", type=int, default=30, help="epochs per step of --schedule step")
-    p.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Nesterov momentum (the official BAM/CBAM recipe uses plain momentum: --no-nesterov)",
-    )
-    p.add_argument(
-        "--data-loading",
-        default="cache",
-        choices=["cache", "stream"],
-        help="cache: decode every image once into memory (small data sets); stream: decode "
-        "and augment per batch in --workers processes (ImageNet)",
-    )
-    p.add_argument("--workers", type=int, default=4, help="decoding processes per rank (stream)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
     p.add_argument(
         "--sync-bn",
@@ -157,7 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="BatchNorm uses and keeps its running statistics (fine-tuning with small batches)",
     )
-    return p.parse_args(argv)
 
 
 # the options recorded as a checkpoint's training recipe (the model card rebuilds commands from them)
@@ -648,15 +665,13 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
     data = StreamData(args, ranks) if args.data_loading == "stream" else CachedData(args, ranks)
     if data.val_classes != data.classes:
         return _fail("train/ and val/ have different class folders")
-    classes = data.classes
-    class_names = read_class_names(args.class_names, classes)
+    class_names = read_class_names(args.class_names, data.classes)
     _say(ranks, (
         f"data: {data.n_train} train, {data.n_select} {data.select_split} (choices), "
-        f"{len(classes)} classes (decoded in {data.seconds:.0f}s); {ranks.world} process(es)"
+        f"{len(data.classes)} classes (decoded in {data.seconds:.0f}s); {ranks.world} process(es)"
     ))  # fmt: skip
-
     torch.manual_seed(args.seed)
-    model = build_model(args.depth, attention, len(classes), args.stem, args.bam_fusion)
+    model = build_model(args.depth, attention, len(data.classes), args.stem, args.bam_fusion)
     keep_classifier = True
     if init is not None:
         try:
@@ -670,9 +685,21 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
     model = model.to(device, memory_format=torch.channels_last)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    history = _epochs(args, model, data, device, state_path, ranks)
+    if not ranks.main:
+        return 0
+    if args.sync_bn:
+        model = _plain_batchnorm(model)
+    model = model.cpu()
+    return _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
+                   attention, ranks)  # fmt: skip
+
+
+def _sgd(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
+    """SGD with momentum 0.9; no weight decay on biases and BatchNorm parameters."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
+    return torch.optim.SGD(
         [
             {"params": decay, "weight_decay": args.weight_decay},
             {"params": no_decay, "weight_decay": 0},
@@ -681,23 +708,32 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
         momentum=0.9,
         nesterov=args.nesterov,
     )
-    steps_per_epoch = data.n_train // args.batch_size
-    total = steps_per_epoch * args.epochs
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+
+def _resume(args, model, opt, gen, state_path: Path, ranks: Ranks) -> tuple[int, list]:
+    """(epochs done, history) from the training state; rank 0 reads it and sends it (no
+    shared disk needed between nodes)."""
+    state = None
+    if ranks.main and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = ranks.broadcast(state)
+    if state is None:
+        return 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    _say(ranks, f"resumed from {state_path} after epoch {state['epoch']}")
+    return state["epoch"], json.loads(state["history"])
+
+
+def _epochs(args, model, data, device, state_path: Path, ranks: Ranks) -> list[dict]:
+    """Every epoch from the first not done: train, validate when due, save the state."""
+    opt = _sgd(model, args)
+    steps = data.n_train // args.batch_size
     gen = torch.Generator().manual_seed(args.seed)
-    start_epoch, history = 0, []
-    if args.resume:
-        # rank 0 reads the state and sends it: no shared disk needed between nodes
-        state = None
-        if ranks.main and state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        state = ranks.broadcast(state)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            start_epoch, history = state["epoch"], json.loads(state["history"])
-            _say(ranks, f"resumed from {state_path} after epoch {start_epoch}")
+    start_epoch, history = (
+        _resume(args, model, opt, gen, state_path, ranks) if args.resume else (0, [])
+    )
     net = model
     if ranks.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -705,82 +741,79 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
         net = DistributedDataParallel(
             model, device_ids=[ranks.local_rank] if device.type == "cuda" else None
         )
-
     for epoch in range(start_epoch, args.epochs):
-        net.train()
-        if args.freeze_bn:
-            _freeze_batchnorm(net)
-        totals = torch.zeros(3, dtype=torch.float64)  # images, correct, loss sum
         t_epoch = time.time()
-        bar = tqdm(
-            data.batches(epoch, gen),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not ranks.main,
-        )
-        for b, (images, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + b
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, args.lr, args.schedule,
-                                    args.step_epochs * steps_per_epoch)  # fmt: skip
-            x = normalize(images).to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                logits = net(x)
-            # the mean over this rank's share; DDP averages the gradients over the ranks,
-            # which is the mean over the global batch (equal shares)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            totals += torch.tensor(
-                [len(y), (logits.argmax(1) == y).sum().item(), loss.item() * len(y)],
-                dtype=torch.float64,
-            )
-            seen = totals[0].item()
-            bar.set_postfix(loss=f"{totals[2].item() / seen:.3f}",
-                            acc=f"{100 * totals[1].item() / seen:.1f}")  # fmt: skip
-        if ranks.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
+        totals = _train_epoch(args, net, opt, data, gen, epoch, steps, device, ranks)
         seen = max(1.0, totals[0].item())
         val_acc = None
         if ranks.main and ((epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs):
             sizes = eval_sizes(args)
             watch = max(sizes) if len(sizes) == 1 else min(args.img_size + 32, args.cache_size)
             val_acc = data.evaluate(model, watch)
-        row = {
+        history.append({
             "epoch": epoch + 1,
             "train_loss": round(totals[2].item() / seen, 4),
             "train_acc": round(100 * totals[1].item() / seen, 2),
             f"{data.select_split}_acc": None if val_acc is None else round(val_acc, 2),
             "seconds": round(time.time() - t_epoch, 1),
-        }
-        history.append(row)
+        })  # fmt: skip
         if ranks.main:
-            print(json.dumps(row), flush=True)
-            buf = io.BytesIO()
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "epoch": epoch + 1,
-                    "history": json.dumps(history),
-                },
-                buf,
-            )
-            atomic_write_bytes(state_path, buf.getvalue())
-    if not ranks.main:
-        return 0
-    if args.sync_bn:
-        model = _plain_batchnorm(model)
-    model = model.cpu()
-    return _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-                   attention, ranks)  # fmt: skip
+            print(json.dumps(history[-1]), flush=True)
+            _save_state(state_path, model, opt, gen, epoch + 1, history)
+    return history
+
+
+def _train_epoch(args, net, opt, data, gen, epoch: int, steps: int, device, ranks: Ranks) -> Tensor:
+    """One epoch of SGD; returns (images, correct, loss sum) over every rank."""
+    net.train()
+    if args.freeze_bn:
+        _freeze_batchnorm(net)
+    total, warmup = steps * args.epochs, int(args.warmup_epochs * steps)
+    totals = torch.zeros(3, dtype=torch.float64)  # images, correct, loss sum
+    bar = tqdm(data.batches(epoch, gen), total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
+               unit="batch", leave=False, disable=not ranks.main)  # fmt: skip
+    for b, (images, y) in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch * steps + b, total, warmup, args.lr, args.schedule,
+                                args.step_epochs * steps)  # fmt: skip
+        x = normalize(images).to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = net(x)
+        # the mean over this rank's share; DDP averages the gradients over the ranks,
+        # which is the mean over the global batch (equal shares)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        totals += torch.tensor(
+            [len(y), (logits.argmax(1) == y).sum().item(), loss.item() * len(y)],
+            dtype=torch.float64,
+        )
+        seen = totals[0].item()
+        bar.set_postfix(loss=f"{totals[2].item() / seen:.3f}",
+                        acc=f"{100 * totals[1].item() / seen:.1f}")  # fmt: skip
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    return totals
+
+
+def _save_state(path: Path, model, opt, gen, epochs_done: int, history: list) -> None:
+    """What --resume needs, written atomically after every epoch."""
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "epoch": epochs_done,
+            "history": json.dumps(history),
+        },
+        buf,
+    )
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plain_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
