@@ -78,75 +78,88 @@ def ordered_map(
             same whatever `jobs`). If it raises, that worker stops and the others go on.
         on_crash: the outcome of an item whose worker died while on it (exit code or None).
     """
-    total = len(items)
-    workers = min(jobs, total) - 1
+    workers = min(jobs, len(items)) - 1
     if workers <= 0:
         yield from map(fn, items)
         return
-    ctx = multiprocessing.get_context("spawn")  # forking after torch's thread pool can hang
-    counter = ctx.Value("q", 0)
-    emitted = ctx.Value("q", 0, lock=False)  # written here only
-    held = ctx.Array("q", [-1] * workers)  # the item each worker is on, -1 for none
-    results = ctx.Queue()
-    window = 4 * jobs
-    procs = [
-        ctx.Process(
-            target=_worker,
-            daemon=True,
-            args=(initializer, initargs, items, counter, emitted, window, held, slot, results),
-        )  # fmt: skip
-        for slot in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    done: dict[int, Any] = {}
-    settled: set[int] = set()  # workers known to be gone, their item settled
+    pool = _Pool(items, jobs, workers, initializer, initargs)
+    try:
+        following = 0
+        while following < len(items):
+            pool.drain()
+            if following in pool.done:
+                yield pool.done.pop(following)
+                following += 1
+                pool.emitted.value = following
+                continue
+            index = _take(pool.counter, len(items))
+            if index is not None:  # this process works too
+                pool.done[index] = fn(items[index])
+            elif not pool.receive(block=True):  # nothing came: has a worker died on its item?
+                pool.settle_dead(on_crash)
+                if pool.all_gone():  # finish what they took here
+                    pool.drain()
+                    for index in range(following, len(items)):
+                        if index not in pool.done:
+                            pool.done[index] = fn(items[index])
+    finally:
+        pool.close()
 
-    def receive(block: bool) -> bool:
+
+class _Pool:
+    """The spawned workers, the shared counter and the outcomes received so far."""
+
+    def __init__(self, items, jobs: int, workers: int, initializer, initargs) -> None:
+        ctx = multiprocessing.get_context("spawn")  # forking after torch's thread pool can hang
+        self.items = items
+        self.counter = ctx.Value("q", 0)
+        self.emitted = ctx.Value("q", 0, lock=False)  # written here only
+        self.held = ctx.Array("q", [-1] * workers)  # the item each worker is on, -1 for none
+        self.results = ctx.Queue()
+        self.done: dict[int, Any] = {}
+        self.settled: set[int] = set()  # workers known to be gone, their item settled
+        args = (initializer, initargs, items, self.counter, self.emitted, 4 * jobs, self.held)
+        self.procs = [
+            ctx.Process(target=_worker, daemon=True, args=(*args, slot, self.results))
+            for slot in range(workers)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def receive(self, block: bool) -> bool:
+        """Take one outcome from the queue (waiting up to `_POLL` s if `block`)."""
         try:
-            index, outcome = results.get(block, _POLL) if block else results.get_nowait()
+            index, outcome = self.results.get(block, _POLL) if block else self.results.get_nowait()
         except queue.Empty:
             return False
         if index is None:
             print(f"warning: a worker could not start ({outcome}); going on without it",
                   file=sys.stderr)  # fmt: skip
         else:
-            done[index] = pickle.loads(outcome)  # bytes from our own worker
+            self.done[index] = pickle.loads(outcome)  # bytes from our own worker
         return True
 
-    try:
-        following = 0
-        while following < total:
-            while receive(block=False):
-                pass
-            if following in done:
-                yield done.pop(following)
-                following += 1
-                emitted.value = following
-                continue
-            index = _take(counter, total)
-            if index is not None:
-                done[index] = fn(items[index])
-                continue
-            if receive(block=True):
-                continue
-            for slot, p in enumerate(procs):  # nothing came: has a worker died on its item?
-                if slot not in settled and not p.is_alive():
-                    settled.add(slot)
-                    index = held[slot]
-                    if index >= 0 and index not in done:
-                        done[index] = on_crash(items[index], p.exitcode)
-            if len(settled) == workers:  # no worker left: finish what they took here
-                while receive(block=False):
-                    pass
-                for index in range(following, total):
-                    if index not in done:
-                        done[index] = fn(items[index])
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join()
-        results.close()
-        results.cancel_join_thread()
+    def drain(self) -> None:
+        while self.receive(block=False):
+            pass
+
+    def settle_dead(self, on_crash) -> None:
+        """A worker that died on an item gives that item `on_crash`'s outcome."""
+        for slot, proc in enumerate(self.procs):
+            if slot not in self.settled and not proc.is_alive():
+                self.settled.add(slot)
+                index = self.held[slot]
+                if index >= 0 and index not in self.done:
+                    self.done[index] = on_crash(self.items[index], proc.exitcode)
+
+    def all_gone(self) -> bool:
+        return len(self.settled) == len(self.procs)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join()
+        self.results.close()
+        self.results.cancel_join_thread()
