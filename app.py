@@ -448,72 +448,21 @@ def chosen_target(item: ImageItem, ckpt: Checkpoint) -> int | None:
 
 def page(ckpt, label, models, items, view: View, errors) -> None:
     settings = view.settings
-    method, layers = settings.method, settings.layers
-    base = predict_all(ckpt, items, method, layers)
-    names = ckpt.class_names
+    base = predict_all(ckpt, items, settings.method, settings.layers)
     # the network's crop at the original's resolution: the same photo as in the downloads
     crops = [ckpt.preprocess.display_crop(item.image) for item in items]
-    if len(items) > 1:
-        st.subheader(f"{len(items)} images · {md_text(label)}")
-        for start in range(0, len(items), 5):
-            for col, i in zip(st.columns(5), range(start, min(start + 5, len(items)))):
-                top = top_predictions(base[i].probs[0], names, 1)[0]
-                col.image(
-                    crops[i],
-                    caption=f"{md_text(items[i].name)}: {md_text(top.name)} (P = {top.prob:.2f})",
-                )
-        pick = st.selectbox(
-            "Inspect image", range(len(items)), format_func=lambda i: items[i].name, key="inspect"
-        )
-    else:
-        pick = 0
+    pick = pick_image(ckpt, label, items, base, crops)
     item, crop = items[pick], crops[pick]
-
-    left, right = st.columns([1, 2])
-    left.image(crop, caption=f"{md_text(item.name)} as the network sees it")
-    top5 = top_predictions(base[pick].probs[0], names, 5)
-    right.markdown(
-        f"**Prediction: {md_text(top5[0].name)}** (P = {top5[0].prob:.3f}) · {md_text(label)}"
-    )
-    right.dataframe(
-        pd.DataFrame({"class": [p.name for p in top5], "P": [round(p.prob, 4) for p in top5]}),
-        hide_index=True,
-    )
     tkey = f"{item.sha[:16]}:{ckpt.sha256[:16]}"
-    choice = right.radio(
-        "Explain class", [p.index for p in top5] + [OTHER], horizontal=True, key=f"t5:{tkey}",
-        format_func=lambda i: "another class…" if i == OTHER else md_text(names[i]),
-    )  # fmt: skip
-    if choice == OTHER:
-        choice = right.selectbox(
-            "Search all classes", range(len(names)), index=top5[0].index,
-            format_func=names.__getitem__, key=f"tall:{tkey}",
-        )  # fmt: skip
-    target = None if choice == top5[0].index else int(choice)
-    an = analysis(item.sha, ckpt.sha256, target, method, layers, ckpt, item.image)
-    if target is not None:
-        right.markdown(
-            f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"
-        )
-    stem = safe_stem(item.name)
-    right.download_button(
-        "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
-        data=lambda: zip_bundle(image_bundle(
-            item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
-            target=target, analysis=an, settings=settings,
-        )),
-        file_name=f"{safe_stem(ckpt.label)}_{stem}_attention_lens.zip", mime="application/zip", key=f"zip:{tkey}",
-        help="All figures as PNG, PDF and SVG, the raw maps (maps.npz) and a manifest: the files "
-        "`python -m viz export` writes.",
-    )  # fmt: skip
-
+    target, an = explained_class(ckpt, label, item, crop, base[pick], settings, tkey)
     tabs = st.tabs(
         ["Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
          "BAM hierarchy", "Compare models", "Class statistics", "Data set"]
     )  # fmt: skip
+    stem = safe_stem(item.name)
 
     def draw(name: str, **extra):
-        return lambda: draw_image_figure(name, crop, an, names, settings, **extra)
+        return lambda: draw_image_figure(name, crop, an, ckpt.class_names, settings, **extra)
 
     with tabs[0]:
         show_figure(draw("overview"), f"{stem}_spatial", f"sp:{tkey}", view, errors)
@@ -534,7 +483,66 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
     with tabs[6]:
         class_stats_tab(ckpt, view, errors)
     with tabs[7]:
-        dataset_tab(ckpt, label, method, errors)
+        dataset_tab(ckpt, label, settings.method, errors)
+
+
+def pick_image(ckpt, label, items, base, crops) -> int:
+    """With several images: a strip of them with their predictions, and which to inspect."""
+    if len(items) == 1:
+        return 0
+    st.subheader(f"{len(items)} images · {md_text(label)}")
+    for start in range(0, len(items), 5):
+        for col, i in zip(st.columns(5), range(start, min(start + 5, len(items)))):
+            top = top_predictions(base[i].probs[0], ckpt.class_names, 1)[0]
+            col.image(
+                crops[i],
+                caption=f"{md_text(items[i].name)}: {md_text(top.name)} (P = {top.prob:.2f})",
+            )
+    return st.selectbox(
+        "Inspect image", range(len(items)), format_func=lambda i: items[i].name, key="inspect"
+    )
+
+
+def explained_class(ckpt, label, item, crop, base, settings: FigureSettings, tkey: str):
+    """The image, its top-5, the class to explain and the zip of everything; (target, analysis)."""
+    names = ckpt.class_names
+    left, right = st.columns([1, 2])
+    left.image(crop, caption=f"{md_text(item.name)} as the network sees it")
+    top5 = top_predictions(base.probs[0], names, 5)
+    right.markdown(
+        f"**Prediction: {md_text(top5[0].name)}** (P = {top5[0].prob:.3f}) · {md_text(label)}"
+    )
+    right.dataframe(
+        pd.DataFrame({"class": [p.name for p in top5], "P": [round(p.prob, 4) for p in top5]}),
+        hide_index=True,
+    )
+    choice = right.radio(
+        "Explain class", [p.index for p in top5] + [OTHER], horizontal=True, key=f"t5:{tkey}",
+        format_func=lambda i: "another class…" if i == OTHER else md_text(names[i]),
+    )  # fmt: skip
+    if choice == OTHER:
+        choice = right.selectbox(
+            "Search all classes", range(len(names)), index=top5[0].index,
+            format_func=names.__getitem__, key=f"tall:{tkey}",
+        )  # fmt: skip
+    target = None if choice == top5[0].index else int(choice)
+    an = analysis(item.sha, ckpt.sha256, target, settings.method, settings.layers, ckpt, item.image)
+    if target is not None:
+        right.markdown(
+            f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"
+        )
+    right.download_button(
+        "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
+        data=lambda: zip_bundle(image_bundle(
+            item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
+            target=target, analysis=an, settings=settings,
+        )),
+        file_name=f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}_attention_lens.zip",
+        mime="application/zip", key=f"zip:{tkey}",
+        help="All figures as PNG, PDF and SVG, the raw maps (maps.npz) and a manifest: the files "
+        "`python -m viz export` writes.",
+    )  # fmt: skip
+    return target, an
 
 
 CAPTUM_LABELS = {
