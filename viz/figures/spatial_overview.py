@@ -71,32 +71,67 @@ def spatial_overview(
     records = trace.spatial_records
     header = 0.25 if title else 0.0
     if not records:
-        canvas = Canvas(width, [3], header=header, max_panel=1.2)
-        canvas.image(0, 0, img)
-        canvas.above(0, 0, "input")
-        if trace.channel_records:
-            names = "/".join(sorted(kind_style(k).label for k in kinds_of(trace)))
-            text = f"{names} modules have no spatial map:\nthey reweight channels only\n(see the channel-weight figure)."
-        else:
-            text = "This model has no attention modules:\nno spatial maps to show."
-        canvas.note(0, 1, text, span=2)
-        if title:
-            canvas.title(title)
-        return canvas.fig
-    if max_columns is None:
-        max_columns = 9 if figure_width(width) >= 5.0 else 6
-    if max_columns < 2:
-        raise ValueError(f"max_columns must be at least 2, got {max_columns}")
+        canvas = _without_maps(img, trace, width, header)
+    else:
+        if max_columns is None:
+            max_columns = 9 if figure_width(width) >= 5.0 else 6
+        if max_columns < 2:
+            raise ValueError(f"max_columns must be at least 2, got {max_columns}")
+        maps = [spatial_map(r)[0] for r in records]
+        vmin, vmax = value_range(maps) if shared_scale else (0.0, 1.0)
+        scale = {"vmin": vmin, "vmax": vmax} if shared_scale else {}
+        rows = _rows(records, max_columns)
+        canvas = _canvas(rows, width, header)
+        for r, row in enumerate(rows):
+            col = 0
+            for label, members in row:
+                if label:
+                    if not fits_bold(label, canvas.span_width(len(members))):
+                        label = label.replace(" · ", "\n", 1)
+                    canvas.above(r, col, label, span=len(members), lift=0.155,
+                                 fontweight="bold", max_lines=2)  # fmt: skip
+                for item in members:
+                    if item is None:
+                        canvas.image(r, col, img)
+                        canvas.above(r, col, "input")
+                    else:
+                        shown = overlay(img, maps[item], cmap, alpha, render=render, **scale)
+                        canvas.image(r, col, shown)
+                        canvas.above(r, col, panel_label(records[item]))
+                    col += 1
+        what = " / ".join(spatial_name(k) for k in sorted({r.kind for r in records}))
+        canvas.colorbar(
+            cmap, vmin, vmax, what if shared_scale else f"{what}, each map: own min–max"
+        )
+    if title:
+        canvas.title(title)
+    return canvas.fig
 
-    maps = [spatial_map(r)[0] for r in records]
-    vmin, vmax = value_range(maps) if shared_scale else (0.0, 1.0)
-    scale = {"vmin": vmin, "vmax": vmax} if shared_scale else {}
 
-    # groups of panels: (label, record indices); the input (None) is a group of its own
+Group = tuple[str, list[int | None]]  # (label, record indices); None is the input image
+
+
+def _without_maps(img: Image.Image, trace: AttentionTrace, width, header: float) -> Canvas:
+    """The image and a note saying why there is no spatial map."""
+    canvas = Canvas(width, [3], header=header, max_panel=1.2)
+    canvas.image(0, 0, img)
+    canvas.above(0, 0, "input")
+    if trace.channel_records:
+        names = "/".join(sorted(kind_style(k).label for k in kinds_of(trace)))
+        text = f"{names} modules have no spatial map:\nthey reweight channels only\n(see the channel-weight figure)."
+    else:
+        text = "This model has no attention modules:\nno spatial maps to show."
+    canvas.note(0, 1, text, span=2)
+    return canvas
+
+
+def _rows(records, max_columns: int) -> list[list[Group]]:
+    """Stages packed left to right into rows of at most `max_columns` panels, the input first;
+    a stage longer than a row wraps ("(cont.)")."""
     stages: dict[int, list[int]] = {}
     for i, rec in enumerate(records):
         stages.setdefault(rec.stage, []).append(i)
-    groups: list[tuple[str, list[int | None]]] = [("", [None])]
+    groups: list[Group] = [("", [None])]
     for members in stages.values():
         first = records[members[0]]
         h, w = first.spatial.shape[-2:]
@@ -105,43 +140,22 @@ def spatial_overview(
             groups.append(
                 (label + (" (cont.)" if start else ""), members[start : start + max_columns])
             )
-    rows: list[list[tuple[str, list[int | None]]]] = [[]]
+    rows: list[list[Group]] = [[]]
     for group in groups:
         if rows[-1] and sum(len(g[1]) for g in rows[-1]) + len(group[1]) > max_columns:
             rows.append([])
         rows[-1].append(group)
+    return rows
+
+
+def _canvas(rows: list[list[Group]], width, header: float) -> Canvas:
+    """Panels with a gap between groups; taller headers when a group's label needs two lines."""
     gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
     canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.29, footer=0.42, header=header)
-    labels = [label for row in rows for label, members in row]
-    spans = [len(members) for row in rows for _, members in row]
-    if not all(fits_bold(t, canvas.span_width(n)) for t, n in zip(labels, spans)):
-        # a one-panel group ("BAM 1 · 56×56") gets its grid on a second line, not cut
-        canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.4, footer=0.42,
-                        header=header)  # fmt: skip
-    for r, row in enumerate(rows):
-        col = 0
-        for label, members in row:
-            if label:
-                if not fits_bold(label, canvas.span_width(len(members))):
-                    label = label.replace(" · ", "\n", 1)
-                canvas.above(r, col, label, span=len(members), lift=0.155, fontweight="bold",
-                             max_lines=2)  # fmt: skip
-            for item in members:
-                if item is None:
-                    canvas.image(r, col, img)
-                    canvas.above(r, col, "input")
-                else:
-                    rec = records[item]
-                    canvas.image(
-                        r, col, overlay(img, maps[item], cmap, alpha, render=render, **scale)
-                    )
-                    canvas.above(r, col, panel_label(rec))
-                col += 1
-    kinds = sorted({r.kind for r in records})
-    what = " / ".join(spatial_name(k) for k in kinds)
-    canvas.colorbar(cmap, vmin, vmax, what if shared_scale else f"{what}, each map: own min–max")
-    if title:
-        canvas.title(title)
-    return canvas.fig
+    groups = [group for row in rows for group in row]
+    if all(fits_bold(label, canvas.span_width(len(members))) for label, members in groups):
+        return canvas
+    # a one-panel group ("BAM 1 · 56×56") gets its grid on a second line, not cut
+    return Canvas(width, counts, gaps=gaps, left=0.05, head=0.4, footer=0.42, header=header)
