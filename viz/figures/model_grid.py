@@ -70,36 +70,15 @@ def model_grid(
         raise ValueError("model_grid needs at least one image")
     if len(column_titles) != len(pics):
         raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
-    shown: list[str] = []
-    for label, analysis in rows:
-        if layer is not None:
-            row_layer = layer
-        elif stage is not None:
-            row_layer = analysis.stage_cams().get(stage, f"(no stage {stage})")
-        else:
-            row_layer = _deepest_cam(analysis)
-        if row_layer not in analysis.cams:
-            raise ValueError(
-                f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
-            )
-        shown.append(row_layer)
-        if analysis.logits.shape[0] != len(pics):
-            raise ValueError(
-                f"row {label!r} covers {analysis.logits.shape[0]} images, not {len(pics)}"
-            )
+    shown = [_row_layer(label, analysis, layer, stage, len(pics)) for label, analysis in rows]
+    absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
+    if len(absent) != len(rows):
+        raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
     labels = _wrap_row_labels(
         [literal(label) for label, _ in rows], width, len(pics), max_panel=1.4
     )
-    lines = max(label.count("\n") + 1 for label in labels) if labels else 1
     titles = [literal(t) for t in column_titles]
-    # two lines of column titles when one line is too narrow for them
-    guess = (figure_width(width) - 0.1 - 0.12 * lines) / len(pics)
-    two = any(text_width(t, 6.0) > min(guess, 1.4) for t in titles)
-    canvas = Canvas(
-        width, [len(pics)] * (1 + len(rows)), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
-        foot=[0.03] + [0.15] * len(rows), header=0.25 if title else 0.0, max_panel=1.4,
-        footer=0.42,
-    )  # fmt: skip
+    canvas = _canvas(width, labels, titles, len(rows), bool(title))
     # as many digits of P as fit under a panel (at least 2; 5 as in the CBAM paper when room)
     digits = next(
         (d for d in range(decimals, 1, -1) if text_width("P=0." + "0" * d, 6.0) <= canvas.panel),
@@ -109,9 +88,6 @@ def model_grid(
         canvas.image(0, c, pic)
         canvas.above(0, c, name, max_lines=2)
     canvas.left_of(0, 0, "input")
-    absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
-    if len(absent) != len(rows):
-        raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
     for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
         cams = analysis.cams[row_layer]
         probs = analysis.target_probs
@@ -127,6 +103,34 @@ def model_grid(
     if title:
         canvas.title(title)
     return canvas.fig
+
+
+def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> str:
+    """The CAM layer a row shows: `layer`, the row's layer at `stage`, or its deepest."""
+    if layer is not None:
+        row_layer = layer
+    elif stage is not None:
+        row_layer = analysis.stage_cams().get(stage, f"(no stage {stage})")
+    else:
+        row_layer = _deepest_cam(analysis)
+    if row_layer not in analysis.cams:
+        raise ValueError(
+            f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
+        )
+    if analysis.logits.shape[0] != columns:
+        raise ValueError(f"row {label!r} covers {analysis.logits.shape[0]} images, not {columns}")
+    return row_layer
+
+
+def _canvas(width, labels: list[str], titles: list[str], rows: int, titled: bool) -> Canvas:
+    """Room for the row labels' lines and, when one line is too narrow, two-line titles."""
+    lines = max(label.count("\n") + 1 for label in labels) if labels else 1
+    guess = (figure_width(width) - 0.1 - 0.12 * lines) / len(titles)
+    two = any(text_width(t, 6.0) > min(guess, 1.4) for t in titles)
+    return Canvas(
+        width, [len(titles)] * (1 + rows), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
+        foot=[0.03] + [0.15] * rows, header=0.25 if titled else 0.0, max_panel=1.4, footer=0.42,
+    )  # fmt: skip
 
 
 def _deepest_cam(analysis: Analysis) -> str:
