@@ -40,6 +40,18 @@ def _cut(text: str, chars: int = 22) -> str:
     return text if len(text) <= chars else text[: chars - 1].rstrip() + "…"
 
 
+def _sorted_panel(means: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(K, C) means with channels sorted by their mean over all images (classes weighted by
+    their image counts); classes without images are nan (drawn grey)."""
+    means = means.astype(np.float64)
+    weights = counts if counts.sum() > 0 else np.ones_like(counts)
+    valid = np.isfinite(means).all(1) & (weights > 0)
+    overall = (means[valid] * weights[valid, None]).sum(0) / max(weights[valid].sum(), 1e-12)
+    data = means[:, np.argsort(-overall, kind="stable")].copy()
+    data[counts <= 0] = np.nan
+    return data
+
+
 def _module_title(name: str, labels: dict[str, str]) -> str:
     return literal(f"{labels[name]} ({name})" if name in labels else name)
 
@@ -75,16 +87,7 @@ def class_channel_stats(
     if missing or not chosen:
         raise ValueError(f"unknown modules {missing}; statistics have: {', '.join(names)}")
     counts = to_numpy(torch.as_tensor(stats.counts)).astype(np.float64)
-    panels = []
-    for name in chosen:
-        means = to_numpy(stats.means[name]).astype(np.float64)  # (K, C)
-        weights = counts if counts.sum() > 0 else np.ones_like(counts)
-        valid = np.isfinite(means).all(1) & (weights > 0)
-        overall = (means[valid] * weights[valid, None]).sum(0) / max(weights[valid].sum(), 1e-12)
-        order = np.argsort(-overall, kind="stable")
-        data = means[:, order].copy()
-        data[counts <= 0] = np.nan
-        panels.append((name, data))
+    panels = [(name, _sorted_panel(to_numpy(stats.means[name]), counts)) for name in chosen]
     finite = [p[1][np.isfinite(p[1])] for p in panels]
     values = np.concatenate(finite) if any(f.size for f in finite) else np.zeros(1)
     vmin, vmax = float(values.min()), float(values.max())
