@@ -34,7 +34,7 @@ from models.images import image_folder, load_image
 from .cam import Analysis, resolve_targets
 from .maps import upsample
 from .state import preserve_model_state
-from .trace import AttentionRecord, record_attention
+from .trace import AttentionRecord, AttentionTrace, record_attention
 
 __all__ = [
     "Agreement",
@@ -443,22 +443,10 @@ def deletion_insertion(
         raise ValueError(f"tie_seeds needs one seed per image ({n}), got {len(tie_seeds)}")
     ranks = _saliency_ranks(sal.to(x.device), (h, w), tie_seeds)
     points = steps + 1
-    total = n * 2 * points  # per image: deletion steps, then insertion steps
     with preserve_model_state(model), torch.no_grad():
         targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
         base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
-        scores = torch.empty(total, device=x.device)
-        for start in range(0, total, batch_size):
-            item = torch.arange(start, min(start + batch_size, total), device=x.device)
-            image, insertion, step = item // (2 * points), item // points % 2, item % points
-            first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
-            use_base = first ^ insertion.bool().view(-1, 1, 1)
-            batch = torch.where(use_base[:, None], base[image], x[image])
-            scores[start : start + len(item)] = _probabilities(
-                model, batch, targets[image], batch_size
-            )
-            if progress:
-                progress(start + len(item), total)
+        scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
     curves = scores.view(n, 2, points).cpu()
     fractions = counts.cpu().double().div(pixels).float()
     deletion, insertion = curves[:, 0], curves[:, 1]
@@ -470,6 +458,24 @@ def deletion_insertion(
         insertion,
         targets.cpu(),
     )
+
+
+def _perturbed_scores(model, x, base, ranks, counts, targets, batch_size: int, progress) -> Tensor:
+    """The target's probability on every perturbed image: per image, the deletion steps, then
+    the insertion steps (`counts[i]` most salient pixels from the baseline or from `x`)."""
+    points = counts.shape[0]
+    total = x.shape[0] * 2 * points
+    scores = torch.empty(total, device=x.device)
+    for start in range(0, total, batch_size):
+        item = torch.arange(start, min(start + batch_size, total), device=x.device)
+        image, insertion, step = item // (2 * points), item // points % 2, item % points
+        first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
+        use_base = first ^ insertion.bool().view(-1, 1, 1)
+        batch = torch.where(use_base[:, None], base[image], x[image])
+        scores[start : start + len(item)] = _probabilities(model, batch, targets[image], batch_size)
+        if progress:
+            progress(start + len(item), total)
+    return scores
 
 
 def random_saliency(seeds: Sequence[int], size: tuple[int, int]) -> Tensor:
@@ -619,28 +625,16 @@ def channel_statistics(
         raise ValueError("no images to compute channel statistics on")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = _model_device(model)
-    counts = torch.zeros(len(class_names), dtype=torch.long)
-    sums: dict[str, Tensor] = {}
-    labels_of: dict[str, str] = {}
-    stages: dict[str, int] = {}
+    sums = _ClassSums(torch.zeros(len(class_names), dtype=torch.long))
     done = 0
     for images, labels in loader:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if (labels < 0).any():
             raise ValueError(f"labels must be non-negative integers, got {labels.tolist()}")
-        rows = max(counts.shape[0], int(labels.max()) + 1)
-        counts = _grow_rows(counts, rows)
-        counts.index_add_(0, labels, torch.ones_like(labels))
         # a new trace each batch: records of earlier batches are freed as soon as they are summed
         with torch.no_grad(), record_attention(model) as trace:
             model(images.to(device))
-        for rec in trace.channel_records:
-            weights = rec.channel_weights.float()
-            labels_of[rec.name], stages[rec.name] = rec.label, rec.stage
-            total_so_far = sums.get(rec.name, torch.zeros(0, weights.shape[1], dtype=torch.float64))
-            sums[rec.name] = _grow_rows(total_so_far, rows).index_add_(
-                0, labels, weights.cpu().double()
-            )
+        sums.add(labels, trace)
         done += len(labels)
         if progress is not None:
             progress(done, total)
@@ -649,7 +643,34 @@ def channel_statistics(
                 f"stopped after {max_seconds:g} s, the limit for one run ({done} of {total} "
                 "images done); choose a smaller folder"
             )
-    rows = counts.shape[0]
-    class_names = class_names + [str(i) for i in range(len(class_names), rows)]
-    means = {k: (_grow_rows(v, rows) / counts[:, None]).float() for k, v in sums.items()}
-    return ChannelStats(class_names, counts, means, labels_of, stages)
+    return sums.stats(class_names)
+
+
+@dataclass
+class _ClassSums:
+    """Running per-class sums of every module's channel weights (memory flat in the images)."""
+
+    counts: Tensor  # (K,) images per class
+    sums: dict[str, Tensor] = field(default_factory=dict)  # module -> (K, C) float64
+    labels: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, int] = field(default_factory=dict)
+
+    def add(self, labels: Tensor, trace: AttentionTrace) -> None:
+        rows = max(self.counts.shape[0], int(labels.max()) + 1)
+        self.counts = _grow_rows(self.counts, rows)
+        self.counts.index_add_(0, labels, torch.ones_like(labels))
+        for rec in trace.channel_records:
+            weights = rec.channel_weights.float()
+            self.labels[rec.name], self.stages[rec.name] = rec.label, rec.stage
+            so_far = self.sums.get(rec.name, torch.zeros(0, weights.shape[1], dtype=torch.float64))
+            self.sums[rec.name] = _grow_rows(so_far, rows).index_add_(
+                0, labels, weights.cpu().double()
+            )
+
+    def stats(self, class_names: list[str]) -> ChannelStats:
+        rows = self.counts.shape[0]
+        names = class_names + [str(i) for i in range(len(class_names), rows)]
+        means = {
+            k: (_grow_rows(v, rows) / self.counts[:, None]).float() for k, v in self.sums.items()
+        }
+        return ChannelStats(names, self.counts, means, self.labels, self.stages)
