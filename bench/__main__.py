@@ -286,8 +286,6 @@ def measure_report(n_images: int = 512, batch: int = 16, reps: int = 3) -> list[
     command, `torchrun --nproc-per-node 2` with one thread each, against the whole command in
     one process with all threads: start-up and checkpoint loading included on both sides.
     """
-    import os
-    import subprocess
     import tempfile
 
     from models import load_checkpoint
@@ -337,30 +335,39 @@ def measure_report(n_images: int = 512, batch: int = 16, reps: int = 3) -> list[
         rows.append((config, "throughput vs floor, steady state (goal >= 0.8x: >= -20%)", None,
                      floor / steady - 1))  # fmt: skip
         rows.append((config, "throughput vs floor, all of it", None, floor / report - 1))
-        common = ["report", "--checkpoint", str(ckpt_path), "--images", str(images),
-                  "--deletion", "off", "--sanity", "0", "--batch-size", str(batch)]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(root))
-        seconds = {}
-        for name, launcher, threads in (
-            ("1 process", [sys.executable, "-m", "viz"], str(torch.get_num_threads())),
-            ("torchrun 2 processes", [sys.executable, "-m", "torch.distributed.run",
-                                      "--standalone", "--nproc-per-node", "2", "-m", "viz"], "1"),
-        ):  # fmt: skip
-            out = Path(tmp) / name.replace(" ", "_")
-            t0 = time.perf_counter()
-            run = subprocess.run(
-                [*launcher, *common, "--out", str(out), "--workers", "1"],
-                env=env | {"OMP_NUM_THREADS": threads}, capture_output=True, text=True,
-            )  # fmt: skip
-            if run.returncode != 0:
-                raise RuntimeError(f"report failed: {run.stderr[-500:]}")
-            seconds[name] = time.perf_counter() - t0
-        rows.append((config, "whole command, 1 process", seconds["1 process"], None))
-        rows.append((config, "whole command, torchrun 2 processes",
-                     seconds["torchrun 2 processes"], None))  # fmt: skip
-        rows.append((config, "speed-up of 2 processes", None,
-                     seconds["1 process"] / seconds["torchrun 2 processes"] - 1))  # fmt: skip
+        rows += _report_processes(config, ckpt_path, images, batch, Path(tmp))
     return rows
+
+
+def _report_processes(config: str, ckpt_path: Path, images: Path, batch: int, tmp: Path) -> list:
+    """The whole report command in one process (all threads) against torchrun with two."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["report", "--checkpoint", str(ckpt_path), "--images", str(images),
+              "--deletion", "off", "--sanity", "0", "--batch-size", str(batch)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root))
+    seconds = {}
+    for name, launcher, threads in (
+        ("1 process", [sys.executable, "-m", "viz"], str(torch.get_num_threads())),
+        ("torchrun 2 processes", [sys.executable, "-m", "torch.distributed.run",
+                                  "--standalone", "--nproc-per-node", "2", "-m", "viz"], "1"),
+    ):  # fmt: skip
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            [*launcher, *common, "--out", str(tmp / name.replace(" ", "_")), "--workers", "1"],
+            env=env | {"OMP_NUM_THREADS": threads}, capture_output=True, text=True,
+        )  # fmt: skip
+        if run.returncode != 0:
+            raise RuntimeError(f"report failed: {run.stderr[-500:]}")
+        seconds[name] = time.perf_counter() - t0
+    return [
+        (config, "whole command, 1 process", seconds["1 process"], None),
+        (config, "whole command, torchrun 2 processes", seconds["torchrun 2 processes"], None),
+        (config, "speed-up of 2 processes", None,
+         seconds["1 process"] / seconds["torchrun 2 processes"] - 1),
+    ]  # fmt: skip
 
 
 def _resident_mib() -> float:
