@@ -17,5 +17,7 @@ def first_keys(keys, n: int = 3) -> str:
 
 
 def one_line(value: object, limit: int = 120) -> str:
-    """Text from a file shown as a label: whitespace runs collapsed to one space, cut to `limit`."""
-    return " ".join(str(value).split())[:limit]
+    """Text (from a file, an exception) as one line: whitespace runs collapsed to one space,
+    cut to `limit` characters with an ellipsis."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -7,7 +7,7 @@ cannot turn into such an image raises `ImageError`, whose message is a single li
 
 Policy, in the order applied:
 
-* Formats: only common raster formats are tried (`FORMATS`). Pillow's other plugins
+* Formats: only common raster formats are tried (`DECODERS`). Pillow's other plugins
   (EPS, which runs Ghostscript; PSD; FITS; ...) are never asked to open user data.
 * Size: the pixel count declared in the header is checked against ``max_pixels``
   (default `DEFAULT_MAX_PIXELS`, 40 megapixels) *before* any pixel is decoded. Pillow's
@@ -43,10 +43,13 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import one_line
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "FORMATS",
+    "DECODERS",
     "IMAGE_EXTENSIONS",
+    "REFUSED_IMAGE_EXTENSIONS",
     "ImageError",
     "ImageSource",
     "image_folder",
@@ -55,11 +58,14 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp")
+"""The one list of file extensions decoded (by the allow-listed formats below)."""
+REFUSED_IMAGE_EXTENSIONS = (".avif", ".ppm", ".pgm", ".pbm", ".ico", ".jp2", ".j2k")
+"""Image files a folder walk still collects, so each gets a one-line refusal, not silence."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Largest accepted image, in pixels (width x height): about 7700 x 5200."""
 
-FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
+DECODERS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
 """The allow-list: the only Pillow decoders that ever see user data (GIF: first frame).
 
 Pictures come from the internet (data sets, uploads); every other Pillow plugin is a parser
@@ -131,7 +137,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
-    name = _one_line(image_name(source))
+    name = one_line(image_name(source), _MAX_MESSAGE)
     label = f"cannot load image {name!r}" if name else "cannot load image"
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -161,7 +167,7 @@ def _open_path(path: str | os.PathLike) -> IO[bytes]:
     except PermissionError as e:
         raise _Unreadable("permission denied") from e
     except (OSError, ValueError) as e:
-        raise _Unreadable(f"cannot open the file ({_one_line(e)})") from e
+        raise _Unreadable(f"cannot open the file ({one_line(e, _MAX_MESSAGE)})") from e
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -185,7 +191,7 @@ def _seekable(fp: IO[bytes]) -> IO[bytes]:
     try:
         data = fp.read()
     except Exception as e:
-        raise _Unreadable(f"cannot read the stream ({_one_line(e)})") from e
+        raise _Unreadable(f"cannot read the stream ({one_line(e, _MAX_MESSAGE)})") from e
     if not isinstance(data, (bytes, bytearray)):
         raise _Unreadable("the stream gives text, not bytes (open the file in binary mode)")
     return io.BytesIO(data)
@@ -193,9 +199,9 @@ def _seekable(fp: IO[bytes]) -> IO[bytes]:
 
 @functools.cache
 def _formats() -> tuple[str, ...]:
-    """The entries of `FORMATS` that this Pillow build can open."""
+    """The entries of `DECODERS` that this Pillow build can open."""
     Image.init()
-    return tuple(f for f in FORMATS if f in Image.OPEN)
+    return tuple(f for f in DECODERS if f in Image.OPEN)
 
 
 def _load(fp: IO[bytes], max_pixels: int | None) -> Image.Image:
@@ -208,7 +214,7 @@ def _load(fp: IO[bytes], max_pixels: int | None) -> Image.Image:
         except UnidentifiedImageError as e:
             raise _Unreadable(_sniff(fp)) from e
         except bomb as e:
-            raise _Unreadable(f"the image is too large ({_one_line(e)})") from e
+            raise _Unreadable(f"the image is too large ({one_line(e, _MAX_MESSAGE)})") from e
         except Exception as e:
             fmt = _signature_format(_head(fp) or b"") or "image"
             raise _Unreadable(_decode_problem(f"the {fmt} header is unreadable", e)) from e
@@ -217,7 +223,7 @@ def _load(fp: IO[bytes], max_pixels: int | None) -> Image.Image:
             try:
                 im.load()
             except bomb as e:
-                raise _Unreadable(f"the image is too large ({_one_line(e)})") from e
+                raise _Unreadable(f"the image is too large ({one_line(e, _MAX_MESSAGE)})") from e
             except Exception as e:
                 raise _Unreadable(_decode_problem(f"the {im.format} data is corrupt", e)) from e
             _check_size(im.size, max_pixels)  # a few plugins learn the real size while loading
@@ -303,7 +309,7 @@ def _sniff(fp: IO[bytes]) -> str:
         brand = head[8:12]
         if brand in _HEIF_BRANDS:
             return "HEIC/HEIF images are not supported; convert it to JPEG or PNG"
-        return f"this is an ISO media file (brand {_one_line(brand.decode('latin-1'))!r}), not an image"
+        return f"this is an ISO media file (brand {one_line(brand.decode('latin-1'), _MAX_MESSAGE)!r}), not an image"
     if b"<svg" in head.lower():
         return "SVG vector images are not supported; export it as PNG"
     if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
@@ -344,14 +350,8 @@ def _looks_like_text(head: bytes) -> bool:
 
 def _describe(error: BaseException) -> str:
     """``Type: message`` on one line."""
-    text = _one_line(error)
+    text = one_line(error, _MAX_MESSAGE)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _one_line(value: object) -> str:
-    """`value` as text with all whitespace runs collapsed to single spaces, length capped."""
-    text = " ".join(str(value).split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
 def image_folder(
@@ -371,7 +371,9 @@ def image_folder(
     try:
         top = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
     except OSError as e:
-        raise ImageError(f"cannot read the folder ({_one_line(e.strerror or e)})") from None
+        raise ImageError(
+            f"cannot read the folder ({one_line(e.strerror or e, _MAX_MESSAGE)})"
+        ) from None
     classes = [c for c in top if not c.startswith(".")]
     if not classes:
         raise ImageError("the folder has no class subfolders (one subfolder per class)")

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .session import IMAGE_TYPES
+from models.images import IMAGE_EXTENSIONS, REFUSED_IMAGE_EXTENSIONS
 
 __all__ = [
     "UsageError",
@@ -33,10 +33,7 @@ __all__ = [
     "error_line",
 ]
 
-IMAGE_SUFFIXES = frozenset(
-    {f".{e}" for e in IMAGE_TYPES}
-    | {".gif", ".avif", ".ppm", ".pgm", ".pbm", ".ico", ".jp2", ".j2k"}
-)
+IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS + REFUSED_IMAGE_EXTENSIONS)  # what folder walks collect
 
 
 class UsageError(Exception):

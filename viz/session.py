@@ -21,6 +21,7 @@ from torch import nn
 
 from models.architectures import ForeignArch
 from models.checkpoint import Checkpoint
+from models.images import IMAGE_EXTENSIONS
 
 from .cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
 
@@ -46,7 +47,7 @@ __all__ = [
     "top_predictions",
 ]
 
-IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+IMAGE_TYPES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 """File extensions offered by upload widgets (`models.images.load_image` reads them all)."""
 
 
@@ -326,6 +327,7 @@ def sample_images(folder: str | Path) -> list[Sample]:
             for row in csv.DictReader(fh):
                 if row.get("file"):
                     labels[row["file"]] = row.get("label", "") or ""
-    exts = {f".{e}" for e in IMAGE_TYPES}
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in exts and p.is_file())
+    files = sorted(
+        p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
     return [Sample(p, labels.get(p.name, "")) for p in files]
