@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFile, features
 
 from models import Preprocess
-from models.images import DEFAULT_MAX_PIXELS, FORMATS, image_name
+from models.images import DECODERS, DEFAULT_MAX_PIXELS, image_name
 from viz import ImageError, load_image
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
@@ -373,7 +373,7 @@ def test_image_name():
 
 
 def test_only_the_allow_listed_decoders_are_tried():
-    assert FORMATS == ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
+    assert DECODERS == ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
 
 
 def test_no_code_outside_the_image_door_opens_images_with_pillow():
