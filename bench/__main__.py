@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from viz.cam import analyze, stage_layers
-from viz.trace import attention_hooks, record_attention
+from viz.engine.cam import analyze, stage_layers
+from viz.engine.trace import attention_hooks, record_attention
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "ResNet-18+CBAM": lambda: build_model(18, "cbam", num_classes=1000),
@@ -133,7 +133,7 @@ def _figure_cases(model, x) -> dict[str, Callable[[], None]]:
     """Render the standard overview figure, and export it."""
     from PIL import Image
 
-    from viz.export import figure_bytes
+    from viz.commands.export import figure_bytes
     from viz.figures import spatial_overview
 
     with torch.no_grad(), record_attention(model) as trace:
@@ -225,7 +225,7 @@ def measure_parallel_export(n_images: int = 100) -> list[tuple]:
     import numpy as np
     from PIL import Image
 
-    from viz.cli import main as cli
+    from viz.commands.cli import main as cli
 
     root = Path(__file__).resolve().parents[1]
     ckpt = root / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
@@ -290,8 +290,8 @@ def measure_report(n_images: int = 512, batch: int = 16, reps: int = 3) -> list[
 
     from models import load_checkpoint
     from models.images import load_image
-    from viz.report import ReportOptions, inputs_for, run_report
-    from viz.report_page import write_report
+    from viz.commands.report import ReportOptions, inputs_for, run_report
+    from viz.commands.report_page import write_report
 
     root = Path(__file__).resolve().parents[1]
     ckpt_path = root / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
@@ -401,7 +401,7 @@ def measure_report_memory(n_images: int = 10_000) -> list[tuple]:
     import tempfile
 
     from models import Preprocess, load_checkpoint, save_checkpoint
-    from viz.report import ReportInputs, ReportOptions, run_report
+    from viz.commands.report import ReportInputs, ReportOptions, run_report
 
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"

@@ -36,7 +36,7 @@ def module_vectors() -> dict:
 
 
 def leftovers(model: torch.nn.Module) -> int:
-    """Hooks and taps (`viz.taps`) still on `model`: 0 after any trace, also a failed one."""
+    """Hooks and taps (`viz.engine.taps`) still on `model`: 0 after any trace, also a failed one."""
     return sum(
         len(m._forward_hooks)
         + len(m._forward_pre_hooks)

@@ -21,9 +21,8 @@ from models import Preprocess, build_model, load_checkpoint, save_checkpoint
 from models.checkpoint import Checkpoint
 from models.images import load_image
 from tests.conftest import randomize_bn
-from viz.cam import analyze
-from viz.cli import main
-from viz.export import (
+from viz.commands.cli import main
+from viz.commands.export import (
     ZIP_DATE,
     ExportError,
     FigureSettings,
@@ -37,6 +36,7 @@ from viz.export import (
     write_files,
     zip_bundle,
 )
+from viz.engine.cam import analyze
 from viz.figures import spatial_overview
 from viz.session import analyze_images
 
@@ -523,7 +523,7 @@ def test_cli_labels_and_target_exclude_each_other(ckpts, image_dir, tmp_path, ca
 
 
 def test_unique_names_never_take_another_inputs_name():
-    from viz.inputs import unique_names
+    from viz.commands.inputs import unique_names
 
     assert unique_names(["x", "x", "x-2", "X"]) == ["x", "x-3", "x-2", "X-4"]
     assert unique_names(["m", "m"]) == ["m", "m-2"]
@@ -623,7 +623,7 @@ def test_settings_are_checked_in_one_line():
 
 
 def test_the_manifest_says_which_figures_follow_the_shared_scale():
-    from viz.export import scales_drawn
+    from viz.commands.export import scales_drawn
 
     drawn = scales_drawn(["overview", "gradcam", "model-grid", "class-stats"], "shared")
     assert drawn["overview"] == drawn["class-stats"] == "shared"
@@ -687,8 +687,8 @@ def test_parallel_export_writes_the_same_bytes(ckpts, tmp_path, capsys):
 
 
 def test_deletion_insertion_csv_has_every_map():
-    from viz.export import deletion_insertion_csv
-    from viz.metrics import DeletionInsertion
+    from viz.commands.export import deletion_insertion_csv
+    from viz.measures.metrics import DeletionInsertion
 
     f = torch.linspace(0, 1, 3)
     one = DeletionInsertion(torch.tensor([0.2]), torch.tensor([0.7]), f,

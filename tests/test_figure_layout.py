@@ -18,7 +18,7 @@ from PIL import Image
 from models import Preprocess, build_model
 from tests.conftest import randomize_bn
 from viz import analyze, figures
-from viz.metrics import ChannelStats
+from viz.measures.metrics import ChannelStats
 
 LONG_NAMES = [
     "English springer spaniel (long-haired)", "cassette player with a very long name",
@@ -163,7 +163,7 @@ def _stack(one, n):
 
 
 def _causal(n_maps: int):
-    from viz.metrics import DeletionInsertion
+    from viz.measures.metrics import DeletionInsertion
 
     gen = torch.Generator().manual_seed(0)
     f = torch.linspace(0, 1, 17)

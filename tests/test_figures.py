@@ -16,7 +16,7 @@ from PIL import Image
 from models import Preprocess, build_model
 from tests.conftest import randomize_bn
 from viz import figures
-from viz.cam import analyze
+from viz.engine.cam import analyze
 from viz.figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
@@ -27,7 +27,7 @@ from viz.figures import (
     model_grid,
     spatial_overview,
 )
-from viz.metrics import ChannelStats
+from viz.measures.metrics import ChannelStats
 from viz.session import stack_analyses
 
 KINDS = [None, "se", "bam", "cbam"]
@@ -261,7 +261,7 @@ def test_overview_of_a_resnet50_cbam_renders_fast():
     """Goal 0.5 s for build + PNG at screen resolution; the bound leaves room for a busy CPU."""
     import time
 
-    from viz.export import figure_bytes
+    from viz.commands.export import figure_bytes
 
     image = _images(1)[0].resize((224, 224))
     trace = _analysis(50, "cbam", [image]).trace  # 16 modules; maps are drawn at 224 px
@@ -274,7 +274,7 @@ def test_overview_of_a_resnet50_cbam_renders_fast():
 
 
 def test_bam_hierarchy_needs_feature_means(images):
-    from viz.trace import record_attention
+    from viz.engine.trace import record_attention
 
     assert all(r.feature_in is not None for r in _analysis(18, "bam", images).trace)
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_bam_hierarchy_needs_feature_means(images):
 
 
 def test_cells_rendering_shows_each_cell_flat_with_the_grid():
-    from viz.maps import cell_grid, overlay
+    from viz.engine.maps import cell_grid, overlay
 
     m = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
     photo = Image.new("RGB", (64, 64), (0, 0, 0))

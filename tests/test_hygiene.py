@@ -12,8 +12,8 @@ from conftest import leftovers
 
 from models import build_model
 from tests.conftest import randomize_bn
-from viz.cam import analyze
-from viz.trace import record_attention
+from viz.engine.cam import analyze
+from viz.engine.trace import record_attention
 
 
 def _state(model):

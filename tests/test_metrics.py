@@ -17,16 +17,16 @@ from torch import nn
 from models import Preprocess, build_model
 from models.images import load_image
 from tests.conftest import randomize_bn
-from viz.cam import analyze
-from viz.maps import upsample
-from viz.metrics import (
+from viz.engine.cam import analyze
+from viz.engine.maps import upsample
+from viz.engine.trace import record_attention
+from viz.measures.metrics import (
     _gaussian_blur,
     agreement,
     agreement_table,
     channel_statistics,
     deletion_insertion,
 )
-from viz.trace import record_attention
 
 
 def _tiny(attention: str | None, num_classes: int = 5) -> nn.Module:

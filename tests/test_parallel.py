@@ -1,10 +1,10 @@
-"""`viz.parallel.ordered_map`: outcomes in order whoever computes them; dead or failed workers."""
+"""`viz.commands.parallel.ordered_map`: outcomes in order whoever computes them; dead or failed workers."""
 
 import os
 import time
 from pathlib import Path
 
-from viz.parallel import ordered_map
+from viz.commands.parallel import ordered_map
 
 
 def _square(item):

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from models import architectures, load_checkpoint, probes
 from models.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
 from tests.conftest import plain
-from viz.cli import main as cli
+from viz.commands.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "plugin_custom_cbam.py")

@@ -16,8 +16,8 @@ from PIL import Image
 
 from models import Preprocess, build_model, save_checkpoint
 from tests.conftest import ROOT, randomize_bn
-from viz.cli import main
-from viz.report import PER_IMAGE_COLUMNS, chunks_of_rank
+from viz.commands.cli import main
+from viz.commands.report import PER_IMAGE_COLUMNS, chunks_of_rank
 
 CLASSES = ["cat", "dog", "fish"]
 
@@ -114,12 +114,12 @@ def test_rerun_skips_finished_work_and_refuses_to_mix(tmp_path, checkpoints, ima
     out = tmp_path / "out"
     assert _report(out, checkpoints[:1], image_folder, "--deletion", "off") == 0
     first = (out / "per_image.csv").read_bytes()
-    import viz.report
+    import viz.commands.report
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished chunk was run again")
 
-    monkeypatch.setattr(viz.report, "_run_chunk", must_not_run)
+    monkeypatch.setattr(viz.commands.report, "_run_chunk", must_not_run)
     assert _report(out, checkpoints[:1], image_folder, "--deletion", "off") == 0
     assert (out / "per_image.csv").read_bytes() == first
     # another option: refused, nothing changed
@@ -194,11 +194,11 @@ def test_a_failing_rank_fails_the_run_without_a_report(tmp_path, checkpoints, im
     plugin = tmp_path / "fail_rank1.py"
     plugin.write_text(
         "import os\n"
-        "import viz.report\n"
+        "import viz.commands.report\n"
         "if os.environ.get('RANK') == '1':\n"
         "    def boom(*args, **kwargs):\n"
         "        raise RuntimeError('disk on fire')\n"
-        "    viz.report._run_chunk = boom\n"
+        "    viz.commands.report._run_chunk = boom\n"
     )
     out = tmp_path / "out"
     run = subprocess.run(
@@ -214,7 +214,7 @@ def test_a_failing_rank_fails_the_run_without_a_report(tmp_path, checkpoints, im
 
 
 def test_report_pages_show_file_text_as_text():
-    from viz.report_page import _html_table, _markdown
+    from viz.commands.report_page import _html_table, _markdown
 
     hostile = "<script>alert(1)</script> | **x** [a](http://b)"
     page = _html_table(["h"], [[hostile]])
@@ -243,7 +243,7 @@ def test_the_apps_temporary_report_folders_do_not_pile_up(tmp_path, monkeypatch)
     import os
     import tempfile
 
-    from viz.report_page import temporary_report_folder
+    from viz.commands.report_page import temporary_report_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     stale = tmp_path / "attention_lens_report_old"
@@ -261,7 +261,7 @@ def test_the_apps_temporary_report_folders_do_not_pile_up(tmp_path, monkeypatch)
 def test_defaults_score_two_maps_and_progress_moves_within_a_chunk(tmp_path, checkpoints,
                                                                     image_folder):  # fmt: skip
     from models import load_checkpoint
-    from viz.report import ReportOptions, inputs_for, run_report
+    from viz.commands.report import ReportOptions, inputs_for, run_report
 
     inputs = inputs_for([(Path(c).stem, c, load_checkpoint(c)) for c in checkpoints], image_folder)
     options = ReportOptions(steps=4, sanity=2)  # one chunk of 9 images (batch size 16)

@@ -12,17 +12,17 @@ from PIL import Image
 
 from models import Preprocess, build_model
 from tests.conftest import randomize_bn
-from viz.cam import analyze
-from viz.localization import (
+from viz.engine.cam import analyze
+from viz.measures.localization import (
     BoxError,
     box_iou,
     energy_pointing_game,
     pointing_game,
     read_boxes,
 )
-from viz.metrics import deletion_insertion
-from viz.sanity import cascading_randomisation, randomisation_steps, spearman, ssim
-from viz.stats import bootstrap_mean, paired_difference
+from viz.measures.metrics import deletion_insertion
+from viz.measures.sanity import cascading_randomisation, randomisation_steps, spearman, ssim
+from viz.measures.stats import bootstrap_mean, paired_difference
 
 # --- localisation -----------------------------------------------------------------------------
 
@@ -235,7 +235,7 @@ def test_cascading_randomisation_runs_from_the_logits_down_and_decorrelates():
 
 
 def test_batched_agreement_equals_the_per_map_one():
-    from viz.metrics import agreement, agreement_batch
+    from viz.measures.metrics import agreement, agreement_batch
 
     gen = torch.Generator().manual_seed(0)
     att = torch.rand(7, 7, 7, generator=gen)

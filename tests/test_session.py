@@ -11,7 +11,7 @@ from PIL import Image
 from models import build_model, load_checkpoint, save_checkpoint
 from models.zoo import CHECKPOINT_DIR_ENV, checkpoint_dir, default_checkpoint, embedded_checkpoints
 from tests.conftest import ROOT, plain, randomize_bn
-from viz.cam import analyze
+from viz.engine.cam import analyze
 from viz.session import (
     analyze_images,
     cam_layer_choices,

@@ -1,13 +1,13 @@
-"""Taps (`viz.taps`) and hooks kept for many traces (`viz.trace.attention_hooks`)."""
+"""Taps (`viz.engine.taps`) and hooks kept for many traces (`viz.engine.trace.attention_hooks`)."""
 
 import pytest
 import torch
 from conftest import leftovers
 from torch import nn
 
-from viz.cam import analyze
-from viz.taps import tap
-from viz.trace import attention_hooks, record_attention
+from viz.engine.cam import analyze
+from viz.engine.taps import tap
+from viz.engine.trace import attention_hooks, record_attention
 
 
 class Scale(nn.Module):
@@ -147,7 +147,7 @@ def test_kept_hooks_trace_in_eval_mode_after_model_train(tiny_model, image_batch
 
 
 def test_the_fast_walk_finds_every_module_once():
-    from viz.state import submodules
+    from viz.engine.state import submodules
 
     shared = nn.Linear(2, 2)
     model = nn.Sequential(shared, nn.Sequential(shared, nn.ReLU()), nn.Identity())

@@ -11,8 +11,8 @@ from conftest import leftovers
 from models import build_model
 from models.attention import CBAM
 from tests.conftest import randomize_bn
-from viz.cam import analyze, attribute, resolve_layers
-from viz.trace import attention_modules, record_attention
+from viz.engine.cam import analyze, attribute, resolve_layers
+from viz.engine.trace import attention_modules, record_attention
 
 
 @pytest.mark.parametrize("name", ["cbam", "cbam_rect"])

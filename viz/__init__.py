@@ -12,19 +12,7 @@ from models.probes import (
     registered_attention,
     unregister_attention,
 )
-
-from .cam import (
-    ATTRIBUTION_METHODS,
-    CAM_METHODS,
-    DEFAULT_CAM_LAYERS,
-    Analysis,
-    CamMethod,
-    analyze,
-    attribute,
-    register_cam_method,
-    stage_layers,
-)
-from .export import (
+from viz.commands.export import (
     FORMATS,
     deletion_insertion_csv,
     export_options,
@@ -36,7 +24,38 @@ from .export import (
     write_atomic,
     zip_bundle,
 )
-from .figures import (
+from viz.commands.inputs import (
+    UsageError,
+    class_index,
+    label_of,
+    parse_labels,
+    read_labels,
+    resolve_target,
+)
+from viz.commands.report import (
+    DELETION_CHOICES,
+    ReportInputs,
+    ReportOptions,
+    inputs_for,
+    run_report,
+)
+from viz.commands.report_page import open_report, temporary_report_folder, write_report
+from viz.engine.cam import (
+    ATTRIBUTION_METHODS,
+    CAM_METHODS,
+    DEFAULT_CAM_LAYERS,
+    Analysis,
+    CamMethod,
+    analyze,
+    attribute,
+    register_cam_method,
+    stage_layers,
+)
+from viz.engine.levels import NetworkLevels, network_levels
+from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
+from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
+from viz.figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
     attention_vs_gradcam,
@@ -46,8 +65,8 @@ from .figures import (
     model_grid,
     spatial_overview,
 )
-from .figures.class_channel_stats import default_modules
-from .figures.table import (
+from viz.figures.class_channel_stats import default_modules
+from viz.figures.table import (
     FIGURES,
     IMAGE_FIGURES,
     SCALES,
@@ -56,10 +75,7 @@ from .figures.table import (
     FigureSpec,
     draw_image_figure,
 )
-from .inputs import UsageError, class_index, label_of, parse_labels, read_labels, resolve_target
-from .levels import NetworkLevels, network_levels
-from .maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
-from .metrics import (
+from viz.measures.metrics import (
     Agreement,
     ChannelStats,
     DeletionInsertion,
@@ -70,10 +86,8 @@ from .metrics import (
     random_saliency,
     seed_of,
 )
-from .report import DELETION_CHOICES, ReportInputs, ReportOptions, inputs_for, run_report
-from .report_page import open_report, temporary_report_folder, write_report
-from .serving import ServePolicy, serve_policy
-from .session import (
+from viz.serving import ServePolicy, serve_policy
+from viz.session import (
     IMAGE_TYPES,
     GridModel,
     analyze_images,
@@ -91,8 +105,6 @@ from .session import (
     stack_analyses,
     top_predictions,
 )
-from .state import model_lock, preserve_model_state
-from .trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 
 __all__ = [
     "ATTRIBUTION_METHODS",

@@ -1,6 +1,6 @@
-"""`python -m viz export ...`: see `viz.cli`."""
+"""`python -m viz export ...`: see `viz.commands.cli`."""
 
-from .cli import main
+from viz.commands.cli import main
 
 if __name__ == "__main__":  # not when a worker process imports this module
     raise SystemExit(main())

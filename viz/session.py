@@ -22,8 +22,7 @@ from torch import nn
 from models.architectures import ForeignArch
 from models.checkpoint import Checkpoint
 from models.images import IMAGE_EXTENSIONS
-
-from .cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
+from viz.engine.cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
 
 __all__ = [
     "IMAGE_TYPES",
@@ -205,7 +204,7 @@ def default_cam_layers(model: nn.Module) -> list[str]:
 def cam_layer_choices(model: nn.Module) -> list[str]:
     """Layers a user may pick for a CAM: the stage layers, then the blocks inside them.
 
-    Stage layers come from the network's resolution levels (`viz.cam.stage_layers`), so any
+    Stage layers come from the network's resolution levels (`viz.engine.cam.stage_layers`), so any
     CNN gets sensible choices: `layer1`..`layer4` and `layer3.1` in a ResNet, `features.5` and
     `features.5.2` in an EfficientNet.
     """
@@ -234,7 +233,7 @@ def analyze_images(
         ckpt: a loaded checkpoint.
         images: PIL images (any size; cropped as the checkpoint says).
         target: class to explain (one for all, one per image) or None for each top-1.
-        method: one of `viz.cam.CAM_METHODS`.
+        method: one of `viz.engine.cam.CAM_METHODS`.
         layers: CAM layers (default the network's stage layers, `layer1`..`layer4` in a ResNet).
 
     Raises:
@@ -282,7 +281,7 @@ def model_grid_rows(
 
 def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
     """Join single-image analyses of one model (same method and layers) into one batch."""
-    from .trace import AttentionTrace
+    from viz.engine.trace import AttentionTrace
 
     if not analyses:
         raise ValueError("no analyses to stack")

@@ -14,14 +14,14 @@ object-oriented API (no pyplot state, nothing global left changed), sized for a 
 How each attention kind is named comes from the probe registry (`models.probes.kind_style`), so
 a network with other attention modules is drawn with the same figures. The shared canvas,
 style and labels live in `canvas`; each figure in its own module. The default colour map is
-`viz.maps.DEFAULT_CMAP` (inferno: monotonic lightness, readable in grayscale and by
+`viz.engine.maps.DEFAULT_CMAP` (inferno: monotonic lightness, readable in grayscale and by
 colour-blind readers).
 """
 
-from .attention_vs_gradcam import attention_vs_gradcam
-from .attribution import attribution_map
-from .bam_hierarchy import bam_hierarchy
-from .canvas import (
+from viz.figures.attention_vs_gradcam import attention_vs_gradcam
+from viz.figures.attribution import attribution_map
+from viz.figures.bam_hierarchy import bam_hierarchy
+from viz.figures.canvas import (
     DIFF_CMAP,
     DOUBLE_COLUMN,
     FIGURE_STYLE,
@@ -32,11 +32,11 @@ from .canvas import (
     spatial_map,
     styled,
 )
-from .channel_weights import channel_weights
-from .class_channel_stats import class_channel_stats
-from .deletion_curves import RANDOM_LABEL, deletion_insertion_curves
-from .model_grid import model_grid
-from .spatial_overview import spatial_overview
+from viz.figures.channel_weights import channel_weights
+from viz.figures.class_channel_stats import class_channel_stats
+from viz.figures.deletion_curves import RANDOM_LABEL, deletion_insertion_curves
+from viz.figures.model_grid import model_grid
+from viz.figures.spatial_overview import spatial_overview
 
 __all__ = [
     "DIFF_CMAP",

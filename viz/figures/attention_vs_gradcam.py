@@ -16,14 +16,21 @@ from PIL import Image
 from torch import Tensor
 
 from models.probes import kind_style
-
-from ..maps import DEFAULT_CMAP, overlay
-from .canvas import Canvas, as_image, check_index, figure_width, literal, spatial_map, styled
+from viz.engine.maps import DEFAULT_CMAP, overlay
+from viz.figures.canvas import (
+    Canvas,
+    as_image,
+    check_index,
+    figure_width,
+    literal,
+    spatial_map,
+    styled,
+)
 
 if TYPE_CHECKING:
-    from ..cam import Analysis
-    from ..metrics import Agreement
-    from ..trace import AttentionRecord
+    from viz.engine.cam import Analysis
+    from viz.engine.trace import AttentionRecord
+    from viz.measures.metrics import Agreement
 
 __all__ = ["attention_vs_gradcam"]
 
@@ -60,7 +67,7 @@ class _Layer:
 
 def _layers(one: Analysis, top_k: float) -> list[_Layer]:
     """Every CAM layer at stage >= 1 (block layers too), in stage order, with its agreement."""
-    from ..metrics import agreement_table
+    from viz.measures.metrics import agreement_table
 
     scores = {layer: (one.trace[name], s) for name, layer, s in agreement_table(one, top_k=top_k)}
     named = [(one.cam_stages.get(n), n) for n in one.cams]
@@ -86,13 +93,13 @@ def attention_vs_gradcam(
 
     The attention map of stage s is the spatial map of its last module (CBAM: M_s of the last
     block; BAM: sigma(M_s) of the BAM after stage s). The agreement is
-    `viz.metrics.agreement_table`'s: Pearson r, Spearman rho and the IoU of the two maps'
+    `viz.measures.metrics.agreement_table`'s: Pearson r, Spearman rho and the IoU of the two maps'
     top-`top_k` fractions (the same numbers as the app's agreement table; for BAM, Pearson is
     taken on the logit M_s); a constant map has none, and the figure says so. Each map is
     scaled to its own min-max (CAMs of different layers and networks have no common unit).
 
     Args:
-        analysis: from `viz.cam.analyze`; every CAM layer at stage 1-4 is drawn, block layers
+        analysis: from `viz.engine.cam.analyze`; every CAM layer at stage 1-4 is drawn, block layers
             such as `layer4.0` beside the stage layers.
         class_names: names of the classes, to title the figure with the target and P.
         render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,

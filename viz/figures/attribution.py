@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from ..maps import DEFAULT_CMAP, overlay
-from .canvas import Canvas, as_image, fit_text, styled
+from viz.engine.maps import DEFAULT_CMAP, overlay
+from viz.figures.canvas import Canvas, as_image, fit_text, styled
 
 __all__ = ["attribution_map", "clipped_magnitude"]
 
@@ -46,7 +46,7 @@ def attribution_map(
 
     Args:
         image: the network's input crop (the attribution's pixels).
-        attribution: (H, W) attribution of that crop, e.g. `viz.cam.attribute(...)[0]`.
+        attribution: (H, W) attribution of that crop, e.g. `viz.engine.cam.attribute(...)[0]`.
         method_label: how the method is named in the title.
         percentile: |attribution| above this percentile is drawn at the top of the scale.
     """

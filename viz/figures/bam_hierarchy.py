@@ -7,9 +7,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from ..maps import DEFAULT_CMAP
-from ..trace import AttentionTrace
-from .canvas import (
+from viz.engine.maps import DEFAULT_CMAP
+from viz.engine.trace import AttentionTrace
+from viz.figures.canvas import (
     Canvas,
     as_image,
     heat_rgb,

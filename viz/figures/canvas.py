@@ -23,9 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from models.probes import kind_style
-
-from ..maps import resize_map, with_cell_grid
-from ..trace import AttentionRecord, AttentionTrace
+from viz.engine.maps import resize_map, with_cell_grid
+from viz.engine.trace import AttentionRecord, AttentionTrace
 
 __all__ = [
     "fit_text",

@@ -10,10 +10,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from models.probes import kind_style
-
-from ..maps import DEFAULT_CMAP, to_numpy
-from ..trace import AttentionRecord, AttentionTrace
-from .canvas import (
+from viz.engine.maps import DEFAULT_CMAP, to_numpy
+from viz.engine.trace import AttentionRecord, AttentionTrace
+from viz.figures.canvas import (
     DIFF_CMAP,
     channel_map,
     channel_name,

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..maps import DEFAULT_CMAP, to_numpy
-from .canvas import (
+from viz.engine.maps import DEFAULT_CMAP, to_numpy
+from viz.figures.canvas import (
     colorbar,
     figure_width,
     fit_text,
@@ -69,7 +69,7 @@ def class_channel_stats(
     """Mean channel weight per class, per module: the SENet paper's excitation plot as heat maps.
 
     Args:
-        stats: a `viz.metrics.ChannelStats` (`class_names`, `counts` (K,), `means`: module name
+        stats: a `viz.measures.metrics.ChannelStats` (`class_names`, `counts` (K,), `means`: module name
             -> (K, C) mean channel weight of each class).
         modules: module names to show; default the last module of each stage.
         shared_scale: one colour scale for all panels.

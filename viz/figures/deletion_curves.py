@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
-from .canvas import figure_width, fit_text, literal, styled
+from viz.figures.canvas import figure_width, fit_text, literal, styled
 
 if TYPE_CHECKING:
-    from ..metrics import DeletionInsertion
+    from viz.measures.metrics import DeletionInsertion
 
 __all__ = ["deletion_insertion_curves", "RANDOM_LABEL"]
 
@@ -29,7 +29,7 @@ def deletion_insertion_curves(
     """P(target) as the most salient pixels are deleted, and as they are inserted, per map.
 
     Args:
-        results: map label -> `viz.metrics.deletion_insertion` result (all of the same image
+        results: map label -> `viz.measures.metrics.deletion_insertion` result (all of the same image
             and target); a label equal to `RANDOM_LABEL` is drawn as the grey dashed baseline.
         index: which image of the batch.
         width: "single" (3.3 in), "double" (6.9 in) or inches.

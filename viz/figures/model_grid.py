@@ -11,8 +11,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from ..maps import DEFAULT_CMAP, overlay
-from .canvas import (
+from viz.engine.maps import DEFAULT_CMAP, overlay
+from viz.figures.canvas import (
     FIGURE_STYLE,
     Canvas,
     as_image,
@@ -23,7 +23,7 @@ from .canvas import (
 )
 
 if TYPE_CHECKING:
-    from ..cam import Analysis
+    from viz.engine.cam import Analysis
 
 __all__ = ["model_grid"]
 

@@ -8,10 +8,9 @@ from PIL import Image
 from torch import Tensor
 
 from models.probes import kind_style
-
-from ..maps import DEFAULT_CMAP, overlay
-from ..trace import AttentionTrace
-from .canvas import (
+from viz.engine.maps import DEFAULT_CMAP, overlay
+from viz.engine.trace import AttentionTrace
+from viz.figures.canvas import (
     Canvas,
     as_image,
     figure_width,

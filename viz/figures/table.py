@@ -14,15 +14,15 @@ import matplotlib
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..maps import DEFAULT_CMAP, RENDERS
-from .attention_vs_gradcam import attention_vs_gradcam
-from .bam_hierarchy import bam_hierarchy
-from .canvas import figure_width
-from .channel_weights import channel_weights
-from .spatial_overview import spatial_overview
+from viz.engine.maps import DEFAULT_CMAP, RENDERS
+from viz.figures.attention_vs_gradcam import attention_vs_gradcam
+from viz.figures.bam_hierarchy import bam_hierarchy
+from viz.figures.canvas import figure_width
+from viz.figures.channel_weights import channel_weights
+from viz.figures.spatial_overview import spatial_overview
 
 if TYPE_CHECKING:
-    from ..cam import Analysis
+    from viz.engine.cam import Analysis
 
 __all__ = [
     "ExportError",
@@ -48,7 +48,7 @@ class FigureSettings:
     screen, every download, the zip, `python -m viz export` and the manifest.
 
     Attributes:
-        method: CAM method (`viz.cam.CAM_METHODS`).
+        method: CAM method (`viz.engine.cam.CAM_METHODS`).
         layers: CAM layers, or None for the network's stage layers.
         cmap: colour map of the maps.
         alpha: opacity of the maps over the image, in [0, 1].
@@ -69,7 +69,7 @@ class FigureSettings:
     render: str = "smooth"
 
     def __post_init__(self) -> None:
-        from ..cam import CAM_METHODS
+        from viz.engine.cam import CAM_METHODS
 
         checks = [
             (self.method in CAM_METHODS,

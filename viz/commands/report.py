@@ -4,7 +4,7 @@ For every image and checkpoint: the explained class (the image's label, else the
 probability; deletion and insertion AUC (RISE) of every map; attention <-> CAM agreement per
 module; localisation against boxes; and, on the first `--sanity` images, the cascading
 randomisation check. Then means with bootstrap intervals, paired differences between models,
-and `report.md` / `report.html` (`viz.report_page`).
+and `report.md` / `report.html` (`viz.commands.report_page`).
 
 Work is cut into chunks of `--batch-size` consecutive images (the list order is fixed), each
 chunk one batch through every model, so the numbers do not depend on how the work is spread.
@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from models.distributed import Ranks
-
-from .inputs import error_line
+from viz.commands.inputs import error_line
 
 __all__ = [
     "ReportOptions",
@@ -151,9 +150,9 @@ def _chunk_rows(
     advance: Callable[[float], None] | None = None,
 ) -> dict[str, list[dict]]:
     """Every row one checkpoint gives for one decoded batch; `advance(fraction)` as it goes."""
-    from .cam import analyze
-    from .metrics import random_saliency, seed_of
-    from .sanity import randomisation_steps
+    from viz.engine.cam import analyze
+    from viz.measures.metrics import random_saliency, seed_of
+    from viz.measures.sanity import randomisation_steps
 
     n, size = len(names), x.shape[-1]
     target = torch.tensor(labels) if all(label is not None for label in labels) else None
@@ -184,7 +183,7 @@ def _chunk_rows(
 
 
 def _deletion(model, x, saliency, target, seeds, options: ReportOptions, progress):
-    from .metrics import deletion_insertion
+    from viz.measures.metrics import deletion_insertion
 
     return deletion_insertion(
         model, x, saliency, target, steps=options.steps,
@@ -198,7 +197,7 @@ def _image_rows(
     options: ReportOptions, *, known: bool,
 ) -> dict[str, list[dict]]:  # fmt: skip
     """The per-image and per-map rows of one checkpoint on one batch."""
-    from .metrics import agreement_batch
+    from viz.measures.metrics import agreement_batch
 
     predicted = analysis.logits.argmax(1)
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
@@ -237,7 +236,7 @@ def _image_rows(
 
 
 def _localisation(m: Tensor, boxes: list, size: int) -> dict:
-    from .localization import box_iou, energy_pointing_game, pointing_game
+    from viz.measures.localization import box_iou, energy_pointing_game, pointing_game
 
     return {
         "pointing": _number(pointing_game(m, boxes, size)),
@@ -250,8 +249,8 @@ def _sanity_rows(
     ckpt_name, model, x, analysis, maps, names, sanity_rows, options: ReportOptions, progress
 ) -> list[dict]:
     """The cascading randomisation check on the chunk's first `--sanity` images."""
-    from .cam import analyze
-    from .sanity import cascading_randomisation
+    from viz.engine.cam import analyze
+    from viz.measures.sanity import cascading_randomisation
 
     if not sanity_rows:
         return []
@@ -313,7 +312,7 @@ def _run_chunk(
     advance: Callable[[float], None] | None = None,
 ) -> dict[str, list[dict]]:
     """All rows of one chunk (decoded `items`) for every checkpoint; `advance(fraction)`."""
-    from .inputs import label_of
+    from viz.commands.inputs import label_of
 
     result: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
     good = [it for it in items if it[1] is not None]
@@ -351,7 +350,7 @@ def _run_chunk(
 
 def _label_target(label: str, ckpt, where: str = "label") -> int:
     """The class index a label names in `ckpt` (a UsageError naming `where` otherwise)."""
-    from .inputs import resolve_target
+    from viz.commands.inputs import resolve_target
 
     index = resolve_target(label, ckpt.class_names, where)
     assert index is not None
@@ -383,7 +382,7 @@ def _write_json(path: Path, value: object) -> None:
 
 def _prepare_parts(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     """OUT/parts, checked against this run's fingerprint (or cleared with `overwrite`)."""
-    from .inputs import UsageError
+    from viz.commands.inputs import UsageError
 
     parts = out / _PARTS
     stamp = parts / "run.json"
@@ -408,7 +407,7 @@ def _prepare_parts(out: Path, fingerprint: dict, overwrite: bool) -> Path:
 
 def _check_local_parts(parts: Path, fingerprint: dict, overwrite: bool) -> None:
     """Another rank's parts folder (its own disk, or rank 0's shared one): same run or cleared."""
-    from .inputs import UsageError
+    from viz.commands.inputs import UsageError
 
     stamp = parts / "run.json"
     try:
@@ -547,7 +546,7 @@ def _within(progress, before: int, size: int, total: int) -> Callable[[float], N
 
 def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path, str, str | None]]:
     """Image files of `folder` with labels from the CSV, from class subfolders, or none."""
-    from .inputs import UsageError, collect_images, label_of, read_labels
+    from viz.commands.inputs import UsageError, collect_images, label_of, read_labels
 
     root = Path(folder)
     if not root.is_dir():
@@ -570,7 +569,7 @@ def _images_with_labels(folder: str, labels_csv: str | None) -> list[tuple[Path,
 
 def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | None]]:
     """ImageFolder class folders -> class names each checkpoint knows (by name or by order)."""
-    from .inputs import UsageError, class_index
+    from viz.commands.inputs import UsageError, class_index
 
     folders = sorted({lab for _, _, lab in images if lab is not None})
     out_labels: dict[str, str] = {}
@@ -610,14 +609,14 @@ def inputs_for(
         checkpoints: (name, path, Checkpoint) per model.
         images: an ImageFolder (labels from the class folders) or any folder of images.
         labels: CSV with columns file,label (overrides class folders).
-        boxes: box file or folder (`viz.localization.read_boxes`).
+        boxes: box file or folder (`viz.measures.localization.read_boxes`).
         max_images: refuse larger folders.
 
     Raises:
         UsageError: a missing folder, a label no model knows, a bad box file, too many images.
     """
-    from .inputs import UsageError
-    from .localization import BoxError, read_boxes
+    from viz.commands.inputs import UsageError
+    from viz.measures.localization import BoxError, read_boxes
 
     found = _images_with_labels(str(images), labels)
     if not labels:

@@ -10,7 +10,7 @@ is JSON with sorted keys and no timestamps.
                          formats=("png", "pdf"))
     zip_bundle(files)        # one deterministic .zip, e.g. for a download button
 
-`python -m viz export` (see `viz.cli`) writes the same files into a folder.
+`python -m viz export` (see `viz.commands.cli`) writes the same files into a folder.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from PIL import Image
 
 from models.checkpoint import Checkpoint, atomic_write_bytes
 from models.images import ImageSource, load_image
-
-from .cam import Analysis
-from .figures import STYLE_LOCK, figure_width
-from .figures.table import (
+from viz.engine.cam import Analysis
+from viz.figures import STYLE_LOCK, figure_width
+from viz.figures.table import (
     FIGURES,
     IMAGE_FIGURES,
     SCALES,
@@ -518,7 +517,7 @@ def image_bundle(
         ExportError: unknown figure or format, or an analysis made with other settings;
         models.images.ImageError: unreadable image; ValueError: target outside the classes.
     """
-    from .session import analyze_images
+    from viz.session import analyze_images
 
     s = settings or FigureSettings()
     _check_options(figures, formats, s.width)

@@ -2,7 +2,7 @@
 
 `analyze` runs one forward and one backward for everything: the attention maps of every module
 (read by `record_attention` during the forward) and a class activation map at every requested
-layer (default: the stage layers that `viz.levels` finds in any network). Gradients are taken
+layer (default: the stage layers that `viz.engine.levels` finds in any network). Gradients are taken
 with `torch.autograd.grad` on the layers' output tensors (no module backward hooks), and the
 parameters need no gradients, so the backward stops at the earliest requested layer.
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
-from .state import model_lock, preserve_model_state
-from .trace import AttentionTrace, model_modules, record_attention
+from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
+from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.trace import AttentionTrace, model_modules, record_attention
 
 __all__ = [
     "Analysis",
@@ -162,7 +162,7 @@ class Analysis:
 def stage_layers(model: nn.Module) -> list[str]:
     """The default CAM layers of `model`: the last module at each of its four deepest levels.
 
-    `layer1`..`layer4` for ResNets; found by a shape probe for any network (`viz.levels`).
+    `layer1`..`layer4` for ResNets; found by a shape probe for any network (`viz.engine.levels`).
 
     Raises:
         ValueError: the network could not be probed (give the layers by name).

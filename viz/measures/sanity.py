@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .maps import upsample
-from .state import preserve_model_state
+from viz.engine.maps import upsample
+from viz.engine.state import preserve_model_state
 
 __all__ = [
     "randomisation_steps",
@@ -93,7 +93,7 @@ def randomise_(model: nn.Module, prefix: str, seed: int) -> None:
 
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman rank correlation of two maps (ties averaged); nan if either is constant."""
-    from .metrics import agreement
+    from viz.measures.metrics import agreement
 
     return agreement(a, b).spearman
 

@@ -7,9 +7,9 @@
 
 Which modules are attention modules, and which of their submodules output the maps, is the
 probe registry's business (`models.probes`: ours, timm's, torchvision's, and yours with
-`register_attention`). Taps (`viz.taps`, cheaper than forward hooks) sit on those gate
+`register_attention`). Taps (`viz.engine.taps`, cheaper than forward hooks) sit on those gate
 submodules, so nothing is computed twice. A record's stage is the resolution level its map
-lives at (`viz.levels`), not a name pattern.
+lives at (`viz.engine.levels`), not a name pattern.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
-
-from .levels import NetworkLevels, fallback_stage, network_levels, stride_of
-from .state import model_lock, preserve_model_state, submodules
-from .taps import TapHandle, tap
+from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
+from viz.engine.state import model_lock, preserve_model_state, submodules
+from viz.engine.taps import TapHandle, tap
 
 __all__ = [
     "AttentionRecord",
@@ -48,7 +47,7 @@ class AttentionRecord:
         name: dotted module name, e.g. `layer1.0.cbam`, `bam2`, `features.3.0.block.2`.
         kind: attention type from the probe registry: "se", "bam", "cbam", "eca", ...
         stage: resolution level of the module's input (stride 4, 8, 16, 32 -> 1..4 in a
-            ResNet; see `viz.levels`).
+            ResNet; see `viz.engine.levels`).
         block: order of the module among the trace's modules at its stage (0, 1, ...).
         channel: (N, C) channel gate: CBAM/SE/ECA sigmoid weights; BAM: M_c(F) (a logit).
             None for a spatial-only module.
@@ -313,7 +312,7 @@ class _ModuleWatch:
 
     Its gate submodules are tapped ("channel", "spatial", "gate"); the module itself only when
     a trace needs its input: for feature means, or when the shape probe did not see the module
-    (`known`: the (stride, channels) of its input from `viz.levels`). Shapes are checked when
+    (`known`: the (stride, channels) of its input from `viz.engine.levels`). Shapes are checked when
     the record is built, so a tap does no more than keep the tensor.
     """
 
@@ -528,12 +527,12 @@ def record_attention(
         feature_means: also record each record's `feature_in` / `feature_out` (channel-mean |F|
             before and after the module, for the BAM hierarchy figure). They cost a pass over
             every attended feature map, so a plain trace leaves them None.
-        modules: `viz.state.submodules(model)` when the caller has it already (saves a walk).
+        modules: `viz.engine.state.submodules(model)` when the caller has it already (saves a walk).
 
     Yields:
         An `AttentionTrace`, filled in forward order by each forward pass inside the block.
 
-    The first trace of a model runs a shape probe (`viz.levels`) to learn its resolution
+    The first trace of a model runs a shape probe (`viz.engine.levels`) to learn its resolution
     levels; a network the probe cannot run gets stages from the stride alone. On exit, also
     after an exception or KeyboardInterrupt, every tap is removed and the training flags are
     restored. A per-model lock is held inside the block.

@@ -50,7 +50,7 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[P
     Raises:
         UsageError: a path does not exist, or nothing was found.
     """
-    from .export import safe_name
+    from viz.commands.export import safe_name
 
     found: list[tuple[Path, str]] = []
     folders: list[Path] = []
@@ -194,8 +194,7 @@ def label_of(image: Path, labels: dict[str, str]) -> str | None:
 
 def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
     from models.checkpoint import CheckpointError, load_checkpoint
-
-    from .export import safe_name
+    from viz.commands.export import safe_name
 
     loaded = []
     for raw in paths:

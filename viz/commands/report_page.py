@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures.canvas import styled
-from .stats import bootstrap_mean, paired_difference
+from viz.figures.canvas import styled
+from viz.measures.stats import bootstrap_mean, paired_difference
 
 __all__ = [
     "FinishedReport",
@@ -184,7 +184,7 @@ def _distribution_figure(per_map: list[dict], checkpoints: Sequence[str]):
     """Box plots of deletion and insertion AUC: last CAM, attention (mean), random; per model."""
     from matplotlib.patches import Patch
 
-    from .figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
+    from viz.figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
 
     cam = _last_cam(per_map)
     maps = [m for m in (cam, ALL_ATTENTION, "random") if m]
@@ -235,7 +235,7 @@ def _distribution_figure(per_map: list[dict], checkpoints: Sequence[str]):
 def _legend_label(checkpoint: str, map_name: str, inches: float = 3.1) -> str:
     """`checkpoint · map` in one legend column (half the double width): a long checkpoint name
     is cut, never the map's."""
-    from .figures.canvas import fit_text, literal, text_width
+    from viz.figures.canvas import fit_text, literal, text_width
 
     tail = f" · {map_name}"
     room = max(0.6, inches - text_width(tail, 6.0))
@@ -244,7 +244,7 @@ def _legend_label(checkpoint: str, map_name: str, inches: float = 3.1) -> str:
 
 def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
     """Spearman and SSIM against the randomisation step: the last CAM and the attention mean."""
-    from .figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
+    from viz.figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
 
     if not summary:
         return None
@@ -297,11 +297,10 @@ def _sample_figure(inputs, options, count: int = 4):
     from matplotlib.figure import Figure
 
     from models.images import load_image
-
-    from .cam import analyze
-    from .figures.canvas import DOUBLE_COLUMN, fit_text
-    from .maps import overlay
-    from .report import map_tensors
+    from viz.commands.report import map_tensors
+    from viz.engine.cam import analyze
+    from viz.engine.maps import overlay
+    from viz.figures.canvas import DOUBLE_COLUMN, fit_text
 
     shown = []
     for path, name, label in inputs.images:
@@ -318,7 +317,7 @@ def _sample_figure(inputs, options, count: int = 4):
         x = ckpt.preprocess.batch([im for im, _, _ in shown])
         targets = None
         if all(lab is not None for _, _, lab in shown):
-            from .inputs import resolve_target
+            from viz.commands.inputs import resolve_target
 
             targets = [resolve_target(lab, ckpt.class_names, "label") for _, _, lab in shown]
         maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method))
@@ -350,7 +349,7 @@ def _sample_figure(inputs, options, count: int = 4):
 
 
 def _png(fig) -> bytes:
-    from .export import figure_bytes
+    from viz.commands.export import figure_bytes
 
     return figure_bytes(fig, "png", dpi=150)
 
@@ -409,8 +408,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     """Write every report file into `out`; returns how many images could not be read."""
     from dataclasses import asdict
 
-    from .export import build_manifest, checkpoint_info, manifest_bytes, write_files
-    from .report import PER_IMAGE_COLUMNS, PER_MAP_COLUMNS, SANITY_COLUMNS
+    from viz.commands.export import build_manifest, checkpoint_info, manifest_bytes, write_files
+    from viz.commands.report import PER_IMAGE_COLUMNS, PER_MAP_COLUMNS, SANITY_COLUMNS
 
     names = [name for name, _, _ in inputs.checkpoints]
     summary = summarise(rows, names, options.seed)

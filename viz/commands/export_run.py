@@ -1,6 +1,6 @@
 """The `python -m viz export` run: every image through every model, figures, grids, manifest.
 
-Each image is analysed and drawn here or in worker processes (`viz.parallel`); outcomes come
+Each image is analysed and drawn here or in worker processes (`viz.commands.parallel`); outcomes come
 back as plain data in input order and are written here, so the files are the same whatever
 `--jobs`. A failing input is a one-line error and the others go on.
 """
@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cam import stage_layers
-from .export import ExportError, FigureSettings
-from .inputs import (
+from viz.commands.export import ExportError, FigureSettings
+from viz.commands.inputs import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_FILE_BYTES,
     UsageError,
@@ -28,6 +27,7 @@ from .inputs import (
     regular_file,
     resolve_target,
 )
+from viz.engine.cam import stage_layers
 
 __all__ = ["GRID_COLUMNS", "OutputError", "export_command"]
 
@@ -36,7 +36,7 @@ GRID_COLUMNS = 6  # images per model-grid figure; more images make more figures
 
 def export_command(args: argparse.Namespace) -> int:
     """Run an export; returns the exit status (0 all exported, 1 some inputs failed)."""
-    from .export import IMAGE_FIGURES
+    from viz.commands.export import IMAGE_FIGURES
 
     figures = list(dict.fromkeys(args.figure or ["overview"]))
     settings = _settings(args)
@@ -85,7 +85,7 @@ def _inputs(args, figures: list[str], analyzed: bool) -> tuple[list, list]:
 
 
 def _open_run(args) -> _Run:
-    from .export import prepare_output
+    from viz.commands.export import prepare_output
 
     try:
         return _Run(prepare_output(args.out, overwrite=args.overwrite))
@@ -146,7 +146,7 @@ def _keep(run: _Run, path: Path, image_name: str, name, files, notes, result, er
 
 
 def _write_manifest(run: _Run, args, figures, settings: FigureSettings, checkpoints) -> None:
-    from .export import build_manifest, checkpoint_info, export_options, manifest_bytes
+    from viz.commands.export import build_manifest, checkpoint_info, export_options, manifest_bytes
 
     labels = None
     if args.labels:
@@ -194,7 +194,7 @@ class _Run:
     images: list[dict] = field(default_factory=list)  # each image's name, path and sha256
 
     def write(self, prefix: str, files: dict[str, bytes]) -> None:
-        from .export import write_files
+        from viz.commands.export import write_files
 
         named = {f"{prefix}/{k}" if prefix else k: v for k, v in files.items()}
         try:
@@ -262,9 +262,8 @@ class _ImageWork:
 
     def __call__(self, item: tuple[Path, str]) -> dict:
         from models.images import load_image
-
-        from .export import render_image, result_info
-        from .session import analyze_images
+        from viz.commands.export import render_image, result_info
+        from viz.session import analyze_images
 
         path, image_name = item
         try:
@@ -322,7 +321,7 @@ def _worker_died(item: tuple[Path, str], exit_code: int | None) -> dict:
 
 def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
     """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes
-    (`viz.parallel`), each process at one thread.
+    (`viz.commands.parallel`), each process at one thread.
 
     Workers get the settings, not the models: they read the checkpoints again (spawned
     processes share nothing).
@@ -333,8 +332,7 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     import torch
 
     from models.plugins import plugins_from_env
-
-    from .parallel import ordered_map
+    from viz.commands.parallel import ordered_map
 
     bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
@@ -352,7 +350,7 @@ def _light(analysis):
     """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
     import dataclasses
 
-    from .trace import AttentionTrace
+    from viz.engine.trace import AttentionTrace
 
     stages = analysis.stage_cams()
     last = stages[max(stages)]
@@ -366,7 +364,7 @@ def _light(analysis):
 
 def _same_class(ckpt, image, light, class_name: str):
     """A grid row explains its column's class (as in the CBAM paper), not its own top-1."""
-    from .session import analyze_images
+    from viz.session import analyze_images
 
     names = ckpt.class_names
     if class_name not in names or names[int(light.target[0])] == class_name:
@@ -379,9 +377,9 @@ def _same_class(ckpt, image, light, class_name: str):
 
 def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureSettings) -> None:
     """The model grid, `GRID_COLUMNS` images per figure."""
-    from .export import figure_bytes
-    from .figures import model_grid
-    from .session import GridModel, model_grid_rows
+    from viz.commands.export import figure_bytes
+    from viz.figures import model_grid
+    from viz.session import GridModel, model_grid_rows
 
     chunks = [grid.images[i : i + GRID_COLUMNS] for i in range(0, len(grid.images), GRID_COLUMNS)]
     for c, chunk in enumerate(chunks):
@@ -407,9 +405,9 @@ def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureS
 def _class_stats(run: _Run, checkpoints, folders, formats, settings) -> None:
     from tqdm import tqdm
 
-    from .export import figure_bytes, npz_bytes, safe_name
-    from .figures import class_channel_stats
-    from .metrics import channel_statistics
+    from viz.commands.export import figure_bytes, npz_bytes, safe_name
+    from viz.figures import class_channel_stats
+    from viz.measures.metrics import channel_statistics
 
     for folder in folders:
         stem = f"class-stats-{safe_name(folder.resolve().name, default='images')}"

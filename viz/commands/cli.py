@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .export import ExportError
-from .export_run import GRID_COLUMNS, OutputError, export_command
-from .inputs import UsageError, error_line, int_in
-from .maps import DEFAULT_CMAP
+from viz.commands.export import ExportError
+from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
+from viz.commands.inputs import UsageError, error_line, int_in
+from viz.engine.maps import DEFAULT_CMAP
 
 __all__ = ["main", "build_parser"]
 
@@ -53,7 +53,7 @@ example:
 
 
 def _formats(text: str) -> list[str]:
-    from .export import FORMATS
+    from viz.commands.export import FORMATS
 
     items = [f.strip().lower() for f in text.split(",") if f.strip()]
     bad = [f for f in items if f not in FORMATS]
@@ -65,7 +65,7 @@ def _formats(text: str) -> list[str]:
 
 
 def _width(text: str) -> str | float:
-    from .figures import figure_width
+    from viz.figures import figure_width
 
     value: str | float = text
     try:
@@ -87,7 +87,7 @@ def _figure_lines() -> str:
     """The figure table (`viz.figures.table.FIGURES`) as --help lines."""
     import textwrap
 
-    from .figures.table import FIGURES
+    from viz.figures.table import FIGURES
 
     lines = []
     for name, spec in FIGURES.items():
@@ -98,7 +98,7 @@ def _figure_lines() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import FIGURES
+    from viz.commands.export import FIGURES
 
     parser = argparse.ArgumentParser(
         prog="python -m viz", description="Attention Lens command line."
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="your own code registering architectures and attention probes "
                              "(a .py file or a module name; repeatable; trusted code)")  # fmt: skip
-    from .report_command import add_report_parser
+    from viz.commands.report_command import add_report_parser
 
     add_report_parser(commands)
     return parser
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "report":
-            from .report_command import report_command
+            from viz.commands.report_command import report_command
 
             return report_command(args)
         return export_command(args)

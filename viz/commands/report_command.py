@@ -1,4 +1,4 @@
-"""`python -m viz report`: the command around `viz.report.run_report` and `viz.report_page`."""
+"""`python -m viz report`: the command around `viz.commands.report.run_report` and `viz.commands.report_page`."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import sys
 from pathlib import Path
 
 from models.distributed import RankFailure
-
-from .report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
+from viz.commands.report import DELETION_CHOICES, ReportOptions, inputs_for, run_report
 
 __all__ = ["add_report_parser", "report_command"]
 
 
 def add_report_parser(commands) -> argparse.ArgumentParser:
     """The `report` subcommand's options."""
-    from .cam import CAM_METHODS
-    from .inputs import int_in
-    from .metrics import BASELINES
+    from viz.commands.inputs import int_in
+    from viz.engine.cam import CAM_METHODS
+    from viz.measures.metrics import BASELINES
 
     report = commands.add_parser(
         "report",
@@ -87,9 +86,8 @@ def report_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.distributed import start_distributed, stop_distributed
-
-    from .inputs import load_checkpoints
-    from .report_page import write_report
+    from viz.commands.inputs import load_checkpoints
+    from viz.commands.report_page import write_report
 
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)

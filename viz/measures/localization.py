@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .maps import upsample
+from viz.engine.maps import upsample
 
 __all__ = [
     "BoxError",

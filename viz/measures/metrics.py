@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.images import image_folder, load_image
-
-from .cam import Analysis, resolve_targets
-from .maps import upsample
-from .state import preserve_model_state
-from .trace import AttentionRecord, AttentionTrace, record_attention
+from viz.engine.cam import Analysis, resolve_targets
+from viz.engine.maps import upsample
+from viz.engine.state import preserve_model_state
+from viz.engine.trace import AttentionRecord, AttentionTrace, record_attention
 
 __all__ = [
     "Agreement",
@@ -140,7 +139,7 @@ def agreement(
 ) -> Agreement:
     """Compare an attention map with a CAM (or any two maps) over their pixels.
 
-    Both maps are bilinearly resized (`viz.maps.upsample`) to `size`, by default to the
+    Both maps are bilinearly resized (`viz.engine.maps.upsample`) to `size`, by default to the
     larger of the two on each side, so maps of different resolutions can be compared.
 
     Args:
@@ -270,7 +269,7 @@ def agreement_table(
 ) -> list[tuple[str, str, Agreement]]:
     """Agreement of each stage's last spatial attention map with the same stage's CAM.
 
-    Stages are resolution levels (`viz.levels`), so this works for any network: the spatial
+    Stages are resolution levels (`viz.engine.levels`), so this works for any network: the spatial
     map of the last attention module at a level (CBAM: M_s after its sigmoid of the stage's
     last block, e.g. `layer2.1.cbam`; BAM: the spatial branch M_s of `bamK`, a logit —
     Spearman and IoU do not change under the sigmoid, Pearson does) is paired with the CAM of
@@ -279,7 +278,7 @@ def agreement_table(
     as are channel-only modules (SE, ECA).
 
     Args:
-        analysis: from `viz.cam.analyze`.
+        analysis: from `viz.engine.cam.analyze`.
         index: which image of the batch.
         top_k: passed to `agreement`.
 
@@ -588,7 +587,7 @@ def channel_statistics(
 ) -> ChannelStats:
     """Per-class mean of every attention module's channel weights over a set of images.
 
-    Channel weights are what `viz.trace.record_attention` records as `channel`: the sigmoid
+    Channel weights are what `viz.engine.trace.record_attention` records as `channel`: the sigmoid
     weights of SE and CBAM. BAM records M_c, a logit, so sigmoid(M_c) is averaged instead: the
     channel attention of the BAM paper (with the official product fusion, the gate applied to
     the features is 1 + sigmoid(M_c * M_s), which also depends on M_s).

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import find_probe, registry_generation
-
-from .state import preserve_model_state, submodules
+from viz.engine.state import preserve_model_state, submodules
 
 __all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]
 

@@ -1,0 +1,1 @@
+"""Measures on maps: agreement, deletion/insertion, localisation, the sanity check, statistics."""
