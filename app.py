@@ -236,7 +236,8 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
     picker = st.sidebar.container()  # filled below, once uploads have been read
     with st.sidebar.expander("Add a checkpoint", expanded=not models):
         limit_mb = int(st.get_option("server.maxUploadSize"))
-        upload = st.file_uploader(f"Upload a checkpoint (up to {limit_mb} MB)", key="ckpt_upload")
+        shown = f"{limit_mb / 1024:g} GB" if limit_mb >= 1024 else f"{limit_mb} MB"
+        upload = st.file_uploader(f"Upload a checkpoint (up to {shown})", key="ckpt_upload")
         if upload is not None:
             seen: dict = state("ckpt_seen", {})  # file id -> None or its error
             if upload.file_id not in seen:
@@ -339,13 +340,19 @@ def choose_images(errors) -> list[ImageItem]:
             )  # fmt: skip
             continue
         sources.append((f.name, f.getvalue()))
-    if not sources:
+    items = decoded(sources, limits, errors)
+    if not items:  # nothing uploaded, or nothing that could be read: the samples stay at hand
         samples = {s.path.name: s for s in sample_images(SAMPLES)}
-        default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples else list(samples)[:1]
+        default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples and not uploads else []
         picked = st.sidebar.multiselect(
             "Sample images", list(samples), default=default, key="samples"
         )
-        sources = [(name, samples[name].path.read_bytes()) for name in picked]
+        items = decoded([(n, samples[n].path.read_bytes()) for n in picked], limits, errors)
+    return items
+
+
+def decoded(sources: list[tuple[str, bytes]], limits, errors) -> list[ImageItem]:
+    """The images that decode (allow-listed formats, pixel limit); one error line each other."""
     items = []
     for name, data in sources:
         try:
@@ -578,7 +585,7 @@ def captum_attribution(ckpt, item: ImageItem, target: int | None, method: str):
 
 def captum_panel(ckpt, item, target, view: View, stem, tkey, errors) -> None:
     with st.expander("Captum attributions at input resolution"):
-        method = st.selectbox("Method", list(ATTRIBUTION_METHODS), key="captum_method",
+        method = st.selectbox("Attribution method", list(ATTRIBUTION_METHODS), key="captum_method",
                               format_func=lambda m: CAPTUM_LABELS.get(m, m))  # fmt: skip
         if not st.toggle("Run", key="captum_run"):
             return
@@ -653,21 +660,27 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
         "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
         "a random map gives the chance level."
     )
-    maps = {f"{an.method_label} {k}": v for k, v in an.cams.items()}
-    maps.update({f"attention {r.name}": r.spatial for r in an.trace.spatial_records})
-    cams = [m for m in maps if not m.startswith("attention ")]
-    gates = [m for m in maps if m.startswith("attention ")]
+    # choices named without the CAM method, so a choice survives changing the method
+    maps = {f"cam:{k}": v for k, v in an.cams.items()}
+    maps.update({f"attention:{r.name}": r.spatial for r in an.trace.spatial_records})
+    shown = {m: f"{an.method_label} {m[4:]}" if m.startswith("cam:") else m.replace(":", " ", 1)
+             for m in maps}  # fmt: skip
+    cams = [m for m in maps if m.startswith("cam:")]
+    gates = [m for m in maps if m.startswith("attention:")]
+    if "di_maps" in st.session_state:  # a layer taken out of the sidebar leaves the choice
+        st.session_state["di_maps"] = [m for m in st.session_state["di_maps"] if m in maps]
     chosen = st.multiselect("Saliency maps", list(maps), default=cams[-1:] + gates[-1:],
-                            key="di_maps")  # fmt: skip
+                            format_func=shown.__getitem__, key="di_maps")  # fmt: skip
     steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
-    runs = len(chosen) + 1
-    if chosen and st.toggle(f"Run ({runs} maps x {2 * (steps + 1) + 1} forward passes)",
-                            key="di_run"):  # fmt: skip
+    if not chosen:
+        st.info("Pick at least one saliency map to score.")
+        return
+    if st.toggle(f"Run ({len(chosen) + 1} maps x {2 * steps + 3} forward passes)", key="di_run"):
         results = {}
         bar = st.progress(0.0, text="Deleting and inserting pixels…")
         size = (ckpt.preprocess.crop, ckpt.preprocess.crop)  # the network input's side
         noise = random_saliency([seed_of(item.sha)], size)
-        named = [(m, maps[m]) for m in chosen] + [(figures.RANDOM_LABEL, noise)]
+        named = [(shown[m], maps[m]) for m in chosen] + [(figures.RANDOM_LABEL, noise)]
         for done, (name, saliency) in enumerate(named):
             key = f"{method}:{','.join(layers)}:{name}"
             results[name] = causal_scores(
@@ -740,7 +753,7 @@ def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
     uploaded labels CSV, a choice made here, or else what the model in use explains."""
     upload = st.file_uploader(
         "Labels CSV (columns file,label: the image's file name and its class name)",
-        type=["csv"], key="grid_labels",
+        type=["csv"], key="grid_labels", max_upload_size=5,
     )  # fmt: skip
     labels: dict[str, str] = {}
     if upload is not None:

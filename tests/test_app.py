@@ -153,6 +153,20 @@ def test_broken_upload_is_one_error_naming_it(app):
     assert any("good.jpg as the network sees it" in c for img in at.image for c in img.captions)
 
 
+def test_when_no_upload_can_be_read_the_samples_are_still_offered(app):
+    at = app.run()
+    at.sidebar.file_uploader(key="images").set_value(
+        [("broken.jpg", sample_bytes("church_29612.jpg")[:300], "image/jpeg")]
+    ).run()
+    assert not at.exception and len(at.error) == 1
+    picker = at.sidebar.multiselect(key="samples")  # was hidden while any upload existed
+    picker.set_value(["tench_12881.jpg"]).run()
+    assert not at.exception
+    assert any(
+        "tench_12881.jpg as the network sees it" in plain(c) for i in at.image for c in i.captions
+    )
+
+
 def test_switch_models(app):
     at = app.run()
     at.sidebar.selectbox(key="model").set_value(model_label(at, "plain")).run()
@@ -218,9 +232,9 @@ def test_cam_options_and_bad_layers(app):
 def test_deletion_insertion_runs_on_demand(app):
     at = app.run()
     images = len(at.image)
-    assert at.multiselect(key="di_maps").value == ["Grad-CAM layer4", "attention layer4.1.cbam"]
+    assert at.multiselect(key="di_maps").value == ["cam:layer4", "attention:layer4.1.cbam"]
     at.slider(key="di_steps").set_value(8).run()
-    at.multiselect(key="di_maps").set_value(["Grad-CAM layer3", "attention layer4.1.cbam"]).run()
+    at.multiselect(key="di_maps").set_value(["cam:layer3", "attention:layer4.1.cbam"]).run()
     at.toggle(key="di_run").set_value(True).run()
     assert_clean(at)
     table = next(d.value for d in at.dataframe if "map" in d.value.columns)
@@ -230,6 +244,21 @@ def test_deletion_insertion_runs_on_demand(app):
     assert len(at.image) == images + 1  # the curves figure
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Agreement table (CSV)" in labels and "Curves (CSV)" in labels
+
+
+def test_the_chosen_saliency_maps_survive_changing_the_method_and_the_layers(app):
+    at = app.run()
+    chosen = ["cam:layer4", "attention:layer4.1.cbam"]
+    assert at.multiselect(key="di_maps").value == chosen
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
+    assert_clean(at)
+    assert at.multiselect(key="di_maps").value == chosen  # was: the CAM dropped
+    layers = next(m for m in at.sidebar.multiselect if m.key.startswith("layers:"))
+    layers.set_value(["layer3"]).run()  # layer4 gone: its choice goes, nothing breaks
+    assert_clean(at)
+    assert at.multiselect(key="di_maps").value == ["attention:layer4.1.cbam"]
+    at.multiselect(key="di_maps").set_value([]).run()
+    assert any("Pick at least one saliency map" in i.value for i in at.info)
 
 
 def test_drawing_changes_do_not_run_the_network(app, monkeypatch):
