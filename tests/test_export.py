@@ -701,3 +701,17 @@ def test_deletion_insertion_csv_has_every_map():
     assert lines[2] == "0.500000,0.500000,0.600000,0.500000,0.600000" and len(lines) == 4
     with pytest.raises(ExportError):
         deletion_insertion_csv({})
+
+
+def test_mistyped_options_and_layers_are_one_line_before_any_work(ckpts, image_dir, tmp_path,
+                                                                   capsys):  # fmt: skip
+    out = tmp_path / "o"
+    for extra, phrase in ((["--figure", "overveiw"], "invalid choice: 'overveiw'"),
+                          (["--jobs", "0"], "jobs must be from 1 to 64"),
+                          (["--layers", "layer9"], "unknown layer 'layer9'")):  # fmt: skip
+        code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, *extra)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and phrase in lines[0], err
+        assert not out.exists()  # refused before anything was written
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out)
+    assert code == 0 and f"files to {out}" in err.strip().splitlines()[-1]

@@ -83,6 +83,13 @@ _dpi = int_in("dpi", 10, 2400)
 _jobs = int_in("jobs", 1, 64)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _figure_lines() -> str:
     """The figure table (`viz.figures.table.FIGURES`) as --help lines."""
     import textwrap
@@ -100,10 +107,8 @@ def _figure_lines() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from viz.commands.export import FIGURES
 
-    parser = argparse.ArgumentParser(
-        prog="python -m viz", description="Attention Lens command line."
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="python -m viz", description="Attention Lens command line.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     export = commands.add_parser(
         "export",
         help="export paper figures, raw maps and a manifest",

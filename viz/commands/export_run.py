@@ -44,6 +44,8 @@ def export_command(args: argparse.Namespace) -> int:
     analyzed = bool(per_image) or "model-grid" in figures
     images, folders = _inputs(args, figures, analyzed)
     checkpoints = load_checkpoints(args.checkpoint)
+    if settings.layers is not None:
+        _check_layers(checkpoints, settings.layers)
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     run = _open_run(args)
     grid = _Grid({name: [] for _, name, _ in checkpoints})
@@ -56,7 +58,24 @@ def export_command(args: argparse.Namespace) -> int:
     if "class-stats" in figures:
         _class_stats(run, checkpoints, folders, args.format, settings)
     _write_manifest(run, args, figures, settings, checkpoints)
+    failed = (
+        f", {len(run.failures)} input(s) failed (see above and the manifest)"
+        if run.failures
+        else ""
+    )
+    _say(f"wrote {len(run.files)} files to {run.out}{failed}")
     return 1 if run.failures else 0
+
+
+def _check_layers(checkpoints, layers: tuple[str, ...]) -> None:
+    """Every --layers name exists in every model, before any image is analysed."""
+    from viz.engine.cam import resolve_layers
+
+    for raw, _, ckpt in checkpoints:
+        try:
+            resolve_layers(ckpt.model, layers)
+        except ValueError as exc:
+            raise UsageError(f"--layers for {raw}: {exc}") from None
 
 
 def _settings(args: argparse.Namespace) -> FigureSettings:

@@ -97,7 +97,7 @@ def report_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
     ranks = start_distributed(args.device)
     # images done, fractional inside a chunk, so the bar and the time left move per image
-    bar = tqdm(total=0, disable=ranks.rank != 0, desc="report", file=sys.stderr,
+    bar = tqdm(total=len(inputs.images), disable=ranks.rank != 0, desc="report", file=sys.stderr,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} images "
                           "[{elapsed}<{remaining}]")  # fmt: skip
 
