@@ -264,13 +264,14 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
     styles = ["-", "--", ":", "-."]
     for ax, metric in zip(axes, ("spearman", "ssim")):
         for i, ckpt in enumerate(checkpoints):
-            last = max(1, len(sequences[ckpt]) - 1)
+            count = max(1, len(sequences[ckpt]))
             for m, colour in zip(maps, ("#0072B2", "#D55E00")):
                 pts = [r for r in summary if r["checkpoint"] == ckpt and r["map"] == m]
                 if not pts:
                     continue
                 pts.sort(key=lambda r: r["step"])
-                xs = [r["step"] if named else r["step"] / last for r in pts]
+                # step k has randomised k + 1 of the groups (step 0: the classifier)
+                xs = [r["step"] if named else (r["step"] + 1) / count for r in pts]
                 ax.plot(xs, [r[metric] for r in pts], styles[i % 4],
                         color=colour, marker="o", markersize=2, linewidth=1,
                         label=_legend_label(ckpt, m))  # fmt: skip
@@ -280,8 +281,8 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
             ax.set_xticklabels([fit_text(g, 0.5, fontsize=6)[0] for g in known[0]], rotation=90)
             ax.set_xlabel("randomised up to (from the logits down)", fontsize=6)
         else:
-            ax.set_xlim(-0.02, 1.02)
-            ax.set_xlabel("share of the blocks randomised, from the logits (0) to the input (1)",
+            ax.set_xlim(0, 1.02)
+            ax.set_xlabel("share of the blocks randomised, from the logits down (1: all of them)",
                           fontsize=6)  # fmt: skip
         ax.set_ylabel(f"{'Spearman ρ' if metric == 'spearman' else 'SSIM'} to trained map",
                       fontsize=6)  # fmt: skip

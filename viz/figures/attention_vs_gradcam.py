@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["attention_vs_gradcam"]
 
 WIDE = 5.0  # inches from which the layers are laid out as columns
+NO_ATTENTION = "agreement n/a:\nno attention map\nat this stage"
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
                                        render=render))  # fmt: skip
         canvas.image(r, 1, overlay(img, layer.cam, cmap, alpha, render=render))
         x, y, p = canvas.box(r, 2)
-        canvas.ax.text(x + 0.02, y + p / 2, layer.numbers("agreement:\nn/a"), ha="left",
+        canvas.ax.text(x + 0.02, y + p / 2, layer.numbers(NO_ATTENTION), ha="left",
                        va="center", fontsize=6)  # fmt: skip
         # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
         canvas.left_of(r, 0, layer.heading)
@@ -160,7 +161,7 @@ def _columns(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
                                        render=render))  # fmt: skip
         canvas.image(1, c, overlay(img, layer.cam, cmap, alpha, render=render))
         x, y, p = canvas.box(1, c)
-        canvas.ax.text(x + p / 2, y - 0.03, layer.numbers("agreement: n/a"), ha="center",
+        canvas.ax.text(x + p / 2, y - 0.03, layer.numbers(NO_ATTENTION), ha="center",
                        va="top", fontsize=6, multialignment="center")  # fmt: skip
     for row, text in enumerate(heads):
         canvas.left_of(row, 0, text)

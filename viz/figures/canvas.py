@@ -156,7 +156,7 @@ def colorbar(fig: Figure, axes, cmap: str, vmin: float, vmax: float, label: str,
     mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
     bar = fig.colorbar(mappable, ax=axes, label=label, fraction=0.05, pad=0.02, aspect=30, **kw)
     bar.outline.set_linewidth(0.5)
-    ticks = MaxNLocator(nbins=3, symmetric=vmin < 0 < vmax).tick_values(vmin, vmax)
+    ticks = MaxNLocator(nbins=2, symmetric=vmin < 0 < vmax).tick_values(vmin, vmax)
     bar.set_ticks([t for t in ticks if vmin - 1e-12 <= t <= vmax + 1e-12])  # few, inside
 
 
@@ -339,9 +339,14 @@ def heat_rgb(
 
 
 def value_range(maps: Sequence[Tensor]) -> tuple[float, float]:
+    """The shared colour scale of `maps`; maps that are all flat (an untrained gate at 0.5)
+    sit mid-scale on a range of one around their value, so they read as flat, not as zero."""
     lo = min(float(m.min()) for m in maps)
     hi = max(float(m.max()) for m in maps)
-    return lo, (hi if hi > lo else lo + 1e-6)
+    if hi - lo <= 1e-4 * max(1.0, abs(hi), abs(lo)):
+        middle = (hi + lo) / 2
+        return middle - 0.5, middle + 0.5
+    return lo, hi
 
 
 def literal(text: object) -> str:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["model_grid"]
 
+MAX_PANEL = 1.9  # inches: three images fill a double column, six share it
+
 
 @styled
 def model_grid(
@@ -75,7 +77,7 @@ def model_grid(
     if len(absent) != len(rows):
         raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
     labels = _wrap_row_labels(
-        [literal(label) for label, _ in rows], width, len(pics), max_panel=1.4
+        [literal(label) for label, _ in rows], width, len(pics), max_panel=MAX_PANEL
     )
     titles = [literal(t) for t in column_titles]
     canvas = _canvas(width, labels, titles, len(rows), bool(title))
@@ -99,7 +101,9 @@ def model_grid(
             canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
     # each CAM is stretched to its own range, as in the papers: the bar says so
-    canvas.colorbar(cmap, 0.0, 1.0, "CAM, each map: own min–max")
+    methods = {analysis.method_label for _, analysis in rows}
+    method = methods.pop() if len(methods) == 1 else "CAM"
+    canvas.colorbar(cmap, 0.0, 1.0, f"{method}, each map: own min–max")
     if title:
         canvas.title(title)
     return canvas.fig
@@ -126,10 +130,10 @@ def _canvas(width, labels: list[str], titles: list[str], rows: int, titled: bool
     """Room for the row labels' lines and, when one line is too narrow, two-line titles."""
     lines = max(label.count("\n") + 1 for label in labels) if labels else 1
     guess = (figure_width(width) - 0.1 - 0.12 * lines) / len(titles)
-    two = any(text_width(t, 6.0) > min(guess, 1.4) for t in titles)
+    two = any(text_width(t, 6.0) > min(guess, MAX_PANEL) for t in titles)
     return Canvas(
         width, [len(titles)] * (1 + rows), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
-        foot=[0.03] + [0.15] * rows, header=0.25 if titled else 0.0, max_panel=1.4, footer=0.42,
+        foot=[0.03] + [0.15] * rows, header=0.25 if titled else 0.0, max_panel=MAX_PANEL, footer=0.42,
     )  # fmt: skip
 
 
