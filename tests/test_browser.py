@@ -219,3 +219,50 @@ def test_upload_render_download_screenshot(server, browser, tmp_path):
         browser.execute_script("arguments[0].scrollTop = 0;", el)
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def _click(driver, element) -> None:
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    driver.execute_script("arguments[0].click();", element)
+
+
+def _settled(driver, what: str) -> None:
+    time.sleep(1.0)  # let the rerun start before waiting for it to end
+    _wait(driver, lambda d: _idle(d), what=what)
+    assert "Unexpected error" not in _text(driver), _text(driver)[:2000]
+
+
+def test_captum_panel_survives_a_class_revisit(server, browser):
+    """Captum on, another class, the first class again: the page keeps working (the cached
+    function that drew a progress bar failed on this replay)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
+    tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[role="tab"]')
+               if t.get_attribute("textContent").strip() == "Grad-CAM")  # fmt: skip
+    _click(browser, tab)
+    expander = next(e for e in browser.find_elements(By.CSS_SELECTOR, "summary")
+                    if "Captum attributions" in e.get_attribute("textContent"))  # fmt: skip
+    _click(browser, expander)
+    toggle = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCheckbox"]')
+                  if t.get_attribute("textContent").strip() == "Run")  # fmt: skip
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", toggle)
+    toggle.find_element(By.CSS_SELECTOR, "label").click()  # a real click: React sees it
+    _settled(browser, "the Captum attribution")
+    assert "Attribution (npz)" in _text(browser)  # the panel drew its figure and download
+
+    def classes():
+        radio = next(r for r in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"]')
+                     if "Explain class" in r.get_attribute("textContent"))  # fmt: skip
+        return radio.find_elements(By.CSS_SELECTOR, "label")
+
+    first, second = (o.get_attribute("textContent") for o in classes()[:2])
+    for name in (second, first):
+        option = next(o for o in classes() if o.get_attribute("textContent") == name)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", option)
+        option.click()  # a real click, as a user's
+        _settled(browser, f"explaining {name}")
+        assert "Attribution (npz)" in _text(browser)
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert "Prediction:" in _text(browser)
