@@ -42,7 +42,7 @@ figures: $(STAMP)
 # the README's report excerpt: the embedded checkpoints on the bundled samples
 report-example: $(STAMP)
 	$(BIN)/python -m viz report --images samples --labels samples/labels.csv --out out/report \
-		--overwrite --sanity 8 --steps 16 --workers 1 \
+		--overwrite --deletion all --sanity 8 --steps 16 --workers 1 \
 		$(foreach m,plain se bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
 	cp out/report/figures/sanity.png docs/report-sanity.png
 
