@@ -150,7 +150,7 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
 def _columns(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
     """One column per layer: attention above the CAM, the numbers below (double column)."""
     n = len(layers)
-    canvas = Canvas(width, [n, n], left=0.3, head=0.3, foot=[0.03, 0.5], footer=0.45,
+    canvas = Canvas(width, [n, n], left=0.3, head=[0.3, 0.06], foot=[0.03, 0.5], footer=0.45,
                     header=0.22, max_panel=1.9)  # fmt: skip
     for c, layer in enumerate(layers):
         canvas.above(0, c, layer.heading, max_lines=2)

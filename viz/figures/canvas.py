@@ -204,7 +204,8 @@ class Canvas:
 
     Row r holds `counts[r]` panels; `gaps[r][c]` is extra space (inches) before panel c of row
     r (to separate groups). Each row reserves `head` inches above its panels (titles) and `foot`
-    (one number, or one per row) below (labels under a panel); `left` is room for row labels, `footer` for a colour bar,
+    below (labels under a panel), each one number or one per row; `center_rows` centres a row
+    shorter than the widest; `left` is room for row labels, `footer` for a colour bar,
     `header` for the figure title. Images, titles and notes are drawn on a single Axes whose
     data units are inches, so a figure of many panels builds and draws fast.
     """
@@ -216,12 +217,13 @@ class Canvas:
         *,
         gaps: Sequence[Sequence[float]] | None = None,
         left: float = 0.2,
-        head: float = 0.15,
+        head: float | Sequence[float] = 0.15,
         foot: float | Sequence[float] = 0.03,
         gap: float = 0.04,
         footer: float = 0.0,
         header: float = 0.0,
         max_panel: float = 1.5,
+        center_rows: bool = False,
     ) -> None:
         self.width = figure_width(width)
         self.gaps = [list(g) for g in gaps] if gaps is not None else [[0.0] * n for n in counts]
@@ -232,9 +234,14 @@ class Canvas:
         used = ncols * p + gap * (ncols - 1) + extra
         self.used = used  # inches the panels take, from x0
         self.x0 = left + max(0.0, (self.width - left - 0.05 - used) / 2)
-        self.gap, self.head, self.footer, self.header = gap, head, footer, header
+        self.gap, self.footer, self.header = gap, footer, header
         feet = [float(foot)] * len(counts) if isinstance(foot, (int, float)) else list(foot)
-        heights = [head + p + f for f in feet]
+        self.heads = [float(head)] * len(counts) if isinstance(head, (int, float)) else list(head)
+        self.shift = [
+            (used - (n * p + gap * (n - 1) + sum(g))) / 2 if center_rows else 0.0
+            for n, g in zip(counts, self.gaps)
+        ]  # fmt: skip
+        heights = [h + p + f for h, f in zip(self.heads, feet)]
         self.row_tops = [header + sum(heights[:r]) for r in range(len(counts))]  # from the top
         self.height = header + sum(heights) + footer + 0.03
         self.fig = Figure(figsize=(self.width, self.height))
@@ -246,8 +253,13 @@ class Canvas:
 
     def box(self, row: int, col: int) -> tuple[float, float, float]:
         """(left, bottom, size) of a panel, in inches."""
-        x = self.x0 + col * (self.panel + self.gap) + sum(self.gaps[row][: col + 1])
-        top = self.height - self.row_tops[row] - self.head
+        x = (
+            self.x0
+            + self.shift[row]
+            + col * (self.panel + self.gap)
+            + sum(self.gaps[row][: col + 1])
+        )
+        top = self.height - self.row_tops[row] - self.heads[row]
         return x, top - self.panel, self.panel
 
     def image(self, row: int, col: int, rgb: Image.Image | np.ndarray) -> None:

@@ -152,9 +152,10 @@ def _canvas(rows: list[list[Group]], width, header: float) -> Canvas:
     gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
-    canvas = Canvas(width, counts, gaps=gaps, left=0.05, head=0.29, footer=0.42, header=header)
+    shape = {"gaps": gaps, "left": 0.05, "footer": 0.42, "header": header, "center_rows": True}
+    canvas = Canvas(width, counts, head=0.29, **shape)
     groups = [group for row in rows for group in row]
     if all(fits_bold(label, canvas.span_width(len(members))) for label, members in groups):
         return canvas
     # a one-panel group ("BAM 1 · 56×56") gets its grid on a second line, not cut
-    return Canvas(width, counts, gaps=gaps, left=0.05, head=0.4, footer=0.42, header=header)
+    return Canvas(width, counts, head=0.4, **shape)
