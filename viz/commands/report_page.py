@@ -301,7 +301,7 @@ def _sample_figure(inputs, options, count: int = 4):
     from viz.commands.report import map_tensors
     from viz.engine.cam import analyze
     from viz.engine.maps import overlay
-    from viz.figures.canvas import DOUBLE_COLUMN, fit_text
+    from viz.figures.canvas import DOUBLE_COLUMN, fit_text, literal
 
     shown = []
     for path, name, label in inputs.images:
@@ -327,25 +327,32 @@ def _sample_figure(inputs, options, count: int = 4):
         for key in cams[-1:] + gates[-1:]:
             panels.append((ckpt_name, ckpt, key, maps[key][3]))
     columns = max(1, len(panels))
-    # panels placed by hand: no layout engine
-    fig = Figure(figsize=(DOUBLE_COLUMN, 0.5 + DOUBLE_COLUMN / columns * len(shown)))
+    # panels placed by hand: no layout engine; room for the row labels and the scale's note
+    height = 0.8 + DOUBLE_COLUMN / columns * len(shown)
+    fig = Figure(figsize=(DOUBLE_COLUMN, height))
     axes = fig.subplots(len(shown), columns, squeeze=False)
     width = fig.get_figwidth() / columns
-    for c, (ckpt_name, ckpt, key, m) in enumerate(panels):
+    titles = [fit_text(f"{ckpt_name} · {key}", width, fontsize=6, max_lines=3)[0]
+              for ckpt_name, _, key, _ in panels]  # fmt: skip
+    lines = max(t.count("\n") + 1 for t in titles)
+    for c, (_, ckpt, _, m) in enumerate(panels):
         for r, (image, _, _) in enumerate(shown):
             ax = axes[r, c]
             ax.set_axis_off()
             ax.imshow(overlay(ckpt.preprocess.crop_image(image), m[r], alpha=0.5))
-        title = fit_text(f"{ckpt_name} · {key}", width, fontsize=6, max_lines=3)[0]
-        axes[0, c].set_title(title, fontsize=6)
+        # every title as many lines as the longest, so the titles share one baseline
+        axes[0, c].set_title(literal(titles[c]) + "\n" * (lines - titles[c].count("\n") - 1),
+                             fontsize=6)  # fmt: skip
+    for r, (_, name, label) in enumerate(shown):
+        text = fit_text(name + (f" ({label})" if label else ""), width, fontsize=6, max_lines=2)[0]
+        axes[r, 0].text(-0.04, 0.5, literal(text), transform=axes[r, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=6)  # fmt: skip
+    fig.text(0.5, 0.15 / height, "each map scaled to its own min–max (inferno: dark low, light "
+             "high)", ha="center", va="bottom", fontsize=6)  # fmt: skip
     fig.subplots_adjust(
-        left=0.01,
-        right=0.99,
-        bottom=0.01,
-        top=1 - 0.5 / fig.get_figheight(),
-        wspace=0.04,
-        hspace=0.04,
-    )
+        left=0.05, right=0.99, bottom=0.4 / height, top=1 - (0.1 + 0.1 * lines) / height,
+        wspace=0.04, hspace=0.04,
+    )  # fmt: skip
     return fig
 
 
