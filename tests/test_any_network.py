@@ -393,7 +393,9 @@ PYTORCH_GRAD_CAM = {
     "hirescam": "HiResCAM",
     "xgradcam": "XGradCAM",
     "layercam": "LayerCAM",
+    "gradcamelementwise": "GradCAMElementWise",
 }
+EIGEN = {"eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM"}
 
 
 @pytest.mark.parametrize("method", list(PYTORCH_GRAD_CAM))
@@ -412,6 +414,37 @@ def test_cam_methods_equal_pytorch_grad_cam(method, tiny_model):
     np.testing.assert_allclose(ours.numpy(), np.maximum(theirs, 0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", list(EIGEN))
+def test_eigen_methods_equal_pytorch_grad_cam_up_to_the_svd_sign(method, tiny_model):
+    import pytorch_grad_cam
+
+    gen = torch.Generator().manual_seed(5)
+    acts = torch.randn(3, 6, 5, 4, generator=gen).abs()
+    grads = torch.randn(3, 6, 5, 4, generator=gen)
+    ours = CAM_METHODS[method].weigh(acts, grads).numpy()
+    with getattr(pytorch_grad_cam, EIGEN[method])(model=tiny_model,
+                                                 target_layers=[tiny_model.layer4]) as cam:  # fmt: skip
+        theirs = cam.get_cam_image(
+            None, tiny_model.layer4, None, acts.numpy(), grads.numpy(), eigen_smooth=False
+        )
+    values = (acts if method == "eigencam" else acts * grads).numpy()
+    for i in range(3):
+        # our sign: the component correlates positively with the channel mean
+        mean = values[i].mean(0).ravel()
+        sign = 1.0 if np.corrcoef(theirs[i].ravel(), mean)[0, 1] >= 0 else -1.0
+        np.testing.assert_allclose(ours[i], np.maximum(sign * theirs[i], 0), rtol=1e-4, atol=1e-5)
+
+
+def test_eigencam_is_the_first_principal_component_with_a_fixed_sign():
+    # two locations bright on every channel, the rest dark: the map must be high there
+    acts = torch.zeros(1, 4, 3, 3)
+    acts[0, :, 0, 0], acts[0, :, 2, 1] = 5.0, 4.0
+    acts += 0.01 * torch.arange(9.0).view(1, 1, 3, 3)
+    for flipped in (acts, acts.flip(1)):  # the sign does not depend on channel order
+        m = CAM_METHODS["eigencam"].weigh(flipped, torch.zeros_like(flipped))[0]
+        assert m[0, 0] > 0 and m[2, 1] > 0 and m[1, 1] == 0
+
+
 def test_cam_formulas_on_a_hand_computed_example():
     # one channel, two locations: A = [1, 3], dY/dA = [2, -1]
     acts = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
@@ -423,6 +456,7 @@ def test_cam_formulas_on_a_hand_computed_example():
     assert run("gradcam") == pytest.approx([0.5, 1.5])  # w = mean(g) = 0.5
     assert run("hirescam") == pytest.approx([2.0, 0.0])  # relu(g * A) = [2, -3 -> 0]
     assert run("layercam") == pytest.approx([2.0, 0.0])  # relu(g) * A
+    assert run("gradcamelementwise") == pytest.approx([2.0, 0.0])  # sum_c relu(g * A)
     w = (2 * 1 - 1 * 3) / 4  # sum(g A) / sum(A) = -0.25: the map is negative, ReLU gives 0
     assert run("xgradcam") == pytest.approx([max(0.0, w * 1), max(0.0, w * 3)])
 

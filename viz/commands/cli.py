@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from viz.commands.export import ExportError
 from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
 from viz.commands.inputs import UsageError, error_line, int_in
+from viz.engine.cam import CAM_METHODS
 from viz.engine.maps import DEFAULT_CMAP
 
 __all__ = ["main", "build_parser"]
@@ -137,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
     export.add_argument("--method", default="gradcam", metavar="METHOD",
-                        help="CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam "
-                             "(default: gradcam)")  # fmt: skip
+                        help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")  # fmt: skip
     export.add_argument("--layers", default=None, metavar="LIST",
                         help="comma list of CAM layers (default: each network's stage layers)")  # fmt: skip
     export.add_argument("--cmap", default=DEFAULT_CMAP, metavar="NAME",

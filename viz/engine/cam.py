@@ -14,6 +14,12 @@ the `CAM_METHODS` registry; a new method is one function and one `register_cam_m
 - "hirescam": Draelos & Carin, 2020 (https://arxiv.org/abs/2011.08891)
 - "xgradcam": Fu et al., BMVC 2020 (https://arxiv.org/abs/2008.02312)
 - "layercam": Jiang et al., IEEE TIP 2021 (https://doi.org/10.1109/TIP.2021.3089943)
+- "gradcamelementwise": pytorch-grad-cam's variant, sum over channels of relu(dY/dA * A)
+- "eigencam": Muhammad & Yeasin, IJCNN 2020 (https://arxiv.org/abs/2008.00299): the first
+  principal component of the centred activations, no gradient; its sign is chosen so that it
+  correlates positively with the activations' channel mean (pytorch-grad-cam leaves the sign
+  to the SVD routine, so its maps can come out inverted)
+- "eigengradcam": pytorch-grad-cam's variant, the same on dY/dA * A
 
 Input-resolution attributions that cost more passes come from Captum in `attribute`.
 """
@@ -101,11 +107,46 @@ def _layercam(acts: Tensor, grads: Tensor) -> Tensor:
     return torch.relu((torch.relu(grads) * acts).sum(1))
 
 
+def _gradcam_elementwise(acts: Tensor, grads: Tensor) -> Tensor:
+    # HiResCAM with the ReLU inside the channel sum: only positive contributions add up
+    return torch.relu(grads * acts).sum(1)
+
+
+def _first_component(values: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, h, w): the locations projected on the first principal component of
+    their centred channel vectors, signed to correlate positively with the channel mean."""
+    n, c, h, w = values.shape
+    rows = values.detach().double().flatten(2).transpose(1, 2)  # (N, hw, C)
+    centred = rows - rows.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[:, 0, :, None])[..., 0]  # (N, hw)
+    # the SVD leaves the sign free; pytorch-grad-cam keeps whatever the routine returns
+    mean = rows.mean(2)
+    agree = (
+        (projection - projection.mean(1, keepdim=True)) * (mean - mean.mean(1, keepdim=True))
+    ).sum(1)
+    sign = torch.where(agree < 0, -1.0, 1.0).to(projection)
+    return (projection * sign[:, None]).view(n, h, w).to(values.dtype)
+
+
+def _eigencam(acts: Tensor, grads: Tensor) -> Tensor:
+    return torch.relu(_first_component(acts))  # activations only: no class, no gradient
+
+
+def _eigengradcam(acts: Tensor, grads: Tensor) -> Tensor:
+    return torch.relu(_first_component(grads * acts))
+
+
 register_cam_method("gradcam", _gradcam, label="Grad-CAM", paper="arXiv:1610.02391")
 register_cam_method("gradcam++", _gradcam_pp, label="Grad-CAM++", paper="arXiv:1710.11063")
 register_cam_method("hirescam", _hirescam, label="HiResCAM", paper="arXiv:2011.08891")
 register_cam_method("xgradcam", _xgradcam, label="XGrad-CAM", paper="arXiv:2008.02312")
 register_cam_method("layercam", _layercam, label="LayerCAM", paper="doi:10.1109/TIP.2021.3089943")
+register_cam_method("gradcamelementwise", _gradcam_elementwise, label="Grad-CAM element-wise",
+                    paper="pytorch-grad-cam (Gildenblat et al.)")  # fmt: skip
+register_cam_method("eigencam", _eigencam, label="Eigen-CAM", paper="arXiv:2008.00299")
+register_cam_method("eigengradcam", _eigengradcam, label="EigenGrad-CAM",
+                    paper="pytorch-grad-cam (Gildenblat et al.)")  # fmt: skip
 
 
 @dataclass(frozen=True)
