@@ -78,6 +78,7 @@ from viz import (
     parse_class_names,
     parse_labels,
     random_saliency,
+    readable_summary,
     run_report,
     safe_stem,
     sample_images,
@@ -882,7 +883,10 @@ def dataset_tab(ckpt, label, method, errors) -> None:
     if report is None:
         return
     st.subheader("Summary")
-    st.dataframe(pd.DataFrame(report.summary), hide_index=True)  # file text shown as data
+    for title, rows in readable_summary(report.summary).items():
+        if rows:  # file text shown as data, never as Markdown
+            st.caption(title)
+            st.dataframe(pd.DataFrame(rows), hide_index=True)
     for name, image in report.figures.items():
         st.image(image, caption=name)
     if report.per_image:

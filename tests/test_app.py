@@ -458,9 +458,10 @@ def test_data_set_report_runs_and_opens(app, tmp_path):
     at.button(key="rep_run").click().run()
     assert_clean(at)
     assert len(at.image) >= images + 2  # sanity curves and sample maps
-    summary = next(d.value for d in at.dataframe if "section" in d.value.columns)
-    assert {"section", "checkpoint", "metric", "mean", "ci_low", "ci_high"} <= set(summary.columns)
-    assert "correct" in set(summary["metric"])  # labels came from the class folders
+    summary = next(d.value for d in at.dataframe if "mean [95% CI]" in d.value.columns)
+    assert list(summary.columns) == ["model", "map", "metric", "n", "mean [95% CI]"]
+    assert "top-1 accuracy" in set(summary["metric"])  # labels came from the class folders
+    assert all(" [" in v for v in summary["mean [95% CI]"])  # the readable table, not raw CSV
     # a folder that is no report: one error, the app goes on
     at.text_input(key="rep_open").set_value(str(tmp_path)).run()
     at.button(key="rep_open_go").click().run()

@@ -39,7 +39,12 @@ from viz.commands.report import (
     inputs_for,
     run_report,
 )
-from viz.commands.report_page import open_report, temporary_report_folder, write_report
+from viz.commands.report_page import (
+    open_report,
+    readable_summary,
+    temporary_report_folder,
+    write_report,
+)
 from viz.engine.cam import (
     ATTRIBUTION_METHODS,
     CAM_METHODS,
@@ -183,6 +188,7 @@ __all__ = [
     "inputs_for",
     "run_report",
     "open_report",
+    "readable_summary",
     "temporary_report_folder",
     "write_report",
     "ServePolicy",

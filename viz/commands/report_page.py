@@ -390,6 +390,18 @@ def _table_rows(summary: list[dict], section: str) -> list[list[str]]:
     return rows
 
 
+SUMMARY_HEADER = ["model", "map", "metric", "n", "mean [95% CI]"]
+
+
+def readable_summary(summary: list[dict]) -> dict[str, list[dict]]:
+    """summary.csv as the report page shows it: {"per model": rows, "paired": rows}, each row
+    {model, map, metric (in words), n, "mean [95% CI]"} (3 digits)."""
+    return {
+        title: [dict(zip(SUMMARY_HEADER, row)) for row in _table_rows(summary, section)]
+        for title, section in (("per model", "model"), ("paired", "paired"))
+    }
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
@@ -440,7 +452,7 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
             figures[fname] = _png(fig)
     files.update(figures)
     failed = sorted({r["image"] for r in rows["per_image"] if r.get("error")})
-    header = ["model", "map", "metric", "n", "mean [95% CI]"]
+    header = SUMMARY_HEADER
     model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
     deletion = {"all": "every map", "default": "the last stage's CAM and the random map",
                 "off": "no map"}[options.deletion]  # fmt: skip
