@@ -860,7 +860,7 @@ def dataset_tab(ckpt, label, method, errors) -> None:
             bar = st.progress(0.0, text="Starting…")
             try:
                 root = limits.check_path(folder, "folder")
-                name = safe_stem(label)
+                name = safe_stem(ckpt.label.replace(".", " "))  # the model, not the file name
                 inputs = inputs_for([(name, label, ckpt)], root, max_images=limits.max_stats_images)
                 out = temporary_report_folder(reports.get("folder"))
                 reports["folder"], reports["current"] = out, None
