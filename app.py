@@ -283,8 +283,8 @@ def choose_model(errors) -> tuple[str, Checkpoint | None, dict[str, ModelOption]
         st.session_state["model"] = first.label if first and first.label in labels else labels[0]
     label = picker.selectbox("Model in use", labels, key="model")
     with st.spinner(f"Loading {label}…"):
-        ckpt = with_class_names(models[label].load())
-    class_names_box(ckpt, errors)
+        ckpt = models[label].load()
+    class_names_box(ckpt, errors)  # may give this session's names to the model
     ckpt = with_class_names(ckpt)
     rows = describe_checkpoint(ckpt, source=models[label].source)
     picker.markdown("  \n".join(f"**{k}**: {md_text(v)}" for k, v in rows.items()))

@@ -46,6 +46,7 @@ from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
 
 __all__ = [
+    "parse_class_names",
     "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
@@ -449,6 +450,24 @@ def _build_loaded(build: Callable[[], nn.Module], state: dict[str, Tensor]) -> n
 
 
 # --- class names ------------------------------------------------------------------------------
+
+
+def parse_class_names(text: str, count: int, source: str = "class names") -> list[str]:
+    """Class names given by a user, one per line (a `.txt` file or a typed list) -> names.
+
+    Raises:
+        ValueError: not exactly `count` non-empty lines, a name repeated or over 200 characters.
+    """
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != count:
+        raise ValueError(f"{source}: {len(names)} names for a model of {count} classes")
+    long = next((n for n in names if len(n) > 200), None)
+    if long is not None:
+        raise ValueError(f"{source}: a name of {len(long)} characters (200 at most)")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"{source}: {repeated!r} is given twice")
+    return names
 
 
 def imagenet_class_names() -> list[str]:

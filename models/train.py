@@ -40,6 +40,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     load_checkpoint,
+    parse_class_names,
     save_checkpoint,
 )
 from .distributed import Ranks, start_distributed, stop_distributed
@@ -432,10 +433,10 @@ def read_class_names(spec: str | None, folders: list[str]) -> list[str]:
     if spec is None:
         return list(folders)
     text = Path(spec).read_text() if Path(spec).is_file() else spec.replace(",", "\n")
-    names = [n.strip() for n in text.splitlines() if n.strip()]
-    if len(names) != len(folders):
-        raise SystemExit(f"error: {len(names)} class names for {len(folders)} class folders")
-    return names
+    try:
+        return parse_class_names(text, len(folders), "--class-names")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 class CachedData:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from models.architectures import ForeignArch
-from models.checkpoint import Checkpoint
+from models.checkpoint import Checkpoint, parse_class_names
 from models.images import IMAGE_EXTENSIONS
 from viz.engine.cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
 
@@ -102,24 +102,6 @@ def md_text(value: object, limit: int = 200) -> str:
         text = text[: limit - 1] + "…"
     text = _AUTOLINK_START.sub(lambda m: m.group(0) + _ZERO_WIDTH_SPACE, text)
     return _LIST_START.sub(r"\1\\.", _MARKUP.sub(r"\\\1", text))
-
-
-def parse_class_names(text: str, count: int, source: str = "class names") -> list[str]:
-    """Class names given by a user, one per line (a `.txt` file or a typed list) -> names.
-
-    Raises:
-        ValueError: not exactly `count` non-empty lines, a name repeated or over 200 characters.
-    """
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(names) != count:
-        raise ValueError(f"{source}: {len(names)} names for a model of {count} classes")
-    long = next((n for n in names if len(n) > 200), None)
-    if long is not None:
-        raise ValueError(f"{source}: a name of {len(long)} characters (200 at most)")
-    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if repeated is not None:
-        raise ValueError(f"{source}: {repeated!r} is given twice")
-    return names
 
 
 def safe_stem(name: str, default: str = "image") -> str:

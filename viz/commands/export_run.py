@@ -226,7 +226,7 @@ class _Run:
         self, step: str, what: str, error: BaseException, checkpoint: str | None = None
     ) -> None:
         """Record and print (one line) that `step` failed for input `what`."""
-        message = _one_line(error)
+        message = error_line(error)
         self.failures.append(
             {"step": step, "input": what, "checkpoint": checkpoint, "error": message}
         )
@@ -245,13 +245,9 @@ def _say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def _one_line(error: BaseException) -> str:
-
-    return " ".join(str(error).split()) if isinstance(error, OutputError) else error_line(error)
-
-
-class OutputError(Exception):
-    """Writing a file under --out failed (a full or read-only disk, a folder in the way)."""
+class OutputError(ValueError):
+    """Writing a file under --out failed (a full or read-only disk, a folder in the way); a
+    ValueError, so `error_line` shows its message alone."""
 
     def __init__(self, cause: OSError | ExportError) -> None:
         what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
@@ -290,7 +286,7 @@ class _ImageWork:
             data = path.read_bytes()
             pil = load_image(data)
         except (OSError, ValueError, UsageError) as exc:
-            return {"load_error": _one_line(exc)}
+            return {"load_error": error_line(exc)}
         info = {"name": image_name, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
         runs, lights = [], []
         for _, name, ckpt in self.checkpoints:
@@ -306,7 +302,7 @@ class _ImageWork:
                 runs.append((name, files, notes, result_info(analysis, ckpt.class_names), None))
                 lights.append(_light(analysis))
             except Exception as exc:  # one input's failure must not stop the others
-                runs.append((name, None, [], None, _one_line(exc)))
+                runs.append((name, None, [], None, error_line(exc)))
                 lights.append(None)
         grid = None
         if self.grid and all(light is not None for light in lights):
