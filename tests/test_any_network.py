@@ -466,7 +466,7 @@ def test_analysis_records_its_method_and_layers(tiny_model, image_batch):
     assert result.method == "layercam" and result.method_label == "LayerCAM"
     assert result.cam_stages == {"layer2": 2, "layer4": 4}
     with pytest.raises(ValueError, match="method must be one of"):
-        analyze(tiny_model, image_batch, method="scorecam")
+        analyze(tiny_model, image_batch, method="score-cam")
 
 
 def test_a_fresh_trace_pickles_with_its_records(tiny_model, image_batch):

@@ -26,13 +26,17 @@ Input-resolution attributions that cost more passes come from Captum in `attribu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
+from viz.engine.maps import normalize
+from viz.engine.passes import PASS_WEIGHTS, PassContext, planned_passes
 from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.trace import AttentionTrace, model_modules, record_attention
 
@@ -55,31 +59,92 @@ DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
 
 
+NEEDS = ("gradients", "activations", "classifier", "passes", "network")
+"""What a CAM method needs, cheapest first: the shared backward's gradients at the layer; the
+layer's activations only; those and the classifier's weights; extra passes of its own
+(`viz.engine.passes`); every bias layer's gradient and the input's (one map for the network)."""
+
+
 @dataclass(frozen=True)
 class CamMethod:
-    """One CAM method: `weigh(acts, grads)` -> (N, h, w) map, ReLU applied, not normalised."""
+    """One CAM method.
+
+    Attributes:
+        name, label: registry key and display name ("scorecam", "Score-CAM").
+        needs: one of `NEEDS`.
+        contributions: (acts, grads) -> (N, C, h, w) weighted activations, summed over channels
+            for the map; None for the methods that weigh channels with extra passes or the
+            classifier (their contributions are weights x activations).
+        project: the map is the first principal component of the contributions (Eigen-CAM).
+        relu: ReLU on the map (all but CAM, which keeps negative evidence as Zhou et al.).
+        cost: passes through the network, for the docs ("1 forward + 1 backward").
+        peer: the implementation its maps equal, if any.
+    """
 
     name: str
     label: str
-    weigh: Callable[[Tensor, Tensor], Tensor]
+    needs: str = "gradients"
+    contributions: Callable[[Tensor, Tensor], Tensor] | None = None
     paper: str = ""
+    project: bool = False
+    relu: bool = True
+    cost: str = "1 forward + 1 backward"
+    peer: str = ""
+    default_layers: str = "stages"
+    channel_weights: Callable[[PassContext], Tensor] | None = None
+
+    def weigh(
+        self, acts: Tensor, grads: Tensor | None, *, weights: Tensor | None = None,
+        eigen_smooth: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """(N, h, w) map from a layer's activations and gradients, or per-channel `weights`
+        (N, C) for the pass and classifier methods; `eigen_smooth`: the first principal
+        component of the contributions instead of their sum (pytorch-grad-cam's option)."""
+        if weights is not None:
+            parts = weights[:, :, None, None].to(acts.dtype) * acts
+        elif self.contributions is not None:
+            parts = self.contributions(acts, grads)
+        else:
+            raise ValueError(f"{self.label} weighs channels with extra passes: use analyze")
+        if parts.ndim == 3:  # a user's method that returns the map itself
+            m = parts
+        else:
+            m = _first_component(parts) if self.project or eigen_smooth else parts.sum(1)
+        return torch.relu(m) if self.relu else m
 
 
 CAM_METHODS: dict[str, CamMethod] = {}
 
 
 def register_cam_method(
-    name: str, weigh: Callable[[Tensor, Tensor], Tensor], *, label: str = "", paper: str = ""
+    name: str,
+    weigh: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    contributions: Callable[[Tensor, Tensor], Tensor] | None = None,
+    label: str = "",
+    paper: str = "",
+    needs: str = "gradients",
+    **details,
 ) -> CamMethod:
-    """Add a CAM method computed from one layer's activations and gradients (N, C, h, w)."""
-    method = CamMethod(name, label or name, weigh, paper)
+    """Add a CAM method computed from one layer's activations and gradients (N, C, h, w).
+
+    Give either `weigh(acts, grads) -> (N, h, w)` map (ReLU is applied to it), or
+    `contributions(acts, grads) -> (N, C, h, w)`, summed over channels (then `eigen_smooth`
+    works too). `needs` is "gradients" or "activations" (then `grads` is None and the backward
+    is skipped when no other method needs it). `details`: other `CamMethod` fields.
+    """
+    if (weigh is None) == (contributions is None) and needs not in ("passes", "classifier",
+                                                                     "network"):  # fmt: skip
+        raise ValueError("give one of weigh or contributions")
+    if needs not in NEEDS:
+        raise ValueError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}")
+    method = CamMethod(name, label or name, needs, contributions or weigh, paper, **details)
     CAM_METHODS[name] = method
     return method
 
 
 def _gradcam(acts: Tensor, grads: Tensor) -> Tensor:
-    weights = grads.mean((2, 3), keepdim=True)
-    return torch.relu((weights * acts).sum(1))
+    return grads.mean((2, 3), keepdim=True) * acts
 
 
 def _gradcam_pp(acts: Tensor, grads: Tensor) -> Tensor:
@@ -88,28 +153,28 @@ def _gradcam_pp(acts: Tensor, grads: Tensor) -> Tensor:
     denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
     weights = (alpha * torch.relu(grads)).sum((2, 3), keepdim=True)
-    return torch.relu((weights * acts).sum(1))
+    return weights * acts
 
 
 def _hirescam(acts: Tensor, grads: Tensor) -> Tensor:
     # element-wise gradient x activation: no spatial averaging of the gradients
-    return torch.relu((grads * acts).sum(1))
+    return grads * acts
 
 
 def _xgradcam(acts: Tensor, grads: Tensor) -> Tensor:
     # axiom-derived weights: sum(A * dY/dA) / sum(A), per channel
     weights = (grads * acts).sum((2, 3), keepdim=True) / (acts.sum((2, 3), keepdim=True) + 1e-7)
-    return torch.relu((weights * acts).sum(1))
+    return weights * acts
 
 
 def _layercam(acts: Tensor, grads: Tensor) -> Tensor:
     # positive gradients weigh each location separately
-    return torch.relu((torch.relu(grads) * acts).sum(1))
+    return torch.relu(grads) * acts
 
 
 def _gradcam_elementwise(acts: Tensor, grads: Tensor) -> Tensor:
     # HiResCAM with the ReLU inside the channel sum: only positive contributions add up
-    return torch.relu(grads * acts).sum(1)
+    return torch.relu(grads * acts)
 
 
 def _first_component(values: Tensor) -> Tensor:
@@ -129,24 +194,52 @@ def _first_component(values: Tensor) -> Tensor:
     return (projection * sign[:, None]).view(n, h, w).to(values.dtype)
 
 
-def _eigencam(acts: Tensor, grads: Tensor) -> Tensor:
-    return torch.relu(_first_component(acts))  # activations only: no class, no gradient
+def _activations(acts: Tensor, grads: Tensor | None) -> Tensor:
+    return acts  # Eigen-CAM: no class, no gradient
 
 
-def _eigengradcam(acts: Tensor, grads: Tensor) -> Tensor:
-    return torch.relu(_first_component(grads * acts))
+def _grads_times_acts(acts: Tensor, grads: Tensor) -> Tensor:
+    return grads * acts
 
 
-register_cam_method("gradcam", _gradcam, label="Grad-CAM", paper="arXiv:1610.02391")
-register_cam_method("gradcam++", _gradcam_pp, label="Grad-CAM++", paper="arXiv:1710.11063")
-register_cam_method("hirescam", _hirescam, label="HiResCAM", paper="arXiv:2011.08891")
-register_cam_method("xgradcam", _xgradcam, label="XGrad-CAM", paper="arXiv:2008.02312")
-register_cam_method("layercam", _layercam, label="LayerCAM", paper="doi:10.1109/TIP.2021.3089943")
-register_cam_method("gradcamelementwise", _gradcam_elementwise, label="Grad-CAM element-wise",
-                    paper="pytorch-grad-cam (Gildenblat et al.)")  # fmt: skip
-register_cam_method("eigencam", _eigencam, label="Eigen-CAM", paper="arXiv:2008.00299")
-register_cam_method("eigengradcam", _eigengradcam, label="EigenGrad-CAM",
-                    paper="pytorch-grad-cam (Gildenblat et al.)")  # fmt: skip
+_PGC = "pytorch-grad-cam 1.5"
+
+
+def _register_builtins() -> None:
+    def add(name, contributions, label, paper, **more):
+        register_cam_method(name, contributions=contributions, label=label, paper=paper, **more)
+
+    add("gradcam", _gradcam, "Grad-CAM", "arXiv:1610.02391", peer=_PGC)
+    add("gradcam++", _gradcam_pp, "Grad-CAM++", "arXiv:1710.11063", peer=_PGC)
+    add("hirescam", _hirescam, "HiResCAM", "arXiv:2011.08891", peer=_PGC)
+    add("xgradcam", _xgradcam, "XGrad-CAM", "arXiv:2008.02312", peer=_PGC)
+    add("layercam", _layercam, "LayerCAM", "doi:10.1109/TIP.2021.3089943", peer=_PGC)
+    add("gradcamelementwise", _gradcam_elementwise, "Grad-CAM element-wise",
+        "pytorch-grad-cam (Gildenblat et al.)", peer=_PGC)  # fmt: skip
+    add("eigencam", _activations, "Eigen-CAM", "arXiv:2008.00299", needs="activations",
+        project=True, cost="1 forward", peer=_PGC + " (up to the SVD's sign)")  # fmt: skip
+    add("eigengradcam", _grads_times_acts, "EigenGrad-CAM", "pytorch-grad-cam (Gildenblat et al.)",
+        project=True, peer=_PGC + " (up to the SVD's sign)")  # fmt: skip
+    register_cam_method("cam", label="CAM", paper="arXiv:1512.04150", needs="classifier",
+                        relu=False, cost="1 forward", peer="TorchCAM 0.5",
+                        default_layers="last")  # fmt: skip
+    for name, label, paper, cost, peer in (
+        ("scorecam", "Score-CAM", "arXiv:2003.06871", "1 forward + C forwards", _PGC),
+        ("sscam", "SS-CAM", "arXiv:2006.14255", "1 forward + 35 C forwards (num_samples)", ""),
+        ("iscam", "IS-CAM", "arXiv:2010.03023", "1 forward + 10 C forwards (num_samples)",
+         "TorchCAM 0.5"),
+        ("ablationcam", "Ablation-CAM", "doi:10.1109/WACV45572.2020.9093360",
+         "1 forward + C forwards of the layers after the layer", _PGC),
+        ("smoothgradcam++", "SmoothGrad-CAM++", "arXiv:1908.01224",
+         "1 forward + 4 forwards + 4 backwards (num_samples)", ""),
+    ):  # fmt: skip
+        register_cam_method(name, label=label, paper=paper, needs="passes", cost=cost, peer=peer,
+                            channel_weights=PASS_WEIGHTS[name])  # fmt: skip
+    register_cam_method("fullgrad", label="FullGrad", paper="arXiv:1905.00780", needs="network",
+                        cost="1 forward + 1 backward to the input", peer=_PGC)  # fmt: skip
+
+
+_register_builtins()
 
 
 @dataclass(frozen=True)
@@ -161,7 +254,9 @@ class Analysis:
         cams: layer name -> (N, h, w) map at the layer's native resolution, ReLU applied,
             not normalised.
         method: the CAM method's name in `CAM_METHODS`.
-        cam_stages: layer name -> resolution level (stage) of its map, as the trace's stages.
+        cam_stages: layer name -> resolution level (stage) of its map, as the trace's stages;
+            0 for a network-wide map at the input's resolution (FullGrad).
+        smoothing: "aug" and/or "eigen" when the maps were smoothed (see `analyze`).
     """
 
     logits: Tensor
@@ -171,6 +266,7 @@ class Analysis:
     cams: dict[str, Tensor]
     method: str = "gradcam"
     cam_stages: dict[str, int] = field(default_factory=dict)
+    smoothing: tuple[str, ...] = ()
 
     @property
     def target_probs(self) -> Tensor:
@@ -179,9 +275,12 @@ class Analysis:
 
     @property
     def method_label(self) -> str:
-        """The method's display name, e.g. "Grad-CAM++"."""
+        """The method's display name, e.g. "Grad-CAM++", "Score-CAM (aug smooth)"."""
         method = CAM_METHODS.get(self.method)
-        return method.label if method else self.method
+        label = method.label if method else self.method
+        if not self.smoothing:
+            return label
+        return f"{label} ({', '.join(s + ' smooth' for s in self.smoothing)})"
 
     def stage_cams(self) -> dict[int, str]:
         """Stage -> the name of the (last requested) CAM layer at that stage."""
@@ -191,12 +290,13 @@ class Analysis:
                 by_stage[self.cam_stages[name]] = name
         return dict(sorted(by_stage.items()))
 
-    def select(self, index: int) -> Analysis:
-        """The analysis of image `index` (batch dimension kept, size 1)."""
-        pick = slice(index, index + 1)
+    def select(self, index: int | slice) -> Analysis:
+        """The analysis of image `index` (or a slice of the batch), batch dimension kept."""
+        pick = index if isinstance(index, slice) else slice(index, index + 1)
         return Analysis(
-            self.logits[pick], self.probs[pick], self.target[pick], self.trace.select(index),
+            self.logits[pick], self.probs[pick], self.target[pick], self.trace.select(pick),
             {k: v[pick] for k, v in self.cams.items()}, self.method, dict(self.cam_stages),
+            self.smoothing,
         )  # fmt: skip
 
 
@@ -266,6 +366,11 @@ def analyze(
     cam_layers: Sequence[str | nn.Module] | None = None,
     *,
     method: str = "gradcam",
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+    options: dict | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Attention maps of every module and a CAM at each layer, from one forward and one backward.
 
@@ -274,23 +379,124 @@ def analyze(
         x: images (N, C, H, W), preprocessed.
         target: class to explain: an int for all images, one per image, or None for the argmax.
         cam_layers: dotted module names or modules; default the network's stage layers
-            (`stage_layers`: `layer1`…`layer4` for a ResNet).
-        method: a name in `CAM_METHODS` (all from the same gradients: no extra pass).
+            (`stage_layers`: `layer1`…`layer4` for a ResNet), the last one for "cam".
+        method: a name in `CAM_METHODS`; `CAM_METHODS[method].needs` says what it costs.
+        aug_smooth: the mean of the maps of six versions of the images (mirrored or not, times
+            0.9, 1 and 1.1), each mirrored back and min-max scaled, as pytorch-grad-cam's
+            test-time augmentation; run as one batch of 6 N images (the trace and logits are
+            those of the images as given).
+        eigen_smooth: each map is the first principal component of the method's weighted
+            activations instead of their channel sum (pytorch-grad-cam's option).
+        options: method options: `num_samples`, `std` (SS-CAM, IS-CAM, SmoothGrad-CAM++),
+            `batch_size` of the extra passes (default: from a memory budget).
+        seed: seed of the noise of SS-CAM and SmoothGrad-CAM++ (same seed, same maps).
+        progress: `progress(done, total)` in images through the network, after the main pass
+            and after every batch of extra passes.
 
     Returns:
-        An `Analysis`; `cams[name]` is (N, h, w) at the layer's own resolution.
+        An `Analysis`; `cams[name]` is (N, h, w) at the layer's own resolution; FullGrad gives
+        one map, `cams["fullgrad"]`, at the input's resolution (stage 0).
 
     Cost: 1 forward + 1 backward that runs from the logits down to the earliest requested layer,
-    without parameter gradients.
+    without parameter gradients, shared by every gradient method; no backward for the methods
+    that need activations only; the pass methods add their own passes (`CamMethod.cost`).
     """
-    if method not in CAM_METHODS:
+    spec = CAM_METHODS.get(method)
+    if spec is None:
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
+    settings = _Settings(spec, eigen_smooth, dict(options or {}), seed, progress)
+    if aug_smooth:
+        return _augmentation_smoothed(model, x, target, cam_layers, settings)
+    return _analyze(model, x, target, cam_layers, settings)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    spec: CamMethod
+    eigen_smooth: bool
+    options: dict
+    seed: int
+    progress: Callable[[int, int], None] | None
+
+    @property
+    def smoothing(self) -> tuple[str, ...]:
+        return ("eigen",) if self.eigen_smooth and not self.spec.project else ()
+
+
+@dataclass
+class _Pass:
+    """What the forward and backward gave."""
+
+    trace: AttentionTrace
+    logits: Tensor
+    targets: Tensor
+    acts: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    input_grad: Tensor | None = None
+
+
+def _analyze(model, x, target, cam_layers, settings: _Settings) -> Analysis:
+    spec = settings.spec
+    with model_lock(model):
+        modules = model_modules(model)  # one walk for the caches, the flags and the freeze
+        try:
+            levels = network_levels(model, len(modules))
+        except ValueError:
+            if cam_layers is None and spec.needs != "network":
+                raise
+            levels = None  # stages of the given layers from their stride alone
+        if spec.needs == "network":
+            layers = _bias_layers(model)
+        else:
+            if cam_layers is None:
+                stages = levels.stage_layer_names()
+                cam_layers = stages[-1:] if spec.default_layers == "last" else stages
+            layers = resolve_layers(model, cam_layers)
+        with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
+            run = _forward_backward(model, x, target, layers, modules, spec.needs)
+            counter = _Counter(settings.progress, len(x))
+            if spec.needs == "passes":
+                counter.total += sum(
+                    planned_passes(spec.name, a, settings.options) for a in run.acts.values()
+                )
+            counter.add(len(x))
+            if spec.needs == "network":
+                cams = {"fullgrad": _fullgrad(x, run, layers, settings.eigen_smooth)}
+                stages = {"fullgrad": 0}
+            else:
+                cams = _layer_maps(model, x, layers, run, settings, counter)
+                stages = {
+                    n: _cam_stage(levels, x.shape[-2], a.shape[-2]) for n, a in run.acts.items()
+                }
+    logits = run.logits.detach()
+    return Analysis(logits, logits.softmax(1), run.targets, run.trace, cams, spec.name, stages,
+                    settings.smoothing)  # fmt: skip
+
+
+class _Counter:
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+def _forward_backward(model, x, target, layers: dict[str, nn.Module], modules, needs: str) -> _Pass:
+    """The traced forward with the layers' outputs kept, and the backward the method needs."""
     acts: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
+    network = needs == "network"
 
     def keep(name: str):
         def hook(_m, _i, out: Tensor) -> Tensor | None:
             if not isinstance(out, Tensor) or out.ndim != 4:
                 raise ValueError(f"CAM layer {name!r} does not output an (N, C, h, w) tensor")
+            if network:  # the gradient of this value, even if later changed in place
+                if out.requires_grad:
+                    out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+                return None
             if not out.requires_grad:
                 # nothing upstream needs gradients: start the graph here
                 out = out.detach().requires_grad_()
@@ -301,41 +507,129 @@ def analyze(
 
         return hook
 
-    with model_lock(model):
-        modules = model_modules(model)  # one walk for the caches, the flags and the freeze
+    x_in = x.detach().requires_grad_() if network else x
+    handles = []
+    with torch.enable_grad():  # also when the caller is inside torch.no_grad()
         try:
-            levels = network_levels(model, len(modules))
-        except ValueError:
-            if cam_layers is None:
-                raise
-            levels = None  # stages of the given layers from their stride alone
-        if cam_layers is None:
-            cam_layers = levels.stage_layer_names()
-        layers = resolve_layers(model, cam_layers)
-        handles = []
-        with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
-            try:
-                with torch.enable_grad():  # also when the caller is inside torch.no_grad()
-                    with record_attention(model, feature_means=True, modules=modules) as trace:
-                        handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-                        logits = model(x)
-                    for h in handles:
-                        h.remove()
-                    targets = resolve_targets(target, logits)
-                    score = logits.gather(1, targets[:, None]).sum()
-                    grads = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
-            finally:
-                for h in handles:
-                    h.remove()
-    weigh = CAM_METHODS[method].weigh
-    cams, cam_stages = {}, {}
-    for (name, act), grad in zip(acts.items(), grads):
-        if grad is None:  # the layer does not influence the logits
-            grad = torch.zeros_like(act)
-        cams[name] = weigh(act.detach(), grad)
-        cam_stages[name] = _cam_stage(levels, x.shape[-2], act.shape[-2])
-    logits = logits.detach()
-    return Analysis(logits, logits.softmax(1), targets, trace, cams, method, cam_stages)
+            with record_attention(model, feature_means=True, modules=modules) as trace:
+                handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+                logits = model(x_in)
+        finally:
+            for h in handles:
+                h.remove()
+        targets = resolve_targets(target, logits)
+        score = logits.gather(1, targets[:, None]).sum()
+        run = _Pass(trace, logits, targets, {n: a.detach() for n, a in acts.items()}, grads)
+        if network:
+            (run.input_grad,) = torch.autograd.grad(score, [x_in])
+        elif needs == "gradients" and acts:
+            found = torch.autograd.grad(score, list(acts.values()), allow_unused=True)
+            for (name, act), grad in zip(acts.items(), found):
+                # None: the layer does not influence the logits
+                grads[name] = torch.zeros_like(act) if grad is None else grad
+    return run
+
+
+def _layer_maps(model, x, layers, run: _Pass, settings: _Settings, counter: _Counter) -> dict:
+    spec, cams = settings.spec, {}
+    generator = torch.Generator().manual_seed(settings.seed)
+    for name, act in run.acts.items():
+        weights = None
+        if spec.needs == "classifier":
+            weights = _classifier_weights(model, name, act, run.logits.detach(), run.targets)
+        elif spec.needs == "passes":
+            context = PassContext(
+                model, x.detach(), layers[name], act, run.targets,
+                run.logits.detach().gather(1, run.targets[:, None])[:, 0], settings.options,
+                generator, counter.add,
+            )  # fmt: skip
+            weights = spec.channel_weights(context)
+        cams[name] = spec.weigh(
+            act, run.grads.get(name), weights=weights, eigen_smooth=settings.eigen_smooth
+        )
+    return cams
+
+
+def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+    """CAM's class weights: the linear layer that maps the layer's pooled output to the logits."""
+    pooled = acts.float().mean((2, 3))
+    for fc in reversed([m for m in model.modules() if isinstance(m, nn.Linear)]):
+        if fc.in_features != acts.shape[1] or fc.out_features != logits.shape[1]:
+            continue
+        with torch.no_grad():
+            again = fc(pooled.to(fc.weight.dtype)).float()
+        if torch.allclose(again, logits.float(), rtol=1e-3, atol=1e-3):
+            return fc.weight.detach().float()[targets]
+    raise ValueError(
+        f"CAM needs global average pooling and one linear layer right after {name!r} "
+        "(Zhou et al.), which this network does not have there: use gradcam (equal to CAM "
+        "where CAM applies) or give the last feature layer"
+    )
+
+
+# --- FullGrad ---------------------------------------------------------------------------------
+
+
+def _bias_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every 2-D convolution with a bias and every 2-D batch norm: FullGrad's bias terms."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.Conv2d) and m.bias is not None)
+    }  # fmt: skip
+
+
+def _effective_bias(m: nn.Module) -> Tensor:
+    """The bias a layer adds: a batch norm's, with its running statistics folded in."""
+    if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+        weight = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
+        bias = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)
+        return (bias - m.running_mean * weight / torch.sqrt(m.running_var + m.eps)).detach()
+    bias = getattr(m, "bias", None)
+    return bias.detach() if bias is not None else torch.zeros(m.num_features)
+
+
+def _scaled_per_channel(t: Tensor) -> Tensor:
+    """(N, C, h, w), each map minus its minimum over its maximum (pytorch-grad-cam's scaling)."""
+    flat = t.flatten(2)
+    flat = flat - flat.min(2, keepdim=True).values
+    return (flat / (1e-7 + flat.max(2, keepdim=True).values)).view_as(t)
+
+
+def _fullgrad(x: Tensor, run: _Pass, layers: dict[str, nn.Module], eigen_smooth: bool) -> Tensor:
+    """Srinivas & Fleuret, NeurIPS 2019: |input x its gradient| plus, at every bias layer,
+    |bias x gradient| scaled per channel, summed, upsampled to the input (as pytorch-grad-cam)."""
+    size = tuple(x.shape[-2:])
+    parts = [_scaled_per_channel((run.input_grad * x.detach()).abs())]
+    for name, grad in run.grads.items():
+        bias = _effective_bias(layers[name]).to(grad.dtype)
+        layer_sum = _scaled_per_channel((bias[None, :, None, None] * grad).abs()).sum(1)
+        if tuple(layer_sum.shape[-2:]) != size:  # upsampling is linear: sum first, then resize
+            layer_sum = F.interpolate(layer_sum[:, None], size=size, mode="bilinear",
+                                      align_corners=False)[:, 0]  # fmt: skip
+        parts.append(layer_sum[:, None])
+    stacked = torch.cat(parts, 1)
+    return _first_component(stacked) if eigen_smooth else stacked.sum(1)
+
+
+# --- test-time augmentation -----------------------------------------------------------------
+
+AUGMENTATIONS = ((False, 1.0), (False, 0.9), (False, 1.1), (True, 1.0), (True, 0.9), (True, 1.1))
+"""`aug_smooth`'s versions of an image: (mirrored, intensity factor); the first is the image."""
+
+
+def _augmentation_smoothed(model, x, target, cam_layers, settings: _Settings) -> Analysis:
+    n = len(x)
+    with model_lock(model), preserve_model_state(model), torch.inference_mode():
+        targets = resolve_targets(target, model(x))  # the class of the image as given
+    batch = torch.cat([(x.flip(-1) if mirror else x) * factor for mirror, factor in AUGMENTATIONS])
+    inner = _analyze(model, batch, targets.repeat(len(AUGMENTATIONS)), cam_layers, settings)
+    cams = {}
+    for name, maps in inner.cams.items():
+        versions = [maps[k * n : (k + 1) * n] for k in range(len(AUGMENTATIONS))]
+        versions = [v.flip(-1) if mirror else v for v, (mirror, _) in zip(versions, AUGMENTATIONS)]
+        cams[name] = torch.stack([normalize(v) for v in versions]).mean(0)
+    first = inner.select(slice(0, n))
+    return dataclasses.replace(first, cams=cams, smoothing=("aug", *first.smoothing))
 
 
 def attribute(

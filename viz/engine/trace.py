@@ -73,9 +73,9 @@ class AttentionRecord:
     logits: bool = False
     stride: int = 0
 
-    def select(self, index: int) -> AttentionRecord:
-        """The same record for image `index` of the batch (batch dimension kept, size 1)."""
-        pick = slice(index, index + 1)
+    def select(self, index: int | slice) -> AttentionRecord:
+        """The same record for image `index` (or a slice) of the batch, batch dimension kept."""
+        pick = index if isinstance(index, slice) else slice(index, index + 1)
 
         def part(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[pick]
@@ -172,8 +172,8 @@ class AttentionTrace:
             stages.setdefault(rec.stage, []).append(rec)
         return stages
 
-    def select(self, index: int) -> AttentionTrace:
-        """The trace of image `index` of the batch."""
+    def select(self, index: int | slice) -> AttentionTrace:
+        """The trace of image `index` (or a slice) of the batch."""
         return AttentionTrace([r.select(index) for r in self._records])
 
 
