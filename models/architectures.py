@@ -7,26 +7,39 @@ keys and shapes; the classifier is the pair of tensors whose first dimension fol
 of classes, so that number is read off the file too.
 
 Built in: timm `ecaresnet*` and `resnet18/34/50` with CBAM, light CBAM or ECA in their blocks;
-torchvision `efficientnet_b0`...`b7`, `mobilenet_v3_small/large`, `regnet_y_*`. Researchers add
-their own with `register_architecture` (usually from a plugin: `models.plugins`).
+torchvision `efficientnet_b0`...`b7`, `mobilenet_v3_small/large`, `regnet_y_*`; vision
+transformers (timm ViT, DeiT, register-token ViTs, Swin; torchvision ViT and Swin) from
+`models.transformers`. Researchers add their own with `register_architecture` (usually from a
+plugin: `models.plugins`).
+
+Cost: a candidate is built on the meta device the first time a file passes its cheap tests
+(key hint, then a few key shapes), with weight initialisation skipped (meta tensors hold no
+values; timm's truncated-normal init alone is 80% of a ViT's meta build), about 30 ms for a
+ViT-B; its keys and shapes are cached for the process.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 __all__ = [
     "Architecture",
     "ForeignArch",
+    "fit_architecture",
     "forget_signatures",
     "match_architecture",
+    "meta_build",
+    "skip_init",
     "register_architecture",
     "registered_architectures",
     "unregister_architecture",
@@ -43,13 +56,17 @@ class ForeignArch:
         name: the architecture's registered name, e.g. "seresnet50", "efficientnet_b0".
         source: "timm", "torchvision" or "plugin".
         num_classes: read off the classifier's shape.
-        attention: attention kinds found in the network ("cbam", "se", "eca", ...), or None.
+        attention: attention kinds found in the network ("cbam", "se", "eca",
+            "self-attention", ...), or None.
+        options: keyword arguments the network was built with besides its name (a timm model
+            trained with `--arch-kwargs`); empty for the built-in candidates.
     """
 
     name: str
     source: str
     num_classes: int
     attention: str | None = None
+    options: dict = field(default_factory=dict, hash=False)
 
     @property
     def label(self) -> str:
@@ -57,12 +74,13 @@ class ForeignArch:
         return f"{self.source} {self.name}"
 
     def to_dict(self) -> dict:
-        return {
+        found = {
             "source": self.source,
             "name": self.name,
             "num_classes": self.num_classes,
             "attention": self.attention,
         }
+        return found | ({"options": dict(self.options)} if self.options else {})
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,12 @@ class Architecture:
         preprocess: the architecture's standard preprocessing (None: resize 256, crop 224).
         class_names: names of its classes when they are fixed (None: from the file, ImageNet
             for 1000 classes, else numbered).
+        shapes: (key, shape) pairs the file must have, checked after the hint and before the
+            candidate is built (built-ins: a transformer's patch embedding and its last block,
+            i.e. width, patch size and depth).
+        classifier: the classifier's module names, when known: its keys are those under them
+            (saves the second meta build that otherwise finds which keys follow the class count).
+        options: build keyword arguments (besides the class count) this candidate stands for.
     """
 
     name: str
@@ -85,6 +109,9 @@ class Architecture:
     hint: Callable[[set[str]], bool]
     preprocess: Callable[[], Preprocess] | None = None
     class_names: list[str] | None = None
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    classifier: tuple[str, ...] | None = None
+    options: dict = field(default_factory=dict, hash=False)
 
 
 _lock = threading.Lock()
@@ -161,17 +188,70 @@ def _shapes(model: nn.Module) -> Shapes:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# in-place ops that only set values: on a meta tensor (no values) they can be skipped
+_VALUE_OPS = frozenset(
+    "uniform_ normal_ trunc_normal_ erfinv_ clamp_ clamp_min_ clamp_max_ mul_ add_ sub_ div_ "
+    "fill_ zero_ copy_ exp_ log_ sqrt_ bernoulli_ random_ constant_ ones_ zeros_ kaiming_uniform_ "
+    "kaiming_normal_ xavier_uniform_ xavier_normal_".split()
+)
+
+
+class _SkipValues(TorchFunctionMode):
+    """Skip value-only in-place ops (weight initialisation) on meta tensors and parameters."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (
+            getattr(func, "__name__", "") in _VALUE_OPS
+            and args
+            and isinstance(args[0], Tensor)
+            and (args[0].is_meta or isinstance(args[0], nn.Parameter))
+        ):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Build a network whose parameters are about to be replaced: their initialisation is
+    skipped (they hold whatever memory held); buffers are computed as usual."""
+    with _SkipValues():
+        yield
+
+
+@contextmanager
+def meta_build() -> Iterator[None]:
+    """Build networks on the meta device without running their weight initialisation.
+
+    Shapes are what the constructors make them; no memory is allocated and no random numbers
+    are drawn (the global RNG is left as it was).
+    """
+    with torch.device("meta"), _SkipValues():
+        yield
+
+
+def _cache_key(arch: Architecture) -> str | None:
+    """Registered candidates are cached by name; one-off ones (options from a file) are not."""
+    return None if arch.options else arch.name
+
+
 def _signature(arch: Architecture) -> tuple[Shapes, set[str]]:
     """Keys and shapes at 1000 classes, and which keys follow the class count (cached)."""
+    key = _cache_key(arch)
     with _lock:
-        hit = _signatures.get(arch.name)
+        hit = _signatures.get(key) if key is not None else None
     if hit is not None:
         return hit
-    with torch.device("meta"):
-        a, b = _shapes(arch.build(1000)), _shapes(arch.build(7))
-    classifier = {k for k in a if k in b and a[k] != b[k]}
-    with _lock:
-        _signatures[arch.name] = (a, classifier)
+    with meta_build():
+        a = _shapes(arch.build(1000))
+        if arch.classifier is None:
+            b = _shapes(arch.build(7))
+            classifier = {k for k in a if k in b and a[k] != b[k]}
+        else:
+            heads = tuple(f"{name}." for name in arch.classifier)
+            classifier = {k for k in a if k.startswith(heads) and a[k][:1] == (1000,)}
+    if key is not None:
+        with _lock:
+            _signatures[key] = (a, classifier)
     return a, classifier
 
 
@@ -218,6 +298,12 @@ def _compare(arch: Architecture, state: dict[str, Tensor]) -> _Verdict:
     return _Verdict(arch, num_classes, 1.0, "")
 
 
+def fit_architecture(arch: Architecture, state: dict[str, Tensor]) -> int | str:
+    """`state`'s class count if it has `arch`'s keys and shapes, else a one-line reason."""
+    verdict = _compare(arch, state)
+    return verdict.num_classes if verdict.num_classes is not None else verdict.problem
+
+
 def match_architecture(state: dict[str, Tensor]) -> tuple[Architecture, int] | str:
     """The registered architecture whose keys and shapes `state` has, and its class count.
 
@@ -230,10 +316,14 @@ def match_architecture(state: dict[str, Tensor]) -> tuple[Architecture, int] | s
         return "no known architecture has these keys"
     verdicts = []
     for arch in candidates:  # stop at the first match: later candidates are never built
+        if _facts_met(arch, state) < len(arch.shapes):
+            continue
         verdict = _compare(arch, state)
         if verdict.num_classes is not None:
             return arch, verdict.num_classes
         verdicts.append(verdict)
+    if not verdicts:  # none has these shapes: name the difference from the closest one
+        verdicts.append(_compare(max(candidates, key=lambda a: _facts_met(a, state)), state))
     best = max(verdicts, key=lambda v: v.score)
     return f"closest known architecture is {best.arch.source} {best.arch.name}: {best.problem}"
 
@@ -245,16 +335,49 @@ def _hint(arch: Architecture, keys: set[str]) -> bool:
         return False
 
 
+def _facts_met(arch: Architecture, state: dict[str, Tensor]) -> int:
+    """How many of `arch.shapes` the file has (all of them, or the candidate is not built)."""
+    return sum(k in state and tuple(state[k].shape) == shape for k, shape in arch.shapes)
+
+
 def attention_kind(model: nn.Module) -> str | None:
-    """The attention kinds the probe registry finds in `model`, joined ("cbam", "se+eca")."""
+    """The attention kinds in `model`, joined ("cbam", "se+eca", "self-attention").
+
+    Gates are those the probe registry knows; self-attention is recognised by class (timm's
+    `Attention` and `WindowAttention`, torchvision's `EncoderBlock` and
+    `ShiftedWindowAttention`): it has no probe, so traces do not read it.
+    """
     from .probes import find_probe
 
+    transformer = _self_attention_types()
     kinds: list[str] = []
     for m in model.modules():
         probe = find_probe(m)
-        if probe is not None and probe.kind not in kinds:
-            kinds.append(probe.kind)
+        kind = probe.kind if probe is not None else None
+        if kind is None and transformer and isinstance(m, transformer):
+            kind = "self-attention"
+        if kind is not None and kind not in kinds:
+            kinds.append(kind)
     return "+".join(kinds) or None
+
+
+def _self_attention_types() -> tuple[type, ...]:
+    """Self-attention module types of the libraries already imported (none is imported here)."""
+    found: list[type] = []
+    if "timm" in sys.modules:
+        try:
+            from timm.models.swin_transformer import WindowAttention
+            from timm.models.vision_transformer import Attention
+        except ImportError:
+            pass
+        else:
+            found += [Attention, WindowAttention]
+    if "torchvision" in sys.modules:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        found += [EncoderBlock, ShiftedWindowAttention]
+    return tuple(found)
 
 
 # --- built-in candidates ----------------------------------------------------------------------

@@ -11,6 +11,10 @@ Readable layouts (`Checkpoint.format`):
 - `pytorchcv`: imgclsmob's `cbam_resnet*` / `bam_resnet*` / `resnet18/34` key names, renamed to
   ours (their plain ResNet-50/101/152 are refused: see `models/pytorchcv.py`).
 
+Other networks (timm's and torchvision's CNNs with attention gates, vision transformers, plugins)
+are recognised by keys and shapes (`models.architectures`, `models.transformers`); an Attention
+Lens file of one of them names it in its metadata, which the weights must then fit exactly.
+
 Every pickle goes through `torch.load(weights_only=True)`, whose unpickler only builds tensors and
 plain containers; anything else is refused before it runs. Before that, `_pickle_guard` walks the
 pickle's opcodes and refuses calls that would build far more than the file holds (memory bombs).
@@ -38,12 +42,21 @@ import torch
 from torch import Tensor, nn
 
 from ._pickle_guard import DAMAGED, check_pickles, refused_call
-from .architectures import ForeignArch, attention_kind, match_architecture
+from .architectures import (
+    Architecture,
+    ForeignArch,
+    attention_kind,
+    fit_architecture,
+    match_architecture,
+    meta_build,
+    skip_init,
+)
 from .attention import attention_from_keys
 from .errors import CheckpointError, first_keys, one_line
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
+from .transformers import described
 
 __all__ = [
     "parse_class_names",
@@ -440,11 +453,12 @@ def _build_loaded(build: Callable[[], nn.Module], state: dict[str, Tensor]) -> n
     """`build()` with `state` loaded: built on the meta device (no random initialisation of
     weights about to be replaced), the file's tensors assigned; rebuilt for real only when the
     network holds tensors a state dict does not carry (non-persistent buffers)."""
-    with torch.device("meta"):
+    with meta_build():
         model = build()
     _load_into(model, state)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = build()
+        with skip_init():  # the parameters are replaced by the file's
+            model = build()
         _load_into(model, state)
     return model
 
@@ -528,7 +542,7 @@ def load_checkpoint(
         class_names = _class_names(meta, arch.num_classes)
     except CheckpointError as ours:
         # not one of our ResNets: another library's network, or a plugin's
-        arch, model, default_preprocess, fixed_names = _load_foreign(state, ours)
+        arch, model, default_preprocess, fixed_names = _load_foreign(state, ours, arch_meta)
         class_names = fixed_names or _class_names(meta, arch.num_classes)
     except (ValueError, TypeError) as exc:  # Arch refusing a value
         raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
@@ -562,18 +576,11 @@ def _check_metadata_agrees(arch_meta: dict, arch: Arch | ForeignArch) -> None:
 
 
 def _load_foreign(
-    state: dict[str, Tensor], ours: CheckpointError
+    state: dict[str, Tensor], ours: CheckpointError, arch_meta: dict
 ) -> tuple[ForeignArch, nn.Module, Preprocess, list[str] | None]:
-    """Match `state` against the registered architectures and load it (see `architectures`)."""
-    found = match_architecture(state)
-    if isinstance(found, str):
-        if found.startswith("no known"):
-            raise CheckpointError(
-                f"not a network Attention Lens knows: {ours}; no other registered architecture "
-                "has these keys (a plugin can register yours)"
-            )
-        raise CheckpointError(f"not a network Attention Lens knows: {found}")
-    spec, num_classes = found
+    """Match `state` against the registered architectures and load it (see `architectures`);
+    when the metadata names the network, the weights must fit that one."""
+    spec, num_classes = _named_in_metadata(state, arch_meta) or _matched(state, ours)
     try:
         model = _build_loaded(lambda: spec.build(num_classes), state)
     except CheckpointError:
@@ -582,10 +589,40 @@ def _load_foreign(
         raise CheckpointError(
             f"{spec.source} {spec.name} cannot be built ({type(exc).__name__}: {_short(exc)})"
         ) from None
-    arch = ForeignArch(spec.name, spec.source, num_classes, attention_kind(model))
+    arch = ForeignArch(spec.name, spec.source, num_classes, attention_kind(model), spec.options)
     preprocess = spec.preprocess() if spec.preprocess is not None else Preprocess()
     names = spec.class_names if spec.class_names and len(spec.class_names) == num_classes else None
     return arch, model, preprocess, names
+
+
+def _matched(state: dict[str, Tensor], ours: CheckpointError) -> tuple[Architecture, int]:
+    found = match_architecture(state)
+    if isinstance(found, str):
+        if found.startswith("no known"):
+            raise CheckpointError(
+                f"not a network Attention Lens knows: {ours}; no other registered architecture "
+                "has these keys (a plugin can register yours)"
+            )
+        raise CheckpointError(f"not a network Attention Lens knows: {found}")
+    return found
+
+
+def _named_in_metadata(
+    state: dict[str, Tensor], arch_meta: dict
+) -> tuple[Architecture, int] | None:
+    """The network the file's metadata names, with its class count (None: it names none)."""
+    try:
+        spec = described(arch_meta)
+    except ValueError as exc:
+        raise CheckpointError(f"invalid checkpoint metadata: {_short(exc)}") from None
+    if spec is None:
+        return None
+    fit = fit_architecture(spec, state)
+    if isinstance(fit, str):
+        raise CheckpointError(
+            f"metadata says {spec.source} {spec.name} but the weights do not fit it ({fit}); refused"
+        )
+    return spec, fit
 
 
 def _default_preprocess(arch: Arch) -> Preprocess:
@@ -596,39 +633,42 @@ def _default_preprocess(arch: Arch) -> Preprocess:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: ResNet,
+    model: ResNet | nn.Module,
     *,
     class_names: list[str] | None = None,
     preprocess: Preprocess | None = None,
     metadata: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    arch: Arch | ForeignArch | None = None,
 ) -> str:
     """Write `model` as an Attention Lens safetensors checkpoint, atomically.
 
     Args:
         path: destination file (`.safetensors`).
-        model: a `ResNet` from `build_model` (its `arch` is recorded, `bam_fusion` included).
+        model: a `ResNet` from `build_model` (its `arch` is recorded, `bam_fusion` included),
+            or another network with `arch` saying what it is.
         class_names: one name per class.
-        preprocess: how images are prepared for this model.
+        preprocess: how images are prepared for this model (default: the official ImageNet
+            evaluation for ours, the library's own preprocessing for another library's network).
         metadata: anything else to record (training recipe, dataset, accuracy, ...); JSON-able.
         dtype: float dtype for the stored weights (float16 halves the file; loading gives float32).
+        arch: what the network is, when it is not one of ours (a `ForeignArch` whose name and
+            options rebuild it: `load_checkpoint` checks the weights against them).
 
     Returns:
         The sha256 of the written file.
     """
     from safetensors.torch import save as save_safetensors
 
-    arch: Arch = model.arch
+    arch = arch if arch is not None else model.arch
     names = class_names or [f"class {i}" for i in range(arch.num_classes)]
     if len(names) != arch.num_classes:
         raise ValueError(f"{len(names)} class names for {arch.num_classes} classes")
     meta = dict(metadata or {})
-    meta.update(
-        format_version=FORMAT_VERSION,
-        arch=arch.to_dict(),
-        class_names=list(names),
-        preprocess=(preprocess or Preprocess()).to_dict(),
-    )
+    meta.update(format_version=FORMAT_VERSION, arch=arch.to_dict(), class_names=list(names))
+    if preprocess is not None or not isinstance(arch, ForeignArch):
+        # another library's network without one: the loader gives it that library's own
+        meta["preprocess"] = (preprocess or Preprocess()).to_dict()
     tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
         for k, v in model.state_dict().items()
