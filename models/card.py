@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shlex
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
@@ -152,16 +153,26 @@ def _command(
     """The training command that gives `recipe` (options at their default are left out)."""
     defaults = vars(parse_args(["--data", "-", "--out", "-"]))
     parts = ["python -m models.train --data imagenette2-224"]
-    parts.append(f"--init checkpoints/{init}" if init else f"--depth 18 --attention {attention}")
+    arch = recipe.get("arch", "resnet")
+    if arch != "resnet":
+        parts.append(f"--arch {arch}")
+    else:
+        parts.append(
+            f"--init checkpoints/{init}" if init else f"--depth 18 --attention {attention}"
+        )
+    parts += [f"--teacher checkpoints/{t.get('file', '?')}" for t in recipe.get("teachers", [])]
+    if str(recipe.get("optimizer", "")).startswith("AdamW"):
+        parts.append("--optimizer adamw")
     parts.append(f"--epochs {recipe.get('epochs')}")
     for key in RECIPE_OPTIONS:
-        if key in ("epochs", "bf16"):  # always given / a flag without a value
+        if key in ("epochs", "bf16", "arch"):  # given above / a flag without a value
             continue
         if key == "eval_sizes" and "eval_sizes" not in recipe and recipe.get("holdout"):
             parts.append(f"--eval-sizes {test_size}")  # runs before eval_sizes was recorded
             continue
         if key in recipe and recipe[key] != defaults[key]:
-            parts.append(f"--{key.replace('_', '-')} {recipe[key]}")
+            value = shlex.quote(recipe[key]) if key == "arch_kwargs" else recipe[key]
+            parts.append(f"--{key.replace('_', '-')} {value}")
     if not recipe.get("bf16", True):
         parts.append("--no-bf16")
     parts.append("--dataset-name imagenette2-224 --class-names checkpoints/imagenette_classes.txt")
@@ -192,9 +203,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
     lines = [
         f"## {entry.path.name}",
         "",
-        f"- Model: {meta.get('name', entry.label)}; ResNet-{arch.get('depth')}, attention "
-        f"`{attention}`, `{arch.get('stem')}` stem, {arch.get('num_classes')} classes"
-        + (f", BAM fusion `{arch.get('bam_fusion')}`" if attention == "bam" else ""),
+        f"- Model: {meta.get('name', entry.label)}; " + _network_text(arch),
         f"- Data: {meta.get('dataset', '?')}; classes: {', '.join(meta.get('class_names', []))}",
         f"- **Top-1: {acc.get('top1', '?')}%** on {acc.get('images', '?')} {acc.get('split', '?')} "
         f"images at {acc.get('test_size', '?')} px"
@@ -255,6 +264,23 @@ def _section(entry: EmbeddedCheckpoint) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _network_text(arch: dict) -> str:
+    """What the network is, e.g. "ResNet-18, attention `cbam`, `imagenet` stem, 10 classes"."""
+    attention = arch.get("attention") or "none"
+    if "source" in arch:  # another library's network (a timm ViT trained here)
+        options = arch.get("options") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        return (
+            f"{arch['source']} `{arch.get('name')}`" + (f" ({shown})" if shown else "")
+            + f", attention `{attention}`, {arch.get('num_classes')} classes"
+        )  # fmt: skip
+    return (
+        f"ResNet-{arch.get('depth')}, attention `{attention}`, `{arch.get('stem')}` stem, "
+        f"{arch.get('num_classes')} classes"
+        + (f", BAM fusion `{arch.get('bam_fusion')}`" if attention == "bam" else "")
+    )
 
 
 def _chosen_on(meta: dict) -> str:

@@ -1,6 +1,10 @@
-"""Train a ResNet (+SE/BAM/CBAM) on an ImageFolder dataset and write an Attention Lens checkpoint.
+"""Train a ResNet (+SE/BAM/CBAM) or a timm network (a DeiT-style ViT, distilled from CNN teachers)
+on an ImageFolder dataset and write an Attention Lens checkpoint.
 
     python -m models.train --data DIR --depth 18 --attention cbam --out checkpoints/NAME.safetensors
+    python -m models.train --data DIR --arch timm:deit_tiny_distilled_patch16_224 \
+        --teacher checkpoints/resnet18_cbam_imagenette.safetensors --optimizer adamw \
+        --augment strong --img-size 224 --out out/deit_tiny.safetensors
 
 `DIR` holds `train/<class>/*` and `val/<class>/*` (torchvision ImageFolder layout). Images are
 decoded once into memory as uint8 (`--cache-size`), then augmented per batch (random-resized crop,
@@ -11,6 +15,13 @@ weights (ours, the official release's, a state dict) with a fresh schedule, to c
 or to fine-tune on another dataset; the new checkpoint records where it started. The final
 top-1 is measured on the stored (float16) weights after a save/load round trip, through the
 checkpoint's own preprocessing.
+
+`--arch timm:NAME` trains a timm network from scratch (`pretrained=False`; `--arch-kwargs` JSON
+for build options, `models.students`), normalised as its pretrained config says.
+`--teacher CHECKPOINT` (repeatable) adds DeiT's hard distillation (`models.distill`);
+`--optimizer adamw` and `--augment strong` (`models.augment`: TrivialAugmentWide or RandAugment,
+random erasing, MixUp/CutMix) give DeiT's recipe. A distilled student's checkpoint gives the
+mean of its two heads, as timm does at inference.
 """
 
 from __future__ import annotations
@@ -23,10 +34,10 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
@@ -35,6 +46,7 @@ from tqdm import tqdm
 from models.images import ImageError, load_image
 
 from .attention import ATTENTION
+from .augment import POLICIES, StrongAugment
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -43,11 +55,16 @@ from .checkpoint import (
     parse_class_names,
     save_checkpoint,
 )
+from .distill import Teachers, distillation_loss, inference_logits, set_distilled_training
 from .distributed import Ranks, start_distributed, stop_distributed
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .resnet import Arch, ResNet, build_model
+from .students import adamw_groups, student_spec
 
 __all__ = ["RECIPE_OPTIONS", "main", "parse_args"]
+
+
+_DEFAULT_EVAL_SIZES = "128,160,192,224"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,9 +72,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m models.train",
         description="Train a ResNet with optional SE/BAM/CBAM on an ImageFolder dataset.",
     )
-    for add in (_data_options, _model_options, _optimiser_options, _run_options):
+    for add in (_data_options, _augment_options, _model_options, _optimiser_options, _run_options):
         add(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    adamw = args.optimizer == "adamw"
+    if args.lr is None:  # DeiT's rule for AdamW: 5e-4 per 512 images in a batch
+        args.lr = 5e-4 * args.batch_size / 512 if adamw else 0.3
+    if args.weight_decay is None:
+        args.weight_decay = 0.05 if adamw else 5e-4
+    if args.channels_last is None:  # helps convolutions; a ViT is all matrix products
+        args.channels_last = args.arch == "resnet"
+    args.student = None
+    if args.arch != "resnet":
+        if not args.arch.startswith("timm:"):
+            p.error(f"--arch {args.arch}: expected resnet or timm:NAME")
+        try:
+            args.student = student_spec(args.arch, args.arch_kwargs, args.img_size)
+        except ValueError as exc:
+            p.error(str(exc))
+    elif args.arch_kwargs:
+        p.error("--arch-kwargs needs --arch timm:NAME")
+    return args
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -71,7 +106,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--eval-sizes",
-        default="128,160,192,224",
+        default=_DEFAULT_EVAL_SIZES,
         help="test resolutions to pick from (one size fixes it, e.g. 224)",
     )
     p.add_argument(
@@ -103,8 +138,42 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="decoding processes per rank (stream)")
 
 
+def _augment_options(p: argparse.ArgumentParser) -> None:
+    """basic: random-resized crop and flip; strong: DeiT's recipe on top (models.augment)."""
+    p.add_argument(
+        "--augment",
+        default="basic",
+        choices=["basic", "strong"],
+        help="strong adds an automatic policy, random erasing and MixUp/CutMix (for ViTs)",
+    )
+    p.add_argument("--auto-augment", default="trivial", choices=POLICIES,
+                   help="strong: TrivialAugmentWide or RandAugment (2 ops, magnitude 9)")  # fmt: skip
+    p.add_argument("--mixup", type=float, default=0.8, help="strong: MixUp alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="strong: CutMix alpha (0: off)")
+    p.add_argument("--erase", type=float, default=0.25, help="strong: random-erasing probability")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     """The architecture: unset means as --init or, without it, ARCH_DEFAULTS."""
+    p.add_argument(
+        "--arch",
+        default="resnet",
+        help="resnet (ours: --depth, --attention, ...) or timm:NAME, a timm network built "
+        "without weights, e.g. timm:deit_tiny_distilled_patch16_224",
+    )
+    p.add_argument(
+        "--arch-kwargs",
+        default=None,
+        help='timm build options as JSON, e.g. \'{"embed_dim": 96, "drop_path_rate": 0.1}\'',
+    )
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        action="append",
+        default=[],
+        help="distil from this checkpoint (repeatable: the argmax of their mean softmax), "
+        "DeiT's hard distillation",
+    )
     p.add_argument("--depth", type=int, default=None, choices=[18, 34, 50, 101, 152])
     p.add_argument("--attention", default=None, choices=["none", *ATTENTION])
     p.add_argument("--stem", default=None, choices=["imagenet", "cifar"])
@@ -119,11 +188,27 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _optimiser_options(p: argparse.ArgumentParser) -> None:
-    """Epochs, batch, SGD and its learning-rate schedule."""
+    """Epochs, batch, the optimiser and its learning-rate schedule."""
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.3, help="peak learning rate (SGD, nesterov)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw"],
+        help="SGD with momentum 0.9, or AdamW (betas 0.9, 0.999) as DeiT",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 0.3 for SGD, 5e-4 x batch / 512 for AdamW)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="default: 5e-4 for SGD, 0.05 for AdamW (never on biases, norms, tokens)",
+    )
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument(
@@ -163,6 +248,13 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         default=True,
         help="store weights as float16 (loading gives float32)",
     )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format for the network and its inputs (default: for "
+        "ResNets; teachers always)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
@@ -194,6 +286,13 @@ RECIPE_OPTIONS = (
     "holdout_seed",
     "test_crop_ratio",
     "eval_sizes",
+    "arch",
+    "arch_kwargs",
+    "augment",
+    "auto_augment",
+    "mixup",
+    "cutmix",
+    "erase",
 )
 ARCH_DEFAULTS = {"depth": 18, "attention": "none", "stem": "imagenet", "bam_fusion": "product"}
 
@@ -204,6 +303,13 @@ def resolve_arch(args: argparse.Namespace, init: Checkpoint | None) -> str | Non
     Returns:
         None, or a one-line reason when an option given on the command line contradicts `init`.
     """
+    if args.student is not None:  # a timm network: none of our ResNet's options apply
+        given = next((k for k in ARCH_DEFAULTS if getattr(args, k) is not None), None)
+        if given is not None:
+            return f"--{given.replace('_', '-')} is for --arch resnet, not {args.arch}"
+        if init is not None:
+            return f"--init continues our ResNets only; --arch {args.arch} trains from scratch"
+        return None
     for key, default in ARCH_DEFAULTS.items():
         given = getattr(args, key)
         if init is None:
@@ -329,10 +435,24 @@ def augment(
     return out
 
 
-def normalize(batch: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+def normalize(
+    batch: Tensor,
+    norm: tuple[tuple, tuple] = (IMAGENET_MEAN, IMAGENET_STD),
+    channels_last: bool = True,
+) -> Tensor:
+    """uint8 (N, 3, H, W) -> float, normalised by `norm` (mean, std of pixels in [0, 1])."""
+    mean = torch.tensor(norm[0]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm[1]).view(1, 3, 1, 1) * 255
+    x = (batch.float() - mean) / std
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+def input_norm(args: argparse.Namespace) -> tuple[tuple, tuple]:
+    """(mean, std) of the network being trained: a timm student's own, else ImageNet's."""
+    student = getattr(args, "student", None)
+    return (student.mean, student.std) if student is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def eval_geometry(size: int, crop_ratio: float) -> tuple[int, int]:
@@ -349,6 +469,8 @@ def evaluate_cached(
     bf16: bool,
     bs: int = 200,
     crop_ratio: float = 1.0,
+    norm: tuple[tuple, tuple] = (IMAGENET_MEAN, IMAGENET_STD),
+    channels_last: bool = True,
 ) -> float:
     """Top-1 (%) on cached square images: resize to size / crop_ratio, centre-crop `size`."""
     model.eval()
@@ -361,7 +483,7 @@ def evaluate_cached(
         x = TF.center_crop(x, [crop, crop])
         device = next(model.parameters()).device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = model(normalize(x).to(device)).argmax(1).cpu()
+            pred = model(normalize(x, norm, channels_last).to(device)).argmax(1).cpu()
         correct += (pred == labels[i : i + bs]).sum().item()
     return 100.0 * correct / len(images)
 
@@ -409,7 +531,10 @@ def lr_at(
 
 
 def eval_sizes(args: argparse.Namespace) -> list[int]:
-    """The candidate test sizes, those the cache can serve."""
+    """The candidate test sizes, those the cache can serve (a ViT: its own size only)."""
+    student = getattr(args, "student", None)
+    if student is not None and student.fixed_size:
+        return [args.img_size]
     sizes = [int(s) for s in args.eval_sizes.split(",") if s.strip()]
     return [s for s in sizes if s <= args.cache_size] or [args.cache_size]
 
@@ -486,7 +611,8 @@ class CachedData:
     def evaluate(self, model, size: int) -> float:
         return evaluate_cached(
             model, self.select_x, self.select_y, size, self.args.bf16,
-            crop_ratio=self.args.test_crop_ratio,
+            crop_ratio=self.args.test_crop_ratio, norm=input_norm(self.args),
+            channels_last=self.args.channels_last,
         )  # fmt: skip
 
 
@@ -589,7 +715,8 @@ class StreamData:
         with torch.no_grad():
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-                    pred = model(normalize(x).to(device)).argmax(1)
+                    x = normalize(x, input_norm(self.args), self.args.channels_last)
+                    pred = model(x.to(device)).argmax(1)
                 correct += (pred.cpu() == y).sum().item()
         return 100.0 * correct / max(1, len(dataset))
 
@@ -611,6 +738,12 @@ def _check_options(args: argparse.Namespace, ranks: Ranks) -> str | None:
         return "--sync-bn needs --device cuda (PyTorch's SyncBatchNorm has no CPU kernel)"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is available"
+    student = args.student
+    if student is not None and student.fixed_size and args.eval_sizes != _DEFAULT_EVAL_SIZES:
+        if {int(v) for v in args.eval_sizes.split(",") if v.strip()} != {args.img_size}:
+            return f"--eval-sizes: timm {student.name} takes {args.img_size}-px inputs only"
+    if not (0 <= args.erase <= 1 and args.mixup >= 0 and args.cutmix >= 0):
+        return "--erase must be in [0, 1], --mixup and --cutmix at least 0"
     return None
 
 
@@ -641,12 +774,16 @@ def main(argv: list[str] | None = None) -> int:
     conflict = resolve_arch(args, init)
     if conflict:
         return _fail(conflict)
+    try:  # before the data, as --init
+        teachers = Teachers.load(args.teacher) if args.teacher else None
+    except CheckpointError as exc:
+        return _fail(str(exc))
     ranks = start_distributed(args.device)
     try:
         problem = _check_options(args, ranks)
         if problem:
             return _fail(problem)
-        return _train(args, init, ranks)
+        return _train(args, init, ranks, teachers)
     finally:
         stop_distributed()
 
@@ -656,7 +793,9 @@ def _say(ranks: Ranks, text: str) -> None:
         print(text, flush=True)
 
 
-def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> int:
+def _train(
+    args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks, teachers: Teachers | None
+) -> int:
     state_path = args.out.with_name(args.out.name + ".state.pt")
     torch.manual_seed(args.seed)
     attention = None if args.attention == "none" else args.attention
@@ -667,12 +806,19 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
     if data.val_classes != data.classes:
         return _fail("train/ and val/ have different class folders")
     class_names = read_class_names(args.class_names, data.classes)
+    problem = teachers.check_classes(class_names) if teachers is not None else None
+    if problem:
+        return _fail(problem)
     _say(ranks, (
         f"data: {data.n_train} train, {data.n_select} {data.select_split} (choices), "
         f"{len(data.classes)} classes (decoded in {data.seconds:.0f}s); {ranks.world} process(es)"
     ))  # fmt: skip
     torch.manual_seed(args.seed)
-    model = build_model(args.depth, attention, len(data.classes), args.stem, args.bam_fusion)
+    if args.student is not None:
+        model = args.student.build(len(data.classes))
+        set_distilled_training(model)  # a distilled ViT trains on (class, distillation) heads
+    else:
+        model = build_model(args.depth, attention, len(data.classes), args.stem, args.bam_fusion)
     keep_classifier = True
     if init is not None:
         try:
@@ -683,17 +829,29 @@ def _train(args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks) -> i
             f"starting from {args.init} ({init.label}; classifier "
             f"{'kept' if keep_classifier else 'new, class count differs'})"
         ))  # fmt: skip
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=_memory_format(args))
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    history = _epochs(args, model, data, device, state_path, ranks)
+    if teachers is not None:
+        teachers.to(device)
+    history = _epochs(args, model, data, device, state_path, ranks, teachers)
     if not ranks.main:
         return 0
     if args.sync_bn:
         model = _plain_batchnorm(model)
     model = model.cpu()
     return _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-                   attention, ranks)  # fmt: skip
+                   attention, ranks, teachers)  # fmt: skip
+
+
+def _memory_format(args: argparse.Namespace) -> torch.memory_format:
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(adamw_groups(model, args.weight_decay), lr=args.lr)
+    return _sgd(model, args)
 
 
 def _sgd(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
@@ -723,18 +881,39 @@ def _resume(args, model, opt, gen, state_path: Path, ranks: Ranks) -> tuple[int,
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
+    if "rng" in state:  # the global RNG: dropout and stochastic depth
+        torch.set_rng_state(state["rng"])
     _say(ranks, f"resumed from {state_path} after epoch {state['epoch']}")
     return state["epoch"], json.loads(state["history"])
 
 
-def _epochs(args, model, data, device, state_path: Path, ranks: Ranks) -> list[dict]:
+@dataclass
+class _Extras:
+    """What a step needs besides the network: teachers and strong augmentation (or None)."""
+
+    teachers: Teachers | None = None
+    strong: StrongAugment | None = None
+
+
+def _extras(args: argparse.Namespace, n_classes: int, teachers: Teachers | None) -> _Extras:
+    strong = None
+    if args.augment == "strong":
+        strong = StrongAugment(
+            n_classes, *input_norm(args), policy=args.auto_augment, mixup=args.mixup,
+            cutmix=args.cutmix, erase=args.erase,
+        )  # fmt: skip
+    return _Extras(teachers, strong)
+
+
+def _epochs(args, model, data, device, state_path: Path, ranks: Ranks, teachers=None) -> list[dict]:
     """Every epoch from the first not done: train, validate when due, save the state."""
-    opt = _sgd(model, args)
+    opt = _optimizer(model, args)
     steps = data.n_train // args.batch_size
     gen = torch.Generator().manual_seed(args.seed)
     start_epoch, history = (
         _resume(args, model, opt, gen, state_path, ranks) if args.resume else (0, [])
     )
+    extras = _extras(args, len(data.classes), teachers)
     net = model
     if ranks.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -744,7 +923,7 @@ def _epochs(args, model, data, device, state_path: Path, ranks: Ranks) -> list[d
         )
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.time()
-        totals = _train_epoch(args, net, opt, data, gen, epoch, steps, device, ranks)
+        totals = _train_epoch(args, net, opt, data, gen, epoch, steps, device, ranks, extras)
         seen = max(1.0, totals[0].item())
         val_acc = None
         if ranks.main and ((epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs):
@@ -764,8 +943,10 @@ def _epochs(args, model, data, device, state_path: Path, ranks: Ranks) -> list[d
     return history
 
 
-def _train_epoch(args, net, opt, data, gen, epoch: int, steps: int, device, ranks: Ranks) -> Tensor:
-    """One epoch of SGD; returns (images, correct, loss sum) over every rank."""
+def _train_epoch(
+    args, net, opt, data, gen, epoch: int, steps: int, device, ranks: Ranks, extras: _Extras
+) -> Tensor:
+    """One epoch; returns (images, correct, loss sum) over every rank."""
     net.train()
     if args.freeze_bn:
         _freeze_batchnorm(net)
@@ -777,20 +958,9 @@ def _train_epoch(args, net, opt, data, gen, epoch: int, steps: int, device, rank
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch * steps + b, total, warmup, args.lr, args.schedule,
                                 args.step_epochs * steps)  # fmt: skip
-        x = normalize(images).to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = net(x)
-        # the mean over this rank's share; DDP averages the gradients over the ranks,
-        # which is the mean over the global batch (equal shares)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        totals += torch.tensor(
-            [len(y), (logits.argmax(1) == y).sum().item(), loss.item() * len(y)],
-            dtype=torch.float64,
-        )
+        x, target = _inputs(args, images, y, gen, ranks, extras.strong)
+        totals += _step(args, net, opt, x.to(device, non_blocking=True),
+                        target.to(device, non_blocking=True), extras.teachers)  # fmt: skip
         seen = totals[0].item()
         bar.set_postfix(loss=f"{totals[2].item() / seen:.3f}",
                         acc=f"{100 * totals[1].item() / seen:.1f}")  # fmt: skip
@@ -801,6 +971,36 @@ def _train_epoch(args, net, opt, data, gen, epoch: int, steps: int, device, rank
     return totals
 
 
+def _inputs(
+    args, images: Tensor, y: Tensor, gen: torch.Generator, ranks: Ranks, strong
+) -> tuple[Tensor, Tensor]:
+    """The network's input and targets for one rank's share of a batch (uint8 crops)."""
+    if strong is None:
+        return normalize(images, input_norm(args), args.channels_last), y
+    # seeds for the whole global batch, so that every rank stays in step with the generator
+    seeds = torch.randint(0, 2**62, (args.batch_size + 1,), generator=gen)
+    part = slice(ranks.rank * len(y), (ranks.rank + 1) * len(y))
+    x, target = strong(images, y, seeds[part], int(seeds[-1]) + ranks.rank)
+    return x.contiguous(memory_format=_memory_format(args)), target
+
+
+def _step(args, net, opt, x: Tensor, target: Tensor, teachers: Teachers | None) -> Tensor:
+    """Forward, loss, backward, update: (images, correct, loss sum) of this batch."""
+    # the teachers see the image the student sees (augmented and mixed) and give their label
+    teacher = teachers.labels(x, *input_norm(args), args.bf16) if teachers is not None else None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        output = net(x)
+    # the mean over this rank's share; DDP averages the gradients over the ranks,
+    # which is the mean over the global batch (equal shares)
+    loss = distillation_loss(output, target, teacher, args.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    hard = target if target.ndim == 1 else target.argmax(1)
+    correct = (inference_logits(output).argmax(1) == hard).sum().item()
+    return torch.tensor([len(hard), correct, loss.item() * len(hard)], dtype=torch.float64)
+
+
 def _save_state(path: Path, model, opt, gen, epochs_done: int, history: list) -> None:
     """What --resume needs, written atomically after every epoch."""
     buf = io.BytesIO()
@@ -809,6 +1009,7 @@ def _save_state(path: Path, model, opt, gen, epochs_done: int, history: list) ->
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "generator": gen.get_state(),
+            "rng": torch.get_rng_state(),
             "epoch": epochs_done,
             "history": json.dumps(history),
         },
@@ -830,8 +1031,49 @@ def _plain_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _recipe(args, ranks: Ranks, teachers: Teachers | None) -> dict:
+    """The training recipe recorded in the checkpoint (the model card rebuilds commands)."""
+    schedule = ("cosine after linear warm-up" if args.schedule == "cosine"
+                else f"x0.1 every {args.step_epochs} epochs after linear warm-up")  # fmt: skip
+    optimizer = (
+        "AdamW betas (0.9, 0.999), " if args.optimizer == "adamw"
+        else f"SGD {'nesterov ' if args.nesterov else ''}momentum 0.9, "
+    )  # fmt: skip
+    augmentation = "random-resized crop + horizontal flip"
+    extras = _extras(args, 2, None)
+    if extras.strong is not None:
+        augmentation += " + " + extras.strong.describe()
+    recipe = {k: getattr(args, k) for k in RECIPE_OPTIONS} | {
+        "optimizer": optimizer + schedule,
+        "augmentation": augmentation,
+    }
+    if teachers is not None:
+        recipe["teachers"] = teachers.records()
+        recipe["distillation"] = (
+            "hard (DeiT): 0.5 CE(class head, label) + 0.5 CE(distillation head, argmax of the "
+            "teachers' mean softmax on the augmented image)"
+        )
+    return (
+        recipe
+        | ({"processes": ranks.world} if ranks.world > 1 else {})
+        | ({"freeze_bn": True} if args.freeze_bn else {})
+        | ({"sync_bn": True} if args.sync_bn else {})
+    )
+
+
+def _model_name(args, attention: str | None) -> str:
+    dataset = args.dataset_name or args.data.name
+    if args.student is not None:
+        return (
+            f"timm {args.student.name}" + (" (distilled)" if args.teacher else "") + f" ({dataset})"
+        )
+    return (
+        f"ResNet-{args.depth}" + (f" + {attention.upper()}" if attention else "") + f" ({dataset})"
+    )
+
+
 def _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-            attention, ranks: Ranks) -> int:  # fmt: skip
+            attention, ranks: Ranks, teachers: Teachers | None = None) -> int:  # fmt: skip
     """Rank 0: choose the test size on the selection split, save, score val/ once."""
     by_size = {s: data.evaluate(model, s) for s in eval_sizes(args)}
     best = max(by_size, key=by_size.get)
@@ -842,41 +1084,25 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
         flush=True,
     )
     resize, crop = eval_geometry(best, args.test_crop_ratio)
-    preprocess = Preprocess(resize=resize, crop=crop)
+    preprocess = Preprocess(resize, crop, *input_norm(args))
     metadata = {
-        "name": f"ResNet-{args.depth}"
-        + (f" + {attention.upper()}" if attention else "")
-        + f" ({args.dataset_name or args.data.name})",
+        "name": _model_name(args, attention),
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
             "selection": selection_record(args, select_split, data.n_train, data.n_select),
-            "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS}
-            | {
-                "optimizer": f"SGD {'nesterov ' if args.nesterov else ''}momentum 0.9, "
-                + ("cosine after linear warm-up" if args.schedule == "cosine"
-                   else f"x0.1 every {args.step_epochs} epochs after linear warm-up"),
-                "augmentation": "random-resized crop + horizontal flip",
-            }
-            | ({"processes": ranks.world} if ranks.world > 1 else {})
-            | ({"freeze_bn": True} if args.freeze_bn else {})
-            | ({"sync_bn": True} if args.sync_bn else {}),
+            "recipe": _recipe(args, ranks, teachers),
             "history": history,
             "date": dt.date.today().isoformat(),
             "torch": torch.__version__,
         },
-    }  # fmt: skip
+    }
     if init is not None:
         metadata["training"]["init"] = init_record(args.init, init, keep_classifier)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    dtype = torch.float16 if args.float16 else torch.float32
-    save_checkpoint(
-        args.out,
-        model,
-        class_names=class_names,
-        preprocess=preprocess,
-        metadata=metadata,
-        dtype=dtype,
-    )
+    arch = args.student.arch(model, len(class_names)) if args.student is not None else None
+    save = dict(class_names=class_names, preprocess=preprocess, arch=arch,
+                dtype=torch.float16 if args.float16 else torch.float32)  # fmt: skip
+    save_checkpoint(args.out, model, metadata=metadata, **save)
     top1, n = evaluate_checkpoint(args.out, args.data / "val")
     metadata["accuracy"] = {
         "top1": round(top1, 2),
@@ -889,14 +1115,7 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
         # accuracy per test size on the selection split, training precision
         f"by_test_size_{select_split}": {str(k): round(v, 2) for k, v in by_size.items()},
     }
-    sha = save_checkpoint(
-        args.out,
-        model,
-        class_names=class_names,
-        preprocess=preprocess,
-        metadata=metadata,
-        dtype=dtype,
-    )
+    sha = save_checkpoint(args.out, model, metadata=metadata, **save)
     print(f"wrote {args.out} (top-1 {top1:.2f}% on {n} val images, sha256 {sha})", flush=True)
     if os.environ.get("KEEP_TRAIN_STATE") != "1":
         state_path.unlink(missing_ok=True)
