@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from viz import (
     IMAGE_TYPES,
     RENDERS,
     SCALES,
+    SMOOTHINGS,
     FigureSettings,
     GridModel,
     ImageError,
@@ -130,11 +132,76 @@ def model_from_bytes(sha256: str, _data: bytes) -> Checkpoint:
     return load_checkpoint(_data)
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
 def analysis(
-    image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple, _ckpt, _image
-):
-    return analyze_images(_ckpt, [_image], target, method=method, layers=layers)
+    image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple,
+    smoothing: tuple, ckpt, image,
+):  # fmt: skip
+    """One image's analysis: quick methods cached for all sessions; the slow ones per session,
+    computed with a progress bar and a Stop button (widgets cannot live in a cached function)."""
+    if not SlowRun.slow(method, smoothing):
+        return quick_analysis(image_sha, ckpt_sha, target, method, layers, smoothing, ckpt, image)
+    kept = st.session_state.setdefault("slow_analyses", {})
+    key = (image_sha, ckpt_sha, target, method, layers, smoothing)
+    if key not in kept:
+        kept[key] = analyze_images(ckpt, [image], target, method=method, layers=layers,
+                                   smoothing=smoothing, progress=SlowRun.callback(method, smoothing))  # fmt: skip
+        while len(kept) > SLOW_KEPT:
+            kept.pop(next(iter(kept)))
+    return kept[key]
+
+
+SLOW_KEPT = 16  # slow analyses a session keeps
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def quick_analysis(
+    image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple,
+    smoothing: tuple, _ckpt, _image,
+):  # fmt: skip
+    return analyze_images(_ckpt, [_image], target, method=method, layers=layers,
+                          smoothing=smoothing)  # fmt: skip
+
+
+class SlowRun:
+    """Progress with time left, and a Stop button, for the CAM methods that take extra passes.
+
+    Stop switches the method back to Grad-CAM (and smoothing off) in its callback, so the
+    rerun it starts, which ends the running analysis, does not start the slow one again.
+    """
+
+    bar = None  # one bar per script run, shared by the run's analyses
+
+    @staticmethod
+    def slow(method: str, smoothing: tuple) -> bool:
+        return CAM_METHODS[method].needs == "passes" or "aug" in smoothing
+
+    @classmethod
+    def quick(cls, method: str, smoothing: tuple) -> tuple[str, tuple]:
+        """What to run where only the predictions count: Grad-CAM instead of a slow method."""
+        return ("gradcam", ()) if cls.slow(method, smoothing) else (method, smoothing)
+
+    @classmethod
+    def callback(cls, method: str, smoothing: tuple) -> Callable[[int, int], None] | None:
+        if not cls.slow(method, smoothing):
+            return None
+        label, started = CAM_METHODS[method].label, time.monotonic()
+
+        def update(done: int, total: int) -> None:
+            if cls.bar is None:
+                st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
+                          args=(label,), icon=":material/stop_circle:")  # fmt: skip
+                cls.bar = st.progress(0.0)
+            elapsed = time.monotonic() - started
+            left = elapsed / max(done, 1) * (total - done)
+            cls.bar.progress(done / max(total, 1),
+                             text=f"{label}: {done} of {total} passes, about {left:.0f} s left")  # fmt: skip
+
+        return update
+
+
+def _stop_slow(label: str) -> None:
+    st.session_state["method"], st.session_state["smoothing"] = "gradcam", []
+    st.session_state["stopped"] = f"{label} stopped; back to Grad-CAM."
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -400,9 +467,18 @@ def main() -> None:
         )
         st.sidebar.header("Drawing")
         # one settings object drives the screen, every download, the zip and its manifest
+        smoothing = st.sidebar.multiselect(
+            "Smoothing", SMOOTHINGS, key="smoothing",
+            format_func={"aug": "augmentation (6x passes)", "eigen": "principal component"}.get,
+            help="aug: the mean map over mirrored and brightened copies of the image; eigen: "
+                 "the first principal component of the weighted activations",
+        )  # fmt: skip
+        if "stopped" in st.session_state:
+            errors.info(st.session_state.pop("stopped"))
         settings = FigureSettings(
             method=method,
             layers=tuple(layers) or None,
+            smoothing=tuple(smoothing),
             cmap=st.sidebar.selectbox("Colour map", CMAPS, key="cmap"),
             alpha=st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha"),
             scale=st.sidebar.radio("Scale", SCALES, horizontal=True, key="scale",
@@ -432,12 +508,14 @@ def main() -> None:
         )
 
 
-def predict_all(ckpt: Checkpoint, items: list[ImageItem], method: str, layers: tuple) -> list:
+def predict_all(ckpt: Checkpoint, items: list[ImageItem], method: str, layers: tuple,
+                smoothing: tuple) -> list:  # fmt: skip
     bar = st.progress(0.0, text="Analysing images…") if len(items) > 1 else None
     out = []
     with st.spinner("Running the network…"):
         for i, item in enumerate(items):
-            out.append(analysis(item.sha, ckpt.sha256, None, method, layers, ckpt, item.image))
+            out.append(analysis(item.sha, ckpt.sha256, None, method, layers, smoothing, ckpt,
+                                item.image))  # fmt: skip
             if bar:
                 bar.progress((i + 1) / len(items), text=f"Analysed {i + 1} of {len(items)} images")
     if bar:
@@ -456,7 +534,9 @@ def chosen_target(item: ImageItem, ckpt: Checkpoint) -> int | None:
 
 def page(ckpt, label, models, items, view: View, errors) -> None:
     settings = view.settings
-    base = predict_all(ckpt, items, settings.method, settings.layers)
+    # the picker needs every image's prediction; a slow method runs on the picked image only
+    quick, quick_smoothing = SlowRun.quick(settings.method, settings.smoothing)
+    base = predict_all(ckpt, items, quick, settings.layers, quick_smoothing)
     # the network's crop at the original's resolution: the same photo as in the downloads
     crops = [ckpt.preprocess.display_crop(item.image) for item in items]
     pick = pick_image(ckpt, label, items, base, crops)
@@ -534,7 +614,8 @@ def explained_class(ckpt, label, item, crop, base, settings: FigureSettings, tke
             format_func=names.__getitem__, key=f"tall:{tkey}",
         )  # fmt: skip
     target = None if choice == top5[0].index else int(choice)
-    an = analysis(item.sha, ckpt.sha256, target, settings.method, settings.layers, ckpt, item.image)
+    an = analysis(item.sha, ckpt.sha256, target, settings.method, settings.layers,
+                  settings.smoothing, ckpt, item.image)  # fmt: skip
     if target is not None:
         right.markdown(
             f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"
@@ -718,7 +799,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
         st.info("Pick at least one model.")
         return
     loaded = {name: with_class_names(models[name].load()) for name in picked}
-    classes = column_classes(ckpt, items, loaded, method, layers, errors)
+    classes = column_classes(ckpt, items, loaded, method, layers, s.smoothing, errors)
     stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",
                      format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
                      help="The same stage in every row, whatever each network calls the layer.")  # fmt: skip
@@ -732,7 +813,8 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
             if t is None:
                 absent.append(c)  # drawn as n/a, not as another class under this title
             # each model's own stage layers: networks name their layers differently
-            found.append(analysis(item.sha, other.sha256, t, method, None, other, item.image))
+            found.append(analysis(item.sha, other.sha256, t, method, None, s.smoothing, other,
+                                  item.image))  # fmt: skip
         grid.append(GridModel(other.label, models[name].source, other, found, absent))
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
@@ -749,7 +831,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
 FROM_MODEL = "(the model in use: its chosen class or top-1)"
 
 
-def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
+def column_classes(ckpt, items, loaded, method, layers, smoothing, errors) -> list[str]:
     """The class of each column, per image and independent of the model in use: from an
     uploaded labels CSV, a choice made here, or else what the model in use explains."""
     upload = st.file_uploader(
@@ -788,8 +870,9 @@ def column_classes(ckpt, items, loaded, method, layers, errors) -> list[str]:
             if choice == FROM_MODEL:
                 t = chosen_target(item, ckpt)
                 if t is None:
-                    t = int(analysis(item.sha, ckpt.sha256, None, method, layers, ckpt,
-                                     item.image).target[0])  # fmt: skip
+                    quick, quick_smoothing = SlowRun.quick(method, smoothing)  # the top-1 only
+                    t = int(analysis(item.sha, ckpt.sha256, None, quick, layers, quick_smoothing,
+                                     ckpt, item.image).target[0])  # fmt: skip
                 choice = ckpt.class_names[t]
             classes.append(choice)
     return classes

@@ -607,3 +607,16 @@ def test_sidebar_lists_each_colour_map_once_and_the_comparison_names_its_method(
     at.sidebar.selectbox(key="method").set_value("gradcam++").run()
     assert_clean(at)
     assert any("Grad-CAM++ of the last stage" in m.value for m in at.markdown)
+
+
+def test_a_slow_method_shows_progress_and_can_be_stopped(app):
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    at.sidebar.selectbox(key="method").set_value("ablationcam").run()
+    assert_clean(at)
+    stop = [b for b in at.button if b.label == "Stop"]
+    assert len(stop) == 1  # shown with the progress bar while Ablation-CAM ran
+    stop[0].click().run()
+    assert at.sidebar.selectbox(key="method").value == "gradcam"
+    assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
+    assert not [b for b in at.button if b.label == "Stop"]  # Grad-CAM is quick: no bar

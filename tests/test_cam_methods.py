@@ -319,3 +319,12 @@ def test_every_method_declares_what_it_needs_and_what_it_costs():
         assert method.cost and method.label and method.paper
         if method.needs == "passes":
             assert method.channel_weights is not None
+
+
+def test_the_readme_method_table_lists_every_method():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### CAM methods") :].split("\n## ")[0]
+    missing = [m.label for m in CAM_METHODS.values() if m.label not in section]
+    assert not missing

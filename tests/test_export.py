@@ -615,7 +615,7 @@ def test_the_bundle_follows_its_settings(cbam):
 
 
 def test_settings_are_checked_in_one_line():
-    for bad in ({"method": "scorecam"}, {"cmap": "nope"}, {"alpha": 2}, {"scale": "global"},
+    for bad in ({"method": "score-cam"}, {"smoothing": ("blur",)}, {"cmap": "nope"}, {"alpha": 2}, {"scale": "global"},
                 {"dpi": 5}, {"width": "triple"}, {"render": "blocky"}):  # fmt: skip
         with pytest.raises(ExportError) as info:
             FigureSettings(**bad)
@@ -646,6 +646,19 @@ def test_cli_settings_flags_reach_the_manifest_and_the_maps(ckpts, image_dir, tm
         assert sorted(k for k in maps.files if k.startswith("cam/")) == ["cam/layer3", "cam/layer4"]
     code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", "--cmap", "nope")
     assert code == 2 and "unknown colour map 'nope'" in err
+
+
+def test_cli_runs_a_pass_method_with_smoothing_and_records_both(ckpts, image_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--method", "ablationcam",
+                        "--smooth", "eigen", "--layers", "layer4", "--figure", "gradcam")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["cam_smoothing"] == ["eigen"]
+    assert all(r["cam_method"] == "ablationcam" for r in manifest["results"])
+    assert all(r["cam_smoothing"] == ["eigen"] for r in manifest["results"])
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", "--smooth", "blur")
+    assert code == 2 and "--smooth" in err and "\n" not in err.strip()
 
 
 def test_cli_model_grid_rows_follow_the_papers_order(ckpts, image_dir, tmp_path, capsys):

@@ -86,7 +86,7 @@ def test_analyze_images_is_the_one_path(folder):
     with pytest.raises(ValueError, match="unknown layer 'layer9'"):
         analyze_images(ckpt, images, layers=["layer9"])
     with pytest.raises(ValueError, match="method must be one of"):
-        analyze_images(ckpt, images, method="scorecam")
+        analyze_images(ckpt, images, method="score-cam")
     with pytest.raises(ValueError, match="out of range"):
         analyze_images(ckpt, images, target=7)
     with pytest.raises(ValueError, match="no images"):

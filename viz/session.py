@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +208,8 @@ def analyze_images(
     *,
     method: str = "gradcam",
     layers: Sequence[str] | None = None,
+    smoothing: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Preprocess RGB images with the checkpoint's own recipe and analyse them in one batch.
 
@@ -217,6 +219,8 @@ def analyze_images(
         target: class to explain (one for all, one per image) or None for each top-1.
         method: one of `viz.engine.cam.CAM_METHODS`.
         layers: CAM layers (default the network's stage layers, `layer1`..`layer4` in a ResNet).
+        smoothing: "aug" and/or "eigen" (`viz.engine.cam.analyze`).
+        progress: `progress(done, total)` in images through the network (the pass methods).
 
     Raises:
         ValueError: an unknown method or layer, or a target outside the classes, named.
@@ -231,7 +235,8 @@ def analyze_images(
             raise ValueError("choose at least one CAM layer")
         resolve_layers(ckpt.model, layers)
     x = ckpt.preprocess.batch(list(images))
-    return analyze(ckpt.model, x, target, layers, method=method)
+    return analyze(ckpt.model, x, target, layers, method=method, smoothing=smoothing,
+                   progress=progress)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,12 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
     if not analyses:
         raise ValueError("no analyses to stack")
     first = analyses[0]
-    if any(a.method != first.method or list(a.cams) != list(first.cams) for a in analyses):
+    if any(
+        a.method != first.method
+        or a.smoothing != first.smoothing
+        or list(a.cams) != list(first.cams)
+        for a in analyses
+    ):
         raise ValueError("analyses to stack must share the Grad-CAM method and layers")
 
     def cat(items):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from viz.commands.export import ExportError
 from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
 from viz.commands.inputs import UsageError, error_line, int_in
-from viz.engine.cam import CAM_METHODS
+from viz.engine.cam import CAM_METHODS, SMOOTHINGS
 from viz.engine.maps import DEFAULT_CMAP
 
 __all__ = ["main", "build_parser"]
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
     export.add_argument("--method", default="gradcam", metavar="METHOD",
                         help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")  # fmt: skip
+    export.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
+                        help="smooth the CAMs: aug (mean over mirrored and brightened copies, "
+                             "6x the passes), eigen (first principal component); default none")  # fmt: skip
     export.add_argument("--layers", default=None, metavar="LIST",
                         help="comma list of CAM layers (default: each network's stage layers)")  # fmt: skip
     export.add_argument("--cmap", default=DEFAULT_CMAP, metavar="NAME",

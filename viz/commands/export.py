@@ -355,6 +355,7 @@ def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) 
         "predicted_name": name(predicted),
         "predicted_P": float(probs[predicted]),
         "cam_method": analysis.method,
+        "cam_smoothing": list(analysis.smoothing),
         "cam_layers": list(analysis.cams),
         "cam_stages": {k: int(v) for k, v in analysis.cam_stages.items()},
     }
@@ -523,9 +524,12 @@ def image_bundle(
     _check_options(figures, formats, s.width)
     pil, digest = _image_input(image)
     if analysis is None:
-        analysis = analyze_images(checkpoint, [pil], target, method=s.method, layers=s.layers)
-    elif analysis.method != s.method or (
-        s.layers is not None and list(analysis.cams) != list(s.layers)
+        analysis = analyze_images(checkpoint, [pil], target, method=s.method, layers=s.layers,
+                                  smoothing=s.smoothing)  # fmt: skip
+    elif (
+        analysis.method != s.method
+        or tuple(analysis.smoothing) != tuple(s.smoothing)
+        or (s.layers is not None and list(analysis.cams) != list(s.layers))
     ):
         raise ExportError(
             "the analysis was made with another CAM method or layers than the settings"

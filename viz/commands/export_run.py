@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +82,8 @@ def _settings(args: argparse.Namespace) -> FigureSettings:
     layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None
     try:
         return FigureSettings(
-            method=args.method, layers=layers, cmap=args.cmap, alpha=args.alpha,
+            method=args.method, layers=layers, smoothing=tuple(args.smooth), cmap=args.cmap,
+            alpha=args.alpha,
             scale=args.scale, width=args.width, dpi=args.dpi, render=args.render,
         )  # fmt: skip
     except ExportError as exc:
@@ -135,9 +136,19 @@ def _run_images(run: _Run, work: _ImageWork, images: list, args, grid: _Grid) ->
 
     jobs = max(1, min(args.jobs, len(images)))
     bar = tqdm(total=len(images), desc="export", unit="image", file=sys.stderr, disable=None)
+    done = [0]
+    if jobs == 1:
+
+        def within(passes: int, total: int) -> None:
+            bar.n = round(done[0] + passes / max(total, 1), 2)
+            bar.refresh()
+
+        work.progress = within
     with bar:
         for (path, image_name), outcome in zip(images, _outcomes(work, images, jobs, args)):
-            bar.update(1)
+            done[0] += 1
+            bar.n = done[0]
+            bar.refresh()
             if outcome["load_error"] is not None:
                 run.fail("load image", str(path), _Reported(outcome["load_error"]))
                 continue
@@ -274,6 +285,9 @@ class _ImageWork:
     per_image: list
     formats: list
     grid: bool
+    # (done, total) passes of the current analysis: set in this process only (--jobs 1), so
+    # the bar moves inside an image for the slow CAM methods
+    progress: Callable[[int, int], None] | None = None
 
     def __call__(self, item: tuple[Path, str]) -> dict:
         from models.images import load_image
@@ -294,6 +308,7 @@ class _ImageWork:
                 analysis = analyze_images(
                     ckpt, [pil], self.targets[image_name][name],
                     method=self.settings.method, layers=self.settings.layers,
+                    smoothing=self.settings.smoothing, progress=self.progress,
                 )  # fmt: skip
                 files, notes = None, []
                 if self.per_image:
@@ -386,7 +401,14 @@ def _same_class(ckpt, image, light, class_name: str):
         return light
     last = stage_layers(ckpt.model)[-1]
     return _light(
-        analyze_images(ckpt, [image], names.index(class_name), method=light.method, layers=(last,))
+        analyze_images(
+            ckpt,
+            [image],
+            names.index(class_name),
+            method=light.method,
+            layers=(last,),
+            smoothing=light.smoothing,
+        )  # fmt: skip
     )
 
 

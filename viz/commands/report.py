@@ -64,6 +64,7 @@ class ReportOptions:
     """Everything that changes the numbers (a rerun must match them to reuse finished work)."""
 
     method: str = "gradcam"
+    smoothing: tuple[str, ...] = ()  # of the CAMs: "aug", "eigen"
     deletion: str = "default"  # maps with deletion/insertion: all, default (last CAM), off
     steps: int = 16
     baseline: str = "blur"
@@ -162,8 +163,8 @@ def _chunk_rows(
     sanity_units = 3 * len(sanity_rows) * len(randomisation_steps(ckpt.model))
     # the CAM layers and gates are known only after the pass: count two maps until then
     work = _Work(advance, 3 * n + (2 * n * per_map if deletion else 0) + sanity_units)
-    analysis = analyze(ckpt.model, x, target, method=options.method)
-    work.part(3 * n)(1, 1)
+    analysis = analyze(ckpt.model, x, target, method=options.method, smoothing=options.smoothing,
+                       seed=options.seed, progress=work.part(3 * n))  # fmt: skip
     maps = map_tensors(analysis)
     maps["random"] = ("random", 0, "", random_saliency(seeds, (size, size)))
     default = _default_map(maps)
@@ -257,7 +258,8 @@ def _sanity_rows(
     pick = torch.tensor(sanity_rows)
 
     def maps_of(net, images, tgt):
-        found = map_tensors(analyze(net, images, tgt, method=options.method))
+        found = map_tensors(analyze(net, images, tgt, method=options.method,
+                                    smoothing=options.smoothing, seed=options.seed))  # fmt: skip
         return {k: v[3] for k, v in found.items()}
 
     trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
@@ -367,7 +369,7 @@ def _fingerprint(inputs: ReportInputs, options: ReportOptions) -> dict:
         images.update(f"{name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     boxes = json.dumps(inputs.boxes, sort_keys=True) if inputs.boxes is not None else ""
     return {
-        "options": asdict(options),
+        "options": asdict(options) | {"smoothing": list(options.smoothing)},  # as JSON reads it
         "checkpoints": {name: ckpt.sha256 for name, _, ckpt in inputs.checkpoints},
         "images": images.hexdigest(),
         "boxes": hashlib.sha256(boxes.encode()).hexdigest(),

@@ -16,7 +16,7 @@ __all__ = ["add_report_parser", "report_command"]
 def add_report_parser(commands) -> argparse.ArgumentParser:
     """The `report` subcommand's options."""
     from viz.commands.inputs import int_in
-    from viz.engine.cam import CAM_METHODS
+    from viz.engine.cam import CAM_METHODS, SMOOTHINGS
     from viz.measures.metrics import BASELINES
 
     report = commands.add_parser(
@@ -38,6 +38,8 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
                              "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
     report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
                         help="CAM method (default: gradcam)")  # fmt: skip
+    report.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
+                        help="smooth the CAMs: aug (6x the passes), eigen; default none")  # fmt: skip
     report.add_argument("--deletion", default="default", choices=DELETION_CHOICES,
                         help="maps scored by deletion/insertion: default (the last stage's CAM "
                              "and the random map), all (every CAM and attention map: 13 maps "
@@ -92,7 +94,7 @@ def report_command(args: argparse.Namespace) -> int:
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
     options = ReportOptions(
-        method=args.method, deletion=args.deletion, steps=args.steps, baseline=args.baseline,
+        method=args.method, smoothing=tuple(args.smooth), deletion=args.deletion, steps=args.steps, baseline=args.baseline,
         batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
     )  # fmt: skip
     ranks = start_distributed(args.device)

@@ -321,7 +321,8 @@ def _sample_figure(inputs, options, count: int = 4):
             from viz.commands.inputs import resolve_target
 
             targets = [resolve_target(lab, ckpt.class_names, "label") for _, _, lab in shown]
-        maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method))
+        maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method,
+                                   smoothing=options.smoothing, seed=options.seed))  # fmt: skip
         cams = [k for k, v in maps.items() if v[0] == "cam"]
         gates = [k for k, v in maps.items() if v[0] == "attention"]
         for key in cams[-1:] + gates[-1:]:
@@ -464,7 +465,7 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     )  # fmt: skip
     intro = (
         f"{len(inputs.images)} images, {len(names)} checkpoint(s), CAM method "
-        f"{options.method}, deletion/insertion on {deletion} with {options.steps} "
+        f"{options.method}{''.join(f' ({s} smooth)' for s in options.smoothing)}, deletion/insertion on {deletion} with {options.steps} "
         f"steps ({options.baseline} baseline), {sanity}, {world} process(es). "
         "Intervals: 95% percentile bootstrap over images."
     )

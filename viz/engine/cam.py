@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_CAM_LAYERS",
     "CAM_METHODS",
     "ATTRIBUTION_METHODS",
+    "SMOOTHINGS",
 ]
 
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -59,6 +60,8 @@ DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
 
 
+SMOOTHINGS = ("aug", "eigen")
+"""`analyze`'s smoothing options: test-time augmentation, first principal component."""
 NEEDS = ("gradients", "activations", "classifier", "passes", "network")
 """What a CAM method needs, cheapest first: the shared backward's gradients at the layer; the
 layer's activations only; those and the classifier's weights; extra passes of its own
@@ -368,6 +371,7 @@ def analyze(
     method: str = "gradcam",
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
+    smoothing: Sequence[str] = (),
     options: dict | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -387,6 +391,7 @@ def analyze(
             those of the images as given).
         eigen_smooth: each map is the first principal component of the method's weighted
             activations instead of their channel sum (pytorch-grad-cam's option).
+        smoothing: the same two as names, e.g. ("aug", "eigen") (`SMOOTHINGS`).
         options: method options: `num_samples`, `std` (SS-CAM, IS-CAM, SmoothGrad-CAM++),
             `batch_size` of the extra passes (default: from a memory budget).
         seed: seed of the noise of SS-CAM and SmoothGrad-CAM++ (same seed, same maps).
@@ -404,6 +409,13 @@ def analyze(
     spec = CAM_METHODS.get(method)
     if spec is None:
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
+    unknown = set(smoothing) - set(SMOOTHINGS)
+    if unknown:
+        raise ValueError(f"smoothing must be among {', '.join(SMOOTHINGS)}, got {sorted(unknown)}")
+    aug_smooth, eigen_smooth = (
+        aug_smooth or "aug" in smoothing,
+        eigen_smooth or "eigen" in smoothing,
+    )
     settings = _Settings(spec, eigen_smooth, dict(options or {}), seed, progress)
     if aug_smooth:
         return _augmentation_smoothed(model, x, target, cam_layers, settings)

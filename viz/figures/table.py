@@ -50,6 +50,7 @@ class FigureSettings:
     Attributes:
         method: CAM method (`viz.engine.cam.CAM_METHODS`).
         layers: CAM layers, or None for the network's stage layers.
+        smoothing: the CAMs' smoothing, "aug" and/or "eigen" (`viz.engine.cam.analyze`).
         cmap: colour map of the maps.
         alpha: opacity of the maps over the image, in [0, 1].
         scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max);
@@ -61,6 +62,7 @@ class FigureSettings:
 
     method: str = "gradcam"
     layers: tuple[str, ...] | None = None
+    smoothing: tuple[str, ...] = ()
     cmap: str = DEFAULT_CMAP
     alpha: float = 0.5
     scale: str = "shared"
@@ -69,11 +71,13 @@ class FigureSettings:
     render: str = "smooth"
 
     def __post_init__(self) -> None:
-        from viz.engine.cam import CAM_METHODS
+        from viz.engine.cam import CAM_METHODS, SMOOTHINGS
 
         checks = [
             (self.method in CAM_METHODS,
              f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"),
+            (set(self.smoothing) <= set(SMOOTHINGS),
+             f"smoothing must be among {', '.join(SMOOTHINGS)}, got {list(self.smoothing)}"),
             (self.cmap in matplotlib.colormaps,
              f"unknown colour map {self.cmap!r} (any matplotlib colormap name)"),
             (0.0 <= float(self.alpha) <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
@@ -99,6 +103,7 @@ class FigureSettings:
         return {
             "cam_method": self.method,
             "cam_layers": None if self.layers is None else list(self.layers),
+            "cam_smoothing": list(self.smoothing),
             "cmap": self.cmap,
             "alpha": float(self.alpha),
             "scale": self.scale,
