@@ -328,3 +328,12 @@ def test_the_readme_method_table_lists_every_method():
     section = readme[readme.index("### CAM methods") :].split("\n## ")[0]
     missing = [m.label for m in CAM_METHODS.values() if m.label not in section]
     assert not missing
+
+
+def test_a_network_wide_map_is_drawn_in_the_gradcam_figure(cbam_model, image):
+    from viz.figures.attention_vs_gradcam import attention_vs_gradcam
+
+    analysis = analyze(cbam_model, image, 1, method="fullgrad")
+    fig = attention_vs_gradcam(torch.rand(3, SIZE, SIZE), analysis)
+    texts = " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+    assert "whole network" in texts and "FullGrad" in texts

@@ -210,7 +210,11 @@ def _ablationcam(ctx: PassContext) -> Tensor:
         value = 0.0 if low == 0 else low - 1e7  # the peer's choice for signed activations
         suffix = _Suffix(ctx, i)
         scores = torch.empty(c)
-        batch = max(1, ctx.batch_size())
+        # the batch runs from the layer on: sized by the layer's activations, not the image's
+        batch = ctx.options.get("batch_size") or MEMORY_BUDGET_MIB * 2**20 // (
+            3 * acts.numel() * acts.element_size()
+        )
+        batch = max(1, int(batch))
         for start in range(0, c, batch):
             chunk = torch.arange(start, min(c, start + batch))
             ablated = acts.expand(len(chunk), *acts.shape).clone()

@@ -50,10 +50,19 @@ class _Layer:
 
     @property
     def heading(self) -> str:
-        return f"stage {self.stage} · {self.name}\n{self.cam.shape[-2]}×{self.cam.shape[-1]}"
+        where = "whole network" if self.stage == 0 else f"stage {self.stage} · {self.name}"
+        return f"{where}\n{self.cam.shape[-2]}×{self.cam.shape[-1]}"
+
+    def absent(self, missing: str) -> str:
+        """What the attention panel says when there is no map to draw."""
+        if self.stage == 0:  # FullGrad: one map at the input's resolution
+            return "one map for\nthe network"
+        return f"{missing}\nin stage {self.stage}"
 
     def numbers(self, missing: str) -> str:
         """The agreement as text (or why there is none)."""
+        if self.stage == 0:
+            return "no single stage\nto compare with"
         if self.attention is None or self.score is None:
             return missing
         cells = self.attention.spatial[0].numel()
@@ -67,12 +76,13 @@ class _Layer:
 
 
 def _layers(one: Analysis, top_k: float) -> list[_Layer]:
-    """Every CAM layer at stage >= 1 (block layers too), in stage order, with its agreement."""
+    """Every CAM layer (block layers too) in stage order, with its agreement; a network-wide
+    map (stage 0, FullGrad) is drawn without one."""
     from viz.measures.metrics import agreement_table
 
     scores = {layer: (one.trace[name], s) for name, layer, s in agreement_table(one, top_k=top_k)}
     named = [(one.cam_stages.get(n), n) for n in one.cams]
-    staged = sorted(((s, n) for s, n in named if s is not None and s >= 1), key=lambda t: t[0])
+    staged = sorted(((s, n) for s, n in named if s is not None and s >= 0), key=lambda t: t[0])
     return [_Layer(s, n, one.cams[n][0], *scores.get(n, (None, None))) for s, n in staged]
 
 
@@ -111,7 +121,7 @@ def attention_vs_gradcam(
     one = analysis.select(index % analysis.logits.shape[0])
     layers = _layers(one, top_k)
     if not layers:
-        raise ValueError(f"attention_vs_gradcam needs CAMs at stages 1-4; got {sorted(one.cams)}")
+        raise ValueError(f"attention_vs_gradcam needs CAMs with a stage; got {sorted(one.cams)}")
     channel_only = sorted({kind_style(r.kind).label for r in one.trace if r.spatial is None})
     missing = (
         f"{'/'.join(channel_only)}:\nno spatial map" if channel_only else "no spatial\nattention"
@@ -132,7 +142,7 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
     canvas = Canvas(width, [3] * len(layers), left=0.3, footer=0.42, header=0.22, max_panel=1.3)
     for r, layer in enumerate(layers):
         if layer.attention is None:
-            canvas.note(r, 0, f"{missing}\nin stage {layer.stage}")
+            canvas.note(r, 0, layer.absent(missing))
         else:
             canvas.image(r, 0, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
                                        render=render))  # fmt: skip
@@ -155,7 +165,7 @@ def _columns(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
     for c, layer in enumerate(layers):
         canvas.above(0, c, layer.heading, max_lines=2)
         if layer.attention is None:
-            canvas.note(0, c, f"{missing}\nin stage {layer.stage}")
+            canvas.note(0, c, layer.absent(missing))
         else:
             canvas.image(0, c, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
                                        render=render))  # fmt: skip
