@@ -337,3 +337,31 @@ def test_a_network_wide_map_is_drawn_in_the_gradcam_figure(cbam_model, image):
     fig = attention_vs_gradcam(torch.rand(3, SIZE, SIZE), analysis)
     texts = " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
     assert "whole network" in texts and "FullGrad" in texts
+
+
+def test_the_passes_leave_the_denormal_setting_as_they_found_it(cbam_model, image):
+    def flushing() -> bool:
+        return float(torch.tensor(1e-39) * 1.0) == 0.0
+
+    for setting in (False, True):
+        torch.set_flush_denormal(setting)
+        try:
+            analyze(cbam_model, image, 0, ["layer4"], method="iscam", options={"num_samples": 1})
+            assert flushing() is setting
+        finally:
+            torch.set_flush_denormal(False)
+
+
+def test_the_folded_copy_follows_weights_changed_in_place(cbam_model, image):
+    from viz.engine.passes import _folded_copy
+
+    model = _chain()
+    first = _folded_copy(model)
+    assert _folded_copy(model) is first  # cached
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    again = _folded_copy(model)
+    assert again is not first
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-4)
