@@ -69,6 +69,7 @@ def run(methods: list[str], models: list[str], n_images: int, slow_images: int) 
                 by_group.setdefault(s.randomised, []).append(s.spearman)
             rows.append({
                 "model": kind, "method": method, "images": len(x[pick]),
+                "after_fc": _mean(by_group["fc"]),
                 "after_layer4": _mean(by_group["layer4"]),
                 "after_all": _mean(by_group[STEPS[-1]]) if not slow else None,
                 "seconds": time.perf_counter() - start,
@@ -88,25 +89,32 @@ def _number(value: float | None) -> str:
     return "flat" if math.isnan(value) else f"{value:+.2f}"
 
 
+def _verdict(flags: list[bool]) -> str:
+    return "yes" if all(flags) else "no" if not any(flags) else "on some models"
+
+
 def format_table(rows: list[dict]) -> str:
     from viz.engine.cam import CAM_METHODS
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     head = "| method | " + " | ".join(f"R-18 {m.upper() if m != 'plain' else 'plain'}"
-                                      for m in models) + " | passes |"  # fmt: skip
+                                      for m in models) + " | passes / class-sensitive |"  # fmt: skip
     lines = [head, "|---|" + "---:|" * len(models) + "---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
-        cells, verdicts = [], []
+        cells, verdicts, classwise = [], [], []
         for m in models:
             found = [r for r in rows if r["method"] == method and r["model"] == m]
             if not found:
                 cells.append("")
                 continue
             r = found[0]
-            cells.append(f"{_number(r['after_layer4'])} / {_number(r['after_all'])}")
+            cells.append(
+                " / ".join(_number(r[k]) for k in ("after_fc", "after_layer4", "after_all"))
+            )
             # a map that went flat (no rank correlation) has changed too
             verdicts.append(not r["after_layer4"] >= PASS_BELOW)
-        verdict = "yes" if all(verdicts) else "no" if not any(verdicts) else "on some models"
+            classwise.append(not r["after_fc"] >= PASS_BELOW)
+        verdict = _verdict(verdicts) + " / " + _verdict(classwise)
         label = CAM_METHODS[method].label
         if method in OPTIONS:
             label += f" ({OPTIONS[method]['num_samples']} samples)"
@@ -134,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         "# Sanity check of every layer4 CAM on the embedded models\n\n"
         f"`python -m bench.sanity_cams` ({args.images} sample images, {torch.__version__}): mean "
-        "Spearman rank correlation with the trained network's map after `fc` and `layer4` are "
-        f"randomised / after every layer is (flat: the map became constant, e.g. all zero after the "
-        f"ReLU, for every image); passes: below {PASS_BELOW} after layer4. "
+        "Spearman rank correlation with the trained network's map after `fc` is randomised / "
+        "after `fc` and `layer4` are / after every layer is (flat: the map became constant, e.g. all zero after the "
+        f"ReLU, for every image). Passes: below {PASS_BELOW} after layer4 (the map depends on the "
+        f"learned weights); class-sensitive: below {PASS_BELOW} after `fc` alone (the map depends "
+        "on the classifier, i.e. on the class explained). "
         f"{', '.join(SLOW)}: {args.slow_images} images, the ResNet-18 and ResNet-18 + CBAM only, "
         "`fc` and `layer4` randomised only (each map costs C = 512 passes per image).\n\n"
     )
