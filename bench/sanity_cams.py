@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     header = (
         "# Sanity check of every layer4 CAM on the embedded models\n\n"
-        f"`python -m bench.sanity_cams` ({args.images} sample images, {torch.__version__}): mean "
+        f"`python -m bench.sanity_cams` ({args.images} sample images, torch {torch.__version__}): mean "
         "Spearman rank correlation with the trained network's map after `fc` is randomised / "
         "after `fc` and `layer4` are / after every layer is (flat: the map became constant, e.g. all zero after the "
         f"ReLU, for every image). Passes: below {PASS_BELOW} after layer4 (the map depends on the "

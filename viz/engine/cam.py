@@ -631,7 +631,7 @@ AUGMENTATIONS = ((False, 1.0), (False, 0.9), (False, 1.1), (True, 1.0), (True, 0
 
 def _augmentation_smoothed(model, x, target, cam_layers, settings: _Settings) -> Analysis:
     n = len(x)
-    with model_lock(model), preserve_model_state(model), torch.inference_mode():
+    with preserve_model_state(model, eval_mode=False), torch.inference_mode():
         targets = resolve_targets(target, model(x))  # the class of the image as given
     batch = torch.cat([(x.flip(-1) if mirror else x) * factor for mirror, factor in AUGMENTATIONS])
     inner = _analyze(model, batch, targets.repeat(len(AUGMENTATIONS)), cam_layers, settings)
