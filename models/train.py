@@ -70,7 +70,8 @@ _DEFAULT_EVAL_SIZES = "128,160,192,224"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m models.train",
-        description="Train a ResNet with optional SE/BAM/CBAM on an ImageFolder dataset.",
+        description="Train a ResNet with optional SE/BAM/CBAM, or a timm network (optionally "
+        "distilled from teacher checkpoints), on an ImageFolder dataset.",
     )
     for add in (_data_options, _augment_options, _model_options, _optimiser_options, _run_options):
         add(p)
@@ -797,6 +798,10 @@ def _train(
     args: argparse.Namespace, init: Checkpoint | None, ranks: Ranks, teachers: Teachers | None
 ) -> int:
     state_path = args.out.with_name(args.out.name + ".state.pt")
+    # the same command, run again after it finished, must not start over and overwrite it
+    finished = args.resume and ranks.main and args.out.exists() and not state_path.is_file()
+    if ranks.broadcast(finished):
+        return _fail(f"--resume: {args.out} is finished (no {state_path.name} to continue)")
     torch.manual_seed(args.seed)
     attention = None if args.attention == "none" else args.attention
     device = (

@@ -205,6 +205,12 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(
         assert torch.equal(wa, wb), key
     losses = [[h["train_loss"] for h in c.metadata["training"]["history"]] for c in (a, b)]
     assert losses[0] == losses[1]
+    # the same command once more: finished, so it refuses rather than start over
+    monkeypatch.setenv("KEEP_TRAIN_STATE", "0")
+    out.with_name(out.name + ".state.pt").unlink()
+    assert train_mod.main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 2
+    assert "is finished" in capsys.readouterr().err
+    assert load_checkpoint(out).sha256 == b.sha256
 
 
 def _exit_code(argv: list[str]) -> int:
