@@ -14,7 +14,10 @@ channel gate, N x H x W for a spatial gate, (N, C, H, W) for a full 3-D gate.
 
 Built in: Attention Lens's own SE, BAM and CBAM (`models.attention`), timm's `SEModule`,
 `EffectiveSEModule`, `SqueezeExcite` (EfficientNet blocks), `EcaModule`, `CecaModule`,
-`CbamModule`, `LightCbamModule`, `GlobalContext`, and torchvision's `SqueezeExcitation`.
+`CbamModule`, `LightCbamModule`, `GlobalContext`, and torchvision's `SqueezeExcitation`; and
+self-attention (`kind="self-attention"`, read by `models.selfattention`): timm's `Attention`
+(ViT, DeiT, register-token ViTs) and Swin `WindowAttention`, torchvision's ViT
+(`nn.MultiheadAttention` called as self-attention) and Swin `ShiftedWindowAttention`.
 How each kind is named in figures lives here too (`kind_style`), so nothing else asks "is this
 BAM?".
 """
@@ -30,6 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import BAM, CBAM, SqueezeExcite
+from models.selfattention import (
+    MultiheadReader,
+    ProbabilitiesReader,
+    TimmAttentionReader,
+    TimmWindowReader,
+    TorchvisionWindowReader,
+)
 
 __all__ = [
     "AttentionProbe",
@@ -62,6 +72,8 @@ class AttentionProbe:
             feature means can be computed from the gates in one pass (built-ins only).
         optional: a submodule that does not exist means "no map here" rather than a mistake
             (built-ins whose gate depends on a constructor flag).
+        reader: for kind "self-attention": how the tracer reads the module's attention
+            probabilities (`models.selfattention`).
     """
 
     module_type: type
@@ -73,6 +85,7 @@ class AttentionProbe:
     logits: bool = False
     multiplies: bool = False
     optional: bool = False
+    reader: object | None = None
 
     def taps(self) -> dict[str, str]:
         """Map name -> submodule name, for the maps this probe reads."""
@@ -110,6 +123,9 @@ _styles: dict[str, KindStyle] = {
     ),
     "eca": KindStyle("ECA", "ECA channel weights", "ECA (no spatial map)"),
     "gc": KindStyle("GC", "global-context channel weights", "GC (no spatial map)"),
+    "self-attention": KindStyle(
+        "self-attention", "self-attention", "class-token attention to the patches"
+    ),
 }
 _generation = 0  # bumped on every change, so cached per-model plans know they are stale
 
@@ -124,8 +140,10 @@ def register_attention(
     activations: dict[str, Callable[[Tensor], Tensor]] | None = None,
     logits: bool = False,
     label: str | None = None,
+    attention: str | None = None,
     _multiplies: bool = False,
     _optional: bool = False,
+    _reader: object | None = None,
 ) -> AttentionProbe:
     """Teach Attention Lens where `module_type` keeps its attention maps.
 
@@ -139,6 +157,12 @@ def register_attention(
         activations: "channel"/"spatial" -> function applied to the tapped output.
         logits: the maps are logits (figures show their sigmoid).
         label: how figures name the kind (default: `kind` in upper case).
+        attention: with `kind="self-attention"`: dotted submodule whose output is the
+            post-softmax attention probabilities (N, heads, T, T), e.g. "attn_drop" or the
+            module's softmax (its unfused path must run). The patch grid and the prefix
+            tokens (class, distillation, registers) come from the enclosing timm or
+            torchvision transformer; elsewhere T must be a square, or a square plus one
+            class token.
 
     Returns:
         The registered probe (registering a type again replaces its probe).
@@ -151,7 +175,17 @@ def register_attention(
         raise TypeError(f"register_attention needs an nn.Module subclass, got {module_type!r}")
     if not isinstance(kind, str) or not kind.strip():
         raise ValueError("register_attention needs a non-empty kind, e.g. kind='cbam'")
-    if channel is None and spatial is None:
+    if kind == "self-attention":
+        if _reader is None:
+            if not isinstance(attention, str):
+                raise ValueError(
+                    "register_attention(kind='self-attention') needs attention=<submodule "
+                    "whose output is the attention probabilities>, e.g. attention='attn_drop'"
+                )
+            _reader = ProbabilitiesReader(attention)
+    elif attention is not None:
+        raise ValueError("attention=... is for kind='self-attention'")
+    elif channel is None and spatial is None:
         raise ValueError("register_attention needs channel=..., spatial=... or both")
     for path in (channel, spatial, gate):
         if path is not None and not isinstance(path, str):
@@ -161,8 +195,9 @@ def register_attention(
     if unknown:
         raise ValueError(f"activations may name 'channel' and 'spatial', got {sorted(unknown)}")
     probe = AttentionProbe(
-        module_type, kind, channel, spatial, gate, activations, logits, _multiplies, _optional
-    )
+        module_type, kind, channel, spatial, gate, activations, logits, _multiplies, _optional,
+        _reader,
+    )  # fmt: skip
     global _generation
     with _lock:
         _probes[module_type] = probe
@@ -237,9 +272,13 @@ def _builtin(module_type: type, **options) -> None:
 
 
 def _register_torchvision() -> None:
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
     from torchvision.ops.misc import SqueezeExcitation
 
     _builtin(SqueezeExcitation, kind="se", channel="scale_activation", _multiplies=True)
+    _builtin(ShiftedWindowAttention, kind="self-attention", _reader=TorchvisionWindowReader())
+    # torchvision's ViT blocks call it as self-attention; cross-attention calls give no record
+    _builtin(nn.MultiheadAttention, kind="self-attention", _reader=MultiheadReader())
 
 
 def _register_timm() -> None:
@@ -269,6 +308,13 @@ def _register_timm() -> None:
     )
     # the gate exists only with fuse_scale=True; without it the probe finds no map (skipped)
     _builtin(GlobalContext, kind="gc", channel="gate", _optional=True)
+    try:
+        from timm.layers.attention import Attention
+        from timm.models.swin_transformer import WindowAttention
+    except ImportError:
+        return
+    _builtin(Attention, kind="self-attention", _reader=TimmAttentionReader())
+    _builtin(WindowAttention, kind="self-attention", _reader=TimmWindowReader())
 
 
 # torchvision's and timm's types are registered once their package has been imported (no

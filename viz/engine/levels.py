@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from models.probes import find_probe, registry_generation
 from viz.engine.state import preserve_model_state, submodules
+from viz.engine.tokens import TokenLayout, token_layout
 
 __all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]
 
@@ -56,6 +57,7 @@ class NetworkLevels:
     strides: tuple[int, ...]
     layers: dict[int, str]
     attention_inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    deepest_last: bool = False  # fewer than four levels numbered up to 4 (a plain ViT: 4)
 
     def stage_layer_names(self) -> list[str]:
         """The stage layers in stage order: the default CAM layers."""
@@ -63,7 +65,7 @@ class NetworkLevels:
 
     def stage_of(self, stride: int) -> int:
         """The stage of a map at `stride` (0 or below: shallower than stage 1)."""
-        offset = max(0, len(self.strides) - STAGES)
+        offset = len(self.strides) - STAGES if self.deepest_last else max(0, len(self.strides) - STAGES)
         if stride in self.strides:
             return self.strides.index(stride) + 1 - offset
         if not self.strides:
@@ -105,8 +107,9 @@ def network_levels(model: nn.Module, count: int | None = None) -> NetworkLevels:
                 raise ValueError(str(hit[1]))
             return hit[1]
     modules = list(model.named_modules())
+    layout = token_layout(model)
     try:
-        levels = _probe(model, modules)
+        levels = _probe(model, modules) if layout is None else _token_levels(layout)
     except ValueError as exc:  # remembered too: a network the probe cannot run stays so
         with _cache_guard:
             _cache[model] = (key, exc)
@@ -114,6 +117,17 @@ def network_levels(model: nn.Module, count: int | None = None) -> NetworkLevels:
     with _cache_guard:
         _cache[model] = (key, levels)
     return levels
+
+
+def _token_levels(layout: TokenLayout) -> NetworkLevels:
+    """A transformer's levels from its layout: a ViT has one (the patch grid, stage 4; its
+    blocks' attention is grouped by depth instead), Swin one per stage."""
+    if layout.family == "vit":
+        return NetworkLevels((layout.patch,), {STAGES: layout.last_norm}, deepest_last=True)
+    strides = tuple(layout.patch * 2**i for i in range(len(layout.stage_layers)))
+    offset = max(0, len(strides) - STAGES)
+    layers = {i + 1: name for i, name in enumerate(layout.stage_layers[offset:])}
+    return NetworkLevels(strides, layers)
 
 
 def _in_channels(model: nn.Module) -> int:

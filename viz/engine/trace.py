@@ -25,9 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
+from models.selfattention import SelfAttentionReader, Tap, received_on_grid
 from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
 from viz.engine.state import model_lock, preserve_model_state, submodules
 from viz.engine.taps import TapHandle, tap
+from viz.engine.tokens import TokenLayout, guessed_grid, stage_of_block, token_layout
 
 __all__ = [
     "AttentionRecord",
@@ -59,6 +61,13 @@ class AttentionRecord:
         feature_out: (N, H, W) channel-mean |F'| leaving it, or None likewise.
         logits: `channel` and `spatial` are logits (BAM's branches); figures show sigmoid.
         stride: input size / map size at the module (4, 8, ...).
+        attention: self-attention with global attention (ViT, DeiT): the post-softmax
+            probabilities (N, heads, T, T), prefix tokens first; None otherwise (and for
+            window attention).
+        heads: self-attention: (N, heads, h, w) each head's map on the patch grid (the class
+            token's attention to the patches; without a class token, or in Swin's windows,
+            the mean attention each patch receives); `spatial` is their mean.
+        layer: self-attention in a ViT: the block's index in the network (0 = first).
     """
 
     name: str
@@ -72,6 +81,9 @@ class AttentionRecord:
     feature_out: Tensor | None
     logits: bool = False
     stride: int = 0
+    attention: Tensor | None = None
+    heads: Tensor | None = None
+    layer: int | None = None
 
     def select(self, index: int | slice) -> AttentionRecord:
         """The same record for image `index` (or a slice) of the batch, batch dimension kept."""
@@ -87,12 +99,16 @@ class AttentionRecord:
             gate=self.gate[pick],
             feature_in=part(self.feature_in),
             feature_out=part(self.feature_out),
+            attention=part(self.attention),
+            heads=part(self.heads),
         )
 
     @property
     def label(self) -> str:
         """The record's name in figures: "stage 2 · block 1", "BAM 2 (after stage 2)"."""
         style = kind_style(self.kind)
+        if self.layer is not None:
+            return f"block {self.layer}"
         if style.own_level:
             return f"{style.label} {self.stage} (after stage {self.stage})"
         return f"stage {self.stage} · block {self.block}"
@@ -188,7 +204,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 # --- per-model plan: which modules to tap and where (cached) ---------------------------------
 
-_Plan = list[tuple[str, nn.Module, AttentionProbe, dict[str, nn.Module]]]
+_Plan = list[tuple[str, nn.Module, AttentionProbe, dict[str, nn.Module] | list[Tap]]]
 _plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Plan]] = weakref.WeakKeyDictionary()
 _plans_guard = threading.Lock()
 
@@ -214,6 +230,13 @@ def _plan(model: nn.Module, count: int | None = None) -> _Plan:
             continue  # part of an attention module already planned
         probe = find_probe(module)
         if probe is None:
+            continue
+        if probe.reader is not None:  # self-attention: the reader knows what to tap
+            try:
+                plan.append((name, module, probe, probe.reader.taps(name, module, model)))
+            except (AttributeError, ValueError) as exc:
+                raise _probe_error(name, probe, str(exc)) from exc
+            inside = name + "." if name else ""
             continue
         taps = {}
         for part, path in probe.taps().items():
@@ -264,9 +287,15 @@ class _TraceState:
     for an attention module's own call, or (None, "call", (H, W)) for a forward of the model.
     """
 
-    def __init__(self, trace: AttentionTrace, levels: NetworkLevels | None, feature_means: bool):
+    def __init__(
+        self, trace: AttentionTrace, levels: NetworkLevels | None, feature_means: bool,
+        keep_graph: bool = False, layout: TokenLayout | None = None,
+    ) -> None:  # fmt: skip
         self.levels = levels
         self.feature_means = feature_means
+        self.keep_graph = keep_graph  # self-attention taps keep tensors in the autograd graph
+        self.layout = layout
+        self.attention_calls: list[tuple[_SelfAttentionWatch, dict, AttentionRecord]] = []
         self.events: list[tuple] = []
         self.used = 0  # events already turned into records
         self.call, self.input_hw = 0, (0, 0)
@@ -287,7 +316,15 @@ class _TraceState:
                 parts = self.open[watch] = {}
                 calls.append((watch, parts, self.call, self.input_hw))
             parts[part] = value
-        return [watch.record(self, parts, call, hw) for watch, parts, call, hw in calls]
+        records = []
+        for watch, parts, call, hw in calls:
+            rec = watch.record(self, parts, call, hw)
+            if rec is None:  # e.g. a cross-attention call of nn.MultiheadAttention
+                continue
+            if isinstance(watch, _SelfAttentionWatch):
+                self.attention_calls.append((watch, parts, rec))
+            records.append(rec)
+        return records
 
     def stage(self, stride: int) -> int:
         if self.levels is None:
@@ -413,6 +450,81 @@ class _ModuleWatch:
         )
 
 
+def _detached(value):
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
+class _SelfAttentionWatch:
+    """One self-attention module: its reader's taps keep q, k (or the probabilities) during
+    the forward; the probabilities and maps are computed when the record is built."""
+
+    def __init__(self, name: str, module: nn.Module, probe: AttentionProbe, index: int,
+                 count: int) -> None:  # fmt: skip
+        self.name, self.module, self.probe = name, module, probe
+        self.reader: SelfAttentionReader = probe.reader
+        self.index, self.count = index, count  # order among the model's self-attention modules
+
+    def tap_function(self, taps: _TapSet, spec: Tap) -> Callable:
+        keep = spec.keep
+
+        def kept(_m, args, other):
+            state = taps.state
+            if state is not None:
+                value = keep(args, other)
+                state.events.append((self, spec.part, value if state.keep_graph else _detached(value)))
+
+        return kept
+
+    def record(self, state: _TraceState, parts: dict, call: int, input_hw: tuple[int, int]):
+        probs = self.reader.probabilities(self.module, parts)
+        if probs is None:
+            return None
+        probs = probs.detach()
+        layout = state.layout
+        if self.reader.windowed:
+            geo = self.reader.geometry(self.module, parts)
+            windows = (-(-geo.height // geo.window[0])) * (-(-geo.width // geo.window[1]))
+            heads = received_on_grid(probs, geo, probs.shape[0] // windows)
+            stride = max(1, input_hw[0] // geo.height) if input_hw[0] else 0
+            stage, layer, attention = fallback_stage(stride), None, None
+        else:
+            heads, stride = self._patch_maps(probs, layout, input_hw)
+            stage = stage_of_block(self.index, self.count)
+            layer, attention = self.index, probs
+        spatial = heads.mean(1)
+        return AttentionRecord(
+            name=self.name, kind=self.probe.kind, stage=stage,
+            block=state.next_block(call, stage), channel=None, spatial=spatial, gate=spatial,
+            feature_in=None, feature_out=None, stride=stride, attention=attention,
+            heads=heads, layer=layer,
+        )  # fmt: skip
+
+    def _patch_maps(self, probs: Tensor, layout: TokenLayout | None, input_hw) -> tuple:
+        tokens = probs.shape[-1]
+        if layout is not None and layout.family == "vit" and input_hw[0]:
+            (h, w), prefix, cls = layout.grid(input_hw), layout.prefix, layout.class_token
+        else:  # a user's module outside a known transformer: a square grid, maybe + 1 token
+            grid = guessed_grid(tokens) or guessed_grid(tokens - 1)
+            if grid is None:
+                raise _probe_error(self.name, self.probe, f"{tokens} tokens are no square grid")
+            (h, w), prefix = grid, tokens - grid[0] * grid[1]
+            cls = prefix == 1
+        if tokens != prefix + h * w:
+            raise _probe_error(self.name, self.probe,
+                               f"{tokens} tokens, not {prefix} prefix + {h}x{w} patches")  # fmt: skip
+        n, heads = probs.shape[:2]
+        if cls:
+            maps = probs[:, :, 0, prefix:]
+        else:
+            maps = probs[:, :, :, prefix:].mean(2)
+        stride = input_hw[0] // h if input_hw[0] else 0
+        return maps.reshape(n, heads, h, w), stride
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     if args and isinstance(args[0], Tensor):
         return args[0]
@@ -438,14 +550,28 @@ class _TapSet:
         self.module_taps = module_taps  # feature means need each module's input and output
         self.state: _TraceState | None = None
         known = self.levels.attention_inputs if self.levels is not None else {}
-        self.watches = [
-            _ModuleWatch(name, probe, known.get(name)) for name, _, probe, _ in self.plan
-        ]
+        self.layout = token_layout(model) if self.plan else None
+        count = sum(1 for *_, probe, _ in self.plan if probe.reader is not None)
+        self.watches = []
+        for name, module, probe, _ in self.plan:
+            if probe.reader is not None:
+                index = sum(isinstance(w, _SelfAttentionWatch) for w in self.watches)
+                self.watches.append(_SelfAttentionWatch(name, module, probe, index, count))
+            else:
+                self.watches.append(_ModuleWatch(name, probe, known.get(name)))
         self.handles: list[TapHandle] = []
         try:
             if self.plan:
                 self.handles.append(tap(model, before=self._note_input))
             for watch, (_, module, _, taps) in zip(self.watches, self.plan):
+                if isinstance(watch, _SelfAttentionWatch):
+                    for spec in taps:
+                        fn = watch.tap_function(self, spec)
+                        self.handles.append(
+                            tap(spec.module, after=fn) if spec.when == "after"
+                            else tap(spec.module, before=fn)
+                        )  # fmt: skip
+                    continue
                 for part, sub in taps.items():
                     self.handles.append(tap(sub, after=watch.gate_tap(self, part)))
                 if module_taps or not watch.stride:
@@ -516,6 +642,7 @@ def record_attention(
     eval_mode: bool = True,
     feature_means: bool = False,
     modules: list[nn.Module] | None = None,
+    keep_graph: bool = False,
 ) -> Iterator[AttentionTrace]:
     """Tap every registered attention module of `model` and yield the trace they fill.
 
@@ -528,6 +655,8 @@ def record_attention(
             before and after the module, for the BAM hierarchy figure). They cost a pass over
             every attended feature map, so a plain trace leaves them None.
         modules: `viz.engine.state.submodules(model)` when the caller has it already (saves a walk).
+        keep_graph: self-attention taps keep their tensors in the autograd graph (for the
+            gradient methods of `viz.engine.transformer`); the records are detached anyway.
 
     Yields:
         An `AttentionTrace`, filled in forward order by each forward pass inside the block.
@@ -550,7 +679,7 @@ def record_attention(
             modules = submodules(model) if modules is None else modules
             taps, own = _TapSet(model, modules, module_taps=feature_means), True
         trace = AttentionTrace()
-        state = _TraceState(trace, taps.levels, feature_means)
+        state = _TraceState(trace, taps.levels, feature_means, keep_graph, taps.layout)
         # with kept taps, a model whose own flag says eval is taken to be all in eval: reading
         # every module's flag costs more than the trace itself in a loop of small batches
         trusted = not own and not model.training

@@ -1,0 +1,360 @@
+"""Where a transformer's self-attention can be read, without unfusing it.
+
+A *reader* tells the tracer which submodule calls to tap in one self-attention module type and
+how to turn what the taps kept into post-softmax attention probabilities. Fused attention stays
+fused: for timm's `Attention` the taps keep q and k (the outputs of `q_norm` / `k_norm`) and
+softmax(q k^T * scale) is computed when the record is built; timm's global fused-attention
+setting is never touched. torchvision's `nn.MultiheadAttention` is asked for per-head weights
+only while a trace is on.
+
+Gradients with respect to the probabilities (Chefer et al.'s GAE, LeGrad) need no unfused
+attention either: the output depends on A only through O = A V, so dy/dA = (dy/dO) V^T, with
+dy/dO read at the head-merged tensor that enters the output projection.
+
+Readers here: timm `Attention` (ViT, DeiT, register-token ViTs), timm Swin `WindowAttention`,
+`nn.MultiheadAttention` self-attention (torchvision's ViT), torchvision Swin's
+`ShiftedWindowAttention` (v1 and v2), and `ProbabilitiesReader` for a user's module whose
+submodule outputs the probabilities (`register_attention(..., kind="self-attention",
+attention="attn_drop")`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SelfAttentionReader",
+    "Tap",
+    "TimmAttentionReader",
+    "TimmWindowReader",
+    "MultiheadReader",
+    "TorchvisionWindowReader",
+    "ProbabilitiesReader",
+    "WindowGeometry",
+    "received_on_grid",
+]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One call to watch: `module`'s output ("after") or its arguments ("before"); `keep`
+    turns the tap's payload ((args, kwargs) or (args, output)) into the kept value."""
+
+    module: nn.Module
+    when: str
+    part: str
+    keep: Callable[[tuple, object], object]
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How one window-attention call cut its (N, H, W) grid into windows."""
+
+    height: int
+    width: int
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    roll_first: bool  # timm rolls then pads; torchvision pads then rolls
+
+
+class SelfAttentionReader:
+    """How to read one self-attention module type (subclass per type)."""
+
+    windowed = False  # attention within windows (Swin): no global (T, T) matrix
+
+    def taps(self, name: str, module: nn.Module, model: nn.Module) -> list[Tap]:
+        raise NotImplementedError
+
+    def probabilities(self, module: nn.Module, parts: dict) -> Tensor | None:
+        """(N, heads, T, T) post-softmax probabilities (windowed: (N * windows, heads, w, w)),
+        or None when this call was not self-attention (a cross-attention call)."""
+        raise NotImplementedError
+
+    def geometry(self, module: nn.Module, parts: dict) -> WindowGeometry:
+        raise NotImplementedError  # windowed readers only
+
+    def gradient_source(self, parts: dict) -> Tensor | None:
+        """A tensor of the forward graph that y depends on A through (None: not readable)."""
+        return None
+
+    def probability_gradient(self, module: nn.Module, parts: dict, grad: Tensor) -> Tensor:
+        """dy/dA (N, heads, T, T) from dy/d(gradient_source)."""
+        raise ValueError(f"{type(module).__name__}: gradients of its attention cannot be read")
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """(N, T, heads * d) -> (N, heads, T, d)."""
+    n, tokens, width = t.shape
+    return t.reshape(n, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return logits.float().softmax(-1)
+
+
+class TimmAttentionReader(SelfAttentionReader):
+    """timm `Attention`: q, k from `q_norm` / `k_norm`, v from `qkv`, dy/dO at `proj`'s input."""
+
+    def taps(self, name, module, model):
+        taps = [
+            Tap(module.q_norm, "after", "q", lambda _a, out: out),
+            Tap(module.k_norm, "after", "k", lambda _a, out: out),
+            Tap(module, "before", "mask", _timm_mask),
+        ]
+        if isinstance(module.norm, nn.Identity) and getattr(module, "gate", None) is None:
+            taps += [
+                Tap(module.qkv, "after", "qkv", lambda _a, out: out),
+                Tap(module.proj, "before", "merged", lambda args, _kw: args[0]),
+            ]
+        return taps
+
+    def probabilities(self, module, parts):
+        q, k = parts["q"].float(), parts["k"].float()
+        logits = (q * module.scale) @ k.transpose(-2, -1)
+        mask = parts.get("mask")
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask.float()
+        return _softmax(logits)
+
+    def gradient_source(self, parts):
+        return parts.get("merged")
+
+    def probability_gradient(self, module, parts, grad):
+        if "qkv" not in parts:
+            return super().probability_gradient(module, parts, grad)
+        n, tokens, _ = parts["qkv"].shape
+        v = parts["qkv"].reshape(n, tokens, 3, module.num_heads, -1)[:, :, 2].transpose(1, 2)
+        return _heads(grad.float(), module.num_heads) @ v.float().transpose(-2, -1)
+
+
+def _timm_mask(args: tuple, kwargs: dict) -> Tensor | None:
+    mask = kwargs.get("attn_mask") if kwargs else None
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+        mask = args[1]
+    return mask
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+class TimmWindowReader(SelfAttentionReader):
+    """timm Swin `WindowAttention`: q, k from `qkv`, the shift mask from its call, the grid
+    from the enclosing `SwinTransformerBlock`'s input (B, H, W, C)."""
+
+    windowed = True
+
+    def taps(self, name, module, model):
+        block = _parent(model, name)
+        if not hasattr(block, "shift_size") or not hasattr(block, "window_size"):
+            raise ValueError(f"{name!r}: a WindowAttention outside a SwinTransformerBlock")
+        self_block = block
+
+        def grid(args, _kw):
+            x = args[0]
+            return (x.shape[1], x.shape[2], tuple(self_block.window_size),
+                    tuple(self_block.shift_size))  # fmt: skip
+
+        return [
+            Tap(block, "before", "grid", grid),
+            Tap(module, "before", "mask", _window_mask),
+            Tap(module.qkv, "after", "qkv", lambda _a, out: out),
+        ]
+
+    def probabilities(self, module, parts):
+        qkv = parts["qkv"]
+        n, tokens, _ = qkv.shape
+        q, k, _v = qkv.reshape(n, tokens, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).float()
+        logits = (q * module.scale) @ k.transpose(-2, -1) + module._get_rel_pos_bias().float()
+        mask = parts.get("mask")
+        if mask is not None:
+            windows = mask.shape[0]
+            logits = logits.view(-1, windows, module.num_heads, tokens, tokens)
+            logits = (logits + mask.float()[None, :, None]).view(-1, module.num_heads, tokens, tokens)
+        return _softmax(logits)
+
+    def geometry(self, module, parts):
+        h, w, window, shift = parts["grid"]
+        return WindowGeometry(h, w, window, shift, roll_first=True)
+
+
+def _window_mask(args, kwargs) -> Tensor | None:
+    mask = kwargs.get("mask") if kwargs else None
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+        mask = args[1]
+    return mask
+
+
+class MultiheadReader(SelfAttentionReader):
+    """`nn.MultiheadAttention` called as self-attention (torchvision's ViT): asked for per-head
+    weights while tracing; dy/dO from dy/d(output) through `out_proj`."""
+
+    def taps(self, name, module, model):
+        def ask_weights(args, kwargs):
+            if kwargs is not None and len(args) <= 4:  # need_weights is a keyword here
+                kwargs["need_weights"] = True
+                kwargs["average_attn_weights"] = False
+            return args[0] if args[0] is args[1] and args[1] is args[2] else None
+
+        return [
+            Tap(module, "before", "x", ask_weights),
+            Tap(module, "after", "out", lambda _a, out: out),
+        ]
+
+    def probabilities(self, module, parts):
+        out = parts.get("out")
+        if parts.get("x") is None or not isinstance(out, tuple) or out[1] is None:
+            return None  # not a self-attention call, or weights not given
+        weights = out[1]
+        if weights.ndim == 3:  # (N, T, T) when the call fixed average_attn_weights itself
+            return None
+        if not module.batch_first:
+            raise ValueError("nn.MultiheadAttention with batch_first=False is not read yet")
+        return weights.float()
+
+    def gradient_source(self, parts):
+        out = parts.get("out")
+        return out[0] if isinstance(out, tuple) else None
+
+    def probability_gradient(self, module, parts, grad):
+        x = parts["x"]
+        width = module.embed_dim
+        bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * width :]
+        v = F.linear(x.float(), module.in_proj_weight[2 * width :].float(),
+                     None if bias is None else bias.float())  # fmt: skip
+        merged_grad = grad.float() @ module.out_proj.weight.float()
+        heads = module.num_heads
+        return _heads(merged_grad, heads) @ _heads(v, heads).transpose(-2, -1)
+
+
+class TorchvisionWindowReader(SelfAttentionReader):
+    """torchvision Swin `ShiftedWindowAttention` (and V2): its attention is functional, so the
+    probabilities are recomputed from its input when the record is built."""
+
+    windowed = True
+
+    def taps(self, name, module, model):
+        return [Tap(module, "before", "x", lambda args, _kw: args[0])]
+
+    def _shift(self, module, pad_h: int, pad_w: int) -> tuple[int, int]:
+        window, shift = list(module.window_size), list(module.shift_size)
+        if window[0] >= pad_h:
+            shift[0] = 0
+        if window[1] >= pad_w:
+            shift[1] = 0
+        return shift[0], shift[1]
+
+    def geometry(self, module, parts):
+        _, h, w, _ = parts["x"].shape
+        window = tuple(module.window_size)
+        pad_h, pad_w = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
+        return WindowGeometry(h, w, window, self._shift(module, pad_h, pad_w), roll_first=False)
+
+    def probabilities(self, module, parts):
+        x = parts["x"].float()
+        geo = self.geometry(module, parts)
+        windows = _partition(x, geo)  # (N * nW, w*w, C)
+        heads, width = module.num_heads, x.shape[-1]
+        qkv_bias = None if module.qkv.bias is None else module.qkv.bias.float()
+        logit_scale = getattr(module, "logit_scale", None)
+        if logit_scale is not None and qkv_bias is not None:  # v2 has no key bias
+            qkv_bias = qkv_bias.clone()
+            qkv_bias[width : 2 * width] = 0
+        qkv = F.linear(windows, module.qkv.weight.float(), qkv_bias)
+        n, tokens, _ = qkv.shape
+        q, k, _v = qkv.reshape(n, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        if logit_scale is not None:
+            scale = torch.clamp(logit_scale.float(), max=math.log(100.0)).exp()
+            logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+        else:
+            logits = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)
+        logits = logits + module.get_relative_position_bias().float()
+        if any(geo.shift):
+            mask = _shift_mask(geo, x.device)
+            logits = logits.view(-1, mask.shape[0], heads, tokens, tokens) + mask[None, :, None]
+            logits = logits.view(-1, heads, tokens, tokens)
+        return _softmax(logits)
+
+
+def _padded(geo: WindowGeometry) -> tuple[int, int]:
+    return -(-geo.height // geo.window[0]) * geo.window[0], -(-geo.width // geo.window[1]) * geo.window[1]
+
+
+def _partition(x: Tensor, geo: WindowGeometry) -> Tensor:
+    """(N, H, W, C) -> (N * windows, w*w, C), padded and shifted as torchvision does."""
+    pad_h, pad_w = _padded(geo)
+    x = F.pad(x, (0, 0, 0, pad_w - geo.width, 0, pad_h - geo.height))
+    if any(geo.shift):
+        x = torch.roll(x, shifts=(-geo.shift[0], -geo.shift[1]), dims=(1, 2))
+    n, c = x.shape[0], x.shape[-1]
+    wh, ww = geo.window
+    x = x.view(n, pad_h // wh, wh, pad_w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def _shift_mask(geo: WindowGeometry, device) -> Tensor:
+    """torchvision's shifted-window mask (windows, w*w, w*w): -100 across regions."""
+    pad_h, pad_w = _padded(geo)
+    (wh, ww), (sh, sw) = geo.window, geo.shift
+    labels = torch.zeros(pad_h, pad_w, device=device)
+    count = 0
+    for hs in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for ws in ((0, -ww), (-ww, -sw), (-sw, None)):
+            labels[hs[0] : hs[1], ws[0] : ws[1]] = count
+            count += 1
+    labels = labels.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = labels[:, None, :] - labels[:, :, None]
+    return torch.where(diff != 0, -100.0, 0.0)
+
+
+def received_on_grid(probabilities: Tensor, geo: WindowGeometry, batch: int) -> Tensor:
+    """(N, heads, H, W): the mean attention each token receives inside its window, put back
+    on the stage's grid (windows merged, the cyclic shift undone, padding cut)."""
+    pad_h, pad_w = _padded(geo)
+    wh, ww = geo.window
+    received = probabilities.mean(-2)  # (N * nW, heads, w*w): mean over the window's queries
+    heads = received.shape[1]
+    grid = received.view(batch, pad_h // wh, pad_w // ww, heads, wh, ww)
+    grid = grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, heads, pad_h, pad_w)
+    if geo.roll_first:  # timm: roll, then pad -> cut, then roll back
+        grid = grid[..., : geo.height, : geo.width]
+        if any(geo.shift):
+            grid = torch.roll(grid, shifts=geo.shift, dims=(-2, -1))
+        return grid
+    if any(geo.shift):  # torchvision: pad, then roll -> roll back, then cut
+        grid = torch.roll(grid, shifts=geo.shift, dims=(-2, -1))
+    return grid[..., : geo.height, : geo.width]
+
+
+class ProbabilitiesReader(SelfAttentionReader):
+    """A user's module: the output of submodule `path` is the (N, heads, T, T) probabilities
+    (e.g. its `attn_drop`, or its softmax); requires the unfused path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def taps(self, name, module, model):
+        try:
+            sub = module.get_submodule(self.path) if self.path else module
+        except AttributeError as exc:
+            raise ValueError(f"{name!r} has no submodule {self.path!r}") from exc
+        return [Tap(sub, "after", "probabilities", lambda _a, out: out)]
+
+    def probabilities(self, module, parts):
+        p = parts["probabilities"]
+        if not isinstance(p, Tensor) or p.ndim not in (3, 4) or p.shape[-1] != p.shape[-2]:
+            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(
+                f"{type(module).__name__}.{self.path}: output {shape} is not (N, heads, T, T) "
+                "attention probabilities (is the module's fused path on?)"
+            )
+        return (p[:, None] if p.ndim == 3 else p).float()
