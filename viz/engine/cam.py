@@ -34,11 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.probes import find_probe
 from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
 from viz.engine.maps import normalize
 from viz.engine.passes import PASS_WEIGHTS, PassContext, planned_passes
 from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import AttentionTrace, model_modules, record_attention
+from viz.engine.transformer import gae, legrad, rollout
 
 __all__ = [
     "Analysis",
@@ -62,10 +65,11 @@ ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
 
 SMOOTHINGS = ("aug", "eigen")
 """`analyze`'s smoothing options: test-time augmentation, first principal component."""
-NEEDS = ("gradients", "activations", "classifier", "passes", "network")
+NEEDS = ("gradients", "activations", "classifier", "passes", "network", "attention")
 """What a CAM method needs, cheapest first: the shared backward's gradients at the layer; the
 layer's activations only; those and the classifier's weights; extra passes of its own
-(`viz.engine.passes`); every bias layer's gradient and the input's (one map for the network)."""
+(`viz.engine.passes`); every bias layer's gradient and the input's (one map for the network);
+a transformer's self-attention (`viz.engine.transformer`: one map for the network)."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,8 @@ def register_cam_method(
     works too). `needs` is "gradients" or "activations" (then `grads` is None and the backward
     is skipped when no other method needs it). `details`: other `CamMethod` fields.
     """
-    if (weigh is None) == (contributions is None) and needs not in ("passes", "classifier",
-                                                                     "network"):  # fmt: skip
+    own_computation = ("passes", "classifier", "network", "attention")
+    if (weigh is None) == (contributions is None) and needs not in own_computation:
         raise ValueError("give one of weigh or contributions")
     if needs not in NEEDS:
         raise ValueError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}")
@@ -240,6 +244,13 @@ def _register_builtins() -> None:
                             channel_weights=PASS_WEIGHTS[name])  # fmt: skip
     register_cam_method("fullgrad", label="FullGrad", paper="arXiv:1905.00780", needs="network",
                         cost="1 forward + 1 backward to the input", peer=_PGC)  # fmt: skip
+    register_cam_method("rollout", label="attention rollout", paper="arXiv:2005.00928",
+                        needs="attention", cost="1 forward", relu=False)  # fmt: skip
+    register_cam_method("gae", label="GAE (Chefer et al.)", paper="arXiv:2103.15679",
+                        needs="attention", cost="1 forward + 1 backward to the input")  # fmt: skip
+    register_cam_method("legrad", label="LeGrad", paper="arXiv:2404.03214", needs="attention",
+                        cost="1 forward + 1 short backward per block",
+                        peer="TorchCAM 0.5 LeGrad")  # fmt: skip
 
 
 _register_builtins()
@@ -393,14 +404,19 @@ def analyze(
             activations instead of their channel sum (pytorch-grad-cam's option).
         smoothing: the same two as names, e.g. ("aug", "eigen") (`SMOOTHINGS`).
         options: method options: `num_samples`, `std` (SS-CAM, IS-CAM, SmoothGrad-CAM++),
-            `batch_size` of the extra passes (default: from a memory budget).
+            `batch_size` of the extra passes (default: from a memory budget); rollout's
+            `head_fusion` ("mean", "max", "min"), `discard` (fraction of the smallest fused
+            entries set to zero) and `start_block`.
         seed: seed of the noise of SS-CAM and SmoothGrad-CAM++ (same seed, same maps).
         progress: `progress(done, total)` in images through the network, after the main pass
             and after every batch of extra passes.
 
     Returns:
         An `Analysis`; `cams[name]` is (N, h, w) at the layer's own resolution; FullGrad gives
-        one map, `cams["fullgrad"]`, at the input's resolution (stage 0).
+        one map, `cams["fullgrad"]`, at the input's resolution (stage 0); the transformer
+        methods (rollout, gae, legrad) one map on the patch grid, `cams[method]` (stage 0).
+        Token layers (a ViT's (N, T, C), Swin's (N, H, W, C)) are put on their grid first,
+        prefix tokens dropped (`viz.engine.tokens`).
 
     Cost: 1 forward + 1 backward that runs from the logits down to the earliest requested layer,
     without parameter gradients, shared by every gradient method; no backward for the methods
@@ -451,6 +467,8 @@ def _analyze(model, x, target, cam_layers, settings: _Settings) -> Analysis:
     spec = settings.spec
     with model_lock(model):
         modules = model_modules(model)  # one walk for the caches, the flags and the freeze
+        if spec.needs == "attention":
+            return _transformer_analysis(model, x, target, settings, modules)
         try:
             levels = network_levels(model, len(modules))
         except ValueError:
@@ -503,8 +521,10 @@ def _forward_backward(model, x, target, layers: dict[str, nn.Module], modules, n
 
     def keep(name: str):
         def hook(_m, _i, out: Tensor) -> Tensor | None:
-            if not isinstance(out, Tensor) or out.ndim != 4:
-                raise ValueError(f"CAM layer {name!r} does not output an (N, C, h, w) tensor")
+            if not isinstance(out, Tensor) or out.ndim not in (3, 4) or (network and out.ndim != 4):
+                raise ValueError(
+                    f"CAM layer {name!r} outputs neither an (N, C, h, w) map nor (N, T, C) tokens"
+                )
             if network:  # the gradient of this value, even if later changed in place
                 if out.requires_grad:
                     out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
@@ -539,6 +559,10 @@ def _forward_backward(model, x, target, layers: dict[str, nn.Module], modules, n
             for (name, act), grad in zip(acts.items(), found):
                 # None: the layer does not influence the logits
                 grads[name] = torch.zeros_like(act) if grad is None else grad
+    if not network:  # token layers onto their patch grid (ViT tokens, Swin's channels-last)
+        layout, hw = token_layout(model), (x.shape[-2], x.shape[-1])
+        run.acts = {n: as_feature_map(a, layout, hw, n) for n, a in run.acts.items()}
+        run.grads = {n: as_feature_map(g, layout, hw, n) for n, g in grads.items()}
     return run
 
 
@@ -577,6 +601,57 @@ def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets:
         "(Zhou et al.), which this network does not have there: use gradcam (equal to CAM "
         "where CAM applies) or give the last feature layer"
     )
+
+
+# --- transformer methods -----------------------------------------------------------------------
+
+
+def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Analysis:
+    """Rollout, GAE or LeGrad: one traced forward (and the backward GAE and LeGrad need)."""
+    spec, options = settings.spec, settings.options
+    layout = token_layout(model)
+    class_token = layout.class_token if layout is not None else None
+    gradients = spec.name != "rollout"
+    outputs: list[Tensor] = []
+    handles = []
+    with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
+        with torch.set_grad_enabled(gradients):
+            x_in = x.detach().requires_grad_() if gradients else x
+            try:
+                with record_attention(model, modules=modules, keep_graph=gradients) as trace:
+                    if spec.name == "legrad":
+                        handles = _block_output_hooks(model, outputs)
+                    logits = model(x_in)
+            finally:
+                for h in handles:
+                    h.remove()
+            targets = resolve_targets(target, logits)
+            calls = trace.attention_calls()
+            if spec.name == "rollout":
+                cam = rollout(
+                    [rec for *_, rec in calls], head_fusion=options.get("head_fusion", "mean"),
+                    discard=float(options.get("discard", 0.0)),
+                    start=int(options.get("start_block", 0)), class_token=class_token,
+                )  # fmt: skip
+            elif spec.name == "gae":
+                score = logits.gather(1, targets[:, None]).sum()
+                cam = gae(calls, score, class_token=class_token)
+            else:
+                if layout is None or layout.score is None:
+                    raise ValueError("legrad needs a timm or torchvision ViT (its final norm and head)")
+                cam = legrad(calls, outputs, layout.score, targets)
+    if settings.progress is not None:
+        settings.progress(len(x), len(x))
+    logits = logits.detach()
+    return Analysis(logits, logits.softmax(1), targets, trace, {spec.name: cam}, spec.name,
+                    {spec.name: 0}, ())  # fmt: skip
+
+
+def _block_output_hooks(model: nn.Module, outputs: list[Tensor]) -> list:
+    """Forward hooks that keep the output of each self-attention module's enclosing block."""
+    names = [n for n, m in model.named_modules() if n and getattr(find_probe(m), "reader", None)]
+    blocks = [model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model for n in names]
+    return [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in blocks]
 
 
 # --- FullGrad ---------------------------------------------------------------------------------

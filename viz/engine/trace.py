@@ -188,6 +188,12 @@ class AttentionTrace:
             stages.setdefault(rec.stage, []).append(rec)
         return stages
 
+    def attention_calls(self) -> list[tuple]:
+        """(watch, kept tensors, record) of each self-attention call, forward order (for the
+        gradient methods of `viz.engine.transformer`; empty for a built or copied trace)."""
+        records = self._records  # builds what is pending
+        return list(self._source.attention_calls) if self._source is not None and records else []
+
     def select(self, index: int | slice) -> AttentionTrace:
         """The trace of image `index` (or a slice) of the batch."""
         return AttentionTrace([r.select(index) for r in self._records])
