@@ -74,6 +74,7 @@ from viz import (
     label_of,
     load_image,
     md_text,
+    methods_for,
     model_grid_rows,
     npz_bytes,
     open_report,
@@ -445,8 +446,9 @@ def main() -> None:
     st.set_page_config(page_title="Attention Lens", page_icon=":mag:", layout="wide")
     st.title("Attention Lens")
     st.caption(
-        "What BAM and CBAM attention does inside a ResNet: every module's spatial map and "
-        "channel weights, Grad-CAM from the same pass, and how much they agree."
+        "What attention does inside a network: every BAM/CBAM/SE module's spatial map and "
+        "channel weights, a vision transformer's self-attention per block and head, CAMs from "
+        "the same pass, and how much they agree."
     )
     errors = st.container()  # the one place where problems are reported
     for line in plugin_errors():
@@ -457,9 +459,14 @@ def main() -> None:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)
         st.sidebar.header("Class activation map")
+        methods = methods_for(ckpt.model) if ckpt else list(CAM_METHODS)
+        if st.session_state.get("method") not in methods:  # e.g. rollout kept from a ViT
+            st.session_state["method"] = "gradcam"
         method = st.sidebar.selectbox(
-            "Method", list(CAM_METHODS), format_func=lambda m: CAM_METHODS[m].label, key="method"
-        )
+            "Method", methods, format_func=lambda m: CAM_METHODS[m].label, key="method",
+            help="rollout, GAE and LeGrad read a vision transformer's self-attention: one map "
+                 "for the whole network",
+        )  # fmt: skip
         choices = cam_layer_choices(ckpt.model) if ckpt else []
         stages = default_cam_layers(ckpt.model) if ckpt else []
         layers = st.sidebar.multiselect(
@@ -496,7 +503,7 @@ def main() -> None:
         if not items:
             st.info("Upload images or pick sample images in the sidebar.")
             return
-        if not layers:
+        if not layers and CAM_METHODS[method].needs not in ("network", "attention"):
             raise ValueError("choose at least one CAM layer in the sidebar")
         page(ckpt, label, models, items, View(settings, safe_stem(ckpt.label)), errors)
     except USER_ERRORS as exc:
@@ -543,9 +550,12 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
     item, crop = items[pick], crops[pick]
     tkey = f"{item.sha[:16]}:{ckpt.sha256[:16]}"
     target, an = explained_class(ckpt, label, item, crop, base[pick], settings, tkey)
+    # a transformer has heads where a CNN has channel weights
+    transformer = any(rec.kind == "self-attention" for rec in an.trace)
     tabs = st.tabs(
-        ["Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
-         "BAM hierarchy", "Compare models", "Class statistics", "Data set"]
+        ["Spatial attention", "Attention heads" if transformer else "Channel attention",
+         "Grad-CAM", "Agreement & deletion/insertion", "BAM hierarchy", "Compare models",
+         "Class statistics", "Data set"]
     )  # fmt: skip
     stem = safe_stem(item.name)
 
@@ -555,7 +565,10 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
     with tabs[0]:
         show_figure(draw("overview"), f"{stem}_spatial", f"sp:{tkey}", view, errors)
     with tabs[1]:
-        channel_tab(ckpt, items, base, pick, view, stem, tkey, errors)
+        if transformer:
+            show_figure(draw("heads"), f"{stem}_heads", f"hd:{tkey}", view, errors)
+        else:
+            channel_tab(ckpt, items, base, pick, view, stem, tkey, errors)
     with tabs[2]:
         show_figure(draw("gradcam"), f"{stem}_gradcam", f"gc:{tkey}", view, errors)
         captum_panel(ckpt, item, target, view, stem, tkey, errors)

@@ -179,7 +179,9 @@ class TimmWindowReader(SelfAttentionReader):
         if mask is not None:
             windows = mask.shape[0]
             logits = logits.view(-1, windows, module.num_heads, tokens, tokens)
-            logits = (logits + mask.float()[None, :, None]).view(-1, module.num_heads, tokens, tokens)
+            logits = (logits + mask.float()[None, :, None]).view(
+                -1, module.num_heads, tokens, tokens
+            )
         return _softmax(logits)
 
     def geometry(self, module, parts):
@@ -286,7 +288,9 @@ class TorchvisionWindowReader(SelfAttentionReader):
 
 
 def _padded(geo: WindowGeometry) -> tuple[int, int]:
-    return -(-geo.height // geo.window[0]) * geo.window[0], -(-geo.width // geo.window[1]) * geo.window[1]
+    return -(-geo.height // geo.window[0]) * geo.window[0], -(
+        -geo.width // geo.window[1]
+    ) * geo.window[1]
 
 
 def _partition(x: Tensor, geo: WindowGeometry) -> Tensor:

@@ -14,7 +14,7 @@ from conftest import leftovers, randomize_bn
 from torch import nn
 
 from models import build_model
-from viz.engine.cam import AUGMENTATIONS, CAM_METHODS, analyze
+from viz.engine.cam import AUGMENTATIONS, CAM_METHODS, NEEDS, analyze
 from viz.engine.maps import normalize
 
 SIZE = 64
@@ -315,7 +315,7 @@ def test_progress_counts_every_pass_up_to_the_total(cbam_model, image):
 
 def test_every_method_declares_what_it_needs_and_what_it_costs():
     for method in CAM_METHODS.values():
-        assert method.needs in ("gradients", "activations", "classifier", "passes", "network")
+        assert method.needs in NEEDS
         assert method.cost and method.label and method.paper
         if method.needs == "passes":
             assert method.channel_weights is not None

@@ -60,7 +60,9 @@ from viz.engine.cam import (
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
 from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
+from viz.engine.transformer import gae, legrad, rollout
 from viz.figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
@@ -104,6 +106,7 @@ from viz.session import (
     describe_checkpoint,
     digest,
     md_text,
+    methods_for,
     model_grid_rows,
     parse_class_names,
     safe_stem,
@@ -200,6 +203,12 @@ __all__ = [
     "model_grid_rows",
     "analyze_images",
     "cam_layer_choices",
+    "methods_for",
+    "TokenLayout",
+    "token_layout",
+    "rollout",
+    "gae",
+    "legrad",
     "check_upload_size",
     "comparison_order",
     "default_cam_layers",

@@ -23,6 +23,7 @@ from models.architectures import ForeignArch
 from models.checkpoint import Checkpoint, parse_class_names
 from models.images import IMAGE_EXTENSIONS
 from viz.engine.cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
+from viz.engine.tokens import token_layout
 
 __all__ = [
     "IMAGE_TYPES",
@@ -183,6 +184,14 @@ def default_cam_layers(model: nn.Module) -> list[str]:
         return []
 
 
+def methods_for(model: nn.Module) -> list[str]:
+    """The CAM methods that apply to `model`: the transformer methods (rollout, GAE, LeGrad)
+    only for a ViT with global self-attention; every layer method for any network."""
+    layout = token_layout(model)
+    vit = layout is not None and layout.family == "vit"
+    return [name for name, m in CAM_METHODS.items() if m.needs != "attention" or vit]
+
+
 def cam_layer_choices(model: nn.Module) -> list[str]:
     """Layers a user may pick for a CAM: the stage layers, then the blocks inside them.
 
@@ -190,6 +199,11 @@ def cam_layer_choices(model: nn.Module) -> list[str]:
     CNN gets sensible choices: `layer1`..`layer4` and `layer3.1` in a ResNet, `features.5` and
     `features.5.2` in an EfficientNet.
     """
+    layout = token_layout(model)
+    if layout is not None and layout.family == "vit":  # each block's first norm, last first
+        container, _, norm = layout.last_norm.rsplit(".", 2)
+        children = [c for c, _ in model.get_submodule(container).named_children()]
+        return [f"{container}.{c}.{norm}" for c in reversed(children)]
     try:
         stages = stage_layers(model)
     except ValueError:
@@ -293,6 +307,8 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
             gate=cat(a.trace[i].gate for a in analyses),
             feature_in=cat(a.trace[i].feature_in for a in analyses),
             feature_out=cat(a.trace[i].feature_out for a in analyses),
+            attention=cat(a.trace[i].attention for a in analyses),
+            heads=cat(a.trace[i].heads for a in analyses),
         )
         for i, rec in enumerate(first.trace)
     ]

@@ -638,7 +638,9 @@ def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Ana
                 cam = gae(calls, score, class_token=class_token)
             else:
                 if layout is None or layout.score is None:
-                    raise ValueError("legrad needs a timm or torchvision ViT (its final norm and head)")
+                    raise ValueError(
+                        "legrad needs a timm or torchvision ViT (its final norm and head)"
+                    )
                 cam = legrad(calls, outputs, layout.score, targets)
     if settings.progress is not None:
         settings.progress(len(x), len(x))

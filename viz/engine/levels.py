@@ -65,7 +65,9 @@ class NetworkLevels:
 
     def stage_of(self, stride: int) -> int:
         """The stage of a map at `stride` (0 or below: shallower than stage 1)."""
-        offset = len(self.strides) - STAGES if self.deepest_last else max(0, len(self.strides) - STAGES)
+        offset = (
+            len(self.strides) - STAGES if self.deepest_last else max(0, len(self.strides) - STAGES)
+        )
         if stride in self.strides:
             return self.strides.index(stride) + 1 - offset
         if not self.strides:

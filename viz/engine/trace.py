@@ -481,7 +481,9 @@ class _SelfAttentionWatch:
             state = taps.state
             if state is not None:
                 value = keep(args, other)
-                state.events.append((self, spec.part, value if state.keep_graph else _detached(value)))
+                state.events.append(
+                    (self, spec.part, value if state.keep_graph else _detached(value))
+                )
 
         return kept
 

@@ -61,7 +61,9 @@ def _class_token(rec: AttentionRecord) -> bool:
     # a record's heads map is the class token's row exactly when the model has one
     n, heads, h, w = rec.heads.shape
     prefix = rec.attention.shape[-1] - h * w
-    return prefix > 0 and torch.equal(rec.heads, rec.attention[:, :, 0, prefix:].reshape(n, heads, h, w))
+    return prefix > 0 and torch.equal(
+        rec.heads, rec.attention[:, :, 0, prefix:].reshape(n, heads, h, w)
+    )
 
 
 def rollout(
@@ -74,7 +76,9 @@ def rollout(
 ) -> Tensor:
     """Attention rollout (N, h, w) over the blocks from `start` on."""
     if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+        raise ValueError(
+            f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}"
+        )
     if not 0.0 <= discard < 1.0:
         raise ValueError(f"discard must be in [0, 1), got {discard}")
     blocks = _global(records, "rollout")
@@ -101,7 +105,9 @@ def _discard_lowest(fused: Tensor, ratio: float) -> Tensor:
     if k:
         lowest = flat.topk(k, dim=1, largest=False).indices
         keep_first = lowest != 0  # never the class token's own entry
-        flat.scatter_(1, lowest, torch.where(keep_first, 0.0, flat.gather(1, lowest)).to(flat.dtype))
+        flat.scatter_(
+            1, lowest, torch.where(keep_first, 0.0, flat.gather(1, lowest)).to(flat.dtype)
+        )
     return flat.view(n, t, t)
 
 
@@ -126,7 +132,9 @@ def gradient_sources(calls: Sequence[AttentionCall], method: str) -> list[Tensor
     return sources
 
 
-def gae(calls: Sequence[AttentionCall], score: Tensor, *, class_token: bool | None = None) -> Tensor:
+def gae(
+    calls: Sequence[AttentionCall], score: Tensor, *, class_token: bool | None = None
+) -> Tensor:
     """Chefer et al.'s generic attention explainability (N, h, w) for `score` (summed target
     logits of the traced forward, still in its graph)."""
     blocks = _global([rec for *_, rec in calls], "gae")

@@ -1,0 +1,322 @@
+"""Vision transformers' self-attention (issue #26): what the tracer records equals the unfused
+path's probabilities; rollout and GAE equal the formulas written out here; LeGrad equals
+TorchCAM's; Grad-CAM on tokens equals a hand reshape. Small random networks, no downloads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from models.probes import unregister_attention
+from tests.conftest import leftovers
+from viz import analyze, record_attention, register_attention
+
+
+def _timm(name: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def vits() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """name -> (network, input): class token, distillation token, registers without one."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "vit": (_timm("vit_tiny_patch16_224", depth=3), torch.randn(2, 3, 224, 224, generator=g)),
+        "deit distilled": (
+            _timm("deit_tiny_distilled_patch16_224", depth=3),
+            torch.randn(2, 3, 224, 224, generator=g),
+        ),
+        "registers, avg pool, 96x128": (
+            _timm("vit_little_patch16_reg4_gap_256", depth=3, dynamic_img_size=True),
+            torch.randn(1, 3, 96, 128, generator=g),
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def swin() -> nn.Module:
+    return _timm("swin_tiny_patch4_window7_224", depths=(2, 2, 2, 2), embed_dim=48,
+                 num_heads=(2, 2, 4, 4))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tv_vit() -> nn.Module:
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+    nn.init.normal_(net.heads.head.weight, std=0.5)  # torchvision starts it at zero
+    return net.eval()
+
+
+def _unfused_probabilities(net: nn.Module, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """timm's own unfused path on a copy: the input of each block's attn_drop."""
+    copy_ = copy.deepcopy(net)
+    found = []
+    for block in copy_.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda _m, a, _o: found.append(a[0]))
+    with torch.no_grad():
+        logits = copy_(x)
+    return found, logits
+
+
+@pytest.mark.parametrize("which", ["vit", "deit distilled", "registers, avg pool, 96x128"])
+def test_recorded_attention_is_the_unfused_probabilities(vits, which):
+    net, x = vits[which]
+    with torch.no_grad():
+        plain = net(x)
+        with record_attention(net) as trace:
+            traced = net(x)
+    assert torch.equal(plain, traced)  # fused attention stays fused: bit-identical logits
+    assert leftovers(net) == 0
+    reference, _ = _unfused_probabilities(net, x)
+    records = list(trace)
+    assert [r.kind for r in records] == ["self-attention"] * 3
+    prefix = net.num_prefix_tokens
+    h, w = x.shape[-2] // 16, x.shape[-1] // 16
+    for rec, probs in zip(records, reference):
+        torch.testing.assert_close(rec.attention, probs, atol=1e-6, rtol=1e-5)
+        if net.has_class_token:  # the class token's row over the patches, per head
+            expected = probs[:, :, 0, prefix:]
+        else:  # the mean attention each patch receives
+            expected = probs[:, :, :, prefix:].mean(2)
+        torch.testing.assert_close(rec.heads, expected.reshape(len(x), -1, h, w), atol=1e-6,
+                                   rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(rec.spatial, rec.heads.mean(1))
+    assert [r.layer for r in records] == [0, 1, 2]
+    assert [r.stage for r in records] == [1, 2, 3]  # depth quarters of 3 blocks
+
+
+def test_torchvision_vit_gives_per_head_weights_only_while_tracing(tv_vit):
+    x = torch.randn(2, 3, 64, 64)
+    weights = []
+
+    def ask(module, args, kwargs):
+        weights.append(module.forward(*args, need_weights=True, average_attn_weights=False)[1])
+
+    with torch.no_grad():
+        plain = tv_vit(x)
+        with record_attention(tv_vit) as trace:
+            traced = tv_vit(x)
+        handles = [b.self_attention.register_forward_pre_hook(ask, with_kwargs=True)
+                   for b in tv_vit.encoder.layers]  # fmt: skip
+        tv_vit(x)
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(traced, plain, atol=1e-5, rtol=1e-5)
+    assert leftovers(tv_vit) == 0
+    for rec, expected in zip(trace, weights):
+        torch.testing.assert_close(rec.attention, expected)
+        assert rec.heads.shape == (2, 2, 4, 4)
+
+
+def test_swin_window_attention_is_placed_back_on_each_stage_grid(swin):
+    """The probabilities equal timm's unfused softmax; the map undoes windows and shift."""
+    from timm.models.swin_transformer import window_reverse
+
+    x = torch.randn(1, 3, 224, 224)
+    copy_ = copy.deepcopy(swin)
+    expected = []
+    for stage in copy_.layers:
+        for block in stage.blocks:
+            block.attn.fused_attn = False
+
+            def keep(_m, _a, probs, block=block):  # received per token, back on the grid
+                ws, (sh, sw) = block.window_size, block.shift_size
+                received = probs.mean(-2)  # (windows, heads, w*w)
+                heads = received.shape[1]
+                windows = received.permute(0, 2, 1).reshape(-1, ws[0], ws[1], heads)
+                h, w = block.input_resolution
+                grid = window_reverse(windows, ws, h, w)  # (1, H, W, heads)
+                grid = torch.roll(grid, shifts=(sh, sw), dims=(1, 2))
+                expected.append(grid.permute(0, 3, 1, 2))
+
+            block.attn.softmax.register_forward_hook(keep)
+    with torch.no_grad():
+        plain = swin(x)
+        with record_attention(swin) as trace:
+            traced = swin(x)
+        copy_(x)
+    assert torch.equal(plain, traced)
+    records = list(trace)
+    assert len(records) == 8 and all(r.attention is None for r in records)
+    assert [r.stage for r in records] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [r.spatial.shape[-1] for r in records] == [56, 56, 28, 28, 14, 14, 7, 7]
+    assert any(any(b.shift_size) for s in swin.layers for b in s.blocks)  # shifts are tested
+    for rec, grid in zip(records, expected):
+        torch.testing.assert_close(rec.heads, grid, atol=1e-6, rtol=1e-5)
+
+
+def test_torchvision_swin_recomputed_attention_equals_its_softmax(monkeypatch):
+    """torchvision's Swin attention is functional: the reader recomputes it from the block's
+    input; compared with the probabilities its own softmax produced (caught in this test)."""
+    from torchvision.models import swin_transformer as tv_swin
+
+    torch.manual_seed(0)
+    net = torchvision.models.swin_t(num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(), record_attention(net) as trace:
+        net(x)
+    records = list(trace)
+    caught = []
+    softmax = F.softmax
+
+    def catching(t, dim=None, **kw):
+        out = softmax(t, dim=dim, **kw)
+        caught.append(out)
+        return out
+
+    monkeypatch.setattr(tv_swin.F, "softmax", catching)
+    with torch.no_grad():
+        net(x)
+    modules = [m for m in net.modules() if isinstance(m, tv_swin.ShiftedWindowAttention)]
+    assert len(caught) == len(records) == len(modules) == 12
+    for rec, probs, module in zip(records, caught, modules):
+        side = rec.spatial.shape[-1]  # 56, 28, 14, 7: no padding at 224 px
+        ws = module.window_size[0]
+        shift = module.shift_size[0] if ws < side else 0
+        received = probs.mean(-2)  # (windows, heads, w*w)
+        heads = received.shape[1]
+        grid = received.reshape(side // ws, side // ws, heads, ws, ws)
+        grid = grid.permute(2, 0, 3, 1, 4).reshape(1, heads, side, side)
+        grid = torch.roll(grid, shifts=(shift, shift), dims=(2, 3))  # torchvision shifted by -s
+        torch.testing.assert_close(rec.heads, grid, atol=1e-6, rtol=1e-5)
+    assert [r.spatial.shape[-1] for r in records] == [56] * 2 + [28] * 2 + [14] * 6 + [7] * 2
+
+
+def _reference_rollout(probs: list, prefix: int, class_token: bool) -> torch.Tensor:
+    joint = None
+    for a in probs:
+        fused = a.double().mean(1)
+        fused = (fused + torch.eye(fused.shape[-1])) / 2
+        fused = fused / fused.sum(-1, keepdim=True)
+        joint = fused if joint is None else fused @ joint
+    return joint[:, 0, prefix:] if class_token else joint[:, prefix:, prefix:].mean(1)
+
+
+@pytest.mark.parametrize("which", ["deit distilled", "registers, avg pool, 96x128"])
+def test_rollout_and_gae_equal_the_formulas(vits, which):
+    net, x = vits[which]
+    prefix, cls = net.num_prefix_tokens, net.has_class_token
+    h, w = x.shape[-2] // 16, x.shape[-1] // 16
+    # unfused copy with the probabilities' gradients kept: Chefer et al. on their own terms
+    copy_ = copy.deepcopy(net)
+    probs = []
+    for block in copy_.blocks:
+        block.attn.fused_attn = False
+
+        def keep(_m, _a, out):
+            out.retain_grad()
+            probs.append(out)
+
+        block.attn.attn_drop.register_forward_hook(keep)
+    logits = copy_(x)
+    target = logits.argmax(1)
+    logits.gather(1, target[:, None]).sum().backward()
+
+    got = analyze(net, x, method="rollout")
+    expected = _reference_rollout([p.detach() for p in probs], prefix, cls)
+    torch.testing.assert_close(got.cams["rollout"], expected.float().reshape(len(x), h, w))
+    assert got.cam_stages == {"rollout": 0}
+
+    relevance = torch.eye(probs[0].shape[-1], dtype=torch.float64).expand(len(x), -1, -1)
+    for a in probs:
+        relevance = relevance + torch.relu(a.grad.double() * a.double()).mean(1) @ relevance
+    rows = relevance[:, 0, prefix:] if cls else relevance[:, prefix:, prefix:].mean(1)
+    got = analyze(net, x, method="gae")
+    scale = rows.abs().max()
+    torch.testing.assert_close(got.cams["gae"] / scale, (rows / scale).float().reshape(len(x), h, w),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    assert torch.equal(got.target, target)
+
+
+def test_rollout_options(vits):
+    net, x = vits["vit"]
+    base = analyze(net, x, method="rollout").cams["rollout"]
+    for options in ({"head_fusion": "max"}, {"discard": 0.5}, {"start_block": 1}):
+        assert not torch.allclose(
+            analyze(net, x, method="rollout", options=options).cams["rollout"], base
+        )
+    with pytest.raises(ValueError, match="head_fusion"):
+        analyze(net, x, method="rollout", options={"head_fusion": "median"})
+    with pytest.raises(ValueError, match="start"):
+        analyze(net, x, method="rollout", options={"start_block": 3})
+
+
+def test_legrad_equals_torchcam(tv_vit):
+    from torchcam.methods import LeGrad
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ours = analyze(tv_vit, x, method="legrad")
+    with LeGrad(tv_vit, list(tv_vit.encoder.layers)) as extractor:
+        scores = tv_vit(x)
+        theirs = extractor(ours.target.tolist(), scores, normalized=False)[0]
+    assert ours.cams["legrad"].abs().max() > 0
+    torch.testing.assert_close(ours.cams["legrad"], theirs, atol=1e-6, rtol=1e-4)
+    assert leftovers(tv_vit) == 0
+
+
+def test_gradcam_on_tokens_equals_a_hand_reshape(vits, swin):
+    net, x = vits["deit distilled"]
+    kept = {}
+    layer = net.blocks[-1].norm1
+    handle = layer.register_forward_hook(lambda _m, _i, out: kept.setdefault("t", out))
+    logits = net(x)
+    handle.remove()
+    tokens = kept["t"]
+    (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), tokens)
+    to_map = lambda t: t[:, 2:].transpose(1, 2).reshape(len(x), -1, 14, 14)  # noqa: E731
+    acts, grads = to_map(tokens.detach()), to_map(grad)
+    expected = torch.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1))
+    got = analyze(net, x)  # default layer: the last block's norm1
+    assert list(got.cams) == ["blocks.2.norm1"] and got.cam_stages == {"blocks.2.norm1": 4}
+    torch.testing.assert_close(got.cams["blocks.2.norm1"], expected, atol=1e-6, rtol=1e-4)
+    # Swin: one layer per stage, channels-last maps recognised
+    maps = analyze(swin, torch.randn(1, 3, 224, 224)).cams
+    assert list(maps) == [f"layers.{i}" for i in range(4)]
+    assert [m.shape[-1] for m in maps.values()] == [56, 28, 14, 7]
+
+
+def test_window_attention_has_no_rollout(swin):
+    with pytest.raises(ValueError, match="window attention"):
+        analyze(swin, torch.randn(1, 3, 224, 224), method="rollout")
+    with pytest.raises(ValueError, match="no self-attention"):
+        analyze(torchvision.models.resnet18(num_classes=3), torch.randn(1, 3, 64, 64), method="gae")
+
+
+class _MyAttention(nn.Module):
+    """A user's own attention: its softmax is a submodule."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.softmax = heads, nn.Linear(dim, 3 * dim), nn.Softmax(-1)
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = self.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5)
+        return (a @ v).transpose(1, 2).reshape(n, t, c)
+
+
+def test_a_users_self_attention_in_one_line():
+    register_attention(_MyAttention, kind="self-attention", attention="softmax")
+    try:
+        net = nn.Sequential(_MyAttention(), _MyAttention())
+        x = torch.randn(2, 1 + 16, 16)  # a class token and a 4x4 grid
+        with torch.no_grad(), record_attention(net) as trace:
+            net(x)
+        assert len(trace) == 2 and trace[0].heads.shape == (2, 2, 4, 4)
+        torch.testing.assert_close(trace[0].attention.sum(-1), torch.ones(2, 2, 17))
+        with pytest.raises(ValueError, match="attention="):
+            register_attention(_MyAttention, kind="self-attention")
+    finally:
+        unregister_attention(_MyAttention)
