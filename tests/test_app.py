@@ -620,3 +620,28 @@ def test_a_slow_method_shows_progress_and_can_be_stopped(app):
     assert at.sidebar.selectbox(key="method").value == "gradcam"
     assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
     assert not [b for b in at.button if b.label == "Stop"]  # Grad-CAM is quick: no bar
+
+
+def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
+    """A timm DeiT state dict opens by itself; the sidebar offers rollout, GAE and LeGrad, the
+    second tab draws the heads; back on a CNN the transformer method falls back to Grad-CAM."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10)
+    path = tmp_path / "deit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    at = app.run()
+    cnn = at.sidebar.selectbox(key="model").value
+    assert "rollout" not in at.sidebar.selectbox(key="method").options
+    at.sidebar.text_input(key="ckpt_path").set_value(str(path)).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert_clean(at)
+    assert {"rollout", "gae", "legrad"} <= set(at.sidebar.selectbox(key="method").options)
+    assert "Attention heads" in [t.label for t in at.tabs]
+    at.sidebar.selectbox(key="method").set_value("rollout").run()
+    assert_clean(at)
+    at.sidebar.selectbox(key="model").set_value(cnn).run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="method").value == "gradcam"

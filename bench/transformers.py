@@ -1,0 +1,153 @@
+"""Vision transformers: the cost of reading self-attention, GAE and LeGrad against their baselines.
+
+    python -m bench.transformers            # writes bench/results_transformers.md
+    python -m bench.transformers --quick    # a smoke run (few pairs, no file written)
+
+timm ViT-S/16 (random weights) at 224 px, batch 1: recording every block's attention with the
+taps kept (`attention_hooks`) against an untraced forward, and `analyze(method="gae")` against
+one forward + a backward to the input without parameter gradients, both as paired ratios
+(`bench.__main__.paired_ratio`, beside the forward-vs-itself noise floor). LeGrad on all blocks
+of torchvision's ViT-B/16 against TorchCAM 0.5's `LeGrad` on the same blocks, interleaved
+medians, with the largest difference of their maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.__main__ import _forward, _kept, _traced_forward, paired_ratio
+from viz.engine.cam import analyze
+from viz.engine.trace import record_attention
+
+
+def _vit_small() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    for p in model.parameters():  # as analyze runs it: no parameter gradients
+        p.requires_grad_(False)
+    return model
+
+
+def _forward_input_backward(model, x):
+    """The GAE baseline: one forward and a backward to the input, no parameter gradients."""
+
+    def run() -> None:
+        x_in = x.detach().requires_grad_()
+        logits = model(x_in)
+        torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), [x_in])
+
+    return run
+
+
+def _traced_and_built(model, x):
+    def run() -> None:
+        with torch.no_grad(), record_attention(model) as trace:
+            model(x)
+        list(trace)  # the probabilities are computed here
+
+    return run
+
+
+def overhead_rows(pairs: int) -> list[tuple]:
+    model = _vit_small()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    forward = _forward(model, x)
+    label = "timm ViT-S/16, 224 px, batch 1"
+    return [
+        (label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs) - 1),
+        (label, "recording all 12 blocks' attention, taps kept (goal <= +10%)",
+         paired_ratio(_kept(model, _traced_forward(model, x)), forward, pairs) - 1),
+        (label, "... and building the records (probabilities computed)",
+         paired_ratio(_kept(model, _traced_and_built(model, x)), forward, pairs) - 1),
+        (label, "analyze(method='gae') vs forward + backward to the input (goal <= +15%)",
+         paired_ratio(lambda: analyze(model, x, method="gae"),
+                      _forward_input_backward(model, x), pairs) - 1),
+    ]  # fmt: skip
+
+
+def legrad_rows(reps: int) -> list[tuple]:
+    import torchvision
+    from torchcam.methods import LeGrad
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = int(model(x).argmax(1))
+    blocks = list(model.encoder.layers)
+
+    def ours():
+        return analyze(model, x, target, method="legrad").cams["legrad"]
+
+    def theirs():
+        with LeGrad(model, blocks) as extractor:
+            scores = model(x)
+            return extractor(target, scores, normalized=False)[0]
+
+    runs = {"Attention Lens": ours, "TorchCAM 0.5 LeGrad": theirs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    maps = {name: run() for name, run in runs.items()}  # warm-up
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            maps[name] = run()
+            times[name].append(time.perf_counter() - start)
+    mine = statistics.median(times["Attention Lens"])
+    diff = float((maps["Attention Lens"] - maps["TorchCAM 0.5 LeGrad"]).abs().max())
+    label = "torchvision ViT-B/16, LeGrad on 12 blocks"
+    return [
+        (label, f"{name}: {statistics.median(t):.2f} s", statistics.median(t) / mine - 1,
+         f"max map difference {diff:.1e}" if name != "Attention Lens" else "")
+        for name, t in times.items()
+    ]  # fmt: skip
+
+
+def format_table(rows: list[tuple]) -> str:
+    lines = ["| configuration | measurement | ratio - 1 | |", "|---|---|---:|---|"]
+    for row in rows:
+        config, what, ratio = row[:3]
+        note = row[3] if len(row) > 3 else ""
+        lines.append(f"| {config} | {what} | {ratio:+.1%} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.transformers", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="few pairs, no ViT-B, no file written")
+    p.add_argument("--pairs", type=int, default=40)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_transformers.md"))
+    args = p.parse_args(argv)
+    rows = overhead_rows(2 if args.quick else args.pairs)
+    if not args.quick:
+        rows += legrad_rows(args.reps)
+    table = format_table(rows)
+    print(table)
+    if not args.quick:
+        header = (
+            f"# Vision transformers\n\n`python -m bench.transformers` on "
+            f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}. Overheads are "
+            "medians of paired ratios (see `bench/__main__.py`); for LeGrad 'ratio - 1' is "
+            "TorchCAM's median time over ours, minus one (positive: we are faster).\n\n"
+        )
+        args.out.write_text(header + table + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
