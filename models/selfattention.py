@@ -67,6 +67,7 @@ class SelfAttentionReader:
     """How to read one self-attention module type (subclass per type)."""
 
     windowed = False  # attention within windows (Swin): no global (T, T) matrix
+    vit_only = False  # records only inside a recognised ViT (a generic module elsewhere)
 
     def taps(self, name: str, module: nn.Module, model: nn.Module) -> list[Tap]:
         raise NotImplementedError
@@ -198,14 +199,19 @@ def _window_mask(args, kwargs) -> Tensor | None:
 
 class MultiheadReader(SelfAttentionReader):
     """`nn.MultiheadAttention` called as self-attention (torchvision's ViT): asked for per-head
-    weights while tracing; dy/dO from dy/d(output) through `out_proj`."""
+    weights while tracing; dy/dO from dy/d(output) through `out_proj`. Outside a recognised
+    ViT (a text transformer, a hybrid) it gives no record."""
+
+    vit_only = True
 
     def taps(self, name, module, model):
         def ask_weights(args, kwargs):
+            if len(args) < 3 or not (args[0] is args[1] is args[2]):
+                return None  # cross-attention: left alone
             if kwargs is not None and len(args) <= 4:  # need_weights is a keyword here
                 kwargs["need_weights"] = True
                 kwargs["average_attn_weights"] = False
-            return args[0] if args[0] is args[1] and args[1] is args[2] else None
+            return args[0]
 
         return [
             Tap(module, "before", "x", ask_weights),
@@ -219,9 +225,7 @@ class MultiheadReader(SelfAttentionReader):
         weights = out[1]
         if weights.ndim == 3:  # (N, T, T) when the call fixed average_attn_weights itself
             return None
-        if not module.batch_first:
-            raise ValueError("nn.MultiheadAttention with batch_first=False is not read yet")
-        return weights.float()
+        return weights.float()  # (N, heads, T, T) whatever batch_first says
 
     def gradient_source(self, parts):
         out = parts.get("out")
@@ -229,6 +233,8 @@ class MultiheadReader(SelfAttentionReader):
 
     def probability_gradient(self, module, parts, grad):
         x = parts["x"]
+        if not module.batch_first:  # (T, N, E) -> (N, T, E)
+            x, grad = x.transpose(0, 1), grad.transpose(0, 1)
         width = module.embed_dim
         bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * width :]
         v = F.linear(x.float(), module.in_proj_weight[2 * width :].float(),

@@ -320,3 +320,25 @@ def test_a_users_self_attention_in_one_line():
             register_attention(_MyAttention, kind="self-attention")
     finally:
         unregister_attention(_MyAttention)
+
+
+def test_multihead_attention_outside_a_vit_is_left_alone():
+    """A text-style encoder (sequence-first, no patch grid) and a cross-attention call: no
+    record, no error, and outputs as without tracing."""
+    torch.manual_seed(0)
+    encoder = nn.MultiheadAttention(16, 2).eval()  # batch_first=False
+    cross = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    seq, q = torch.randn(7, 3, 16), torch.randn(3, 5, 16)
+    with torch.no_grad():
+        plain = (
+            encoder(seq, seq, seq, need_weights=False)[0],
+            cross(q, seq.transpose(0, 1), seq.transpose(0, 1))[0],
+        )
+        with record_attention(encoder) as a, record_attention(cross) as b:
+            traced = (
+                encoder(seq, seq, seq, need_weights=False)[0],
+                cross(q, seq.transpose(0, 1), seq.transpose(0, 1))[0],
+            )
+    assert len(a) == 0 and len(b) == 0
+    for x, y in zip(plain, traced):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

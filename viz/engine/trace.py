@@ -488,11 +488,13 @@ class _SelfAttentionWatch:
         return kept
 
     def record(self, state: _TraceState, parts: dict, call: int, input_hw: tuple[int, int]):
+        layout = state.layout
+        if self.reader.vit_only and (layout is None or layout.family != "vit"):
+            return None
         probs = self.reader.probabilities(self.module, parts)
         if probs is None:
             return None
         probs = probs.detach()
-        layout = state.layout
         if self.reader.windowed:
             geo = self.reader.geometry(self.module, parts)
             windows = (-(-geo.height // geo.window[0])) * (-(-geo.width // geo.window[1]))
