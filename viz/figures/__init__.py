@@ -10,6 +10,9 @@ object-oriented API (no pyplot state, nothing global left changed), sized for a 
   the sigmoid (shown as sigma(.)), the gate 1 + M(F) that multiplies F, and the hierarchy figure.
 - SE (Hu et al., CVPR 2018, https://arxiv.org/abs/1709.01507): channel weights (excitation)
   per class.
+- Vision transformers (ViT, DeiT, Swin): each block's self-attention (mean of heads) in the
+  overview, every head in `attention_heads`, network-wide maps (rollout, GAE, LeGrad) against
+  the last block's attention in the Grad-CAM figure.
 
 How each attention kind is named comes from the probe registry (`models.probes.kind_style`), so
 a network with other attention modules is drawn with the same figures. The shared canvas,
@@ -35,6 +38,7 @@ from viz.figures.canvas import (
 from viz.figures.channel_weights import channel_weights
 from viz.figures.class_channel_stats import class_channel_stats
 from viz.figures.deletion_curves import RANDOM_LABEL, deletion_insertion_curves
+from viz.figures.heads import attention_heads
 from viz.figures.model_grid import model_grid
 from viz.figures.spatial_overview import spatial_overview
 
@@ -46,6 +50,7 @@ __all__ = [
     "FIGURE_STYLE",
     "SINGLE_COLUMN",
     "STYLE_LOCK",
+    "attention_heads",
     "attention_vs_gradcam",
     "attribution_map",
     "bam_hierarchy",

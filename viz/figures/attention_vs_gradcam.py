@@ -50,8 +50,13 @@ class _Layer:
 
     @property
     def heading(self) -> str:
+        grid = f"{self.cam.shape[-2]}×{self.cam.shape[-1]}"
         where = "whole network" if self.stage == 0 else f"stage {self.stage} · {self.name}"
-        return f"{where}\n{self.cam.shape[-2]}×{self.cam.shape[-1]}"
+        if self.attention is not None and (self.stage == 0 or self.attention.layer is not None):
+            # a ViT's "stages" are depth quarters: name the block whose attention is shown
+            where = "whole network" if self.stage == 0 else self.name
+            return f"{where}\n{grid} vs {self.attention.label}"
+        return f"{where}\n{grid}"
 
     def absent(self, missing: str) -> str:
         """What the attention panel says when there is no map to draw."""
@@ -61,7 +66,7 @@ class _Layer:
 
     def numbers(self, missing: str) -> str:
         """The agreement as text (or why there is none)."""
-        if self.stage == 0:
+        if self.stage == 0 and self.attention is None:
             return "no single stage\nto compare with"
         if self.attention is None or self.score is None:
             return missing
@@ -83,7 +88,20 @@ def _layers(one: Analysis, top_k: float) -> list[_Layer]:
     scores = {layer: (one.trace[name], s) for name, layer, s in agreement_table(one, top_k=top_k)}
     named = [(one.cam_stages.get(n), n) for n in one.cams]
     staged = sorted(((s, n) for s, n in named if s is not None and s >= 0), key=lambda t: t[0])
+    scores |= _network_wide_scores(one, [n for s, n in staged if s == 0], top_k)
     return [_Layer(s, n, one.cams[n][0], *scores.get(n, (None, None))) for s, n in staged]
+
+
+def _network_wide_scores(one: Analysis, names: list[str], top_k: float) -> dict:
+    """A transformer's network-wide map (rollout, GAE, LeGrad) against its last block's
+    self-attention: the map the methods build on; a CNN's FullGrad has no such partner."""
+    from viz.measures.metrics import agreement
+
+    records = one.trace.spatial_records
+    if not names or not records or any(r.kind != "self-attention" for r in records):
+        return {}
+    last = records[-1]
+    return {n: (last, agreement(last.spatial[0], one.cams[n][0], top_k=top_k)) for n in names}
 
 
 @styled
@@ -126,9 +144,13 @@ def attention_vs_gradcam(
     missing = (
         f"{'/'.join(channel_only)}:\nno spatial map" if channel_only else "no spatial\nattention"
     )
-    symbols = {kind_style(r.kind).symbol for r in one.trace.spatial_records}
+    kinds = {r.kind for r in one.trace.spatial_records}
+    symbols = {kind_style(k).symbol for k in kinds}
     attention = f"attention {symbols.pop()}".strip() if len(symbols) == 1 else "attention"
-    draw = _columns if figure_width(width) >= WIDE else _rows
+    if kinds == {"self-attention"}:
+        attention = "self-attention"
+    # one layer in a column would leave most of a wide figure empty: a row uses it better
+    draw = _columns if figure_width(width) >= WIDE and len(layers) > 1 else _rows
     canvas = draw(img, layers, width, missing, (attention, one.method_label), cmap, alpha, render)
     canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
     target = int(one.target[0])

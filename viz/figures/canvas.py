@@ -52,6 +52,7 @@ __all__ = [
     "spatial_map",
     "channel_map",
     "spatial_name",
+    "maps_name",
     "channel_name",
     "kinds_of",
 ]
@@ -146,7 +147,8 @@ def pick_image(trace: AttentionTrace, index: int) -> AttentionTrace:
     """The trace of image `index` (an empty trace, of a model without attention, stays empty)."""
     if not len(trace):
         return trace
-    n = next(iter(trace)).channel.shape[0]
+    # every record has a gate (channel is None for self-attention)
+    n = next(iter(trace)).gate.shape[0]
     check_index(index, n)
     return trace.select(index % n)
 
@@ -325,6 +327,7 @@ class Canvas:
         mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
         bar = self.fig.colorbar(mappable, cax=cax, orientation="horizontal", label=label)
         bar.outline.set_linewidth(0.5)
+        _thin_ticks(bar, span, vmin, vmax)
         cax.xaxis.labelpad = 1
 
     def title(self, text: str) -> None:
@@ -336,6 +339,16 @@ class Canvas:
             text, size = fit_text(text, room, fontsize=7.0, min_size=7.0, max_lines=2)
         self.ax.text(self.width / 2, self.height - 0.04, text, ha="center", va="top",
                      fontsize=size, multialignment="center")  # fmt: skip
+
+
+def _thin_ticks(bar, span: float, vmin: float, vmax: float) -> None:
+    """Fewer ticks when their labels would touch (attention probabilities: "0.01925")."""
+    ticks = [t for t in bar.get_ticks() if vmin - 1e-12 <= t <= vmax + 1e-12]
+    room = max((text_width(f"{t:.6g}", 6.0) for t in ticks), default=0.0) + 0.1
+    if len(ticks) * room <= span:
+        return
+    thinned = MaxNLocator(nbins=max(1, int(span / room))).tick_values(vmin, vmax)
+    bar.set_ticks([t for t in thinned if vmin - 1e-12 <= t <= vmax + 1e-12])
 
 
 def heat_rgb(
@@ -376,7 +389,9 @@ def short_label(rec: AttentionRecord) -> str:
 
 
 def panel_label(rec: AttentionRecord) -> str:
-    """The label above one map in its stage's group."""
+    """The label above one map in its stage's group ("block 7": a ViT block's own index)."""
+    if rec.layer is not None:
+        return rec.label
     return f"after stage {rec.stage}" if kind_style(rec.kind).own_level else f"block {rec.block}"
 
 
@@ -397,6 +412,21 @@ def channel_map(rec: AttentionRecord) -> Tensor | None:
 
 def spatial_name(kind: str) -> str:
     return kind_style(kind).spatial
+
+
+def maps_name(records: Sequence[AttentionRecord]) -> str:
+    """What the records' spatial maps are, for a colour-bar label. Self-attention names its
+    reading: a ViT's class token looks at the patches; a Swin window has no class token, so
+    its map is the attention each patch receives."""
+    names = []
+    for kind in sorted({r.kind for r in records}):
+        if kind != "self-attention":
+            names.append(spatial_name(kind))
+        elif any(r.kind == kind and r.attention is None and r.layer is None for r in records):
+            names.append("attention each patch receives, mean of heads")
+        else:
+            names.append("class-token attention, mean of heads")
+    return " / ".join(names)
 
 
 def channel_name(kind: str) -> str:

@@ -76,9 +76,10 @@ def model_grid(
     absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
     if len(absent) != len(rows):
         raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
-    labels = _wrap_row_labels(
-        [literal(label) for label, _ in rows], width, len(pics), max_panel=MAX_PANEL
-    )
+    methods = {analysis.method_label for _, analysis in rows}
+    # rows of different methods (a CNN's Grad-CAM beside a ViT's rollout) each say which
+    named = [label if len(methods) == 1 else f"{label} ({a.method_label})" for label, a in rows]
+    labels = _wrap_row_labels([literal(n) for n in named], width, len(pics), max_panel=MAX_PANEL)
     titles = [literal(t) for t in column_titles]
     canvas = _canvas(width, labels, titles, len(rows), bool(title))
     # as many digits of P as fit under a panel (at least 2; 5 as in the CBAM paper when room)
@@ -101,9 +102,8 @@ def model_grid(
             canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
         canvas.left_of(r, 0, label)
     # each CAM is stretched to its own range, as in the papers: the bar says so
-    methods = {analysis.method_label for _, analysis in rows}
-    method = methods.pop() if len(methods) == 1 else "CAM"
-    canvas.colorbar(cmap, 0.0, 1.0, f"{method}, each map: own min–max")
+    method = f"{methods.pop()}, " if len(methods) == 1 else ""  # else each row names its own
+    canvas.colorbar(cmap, 0.0, 1.0, f"{method}each map: own min–max")
     if title:
         canvas.title(title)
     return canvas.fig
@@ -151,4 +151,7 @@ def _wrap_row_labels(
     """Break rotated row labels into lines no taller than a panel (no label runs off a row)."""
     panel = min(max_panel, (figure_width(width) - 0.5 - 0.04 * (ncols - 1)) / ncols)
     chars = max(8, int(panel / (0.6 * FIGURE_STYLE["font.size"] / 72)))  # average glyph width
-    return [textwrap.fill(label, chars, break_long_words=False) for label in labels]
+    return [
+        textwrap.fill(label, chars, break_long_words=False, break_on_hyphens=False)
+        for label in labels
+    ]

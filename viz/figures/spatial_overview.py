@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
@@ -17,11 +19,12 @@ from viz.figures.canvas import (
     fits_bold,
     group_label,
     kinds_of,
+    maps_name,
     panel_label,
     pick_image,
     spatial_map,
-    spatial_name,
     styled,
+    text_width,
     value_range,
 )
 
@@ -45,7 +48,8 @@ def spatial_overview(
     """The input and every module's spatial attention map overlaid on it, grouped by stage.
 
     Stages are packed left to right into rows of at most `max_columns` panels (a stage longer
-    than a row wraps), each group labelled "stage s" above its "block b" panels.
+    than a row wraps), each group labelled "stage s" above its "block b" panels. A ViT (one
+    grid throughout) has no stages: its blocks fill even rows, each labelled "block k".
 
     Args:
         image: the crop the network saw (`Preprocess.display_crop`: at the original's resolution), PIL or (H, W, 3).
@@ -98,13 +102,25 @@ def spatial_overview(
                         canvas.image(r, col, shown)
                         canvas.above(r, col, panel_label(records[item]))
                     col += 1
-        what = " / ".join(spatial_name(k) for k in sorted({r.kind for r in records}))
-        canvas.colorbar(
-            cmap, vmin, vmax, what if shared_scale else f"{what}, each map: own min–max"
-        )
+        canvas.colorbar(cmap, vmin, vmax, _bar_label(records, shared_scale, canvas.width))
     if title:
         canvas.title(title)
     return canvas.fig
+
+
+def _bar_label(records, shared_scale: bool, width: float) -> str:
+    """The colour bar's label, the longest that fits: a ViT's names its patch grid (no group
+    label does); self-attention says its maps are the mean of heads."""
+    what = maps_name(records)
+    scale = "" if shared_scale else ", each map: own min–max"
+    grid = "{}×{} patches".format(*records[0].spatial.shape[-2:])
+    longest = what.replace("class-token attention", f"class-token attention to {grid}")
+    if not all(r.layer is not None for r in records):
+        longest = what
+    for label in (longest, what, what.replace(", mean of heads", "")):
+        if text_width(label + scale, 7.0) <= width - 0.2:
+            break
+    return label + scale
 
 
 Group = tuple[str, list[int | None]]  # (label, record indices); None is the input image
@@ -127,6 +143,8 @@ def _without_maps(img: Image.Image, trace: AttentionTrace, width, header: float)
 def _rows(records, max_columns: int) -> list[list[Group]]:
     """Stages packed left to right into rows of at most `max_columns` panels, the input first;
     a stage longer than a row wraps ("(cont.)")."""
+    if all(r.layer is not None for r in records):
+        return _block_rows(len(records), max_columns)
     stages: dict[int, list[int]] = {}
     for i, rec in enumerate(records):
         stages.setdefault(rec.stage, []).append(i)
@@ -147,14 +165,24 @@ def _rows(records, max_columns: int) -> list[list[Group]]:
     return rows
 
 
+def _block_rows(n: int, max_columns: int) -> list[list[Group]]:
+    """A ViT's blocks in reading order, rows as even as they can be: its depth quarters are no
+    real stages (one grid throughout), so no group labels."""
+    items: list[int | None] = [None, *range(n)]
+    per_row = math.ceil(len(items) / math.ceil(len(items) / max_columns))
+    return [[("", items[i : i + per_row])] for i in range(0, len(items), per_row)]
+
+
 def _canvas(rows: list[list[Group]], width, header: float) -> Canvas:
     """Panels with a gap between groups; taller headers when a group's label needs two lines."""
     gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
     shape = {"gaps": gaps, "left": 0.05, "footer": 0.42, "header": header, "center_rows": True}
-    canvas = Canvas(width, counts, head=0.29, **shape)
     groups = [group for row in rows for group in row]
+    if not any(label for label, _ in groups):  # a ViT's blocks: panel labels only
+        return Canvas(width, counts, head=0.15, **shape)
+    canvas = Canvas(width, counts, head=0.29, **shape)
     if all(fits_bold(label, canvas.span_width(len(members))) for label, members in groups):
         return canvas
     # a one-panel group ("BAM 1 · 56×56") gets its grid on a second line, not cut

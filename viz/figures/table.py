@@ -19,6 +19,7 @@ from viz.figures.attention_vs_gradcam import attention_vs_gradcam
 from viz.figures.bam_hierarchy import bam_hierarchy
 from viz.figures.canvas import figure_width
 from viz.figures.channel_weights import channel_weights
+from viz.figures.heads import attention_heads
 from viz.figures.spatial_overview import spatial_overview
 
 if TYPE_CHECKING:
@@ -161,6 +162,17 @@ def _bam(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
                          **extra)  # fmt: skip
 
 
+def _heads(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return attention_heads(crop, analysis.trace, cmap=s.cmap, alpha=s.alpha, width=s.width,
+                           shared_scale=s.shared_scale, render=s.render, **extra)  # fmt: skip
+
+
+def _no_heads(analysis: Analysis) -> str | None:
+    if any(r.heads is not None for r in analysis.trace):
+        return None
+    return "no self-attention heads (a ViT's or Swin's figure)"
+
+
 def _no_channels(analysis: Analysis) -> str | None:
     return None if analysis.trace.channel_records else "no channel attention"
 
@@ -170,8 +182,10 @@ def _no_bam(analysis: Analysis) -> str | None:
 
 
 _SPECS = (
-    FigureSpec("overview", "every module's spatial attention (CBAM M_s, BAM sigma(M_s)) over "
-               "the image", _overview),
+    FigureSpec("overview", "every module's spatial attention (CBAM M_s, BAM sigma(M_s); a "
+               "transformer's self-attention per block) over the image", _overview),
+    FigureSpec("heads", "a transformer's self-attention per head: blocks in rows, heads in "
+               "columns", _heads, _no_heads),
     FigureSpec("channels", "every module's channel weights, sorted, and the last module's top "
                "channels", _channels, _no_channels, scale="fixed 0-1 (sigmoid weights)"),
     FigureSpec("gradcam", "per CAM layer: attention map, CAM, their agreement (Pearson, "
