@@ -66,6 +66,7 @@ from viz.engine.transformer import gae, legrad, rollout
 from viz.figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
+    attention_heads,
     attention_vs_gradcam,
     bam_hierarchy,
     channel_weights,
@@ -145,6 +146,7 @@ __all__ = [
     "agreement",
     "agreement_table",
     "analyze",
+    "attention_heads",
     "attention_vs_gradcam",
     "attribute",
     "bam_hierarchy",
