@@ -342,3 +342,40 @@ def test_multihead_attention_outside_a_vit_is_left_alone():
     assert len(a) == 0 and len(b) == 0
     for x, y in zip(plain, traced):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_the_report_scores_every_block_and_the_network_map(tmp_path):
+    """Deletion/insertion, localisation and the sanity check for each block's attention and
+    the rollout map of a small DeiT (in-process, 2 images, few steps)."""
+    from PIL import Image
+
+    from models import ForeignArch, load_checkpoint, save_checkpoint
+    from viz import ReportOptions, inputs_for, run_report
+
+    torch.manual_seed(0)
+    net = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10,
+                            depth=2)  # fmt: skip
+    path = tmp_path / "deit.safetensors"
+    arch = ForeignArch(
+        "deit_tiny_distilled_patch16_224", "timm", 10, "self-attention", {"depth": 2}
+    )
+    save_checkpoint(path, net, arch=arch)
+    ckpt = load_checkpoint(path)
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(160, 200, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"im{i}.png")
+    (tmp_path / "boxes.csv").write_text(
+        "file,x0,y0,x1,y1\nim0.png,10,10,100,90\nim1.png,50,40,190,150\n"
+    )
+    inputs = inputs_for([("deit", str(path), ckpt)], images, boxes=str(tmp_path / "boxes.csv"))
+    options = ReportOptions(method="rollout", deletion="all", steps=2, sanity=1, batch_size=2)
+    rows = run_report(inputs, tmp_path / "out", options)
+    maps = {r["map"] for r in rows["per_map"]}
+    assert {"cam/stage0", "attention/blocks.0.attn", "attention/blocks.1.attn"} <= maps
+    scored = [r for r in rows["per_map"] if r["map"] == "cam/stage0"]
+    assert all(r.get("deletion_auc") is not None for r in scored)
+    assert all(r.get("pointing") is not None and r.get("energy") is not None for r in scored)
+    assert {r["map"] for r in rows["sanity"]} >= {"cam/stage0"}
