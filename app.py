@@ -820,13 +820,15 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
         other = loaded[name]
+        # a transformer method on a CNN row: that row shows Grad-CAM (its label says so)
+        own = method if method in methods_for(other.model) else "gradcam"
         found, absent = [], []
         for c, (item, cls) in enumerate(zip(items, classes)):
             t = other.class_names.index(cls) if cls in other.class_names else None
             if t is None:
                 absent.append(c)  # drawn as n/a, not as another class under this title
             # each model's own stage layers: networks name their layers differently
-            found.append(analysis(item.sha, other.sha256, t, method, None, s.smoothing, other,
+            found.append(analysis(item.sha, other.sha256, t, own, None, s.smoothing, other,
                                   item.image))  # fmt: skip
         grid.append(GridModel(other.label, models[name].source, other, found, absent))
         if bar:

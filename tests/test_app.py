@@ -634,11 +634,12 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     at = app.run()
     cnn = at.sidebar.selectbox(key="model").value
-    assert "rollout" not in at.sidebar.selectbox(key="method").options
+    assert "attention rollout" not in at.sidebar.selectbox(key="method").options  # labels
     at.sidebar.text_input(key="ckpt_path").set_value(str(path)).run()
     at.button(key="ckpt_path_load").click().run()
     assert_clean(at)
-    assert {"rollout", "gae", "legrad"} <= set(at.sidebar.selectbox(key="method").options)
+    transformer_methods = {"attention rollout", "GAE (Chefer et al.)", "LeGrad"}
+    assert transformer_methods <= set(at.sidebar.selectbox(key="method").options)
     assert "Attention heads" in [t.label for t in at.tabs]
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
