@@ -24,3 +24,11 @@ def test_profiling_history_survives_a_new_run(tmp_path):
     assert _kept_history(results) == ""
     results.write_text(f"# old table\n\n{HISTORY}\n\nbefore: 9%, after: 2%\n")
     assert _kept_history(results) == f"\n{HISTORY}\n\nbefore: 9%, after: 2%\n"
+
+
+def test_quick_transformer_benchmark_runs(capsys):
+    from bench.transformers import main as transformers_main
+
+    assert transformers_main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "recording all 12 blocks' attention" in out and "analyze(method='gae')" in out
