@@ -582,7 +582,14 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
     with tabs[5]:
         compare_tab(ckpt, label, models, items, crops, view, errors)
     with tabs[6]:
-        class_stats_tab(ckpt, view, errors)
+        if an.trace.channel_records:
+            class_stats_tab(ckpt, view, errors)
+        else:  # the statistics are channel weights: none in a ViT or a plain network
+            st.info(
+                f"Class statistics average channel weights (SE, ECA, CBAM, BAM); "
+                f"{md_text(ckpt.label)} has none"
+                + (" (self-attention weighs tokens, not channels)." if transformer else ".")
+            )
     with tabs[7]:
         dataset_tab(ckpt, label, settings.method, errors)
 
@@ -749,8 +756,14 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
             file_name=f"{prefix}_agreement.csv", key=f"agree_csv:{prefix}", on_click="ignore",
             icon=":material/download:",
         )  # fmt: skip
+    elif CAM_METHODS[method].needs == "attention" and an.trace.spatial_records:
+        # rollout, GAE, LeGrad: one map for the whole network, no stage to pair a block with
+        st.info(
+            f"{an.method_label} is one map for the whole network, not one per stage: the "
+            "Grad-CAM tab sets it beside the last block's attention, with the agreement numbers."
+        )
     else:
-        st.info("No spatial attention map to compare with Grad-CAM in this model.")
+        st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
     st.markdown(
         "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
         "a random map gives the chance level."
@@ -758,13 +771,20 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
     # choices named without the CAM method, so a choice survives changing the method
     maps = {f"cam:{k}": v for k, v in an.cams.items()}
     maps.update({f"attention:{r.name}": r.spatial for r in an.trace.spatial_records})
-    shown = {m: f"{an.method_label} {m[4:]}" if m.startswith("cam:") else m.replace(":", " ", 1)
-             for m in maps}  # fmt: skip
+    # a whole-network map (rollout, GAE, LeGrad) is named by its method alone
+    shown = {m: (an.method_label if m[4:] == method else f"{an.method_label} {m[4:]}")
+             if m.startswith("cam:") else m.replace(":", " ", 1) for m in maps}  # fmt: skip
     cams = [m for m in maps if m.startswith("cam:")]
     gates = [m for m in maps if m.startswith("attention:")]
-    if "di_maps" in st.session_state:  # a layer taken out of the sidebar leaves the choice
-        st.session_state["di_maps"] = [m for m in st.session_state["di_maps"] if m in maps]
-    chosen = st.multiselect("Saliency maps", list(maps), default=cams[-1:] + gates[-1:],
+    before = st.session_state.get("di_maps")
+    if before:  # a layer taken out of the sidebar, another model or method leaves the choice
+        kept = [m for m in before if m in maps]
+        for kind, last in (("cam:", cams[-1:]), ("attention:", gates[-1:])):
+            if any(m.startswith(kind) and m not in maps for m in before):
+                kept = list(dict.fromkeys(kept + last))  # this model's last one replaces it
+        st.session_state["di_maps"] = kept or cams[-1:] + gates[-1:]  # never emptied by a switch
+    default = None if "di_maps" in st.session_state else cams[-1:] + gates[-1:]
+    chosen = st.multiselect("Saliency maps", list(maps), default=default,
                             format_func=shown.__getitem__, key="di_maps")  # fmt: skip
     steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
     if not chosen:
@@ -777,7 +797,7 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
         noise = random_saliency([seed_of(item.sha)], size)
         named = [(shown[m], maps[m]) for m in chosen] + [(figures.RANDOM_LABEL, noise)]
         for done, (name, saliency) in enumerate(named):
-            key = f"{method}:{','.join(layers)}:{name}"
+            key = f"{method}:{','.join(layers or ())}:{name}"
             results[name] = causal_scores(
                 item.sha, ckpt.sha256, target, key, steps, ckpt, item.image, saliency
             )
@@ -802,12 +822,24 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
 def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
     s = view.settings
     method, layers = s.method, s.layers
-    st.markdown(
-        f"The CBAM paper's comparison: {CAM_METHODS[method].label} of the last stage, one row "
-        "per model, and the softmax score P of each column's class (the class chosen for that "
-        "image, else the prediction of the model in use)."
+    whole = CAM_METHODS[method].needs == "attention"  # rollout, GAE, LeGrad: no stages
+    shown = (
+        f"{CAM_METHODS[method].label} (one map for the whole network; a CNN row shows its "
+        "Grad-CAM at the stage chosen below)"
+        if whole
+        else f"{CAM_METHODS[method].label} of the last stage"
     )
-    picked = st.multiselect("Models side by side", list(models), default=[label], key="compare")
+    st.markdown(
+        f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
+        "each column's class (the class chosen for that image, else the prediction of the model "
+        "in use)."
+    )
+    if st.session_state.get("compare_in_use") != label:  # a model put in use joins the rows
+        st.session_state["compare_in_use"] = label
+        if "compare" in st.session_state and label not in st.session_state["compare"]:
+            st.session_state["compare"] = [*st.session_state["compare"], label]
+    default = None if "compare" in st.session_state else [label]
+    picked = st.multiselect("Models side by side", list(models), default=default, key="compare")
     if not picked:
         st.info("Pick at least one model.")
         return

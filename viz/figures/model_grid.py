@@ -114,7 +114,11 @@ def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> st
     if layer is not None:
         row_layer = layer
     elif stage is not None:
-        row_layer = analysis.stage_cams().get(stage, f"(no stage {stage})")
+        by_stage = analysis.stage_cams()
+        # a whole-network map (a ViT's rollout, GAE, LeGrad: stage 0) belongs to no one stage,
+        # so the row shows it whatever the stage asked for
+        whole = by_stage.get(0) if set(by_stage) == {0} else None
+        row_layer = whole or by_stage.get(stage, f"(no stage {stage})")
     else:
         row_layer = _deepest_cam(analysis)
     if row_layer not in analysis.cams:
