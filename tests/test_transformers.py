@@ -379,3 +379,29 @@ def test_the_report_scores_every_block_and_the_network_map(tmp_path):
     assert all(r.get("deletion_auc") is not None for r in scored)
     assert all(r.get("pointing") is not None and r.get("energy") is not None for r in scored)
     assert {r["map"] for r in rows["sanity"]} >= {"cam/stage0"}
+
+
+def test_layer_methods_on_tokens_and_the_methods_offered(vits, swin):
+    from viz import methods_for
+
+    net, x = vits["deit distilled"]
+    x = x[:1]
+    for method in ("smoothgradcam++", "eigencam"):
+        maps = analyze(net, x, method=method, options={"num_samples": 2}).cams
+        assert maps["blocks.2.norm1"].shape == (1, 14, 14)
+    with pytest.raises(ValueError, match="Ablation-CAM .* transformer"):
+        analyze(net, x, method="ablationcam")
+    offered = methods_for(net)
+    assert {"rollout", "gae", "legrad", "scorecam"} <= set(offered)
+    assert not {"cam", "fullgrad", "ablationcam"} & set(offered)
+    assert "rollout" not in methods_for(swin) and "gradcam" in methods_for(swin)
+    assert "rollout" not in methods_for(torchvision.models.resnet18())
+
+
+def test_agreement_pairs_a_network_map_with_the_last_block(vits):
+    from viz import agreement_table
+
+    net, x = vits["vit"]
+    rows = agreement_table(analyze(net, x, method="gae"), 1)
+    assert [(a, b) for a, b, _ in rows] == [("blocks.2.attn", "gae")]
+    assert -1 <= rows[0][2].pearson <= 1

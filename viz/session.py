@@ -128,7 +128,8 @@ def describe_checkpoint(ckpt: Checkpoint, source: str = "") -> dict[str, str]:
         rows["Architecture"] = f"{arch.name} ({arch.source})"
     else:
         rows["Depth"] = str(arch.depth)
-    rows["Attention"] = arch.attention.upper() if arch.attention else "none"
+    attention = arch.attention or "none"
+    rows["Attention"] = attention if attention in ("none", "self-attention") else attention.upper()
     rows["Classes"] = str(arch.num_classes)
     rows["Input"] = f"{ckpt.preprocess.crop} px (resize {ckpt.preprocess.resize})"
     if not isinstance(arch, ForeignArch):
@@ -185,11 +186,18 @@ def default_cam_layers(model: nn.Module) -> list[str]:
 
 
 def methods_for(model: nn.Module) -> list[str]:
-    """The CAM methods that apply to `model`: the transformer methods (rollout, GAE, LeGrad)
-    only for a ViT with global self-attention; every layer method for any network."""
+    """The CAM methods that apply to `model`: for a CNN every layer method; for a transformer
+    the layer methods that work on tokens, and rollout, GAE, LeGrad for a ViT (global
+    self-attention)."""
     layout = token_layout(model)
-    vit = layout is not None and layout.family == "vit"
-    return [name for name, m in CAM_METHODS.items() if m.needs != "attention" or vit]
+    if layout is None:
+        return [name for name, m in CAM_METHODS.items() if m.needs != "attention"]
+    # no classifier right after a token layer (CAM), no conv biases to speak of (FullGrad),
+    # no feature maps to ablate (Ablation-CAM)
+    cnn_only = {"cam", "fullgrad", "ablationcam"}
+    vit = layout.family == "vit"
+    return [name for name, m in CAM_METHODS.items()
+            if name not in cnn_only and (m.needs != "attention" or vit)]  # fmt: skip
 
 
 def cam_layer_choices(model: nn.Module) -> list[str]:

@@ -482,6 +482,8 @@ def _analyze(model, x, target, cam_layers, settings: _Settings) -> Analysis:
                 stages = levels.stage_layer_names()
                 cam_layers = stages[-1:] if spec.default_layers == "last" else stages
             layers = resolve_layers(model, cam_layers)
+            if spec.name in _CNN_ONLY and token_layout(model) is not None:
+                raise ValueError(f"{spec.label} {_CNN_ONLY[spec.name]}")
         with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
             run = _forward_backward(model, x, target, layers, modules, spec.needs)
             counter = _Counter(settings.progress, len(x))
@@ -602,6 +604,10 @@ def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets:
         "where CAM applies) or give the last feature layer"
     )
 
+
+_CNN_ONLY = {
+    "ablationcam": "replaces a CNN layer's feature maps; on a transformer use scorecam or gradcam",
+}
 
 # --- transformer methods -----------------------------------------------------------------------
 

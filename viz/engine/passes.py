@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from viz.engine.tokens import as_feature_map, token_layout
+
 __all__ = ["PassContext", "PASS_WEIGHTS", "planned_passes", "MEMORY_BUDGET_MIB"]
 
 MEMORY_BUDGET_MIB = 256
@@ -355,7 +357,8 @@ def _layer_gradients(model: nn.Module, module: nn.Module, inputs: Tensor, target
     finally:
         handle.remove()
     (grads,) = torch.autograd.grad(logits[:, target].sum(), kept[:1])
-    return grads.detach()
+    # a transformer's tokens onto their grid, as the layer's activations are
+    return as_feature_map(grads.detach(), token_layout(model), tuple(inputs.shape[-2:]))
 
 
 PASS_WEIGHTS: dict[str, Callable[[PassContext], Tensor]] = {

@@ -284,7 +284,8 @@ def agreement_table(
 
     Returns:
         (attention module name, CAM layer name, `Agreement`) per stage, in forward order;
-        empty for a network without spatial attention.
+        a transformer's whole-network map (rollout, GAE, LeGrad; stage 0) is paired with the
+        last block's attention; empty for a network without spatial attention.
 
     Raises:
         IndexError: `index` is outside the batch.
@@ -301,6 +302,14 @@ def agreement_table(
             if analysis.cam_stages.get(layer) == stage:
                 result = agreement(rec.spatial[index], analysis.cams[layer][index], top_k=top_k)
                 rows.append((rec.name, layer, result))
+    # a transformer's whole-network map (rollout, GAE, LeGrad) against its last block's map
+    final = analysis.trace.spatial_records[-1:] if analysis.trace.spatial_records else []
+    for layer in analysis.cams:
+        network_map = analysis.cams[layer]
+        if (analysis.cam_stages.get(layer) == 0 and final and final[0].kind == "self-attention"
+                and network_map.shape[-2:] == final[0].spatial.shape[-2:]):  # fmt: skip
+            result = agreement(final[0].spatial[index], network_map[index], top_k=top_k)
+            rows.append((final[0].name, layer, result))
     return rows
 
 
