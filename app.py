@@ -756,12 +756,6 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
             file_name=f"{prefix}_agreement.csv", key=f"agree_csv:{prefix}", on_click="ignore",
             icon=":material/download:",
         )  # fmt: skip
-    elif CAM_METHODS[method].needs == "attention" and an.trace.spatial_records:
-        # rollout, GAE, LeGrad: one map for the whole network, no stage to pair a block with
-        st.info(
-            f"{an.method_label} is one map for the whole network, not one per stage: the "
-            "Grad-CAM tab sets it beside the last block's attention, with the agreement numbers."
-        )
     else:
         st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
     st.markdown(
@@ -779,9 +773,6 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
     before = st.session_state.get("di_maps")
     if before:  # a layer taken out of the sidebar, another model or method leaves the choice
         kept = [m for m in before if m in maps]
-        for kind, last in (("cam:", cams[-1:]), ("attention:", gates[-1:])):
-            if any(m.startswith(kind) and m not in maps for m in before):
-                kept = list(dict.fromkeys(kept + last))  # this model's last one replaces it
         st.session_state["di_maps"] = kept or cams[-1:] + gates[-1:]  # never emptied by a switch
     default = None if "di_maps" in st.session_state else cams[-1:] + gates[-1:]
     chosen = st.multiselect("Saliency maps", list(maps), default=default,
@@ -834,10 +825,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
         "each column's class (the class chosen for that image, else the prediction of the model "
         "in use)."
     )
-    if st.session_state.get("compare_in_use") != label:  # a model put in use joins the rows
-        st.session_state["compare_in_use"] = label
-        if "compare" in st.session_state and label not in st.session_state["compare"]:
-            st.session_state["compare"] = [*st.session_state["compare"], label]
+    # the user's picks stay as they are when another model is put in use (their work)
     default = None if "compare" in st.session_state else [label]
     picked = st.multiselect("Models side by side", list(models), default=default, key="compare")
     if not picked:
