@@ -469,9 +469,12 @@ def main() -> None:
         )  # fmt: skip
         choices = cam_layer_choices(ckpt.model) if ckpt else []
         stages = default_cam_layers(ckpt.model) if ckpt else []
+        whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers
         layers = st.sidebar.multiselect(
-            "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}"
-        )
+            "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}",
+            disabled=whole, help="not used by this method: it gives one map for the whole network"
+            if whole else None,
+        )  # fmt: skip
         st.sidebar.header("Drawing")
         # one settings object drives the screen, every download, the zip and its manifest
         smoothing = st.sidebar.multiselect(
@@ -503,7 +506,7 @@ def main() -> None:
         if not items:
             st.info("Upload images or pick sample images in the sidebar.")
             return
-        if not layers and CAM_METHODS[method].needs not in ("network", "attention"):
+        if not layers and not whole:
             raise ValueError("choose at least one CAM layer in the sidebar")
         page(ckpt, label, models, items, View(settings, safe_stem(ckpt.label)), errors)
     except USER_ERRORS as exc:

@@ -643,6 +643,8 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert "Attention heads" in [t.label for t in at.tabs]
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
+    (layers,) = [w for w in at.sidebar.multiselect if w.label == "Layers"]
+    assert layers.disabled  # rollout is one map for the network: the layers do not apply
     at.sidebar.selectbox(key="model").set_value(cnn).run()
     assert_clean(at)
     assert at.sidebar.selectbox(key="method").value == "gradcam"
