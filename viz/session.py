@@ -22,7 +22,7 @@ from torch import nn
 from models.architectures import ForeignArch
 from models.checkpoint import Checkpoint, parse_class_names
 from models.images import IMAGE_EXTENSIONS
-from viz.engine.cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
+from viz.engine.cam import CAM_METHODS, CNN_ONLY, Analysis, analyze, resolve_layers, stage_layers
 from viz.engine.tokens import token_layout
 
 __all__ = [
@@ -192,12 +192,9 @@ def methods_for(model: nn.Module) -> list[str]:
     layout = token_layout(model)
     if layout is None:
         return [name for name, m in CAM_METHODS.items() if m.needs != "attention"]
-    # no classifier right after a token layer (CAM), no conv biases to speak of (FullGrad),
-    # no feature maps to ablate (Ablation-CAM)
-    cnn_only = {"cam", "fullgrad", "ablationcam"}
     vit = layout.family == "vit"
     return [name for name, m in CAM_METHODS.items()
-            if name not in cnn_only and (m.needs != "attention" or vit)]  # fmt: skip
+            if name not in CNN_ONLY and (m.needs != "attention" or vit)]  # fmt: skip
 
 
 def cam_layer_choices(model: nn.Module) -> list[str]:

@@ -40,7 +40,7 @@ from viz.engine.maps import normalize
 from viz.engine.passes import PASS_WEIGHTS, PassContext, planned_passes
 from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
-from viz.engine.trace import AttentionTrace, model_modules, record_attention
+from viz.engine.trace import AttentionTrace, attention_modules, model_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
 
 __all__ = [
@@ -482,8 +482,11 @@ def _analyze(model, x, target, cam_layers, settings: _Settings) -> Analysis:
                 stages = levels.stage_layer_names()
                 cam_layers = stages[-1:] if spec.default_layers == "last" else stages
             layers = resolve_layers(model, cam_layers)
-            if spec.name in _CNN_ONLY and token_layout(model) is not None:
-                raise ValueError(f"{spec.label} {_CNN_ONLY[spec.name]}")
+            if spec.name == "ablationcam" and token_layout(model) is not None:
+                raise ValueError(
+                    f"{spec.label} replaces a CNN layer's feature maps; on a transformer use "
+                    "scorecam or gradcam"
+                )
         with preserve_model_state(model, eval_mode=False, freeze=True, modules=modules):
             run = _forward_backward(model, x, target, layers, modules, spec.needs)
             counter = _Counter(settings.progress, len(x))
@@ -605,9 +608,9 @@ def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets:
     )
 
 
-_CNN_ONLY = {
-    "ablationcam": "replaces a CNN layer's feature maps; on a transformer use scorecam or gradcam",
-}
+CNN_ONLY = ("cam", "fullgrad", "ablationcam")
+"""Methods not offered for transformers: no linear classifier right after a token layer (CAM),
+hardly any conv or norm biases (FullGrad), no feature maps to ablate (Ablation-CAM, refused)."""
 
 # --- transformer methods -----------------------------------------------------------------------
 
@@ -616,7 +619,6 @@ def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Ana
     """Rollout, GAE or LeGrad: one traced forward (and the backward GAE and LeGrad need)."""
     spec, options = settings.spec, settings.options
     layout = token_layout(model)
-    class_token = layout.class_token if layout is not None else None
     gradients = spec.name != "rollout"
     outputs: list[Tensor] = []
     handles = []
@@ -637,11 +639,11 @@ def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Ana
                 cam = rollout(
                     [rec for *_, rec in calls], head_fusion=options.get("head_fusion", "mean"),
                     discard=float(options.get("discard", 0.0)),
-                    start=int(options.get("start_block", 0)), class_token=class_token,
+                    start=int(options.get("start_block", 0)),
                 )  # fmt: skip
             elif spec.name == "gae":
                 score = logits.gather(1, targets[:, None]).sum()
-                cam = gae(calls, score, class_token=class_token)
+                cam = gae(calls, score)
             else:
                 if layout is None or layout.score is None:
                     raise ValueError(
@@ -657,7 +659,7 @@ def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Ana
 
 def _block_output_hooks(model: nn.Module, outputs: list[Tensor]) -> list:
     """Forward hooks that keep the output of each self-attention module's enclosing block."""
-    names = [n for n, m in model.named_modules() if n and getattr(find_probe(m), "reader", None)]
+    names = [n for n, m in attention_modules(model) if find_probe(m).reader is not None]
     blocks = [model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model for n in names]
     return [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in blocks]
 

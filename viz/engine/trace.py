@@ -68,6 +68,8 @@ class AttentionRecord:
             token's attention to the patches; without a class token, or in Swin's windows,
             the mean attention each patch receives); `spatial` is their mean.
         layer: self-attention in a ViT: the block's index in the network (0 = first).
+        class_token: self-attention in a ViT: its maps are the class token's row (the model
+            has a class token), not the mean over the patch rows.
     """
 
     name: str
@@ -84,6 +86,7 @@ class AttentionRecord:
     attention: Tensor | None = None
     heads: Tensor | None = None
     layer: int | None = None
+    class_token: bool = False
 
     def select(self, index: int | slice) -> AttentionRecord:
         """The same record for image `index` (or a slice) of the batch, batch dimension kept."""
@@ -500,9 +503,9 @@ class _SelfAttentionWatch:
             windows = (-(-geo.height // geo.window[0])) * (-(-geo.width // geo.window[1]))
             heads = received_on_grid(probs, geo, probs.shape[0] // windows)
             stride = max(1, input_hw[0] // geo.height) if input_hw[0] else 0
-            stage, layer, attention = fallback_stage(stride), None, None
+            stage, layer, attention, cls = fallback_stage(stride), None, None, False
         else:
-            heads, stride = self._patch_maps(probs, layout, input_hw)
+            heads, stride, cls = self._patch_maps(probs, layout, input_hw)
             stage = stage_of_block(self.index, self.count)
             layer, attention = self.index, probs
         spatial = heads.mean(1)
@@ -510,7 +513,7 @@ class _SelfAttentionWatch:
             name=self.name, kind=self.probe.kind, stage=stage,
             block=state.next_block(call, stage), channel=None, spatial=spatial, gate=spatial,
             feature_in=None, feature_out=None, stride=stride, attention=attention,
-            heads=heads, layer=layer,
+            heads=heads, layer=layer, class_token=cls,
         )  # fmt: skip
 
     def _patch_maps(self, probs: Tensor, layout: TokenLayout | None, input_hw) -> tuple:
@@ -532,7 +535,7 @@ class _SelfAttentionWatch:
         else:
             maps = probs[:, :, :, prefix:].mean(2)
         stride = input_hw[0] // h if input_hw[0] else 0
-        return maps.reshape(n, heads, h, w), stride
+        return maps.reshape(n, heads, h, w), stride, cls
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:

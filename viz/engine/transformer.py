@@ -57,15 +57,6 @@ def _row_over_patches(matrix: Tensor, rec: AttentionRecord, class_token: bool) -
     return row.reshape(n, h, w)
 
 
-def _class_token(rec: AttentionRecord) -> bool:
-    # a record's heads map is the class token's row exactly when the model has one
-    n, heads, h, w = rec.heads.shape
-    prefix = rec.attention.shape[-1] - h * w
-    return prefix > 0 and torch.equal(
-        rec.heads, rec.attention[:, :, 0, prefix:].reshape(n, heads, h, w)
-    )
-
-
 def rollout(
     records: Sequence[AttentionRecord],
     *,
@@ -84,7 +75,7 @@ def rollout(
     blocks = _global(records, "rollout")
     if not 0 <= start < len(blocks):
         raise ValueError(f"start must be a block in 0..{len(blocks) - 1}, got {start}")
-    cls = _class_token(blocks[0]) if class_token is None else class_token
+    cls = blocks[0].class_token if class_token is None else class_token
     joint = None
     for rec in blocks[start:]:
         a = rec.attention.double()
@@ -141,7 +132,7 @@ def gae(
     sources = gradient_sources(calls, "gae")
     grads = torch.autograd.grad(score, sources, allow_unused=True)
     grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grads, sources)]
-    cls = _class_token(blocks[0]) if class_token is None else class_token
+    cls = blocks[0].class_token if class_token is None else class_token
     relevance = None
     for rec, d_attention in zip(blocks, _probability_gradients(calls, grads)):
         a = rec.attention.double()
