@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             f"# CAM methods with extra passes\n\n`python -m bench.cams` on "
             f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Embedded ResNet-18 + "
-            "CBAM, layer4, 224 px, batch 1; medians of interleaved repetitions; 'time / ours' "
-            "is each implementation's median over Attention Lens's.\n\n"
+            f"CBAM, layer4, 224 px, batch 1; medians of {args.reps} interleaved repetitions; "
+            "'time / ours' is each implementation's median over Attention Lens's.\n\n"
         )
         args.out.write_text(header + table + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
