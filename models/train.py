@@ -124,6 +124,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
         "during training (test size, progress) is made on it and val/ is scored once at the end",
     )
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="ship the weights of the evaluated epoch (--eval-every) with the best top-1 on the "
+        "selection split (the hold-out, if any), not those of the last epoch",
+    )
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop minimum area")
     p.add_argument(
         "--class-names", default=None, help="comma list or text file, one name per class"
@@ -285,6 +291,7 @@ RECIPE_OPTIONS = (
     "bf16",
     "holdout",
     "holdout_seed",
+    "keep_best",
     "test_crop_ratio",
     "eval_sizes",
     "arch",
@@ -839,14 +846,19 @@ def _train(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if teachers is not None:
         teachers.to(device)
-    history = _epochs(args, model, data, device, state_path, ranks, teachers)
+    history, best = _epochs(args, model, data, device, state_path, ranks, teachers)
     if not ranks.main:
         return 0
     if args.sync_bn:
         model = _plain_batchnorm(model)
     model = model.cpu()
+    chosen = len(history)
+    if args.keep_best and best is not None:
+        model.load_state_dict(best["model"])
+        chosen = best["epoch"]
+        _say(ranks, f"keeping epoch {chosen} ({data.select_split} top-1 {best['acc']:.2f}%)")
     return _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-                   attention, ranks, teachers)  # fmt: skip
+                   attention, ranks, teachers, chosen)  # fmt: skip
 
 
 def _memory_format(args: argparse.Namespace) -> torch.memory_format:
@@ -874,22 +886,22 @@ def _sgd(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
     )
 
 
-def _resume(args, model, opt, gen, state_path: Path, ranks: Ranks) -> tuple[int, list]:
-    """(epochs done, history) from the training state; rank 0 reads it and sends it (no
-    shared disk needed between nodes)."""
+def _resume(args, model, opt, gen, state_path: Path, ranks: Ranks) -> tuple[int, list, dict | None]:
+    """(epochs done, history, best evaluated epoch) from the training state; rank 0 reads it
+    and sends it (no shared disk needed between nodes)."""
     state = None
     if ranks.main and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     state = ranks.broadcast(state)
     if state is None:
-        return 0, []
+        return 0, [], None
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     if "rng" in state:  # the global RNG: dropout and stochastic depth
         torch.set_rng_state(state["rng"])
     _say(ranks, f"resumed from {state_path} after epoch {state['epoch']}")
-    return state["epoch"], json.loads(state["history"])
+    return state["epoch"], json.loads(state["history"]), state.get("best")
 
 
 @dataclass
@@ -910,13 +922,18 @@ def _extras(args: argparse.Namespace, n_classes: int, teachers: Teachers | None)
     return _Extras(teachers, strong)
 
 
-def _epochs(args, model, data, device, state_path: Path, ranks: Ranks, teachers=None) -> list[dict]:
-    """Every epoch from the first not done: train, validate when due, save the state."""
+def _epochs(
+    args, model, data, device, state_path: Path, ranks: Ranks, teachers=None
+) -> tuple[list[dict], dict | None]:
+    """Every epoch from the first not done: train, validate when due, save the state.
+
+    Returns the history and, with --keep-best, the evaluated epoch with the best top-1 on the
+    selection split: {"epoch", "acc", "model" (its weights on the CPU)}, else None."""
     opt = _optimizer(model, args)
     steps = data.n_train // args.batch_size
     gen = torch.Generator().manual_seed(args.seed)
-    start_epoch, history = (
-        _resume(args, model, opt, gen, state_path, ranks) if args.resume else (0, [])
+    start_epoch, history, best = (
+        _resume(args, model, opt, gen, state_path, ranks) if args.resume else (0, [], None)
     )
     extras = _extras(args, len(data.classes), teachers)
     net = model
@@ -942,10 +959,13 @@ def _epochs(args, model, data, device, state_path: Path, ranks: Ranks, teachers=
             f"{data.select_split}_acc": None if val_acc is None else round(val_acc, 2),
             "seconds": round(time.time() - t_epoch, 1),
         })  # fmt: skip
+        if args.keep_best and val_acc is not None and (best is None or val_acc > best["acc"]):
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = {"epoch": epoch + 1, "acc": val_acc, "model": weights}
         if ranks.main:
             print(json.dumps(history[-1]), flush=True)
-            _save_state(state_path, model, opt, gen, epoch + 1, history)
-    return history
+            _save_state(state_path, model, opt, gen, epoch + 1, history, best)
+    return history, best
 
 
 def _train_epoch(
@@ -1006,20 +1026,22 @@ def _step(args, net, opt, x: Tensor, target: Tensor, teachers: Teachers | None) 
     return torch.tensor([len(hard), correct, loss.item() * len(hard)], dtype=torch.float64)
 
 
-def _save_state(path: Path, model, opt, gen, epochs_done: int, history: list) -> None:
+def _save_state(
+    path: Path, model, opt, gen, epochs_done: int, history: list, best: dict | None = None
+) -> None:
     """What --resume needs, written atomically after every epoch."""
     buf = io.BytesIO()
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "generator": gen.get_state(),
-            "rng": torch.get_rng_state(),
-            "epoch": epochs_done,
-            "history": json.dumps(history),
-        },
-        buf,
-    )
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "generator": gen.get_state(),
+        "rng": torch.get_rng_state(),
+        "epoch": epochs_done,
+        "history": json.dumps(history),
+    }
+    if best is not None:
+        state["best"] = best
+    torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -1078,7 +1100,8 @@ def _model_name(args, attention: str | None) -> str:
 
 
 def _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-            attention, ranks: Ranks, teachers: Teachers | None = None) -> int:  # fmt: skip
+            attention, ranks: Ranks, teachers: Teachers | None = None,
+            chosen_epoch: int | None = None) -> int:  # fmt: skip
     """Rank 0: choose the test size on the selection split, save, score val/ once."""
     by_size = {s: data.evaluate(model, s) for s in eval_sizes(args)}
     best = max(by_size, key=by_size.get)
@@ -1094,7 +1117,8 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
         "name": _model_name(args, attention),
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
-            "selection": selection_record(args, select_split, data.n_train, data.n_select),
+            "selection": selection_record(args, select_split, data.n_train, data.n_select)
+            | {"epoch": chosen_epoch or len(history)},
             "recipe": _recipe(args, ranks, teachers),
             "history": history,
             "date": dt.date.today().isoformat(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from models.card import GOAL_SIZE, GOAL_TOP1, meets_goal, model_card
+from models.card import GOAL_SIZE, GOAL_TOP1, VIT_GOAL_TOP1, meets_goal, model_card
 from viz import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +94,21 @@ def test_model_card_status_names_the_checkpoints_short_of_the_goal(tmp_path):
     line = _status([good, close, entry("c.safetensors", None)])
     short = f"`b.safetensors` ({round(GOAL_TOP1 - 0.01, 2)}%)"
     assert f"reached by `a.safetensors`; not by {short}, `c.safetensors`" in line
+
+
+def test_the_vision_transformer_has_its_own_goal_at_its_own_size(tmp_path):
+    from models.card import _status
+    from models.zoo import EmbeddedCheckpoint
+
+    vit = {"arch": {"source": "timm", "attention": "self-attention"}}
+
+    def entry(name, top1, meta):
+        acc = {"accuracy": {"top1": top1, "test_size": 160}}
+        return EmbeddedCheckpoint(tmp_path / name, 1, 0.0, meta | acc)
+
+    assert meets_goal(entry("v", VIT_GOAL_TOP1, vit).metadata)  # at 160 px: its size
+    assert not meets_goal(entry("v", VIT_GOAL_TOP1 - 0.1, vit).metadata)
+    assert not meets_goal(entry("r", GOAL_TOP1, {}).metadata)  # a ResNet at 160 px
+    line = _status([entry("vit.safetensors", VIT_GOAL_TOP1 - 0.1, vit)])
+    assert f"{VIT_GOAL_TOP1:g}% for the vision transformer" in line
+    assert f"not by `vit.safetensors` ({VIT_GOAL_TOP1 - 0.1}% at 160 px)" in line

@@ -85,6 +85,40 @@ def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, c
     )
 
 
+def test_keep_best_ships_the_best_hold_out_epoch_across_a_resume(
+    tiny_folder, tmp_path, monkeypatch
+):
+    """Hold-out top-1 50, 80, 60 over three epochs: epoch 2's weights ship, also when the run
+    was stopped in epoch 3 and resumed (the best epoch's weights live in the state file)."""
+    scripted, weights = [50.0, 80.0, 60.0], []
+
+    def scripted_eval(model, *a, **k):
+        if len(weights) == 2 and stop[0]:
+            raise KeyboardInterrupt  # the session is stopped in epoch 3's evaluation
+        weights.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        return scripted[len(weights) - 1] if len(weights) <= 3 else 70.0  # then: test sizes
+
+    stop = [True]
+    monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
+    monkeypatch.setattr(train_mod, "evaluate_cached", scripted_eval)
+    out = tmp_path / "best.safetensors"
+    args = _args(tiny_folder, out, 3, "--eval-every", "1", "--holdout", "0.25", "--keep-best")
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(args)
+    stop[0] = False
+    assert train_mod.main([*args, "--resume"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.metadata["training"]["selection"]["epoch"] == 2
+    assert ckpt.metadata["training"]["recipe"]["keep_best"] is True
+    shipped = ckpt.model.state_dict()
+    key = "layer4.1.conv2.weight"
+    # float16 storage: equal to epoch 2's weights up to rounding, unlike epoch 3's
+    torch.testing.assert_close(shipped[key], weights[1][key], atol=1e-3, rtol=1e-3)
+    assert (shipped[key] - weights[2][key]).abs().max() > 1e-2
+    card = model_card(tmp_path)
+    assert "Epoch chosen on the hold-out: 2 of 3" in card and "--keep-best" in card
+
+
 def test_missing_split_is_a_usage_error(tmp_path):
     assert train_mod.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
 

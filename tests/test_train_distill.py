@@ -171,6 +171,12 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
         torch.testing.assert_close(ckpt.model(x), heads)
     top1, n = train_mod.evaluate_checkpoint(out, jpeg_folder / "val")
     assert (round(top1, 2), n) == (ckpt.metadata["accuracy"]["top1"], 8)
+    # the model card gives it the transformer's goal and its command
+    from models.card import model_card
+
+    card = model_card(tmp_path)
+    assert "**The vision transformer**" in card and "% for the vision transformer" in card
+    assert f"--arch timm:{NAME}" in card and "--teacher checkpoints/resnet18.safetensors" in card
 
 
 def test_an_interrupted_distillation_resumes_to_the_same_weights(
