@@ -1118,7 +1118,7 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
             "selection": selection_record(args, select_split, data.n_train, data.n_select)
-            | {"epoch": chosen_epoch or len(history)},
+            | ({"epoch": chosen_epoch or len(history)} if args.keep_best else {}),
             "recipe": _recipe(args, ranks, teachers),
             "history": history,
             "date": dt.date.today().isoformat(),
