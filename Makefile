@@ -30,14 +30,23 @@ bench: $(STAMP)
 GRID_IMAGES := $(addprefix samples/,tench_12881.jpg english_springer_4972.jpg church_29612.jpg \
 	garbage_truck_10362.jpg golf_ball_501.jpg parachute_21932.jpg)
 BAM_IMAGE := garbage_truck_10362
+# the embedded vision transformer, once it ships: a row of the grid and the transformer figure
+VIT ?= $(wildcard checkpoints/vit_*_imagenette.safetensors)
+VIT_IMAGE := english_springer_4972
 figures: $(STAMP)
 	rm -rf out/figures
 	$(BIN)/python -m viz export --images $(GRID_IMAGES) --figure model-grid --dpi 150 --labels samples/labels.csv \
-		--out out/figures/grid $(foreach m,plain se bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors)
+		--out out/figures/grid $(foreach m,plain se bam cbam,--checkpoint checkpoints/resnet18_$(m)_imagenette.safetensors) \
+		$(foreach v,$(VIT),--checkpoint $(v))
 	$(BIN)/python -m viz export --checkpoint checkpoints/resnet18_bam_imagenette.safetensors \
 		--images samples/$(BAM_IMAGE).jpg --figure bam-hierarchy --width single --dpi 200 --out out/figures/bam
 	cp out/figures/grid/model-grid.png docs/model-grid.png
 	cp out/figures/bam/resnet18_bam_imagenette/$(BAM_IMAGE)/bam-hierarchy.png docs/bam-hierarchy.png
+ifneq ($(VIT),)
+	$(BIN)/python -m viz export --checkpoint $(VIT) --images samples/$(VIT_IMAGE).jpg --figure overview \
+		--dpi 150 --out out/figures/vit
+	cp out/figures/vit/$(basename $(notdir $(VIT)))/$(VIT_IMAGE)/overview.png docs/vit-overview.png
+endif
 
 # the README's report excerpt: the embedded checkpoints on the bundled samples
 report-example: $(STAMP)
