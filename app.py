@@ -144,8 +144,12 @@ def analysis(
     kept = st.session_state.setdefault("slow_analyses", {})
     key = (image_sha, ckpt_sha, target, method, layers, smoothing)
     if key not in kept:
-        kept[key] = analyze_images(ckpt, [image], target, method=method, layers=layers,
-                                   smoothing=smoothing, progress=SlowRun.callback(method, smoothing))  # fmt: skip
+        try:
+            kept[key] = analyze_images(ckpt, [image], target, method=method, layers=layers,
+                                       smoothing=smoothing,
+                                       progress=SlowRun.callback(method, smoothing))  # fmt: skip
+        finally:
+            SlowRun.done()
         while len(kept) > SLOW_KEPT:
             kept.pop(next(iter(kept)))
     return kept[key]
@@ -170,7 +174,8 @@ class SlowRun:
     rerun it starts, which ends the running analysis, does not start the slow one again.
     """
 
-    bar = None  # one bar per script run, shared by the run's analyses
+    bar = None  # the running analysis's bar and Stop button, in `box`
+    box = None
 
     @staticmethod
     def slow(method: str, smoothing: tuple) -> bool:
@@ -189,15 +194,24 @@ class SlowRun:
 
         def update(done: int, total: int) -> None:
             if cls.bar is None:
-                st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
-                          args=(label,), icon=":material/stop_circle:")  # fmt: skip
-                cls.bar = st.progress(0.0)
+                cls.box = st.empty()
+                with cls.box.container():
+                    st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
+                              args=(label,), icon=":material/stop_circle:")  # fmt: skip
+                    cls.bar = st.progress(0.0)
             elapsed = time.monotonic() - started
             left = elapsed / max(done, 1) * (total - done)
             cls.bar.progress(done / max(total, 1),
                              text=f"{label}: {done} of {total} passes, about {left:.0f} s left")  # fmt: skip
 
         return update
+
+    @classmethod
+    def done(cls) -> None:
+        """The run ended: its bar and Stop button go (a late Stop would undo finished work)."""
+        if cls.box is not None:
+            cls.box.empty()
+        cls.bar = cls.box = None
 
 
 def _stop_slow(label: str) -> None:
@@ -475,6 +489,12 @@ def main() -> None:
             disabled=whole, help="not used by this method: it gives one map for the whole network"
             if whole else None,
         )  # fmt: skip
+        if method == "cam" and len(layers) > 1:
+            # CAM exists only where global pooling and the classifier follow: the last layer
+            deepest = max(layers, key=choices.index)
+            errors.info(md_text(f"CAM needs the classifier right after its layer: shown at "
+                                f"{deepest} only (Grad-CAM works at every layer)."))  # fmt: skip
+            layers = [deepest]
         st.sidebar.header("Drawing")
         # one settings object drives the screen, every download, the zip and its manifest
         smoothing = st.sidebar.multiselect(
@@ -815,7 +835,10 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
 
 def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
     s = view.settings
-    method, layers = s.method, s.layers
+    method, layers, smoothing = s.method, s.layers, s.smoothing
+    slow = SlowRun.slow(method, smoothing)
+    if slow:  # extra passes for every model and image: the comparison shows Grad-CAM
+        method, smoothing = SlowRun.quick(method, smoothing)
     whole = CAM_METHODS[method].needs == "attention"  # rollout, GAE, LeGrad: no stages
     shown = (
         f"{CAM_METHODS[method].label} (one map for the whole network; a CNN row shows its "
@@ -823,10 +846,17 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
         if whole
         else f"{CAM_METHODS[method].label} of the last stage"
     )
+    chosen = CAM_METHODS[s.method].label + (" with augmentation" if "aug" in s.smoothing else "")
+    note = (
+        f" {chosen} would take its extra passes for every model and image, so the comparison "
+        "shows Grad-CAM."
+        if slow
+        else ""
+    )
     st.markdown(
         f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
         "each column's class (the class chosen for that image, else the prediction of the model "
-        "in use)."
+        f"in use).{note}"
     )
     # the user's picks stay as they are when another model is put in use (their work)
     default = None if "compare" in st.session_state else [label]
@@ -835,7 +865,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
         st.info("Pick at least one model.")
         return
     loaded = {name: with_class_names(models[name].load()) for name in picked}
-    classes = column_classes(ckpt, items, loaded, method, layers, s.smoothing, errors)
+    classes = column_classes(ckpt, items, loaded, method, layers, smoothing, errors)
     stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",
                      format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
                      help="The same stage in every row, whatever each network calls the layer.")  # fmt: skip
@@ -851,7 +881,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
             if t is None:
                 absent.append(c)  # drawn as n/a, not as another class under this title
             # each model's own stage layers: networks name their layers differently
-            found.append(analysis(item.sha, other.sha256, t, own, None, s.smoothing, other,
+            found.append(analysis(item.sha, other.sha256, t, own, None, smoothing, other,
                                   item.image))  # fmt: skip
         grid.append(GridModel(other.label, models[name].source, other, found, absent))
         if bar:

@@ -609,17 +609,60 @@ def test_sidebar_lists_each_colour_map_once_and_the_comparison_names_its_method(
     assert any("Grad-CAM++ of the last stage" in m.value for m in at.markdown)
 
 
-def test_a_slow_method_shows_progress_and_can_be_stopped(app):
+def test_a_slow_method_shows_progress_and_can_be_stopped(app, monkeypatch):
+    """A Stop button shows with the bar while a slow method runs and goes when it ends (a late
+    click would throw the finished map away); its callback puts Grad-CAM back. AppTest cannot
+    click while the script runs, so the click's callback is called on the state it would get."""
+    made, real_button = [], st.button
+
+    def spy(label, *a, **k):
+        made.append((label, k.get("on_click"), k.get("args")))
+        return real_button(label, *a, **k)
+
+    monkeypatch.setattr(st, "button", spy)
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    made.clear()
+    at.sidebar.selectbox(key="method").set_value("ablationcam").run()
+    assert_clean(at)
+    ((label, on_click, args),) = [m for m in made if m[0] == "Stop"]  # shown while it ran
+    assert not [b for b in at.button if b.label == "Stop"]  # and gone once it ended
+    assert not at.get("progress")  # nor its bar
+    state: dict = {}
+    monkeypatch.setattr(st, "session_state", state)
+    on_click(*args)  # what clicking Stop does, on the next run's state
+    monkeypatch.undo()
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    assert at.sidebar.selectbox(key="method").value == "gradcam"
+    assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
+
+
+def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app, monkeypatch):
+    import viz
+
+    runs, real = [], viz.analyze_images
+
+    def counting(ckpt, images, target=None, **k):
+        runs.append(k.get("method"))
+        return real(ckpt, images, target, **k)
+
+    monkeypatch.setattr(viz, "analyze_images", counting)
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     at.sidebar.selectbox(key="method").set_value("ablationcam").run()
     assert_clean(at)
-    stop = [b for b in at.button if b.label == "Stop"]
-    assert len(stop) == 1  # shown with the progress bar while Ablation-CAM ran
-    stop[0].click().run()
-    assert at.sidebar.selectbox(key="method").value == "gradcam"
-    assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
-    assert not [b for b in at.button if b.label == "Stop"]  # Grad-CAM is quick: no bar
+    assert runs.count("ablationcam") == 1  # the hidden comparison tab does not run it again
+    assert any("so the comparison shows Grad-CAM" in m.value for m in at.markdown)
+
+
+def test_cam_with_every_stage_chosen_is_shown_at_the_last_one(app):
+    at = app.run()
+    at.sidebar.selectbox(key="method").set_value("cam").run()
+    assert_clean(at)  # not an error for the three stages CAM cannot explain
+    assert any("shown at layer4 only" in plain(i.value) for i in at.info)
+    assert prediction(at)
 
 
 def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):

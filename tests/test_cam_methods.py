@@ -366,3 +366,25 @@ def test_the_folded_copy_follows_weights_changed_in_place(cbam_model, image):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_sample": 2}, "unknown method option"),  # a typo must not run the default 35
+        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"num_samples": -3}, "num_samples"),
+        ({"std": -1.0}, "std must be a number >= 0"),
+        ({"std": float("nan")}, "std"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ],
+)
+def test_method_options_are_checked_before_any_pass(options, message):
+    model, x = _chain(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=message):
+        analyze(model, x, 0, ["3"], method="sscam", options=options)
+
+
+def test_smoothing_given_as_one_name():
+    model, x = _chain(), torch.randn(1, 3, 8, 8)
+    assert analyze(model, x, 0, ["3"], smoothing="aug").smoothing == ("aug",)

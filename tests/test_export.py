@@ -364,6 +364,18 @@ def test_cli_usage_errors_exit_2(ckpts, image_dir, tmp_path, capsys, argv):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_transformer_method_on_a_cnn_is_refused_once_before_any_image(
+    ckpts, image_dir, tmp_path, capsys
+):
+    for command in ("export", "report"):
+        argv = [command, "--checkpoint", str(ckpts["r18_cbam"]), "--images", str(image_dir),
+                "--out", str(tmp_path / command), "--method", "rollout"]  # fmt: skip
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and "needs a vision transformer" in err, err
+        assert not (tmp_path / command).exists()
+
+
 def test_cli_missing_inputs_exit_2_with_one_line(ckpts, image_dir, tmp_path, capsys):
     code, err = _export(capsys, tmp_path / "nope.pth", image_dir, tmp_path / "o")
     assert code == 2 and err.strip().count("\n") == 0 and "nope.pth" in err

@@ -47,8 +47,8 @@ in the manifest); 2 usage error (bad option, unreadable checkpoint, missing path
 not empty without --overwrite).
 
 example:
-  python -m viz export --checkpoint checkpoints/resnet50_cbam.safetensors \\
-      --checkpoint checkpoints/resnet50.safetensors --images samples/ --out figures/ \\
+  python -m viz export --checkpoint checkpoints/resnet18_cbam_imagenette.safetensors \\
+      --checkpoint checkpoints/resnet18_plain_imagenette.safetensors --images samples/ --out figures/ \\
       --figure overview --figure model-grid --format png,pdf --width double
 """
 

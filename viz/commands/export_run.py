@@ -19,6 +19,7 @@ from viz.commands.inputs import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_FILE_BYTES,
     UsageError,
+    check_method,
     collect_images,
     error_line,
     label_of,
@@ -44,6 +45,8 @@ def export_command(args: argparse.Namespace) -> int:
     analyzed = bool(per_image) or "model-grid" in figures
     images, folders = _inputs(args, figures, analyzed)
     checkpoints = load_checkpoints(args.checkpoint)
+    if analyzed:
+        check_method(settings.method, checkpoints)
     if settings.layers is not None:
         _check_layers(checkpoints, settings.layers)
     targets = _image_targets(args, images if analyzed else [], checkpoints)

@@ -207,6 +207,21 @@ def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
     return [(raw, name, ckpt) for (raw, _, ckpt), name in zip(loaded, names)]
 
 
+def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) -> None:
+    """--method applies to every model: refused once, before any image is analysed."""
+    from viz.engine.cam import CAM_METHODS
+    from viz.session import methods_for
+
+    for raw, _, ckpt in checkpoints:
+        if method not in methods_for(ckpt.model):
+            why = (
+                "needs a vision transformer's self-attention"
+                if CAM_METHODS[method].needs == "attention"
+                else "does not apply to a transformer"
+            )
+            raise UsageError(f"--method {method} ({CAM_METHODS[method].label}) {why}: {raw}")
+
+
 def int_in(what: str, low: int, high: int):
     """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
 

@@ -1,4 +1,9 @@
-"""`python -m viz report`: the command around `viz.commands.report.run_report` and `viz.commands.report_page`."""
+"""Measure CAMs and attention over a data set: accuracy, deletion/insertion, agreement,
+localisation and the sanity check, per image and summarised, as CSV, figures and a page.
+
+(`python -m viz report`: the command around `viz.commands.report.run_report` and
+`viz.commands.report_page`.)
+"""
 
 from __future__ import annotations
 
@@ -88,10 +93,12 @@ def report_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.distributed import start_distributed, stop_distributed
-    from viz.commands.inputs import load_checkpoints
+    from viz.commands.inputs import check_method, load_checkpoints
     from viz.commands.report_page import write_report
 
-    checkpoints = [(name, raw, ckpt) for raw, name, ckpt in load_checkpoints(args.checkpoint)]
+    loaded = load_checkpoints(args.checkpoint)
+    check_method(args.method, loaded)
+    checkpoints = [(name, raw, ckpt) for raw, name, ckpt in loaded]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
     options = ReportOptions(
         method=args.method, smoothing=tuple(args.smooth), deletion=args.deletion, steps=args.steps, baseline=args.baseline,

@@ -27,6 +27,7 @@ Input-resolution attributions that cost more passes come from Captum in `attribu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -425,6 +426,8 @@ def analyze(
     spec = CAM_METHODS.get(method)
     if spec is None:
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
+    if isinstance(smoothing, str):  # one name, not its letters
+        smoothing = (smoothing,)
     unknown = set(smoothing) - set(SMOOTHINGS)
     if unknown:
         raise ValueError(f"smoothing must be among {', '.join(SMOOTHINGS)}, got {sorted(unknown)}")
@@ -432,10 +435,33 @@ def analyze(
         aug_smooth or "aug" in smoothing,
         eigen_smooth or "eigen" in smoothing,
     )
-    settings = _Settings(spec, eigen_smooth, dict(options or {}), seed, progress)
+    settings = _Settings(spec, eigen_smooth, checked_options(options), seed, progress)
     if aug_smooth:
         return _augmentation_smoothed(model, x, target, cam_layers, settings)
     return _analyze(model, x, target, cam_layers, settings)
+
+
+_OPTION_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "num_samples": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+    "std": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    "head_fusion": (lambda v: v in ("mean", "max", "min"), "mean, max or min"),
+    "discard": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)"),
+    "start_block": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+}
+
+
+def checked_options(options: dict | None) -> dict:
+    """The method options, each known and valid (a typo must not silently run the defaults)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTION_CHECKS))
+    if unknown:
+        raise ValueError(f"unknown method option(s) {unknown}; known: {', '.join(_OPTION_CHECKS)}")
+    for name, value in options.items():
+        valid, wanted = _OPTION_CHECKS[name]
+        if isinstance(value, bool) or not valid(value):
+            raise ValueError(f"option {name} must be {wanted}, got {value!r}")
+    return options
 
 
 @dataclass(frozen=True)
@@ -603,8 +629,8 @@ def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets:
             return fc.weight.detach().float()[targets]
     raise ValueError(
         f"CAM needs global average pooling and one linear layer right after {name!r} "
-        "(Zhou et al.), which this network does not have there: use gradcam (equal to CAM "
-        "where CAM applies) or give the last feature layer"
+        "(Zhou et al.), which this network does not have there: give the last feature layer, "
+        "or use Grad-CAM (gradcam), which works at every layer"
     )
 
 
