@@ -194,7 +194,8 @@ class SlowRun:
 
         def update(done: int, total: int) -> None:
             if cls.bar is None:
-                cls.box = st.empty()
+                if cls.box is None:
+                    cls.box = st.empty()
                 with cls.box.container():
                     st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
@@ -205,6 +206,12 @@ class SlowRun:
                              text=f"{label}: {done} of {total} passes, about {left:.0f} s left")  # fmt: skip
 
         return update
+
+    @classmethod
+    def reserve(cls) -> None:
+        """The bar's place, kept in every run, drawn or not: the tabs below keep their place in
+        the page, so the tab a user has open stays open while and after a slow method runs."""
+        cls.box, cls.bar = st.empty(), None
 
     @classmethod
     def done(cls) -> None:
@@ -657,8 +664,10 @@ def explained_class(ckpt, label, item, crop, base, settings: FigureSettings, tke
             format_func=names.__getitem__, key=f"tall:{tkey}",
         )  # fmt: skip
     target = None if choice == top5[0].index else int(choice)
+    SlowRun.reserve()
     an = analysis(item.sha, ckpt.sha256, target, settings.method, settings.layers,
                   settings.smoothing, ckpt, item.image)  # fmt: skip
+    SlowRun.done()
     if target is not None:
         right.markdown(
             f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"

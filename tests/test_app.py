@@ -657,6 +657,22 @@ def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app
     assert any("so the comparison shows Grad-CAM" in m.value for m in at.markdown)
 
 
+def test_the_tabs_keep_their_place_when_a_slow_method_runs(app):
+    """The browser keeps the open tab only if the tabs stay at the same place in the page:
+    the progress bar has a place of its own in every run, slow method or not."""
+
+    def tabs_at(at) -> int:
+        kinds = [getattr(c, "type", "") for c in at.main.children.values()]
+        return kinds.index("tab_container")
+
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    quick = tabs_at(at)
+    at.sidebar.selectbox(key="method").set_value("ablationcam").run()
+    assert_clean(at)
+    assert tabs_at(at) == quick
+
+
 def test_cam_with_every_stage_chosen_is_shown_at_the_last_one(app):
     at = app.run()
     at.sidebar.selectbox(key="method").set_value("cam").run()
