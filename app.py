@@ -190,7 +190,7 @@ class SlowRun:
     def callback(cls, method: str, smoothing: tuple) -> Callable[[int, int], None] | None:
         if not cls.slow(method, smoothing):
             return None
-        label, started = CAM_METHODS[method].label, time.monotonic()
+        label, first = CAM_METHODS[method].label, []  # (time, done) at the first report
 
         def update(done: int, total: int) -> None:
             if cls.bar is None:
@@ -200,10 +200,15 @@ class SlowRun:
                     st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
                     cls.bar = st.progress(0.0)
-            elapsed = time.monotonic() - started
-            left = elapsed / max(done, 1) * (total - done)
-            cls.bar.progress(done / max(total, 1),
-                             text=f"{label}: {done} of {total} passes, about {left:.0f} s left")  # fmt: skip
+            # the rate from the first report on: the set-up before it is not a pass
+            now = time.monotonic()
+            if not first:
+                first.append((now, done))
+            (start, done_then), text = first[0], f"{label}: {done} of {total} passes"
+            if done > done_then:
+                left = (now - start) / (done - done_then) * (total - done)
+                text += f", about {left:.0f} s left"
+            cls.bar.progress(done / max(total, 1), text=text)
 
         return update
 

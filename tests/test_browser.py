@@ -226,6 +226,22 @@ def _click(driver, element) -> None:
     driver.execute_script("arguments[0].click();", element)
 
 
+def _real_click(driver, element) -> None:
+    """A real click, as a user's (React sees it); on a busy machine the page may still be
+    laying out when it lands, so an intercepted click is retried once the page has settled."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    for attempt in range(5):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+        try:
+            element.click()
+            return
+        except ElementClickInterceptedException:
+            if attempt == 4:
+                raise
+            time.sleep(1.0)
+
+
 def _settled(driver, what: str) -> None:
     time.sleep(1.0)  # let the rerun start before waiting for it to end
     _wait(driver, lambda d: _idle(d), what=what)
@@ -247,8 +263,7 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
     _click(browser, expander)
     toggle = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCheckbox"]')
                   if t.get_attribute("textContent").strip() == "Run")  # fmt: skip
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", toggle)
-    toggle.find_element(By.CSS_SELECTOR, "label").click()  # a real click: React sees it
+    _real_click(browser, toggle.find_element(By.CSS_SELECTOR, "label"))
     _settled(browser, "the Captum attribution")
     assert "Attribution (npz)" in _text(browser)  # the panel drew its figure and download
 
@@ -260,8 +275,7 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
     first, second = (o.get_attribute("textContent") for o in classes()[:2])
     for name in (second, first):
         option = next(o for o in classes() if o.get_attribute("textContent") == name)
-        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", option)
-        option.click()  # a real click, as a user's
+        _real_click(browser, option)
         _settled(browser, f"explaining {name}")
         assert "Attribution (npz)" in _text(browser)
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
