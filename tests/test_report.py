@@ -69,11 +69,12 @@ def test_chunks_are_dealt_round_robin():
     assert chunks_of_rank(3, 4, 1, 2) == []
 
 
-def test_report_files_and_columns(tmp_path, checkpoints, image_folder):
+def test_report_files_and_columns(tmp_path, checkpoints, image_folder, capsys):
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("file,x0,y0,x1,y1\ncat/0.png,10,10,50,60\ndog/1.png,0,0,30,30\n")
     out = tmp_path / "out"
     assert _report(out, checkpoints, image_folder, "--boxes", str(boxes)) == 0
+    assert f"wrote the report to {out}" in capsys.readouterr().err.splitlines()[-1]
     for name in ("per_image.csv", "per_map.csv", "sanity.csv", "summary.csv", "report.md",
                  "report.html", "manifest.json", "figures/sanity.png"):  # fmt: skip
         assert (out / name).is_file(), name

@@ -132,4 +132,6 @@ def report_command(args: argparse.Namespace) -> int:
     if failed:
         print(f"error: {failed} image(s) could not be read; see per_image.csv", file=sys.stderr)
         return 1
+    print(f"wrote the report to {args.out} (report.html, report.md, CSVs, figures/)",
+          file=sys.stderr)  # fmt: skip
     return 0
