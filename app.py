@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,15 +168,23 @@ def quick_analysis(
                           smoothing=smoothing)  # fmt: skip
 
 
+class _PerRun(threading.local):
+    """The running analysis's bar and Stop button, in `box`: per script run (each session runs
+    its script in its own thread, so two users never share them)."""
+
+    bar = None
+    box = None
+
+
+_RUN = _PerRun()
+
+
 class SlowRun:
     """Progress with time left, and a Stop button, for the CAM methods that take extra passes.
 
     Stop switches the method back to Grad-CAM (and smoothing off) in its callback, so the
     rerun it starts, which ends the running analysis, does not start the slow one again.
     """
-
-    bar = None  # the running analysis's bar and Stop button, in `box`
-    box = None
 
     @staticmethod
     def slow(method: str, smoothing: tuple) -> bool:
@@ -193,13 +202,13 @@ class SlowRun:
         label, first = CAM_METHODS[method].label, []  # (time, done) at the first report
 
         def update(done: int, total: int) -> None:
-            if cls.bar is None:
-                if cls.box is None:
-                    cls.box = st.empty()
-                with cls.box.container():
+            if _RUN.bar is None:
+                if _RUN.box is None:
+                    _RUN.box = st.empty()
+                with _RUN.box.container():
                     st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
-                    cls.bar = st.progress(0.0)
+                    _RUN.bar = st.progress(0.0)
             # the rate from the first report on: the set-up before it is not a pass
             now = time.monotonic()
             if not first:
@@ -208,7 +217,7 @@ class SlowRun:
             if done > done_then:
                 left = (now - start) / (done - done_then) * (total - done)
                 text += f", about {left:.0f} s left"
-            cls.bar.progress(done / max(total, 1), text=text)
+            _RUN.bar.progress(done / max(total, 1), text=text)
 
         return update
 
@@ -216,14 +225,14 @@ class SlowRun:
     def reserve(cls) -> None:
         """The bar's place, kept in every run, drawn or not: the tabs below keep their place in
         the page, so the tab a user has open stays open while and after a slow method runs."""
-        cls.box, cls.bar = st.empty(), None
+        _RUN.box, _RUN.bar = st.empty(), None
 
     @classmethod
     def done(cls) -> None:
         """The run ended: its bar and Stop button go (a late Stop would undo finished work)."""
-        if cls.box is not None:
-            cls.box.empty()
-        cls.bar = cls.box = None
+        if _RUN.box is not None:
+            _RUN.box.empty()
+        _RUN.bar = _RUN.box = None
 
 
 def _stop_slow(label: str) -> None:
