@@ -738,6 +738,8 @@ def _check_options(args: argparse.Namespace, ranks: Ranks) -> str | None:
     """What is wrong with the options (one line), or None."""
     if not 0.0 <= args.holdout < 0.5:
         return "--holdout must be in [0, 0.5)"
+    if args.keep_best and args.holdout == 0:
+        return "--keep-best chooses an epoch on the hold-out: give --holdout (e.g. 0.1), not val/"
     if not 0.5 <= args.test_crop_ratio <= 1.0:
         return "--test-crop-ratio must be in [0.5, 1]"
     if args.batch_size % ranks.world:

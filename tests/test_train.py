@@ -117,6 +117,9 @@ def test_keep_best_ships_the_best_hold_out_epoch_across_a_resume(
     assert (shipped[key] - weights[2][key]).abs().max() > 1e-2
     card = model_card(tmp_path)
     assert "Epoch chosen on the hold-out: 2 of 3" in card and "--keep-best" in card
+    # without a hold-out the choice would be made on val/, the split scored at the end
+    no_holdout = [a for a in args if a not in ("--holdout", "0.25")]
+    assert train_mod.main(no_holdout) == 2
 
 
 def test_missing_split_is_a_usage_error(tmp_path):
