@@ -73,6 +73,7 @@ from viz import (
     image_bundle,
     inputs_for,
     label_of,
+    layers_for_method,
     load_image,
     md_text,
     methods_for,
@@ -510,12 +511,10 @@ def main() -> None:
             disabled=whole, help="not used by this method: it gives one map for the whole network"
             if whole else None,
         )  # fmt: skip
-        if method == "cam" and len(layers) > 1:
-            # CAM exists only where global pooling and the classifier follow: the last layer
-            deepest = max(layers, key=choices.index)
-            errors.info(md_text(f"CAM needs the classifier right after its layer: shown at "
-                                f"{deepest} only (Grad-CAM works at every layer)."))  # fmt: skip
-            layers = [deepest]
+        if ckpt:
+            layers, note = layers_for_method(ckpt.model, method, layers)
+            if note:
+                errors.info(md_text(note))
         st.sidebar.header("Drawing")
         # one settings object drives the screen, every download, the zip and its manifest
         smoothing = st.sidebar.multiselect(

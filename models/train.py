@@ -1102,8 +1102,8 @@ def _model_name(args, attention: str | None) -> str:
 
 
 def _finish(args, init, keep_classifier, model, data, class_names, history, state_path,
-            attention, ranks: Ranks, teachers: Teachers | None = None,
-            chosen_epoch: int | None = None) -> int:  # fmt: skip
+            attention, ranks: Ranks, teachers: Teachers | None,
+            chosen_epoch: int) -> int:  # fmt: skip
     """Rank 0: choose the test size on the selection split, save, score val/ once."""
     by_size = {s: data.evaluate(model, s) for s in eval_sizes(args)}
     best = max(by_size, key=by_size.get)
@@ -1120,7 +1120,7 @@ def _finish(args, init, keep_classifier, model, data, class_names, history, stat
         "dataset": args.dataset_name or str(args.data.name),
         "training": {
             "selection": selection_record(args, select_split, data.n_train, data.n_select)
-            | ({"epoch": chosen_epoch or len(history)} if args.keep_best else {}),
+            | ({"epoch": chosen_epoch} if args.keep_best else {}),
             "recipe": _recipe(args, ranks, teachers),
             "history": history,
             "date": dt.date.today().isoformat(),

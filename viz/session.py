@@ -185,6 +185,22 @@ def default_cam_layers(model: nn.Module) -> list[str]:
         return []
 
 
+def layers_for_method(model: nn.Module, method: str, layers: Sequence[str]) -> tuple[list, str]:
+    """The chosen layers `method` can explain, and a note when some were dropped: CAM exists
+    only where global pooling and the classifier follow, so of several layers it keeps the
+    deepest (in `cam_layer_choices` order)."""
+    layers = list(layers)
+    if method != "cam" or len(layers) < 2:
+        return layers, ""
+    order = cam_layer_choices(model)
+    deepest = max(layers, key=lambda name: order.index(name) if name in order else -1)
+    note = (
+        f"CAM needs the classifier right after its layer: shown at {deepest} only "
+        "(Grad-CAM works at every layer)."
+    )
+    return [deepest], note
+
+
 def methods_for(model: nn.Module) -> list[str]:
     """The CAM methods that apply to `model`: for a CNN every layer method; for a transformer
     the layer methods that work on tokens, and rollout, GAE, LeGrad for a ViT (global
