@@ -45,9 +45,9 @@ from viz import (
     FORMATS,
     IMAGE_FIGURES,
     IMAGE_TYPES,
+    NUM_SAMPLES,
     RENDERS,
     SCALES,
-    SMOOTHINGS,
     FigureSettings,
     GridModel,
     ImageError,
@@ -63,6 +63,7 @@ from viz import (
     class_index,
     default_cam_layers,
     default_modules,
+    default_sanity,
     deletion_insertion,
     deletion_insertion_csv,
     describe_checkpoint,
@@ -89,6 +90,7 @@ from viz import (
     sample_images,
     seed_of,
     serve_policy,
+    smoothings_for,
     temporary_report_folder,
     top_predictions,
     write_report,
@@ -137,21 +139,31 @@ def model_from_bytes(sha256: str, _data: bytes) -> Checkpoint:
 
 def analysis(
     image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple,
-    smoothing: tuple, ckpt, image,
+    smoothing: tuple, ckpt, image, options: tuple = (),
 ):  # fmt: skip
     """One image's analysis: quick methods cached for all sessions; the slow ones per session,
-    computed with a progress bar and a Stop button (widgets cannot live in a cached function)."""
+    in a thread of their own with a progress bar and a Stop button (widgets cannot live in a
+    cached function). `options`: the method's options as (name, value) pairs."""
     if not SlowRun.slow(method, smoothing):
         return quick_analysis(image_sha, ckpt_sha, target, method, layers, smoothing, ckpt, image)
     kept = st.session_state.setdefault("slow_analyses", {})
-    key = (image_sha, ckpt_sha, target, method, layers, smoothing)
+    key = (image_sha, ckpt_sha, target, method, layers, smoothing, options)
     if key not in kept:
+        jobs = st.session_state.setdefault("slow_jobs", {})
+        SlowRun.cancel(but=key)
+        job = jobs.get(key)
+        if job is None:  # else a rerun (a drawing setting changed) found it running: wait on
+            job = jobs[key] = SlowJob(lambda progress: analyze_images(
+                ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
+                options=dict(options), progress=progress))  # fmt: skip
         try:
-            kept[key] = analyze_images(ckpt, [image], target, method=method, layers=layers,
-                                       smoothing=smoothing,
-                                       progress=SlowRun.callback(method, smoothing))  # fmt: skip
+            SlowRun.follow(job, CAM_METHODS[method].label)
         finally:
             SlowRun.done()
+        jobs.pop(key, None)
+        if job.error is not None:
+            raise job.error
+        kept[key] = job.result
         while len(kept) > SLOW_KEPT:
             kept.pop(next(iter(kept)))
     return kept[key]
@@ -169,6 +181,45 @@ def quick_analysis(
                           smoothing=smoothing)  # fmt: skip
 
 
+class Cancelled(Exception):
+    """Raised inside a slow analysis whose user pressed Stop or moved on."""
+
+
+class SlowJob:
+    """A slow analysis in a thread of its own: a rerun of the page (any widget changed) stops
+    the script, not the analysis, and the next run waits on where it got to."""
+
+    def __init__(self, run: Callable[[Callable[[int, int], None]], object]) -> None:
+        self.done = self.total = 0
+        self.first: tuple[float, int] | None = None  # (time, done) of the first report
+        self.cancelled = False
+        self.result = self.error = None
+        self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
+        self._thread.start()
+
+    def _report(self, done: int, total: int) -> None:
+        if self.cancelled:
+            raise Cancelled
+        if self.first is None:  # the set-up before the first report is not a pass
+            self.first = (time.monotonic(), done)
+        self.done, self.total = done, total
+
+    def _work(self, run) -> None:
+        try:
+            self.result = run(self._report)
+        except Exception as exc:  # handed to the page that waits on it
+            self.error = exc
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def time_left(self) -> float | None:
+        if self.first is None or self.done <= self.first[1]:
+            return None
+        start, then = self.first
+        return (time.monotonic() - start) / (self.done - then) * (self.total - self.done)
+
+
 class _PerRun(threading.local):
     """The running analysis's bar and Stop button, in `box`: per script run (each session runs
     its script in its own thread, so two users never share them)."""
@@ -183,9 +234,11 @@ _RUN = _PerRun()
 class SlowRun:
     """Progress with time left, and a Stop button, for the CAM methods that take extra passes.
 
-    Stop switches the method back to Grad-CAM (and smoothing off) in its callback, so the
-    rerun it starts, which ends the running analysis, does not start the slow one again.
+    Stop cancels the job and switches the method back to Grad-CAM (and smoothing off) in its
+    callback, so the rerun it starts does not start the slow one again.
     """
+
+    POLL_SECONDS = 0.25
 
     @staticmethod
     def slow(method: str, smoothing: tuple) -> bool:
@@ -197,12 +250,9 @@ class SlowRun:
         return ("gradcam", ()) if cls.slow(method, smoothing) else (method, smoothing)
 
     @classmethod
-    def callback(cls, method: str, smoothing: tuple) -> Callable[[int, int], None] | None:
-        if not cls.slow(method, smoothing):
-            return None
-        label, first = CAM_METHODS[method].label, []  # (time, done) at the first report
-
-        def update(done: int, total: int) -> None:
+    def follow(cls, job: SlowJob, label: str) -> None:
+        """Draw the job's progress until it ends (each redraw is where a rerun stops us)."""
+        while job.running():
             if _RUN.bar is None:
                 if _RUN.box is None:
                     _RUN.box = st.empty()
@@ -210,17 +260,19 @@ class SlowRun:
                     st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
                     _RUN.bar = st.progress(0.0)
-            # the rate from the first report on: the set-up before it is not a pass
-            now = time.monotonic()
-            if not first:
-                first.append((now, done))
-            (start, done_then), text = first[0], f"{label}: {done} of {total} passes"
-            if done > done_then:
-                left = (now - start) / (done - done_then) * (total - done)
+            text, left = f"{label}: {job.done} of {job.total} passes", job.time_left()
+            if left is not None:
                 text += f", about {left:.0f} s left"
-            _RUN.bar.progress(done / max(total, 1), text=text)
+            _RUN.bar.progress(job.done / max(job.total, 1), text=text)
+            time.sleep(cls.POLL_SECONDS)
 
-        return update
+    @staticmethod
+    def cancel(but: tuple | None = None) -> None:
+        """Stop this session's slow jobs (all, or all but the one with key `but`)."""
+        for key, job in list(st.session_state.get("slow_jobs", {}).items()):
+            if key != but:
+                job.cancelled = True
+                st.session_state["slow_jobs"].pop(key, None)
 
     @classmethod
     def reserve(cls) -> None:
@@ -237,6 +289,7 @@ class SlowRun:
 
 
 def _stop_slow(label: str) -> None:
+    SlowRun.cancel()
     st.session_state["method"], st.session_state["smoothing"] = "gradcam", []
     st.session_state["stopped"] = f"{label} stopped; back to Grad-CAM."
 
@@ -478,6 +531,40 @@ def _named(data: bytes, name: str) -> io.BytesIO:
 # --- the page ----------------------------------------------------------------------------------
 
 
+def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
+    """The sidebar's CAM method, its layers, its noisy samples (None: not a noisy method) and
+    whether it gives one map for the whole network (no layers)."""
+    st.sidebar.header("Class activation map")
+    methods = methods_for(ckpt.model) if ckpt else list(CAM_METHODS)
+    if st.session_state.get("method") not in methods:  # e.g. rollout kept from a ViT
+        st.session_state["method"] = "gradcam"
+    method = st.sidebar.selectbox(
+        "Method", methods, format_func=lambda m: CAM_METHODS[m].label, key="method",
+        help="rollout, GAE and LeGrad read a vision transformer's self-attention: one map "
+             "for the whole network",
+    )  # fmt: skip
+    choices = cam_layer_choices(ckpt.model) if ckpt else []
+    stages = default_cam_layers(ckpt.model) if ckpt else []
+    whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers
+    layers = st.sidebar.multiselect(
+        "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}",
+        disabled=whole, help="not used by this method: it gives one map for the whole network"
+        if whole else None,
+    )  # fmt: skip
+    if ckpt:
+        layers, note = layers_for_method(ckpt.model, method, layers)
+        if note:
+            errors.info(md_text(note))
+    samples = None
+    if method in NUM_SAMPLES:
+        samples = st.sidebar.number_input(
+            "Noisy samples", 1, 1000, NUM_SAMPLES[method], key=f"num_samples:{method}",
+            help="noisy copies per channel (SS-CAM, IS-CAM) or per image (SmoothGrad-CAM++); "
+                 "the passes grow in proportion",
+        )  # fmt: skip
+    return method, layers, None if samples is None else int(samples), whole
+
+
 def main() -> None:
     st.set_page_config(page_title="Attention Lens", page_icon=":mag:", layout="wide")
     st.title("Attention Lens")
@@ -494,31 +581,17 @@ def main() -> None:
     try:
         label, ckpt, models = choose_model(errors)
         items = choose_images(errors)
-        st.sidebar.header("Class activation map")
-        methods = methods_for(ckpt.model) if ckpt else list(CAM_METHODS)
-        if st.session_state.get("method") not in methods:  # e.g. rollout kept from a ViT
-            st.session_state["method"] = "gradcam"
-        method = st.sidebar.selectbox(
-            "Method", methods, format_func=lambda m: CAM_METHODS[m].label, key="method",
-            help="rollout, GAE and LeGrad read a vision transformer's self-attention: one map "
-                 "for the whole network",
-        )  # fmt: skip
-        choices = cam_layer_choices(ckpt.model) if ckpt else []
-        stages = default_cam_layers(ckpt.model) if ckpt else []
-        whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers
-        layers = st.sidebar.multiselect(
-            "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}",
-            disabled=whole, help="not used by this method: it gives one map for the whole network"
-            if whole else None,
-        )  # fmt: skip
-        if ckpt:
-            layers, note = layers_for_method(ckpt.model, method, layers)
-            if note:
-                errors.info(md_text(note))
+        method, layers, samples, whole = choose_method(ckpt, errors)
         st.sidebar.header("Drawing")
+        offered = smoothings_for(method)
+        if set(st.session_state.get("smoothing", [])) - set(offered):
+            st.session_state["smoothing"] = [
+                s for s in st.session_state["smoothing"] if s in offered
+            ]
+            errors.info(f"{CAM_METHODS[method].label} takes no eigen smoothing: it is off.")
         # one settings object drives the screen, every download, the zip and its manifest
         smoothing = st.sidebar.multiselect(
-            "Smoothing", SMOOTHINGS, key="smoothing",
+            "Smoothing", offered, key="smoothing",
             format_func={"aug": "augmentation (6x passes)", "eigen": "principal component"}.get,
             help="aug: the mean map over mirrored and brightened copies of the image; eigen: "
                  "the first principal component of the weighted activations",
@@ -529,6 +602,7 @@ def main() -> None:
             method=method,
             layers=tuple(layers) or None,
             smoothing=tuple(smoothing),
+            num_samples=samples,
             cmap=st.sidebar.selectbox("Colour map", CMAPS, key="cmap"),
             alpha=st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha"),
             scale=st.sidebar.radio("Scale", SCALES, horizontal=True, key="scale",
@@ -678,8 +752,11 @@ def explained_class(ckpt, label, item, crop, base, settings: FigureSettings, tke
         )  # fmt: skip
     target = None if choice == top5[0].index else int(choice)
     SlowRun.reserve()
+    if not SlowRun.slow(settings.method, settings.smoothing):
+        SlowRun.cancel()  # a slow method left for a quick one: its job would run on for nothing
     an = analysis(item.sha, ckpt.sha256, target, settings.method, settings.layers,
-                  settings.smoothing, ckpt, item.image)  # fmt: skip
+                  settings.smoothing, ckpt, item.image,
+                  tuple(settings.method_options().items()))  # fmt: skip
     SlowRun.done()
     if target is not None:
         right.markdown(
@@ -1028,7 +1105,9 @@ def dataset_tab(ckpt, label, method, errors) -> None:
         deletion = st.selectbox("Deletion/insertion on", DELETION_CHOICES, index=1, key="rep_del",
                                 help="all maps, default (the last stage's CAM and a random map) "
                                 "or off; each map costs 35 forwards per image")  # fmt: skip
-        sanity = st.number_input("Sanity-check images", 0, 256, 8, key="rep_sanity")
+        # each of the check's ~11 steps reruns the method: 2 images for the slow methods
+        first = min(8, default_sanity(method))
+        sanity = st.number_input("Sanity-check images", 0, 256, first, key=f"rep_sanity:{first}")
         if st.button("Run the report", disabled=not folder, key="rep_run"):
             bar = st.progress(0.0, text="Starting…")
             try:

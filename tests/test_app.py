@@ -454,7 +454,7 @@ def test_data_set_report_runs_and_opens(app, tmp_path):
     at = app.run()
     images = len(at.image)
     at.text_input(key="rep_images").set_value(str(tmp_path)).run()
-    at.number_input(key="rep_sanity").set_value(1).run()
+    at.number_input(key="rep_sanity:8").set_value(1).run()
     at.button(key="rep_run").click().run()
     assert_clean(at)
     assert len(at.image) >= images + 2  # sanity curves and sample maps
@@ -655,6 +655,65 @@ def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app
     assert_clean(at)
     assert runs.count("ablationcam") == 1  # the hidden comparison tab does not run it again
     assert any("so the comparison shows Grad-CAM" in m.value for m in at.markdown)
+
+
+def test_noisy_samples_reach_the_method_and_eigen_is_offered_where_it_applies(app, monkeypatch):
+    import viz
+
+    given, real = [], viz.analyze_images
+
+    def spy(ckpt, images, target=None, **k):
+        given.append((k.get("method"), k.get("options")))
+        return real(ckpt, images, target, **k)
+
+    monkeypatch.setattr(viz, "analyze_images", spy)
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    at.sidebar.selectbox(key="method").set_value("smoothgradcam++").run()
+    assert at.sidebar.number_input(key="num_samples:smoothgradcam++").value == 4
+    at.sidebar.number_input(key="num_samples:smoothgradcam++").set_value(2).run()
+    assert_clean(at)
+    assert ("smoothgradcam++", {"num_samples": 2}) in given
+    at.sidebar.multiselect(key="smoothing").set_value(["eigen"]).run()
+    at.sidebar.selectbox(key="method").set_value("eigencam").run()
+    assert_clean(at)  # was: the eigen choice kept, silently doing nothing
+    assert at.sidebar.multiselect(key="smoothing").value == []
+    assert "eigen" not in at.sidebar.multiselect(key="smoothing").options
+    assert any("takes no eigen smoothing" in plain(i.value) for i in at.info)
+    assert not [n for n in at.sidebar.number_input if n.key.startswith("num_samples:")]
+
+
+def test_a_rerun_during_a_slow_method_does_not_start_it_again(app, monkeypatch):
+    """Any widget change reruns the page and stops the script where it is (at a redraw of the
+    bar); the slow analysis runs on in its thread and the next run waits on it."""
+    import streamlit.delta_generator as dg
+
+    import viz
+
+    runs, real = [], viz.analyze_images
+
+    def counting(ckpt, images, target=None, **k):
+        runs.append(k.get("method"))
+        return real(ckpt, images, target, **k)
+
+    stopped, real_progress = [], dg.DeltaGenerator.progress
+
+    def stop_once(self, value, text=None):
+        if text and "passes" in text and not stopped:
+            stopped.append(text)
+            raise RuntimeError("stopped by a rerun")
+        return real_progress(self, value, text=text)
+
+    monkeypatch.setattr(viz, "analyze_images", counting)
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    monkeypatch.setattr(dg.DeltaGenerator, "progress", stop_once)
+    at.sidebar.selectbox(key="method").set_value("ablationcam").run()
+    assert stopped  # the run was stopped while Ablation-CAM ran
+    at.sidebar.selectbox(key="cmap").set_value("viridis").run()  # a drawing change
+    assert_clean(at)
+    assert runs.count("ablationcam") == 1  # was 2: the stopped analysis started again
+    assert not at.session_state["slow_jobs"]
 
 
 def test_the_tabs_keep_their_place_when_a_slow_method_runs(app):

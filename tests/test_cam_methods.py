@@ -388,3 +388,21 @@ def test_method_options_are_checked_before_any_pass(options, message):
 def test_smoothing_given_as_one_name():
     model, x = _chain(), torch.randn(1, 3, 8, 8)
     assert analyze(model, x, 0, ["3"], smoothing="aug").smoothing == ("aug",)
+
+
+def test_eigen_smoothing_is_refused_where_it_would_change_nothing():
+    from viz import FigureSettings
+    from viz.commands.export import ExportError
+    from viz.engine.cam import smoothings_for
+
+    assert smoothings_for("gradcam") == ("aug", "eigen") == smoothings_for("scorecam")
+    assert smoothings_for("eigencam") == ("aug",) == smoothings_for("eigengradcam")
+    assert smoothings_for("rollout") == ("aug",)  # a transformer's whole-network map
+    model, x = _chain(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="Eigen-CAM takes no eigen smoothing"):
+        analyze(model, x, 0, ["3"], method="eigencam", eigen_smooth=True)
+    with pytest.raises(ValueError, match="EigenGrad-CAM takes no eigen smoothing"):
+        analyze(model, x, 0, ["3"], method="eigengradcam", smoothing=("aug", "eigen"))
+    with pytest.raises(ExportError, match="Eigen-CAM takes no eigen smoothing"):
+        FigureSettings(method="eigencam", smoothing=("eigen",))
+    assert analyze(model, x, 0, ["3"], method="eigencam", smoothing="aug").smoothing == ("aug",)

@@ -673,6 +673,30 @@ def test_cli_runs_a_pass_method_with_smoothing_and_records_both(ckpts, image_dir
     assert code == 2 and "--smooth" in err and "\n" not in err.strip()
 
 
+def test_cli_num_samples_reaches_the_method_and_the_manifest(ckpts, image_dir, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    import viz.session
+
+    given, real = [], viz.session.analyze
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz.session, "analyze", spy)
+    out = tmp_path / "o"
+    code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--method", "smoothgradcam++",
+                        "--num-samples", "2", "--layers", "layer4", "--figure", "gradcam")  # fmt: skip
+    assert code == 0, err
+    assert given and all(o == {"num_samples": 2} for o in given)
+    assert json.loads((out / "manifest.json").read_text())["options"]["cam_num_samples"] == 2
+    for bad, message in ((["--num-samples", "0"], "--num-samples must be from 1"),
+                         (["--method", "eigencam", "--smooth", "eigen"],
+                          "Eigen-CAM takes no eigen smoothing")):  # fmt: skip
+        code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", *bad)
+        assert code == 2 and message in err and "\n" not in err.strip(), err
+
+
 def test_cli_model_grid_rows_follow_the_papers_order(ckpts, image_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run(capsys, "--checkpoint", ckpts["r18_cbam"], "--checkpoint", ckpts["r18_bam"],

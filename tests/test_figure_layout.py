@@ -100,6 +100,20 @@ def test_overview_and_gradcam_figures(analyses, width, kind):
         assert _problems(fig) == []
 
 
+def test_one_layer_gradcam_figure_uses_a_double_columns_width(models):
+    from matplotlib.image import AxesImage
+
+    crop = PRE.crop_image(_images()[0])
+    one = analyze(models["cbam"], PRE.batch(_images()[:1]), target=1, cam_layers=["layer4"])
+    fig = figures.attention_vs_gradcam(crop, one, class_names=LONG_NAMES, width="double")
+    assert _problems(fig) == []
+    FigureCanvasAgg(fig).draw()
+    texts, page = _texts(fig)
+    boxes = [im.get_window_extent() for im in fig.findobj(AxesImage)] + [b for _, b in texts]
+    left, right = min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+    assert (right - left) / page.width > 0.8  # was 0.55: panels capped as for many rows
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("kind", ["se", "bam", "cbam"])
 def test_channel_figures(analyses, width, kind):

@@ -273,3 +273,78 @@ def test_defaults_score_two_maps_and_progress_moves_within_a_chunk(tmp_path, che
     done = [d for d, _ in seen]
     assert {t for _, t in seen} == {9} and done[0] == 0 and done[-1] == 9
     assert done == sorted(done) and len({round(d, 3) for d in done if 0 < d < 9}) >= 9
+
+
+def test_progress_weighs_analyses_by_their_planned_passes():
+    from viz.commands.report import _Work
+
+    seen: list[float] = []
+    # 10 images with 100 units of deletion/insertion, and 20 analyses of the sanity check
+    work = _Work(seen.append, units=100, analyses=10 + 20)
+    analysing = work.part(analyses=10, plans=True)
+    analysing(10, 10 + 5120)  # the main pass says: 5120 extra passes to come (Score-CAM)
+    analysing(5130, 5130)
+    # one analysis of one image is 3 + 512 forwards: the main analysis is a third of the work
+    total = 100 + 30 * (3 + 512)
+    assert seen[-1] == pytest.approx(10 * 515 / total)
+    work.part(units=100)(1, 1)
+    assert seen[-1] == pytest.approx((10 * 515 + 100) / total)
+    checking = work.part(analyses=20)
+    checking(0.5, 20)  # within the first step: the bar moves before the step ends
+    assert (10 * 515 + 100) / total < seen[-1] < 1
+    checking(20, 20)
+    assert seen[-1] == pytest.approx(1.0)
+    assert seen == sorted(seen)
+
+
+def test_pass_methods_check_fewer_images_and_explain_the_last_stage():
+    from viz.commands.report import ReportOptions, default_sanity
+    from viz.engine.cam import CAM_METHODS
+
+    assert ReportOptions().sanity == 32 and ReportOptions(method="scorecam").sanity == 2
+    assert ReportOptions(method="scorecam", sanity=5).sanity == 5
+    assert {m for m in CAM_METHODS if default_sanity(m) == 2} == {
+        "scorecam", "sscam", "iscam", "ablationcam", "smoothgradcam++"}  # fmt: skip
+    # C full forwards per layer: the last stage only, unless layers are given
+    assert {m for m, spec in CAM_METHODS.items() if spec.default_layers == "last"} == {
+        "cam", "scorecam", "sscam", "iscam"}  # fmt: skip
+
+
+def test_layers_samples_and_method_column(tmp_path, checkpoints, image_folder, monkeypatch):
+    """--layers chooses the CAMs, the method is in per_map.csv, the sample figure reuses the
+    run's maps (no second analysis after the bar), --num-samples reaches the method."""
+    import viz.engine.cam
+
+    calls: list[dict] = []
+    real = viz.engine.cam.analyze
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz.engine.cam, "analyze", counted)
+    out = tmp_path / "out"
+    code = _report(out, checkpoints[:1], image_folder, "--layers", "layer3,layer4",
+                   "--method", "smoothgradcam++", "--num-samples", "2", "--sanity", "1",
+                   "--deletion", "off")  # fmt: skip
+    assert code == 0
+    cams = [r for r in _rows(out / "per_map.csv") if r["kind"] == "cam"]
+    assert {r["map"] for r in cams} == {"cam/stage3", "cam/stage4"}
+    assert {r["method"] for r in cams} == {"smoothgradcam++"}
+    assert all(r["method"] == "" for r in _rows(out / "per_map.csv") if r["kind"] != "cam")
+    # 3 chunks of 4, 4, 1 images + 11 randomisation steps of the one sanity image; no more
+    assert len(calls) == 3 + 11
+    assert all(c["options"] == {"num_samples": 2} for c in calls)
+    assert (out / "figures" / "samples.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["layers"] == ["layer3", "layer4"]
+    assert manifest["options"]["num_samples"] == 2
+
+
+def test_eigen_smoothing_of_an_eigen_method_is_refused(tmp_path, checkpoints, image_folder,
+                                                      capsys):  # fmt: skip
+    code = _report(tmp_path / "out", checkpoints[:1], image_folder, "--method", "eigencam",
+                   "--smooth", "eigen")  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Eigen-CAM takes no eigen smoothing" in err[0]
+    assert not (tmp_path / "out").exists()

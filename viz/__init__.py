@@ -36,6 +36,7 @@ from viz.commands.report import (
     DELETION_CHOICES,
     ReportInputs,
     ReportOptions,
+    default_sanity,
     inputs_for,
     run_report,
 )
@@ -55,10 +56,12 @@ from viz.engine.cam import (
     analyze,
     attribute,
     register_cam_method,
+    smoothings_for,
     stage_layers,
 )
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
+from viz.engine.passes import NUM_SAMPLES
 from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
@@ -136,6 +139,8 @@ __all__ = [
     "AttentionTrace",
     "CAM_METHODS",
     "SMOOTHINGS",
+    "NUM_SAMPLES",
+    "smoothings_for",
     "ChannelStats",
     "DEFAULT_CAM_LAYERS",
     "DEFAULT_CMAP",
@@ -193,6 +198,7 @@ __all__ = [
     "DELETION_CHOICES",
     "ReportInputs",
     "ReportOptions",
+    "default_sanity",
     "inputs_for",
     "run_report",
     "open_report",

@@ -244,6 +244,7 @@ def analyze_images(
     method: str = "gradcam",
     layers: Sequence[str] | None = None,
     smoothing: Sequence[str] = (),
+    options: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Preprocess RGB images with the checkpoint's own recipe and analyse them in one batch.
@@ -255,6 +256,7 @@ def analyze_images(
         method: one of `viz.engine.cam.CAM_METHODS`.
         layers: CAM layers (default the network's stage layers, `layer1`..`layer4` in a ResNet).
         smoothing: "aug" and/or "eigen" (`viz.engine.cam.analyze`).
+        options: method options (`num_samples`, ...; `viz.engine.cam.analyze`).
         progress: `progress(done, total)` in images through the network (the pass methods).
 
     Raises:
@@ -271,7 +273,7 @@ def analyze_images(
         resolve_layers(ckpt.model, layers)
     x = ckpt.preprocess.batch(list(images))
     return analyze(ckpt.model, x, target, layers, method=method, smoothing=smoothing,
-                   progress=progress)  # fmt: skip
+                   options=options, progress=progress)  # fmt: skip
 
 
 @dataclass(frozen=True)

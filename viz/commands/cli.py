@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from viz.commands.export import ExportError
 from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
-from viz.commands.inputs import UsageError, error_line, int_in
+from viz.commands.inputs import UsageError, add_layer_and_sample_options, error_line, int_in
 from viz.engine.cam import CAM_METHODS, SMOOTHINGS
 from viz.engine.maps import DEFAULT_CMAP
 
@@ -142,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
                         help="smooth the CAMs: aug (mean over mirrored and brightened copies, "
                              "6x the passes), eigen (first principal component); default none")  # fmt: skip
-    export.add_argument("--layers", default=None, metavar="LIST",
-                        help="comma list of CAM layers (default: each network's stage layers)")  # fmt: skip
+    add_layer_and_sample_options(export)
     export.add_argument("--cmap", default=DEFAULT_CMAP, metavar="NAME",
                         help=f"colour map of the maps (default: {DEFAULT_CMAP})")  # fmt: skip
     export.add_argument("--alpha", type=float, default=0.5,

@@ -525,7 +525,7 @@ def image_bundle(
     pil, digest = _image_input(image)
     if analysis is None:
         analysis = analyze_images(checkpoint, [pil], target, method=s.method, layers=s.layers,
-                                  smoothing=s.smoothing)  # fmt: skip
+                                  smoothing=s.smoothing, options=s.method_options())  # fmt: skip
     elif (
         analysis.method != s.method
         or tuple(analysis.smoothing) != tuple(s.smoothing)

@@ -19,10 +19,12 @@ from viz.commands.inputs import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_FILE_BYTES,
     UsageError,
+    check_layers,
     check_method,
     collect_images,
     error_line,
     label_of,
+    layer_list,
     load_checkpoints,
     read_labels,
     regular_file,
@@ -48,7 +50,7 @@ def export_command(args: argparse.Namespace) -> int:
     if analyzed:
         check_method(settings.method, checkpoints)
     if settings.layers is not None:
-        _check_layers(checkpoints, settings.layers)
+        check_layers(checkpoints, settings.layers)
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     run = _open_run(args)
     grid = _Grid({name: [] for _, name, _ in checkpoints})
@@ -70,22 +72,12 @@ def export_command(args: argparse.Namespace) -> int:
     return 1 if run.failures else 0
 
 
-def _check_layers(checkpoints, layers: tuple[str, ...]) -> None:
-    """Every --layers name exists in every model, before any image is analysed."""
-    from viz.engine.cam import resolve_layers
-
-    for raw, _, ckpt in checkpoints:
-        try:
-            resolve_layers(ckpt.model, layers)
-        except ValueError as exc:
-            raise UsageError(f"--layers for {raw}: {exc}") from None
-
-
 def _settings(args: argparse.Namespace) -> FigureSettings:
-    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None
+    layers = layer_list(args.layers)
     try:
         return FigureSettings(
-            method=args.method, layers=layers, smoothing=tuple(args.smooth), cmap=args.cmap,
+            method=args.method, layers=layers, smoothing=tuple(args.smooth),
+            num_samples=args.num_samples, cmap=args.cmap,
             alpha=args.alpha,
             scale=args.scale, width=args.width, dpi=args.dpi, render=args.render,
         )  # fmt: skip
@@ -311,7 +303,8 @@ class _ImageWork:
                 analysis = analyze_images(
                     ckpt, [pil], self.targets[image_name][name],
                     method=self.settings.method, layers=self.settings.layers,
-                    smoothing=self.settings.smoothing, progress=self.progress,
+                    smoothing=self.settings.smoothing, options=self.settings.method_options(),
+                    progress=self.progress,
                 )  # fmt: skip
                 files, notes = None, []
                 if self.per_image:
@@ -327,7 +320,10 @@ class _ImageWork:
             first = self.checkpoints[0][2]
             title = first.class_names[int(lights[0].target[0])]
             cells = [
-                (title not in ckpt.class_names, _same_class(ckpt, pil, light, title))
+                (
+                    title not in ckpt.class_names,
+                    _same_class(ckpt, pil, light, title, self.settings.method_options()),
+                )
                 for (_, _, ckpt), light in zip(self.checkpoints, lights)
             ]
             grid = (first.preprocess.display_crop(pil), title, cells)
@@ -395,7 +391,7 @@ def _light(analysis):
     )
 
 
-def _same_class(ckpt, image, light, class_name: str):
+def _same_class(ckpt, image, light, class_name: str, options: dict):
     """A grid row explains its column's class (as in the CBAM paper), not its own top-1."""
     from viz.session import analyze_images
 
@@ -411,6 +407,7 @@ def _same_class(ckpt, image, light, class_name: str):
             method=light.method,
             layers=(last,),
             smoothing=light.smoothing,
+            options=options,
         )  # fmt: skip
     )
 

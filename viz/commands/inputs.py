@@ -222,6 +222,37 @@ def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) ->
             raise UsageError(f"--method {method} ({CAM_METHODS[method].label}) {why}: {raw}")
 
 
+def add_layer_and_sample_options(parser: argparse.ArgumentParser) -> None:
+    """--layers and --num-samples, the same in `export` and `report`."""
+    from viz.engine.cam import CAM_METHODS
+    from viz.engine.passes import NUM_SAMPLES
+
+    last = ", ".join(name for name, m in CAM_METHODS.items() if m.default_layers == "last")
+    parser.add_argument("--layers", default=None, metavar="LIST",
+                        help="comma list of CAM layers (default: each network's stage layers; "
+                             f"the last for {last})")  # fmt: skip
+    noisy = ", ".join(f"{name} ({n})" for name, n in NUM_SAMPLES.items())
+    parser.add_argument("--num-samples", type=int_in("--num-samples", 1, 10**6), metavar="N",
+                        help=f"noisy copies per channel or image of {noisy}")  # fmt: skip
+
+
+def layer_list(text: str | None) -> tuple[str, ...] | None:
+    """--layers "layer3, layer4" as names; None when not given (the method's default)."""
+    names = tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    return names or None
+
+
+def check_layers(checkpoints: Sequence[tuple[str, str, object]], layers: Sequence[str]) -> None:
+    """Every --layers name exists in every model, before any image is analysed."""
+    from viz.engine.cam import resolve_layers
+
+    for raw, _, ckpt in checkpoints:
+        try:
+            resolve_layers(ckpt.model, layers)
+        except ValueError as exc:
+            raise UsageError(f"--layers for {raw}: {exc}") from None
+
+
 def int_in(what: str, low: int, high: int):
     """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
 

@@ -12,7 +12,8 @@ Under `torchrun` chunk c goes to rank c mod world size; ranks send their rows to
 writes the report. Each finished chunk is saved atomically under `OUT/parts/`; a rerun with the
 same inputs and options skips them (a changed one is refused unless `--overwrite`).
 
-Maps (the `map` column): `cam/stageS` (the CAM of `--method` at stage S's layer), `attention/NAME`
+Maps (the `map` column): `cam/stageS` (the CAM of `--method` at stage S's layer, the method in
+the `method` column; `--layers` chooses the layers, the last per stage counts), `attention/NAME`
 (the spatial gate of module NAME, after its sigmoid where the probe gives a logit, as drawn),
 and `random` (uniform noise per pixel, seeded by the image: the chance level of every score).
 The default map of `per_image.csv` is the last stage's CAM.
@@ -51,7 +52,7 @@ PER_IMAGE_COLUMNS = (
     "deletion_auc", "insertion_auc", "error",
 )  # fmt: skip
 PER_MAP_COLUMNS = (
-    "checkpoint", "image", "map", "kind", "stage", "layer", "deletion_auc", "insertion_auc",
+    "checkpoint", "image", "map", "kind", "method", "stage", "layer", "deletion_auc", "insertion_auc",
     "pearson", "spearman", "iou", "pointing", "energy", "box_iou",
 )  # fmt: skip
 SANITY_COLUMNS = ("checkpoint", "image", "step", "randomised", "map", "spearman", "ssim")
@@ -65,13 +66,42 @@ class ReportOptions:
 
     method: str = "gradcam"
     smoothing: tuple[str, ...] = ()  # of the CAMs: "aug", "eigen"
+    layers: tuple[str, ...] | None = None  # CAM layers; None: the method's default layers
+    num_samples: int | None = None  # of SS-CAM, IS-CAM, SmoothGrad-CAM++; None: theirs
     deletion: str = "default"  # maps with deletion/insertion: all, default (last CAM), off
     steps: int = 16
     baseline: str = "blur"
     batch_size: int = 16
-    sanity: int = 32
+    sanity: int | None = None  # images checked; None: `default_sanity(method)`
     top_k: float = 0.2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sanity is None:
+            object.__setattr__(self, "sanity", default_sanity(self.method))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def method_options(self) -> dict:
+        return {} if self.num_samples is None else {"num_samples": self.num_samples}
+
+
+SANITY_IMAGES = 32
+SANITY_IMAGES_PASS_METHODS = 2
+"""Default images of the sanity check: each of its ~11 steps reruns the method, which for the
+methods with extra passes (Score-CAM: 513 forwards per image at a ResNet-18's layer4) would
+make the check of 32 images take hours."""
+
+
+def default_sanity(method: str) -> int:
+    from viz.engine.cam import CAM_METHODS
+
+    spec = CAM_METHODS.get(method)
+    return SANITY_IMAGES_PASS_METHODS if spec and spec.needs == "passes" else SANITY_IMAGES
+
+
+SAMPLE_IMAGES = 4
+SAMPLE_CANDIDATES = 8  # maps kept for the first images, so broken ones can be skipped
 
 
 @dataclass
@@ -121,19 +151,40 @@ def _number(value: float) -> float | None:
 
 class _Work:
     """Progress through one checkpoint's share of a chunk, counted in forward-pass equivalents
-    (a backward costs about two forwards), reported as a fraction of that share."""
+    (a backward costs about two forwards), reported as a fraction of that share.
 
-    def __init__(self, report: Callable[[float], None] | None, total: float) -> None:
-        self.report, self.total, self.done = report, max(total, 1.0), 0.0
+    Work is planned as `units` of fixed size plus `analyses`: one analysis of one image, worth
+    `cost` units — 3 (a forward and a backward) until the first analysis reports its plan,
+    which for the methods with extra passes is hundreds; every estimate after uses it."""
 
-    def part(self, units: float) -> Callable[[int, int], None]:
-        """A (done, of) callback for a step worth `units`, e.g. `deletion_insertion`'s."""
-        start = self.done
-        self.done += units
+    def __init__(self, report: Callable[[float], None] | None, *, units: float = 0.0,
+                 analyses: float = 0.0) -> None:  # fmt: skip
+        self.report = report
+        self.units, self.analyses = units, analyses  # planned
+        self.units_done = self.analyses_done = 0.0  # where the next part starts
+        self.cost = 3.0
 
-        def step(done: int, of: int) -> None:
+    def plan(self, *, units: float = 0.0) -> None:
+        """More work found on the way (e.g. more maps to score)."""
+        self.units += units
+
+    def part(self, *, units: float = 0.0, analyses: float = 0.0,
+             plans: bool = False) -> Callable[[float, float], None]:  # fmt: skip
+        """A (done, of) callback for the next step, worth `units` plus `analyses`; with `plans`
+        the step is an `analyze` of `analyses` images, whose `of` (images through the network)
+        sets `cost`."""
+        start = (self.units_done, self.analyses_done)
+        self.units_done += units
+        self.analyses_done += analyses
+
+        def step(done: float, of: float) -> None:
+            if plans and analyses:
+                self.cost = 3.0 + max(0.0, of - analyses) / analyses
+            fraction = done / max(of, 1)
+            now = start[0] + units * fraction + (start[1] + analyses * fraction) * self.cost
+            total = max(1.0, self.units + self.analyses * self.cost)
             if self.report:
-                self.report(min(1.0, (start + units * done / max(of, 1)) / self.total))
+                self.report(min(1.0, now / total))
 
         return step
 
@@ -146,12 +197,13 @@ def _chunk_rows(
     labels: list[int | None],
     label_texts: list[str | None],
     boxes: list[list | None],
-    sanity_rows: list[int],
+    chosen: dict[str, list[int]],
     options: ReportOptions,
     advance: Callable[[float], None] | None = None,
 ) -> dict[str, list[dict]]:
-    """Every row one checkpoint gives for one decoded batch; `advance(fraction)` as it goes."""
-    from viz.engine.cam import analyze
+    """Every row one checkpoint gives for one decoded batch; `advance(fraction)` as it goes.
+    `chosen`: the batch rows of the sanity check ("sanity") and of the sample figure
+    ("samples")."""
     from viz.measures.metrics import random_saliency, seed_of
     from viz.measures.sanity import randomisation_steps
 
@@ -160,27 +212,39 @@ def _chunk_rows(
     seeds = [seed_of(name, options.seed) for name in names]
     deletion = options.deletion != "off"
     per_map = 2 * options.steps + 3  # forwards per image and map (see deletion_insertion)
-    sanity_units = 3 * len(sanity_rows) * len(randomisation_steps(ckpt.model))
-    # the CAM layers and gates are known only after the pass: count two maps until then
-    work = _Work(advance, 3 * n + (2 * n * per_map if deletion else 0) + sanity_units)
-    analysis = analyze(ckpt.model, x, target, method=options.method, smoothing=options.smoothing,
-                       seed=options.seed, progress=work.part(3 * n))  # fmt: skip
+    sanity_analyses = len(chosen["sanity"]) * len(randomisation_steps(ckpt.model))
+    # the maps are known after the pass: two scored maps until then
+    work = _Work(advance, units=2 * n * per_map if deletion else 0,
+                 analyses=n + sanity_analyses)  # fmt: skip
+    analysis = analyze_for_report(ckpt.model, x, target, options,
+                                  progress=work.part(analyses=n, plans=True))  # fmt: skip
     maps = map_tensors(analysis)
     maps["random"] = ("random", 0, "", random_saliency(seeds, (size, size)))
     default = _default_map(maps)
     picked = [m for m in (list(maps) if options.deletion == "all" else [default, "random"]) if m]
     if deletion:
-        work.total += (len(picked) - 2) * n * per_map
+        work.plan(units=(len(picked) - 2) * n * per_map)
     causal = {
         name: _deletion(ckpt.model, x, maps[name][3], analysis.target, seeds, options,
-                        work.part(n * per_map))
+                        work.part(units=n * per_map))
         for name in (picked if deletion else [])
     }  # fmt: skip
     rows = _image_rows(ckpt_name, ckpt, analysis, maps, causal, default, names, label_texts,
                        boxes, size, options, known=target is not None)  # fmt: skip
     rows["sanity"] = _sanity_rows(ckpt_name, ckpt.model, x, analysis, maps, names,
-                                  sanity_rows, options, work.part(sanity_units))  # fmt: skip
+                                  chosen["sanity"], options,
+                                  work.part(analyses=sanity_analyses))  # fmt: skip
+    rows["samples"] = _sample_rows(ckpt_name, maps, names, chosen["samples"])
     return rows
+
+
+def analyze_for_report(model, x, target, options: ReportOptions, progress=None):
+    """`analyze` with the report's method, layers, smoothing, method options and seed."""
+    from viz.engine.cam import analyze
+
+    return analyze(model, x, target, options.layers, method=options.method,
+                   smoothing=options.smoothing, options=options.method_options(),
+                   seed=options.seed, progress=progress)  # fmt: skip
 
 
 def _deletion(model, x, saliency, target, seeds, options: ReportOptions, progress):
@@ -201,6 +265,7 @@ def _image_rows(
     from viz.measures.metrics import agreement_batch
 
     predicted = analysis.logits.argmax(1)
+    method = "+".join([analysis.method, *analysis.smoothing])  # e.g. "scorecam+eigen"
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
     agree = {
         name: agreement_batch(m, stage_cam[stage], top_k=options.top_k)
@@ -223,7 +288,8 @@ def _image_rows(
         })  # fmt: skip
         for name, (kind, stage, layer, m) in maps.items():
             row = {"checkpoint": ckpt_name, "image": image, "map": name, "kind": kind,
-                   "stage": stage, "layer": layer}  # fmt: skip
+                   "method": method if kind == "cam" else "", "stage": stage,
+                   "layer": layer}  # fmt: skip
             if name in causal:
                 row["deletion_auc"] = _number(float(causal[name].deletion_auc[i]))
                 row["insertion_auc"] = _number(float(causal[name].insertion_auc[i]))
@@ -249,29 +315,47 @@ def _localisation(m: Tensor, boxes: list, size: int) -> dict:
 def _sanity_rows(
     ckpt_name, model, x, analysis, maps, names, sanity_rows, options: ReportOptions, progress
 ) -> list[dict]:
-    """The cascading randomisation check on the chunk's first `--sanity` images."""
-    from viz.engine.cam import analyze
-    from viz.measures.sanity import cascading_randomisation
+    """The cascading randomisation check on the chunk's first `--sanity` images; `progress`
+    moves within each step's analysis (a pass method's rerun is most of the report's time)."""
+    from viz.measures.sanity import cascading_randomisation, randomisation_steps
 
     if not sanity_rows:
         return []
     pick = torch.tensor(sanity_rows)
+    steps, calls = len(randomisation_steps(model)), [0]
 
     def maps_of(net, images, tgt):
-        found = map_tensors(analyze(net, images, tgt, method=options.method,
-                                    smoothing=options.smoothing, seed=options.seed))  # fmt: skip
+        step = calls[0]
+        calls[0] += 1
+
+        def within(done, of):
+            progress(step + done / max(of, 1), steps)
+
+        found = map_tensors(analyze_for_report(net, images, tgt, options, progress=within))
         return {k: v[3] for k, v in found.items()}
 
     trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
-    steps = cascading_randomisation(
-        model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained,
-        progress=progress,
-    )  # fmt: skip
+    result = cascading_randomisation(
+        model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained
+    )
     return [
-        {"checkpoint": ckpt_name, "image": names[sanity_rows[step.image]], "step": step.step,
-         "randomised": step.randomised, "map": step.map, "spearman": _number(step.spearman),
-         "ssim": _number(step.ssim)}
-        for step in steps
+        {"checkpoint": ckpt_name, "image": names[sanity_rows[r.image]], "step": r.step,
+         "randomised": r.randomised, "map": r.map, "spearman": _number(r.spearman),
+         "ssim": _number(r.ssim)}
+        for r in result
+    ]  # fmt: skip
+
+
+def _sample_rows(ckpt_name, maps, names, sample_rows: list[int]) -> list[dict]:
+    """The maps the report's sample figure shows (the last CAM and the last attention map) of
+    the batch rows `sample_rows`, kept so the figure needs no second analysis."""
+    cams = [k for k, v in maps.items() if v[0] == "cam"]
+    gates = [k for k, v in maps.items() if v[0] == "attention"]
+    return [
+        {"checkpoint": ckpt_name, "image": names[r], "map": key,
+         "values": maps[key][3][r].float().tolist()}
+        for r in sample_rows
+        for key in cams[-1:] + gates[-1:]
     ]  # fmt: skip
 
 
@@ -316,7 +400,7 @@ def _run_chunk(
     """All rows of one chunk (decoded `items`) for every checkpoint; `advance(fraction)`."""
     from viz.commands.inputs import label_of
 
-    result: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
+    result: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": [], "samples": []}
     good = [it for it in items if it[1] is not None]
     for index, _, _, error in items:
         if error:
@@ -341,9 +425,12 @@ def _run_chunk(
             raw = label_of(inputs.images[i][0], inputs.boxes) or []
             mapped = [ckpt.preprocess.map_box(b, size) for b in raw]
             boxes.append([b for b in mapped if b is not None])
-        sanity = [k for k, (i, *_) in enumerate(good) if i < options.sanity]
+        chosen = {
+            "sanity": [k for k, (i, *_) in enumerate(good) if i < options.sanity],
+            "samples": [k for k, (i, *_) in enumerate(good) if i < SAMPLE_CANDIDATES],
+        }
         share = None if advance is None else (lambda f, c=c: advance((c + f) / models))
-        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, sanity, options,
+        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, chosen, options,
                            share)  # fmt: skip
         for key_, value in rows.items():
             result[key_] += value
@@ -369,7 +456,9 @@ def _fingerprint(inputs: ReportInputs, options: ReportOptions) -> dict:
         images.update(f"{name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     boxes = json.dumps(inputs.boxes, sort_keys=True) if inputs.boxes is not None else ""
     return {
-        "options": asdict(options) | {"smoothing": list(options.smoothing)},  # as JSON reads it
+        # tuples as JSON reads them back
+        "options": asdict(options)
+        | {"smoothing": list(options.smoothing), "layers": options.layers and list(options.layers)},
         "checkpoints": {name: ckpt.sha256 for name, _, ckpt in inputs.checkpoints},
         "images": images.hexdigest(),
         "boxes": hashlib.sha256(boxes.encode()).hexdigest(),
@@ -489,7 +578,7 @@ def run_report(
             if first not in done:
                 _write_json(_part_path(parts, first), rows)
                 done[first] = rows
-    merged: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": []}
+    merged: dict[str, list[dict]] = {"per_image": [], "per_map": [], "sanity": [], "samples": []}
     for first in sorted(done):
         for key, value in done[first].items():
             merged[key] += value

@@ -20,7 +20,7 @@ __all__ = ["add_report_parser", "report_command"]
 
 def add_report_parser(commands) -> argparse.ArgumentParser:
     """The `report` subcommand's options."""
-    from viz.commands.inputs import int_in
+    from viz.commands.inputs import add_layer_and_sample_options, int_in
     from viz.engine.cam import CAM_METHODS, SMOOTHINGS
     from viz.measures.metrics import BASELINES
 
@@ -43,6 +43,7 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
                              "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
     report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
                         help="CAM method (default: gradcam)")  # fmt: skip
+    add_layer_and_sample_options(report)
     report.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
                         help="smooth the CAMs: aug (6x the passes), eigen; default none")  # fmt: skip
     report.add_argument("--deletion", default="default", choices=DELETION_CHOICES,
@@ -56,10 +57,11 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
                         help="what deleted pixels become (default: blur)")  # fmt: skip
     report.add_argument("--batch-size", type=int_in("--batch-size", 1, 4096), default=16,
                         help="images per chunk and batch (default: 16)")  # fmt: skip
-    report.add_argument("--sanity", type=int_in("--sanity", 0, 10**9), default=32, metavar="N",
-                        help="images for the randomisation check, the first N (default: 32). "
-                             "Cost: a forward and a backward per image and randomisation step "
-                             "(ResNet-18: 11 steps, about 33 forward passes per image); 0: off")  # fmt: skip
+    report.add_argument("--sanity", type=int_in("--sanity", 0, 10**9), metavar="N",
+                        help="images for the randomisation check, the first N (default: 32; 2 "
+                             "for the methods with extra passes). Cost: the method once per "
+                             "image and randomisation step (ResNet-18: 11 steps; gradcam: about "
+                             "33 forward passes per image, scorecam about 5,600); 0: off")  # fmt: skip
     report.add_argument("--seed", type=int, default=0, help="seed of random maps and steps")
     report.add_argument("--workers", type=int_in("--workers", 0, 64),
                         default=max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -78,8 +80,9 @@ _EPILOG = """\
 outputs (OUT):
   per_image.csv   one row per image x checkpoint: target, prob, correct, deletion/insertion
                   AUC of the last stage's CAM, error
-  per_map.csv     one row per image x checkpoint x map: deletion/insertion AUC, agreement with
-                  the same stage's CAM, pointing game, energy pointing game, box IoU
+  per_map.csv     one row per image x checkpoint x map (and the CAM's method): deletion/insertion
+                  AUC, agreement with the same stage's CAM, pointing game, energy pointing
+                  game, box IoU
   sanity.csv      cascading randomisation: Spearman and SSIM per step, image and map
   summary.csv     means with 95% bootstrap intervals; paired differences between checkpoints
   report.md, report.html (self-contained), manifest.json, parts/ (finished chunks, for reruns)
@@ -93,25 +96,40 @@ def report_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.distributed import start_distributed, stop_distributed
-    from viz.commands.inputs import check_method, load_checkpoints
+    from viz.commands.inputs import (
+        UsageError,
+        check_layers,
+        check_method,
+        layer_list,
+        load_checkpoints,
+    )
     from viz.commands.report_page import write_report
+    from viz.engine.cam import smoothing_error
 
+    problem = smoothing_error(args.method, args.smooth)
+    if problem:
+        raise UsageError(f"--smooth: {problem}")
     loaded = load_checkpoints(args.checkpoint)
     check_method(args.method, loaded)
+    layers = layer_list(args.layers)
+    if layers:
+        check_layers(loaded, layers)
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in loaded]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
     options = ReportOptions(
-        method=args.method, smoothing=tuple(args.smooth), deletion=args.deletion, steps=args.steps, baseline=args.baseline,
-        batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
+        method=args.method, smoothing=tuple(args.smooth), layers=layers,
+        num_samples=args.num_samples, deletion=args.deletion, steps=args.steps,
+        baseline=args.baseline, batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
     )  # fmt: skip
     ranks = start_distributed(args.device)
     # images done, fractional inside a chunk, so the bar and the time left move per image
     bar = tqdm(total=len(inputs.images), disable=ranks.rank != 0, desc="report", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} images "
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} images "
                           "[{elapsed}<{remaining}]")  # fmt: skip
 
     def progress(done: float, total: int) -> None:
-        bar.total, bar.n = total, done
+        # tenths of an image while a chunk runs, whole images when done ("4/4", not "4.0/4")
+        bar.total, bar.n = total, round(done, 1) if done % 1 else int(done)
         bar.refresh()
 
     try:

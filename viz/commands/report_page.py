@@ -293,18 +293,24 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
 
 
 @styled
-def _sample_figure(inputs, options, count: int = 4):
-    """The first images under each model's last-stage CAM and its last attention map."""
+def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
+    """The first images under each model's last-stage CAM and its last attention map, as the
+    run kept them (`samples` rows: checkpoint, image, map, values)."""
+    import torch
     from matplotlib.figure import Figure
 
     from models.images import load_image
-    from viz.commands.report import map_tensors
-    from viz.engine.cam import analyze
     from viz.engine.maps import overlay
     from viz.figures.canvas import DOUBLE_COLUMN, fit_text, literal
 
+    kept: dict[tuple[str, str], dict[str, list]] = {}
+    for row in samples:
+        kept.setdefault((row["checkpoint"], row["image"]), {})[row["map"]] = row["values"]
+    names = [name for name, _, _ in inputs.checkpoints]
     shown = []
     for path, name, label in inputs.images:
+        if not all((ckpt, name) in kept for ckpt in names):
+            continue  # not analysed (broken) or past the kept ones
         try:
             shown.append((load_image(path), name, label))
         except Exception:  # a broken image is in per_image.csv already
@@ -313,20 +319,13 @@ def _sample_figure(inputs, options, count: int = 4):
             break
     if not shown:
         return None
-    panels = []  # (checkpoint name, map name, (N, h, w)) per column
+    panels = []  # (checkpoint name, checkpoint, map name, (N, h, w)) per column
     for ckpt_name, _, ckpt in inputs.checkpoints:
-        x = ckpt.preprocess.batch([im for im, _, _ in shown])
-        targets = None
-        if all(lab is not None for _, _, lab in shown):
-            from viz.commands.inputs import resolve_target
-
-            targets = [resolve_target(lab, ckpt.class_names, "label") for _, _, lab in shown]
-        maps = map_tensors(analyze(ckpt.model, x, targets, method=options.method,
-                                   smoothing=options.smoothing, seed=options.seed))  # fmt: skip
-        cams = [k for k, v in maps.items() if v[0] == "cam"]
-        gates = [k for k, v in maps.items() if v[0] == "attention"]
-        for key in cams[-1:] + gates[-1:]:
-            panels.append((ckpt_name, ckpt, key, maps[key][3]))
+        first = kept[(ckpt_name, shown[0][1])]
+        for key in first:
+            m = torch.tensor([kept[(ckpt_name, name)][key] for _, name, _ in shown])
+            title = f"{key} ({method})" if key.startswith("cam/") else key
+            panels.append((ckpt_name, ckpt, title, m))
     columns = max(1, len(panels))
     # panels placed by hand: no layout engine; room for the row labels and the scale's note
     height = 0.8 + DOUBLE_COLUMN / columns * len(shown)
@@ -425,6 +424,22 @@ _CSS = (
 )
 
 
+def _figures(rows: dict[str, list[dict]], sanity: list[dict], inputs, options) -> dict[str, bytes]:
+    """The report's figures as PNG bytes, by file name (a figure with nothing to show: none)."""
+    names = [name for name, _, _ in inputs.checkpoints]
+    figures = {}
+    for fname, make in (
+        ("figures/distributions.png", lambda: _distribution_figure(rows["per_map"], names)),
+        ("figures/sanity.png", lambda: _sanity_figure(sanity, names)),
+        # the maps the run kept: no second analysis after the progress bar has ended
+        ("figures/samples.png", lambda: _sample_figure(inputs, rows["samples"], options.method)),
+    ):
+        fig = make()
+        if fig is not None:
+            figures[fname] = _png(fig)
+    return figures
+
+
 def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, world: int = 1) -> int:
     """Write every report file into `out`; returns how many images could not be read."""
     from dataclasses import asdict
@@ -442,15 +457,7 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
         "summary.csv": csv_bytes(summary, SUMMARY_COLUMNS),
         "sanity_summary.csv": csv_bytes(sanity, SANITY_SUMMARY_COLUMNS),
     }
-    figures = {}
-    for fname, make in (
-        ("figures/distributions.png", lambda: _distribution_figure(rows["per_map"], names)),
-        ("figures/sanity.png", lambda: _sanity_figure(sanity, names)),
-        ("figures/samples.png", lambda: _sample_figure(inputs, options)),
-    ):
-        fig = make()
-        if fig is not None:
-            figures[fname] = _png(fig)
+    figures = _figures(rows, sanity, inputs, options)
     files.update(figures)
     failed = sorted({r["image"] for r in rows["per_image"] if r.get("error")})
     header = SUMMARY_HEADER

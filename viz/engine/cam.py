@@ -57,6 +57,8 @@ __all__ = [
     "CAM_METHODS",
     "ATTRIBUTION_METHODS",
     "SMOOTHINGS",
+    "smoothings_for",
+    "smoothing_error",
 ]
 
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -87,6 +89,8 @@ class CamMethod:
         relu: ReLU on the map (all but CAM, which keeps negative evidence as Zhou et al.).
         cost: passes through the network, for the docs ("1 forward + 1 backward").
         peer: the implementation its maps equal, if any.
+        default_layers: "stages" (one layer per stage) or "last" (the last stage's only) when
+            `analyze` is given no layers.
     """
 
     name: str
@@ -231,18 +235,20 @@ def _register_builtins() -> None:
     register_cam_method("cam", label="CAM", paper="arXiv:1512.04150", needs="classifier",
                         relu=False, cost="1 forward", peer="TorchCAM 0.5",
                         default_layers="last")  # fmt: skip
-    for name, label, paper, cost, peer in (
-        ("scorecam", "Score-CAM", "arXiv:2003.06871", "1 forward + C forwards", _PGC),
-        ("sscam", "SS-CAM", "arXiv:2006.14255", "1 forward + 35 C forwards (num_samples)", ""),
+    # C full forwards per layer: by default at the last stage only (all four: ~2x the passes)
+    for name, label, paper, cost, peer, layers in (
+        ("scorecam", "Score-CAM", "arXiv:2003.06871", "1 forward + C forwards", _PGC, "last"),
+        ("sscam", "SS-CAM", "arXiv:2006.14255", "1 forward + 35 C forwards (num_samples)", "",
+         "last"),
         ("iscam", "IS-CAM", "arXiv:2010.03023", "1 forward + 10 C forwards (num_samples)",
-         "TorchCAM 0.5"),
+         "TorchCAM 0.5", "last"),
         ("ablationcam", "Ablation-CAM", "doi:10.1109/WACV45572.2020.9093360",
-         "1 forward + C forwards of the layers after the layer", _PGC),
+         "1 forward + C forwards of the layers after the layer", _PGC, "stages"),
         ("smoothgradcam++", "SmoothGrad-CAM++", "arXiv:1908.01224",
-         "1 forward + 4 forwards + 4 backwards (num_samples)", ""),
+         "1 forward + 4 forwards + 4 backwards (num_samples)", "", "stages"),
     ):  # fmt: skip
         register_cam_method(name, label=label, paper=paper, needs="passes", cost=cost, peer=peer,
-                            channel_weights=PASS_WEIGHTS[name])  # fmt: skip
+                            channel_weights=PASS_WEIGHTS[name], default_layers=layers)  # fmt: skip
     register_cam_method("fullgrad", label="FullGrad", paper="arXiv:1905.00780", needs="network",
                         cost="1 forward + 1 backward to the input", peer=_PGC)  # fmt: skip
     register_cam_method("rollout", label="attention rollout", paper="arXiv:2005.00928",
@@ -395,7 +401,8 @@ def analyze(
         x: images (N, C, H, W), preprocessed.
         target: class to explain: an int for all images, one per image, or None for the argmax.
         cam_layers: dotted module names or modules; default the network's stage layers
-            (`stage_layers`: `layer1`…`layer4` for a ResNet), the last one for "cam".
+            (`stage_layers`: `layer1`…`layer4` for a ResNet), the last one for "cam" and for
+            the methods with C full forwards per layer ("scorecam", "sscam", "iscam").
         method: a name in `CAM_METHODS`; `CAM_METHODS[method].needs` says what it costs.
         aug_smooth: the mean of the maps of six versions of the images (mirrored or not, times
             0.9, 1 and 1.1), each mirrored back and min-max scaled, as pytorch-grad-cam's
@@ -428,17 +435,38 @@ def analyze(
         raise ValueError(f"method must be one of {list(CAM_METHODS)}, got {method!r}")
     if isinstance(smoothing, str):  # one name, not its letters
         smoothing = (smoothing,)
-    unknown = set(smoothing) - set(SMOOTHINGS)
-    if unknown:
-        raise ValueError(f"smoothing must be among {', '.join(SMOOTHINGS)}, got {sorted(unknown)}")
     aug_smooth, eigen_smooth = (
         aug_smooth or "aug" in smoothing,
         eigen_smooth or "eigen" in smoothing,
     )
+    problem = smoothing_error(method, [*smoothing, *(["eigen"] if eigen_smooth else [])])
+    if problem:
+        raise ValueError(problem)
     settings = _Settings(spec, eigen_smooth, checked_options(options), seed, progress)
     if aug_smooth:
         return _augmentation_smoothed(model, x, target, cam_layers, settings)
     return _analyze(model, x, target, cam_layers, settings)
+
+
+def smoothings_for(method: str) -> tuple[str, ...]:
+    """The smoothings that change `method`'s maps: "aug" for all; "eigen" not for Eigen-CAM
+    and EigenGrad-CAM (a principal component already) nor rollout, GAE, LeGrad (no channels)."""
+    spec = CAM_METHODS[method]
+    eigen = not spec.project and spec.needs != "attention"
+    return tuple(s for s in SMOOTHINGS if s != "eigen" or eigen)
+
+
+def smoothing_error(method: str, smoothing: Sequence[str]) -> str | None:
+    """Why `smoothing` (names) cannot smooth `method`'s maps, in one line; None if it can."""
+    unknown = sorted(set(smoothing) - set(SMOOTHINGS))
+    if unknown:
+        return f"smoothing must be among {', '.join(SMOOTHINGS)}, got {unknown}"
+    if set(smoothing) - set(smoothings_for(method)):
+        return (
+            f"{CAM_METHODS[method].label} takes no eigen smoothing: its map is a principal "
+            "component already, or it has no channels to take one of"
+        )
+    return None
 
 
 def _checked_by_rollout(_value: object) -> bool:
@@ -478,7 +506,7 @@ class _Settings:
 
     @property
     def smoothing(self) -> tuple[str, ...]:
-        return ("eigen",) if self.eigen_smooth and not self.spec.project else ()
+        return ("eigen",) if self.eigen_smooth else ()
 
 
 @dataclass

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from viz.engine.tokens import as_feature_map, token_layout
 
-__all__ = ["PassContext", "PASS_WEIGHTS", "planned_passes", "MEMORY_BUDGET_MIB"]
+__all__ = ["PassContext", "PASS_WEIGHTS", "planned_passes", "MEMORY_BUDGET_MIB", "NUM_SAMPLES"]
 
 MEMORY_BUDGET_MIB = 256
 """Activation memory a batch of extra passes may take; beyond ~32 images CPUs gain nothing."""
@@ -81,6 +81,9 @@ class PassContext:
         given = self.options.get("batch_size")
         return int(given) if given else _budget_batch(self.model, self.x[:1])
 
+
+NUM_SAMPLES = {"sscam": 35, "iscam": 10, "smoothgradcam++": 4}
+"""The methods that take a `num_samples` option, and its default (their papers')."""
 
 # --- batching ---------------------------------------------------------------------------------
 
@@ -237,12 +240,13 @@ def _noisy_scores(ctx: PassContext, samples: int, scale: Callable[[int], float],
 
 
 def _sscam(ctx: PassContext) -> Tensor:
-    samples, std = int(ctx.option("num_samples", 35)), float(ctx.option("std", 2.0))
+    samples = int(ctx.option("num_samples", NUM_SAMPLES["sscam"]))
+    std = float(ctx.option("std", 2.0))
     return _noisy_scores(ctx, samples, lambda s: 1.0, std)
 
 
 def _iscam(ctx: PassContext) -> Tensor:
-    samples = int(ctx.option("num_samples", 10))
+    samples = int(ctx.option("num_samples", NUM_SAMPLES["iscam"]))
     # sample s scales the masked image by sum(j / N, j = 1..s+1)
     return _noisy_scores(ctx, samples, lambda s: (s + 1) * (s + 2) / (2 * samples), 0.0)
 
@@ -319,7 +323,8 @@ class _Suffix:
 
 def _smoothgradcampp(ctx: PassContext) -> Tensor:
     """Channel-and-location weights folded into (N, C) per-channel weights."""
-    samples, std = int(ctx.option("num_samples", 4)), float(ctx.option("std", 0.3))
+    samples = int(ctx.option("num_samples", NUM_SAMPLES["smoothgradcam++"]))
+    std = float(ctx.option("std", 0.3))
     n = len(ctx.x)
     g1 = torch.zeros_like(ctx.acts)
     g2, g3 = torch.zeros_like(ctx.acts), torch.zeros_like(ctx.acts)
@@ -374,12 +379,11 @@ PASS_WEIGHTS: dict[str, Callable[[PassContext], Tensor]] = {
 def planned_passes(method: str, acts: Tensor, options: dict) -> int:
     """Images the method will run through the network for one layer (before de-duplication)."""
     n, c = acts.shape[:2]
-    samples = {"sscam": 35, "iscam": 10, "smoothgradcam++": 4}
     per_image = {
         "scorecam": c,
         "ablationcam": c + 1,
-        "smoothgradcam++": int(options.get("num_samples", samples["smoothgradcam++"])),
+        "smoothgradcam++": int(options.get("num_samples", NUM_SAMPLES["smoothgradcam++"])),
     }.get(method)
     if per_image is None:
-        per_image = c * int(options.get("num_samples", samples[method]))
+        per_image = c * int(options.get("num_samples", NUM_SAMPLES[method]))
     return n * per_image

@@ -160,8 +160,11 @@ def attention_vs_gradcam(
 
 
 def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
-    """One row per layer: attention, CAM, numbers (a single column)."""
-    canvas = Canvas(width, [3] * len(layers), left=0.3, footer=0.42, header=0.22, max_panel=1.3)
+    """One row per layer: attention, CAM, numbers (a single column, or one layer)."""
+    # one row may take the whole width of a double-column figure; several keep it short
+    largest = 1.3 if len(layers) > 1 else 2.1
+    canvas = Canvas(width, [3] * len(layers), left=0.3, footer=0.42, header=0.22,
+                    max_panel=largest)  # fmt: skip
     for r, layer in enumerate(layers):
         if layer.attention is None:
             canvas.note(r, 0, layer.absent(missing))

@@ -52,6 +52,8 @@ class FigureSettings:
         method: CAM method (`viz.engine.cam.CAM_METHODS`).
         layers: CAM layers, or None for the network's stage layers.
         smoothing: the CAMs' smoothing, "aug" and/or "eigen" (`viz.engine.cam.analyze`).
+        num_samples: noisy copies of SS-CAM, IS-CAM and SmoothGrad-CAM++; None: the method's
+            default.
         cmap: colour map of the maps.
         alpha: opacity of the maps over the image, in [0, 1].
         scale: "shared" (one colour scale, real values) or "per-map" (each map's own min-max);
@@ -64,6 +66,7 @@ class FigureSettings:
     method: str = "gradcam"
     layers: tuple[str, ...] | None = None
     smoothing: tuple[str, ...] = ()
+    num_samples: int | None = None
     cmap: str = DEFAULT_CMAP
     alpha: float = 0.5
     scale: str = "shared"
@@ -72,13 +75,18 @@ class FigureSettings:
     render: str = "smooth"
 
     def __post_init__(self) -> None:
-        from viz.engine.cam import CAM_METHODS, SMOOTHINGS
+        from viz.engine.cam import CAM_METHODS, smoothing_error
 
+        if self.method not in CAM_METHODS:
+            raise ExportError(
+                f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"
+            )
+        problem = smoothing_error(self.method, self.smoothing)
         checks = [
-            (self.method in CAM_METHODS,
-             f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"),
-            (set(self.smoothing) <= set(SMOOTHINGS),
-             f"smoothing must be among {', '.join(SMOOTHINGS)}, got {list(self.smoothing)}"),
+            (problem is None, problem),
+            (self.num_samples is None or (isinstance(self.num_samples, int)
+                                          and self.num_samples >= 1),
+             f"num_samples must be an integer >= 1, got {self.num_samples!r}"),
             (self.cmap in matplotlib.colormaps,
              f"unknown colour map {self.cmap!r} (any matplotlib colormap name)"),
             (0.0 <= float(self.alpha) <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
@@ -96,6 +104,10 @@ class FigureSettings:
         except ValueError as exc:
             raise ExportError(str(exc)) from None
 
+    def method_options(self) -> dict:
+        """`analyze`'s `options` for these settings."""
+        return {} if self.num_samples is None else {"num_samples": self.num_samples}
+
     @property
     def shared_scale(self) -> bool:
         return self.scale == "shared"
@@ -105,6 +117,7 @@ class FigureSettings:
             "cam_method": self.method,
             "cam_layers": None if self.layers is None else list(self.layers),
             "cam_smoothing": list(self.smoothing),
+            "cam_num_samples": self.num_samples,
             "cmap": self.cmap,
             "alpha": float(self.alpha),
             "scale": self.scale,
