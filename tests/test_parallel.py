@@ -107,3 +107,29 @@ def test_tensors_from_a_worker_that_has_exited_arrive_intact(tmp_path):
                            on_crash=_crashed))  # fmt: skip
     assert [g["index"] for g in got] == list(range(6))
     assert all(float(g["map"].mean()) == i for i, g in enumerate(got))
+
+
+def _halfway_then_square(item):
+    from viz.commands.parallel import report_fraction
+
+    report_fraction(0.5)
+    time.sleep(0.6)  # long enough for the parent's poll to see the worker half-way
+    return _square(item)
+
+
+def _start_halfway(flag: str):
+    Path(flag).touch()
+    return _halfway_then_square
+
+
+def test_progress_counts_each_process_inside_its_item(tmp_path):
+    """A slow item moves the bar before it ends, whichever process runs it; never backwards."""
+    flag = str(tmp_path / "started")
+    items = [("", k) for k in range(4)]
+    seen: list[float] = []
+    # this process reports nothing of its own items: any fraction seen is the worker's
+    got = list(ordered_map(_parent(flag), items, 2, initializer=_start_halfway,
+                           initargs=(flag,), on_crash=_crashed, on_progress=seen.append))  # fmt: skip
+    assert got == [0, 1, 4, 9]
+    assert seen == sorted(seen) and seen[-1] == 4
+    assert any(v % 1 for v in seen)  # the worker's item under way was counted

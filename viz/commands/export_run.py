@@ -132,17 +132,17 @@ def _run_images(run: _Run, work: _ImageWork, images: list, args, grid: _Grid) ->
     jobs = max(1, min(args.jobs, len(images)))
     bar = tqdm(total=len(images), desc="export", unit="image", file=sys.stderr, disable=None)
     done = [0]
+
+    def show(value: float) -> None:
+        bar.n = round(value, 2)
+        bar.refresh()
+
     if jobs == 1:
-
-        def within(passes: int, total: int) -> None:
-            bar.n = round(done[0] + passes / max(total, 1), 2)
-            bar.refresh()
-
-        work.progress = within
+        work.progress = lambda passes, total: show(done[0] + passes / max(total, 1))
     with bar:
-        for (path, image_name), outcome in zip(images, _outcomes(work, images, jobs, args)):
+        for (path, image_name), outcome in zip(images, _outcomes(work, images, jobs, args, show)):
             done[0] += 1
-            bar.n = done[0]
+            bar.n = max(bar.n, done[0])  # the workers may be further on
             bar.refresh()
             if outcome["load_error"] is not None:
                 run.fail("load image", str(path), _Reported(outcome["load_error"]))
@@ -280,8 +280,8 @@ class _ImageWork:
     per_image: list
     formats: list
     grid: bool
-    # (done, total) passes of the current analysis: set in this process only (--jobs 1), so
-    # the bar moves inside an image for the slow CAM methods
+    # (done, total) passes of the current analysis, so the bar moves inside an image for the
+    # slow CAM methods (with --jobs N, each process reports to the parent's bar)
     progress: Callable[[int, int], None] | None = None
 
     def __call__(self, item: tuple[Path, str]) -> dict:
@@ -341,16 +341,24 @@ def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWo
     load_plugins(plugins)
     checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
     return _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
-                      work.formats, work.grid)  # fmt: skip
+                      work.formats, work.grid, progress=_passes_reported)  # fmt: skip
+
+
+def _passes_reported(passes: int, total: int) -> None:
+    """An analysis's progress in a process of a parallel export, for the parent's bar."""
+    from viz.commands.parallel import report_fraction
+
+    report_fraction(passes / max(total, 1))
 
 
 def _worker_died(item: tuple[Path, str], exit_code: int | None) -> dict:
     return {"load_error": f"the worker process on this image stopped (exit code {exit_code})"}
 
 
-def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace):
+def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespace, show=None):
     """Each image's outcome, in input order: here, or here and in `jobs - 1` worker processes
-    (`viz.commands.parallel`), each process at one thread.
+    (`viz.commands.parallel`), each process at one thread; `show(images done, fractional)`
+    as every process goes through its image's passes.
 
     Workers get the settings, not the models: they read the checkpoints again (spawned
     processes share nothing).
@@ -363,6 +371,7 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     from models.plugins import plugins_from_env
     from viz.commands.parallel import ordered_map
 
+    work.progress = _passes_reported
     bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
     plugins = plugins_from_env() + list(getattr(args, "plugin", []))
@@ -370,7 +379,8 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     torch.set_num_threads(1)  # one core per process, this one included
     try:
         yield from ordered_map(work, images, jobs, initializer=_start_worker,
-                               initargs=(bare, paths, plugins), on_crash=_worker_died)  # fmt: skip
+                               initargs=(bare, paths, plugins), on_crash=_worker_died,
+                               on_progress=show)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 

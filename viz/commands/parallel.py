@@ -22,9 +22,27 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["ordered_map"]
+__all__ = ["ordered_map", "report_fraction"]
 
 _POLL = 0.2  # seconds between checks that the workers are alive, while waiting for them
+
+
+class _Share:
+    """Where this process's `report_fraction` goes: its slot of the shared fractions, and, in
+    the parent, the tick that redraws the progress."""
+
+    fractions = None
+    slot = 0
+    tick: Callable[[], None] | None = None
+
+
+def report_fraction(fraction: float) -> None:
+    """Called by the mapped function, in any process, with how far it is into its item (0..1):
+    `ordered_map`'s `on_progress` counts it (a slow item moves the bar before it ends)."""
+    if _Share.fractions is not None:
+        _Share.fractions[_Share.slot] = min(1.0, max(0.0, fraction))
+    if _Share.tick is not None:
+        _Share.tick()
 
 
 def _take(counter, total: int) -> int | None:
@@ -36,7 +54,9 @@ def _take(counter, total: int) -> int | None:
         return index
 
 
-def _worker(initializer, initargs, items, counter, emitted, window, held, slot, results) -> None:
+def _worker(initializer, initargs, items, counter, emitted, window, held, fractions, slot,
+            results) -> None:  # fmt: skip
+    _Share.fractions, _Share.slot = fractions, slot
     try:
         fn = initializer(*initargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which goes on alone
@@ -52,7 +72,9 @@ def _worker(initializer, initargs, items, counter, emitted, window, held, slot, 
         if index is None:
             break
         held[slot] = index
-        results.put((index, pickle.dumps(fn(items[index]), protocol=pickle.HIGHEST_PROTOCOL)))
+        outcome = pickle.dumps(fn(items[index]), protocol=pickle.HIGHEST_PROTOCOL)
+        fractions[slot] = 0.0  # before the outcome is sent: an item never counts twice
+        results.put((index, outcome))
         held[slot] = -1
     results.close()
     results.join_thread()
@@ -66,6 +88,7 @@ def ordered_map(
     initializer: Callable[..., Callable[[Any], Any]],
     initargs: tuple = (),
     on_crash: Callable[[Any, int | None], Any],
+    on_progress: Callable[[float], None] | None = None,
 ) -> Iterator[Any]:
     """Yield `fn(item)` for every item, in order, computed here and in `jobs - 1` workers.
 
@@ -77,16 +100,28 @@ def ordered_map(
             worker runs on an item (its outcomes must equal `fn`'s for the output to be the
             same whatever `jobs`). If it raises, that worker stops and the others go on.
         on_crash: the outcome of an item whose worker died while on it (exit code or None).
+        on_progress: called here with the items done so far, fractional: finished items plus
+            what each process's `report_fraction` says of the item it is on (never less than
+            the value before).
     """
     workers = min(jobs, len(items)) - 1
     if workers <= 0:
         yield from map(fn, items)
         return
     pool = _Pool(items, jobs, workers, initializer, initargs)
+    following, shown = 0, [0.0]  # items yielded; the progress shown last
+
+    def tick() -> None:
+        if on_progress is not None:
+            value = following + len(pool.done) + sum(pool.fractions)
+            shown[0] = max(shown[0], min(value, len(items)))
+            on_progress(shown[0])
+
+    _Share.fractions, _Share.slot, _Share.tick = pool.fractions, workers, tick
     try:
-        following = 0
         while following < len(items):
             pool.drain()
+            tick()
             if following in pool.done:
                 yield pool.done.pop(following)
                 following += 1
@@ -94,7 +129,9 @@ def ordered_map(
                 continue
             index = _take(pool.counter, len(items))
             if index is not None:  # this process works too
-                pool.done[index] = fn(items[index])
+                outcome = fn(items[index])
+                pool.fractions[workers] = 0.0
+                pool.done[index] = outcome
             elif not pool.receive(block=True):  # nothing came: has a worker died on its item?
                 pool.settle_dead(on_crash)
                 if pool.all_gone():  # finish what they took here
@@ -103,6 +140,7 @@ def ordered_map(
                         if index not in pool.done:
                             pool.done[index] = fn(items[index])
     finally:
+        _Share.fractions, _Share.tick = None, None
         pool.close()
 
 
@@ -115,10 +153,13 @@ class _Pool:
         self.counter = ctx.Value("q", 0)
         self.emitted = ctx.Value("q", 0, lock=False)  # written here only
         self.held = ctx.Array("q", [-1] * workers)  # the item each worker is on, -1 for none
+        # how far each worker (and, last, this process) is into its item; read without a lock
+        self.fractions = ctx.Array("d", [0.0] * (workers + 1), lock=False)
         self.results = ctx.Queue()
         self.done: dict[int, Any] = {}
         self.settled: set[int] = set()  # workers known to be gone, their item settled
-        args = (initializer, initargs, items, self.counter, self.emitted, 4 * jobs, self.held)
+        args = (initializer, initargs, items, self.counter, self.emitted, 4 * jobs, self.held,
+                self.fractions)  # fmt: skip
         self.procs = [
             ctx.Process(target=_worker, daemon=True, args=(*args, slot, self.results))
             for slot in range(workers)
@@ -148,6 +189,7 @@ class _Pool:
         for slot, proc in enumerate(self.procs):
             if slot not in self.settled and not proc.is_alive():
                 self.settled.add(slot)
+                self.fractions[slot] = 0.0
                 index = self.held[slot]
                 if index >= 0 and index not in self.done:
                     self.done[index] = on_crash(self.items[index], proc.exitcode)
