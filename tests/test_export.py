@@ -757,6 +757,7 @@ def test_mistyped_options_and_layers_are_one_line_before_any_work(ckpts, image_d
     out = tmp_path / "o"
     for extra, phrase in ((["--figure", "overveiw"], "invalid choice: 'overveiw'"),
                           (["--jobs", "0"], "jobs must be from 1 to 64"),
+                          (["--method", "scorcam"], "did you mean scorecam or sscam?"),
                           (["--layers", "layer9"], "unknown layer 'layer9'")):  # fmt: skip
         code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, *extra)
         lines = err.strip().splitlines()

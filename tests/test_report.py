@@ -341,10 +341,12 @@ def test_layers_samples_and_method_column(tmp_path, checkpoints, image_folder, m
     assert manifest["options"]["num_samples"] == 2
 
 
-def test_eigen_smoothing_of_an_eigen_method_is_refused(tmp_path, checkpoints, image_folder,
-                                                      capsys):  # fmt: skip
-    code = _report(tmp_path / "out", checkpoints[:1], image_folder, "--method", "eigencam",
-                   "--smooth", "eigen")  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "Eigen-CAM takes no eigen smoothing" in err[0]
-    assert not (tmp_path / "out").exists()
+def test_eigen_smoothing_of_an_eigen_method_and_a_typo_are_refused(tmp_path, checkpoints,
+                                                                   image_folder, capsys):  # fmt: skip
+    for bad, message in ((["--method", "eigencam", "--smooth", "eigen"],
+                          "Eigen-CAM takes no eigen smoothing"),
+                         (["--method", "gradcamm"], "did you mean gradcam")):  # fmt: skip
+        code = _report(tmp_path / "out", checkpoints[:1], image_folder, *bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()

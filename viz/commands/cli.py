@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from viz.commands.export import ExportError
 from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
-from viz.commands.inputs import UsageError, add_layer_and_sample_options, error_line, int_in
-from viz.engine.cam import CAM_METHODS, SMOOTHINGS
+from viz.commands.inputs import UsageError, add_method_options, error_line, int_in
+from viz.engine.cam import SMOOTHINGS
 from viz.engine.maps import DEFAULT_CMAP
 
 __all__ = ["main", "build_parser"]
@@ -137,12 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="figure width: single (3.3 in), double (6.9 in) or inches (default: double)")  # fmt: skip
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output folder, replacing files of the same name")  # fmt: skip
-    export.add_argument("--method", default="gradcam", metavar="METHOD",
-                        help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")  # fmt: skip
+    add_method_options(export)
     export.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
                         help="smooth the CAMs: aug (mean over mirrored and brightened copies, "
                              "6x the passes), eigen (first principal component); default none")  # fmt: skip
-    add_layer_and_sample_options(export)
     export.add_argument("--cmap", default=DEFAULT_CMAP, metavar="NAME",
                         help=f"colour map of the maps (default: {DEFAULT_CMAP})")  # fmt: skip
     export.add_argument("--alpha", type=float, default=0.5,

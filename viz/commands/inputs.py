@@ -222,11 +222,13 @@ def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) ->
             raise UsageError(f"--method {method} ({CAM_METHODS[method].label}) {why}: {raw}")
 
 
-def add_layer_and_sample_options(parser: argparse.ArgumentParser) -> None:
-    """--layers and --num-samples, the same in `export` and `report`."""
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--method, --layers and --num-samples, the same in `export` and `report`."""
     from viz.engine.cam import CAM_METHODS
     from viz.engine.passes import NUM_SAMPLES
 
+    parser.add_argument("--method", default="gradcam", type=_cam_method, metavar="METHOD",
+                        help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")  # fmt: skip
     last = ", ".join(name for name, m in CAM_METHODS.items() if m.default_layers == "last")
     parser.add_argument("--layers", default=None, metavar="LIST",
                         help="comma list of CAM layers (default: each network's stage layers; "
@@ -234,6 +236,21 @@ def add_layer_and_sample_options(parser: argparse.ArgumentParser) -> None:
     noisy = ", ".join(f"{name} ({n})" for name, n in NUM_SAMPLES.items())
     parser.add_argument("--num-samples", type=int_in("--num-samples", 1, 10**6), metavar="N",
                         help=f"noisy copies per channel or image of {noisy}")  # fmt: skip
+
+
+def _cam_method(text: str) -> str:
+    """An argparse type: a CAM method's name; a typo gets the nearest names."""
+    import difflib
+
+    from viz.engine.cam import CAM_METHODS
+
+    if text in CAM_METHODS:
+        return text
+    near = difflib.get_close_matches(text, CAM_METHODS, n=2)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown CAM method {text!r}; {hint}choose from {', '.join(CAM_METHODS)}"
+    )
 
 
 def layer_list(text: str | None) -> tuple[str, ...] | None:

@@ -20,8 +20,8 @@ __all__ = ["add_report_parser", "report_command"]
 
 def add_report_parser(commands) -> argparse.ArgumentParser:
     """The `report` subcommand's options."""
-    from viz.commands.inputs import add_layer_and_sample_options, int_in
-    from viz.engine.cam import CAM_METHODS, SMOOTHINGS
+    from viz.commands.inputs import add_method_options, int_in
+    from viz.engine.cam import SMOOTHINGS
     from viz.measures.metrics import BASELINES
 
     report = commands.add_parser(
@@ -41,9 +41,7 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
     report.add_argument("--boxes", metavar="PATH",
                         help="bounding boxes: Pascal VOC XML folder, COCO JSON, or CSV "
                              "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
-    report.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS),
-                        help="CAM method (default: gradcam)")  # fmt: skip
-    add_layer_and_sample_options(report)
+    add_method_options(report)
     report.add_argument("--smooth", nargs="+", default=[], choices=SMOOTHINGS, metavar="KIND",
                         help="smooth the CAMs: aug (6x the passes), eigen; default none")  # fmt: skip
     report.add_argument("--deletion", default="default", choices=DELETION_CHOICES,
