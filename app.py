@@ -152,12 +152,13 @@ def analysis(
         jobs = st.session_state.setdefault("slow_jobs", {})
         SlowRun.cancel(but=key)
         job = jobs.get(key)
-        if job is None:  # else a rerun (a drawing setting changed) found it running: wait on
+        if job is None or job.cancelled:  # else a rerun found it running: wait on
             job = jobs[key] = SlowJob(lambda progress: analyze_images(
                 ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
                 options=dict(options), progress=progress))  # fmt: skip
+        label = CAM_METHODS[method].label + (" with augmentation" if "aug" in smoothing else "")
         try:
-            SlowRun.follow(job, CAM_METHODS[method].label)
+            SlowRun.follow(job, label)
         finally:
             SlowRun.done()
         jobs.pop(key, None)
@@ -187,21 +188,34 @@ class Cancelled(Exception):
 
 class SlowJob:
     """A slow analysis in a thread of its own: a rerun of the page (any widget changed) stops
-    the script, not the analysis, and the next run waits on where it got to."""
+    the script, not the analysis, and the next run waits on where it got to. A job nobody has
+    watched for `UNWATCHED_SECONDS` (its page was closed or reloaded, Streamlit's own Stop, a
+    rerun that wants other maps) cancels itself at its next batch, so it neither runs on for
+    nothing nor keeps the model's lock from other pages."""
+
+    UNWATCHED_SECONDS = 4.0
 
     def __init__(self, run: Callable[[Callable[[int, int], None]], object]) -> None:
         self.done = self.total = 0
         self.first: tuple[float, int] | None = None  # (time, done) of the first report
+        self.estimate: tuple[float, float] | None = None  # (time, seconds left) then
+        self.watched = time.monotonic()
         self.cancelled = False
         self.result = self.error = None
         self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
         self._thread.start()
 
     def _report(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.watched > self.UNWATCHED_SECONDS:
+            self.cancelled = True
         if self.cancelled:
             raise Cancelled
         if self.first is None:  # the set-up before the first report is not a pass
-            self.first = (time.monotonic(), done)
+            self.first = (now, done)
+        elif done > self.first[1]:
+            start, then = self.first
+            self.estimate = (now, (now - start) / (done - then) * (total - done))
         self.done, self.total = done, total
 
     def _work(self, run) -> None:
@@ -213,11 +227,16 @@ class SlowJob:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def watch(self) -> None:
+        """A page is waiting on this job (called at every redraw)."""
+        self.watched = time.monotonic()
+
     def time_left(self) -> float | None:
-        if self.first is None or self.done <= self.first[1]:
+        """Seconds left, from the pass rate at the last report, counting down between reports."""
+        if self.estimate is None:
             return None
-        start, then = self.first
-        return (time.monotonic() - start) / (self.done - then) * (self.total - self.done)
+        then, left = self.estimate
+        return max(0.0, left - (time.monotonic() - then))
 
 
 class _PerRun(threading.local):
@@ -253,6 +272,7 @@ class SlowRun:
     def follow(cls, job: SlowJob, label: str) -> None:
         """Draw the job's progress until it ends (each redraw is where a rerun stops us)."""
         while job.running():
+            job.watch()
             if _RUN.bar is None:
                 if _RUN.box is None:
                     _RUN.box = st.empty()
@@ -261,7 +281,9 @@ class SlowRun:
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
                     _RUN.bar = st.progress(0.0)
             text, left = f"{label}: {job.done} of {job.total} passes", job.time_left()
-            if left is not None:
+            if not job.total:
+                text = f"{label}: starting…"
+            elif left is not None:
                 text += f", about {left:.0f} s left"
             _RUN.bar.progress(job.done / max(job.total, 1), text=text)
             time.sleep(cls.POLL_SECONDS)
@@ -588,7 +610,10 @@ def main() -> None:
             st.session_state["smoothing"] = [
                 s for s in st.session_state["smoothing"] if s in offered
             ]
-            errors.info(f"{CAM_METHODS[method].label} takes no eigen smoothing: it is off.")
+            errors.info(
+                f"{CAM_METHODS[method].label} is a principal component already (or has no "
+                "channels): principal-component smoothing is off."
+            )
         # one settings object drives the screen, every download, the zip and its manifest
         smoothing = st.sidebar.multiselect(
             "Smoothing", offered, key="smoothing",
