@@ -692,7 +692,9 @@ def test_cli_num_samples_reaches_the_method_and_the_manifest(ckpts, image_dir, t
     assert json.loads((out / "manifest.json").read_text())["options"]["cam_num_samples"] == 2
     for bad, message in ((["--num-samples", "0"], "--num-samples must be from 1"),
                          (["--method", "eigencam", "--smooth", "eigen"],
-                          "Eigen-CAM takes no eigen smoothing")):  # fmt: skip
+                          "Eigen-CAM takes no eigen smoothing"),
+                         (["--num-samples", "3"], "num_samples applies to sscam, iscam, "
+                                                  "smoothgradcam++ only, not to Grad-CAM")):  # fmt: skip
         code, err = _export(capsys, ckpts["r18_cbam"], image_dir, tmp_path / "o2", *bad)
         assert code == 2 and message in err and "\n" not in err.strip(), err
 

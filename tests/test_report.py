@@ -140,7 +140,12 @@ def test_broken_images_and_hostile_names(tmp_path, checkpoints, image_folder, ca
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "out"
     assert _report(out, checkpoints[:1], images, "--deletion", "off") == 1
-    assert "1 image(s) could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be read" in err and f"wrote the report to {out}" in err
+    # the page counts what was analysed, the sanity check included (was: "3 images", "all 3")
+    intro = (out / "report.md").read_text()
+    assert "2 images (1 more could not be read)" in intro and "sanity check on all 2" in intro
+    assert "no deletion/insertion" in intro
     rows = _rows(out / "per_image.csv")
     broken = next(r for r in rows if r["image"] == "broken")
     assert broken["error"] and broken["prob"] == ""
@@ -345,7 +350,10 @@ def test_eigen_smoothing_of_an_eigen_method_and_a_typo_are_refused(tmp_path, che
                                                                    image_folder, capsys):  # fmt: skip
     for bad, message in ((["--method", "eigencam", "--smooth", "eigen"],
                           "Eigen-CAM takes no eigen smoothing"),
-                         (["--method", "gradcamm"], "did you mean gradcam")):  # fmt: skip
+                         (["--method", "gradcamm"], "did you mean gradcam"),
+                         (["--num-samples", "3"], "num_samples applies to sscam"),
+                         (["--method", "cam", "--layers", "layer3"],
+                          "CAM needs global average pooling")):  # fmt: skip
         code = _report(tmp_path / "out", checkpoints[:1], image_folder, *bad)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err

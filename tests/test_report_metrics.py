@@ -199,6 +199,9 @@ def test_ssim_and_spearman_of_identical_and_unrelated_maps():
                  for _ in range(20)]  # fmt: skip
     assert abs(float(np.mean(unrelated))) < 0.1
     assert ssim(torch.rand(3, 3, generator=gen), torch.rand(3, 3, generator=gen)) < 1.0
+    # a constant map (an all-zero CAM) has no structure to compare: n/a, as Spearman
+    flat = torch.zeros(16, 16)
+    assert np.isnan(ssim(flat, flat)) and np.isnan(ssim(flat, m)) and np.isnan(spearman(flat, m))
 
 
 def test_cascading_randomisation_runs_from_the_logits_down_and_decorrelates():

@@ -386,8 +386,8 @@ def test_layer_methods_on_tokens_and_the_methods_offered(vits, swin):
 
     net, x = vits["deit distilled"]
     x = x[:1]
-    for method in ("smoothgradcam++", "eigencam"):
-        maps = analyze(net, x, method=method, options={"num_samples": 2}).cams
+    for method, options in (("smoothgradcam++", {"num_samples": 2}), ("eigencam", {})):
+        maps = analyze(net, x, method=method, options=options).cams
         assert maps["blocks.2.norm1"].shape == (1, 14, 14)
     with pytest.raises(ValueError, match="Ablation-CAM .* transformer"):
         analyze(net, x, method="ablationcam")

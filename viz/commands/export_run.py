@@ -19,6 +19,7 @@ from viz.commands.inputs import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_FILE_BYTES,
     UsageError,
+    check_cam_layers,
     check_layers,
     check_method,
     collect_images,
@@ -51,6 +52,7 @@ def export_command(args: argparse.Namespace) -> int:
         check_method(settings.method, checkpoints)
     if settings.layers is not None:
         check_layers(checkpoints, settings.layers)
+        check_cam_layers(checkpoints, settings.method, settings.layers)
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     run = _open_run(args)
     grid = _Grid({name: [] for _, name, _ in checkpoints})
@@ -68,7 +70,8 @@ def export_command(args: argparse.Namespace) -> int:
         if run.failures
         else ""
     )
-    _say(f"wrote {len(run.files)} files to {run.out}{failed}")
+    files = f"{len(run.files)} file{'' if len(run.files) == 1 else 's'}"
+    _say(f"wrote {files} to {run.out}{failed}")
     return 1 if run.failures else 0
 
 

@@ -270,6 +270,24 @@ def check_layers(checkpoints: Sequence[tuple[str, str, object]], layers: Sequenc
             raise UsageError(f"--layers for {raw}: {exc}") from None
 
 
+def check_cam_layers(checkpoints: Sequence[tuple[str, str, object]], method: str,
+                     layers: Sequence[str] | None) -> None:  # fmt: skip
+    """CAM needs global pooling and a linear layer right after its layer: --layers are tried
+    on a blank image before any real one (a forward per model), so a wrong layer is one line."""
+    if method != "cam" or not layers:
+        return
+    from PIL import Image
+
+    from viz.engine.cam import analyze
+
+    for raw, _, ckpt in checkpoints:
+        blank = ckpt.preprocess.batch([Image.new("RGB", (256, 256), (128, 128, 128))])
+        try:
+            analyze(ckpt.model, blank, 0, list(layers), method="cam")
+        except ValueError as exc:
+            raise UsageError(f"--layers for {raw}: {exc}") from None
+
+
 def int_in(what: str, low: int, high: int):
     """An argparse type: an integer from `low` to `high`, else a one-line usage error."""
 

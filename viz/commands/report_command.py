@@ -96,22 +96,28 @@ def report_command(args: argparse.Namespace) -> int:
     from models.distributed import start_distributed, stop_distributed
     from viz.commands.inputs import (
         UsageError,
+        check_cam_layers,
         check_layers,
         check_method,
         layer_list,
         load_checkpoints,
     )
     from viz.commands.report_page import write_report
-    from viz.engine.cam import smoothing_error
+    from viz.engine.cam import option_error, smoothing_error
 
     problem = smoothing_error(args.method, args.smooth)
     if problem:
         raise UsageError(f"--smooth: {problem}")
+    if args.num_samples is not None:
+        problem = option_error(args.method, {"num_samples": args.num_samples})
+        if problem:
+            raise UsageError(f"--num-samples: {problem}")
     loaded = load_checkpoints(args.checkpoint)
     check_method(args.method, loaded)
     layers = layer_list(args.layers)
     if layers:
         check_layers(loaded, layers)
+        check_cam_layers(loaded, args.method, layers)
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in loaded]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
     options = ReportOptions(
@@ -145,9 +151,9 @@ def report_command(args: argparse.Namespace) -> int:
     if rows is None:
         return 0
     failed = write_report(Path(args.out), rows, inputs, options, world=ranks.world)
+    print(f"wrote the report to {args.out} (report.html, report.md, CSVs, figures/)",
+          file=sys.stderr)  # fmt: skip
     if failed:
         print(f"error: {failed} image(s) could not be read; see per_image.csv", file=sys.stderr)
         return 1
-    print(f"wrote the report to {args.out} (report.html, report.md, CSVs, figures/)",
-          file=sys.stderr)  # fmt: skip
     return 0

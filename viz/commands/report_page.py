@@ -210,7 +210,7 @@ def _distribution_figure(per_map: list[dict], checkpoints: Sequence[str]):
         if not data:
             continue
         parts = ax.boxplot(data, positions=positions, widths=0.8, patch_artist=True,
-                           showfliers=False)  # fmt: skip
+                           showfliers=True, flierprops={"markersize": 2})  # fmt: skip
         for patch, colour in zip(parts["boxes"], tint):
             patch.set_facecolor(colour)
             patch.set_alpha(0.7)
@@ -464,16 +464,23 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
     deletion = {"all": "every map", "default": "the last stage's CAM and the random map",
                 "off": "no map"}[options.deletion]  # fmt: skip
-    checked = min(options.sanity, len(inputs.images))
+    read = len(inputs.images) - len(failed)
+    checked = len({r["image"] for r in rows["sanity"]})  # the first --sanity images that read
     sanity = (
         "no sanity check" if checked == 0
-        else f"sanity check on all {checked} images" if checked == len(inputs.images)
+        else f"sanity check on all {checked} images" if checked == read
         else f"sanity check on the first {checked} images"
     )  # fmt: skip
+    images = f"{read} images" + (f" ({len(failed)} more could not be read)" if failed else "")
+    scored = (
+        "no deletion/insertion" if options.deletion == "off"
+        else f"deletion/insertion on {deletion} with {options.steps} steps "
+             f"({options.baseline} baseline)"
+    )  # fmt: skip
+    smoothing = "".join(f" ({s} smooth)" for s in options.smoothing)
     intro = (
-        f"{len(inputs.images)} images, {len(names)} checkpoint(s), CAM method "
-        f"{options.method}{''.join(f' ({s} smooth)' for s in options.smoothing)}, deletion/insertion on {deletion} with {options.steps} "
-        f"steps ({options.baseline} baseline), {sanity}, {world} process(es). "
+        f"{images}, {len(names)} checkpoint(s), CAM method {options.method}{smoothing}, "
+        f"{scored}, {sanity}, {world} process(es). "
         "Intervals: 95% percentile bootstrap over images."
     )
     md = [

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from models.probes import find_probe
 from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
 from viz.engine.maps import normalize
-from viz.engine.passes import PASS_WEIGHTS, PassContext, planned_passes
+from viz.engine.passes import NUM_SAMPLES, PASS_WEIGHTS, PassContext, planned_passes
 from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import AttentionTrace, attention_modules, model_modules, record_attention
@@ -59,6 +59,7 @@ __all__ = [
     "SMOOTHINGS",
     "smoothings_for",
     "smoothing_error",
+    "option_error",
 ]
 
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -442,7 +443,11 @@ def analyze(
     problem = smoothing_error(method, [*smoothing, *(["eigen"] if eigen_smooth else [])])
     if problem:
         raise ValueError(problem)
-    settings = _Settings(spec, eigen_smooth, checked_options(options), seed, progress)
+    options = checked_options(options)
+    problem = option_error(method, options)
+    if problem:
+        raise ValueError(problem)
+    settings = _Settings(spec, eigen_smooth, options, seed, progress)
     if aug_smooth:
         return _augmentation_smoothed(model, x, target, cam_layers, settings)
     return _analyze(model, x, target, cam_layers, settings)
@@ -454,6 +459,17 @@ def smoothings_for(method: str) -> tuple[str, ...]:
     spec = CAM_METHODS[method]
     eigen = not spec.project and spec.needs != "attention"
     return tuple(s for s in SMOOTHINGS if s != "eigen" or eigen)
+
+
+def option_error(method: str, options: dict) -> str | None:
+    """Why `options` do not apply to `method` (a noisy-sample count given to a method without
+    noise would be recorded but change nothing), in one line; None if they do."""
+    if "num_samples" in options and method not in NUM_SAMPLES:
+        return (
+            f"num_samples applies to {', '.join(NUM_SAMPLES)} only, not to "
+            f"{CAM_METHODS[method].label}"
+        )
+    return None
 
 
 def smoothing_error(method: str, smoothing: Sequence[str]) -> str | None:

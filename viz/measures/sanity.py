@@ -108,17 +108,20 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
 def ssim(a: Tensor, b: Tensor, *, size: int | None = None) -> float:
     """Structural similarity (Wang et al., IEEE TIP 2004) of two maps, each scaled to [0, 1].
 
-    Maps are resized to `size` x `size` (default the larger of the two) and min-max scaled
-    (a constant map becomes zeros); 11 x 11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03,
-    reflect padding so small maps work too.
+    Maps are resized to `size` x `size` (default the larger of the two) and min-max scaled;
+    11 x 11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, reflect padding so small maps
+    work too. nan if either map is constant, as `spearman`: an all-zero map explains nothing,
+    and two of them would otherwise score as identical.
     """
+    if any(float(m.max() - m.min()) == 0 for m in (torch.nan_to_num(a), torch.nan_to_num(b))):
+        return math.nan
     side = size or max(*a.shape[-2:], *b.shape[-2:])
 
     def prep(m: Tensor) -> Tensor:
         m = torch.nan_to_num(m.detach().double().cpu(), nan=0.0)
         m = m if tuple(m.shape) == (side, side) else upsample(m.float(), (side, side)).double()
         lo, hi = m.min(), m.max()
-        return ((m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)).view(1, 1, side, side)
+        return ((m - lo) / (hi - lo)).view(1, 1, side, side)
 
     x, y = prep(a), prep(b)
     window = _gaussian_window()
