@@ -105,6 +105,8 @@ def test_report_files_and_columns(tmp_path, checkpoints, image_folder, capsys):
     acc = next(r for r in summary if r["metric"] == "correct" and r["checkpoint"] == "tiny_cbam")
     correct = [int(r["correct"]) for r in per_image if r["checkpoint"] == "tiny_cbam"]
     assert float(acc["mean"]) == pytest.approx(np.mean(correct))
+    page = (out / "report.html").read_text()
+    assert "<h2>Sanity check: each map" in page and "<h2>figures/" not in page  # captions
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tool"] == "attention-lens report"
     assert manifest["options"]["steps"] == 4 and len(manifest["images"]) == 9

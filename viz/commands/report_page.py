@@ -242,7 +242,7 @@ def _legend_label(checkpoint: str, map_name: str, inches: float = 3.1) -> str:
     return literal(fit_text(checkpoint, room, fontsize=6.0, min_size=6.0)[0]) + literal(tail)
 
 
-def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
+def _sanity_figure(summary: list[dict], checkpoints: Sequence[str], method: str):
     """Spearman and SSIM against the randomisation step: the last CAM and the attention mean."""
     from viz.figures.canvas import DOUBLE_COLUMN, fit_text, new_figure
 
@@ -274,7 +274,7 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str]):
                 xs = [r["step"] if named else (r["step"] + 1) / count for r in pts]
                 ax.plot(xs, [r[metric] for r in pts], styles[i % 4],
                         color=colour, marker="o", markersize=2, linewidth=1,
-                        label=_legend_label(ckpt, m))  # fmt: skip
+                        label=_legend_label(ckpt, f"{m} ({method})" if m in cams else m))  # fmt: skip
         ax.axhline(0, color="#bbbbbb", linewidth=0.5)
         if named:
             ax.set_xticks(range(len(known[0])))
@@ -430,7 +430,7 @@ def _figures(rows: dict[str, list[dict]], sanity: list[dict], inputs, options) -
     figures = {}
     for fname, make in (
         ("figures/distributions.png", lambda: _distribution_figure(rows["per_map"], names)),
-        ("figures/sanity.png", lambda: _sanity_figure(sanity, names)),
+        ("figures/sanity.png", lambda: _sanity_figure(sanity, names, options.method)),
         # the maps the run kept: no second analysis after the progress bar has ended
         ("figures/samples.png", lambda: _sample_figure(inputs, rows["samples"], options.method)),
     ):
@@ -490,7 +490,7 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     if paired_rows:
         md += ["## Paired differences (same images)", "", _markdown(header, paired_rows), ""]
     for fname in figures:
-        md += [f"![{fname}]({fname})", ""]
+        md += [f"**{FIGURE_CAPTIONS.get(fname, fname)}**", "", f"![{fname}]({fname})", ""]
     if failed:
         md += [f"Unreadable images: {len(failed)} (see per_image.csv).", ""]
     files["report.md"] = "\n".join(md).encode("utf-8")
@@ -500,7 +500,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
         body += ["<h2>Paired differences (same images)</h2>", _html_table(header, paired_rows)]
     for fname, data in figures.items():
         encoded = base64.b64encode(data).decode("ascii")
-        body.append(f'<h2>{html.escape(fname)}</h2><img alt="{html.escape(fname)}" '
+        caption = html.escape(FIGURE_CAPTIONS.get(fname, fname))
+        body.append(f'<h2>{caption}</h2><img alt="{html.escape(fname)}" '
                     f'src="data:image/png;base64,{encoded}">')  # fmt: skip
     if failed:
         body.append(f"<p>Unreadable images: {len(failed)} (see per_image.csv).</p>")
@@ -524,6 +525,12 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
 
 _MAX_TABLE_BYTES = 200 * 2**20
 REPORT_FIGURES = ("figures/distributions.png", "figures/sanity.png", "figures/samples.png")
+FIGURE_CAPTIONS = {
+    "figures/distributions.png": "Per-image scores of each map (box plots, outliers drawn)",
+    "figures/sanity.png": "Sanity check: each map against the trained network's as the "
+    "blocks are randomised from the logits down",
+    "figures/samples.png": "The first images under each model's last CAM and last attention map",
+}
 
 
 @dataclass
