@@ -260,3 +260,15 @@ def test_batched_agreement_equals_the_per_map_one():
                 assert math.isnan(float(got)), i
             else:
                 assert float(got) == pytest.approx(want, abs=1e-9), i
+
+
+def test_sanity_summary_counts_the_maps_it_averages():
+    from viz.commands.report_page import sanity_summary
+
+    rows = [
+        {"checkpoint": "m", "image": image, "step": 0, "randomised": "fc", "map": "cam/stage1",
+         "spearman": value, "ssim": value}
+        for image, value in (("a", 0.5), ("b", None), ("c", 0.3))  # b: a constant (zero) CAM
+    ]  # fmt: skip
+    (summary,) = sanity_summary(rows)
+    assert summary["n"] == 2 and summary["spearman"] == pytest.approx(0.4)

@@ -149,7 +149,9 @@ def _summary_row(section, ckpt, other, map_name, metric, est) -> dict:
 
 
 def sanity_summary(sanity: list[dict]) -> list[dict]:
-    """Mean Spearman and SSIM per checkpoint, step and map (attention maps also together)."""
+    """Mean Spearman and SSIM per checkpoint, step and map (attention maps also together);
+    `n` counts the maps scored (a constant map has neither number), for `attention/all` those
+    of every module."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in sanity:
         groups[(r["checkpoint"], r["step"], r["randomised"], r["map"])].append(r)
@@ -160,7 +162,8 @@ def sanity_summary(sanity: list[dict]) -> list[dict]:
         sp = [_value(r["spearman"]) for r in rs]
         ss = [_value(r["ssim"]) for r in rs]
         out.append({
-            "checkpoint": ckpt, "step": step, "randomised": group, "map": map_name, "n": len(rs),
+            "checkpoint": ckpt, "step": step, "randomised": group, "map": map_name,
+            "n": sum(math.isfinite(v) for v in sp),
             "spearman": _nanmean(sp), "ssim": _nanmean(ss),
         })  # fmt: skip
     return sorted(out, key=lambda r: (r["checkpoint"], r["map"], r["step"]))
