@@ -565,6 +565,11 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
         help="rollout, GAE and LeGrad read a vision transformer's self-attention: one map "
              "for the whole network",
     )  # fmt: skip
+    if CAM_METHODS[method].needs == "activations":  # Eigen-CAM
+        st.sidebar.caption(
+            f"{CAM_METHODS[method].label} reads the activations only: its map is the same "
+            "for every class."
+        )
     choices = cam_layer_choices(ckpt.model) if ckpt else []
     stages = default_cam_layers(ckpt.model) if ckpt else []
     whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers

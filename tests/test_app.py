@@ -681,6 +681,7 @@ def test_noisy_samples_reach_the_method_and_eigen_is_offered_where_it_applies(ap
     assert at.sidebar.multiselect(key="smoothing").value == []
     assert "eigen" not in at.sidebar.multiselect(key="smoothing").options
     assert any("principal-component smoothing is off" in plain(i.value) for i in at.info)
+    assert any("the same for every class" in c.value for c in at.sidebar.caption)
     assert not [n for n in at.sidebar.number_input if n.key.startswith("num_samples:")]
 
 
