@@ -156,9 +156,8 @@ def analysis(
             job = jobs[key] = SlowJob(lambda progress: analyze_images(
                 ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
                 options=dict(options), progress=progress))  # fmt: skip
-        label = CAM_METHODS[method].label + (" with augmentation" if "aug" in smoothing else "")
         try:
-            SlowRun.follow(job, label)
+            SlowRun.follow(job, SlowRun.label(method, smoothing))
         finally:
             SlowRun.done()
         jobs.pop(key, None)
@@ -262,6 +261,11 @@ class SlowRun:
     @staticmethod
     def slow(method: str, smoothing: tuple) -> bool:
         return CAM_METHODS[method].needs == "passes" or "aug" in smoothing
+
+    @staticmethod
+    def label(method: str, smoothing: tuple) -> str:
+        """What runs, in words: the method, and the augmentation that makes it slow if so."""
+        return CAM_METHODS[method].label + (" with augmentation" if "aug" in smoothing else "")
 
     @classmethod
     def quick(cls, method: str, smoothing: tuple) -> tuple[str, tuple]:
@@ -975,7 +979,7 @@ def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
         if whole
         else f"{CAM_METHODS[method].label} of the last stage"
     )
-    chosen = CAM_METHODS[s.method].label + (" with augmentation" if "aug" in s.smoothing else "")
+    chosen = SlowRun.label(s.method, s.smoothing)
     note = (
         f" {chosen} would take its extra passes for every model and image, so the comparison "
         "shows Grad-CAM."

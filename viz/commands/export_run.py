@@ -19,7 +19,6 @@ from viz.commands.inputs import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_FILE_BYTES,
     UsageError,
-    check_cam_layers,
     check_layers,
     check_method,
     collect_images,
@@ -51,8 +50,7 @@ def export_command(args: argparse.Namespace) -> int:
     if analyzed:
         check_method(settings.method, checkpoints)
     if settings.layers is not None:
-        check_layers(checkpoints, settings.layers)
-        check_cam_layers(checkpoints, settings.method, settings.layers)
+        check_layers(checkpoints, settings.layers, settings.method)
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     run = _open_run(args)
     grid = _Grid({name: [] for _, name, _ in checkpoints})

@@ -259,31 +259,21 @@ def layer_list(text: str | None) -> tuple[str, ...] | None:
     return names or None
 
 
-def check_layers(checkpoints: Sequence[tuple[str, str, object]], layers: Sequence[str]) -> None:
-    """Every --layers name exists in every model, before any image is analysed."""
-    from viz.engine.cam import resolve_layers
+def check_layers(checkpoints: Sequence[tuple[str, str, object]], layers: Sequence[str],
+                 method: str = "gradcam") -> None:  # fmt: skip
+    """Every --layers name exists in every model, before any image is analysed. CAM needs
+    global pooling and a linear layer right after its layer: for it the layers are tried on a
+    blank image (a forward per model), so a wrong layer is one line, not an error per image."""
+    from PIL import Image
+
+    from viz.engine.cam import analyze, resolve_layers
 
     for raw, _, ckpt in checkpoints:
         try:
             resolve_layers(ckpt.model, layers)
-        except ValueError as exc:
-            raise UsageError(f"--layers for {raw}: {exc}") from None
-
-
-def check_cam_layers(checkpoints: Sequence[tuple[str, str, object]], method: str,
-                     layers: Sequence[str] | None) -> None:  # fmt: skip
-    """CAM needs global pooling and a linear layer right after its layer: --layers are tried
-    on a blank image before any real one (a forward per model), so a wrong layer is one line."""
-    if method != "cam" or not layers:
-        return
-    from PIL import Image
-
-    from viz.engine.cam import analyze
-
-    for raw, _, ckpt in checkpoints:
-        blank = ckpt.preprocess.batch([Image.new("RGB", (256, 256), (128, 128, 128))])
-        try:
-            analyze(ckpt.model, blank, 0, list(layers), method="cam")
+            if method == "cam":
+                blank = ckpt.preprocess.batch([Image.new("RGB", (256, 256), (128, 128, 128))])
+                analyze(ckpt.model, blank, 0, list(layers), method="cam")
         except ValueError as exc:
             raise UsageError(f"--layers for {raw}: {exc}") from None
 

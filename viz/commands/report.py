@@ -77,6 +77,11 @@ class ReportOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from viz.engine.cam import settings_error
+
+        problem = settings_error(self.method, self.smoothing, self.method_options())
+        if problem:
+            raise ValueError(problem)
         if self.sanity is None:
             object.__setattr__(self, "sanity", default_sanity(self.method))
         if self.layers is not None:

@@ -96,35 +96,29 @@ def report_command(args: argparse.Namespace) -> int:
     from models.distributed import start_distributed, stop_distributed
     from viz.commands.inputs import (
         UsageError,
-        check_cam_layers,
         check_layers,
         check_method,
         layer_list,
         load_checkpoints,
     )
     from viz.commands.report_page import write_report
-    from viz.engine.cam import option_error, smoothing_error
 
-    problem = smoothing_error(args.method, args.smooth)
-    if problem:
-        raise UsageError(f"--smooth: {problem}")
-    if args.num_samples is not None:
-        problem = option_error(args.method, {"num_samples": args.num_samples})
-        if problem:
-            raise UsageError(f"--num-samples: {problem}")
+    layers = layer_list(args.layers)
+    try:  # before the checkpoints are read: a setting that cannot apply is one line, at once
+        options = ReportOptions(
+            method=args.method, smoothing=tuple(args.smooth), layers=layers,
+            num_samples=args.num_samples, deletion=args.deletion, steps=args.steps,
+            baseline=args.baseline, batch_size=args.batch_size, sanity=args.sanity,
+            seed=args.seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     loaded = load_checkpoints(args.checkpoint)
     check_method(args.method, loaded)
-    layers = layer_list(args.layers)
     if layers:
-        check_layers(loaded, layers)
-        check_cam_layers(loaded, args.method, layers)
+        check_layers(loaded, layers, args.method)
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in loaded]
     inputs = inputs_for(checkpoints, args.images, labels=args.labels, boxes=args.boxes)
-    options = ReportOptions(
-        method=args.method, smoothing=tuple(args.smooth), layers=layers,
-        num_samples=args.num_samples, deletion=args.deletion, steps=args.steps,
-        baseline=args.baseline, batch_size=args.batch_size, sanity=args.sanity, seed=args.seed,
-    )  # fmt: skip
     ranks = start_distributed(args.device)
     # images done, fractional inside a chunk, so the bar and the time left move per image
     bar = tqdm(total=len(inputs.images), disable=ranks.rank != 0, desc="report", file=sys.stderr,

@@ -527,13 +527,13 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
 # --- reading a finished report (the app) ------------------------------------------------------
 
 _MAX_TABLE_BYTES = 200 * 2**20
-REPORT_FIGURES = ("figures/distributions.png", "figures/sanity.png", "figures/samples.png")
 FIGURE_CAPTIONS = {
     "figures/distributions.png": "Per-image scores of each map (box plots, outliers drawn)",
     "figures/sanity.png": "Sanity check: each map against the trained network's as the "
     "blocks are randomised from the logits down",
     "figures/samples.png": "The first images under each model's last CAM and last attention map",
 }
+REPORT_FIGURES = tuple(FIGURE_CAPTIONS)
 
 
 @dataclass

@@ -58,8 +58,7 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "SMOOTHINGS",
     "smoothings_for",
-    "smoothing_error",
-    "option_error",
+    "settings_error",
 ]
 
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -440,11 +439,9 @@ def analyze(
         aug_smooth or "aug" in smoothing,
         eigen_smooth or "eigen" in smoothing,
     )
-    problem = smoothing_error(method, [*smoothing, *(["eigen"] if eigen_smooth else [])])
-    if problem:
-        raise ValueError(problem)
     options = checked_options(options)
-    problem = option_error(method, options)
+    eigen = ["eigen"] if eigen_smooth else []
+    problem = settings_error(method, [*smoothing, *eigen], options)
     if problem:
         raise ValueError(problem)
     settings = _Settings(spec, eigen_smooth, options, seed, progress)
@@ -461,27 +458,23 @@ def smoothings_for(method: str) -> tuple[str, ...]:
     return tuple(s for s in SMOOTHINGS if s != "eigen" or eigen)
 
 
-def option_error(method: str, options: dict) -> str | None:
-    """Why `options` do not apply to `method` (a noisy-sample count given to a method without
-    noise would be recorded but change nothing), in one line; None if they do."""
-    if "num_samples" in options and method not in NUM_SAMPLES:
-        return (
-            f"num_samples applies to {', '.join(NUM_SAMPLES)} only, not to "
-            f"{CAM_METHODS[method].label}"
-        )
-    return None
-
-
-def smoothing_error(method: str, smoothing: Sequence[str]) -> str | None:
-    """Why `smoothing` (names) cannot smooth `method`'s maps, in one line; None if it can."""
+def settings_error(
+    method: str, smoothing: Sequence[str] = (), options: dict | None = None
+) -> str | None:
+    """Why `smoothing` (names) or `options` do not apply to `method`, in one line; None if they
+    do. A setting that would change nothing (eigen smoothing of a principal component, a
+    noisy-sample count for a method without noise) is an error, not a silent record."""
     unknown = sorted(set(smoothing) - set(SMOOTHINGS))
     if unknown:
         return f"smoothing must be among {', '.join(SMOOTHINGS)}, got {unknown}"
+    label = CAM_METHODS[method].label
     if set(smoothing) - set(smoothings_for(method)):
         return (
-            f"{CAM_METHODS[method].label} takes no eigen smoothing: its map is a principal "
-            "component already, or it has no channels to take one of"
+            f"{label} takes no eigen smoothing: its map is a principal component already, or "
+            "it has no channels to take one of"
         )
+    if "num_samples" in (options or {}) and method not in NUM_SAMPLES:
+        return f"num_samples applies to {', '.join(NUM_SAMPLES)} only, not to {label}"
     return None
 
 

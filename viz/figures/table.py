@@ -75,15 +75,13 @@ class FigureSettings:
     render: str = "smooth"
 
     def __post_init__(self) -> None:
-        from viz.engine.cam import CAM_METHODS, option_error, smoothing_error
+        from viz.engine.cam import CAM_METHODS, settings_error
 
         if self.method not in CAM_METHODS:
             raise ExportError(
                 f"method must be one of {', '.join(CAM_METHODS)}, got {self.method!r}"
             )
-        problem = smoothing_error(self.method, self.smoothing) or option_error(
-            self.method, self.method_options()
-        )
+        problem = settings_error(self.method, self.smoothing, self.method_options())
         checks = [
             (problem is None, problem),
             (self.num_samples is None or (isinstance(self.num_samples, int)
