@@ -112,3 +112,27 @@ def test_the_vision_transformer_has_its_own_goal_at_its_own_size(tmp_path):
     line = _status([entry("vit.safetensors", VIT_GOAL_TOP1 - 0.1, vit)])
     assert f"{VIT_GOAL_TOP1:g}% for the vision transformer" in line
     assert f"not by `vit.safetensors` ({VIT_GOAL_TOP1 - 0.1}% at 160 px)" in line
+
+
+def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
+    from models.card import _status, _vit_intro
+    from models.zoo import EmbeddedCheckpoint
+
+    history = [
+        {"epoch": e, "seconds": s, "holdout_acc": h}
+        for e, s, h in ((1, 600.0, None), (2, 1200.0, 40.0), (3, 900.0, None), (4, 900.0, 52.5))
+    ]
+    meta = {
+        "arch": {"source": "timm", "attention": "self-attention"},
+        "accuracy": {"top1": 50.0, "test_size": 160},
+        "training": {"history": history},
+    }
+    vit = EmbeddedCheckpoint(tmp_path / "vit.safetensors", 1, 0.0, meta)
+    line = _status([vit])
+    assert "rose at every evaluation (40.0% after epoch 2, 52.5% after epoch 4)" in line
+    assert "more epochs would be the next step" in line
+    history[3]["holdout_acc"] = 30.0  # a fall: not put down to training time
+    assert "went (40.0% after epoch 2, 30.0% after epoch 4)" in _status([vit])
+    assert "another recipe" in _status([vit])
+    intro = _vit_intro(vit)
+    assert "Its 4 epochs took 1.0 hours" in intro and "the fastest epoch 10 minutes" in intro
