@@ -206,7 +206,13 @@ def _recipe_text(recipe: dict) -> str:
 
 
 def _command(
-    recipe: dict, out: str, *, attention: str | None, init: str | None, test_size: object = "?"
+    recipe: dict,
+    out: str,
+    *,
+    attention: str | None,
+    init: str | None,
+    test_size: object = "?",
+    dataset: str = "imagenette2-224",
 ) -> str:
     """The training command that gives `recipe` (options at their default are left out)."""
     defaults = vars(parse_args(["--data", "-", "--out", "-"]))
@@ -235,7 +241,7 @@ def _command(
         parts.append("--no-bf16")
     if recipe.get("keep_best"):
         parts.append("--keep-best")
-    parts.append("--dataset-name imagenette2-224 --class-names checkpoints/imagenette_classes.txt")
+    parts.append(f"--dataset-name {dataset} --class-names checkpoints/imagenette_classes.txt")
     parts.append(f"--out checkpoints/{out}")
     return "`" + " ".join(parts) + "`"
 
@@ -320,6 +326,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 attention=attention,
                 init=None if init is None else init.get("file", "?"),
                 test_size=acc.get("test_size", "?"),
+                dataset=meta.get("dataset", "imagenette2-224"),
             )
         )
     lines += [

@@ -177,6 +177,7 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
     card = model_card(tmp_path)
     assert "**The vision transformer**" in card and "% for the vision transformer" in card
     assert f"--arch timm:{NAME}" in card and "--teacher checkpoints/resnet18.safetensors" in card
+    assert f"--dataset-name {ckpt.metadata['dataset']} " in card  # the name it was trained under
 
 
 def test_an_interrupted_distillation_resumes_to_the_same_weights(
