@@ -575,13 +575,17 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
             "for every class."
         )
     choices = cam_layer_choices(ckpt.model) if ckpt else []
-    stages = default_cam_layers(ckpt.model) if ckpt else []
+    stages = default_cam_layers(ckpt.model, method) if ckpt else []
     whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers
+    # one choice per model and default: the forward-per-channel methods start at the last stage;
+    # kept apart from the widget, whose state Streamlit drops while the other one shows
+    key = f"layers:{ckpt.sha256 if ckpt else ''}:{CAM_METHODS[method].default_layers}"
+    kept = [name for name in st.session_state.get(f"kept {key}", stages) if name in choices]
     layers = st.sidebar.multiselect(
-        "Layers", choices, default=stages, key=f"layers:{ckpt.sha256 if ckpt else ''}",
-        disabled=whole, help="not used by this method: it gives one map for the whole network"
-        if whole else None,
+        "Layers", choices, default=kept, key=key, disabled=whole,
+        help="not used by this method: it gives one map for the whole network" if whole else None,
     )  # fmt: skip
+    st.session_state[f"kept {key}"] = layers
     if ckpt:
         layers, note = layers_for_method(ckpt.model, method, layers)
         if note:

@@ -762,6 +762,8 @@ def test_the_tabs_keep_their_place_when_a_slow_method_runs(app):
 def test_cam_with_every_stage_chosen_is_shown_at_the_last_one(app):
     at = app.run()
     at.sidebar.selectbox(key="method").set_value("cam").run()
+    assert _layers(at).value == ["layer4"]  # CAM starts where it applies
+    _layers(at).set_value(["layer1", "layer2", "layer3", "layer4"]).run()
     assert_clean(at)  # not an error for the three stages CAM cannot explain
     assert any("shown at layer4 only" in plain(i.value) for i in at.info)
     assert prediction(at)
@@ -793,3 +795,26 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     at.sidebar.selectbox(key="model").set_value(cnn).run()
     assert_clean(at)
     assert at.sidebar.selectbox(key="method").value == "gradcam"
+
+
+def test_the_layers_box_starts_where_the_method_does(app, monkeypatch):
+    """Score-CAM and its kin run C forwards per layer: like `analyze` and the command line,
+    the app starts them at the last stage; each default keeps its own choice."""
+    import viz
+
+    given, real = [], viz.analyze_images
+
+    def spy(ckpt, images, target=None, **k):
+        given.append((k.get("method"), k.get("layers")))
+        return real(ckpt, images, target, **k)
+
+    monkeypatch.setattr(viz, "analyze_images", spy)
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer2", "layer3"]).run()
+    at.sidebar.selectbox(key="method").set_value("scorecam").run()
+    assert_clean(at)
+    assert _layers(at).value == ["layer4"]
+    assert ("scorecam", ("layer4",)) in given and not [g for g in given if g[0] == "scorecam"
+                                                      and g[1] != ("layer4",)]  # fmt: skip
+    at.sidebar.selectbox(key="method").set_value("gradcam").run()
+    assert _layers(at).value == ["layer2", "layer3"]  # the user's choice for Grad-CAM is kept

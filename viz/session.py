@@ -177,12 +177,15 @@ def find_classes(class_names: Sequence[str], query: str, limit: int | None = Non
     return hits[:limit] if limit is not None else hits
 
 
-def default_cam_layers(model: nn.Module) -> list[str]:
-    """The network's stage layers, or [] when its stages cannot be found (the user picks)."""
+def default_cam_layers(model: nn.Module, method: str = "gradcam") -> list[str]:
+    """The layers `method` explains unless told otherwise: the network's stage layers, or the
+    last of them for the methods that run a forward per channel (as `analyze`); [] when the
+    stages cannot be found (the user picks)."""
     try:
-        return stage_layers(model)
+        stages = stage_layers(model)
     except ValueError:
         return []
+    return stages[-1:] if CAM_METHODS[method].default_layers == "last" else stages
 
 
 def layers_for_method(model: nn.Module, method: str, layers: Sequence[str]) -> tuple[list, str]:
