@@ -59,6 +59,21 @@ def app(tiny_checkpoints, monkeypatch) -> AppTest:
     return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
 
 
+@pytest.fixture
+def analyses(monkeypatch) -> list[dict]:
+    """The keyword arguments of every `viz.analyze_images` call the app makes."""
+    import viz
+
+    calls, real = [], viz.analyze_images
+
+    def spy(ckpt, images, target=None, **k):
+        calls.append(k)
+        return real(ckpt, images, target, **k)
+
+    monkeypatch.setattr(viz, "analyze_images", spy)
+    return calls
+
+
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -640,41 +655,26 @@ def test_a_slow_method_shows_progress_and_can_be_stopped(app, monkeypatch):
     assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
 
 
-def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app, monkeypatch):
-    import viz
-
-    runs, real = [], viz.analyze_images
-
-    def counting(ckpt, images, target=None, **k):
-        runs.append(k.get("method"))
-        return real(ckpt, images, target, **k)
-
-    monkeypatch.setattr(viz, "analyze_images", counting)
+def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app, analyses):
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     at.sidebar.selectbox(key="method").set_value("ablationcam").run()
     assert_clean(at)
+    runs = [k.get("method") for k in analyses]
     assert runs.count("ablationcam") == 1  # the hidden comparison tab does not run it again
     assert any("so the comparison shows Grad-CAM" in m.value for m in at.markdown)
 
 
-def test_noisy_samples_reach_the_method_and_eigen_is_offered_where_it_applies(app, monkeypatch):
-    import viz
-
-    given, real = [], viz.analyze_images
-
-    def spy(ckpt, images, target=None, **k):
-        given.append((k.get("method"), k.get("options")))
-        return real(ckpt, images, target, **k)
-
-    monkeypatch.setattr(viz, "analyze_images", spy)
+def test_noisy_samples_reach_the_method_and_eigen_is_offered_where_it_applies(app, analyses):
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     at.sidebar.selectbox(key="method").set_value("smoothgradcam++").run()
     assert at.sidebar.number_input(key="num_samples:smoothgradcam++").value == 4
     at.sidebar.number_input(key="num_samples:smoothgradcam++").set_value(2).run()
     assert_clean(at)
-    assert ("smoothgradcam++", {"num_samples": 2}) in given
+    assert ("smoothgradcam++", {"num_samples": 2}) in [
+        (k["method"], k["options"]) for k in analyses
+    ]
     at.sidebar.multiselect(key="smoothing").set_value(["eigen"]).run()
     at.sidebar.selectbox(key="method").set_value("eigencam").run()
     assert_clean(at)  # was: the eigen choice kept, silently doing nothing
@@ -685,18 +685,10 @@ def test_noisy_samples_reach_the_method_and_eigen_is_offered_where_it_applies(ap
     assert not [n for n in at.sidebar.number_input if n.key.startswith("num_samples:")]
 
 
-def test_a_rerun_during_a_slow_method_does_not_start_it_again(app, monkeypatch):
+def test_a_rerun_during_a_slow_method_does_not_start_it_again(app, monkeypatch, analyses):
     """Any widget change reruns the page and stops the script where it is (at a redraw of the
     bar); the slow analysis runs on in its thread and the next run waits on it."""
     import streamlit.delta_generator as dg
-
-    import viz
-
-    runs, real = [], viz.analyze_images
-
-    def counting(ckpt, images, target=None, **k):
-        runs.append(k.get("method"))
-        return real(ckpt, images, target, **k)
 
     stopped, real_progress = [], dg.DeltaGenerator.progress
 
@@ -706,7 +698,6 @@ def test_a_rerun_during_a_slow_method_does_not_start_it_again(app, monkeypatch):
             raise RuntimeError("stopped by a rerun")
         return real_progress(self, value, text=text)
 
-    monkeypatch.setattr(viz, "analyze_images", counting)
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     monkeypatch.setattr(dg.DeltaGenerator, "progress", stop_once)
@@ -714,6 +705,7 @@ def test_a_rerun_during_a_slow_method_does_not_start_it_again(app, monkeypatch):
     assert stopped  # the run was stopped while Ablation-CAM ran
     at.sidebar.selectbox(key="cmap").set_value("viridis").run()  # a drawing change
     assert_clean(at)
+    runs = [k.get("method") for k in analyses]
     assert runs.count("ablationcam") == 1  # was 2: the stopped analysis started again
     assert not at.session_state["slow_jobs"]
 
@@ -797,24 +789,15 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert at.sidebar.selectbox(key="method").value == "gradcam"
 
 
-def test_the_layers_box_starts_where_the_method_does(app, monkeypatch):
+def test_the_layers_box_starts_where_the_method_does(app, analyses):
     """Score-CAM and its kin run C forwards per layer: like `analyze` and the command line,
     the app starts them at the last stage; each default keeps its own choice."""
-    import viz
-
-    given, real = [], viz.analyze_images
-
-    def spy(ckpt, images, target=None, **k):
-        given.append((k.get("method"), k.get("layers")))
-        return real(ckpt, images, target, **k)
-
-    monkeypatch.setattr(viz, "analyze_images", spy)
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer2", "layer3"]).run()
     at.sidebar.selectbox(key="method").set_value("scorecam").run()
     assert_clean(at)
     assert _layers(at).value == ["layer4"]
-    assert ("scorecam", ("layer4",)) in given and not [g for g in given if g[0] == "scorecam"
-                                                      and g[1] != ("layer4",)]  # fmt: skip
+    scorecam = [k["layers"] for k in analyses if k["method"] == "scorecam"]
+    assert scorecam and set(scorecam) == {("layer4",)}
     at.sidebar.selectbox(key="method").set_value("gradcam").run()
     assert _layers(at).value == ["layer2", "layer3"]  # the user's choice for Grad-CAM is kept
