@@ -154,6 +154,12 @@ def test_attention_vs_gradcam_builds(analyses, crop, kind):
         assert "no spatial map" in text
     if kind == "bam":  # no BAM after the last stage
         assert "agreement n/a:\nno attention map\nat this stage" in _texts(fig)
+    # CBAM: a module per block, so each heading names the block whose M_s is shown (the last)
+    headings = [t for t in _texts(fig) if t.startswith("stage ")]
+    if kind == "cbam":
+        assert [h.rsplit(" vs ", 1)[-1] for h in headings] == ["block 1"] * 4
+    else:  # one module per stage (BAM) or no map: nothing to tell apart
+        assert len(headings) == 4 and not any(" vs " in h for h in headings)
     target = int(analysis.target[0])
     assert f"target: k{target}, P={float(analysis.target_probs[0]):.5f}" in _texts(fig)
 

@@ -56,6 +56,9 @@ class _Layer:
             # a ViT's "stages" are depth quarters: name the block whose attention is shown
             where = "whole network" if self.stage == 0 else self.name
             return f"{where}\n{grid} vs {self.attention.label}"
+        if self.attention is not None and not kind_style(self.attention.kind).own_level:
+            # a stage holds a module per block (CBAM): say which one's map is shown
+            return f"{where}\n{grid} vs block {self.attention.block}"
         return f"{where}\n{grid}"
 
     def absent(self, missing: str) -> str:
