@@ -50,23 +50,31 @@ bfloat16 autocast (AVX512-BF16), much less with a GPU.
 
 
 def _vit_intro(vit: EmbeddedCheckpoint) -> str:
-    """The vision transformer's paragraph; its times come from its own training history."""
-    seconds = [h["seconds"] for h in _history(vit.metadata) if h.get("seconds")]
+    """A vision transformer's paragraph, from its own metadata (network, teachers, size, time)."""
+    meta = vit.metadata
+    arch, recipe = meta.get("arch", {}), meta.get("training", {}).get("recipe", {})
+    size = (arch.get("options") or {}).get("img_size", recipe.get("img_size", "?"))
+    teachers = [f"`{t.get('file', '?')}`" for t in recipe.get("teachers", [])]
+    taught = (
+        f", taught by DeiT's hard distillation: its distillation token learns the class that"
+        f" {' and '.join(teachers)} (the teachers, at their own size) give each augmented image"
+        if teachers
+        else ""
+    )
+    seconds = [h["seconds"] for h in _history(meta) if h.get("seconds")]
     timing = (
         f" Its {len(seconds)} epochs took {sum(seconds) / 3600:.1f} hours of wall time on 2 CPU"
-        f" cores in float32, often shared with other work (the fastest epoch"
-        f" {min(seconds) / 60:.0f} minutes; bfloat16 was slower on this CPU)."
+        f" cores in {'bfloat16 autocast' if recipe.get('bf16') else 'float32'} (the fastest"
+        f" epoch {min(seconds) / 60:.0f} minutes)."
         if seconds
         else ""
     )
     return f"""
-**The vision transformer** is timm's DeiT-Tiny with a distillation token, trained from scratch
-here with DeiT's hard distillation: its distillation token learns the class that the embedded
-ResNet-18 + CBAM and plain ResNet-18 (the teachers, at 224 px) give each augmented image. It
-trains and runs at 160 px (10x10 patches of 16 px): at 224 px an epoch took about 40 minutes on
-2 CPU cores, out of reach for the epochs a transformer trained from scratch needs; its goal
-({VIT_GOAL_TOP1:g}% top-1) is measured at that size. The hold-out chose its epoch among the
-evaluated ones (`--keep-best`).{timing}
+**The vision transformer** `{vit.path.name}` is timm's `{arch.get("name", "?")}` trained from
+scratch here{taught}. It trains and runs at {size} px: at 224 px a DeiT-Tiny epoch took about
+40 minutes on 2 CPU cores, out of reach for the epochs a transformer trained from scratch
+needs; its goal ({VIT_GOAL_TOP1:g}% top-1) is measured at the size it runs at. The hold-out
+chose its epoch among the evaluated ones (`--keep-best`).{timing}
 """
 
 
@@ -143,20 +151,24 @@ def _holdout_note(entries: list[EmbeddedCheckpoint]) -> str:
             " model that needed another recipe; training one further because its validation"
             " score fell short would be choosing on the validation split, so it ships as it is."
         )
-    for vit in entries:
+    for vit in (e for e in entries if _is_transformer(e.metadata)):
         evaluated = [h for h in _history(vit.metadata) if h.get("holdout_acc") is not None]
-        if not _is_transformer(vit.metadata) or not evaluated or meets_goal(vit.metadata):
+        if not evaluated or meets_goal(vit.metadata):
             continue
         curve = [h["holdout_acc"] for h in evaluated]
-        rising = all(a < b for a, b in zip(curve, curve[1:]))
         shown = ", ".join(
-            f"{h['holdout_acc']}% after epoch {h.get('epoch', '?')}" for h in evaluated
+            f"{a}% after epoch {h.get('epoch', '?')}" for a, h in zip(curve, evaluated)
         )
+        rising = len(curve) > 1 and curve[-1] == max(curve) and curve[-1] > curve[-2]
         note += (
-            f" The vision transformer's hold-out top-1 {'rose at every evaluation' if rising else 'went'}"
-            f" ({shown}): it is short of its goal"
-            + (" for want of training time (more epochs" if rising else " (another recipe")
-            + " would be the next step; the validation score chose nothing)."
+            f" `{vit.path.name}`'s hold-out top-1: {shown}; "
+            + (
+                "it was still rising at the last evaluation, so more epochs are the next thing"
+                " to try"
+                if rising
+                else "another recipe is the next thing to try"
+            )
+            + " (no choice was made on the validation split)."
         )
     return note
 
@@ -246,17 +258,19 @@ def _command(
     return "`" + " ".join(parts) + "`"
 
 
-def _stages(training: dict) -> list[tuple[dict, dict | None]]:
-    """(training record, what it started from) for each stage, the first (from scratch) first."""
+def _stages(training: dict, dataset: str = "?") -> list[tuple[dict, dict | None, str]]:
+    """(training record, what it started from, its data set) for each stage, the first (from
+    scratch) first."""
     init = training.get("init")
     if isinstance(init, dict) and isinstance(init.get("training"), dict):
-        return [*_stages(init["training"]), (training, init)]
-    return [(training, init if isinstance(init, dict) else None)]
+        earlier = _stages(init["training"], init.get("dataset", dataset))
+        return [*earlier, (training, init, dataset)]
+    return [(training, init if isinstance(init, dict) else None, dataset)]
 
 
 def _epochs(training: dict) -> str:
     """Total epochs, by stage: "18" or "18 + 8"."""
-    return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _ in _stages(training))
+    return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _, _ in _stages(training))
 
 
 def _section(entry: EmbeddedCheckpoint) -> str:
@@ -307,7 +321,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
             f"precision): {shown}"
         )
     commands = []
-    for stage, init in _stages(training):
+    for stage, init, dataset in _stages(training, meta.get("dataset", "?")):
         recipe = stage.get("recipe", {})
         if init is None:
             lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {stage.get('date', '?')})")
@@ -326,7 +340,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 attention=attention,
                 init=None if init is None else init.get("file", "?"),
                 test_size=acc.get("test_size", "?"),
-                dataset=meta.get("dataset", "imagenette2-224"),
+                dataset=dataset,
             )
         )
     lines += [

@@ -114,25 +114,45 @@ def test_the_vision_transformer_has_its_own_goal_at_its_own_size(tmp_path):
     assert f"not by `vit.safetensors` ({VIT_GOAL_TOP1 - 0.1}% at 160 px)" in line
 
 
+def _entry(path, top1, history, vit=True, size=160):
+    from models.zoo import EmbeddedCheckpoint
+
+    arch = {"source": "timm", "attention": "self-attention"} if vit else {"depth": 18}
+    meta = {"arch": arch, "accuracy": {"top1": top1, "test_size": size},
+            "training": {"history": history}}  # fmt: skip
+    return EmbeddedCheckpoint(path, 1, 0.0, meta)
+
+
 def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
     from models.card import _status, _vit_intro
-    from models.zoo import EmbeddedCheckpoint
 
     history = [
         {"epoch": e, "seconds": s, "holdout_acc": h}
         for e, s, h in ((1, 600.0, None), (2, 1200.0, 40.0), (3, 900.0, None), (4, 900.0, 52.5))
     ]
-    meta = {
-        "arch": {"source": "timm", "attention": "self-attention"},
-        "accuracy": {"top1": 50.0, "test_size": 160},
-        "training": {"history": history},
-    }
-    vit = EmbeddedCheckpoint(tmp_path / "vit.safetensors", 1, 0.0, meta)
+    vit = _entry(tmp_path / "vit.safetensors", 50.0, history)
     line = _status([vit])
-    assert "rose at every evaluation (40.0% after epoch 2, 52.5% after epoch 4)" in line
-    assert "more epochs would be the next step" in line
-    history[3]["holdout_acc"] = 30.0  # a fall: not put down to training time
-    assert "went (40.0% after epoch 2, 30.0% after epoch 4)" in _status([vit])
+    assert "`vit.safetensors`'s hold-out top-1: 40.0% after epoch 2, 52.5% after epoch 4;" in line
+    assert "still rising at the last evaluation, so more epochs" in line
+    history[3]["holdout_acc"] = 30.0  # a fall: not put down to the number of epochs
+    assert "30.0% after epoch 4; another recipe is the next thing" in _status([vit])
+    history[1]["holdout_acc"] = None  # one evaluation shows no trend
     assert "another recipe" in _status([vit])
     intro = _vit_intro(vit)
-    assert "Its 4 epochs took 1.0 hours" in intro and "the fastest epoch 10 minutes" in intro
+    assert "`vit.safetensors`" in intro and "Its 4 epochs took 1.0 hours" in intro
+    assert "in float32 (the fastest epoch 10 minutes)" in intro
+    reached = _entry(tmp_path / "vit.safetensors", VIT_GOAL_TOP1, history)
+    assert "hold-out top-1" not in _status([reached])  # nothing to explain
+
+
+def test_the_resnets_hold_out_note_shows_only_when_a_resnet_is_short(tmp_path):
+    from models.card import _status
+
+    history = [{"epoch": 1, "holdout_acc": 91.5}]
+    good = _entry(tmp_path / "r.safetensors", GOAL_TOP1, history, vit=False, size=GOAL_SIZE)
+    short = _entry(tmp_path / "s.safetensors", GOAL_TOP1 - 1, history, vit=False, size=GOAL_SIZE)
+    vit = _entry(tmp_path / "vit.safetensors", 50.0, [{"epoch": 5, "holdout_acc": 50.0}])
+    assert "after the last stage" not in _status([good, vit])  # only the ViT is short
+    assert "`vit.safetensors`'s hold-out top-1: 50.0% after epoch 5" in _status([good, vit])
+    line = _status([good, short])
+    assert "after the last stage: `r.safetensors` 91.5%, `s.safetensors` 91.5%." in line

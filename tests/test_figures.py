@@ -157,9 +157,11 @@ def test_attention_vs_gradcam_builds(analyses, crop, kind):
     # CBAM: a module per block, so each heading names the block whose M_s is shown (the last)
     headings = [t for t in _texts(fig) if t.startswith("stage ")]
     if kind == "cbam":
-        assert [h.rsplit(" vs ", 1)[-1] for h in headings] == ["block 1"] * 4
+        assert [h.rsplit("vs ", 1)[-1] for h in headings] == [
+            f"layer{s}.1.cbam" for s in range(1, 5)
+        ]
     else:  # one module per stage (BAM) or no map: nothing to tell apart
-        assert len(headings) == 4 and not any(" vs " in h for h in headings)
+        assert len(headings) == 4 and not any("vs " in h for h in headings)
     target = int(analysis.target[0])
     assert f"target: k{target}, P={float(analysis.target_probs[0]):.5f}" in _texts(fig)
 

@@ -57,8 +57,12 @@ class _Layer:
             where = "whole network" if self.stage == 0 else self.name
             return f"{where}\n{grid} vs {self.attention.label}"
         if self.attention is not None and not kind_style(self.attention.kind).own_level:
-            # a stage holds a module per block (CBAM): say which one's map is shown
-            return f"{where}\n{grid} vs block {self.attention.block}"
+            # a stage holds a module per block (CBAM, Swin): say which one's map is shown, by
+            # name unless it is too long for a row's side (Swin: layers.0.blocks.1.attn)
+            name = self.attention.name
+            return (
+                f"{where}\n{grid} vs {name if len(name) <= 16 else f'block {self.attention.block}'}"
+            )
         return f"{where}\n{grid}"
 
     def absent(self, missing: str) -> str:
@@ -166,7 +170,10 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
     """One row per layer: attention, CAM, numbers (a single column, or one layer)."""
     # one row may take the whole width of a double-column figure; several keep it short
     largest = 1.3 if len(layers) > 1 else 2.1
-    canvas = Canvas(width, [3] * len(layers), left=0.3, footer=0.42, header=0.22,
+    # a heading naming the attention compared gets a line of its own: a row is short
+    headings = [layer.heading.replace(" vs ", "\nvs ") for layer in layers]
+    left = 0.42 if any(h.count("\n") > 1 for h in headings) else 0.3
+    canvas = Canvas(width, [3] * len(layers), left=left, footer=0.42, header=0.22,
                     max_panel=largest)  # fmt: skip
     for r, layer in enumerate(layers):
         if layer.attention is None:
@@ -179,7 +186,7 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
         canvas.ax.text(x + 0.02, y + p / 2, layer.numbers(NO_ATTENTION), ha="left",
                        va="center", fontsize=6)  # fmt: skip
         # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
-        canvas.left_of(r, 0, layer.heading)
+        canvas.left_of(r, 0, headings[r])
     for col, text in enumerate((*heads, "agreement")):
         canvas.above(0, col, text)
     return canvas
