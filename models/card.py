@@ -55,9 +55,11 @@ def _vit_intro(vit: EmbeddedCheckpoint) -> str:
     arch, recipe = meta.get("arch", {}), meta.get("training", {}).get("recipe", {})
     size = (arch.get("options") or {}).get("img_size", recipe.get("img_size", "?"))
     teachers = [f"`{t.get('file', '?')}`" for t in recipe.get("teachers", [])]
+    one = len(teachers) == 1
     taught = (
         f", taught by DeiT's hard distillation: its distillation token learns the class that"
-        f" {' and '.join(teachers)} (the teachers, at their own size) give each augmented image"
+        f" {' and '.join(teachers)} ({'the teacher' if one else 'the teachers'}, shown the same"
+        f" {size} px pixels) {'gives' if one else 'give'} each augmented image"
         if teachers
         else ""
     )

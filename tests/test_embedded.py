@@ -141,6 +141,9 @@ def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
     intro = _vit_intro(vit)
     assert "`vit.safetensors`" in intro and "Its 4 epochs took 1.0 hours" in intro
     assert "in float32 (the fastest epoch 10 minutes)" in intro
+    vit.metadata["training"]["recipe"] = {"teachers": [{"file": "t.safetensors"}], "img_size": 160}
+    taught = _vit_intro(vit)
+    assert "`t.safetensors` (the teacher, shown the same 160 px pixels) gives each" in taught
     reached = _entry(tmp_path / "vit.safetensors", VIT_GOAL_TOP1, history)
     assert "hold-out top-1" not in _status([reached])  # nothing to explain
 
