@@ -71,12 +71,18 @@ def _vit_intro(vit: EmbeddedCheckpoint) -> str:
         if seconds
         else ""
     )
+    pristine = (
+        " Its hold-out was set aside before its first epoch (it starts from no checkpoint), so"
+        " unlike the ResNets' it was never trained on."
+        if "init" not in meta.get("training", {})
+        else ""
+    )
     return f"""
 **The vision transformer** `{vit.path.name}` is timm's `{arch.get("name", "?")}` trained from
 scratch here{taught}. It trains and runs at {size} px: at 224 px a DeiT-Tiny epoch took about
 40 minutes on 2 CPU cores, out of reach for the epochs a transformer trained from scratch
 needs; its goal ({VIT_GOAL_TOP1:g}% top-1) is measured at the size it runs at. The hold-out
-chose its epoch among the evaluated ones (`--keep-best`).{timing}
+chose its epoch among the evaluated ones (`--keep-best`).{pristine}{timing}
 """
 
 

@@ -141,6 +141,10 @@ def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
     intro = _vit_intro(vit)
     assert "`vit.safetensors`" in intro and "Its 4 epochs took 1.0 hours" in intro
     assert "in float32 (the fastest epoch 10 minutes)" in intro
+    assert "so unlike the ResNets' it was never trained on" in intro
+    vit.metadata["training"]["init"] = {"file": "earlier.safetensors"}
+    assert "never trained on" not in _vit_intro(vit)  # continued: its hold-out saw training
+    del vit.metadata["training"]["init"]
     vit.metadata["training"]["recipe"] = {"teachers": [{"file": "t.safetensors"}], "img_size": 160}
     taught = _vit_intro(vit)
     assert "`t.safetensors` (the teacher, shown the same 160 px pixels) gives each" in taught
