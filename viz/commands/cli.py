@@ -21,8 +21,9 @@ from viz.engine.maps import DEFAULT_CMAP
 __all__ = ["main", "build_parser"]
 
 _DESCRIPTION = """\
-Export paper-ready figures of what the attention modules (SE, BAM, CBAM) of ResNet checkpoints
-do on a set of images, with the raw maps and a manifest, reproducibly (same inputs, same bytes).
+Export paper-ready figures of what the attention of checkpoints does on a set of images (SE,
+BAM and CBAM gates, other registered gates, a vision transformer's self-attention) and their
+CAMs, with the raw maps and a manifest, reproducibly (same inputs, same bytes).
 """
 
 _EPILOG = """\
