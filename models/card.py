@@ -233,8 +233,12 @@ def _command(
     init: str | None,
     test_size: object = "?",
     dataset: str = "imagenette2-224",
+    evaluated: list[int] = (),
 ) -> str:
-    """The training command that gives `recipe` (options at their default are left out)."""
+    """The training command that gives `recipe` (options at their default are left out).
+
+    `evaluated`: the epochs the selection split was scored after; with `--keep-best` they are
+    the candidates, so their spacing is part of the command."""
     defaults = vars(parse_args(["--data", "-", "--out", "-"]))
     parts = ["python -m models.train --data imagenette2-224"]
     arch = recipe.get("arch", "resnet")
@@ -261,6 +265,8 @@ def _command(
         parts.append("--no-bf16")
     if recipe.get("keep_best"):
         parts.append("--keep-best")
+        if evaluated and evaluated[0] > 1:
+            parts.append(f"--eval-every {evaluated[0]}")
     parts.append(f"--dataset-name {dataset} --class-names checkpoints/imagenette_classes.txt")
     parts.append(f"--out checkpoints/{out}")
     return "`" + " ".join(parts) + "`"
@@ -349,6 +355,11 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 init=None if init is None else init.get("file", "?"),
                 test_size=acc.get("test_size", "?"),
                 dataset=dataset,
+                evaluated=[
+                    h.get("epoch")
+                    for h in stage.get("history", [])
+                    if h.get("holdout_acc") is not None
+                ],
             )
         )
     lines += [

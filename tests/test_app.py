@@ -28,6 +28,7 @@ APP = ROOT / "app.py"
 SAMPLES = ROOT / "samples"
 CLASSES = (ROOT / "checkpoints" / "imagenette_classes.txt").read_text().split("\n")[:10]
 REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+REAL_VIT = "vit_tiny_distilled_imagenette.safetensors"
 TIMEOUT = 180  # seconds per script run: the CPU is shared with other work
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -801,3 +802,16 @@ def test_the_layers_box_starts_where_the_method_does(app, analyses):
     assert scorecam and set(scorecam) == {("layer4",)}
     at.sidebar.selectbox(key="method").set_value("gradcam").run()
     assert _layers(at).value == ["layer2", "layer3"]  # the user's choice for Grad-CAM is kept
+
+
+def test_real_embedded_vit_checkpoint(monkeypatch):
+    """The embedded DeiT-tiny is offered beside the CNNs and opens with its methods and heads."""
+    monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    (vit,) = [o for o in at.sidebar.selectbox(key="model").options if REAL_VIT in o]
+    at.sidebar.selectbox(key="model").set_value(vit).run()
+    assert_clean(at)
+    assert "Attention heads" in [t.label for t in at.tabs]
+    assert prediction(at).startswith("**Prediction: ")
+    at.sidebar.selectbox(key="method").set_value("rollout").run()
+    assert_clean(at)

@@ -152,6 +152,18 @@ def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
     assert "hold-out top-1" not in _status([reached])  # nothing to explain
 
 
+def test_a_kept_best_epochs_command_says_which_epochs_were_candidates():
+    from models.card import _command
+
+    recipe = {"arch": "timm:deit_tiny_distilled_patch16_224", "epochs": 6, "keep_best": True}
+    every_third = _command(recipe, "v.safetensors", attention=None, init=None, evaluated=[3, 6])
+    assert "--keep-best --eval-every 3" in every_third
+    each = _command(recipe, "v.safetensors", attention=None, init=None, evaluated=[1, 2, 3])
+    assert "--eval-every" not in each  # every epoch: the default
+    recipe["keep_best"] = False  # without a choice the spacing changes nothing
+    assert "--eval-every" not in _command(recipe, "v", attention=None, init=None, evaluated=[3])
+
+
 def test_the_resnets_hold_out_note_shows_only_when_a_resnet_is_short(tmp_path):
     from models.card import _status
 
@@ -163,3 +175,50 @@ def test_the_resnets_hold_out_note_shows_only_when_a_resnet_is_short(tmp_path):
     assert "`vit.safetensors`'s hold-out top-1: 50.0% after epoch 5" in _status([good, vit])
     line = _status([good, short])
     assert "after the last stage: `r.safetensors` 91.5%, `s.safetensors` 91.5%." in line
+
+
+VIT = ROOT / "checkpoints" / "vit_tiny_distilled_imagenette.safetensors"
+
+
+def _samples_right(ckpt) -> tuple[int, int]:
+    with (SAMPLES / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    images = [load_image(SAMPLES / r["file"]) for r in rows]
+    with torch.no_grad():
+        pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
+    return sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows)), len(rows)
+
+
+def test_the_embedded_vit_is_recognised_with_its_training_record():
+    assert VIT.is_file(), f"{VIT.name} is missing: the app's transformer ships with the project"
+    assert VIT.stat().st_size <= 12 * 2**20  # float16, within the issue's budget
+    ckpt = load_checkpoint(VIT)
+    meta = ckpt.metadata
+    assert ckpt.class_names[:2] == ["tench", "English springer"]
+    assert meta["arch"]["source"] == "timm" and "deit_tiny_distilled" in meta["arch"]["name"]
+    assert ckpt.preprocess.crop == meta["accuracy"]["test_size"] == 160
+    assert meta["accuracy"]["images"] == 3439 and meta["accuracy"]["selected_on"] == "holdout"
+    training = meta["training"]
+    assert training["selection"]["split"] == "holdout"
+    assert training["selection"]["epoch"] in [h["epoch"] for h in training["history"]]
+    assert [t["file"] for t in training["recipe"]["teachers"]] == [
+        "resnet18_cbam_imagenette.safetensors"
+    ]
+    card = model_card(ROOT / "checkpoints")
+    assert f"`{VIT.name}`" in card and f"{meta['accuracy']['top1']}%" in card
+
+
+def test_the_embedded_vit_attention_is_read_and_it_classifies_the_samples():
+    from viz import record_attention
+
+    ckpt = load_checkpoint(VIT)
+    x = ckpt.preprocess.batch([load_image(SAMPLES / "tench_12881.jpg")])
+    with torch.no_grad(), record_attention(ckpt.model) as trace:
+        ckpt.model(x)
+    records = list(trace)
+    assert len(records) == 12 and {r.kind for r in records} == {"self-attention"}
+    assert all(r.heads.shape == (1, 3, 10, 10) for r in records)  # 160 px / patch 16
+    right, n = _samples_right(ckpt)
+    # at least what its validation top-1 predicts, less a margin for 20 images
+    expected = int(ckpt.metadata["accuracy"]["top1"] / 100 * n) - 5
+    assert right >= max(expected, 3), f"{right}/{n} samples right"
