@@ -287,6 +287,11 @@ def _epochs(training: dict) -> str:
     return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _, _ in _stages(training))
 
 
+def _evaluated_epochs(stage: dict) -> list[int]:
+    """The epochs a training stage scored its selection split after."""
+    return [h.get("epoch") for h in stage.get("history", []) if h.get("holdout_acc") is not None]
+
+
 def _section(entry: EmbeddedCheckpoint) -> str:
     meta = entry.metadata
     arch = meta.get("arch", {})
@@ -355,11 +360,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 init=None if init is None else init.get("file", "?"),
                 test_size=acc.get("test_size", "?"),
                 dataset=dataset,
-                evaluated=[
-                    h.get("epoch")
-                    for h in stage.get("history", [])
-                    if h.get("holdout_acc") is not None
-                ],
+                evaluated=_evaluated_epochs(stage),
             )
         )
     lines += [
