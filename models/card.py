@@ -233,7 +233,7 @@ def _command(
     init: str | None,
     test_size: object = "?",
     dataset: str = "imagenette2-224",
-    evaluated: list[int] = (),
+    evaluated: tuple[int, ...] | list[int] = (),
 ) -> str:
     """The training command that gives `recipe` (options at their default are left out).
 

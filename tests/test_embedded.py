@@ -15,12 +15,23 @@ from viz import load_image
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["plain", "se", "bam", "cbam"]
 SAMPLES = ROOT / "samples"
+VIT = ROOT / "checkpoints" / "vit_tiny_distilled_imagenette.safetensors"
 
 
 def _checkpoint(name: str) -> Path:
     path = ROOT / "checkpoints" / f"resnet18_{name}_imagenette.safetensors"
     assert path.is_file(), f"{path.name} is missing: the app's default models ship with the project"
     return path
+
+
+def _samples_right(ckpt) -> tuple[int, int]:
+    """(samples whose labelled class is the model's top-1, samples)."""
+    with (SAMPLES / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    images = [load_image(SAMPLES / r["file"]) for r in rows]
+    with torch.no_grad():
+        pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
+    return sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows)), len(rows)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -59,15 +70,9 @@ def test_embedded_checkpoint_meets_the_224_goal_or_the_card_says_it_does_not(nam
 
 @pytest.mark.parametrize("name", NAMES)
 def test_embedded_checkpoint_classifies_the_samples(name):
-    ckpt = load_checkpoint(_checkpoint(name))
-    with (SAMPLES / "labels.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    images = [load_image(SAMPLES / r["file"]) for r in rows]
-    with torch.no_grad():
-        pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
-    correct = sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows))
+    correct, n = _samples_right(load_checkpoint(_checkpoint(name)))
     # chance is 2/20; the four models (85-89% top-1) get 15-19 of these right
-    assert correct >= 13, f"{correct}/{len(rows)} samples right"
+    assert correct >= 13, f"{correct}/{n} samples right"
 
 
 def test_model_card_lists_every_embedded_checkpoint():
@@ -175,18 +180,6 @@ def test_the_resnets_hold_out_note_shows_only_when_a_resnet_is_short(tmp_path):
     assert "`vit.safetensors`'s hold-out top-1: 50.0% after epoch 5" in _status([good, vit])
     line = _status([good, short])
     assert "after the last stage: `r.safetensors` 91.5%, `s.safetensors` 91.5%." in line
-
-
-VIT = ROOT / "checkpoints" / "vit_tiny_distilled_imagenette.safetensors"
-
-
-def _samples_right(ckpt) -> tuple[int, int]:
-    with (SAMPLES / "labels.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    images = [load_image(SAMPLES / r["file"]) for r in rows]
-    with torch.no_grad():
-        pred = ckpt.model(ckpt.preprocess.batch(images)).argmax(1).tolist()
-    return sum(ckpt.class_names[p] == r["label"] for p, r in zip(pred, rows)), len(rows)
 
 
 def test_the_embedded_vit_is_recognised_with_its_training_record():
