@@ -142,9 +142,14 @@ def _history(meta: dict) -> list[dict]:
     return meta.get("training", {}).get("history", [])
 
 
+def _evaluated(history: list[dict]) -> list[dict]:
+    """The epochs of a training stage after which its selection split was scored."""
+    return [h for h in history if h.get("holdout_acc") is not None]
+
+
 def _holdout_curve(meta: dict) -> list[float]:
     """Hold-out top-1 of each evaluated epoch of the last training stage."""
-    return [h["holdout_acc"] for h in _history(meta) if h.get("holdout_acc") is not None]
+    return [h["holdout_acc"] for h in _evaluated(_history(meta))]
 
 
 def _holdout_note(entries: list[EmbeddedCheckpoint]) -> str:
@@ -160,7 +165,7 @@ def _holdout_note(entries: list[EmbeddedCheckpoint]) -> str:
             " score fell short would be choosing on the validation split, so it ships as it is."
         )
     for vit in (e for e in entries if _is_transformer(e.metadata)):
-        evaluated = [h for h in _history(vit.metadata) if h.get("holdout_acc") is not None]
+        evaluated = _evaluated(_history(vit.metadata))
         if not evaluated or meets_goal(vit.metadata):
             continue
         curve = [h["holdout_acc"] for h in evaluated]
@@ -287,11 +292,6 @@ def _epochs(training: dict) -> str:
     return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _, _ in _stages(training))
 
 
-def _evaluated_epochs(stage: dict) -> list[int]:
-    """The epochs a training stage scored its selection split after."""
-    return [h.get("epoch") for h in stage.get("history", []) if h.get("holdout_acc") is not None]
-
-
 def _section(entry: EmbeddedCheckpoint) -> str:
     meta = entry.metadata
     arch = meta.get("arch", {})
@@ -322,7 +322,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 f"{len(history)} (the evaluated epoch with the best hold-out top-1; its weights "
                 "are the ones shipped)"
             )
-        curve = [h.get("holdout_acc") for h in history if h.get("holdout_acc") is not None]
+        curve = [h["holdout_acc"] for h in _evaluated(history)]
         if curve:
             lines.append(
                 "- Hold-out top-1 by epoch (last stage, "
@@ -360,7 +360,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 init=None if init is None else init.get("file", "?"),
                 test_size=acc.get("test_size", "?"),
                 dataset=dataset,
-                evaluated=_evaluated_epochs(stage),
+                evaluated=[h.get("epoch") for h in _evaluated(stage.get("history", []))],
             )
         )
     lines += [
