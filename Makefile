@@ -2,17 +2,23 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: app test lint bench figures report-example clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# the app needs the runtime only; the tests also the peers they compare against
+$(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME) requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
 
-app: $(STAMP)
+app: $(RUNTIME)
 	$(BIN)/streamlit run app.py
 
 # the tests run one torch thread each, so two workers use both cores of a laptop or CI box

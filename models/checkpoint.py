@@ -52,10 +52,12 @@ from .architectures import (
     skip_init,
 )
 from .attention import attention_from_keys
+from .cost import RunCost, check_cost, estimate_cost
 from .errors import CheckpointError, first_keys, one_line
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
+from . import hybrid as _hybrid  # noqa: F401  (registers the hybrid CNN + ViT)
 from .transformers import described
 
 __all__ = [
@@ -87,6 +89,7 @@ class Checkpoint:
     format: str
     sha256: str
     metadata: dict = field(default_factory=dict)
+    cost: RunCost | None = None  # one image at the preprocessing's size (None: not estimated)
 
     @property
     def label(self) -> str:
@@ -508,13 +511,18 @@ def _class_names(meta: dict, num_classes: int) -> list[str]:
 
 
 def load_checkpoint(
-    source: str | os.PathLike | bytes | BinaryIO, *, max_bytes: int = MAX_CHECKPOINT_BYTES
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    max_bytes: int = MAX_CHECKPOINT_BYTES,
+    allow_costly: bool | None = None,
 ) -> Checkpoint:
     """Load a ResNet checkpoint of any supported layout (see module docstring).
 
     Args:
         source: a path, the file's bytes, or a binary file object.
         max_bytes: refuse larger files.
+        allow_costly: run networks whose one-image cost is over the budget (`models.cost`);
+            None: as `ATTENTION_LENS_ALLOW_COSTLY` says. Never on a lab server.
 
     Returns:
         A `Checkpoint` whose model is in eval mode on the CPU, float32.
@@ -558,10 +566,14 @@ def load_checkpoint(
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"invalid checkpoint: {_short(exc)}") from None
     model.eval()
+    cost = estimate_cost(model, (1, 3, preprocess.crop, preprocess.crop))
+    refusal = check_cost(cost, allow_costly)
+    if refusal is not None:
+        raise CheckpointError(f"{arch.label}: {refusal}")
     metadata = dict(meta)
     if info:
         metadata.setdefault("training", {}).update(info)
-    return Checkpoint(model, arch, class_names, preprocess, fmt, sha256, metadata)
+    return Checkpoint(model, arch, class_names, preprocess, fmt, sha256, metadata, cost)
 
 
 def _check_metadata_agrees(arch_meta: dict, arch: Arch | ForeignArch) -> None:
