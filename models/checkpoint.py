@@ -41,6 +41,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+from . import hybrid as _hybrid  # noqa: F401  (registers the hybrid CNN + ViT)
 from ._pickle_guard import DAMAGED, check_pickles, refused_call
 from .architectures import (
     Architecture,
@@ -57,7 +58,6 @@ from .errors import CheckpointError, first_keys, one_line
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
-from . import hybrid as _hybrid  # noqa: F401  (registers the hybrid CNN + ViT)
 from .transformers import described
 
 __all__ = [

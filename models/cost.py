@@ -61,7 +61,9 @@ class RunCost:
 
     def describe(self) -> str:
         tokens = f", {self.tokens:,} tokens" if self.tokens else ""
-        return f"{self.flops / 1e9:,.0f} GFLOPs and {self.activation_bytes / 2**30:,.1f} GiB{tokens}"
+        return (
+            f"{self.flops / 1e9:,.0f} GFLOPs and {self.activation_bytes / 2**30:,.1f} GiB{tokens}"
+        )
 
 
 class _TensorBytes(TorchDispatchMode):
@@ -118,7 +120,11 @@ def _shared_server() -> bool:
 
 def costly_allowed() -> bool:
     """Whether the user allowed networks over the budget (never on a lab server)."""
-    return not _shared_server() and os.environ.get(ALLOW_COSTLY_ENV, "").strip() in ("1", "true", "yes")
+    return not _shared_server() and os.environ.get(ALLOW_COSTLY_ENV, "").strip() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 def check_cost(cost: RunCost | None, allow: bool | None = None) -> str | None:

@@ -30,7 +30,9 @@ def test_the_readme_has_python_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line, code", readme_blocks(), ids=lambda v: str(v) if isinstance(v, int) else "")
+@pytest.mark.parametrize(
+    "line, code", readme_blocks(), ids=lambda v: str(v) if isinstance(v, int) else ""
+)
 def test_readme_block_runs_on_its_own(line, code):
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     run = subprocess.run(
