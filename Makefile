@@ -28,6 +28,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check models viz bench tests app.py
+	$(BIN)/ruff format --check models viz bench tests app.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

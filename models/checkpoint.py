@@ -519,7 +519,8 @@ def load_checkpoint(
     """Load a ResNet checkpoint of any supported layout (see module docstring).
 
     Args:
-        source: a path, the file's bytes, or a binary file object.
+        source: a path, the name of an embedded checkpoint ("resnet18_cbam_imagenette"), the
+            file's bytes, or a binary file object.
         max_bytes: refuse larger files.
         allow_costly: run networks whose one-image cost is over the budget (`models.cost`);
             None: as `ATTENTION_LENS_ALLOW_COSTLY` says. Never on a lab server.
@@ -530,6 +531,10 @@ def load_checkpoint(
     Raises:
         CheckpointError: one line saying why the file cannot be used.
     """
+    if isinstance(source, str) and not Path(source).exists():
+        from .zoo import embedded_path  # a name given from any folder: the shipped file
+
+        source = embedded_path(source) or source
     data = _read_source(source, max_bytes)
     sha256 = hashlib.sha256(data).hexdigest()
     meta: dict = {}

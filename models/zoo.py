@@ -22,6 +22,7 @@ __all__ = [
     "checkpoint_dir",
     "default_checkpoint",
     "embedded_checkpoints",
+    "embedded_path",
 ]
 
 CHECKPOINT_DIR_ENV = "ATTENTION_LENS_CHECKPOINTS"
@@ -112,6 +113,16 @@ def embedded_checkpoints(folder: str | os.PathLike | None = None) -> list[Embedd
             meta, error = {}, f"{path.name}: unreadable header ({text})"
         found.append(EmbeddedCheckpoint(path, stat.st_size, stat.st_mtime, meta, error))
     return found
+
+
+def embedded_path(name: str) -> Path | None:
+    """The embedded checkpoint called `name` ("resnet18_cbam_imagenette", with or without
+    ".safetensors"), or None: how a name given from any folder finds the shipped file."""
+    if not name or any(sep in name for sep in ("/", "\\")) or name.startswith("."):
+        return None
+    stem = name.removesuffix(".safetensors")
+    path = checkpoint_dir() / f"{stem}.safetensors"
+    return path if path.is_file() else None
 
 
 def default_checkpoint(entries: list[EmbeddedCheckpoint]) -> EmbeddedCheckpoint | None:
