@@ -37,8 +37,8 @@ bench: $(STAMP)
 GRID_IMAGES := $(addprefix samples/,tench_12881.jpg english_springer_4972.jpg church_29612.jpg \
 	garbage_truck_10362.jpg golf_ball_501.jpg parachute_21932.jpg)
 BAM_IMAGE := garbage_truck_10362
-# the embedded vision transformer, once it ships: a row of the grid and the transformer figure
-VIT ?= $(wildcard checkpoints/vit_*_imagenette.safetensors)
+# the embedded hybrid CNN + ViT: a row of the grid and the transformer figure
+VIT ?= $(wildcard checkpoints/resnet18_cbam_vit_hybrid_imagenette.safetensors)
 VIT_IMAGE := english_springer_4972
 figures: $(STAMP)
 	rm -rf out/figures

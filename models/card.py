@@ -19,7 +19,7 @@ from .zoo import EmbeddedCheckpoint, checkpoint_dir, embedded_checkpoints
 __all__ = ["GOAL_SIZE", "GOAL_TOP1", "VIT_GOAL_TOP1", "goal_of", "meets_goal", "model_card", "main"]
 
 GOAL_TOP1 = 88.0  # the project's goal for each embedded ResNet (Imagenette val, 224 px)
-VIT_GOAL_TOP1 = 85.0  # ... and for the embedded vision transformer (at the size it was trained)
+VIT_GOAL_TOP1 = 88.0  # ... and for an embedded vision transformer (at the size it runs at)
 
 _INTRO = """# Embedded checkpoints
 
@@ -87,6 +87,72 @@ chose its epoch among the evaluated ones (`--keep-best`).{pristine}{timing}
 
 
 GOAL_SIZE = 224  # px: the test size the goal is measured at (resize 256, centre crop 224)
+
+
+def _hybrid_intro(entry: EmbeddedCheckpoint) -> str:
+    """The hybrid CNN + ViT's paragraph, from its own metadata (network, teachers, time)."""
+    meta = entry.metadata
+    training = meta.get("training", {})
+    recipe = training.get("recipe", {})
+    seconds = training.get("wall_seconds")
+    epochs = [h["seconds"] for h in _history(meta) if h.get("seconds")]
+    timing = (
+        f" From start to end (decoding, trunk features, teachers, {len(epochs)} epochs of about"
+        f" {sum(epochs) / len(epochs) / 60:.0f} minutes, the final evaluation) it took"
+        f" {seconds / 60:.0f} minutes on 2 CPU cores, in one run."
+        if seconds and epochs
+        else ""
+    )
+    teachers = ", ".join(f"`{t}`" for t in recipe.get("teachers", []))
+    return f"""
+**The hybrid CNN + vision transformer** `{entry.path.name}` follows the hybrid of Dosovitskiy et
+al. 2021 (section 3.1, "R50 + ViT-B/16"): {recipe.get("network", "?")}. One network holds both
+CBAM gates and self-attention, traced together. The trunk is a copy of `{recipe.get("trunk", "?")}`'s
+weights up to layer3, frozen (the file holds its own copy: it shares nothing on disk with the
+CBAM file), so its features were computed once and cached; the transformer learned from
+{recipe.get("augmentation", "?")}, with {recipe.get("distillation", "?")}, the teachers being
+{teachers}. The hold-out chose the epoch.{timing}
+"""
+
+
+def _hybrid_command(recipe: dict, out: str) -> str:
+    """The command that trains the hybrid with `recipe` (its own script: models.train_hybrid)."""
+    parts = ["python -m models.train_hybrid --data imagenette2-224"]
+    parts += [f"--teacher checkpoints/{t}" for t in recipe.get("teachers", [])]
+    parts.append(f"--epochs {recipe.get('epochs')} --depth {recipe.get('depth')}")
+    parts.append(f"--out checkpoints/{out}")
+    return "`" + " ".join(parts) + "`"
+
+
+def _hybrid_recipe_text(recipe: dict) -> str:
+    return (
+        f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
+        f"{recipe.get('optimizer')}, peak lr {recipe.get('lr')}, weight decay "
+        f"{recipe.get('weight_decay')}, stochastic depth {recipe.get('drop_path_rate')}, "
+        f"{recipe.get('augmentation')}, {recipe.get('distillation')}, bfloat16 autocast "
+        f"{recipe.get('bf16')}"
+    )
+
+
+def _is_hybrid(meta: dict) -> bool:
+    recipe = meta.get("training", {}).get("recipe", {})
+    return recipe.get("command") == "python -m models.train_hybrid"
+
+
+_HISTORY = """## Earlier embedded checkpoints
+
+`vit_tiny_distilled_imagenette.safetensors` (timm `deit_tiny_distilled_patch16_224` at 160 px,
+trained from scratch with DeiT's hard distillation from the CBAM ResNet) shipped until
+2026-12-05: 54.32% top-1 on val after 15 epochs (hold-out 34.95% → 54.38%, still rising), about
+1.6 hours on 2 CPU cores; a pure ViT needs hundreds of epochs on 9,469 images. The hybrid above
+replaced it. Its command: `python -m models.train --data imagenette2-224 --arch
+timm:deit_tiny_distilled_patch16_224 --teacher checkpoints/resnet18_cbam_imagenette.safetensors
+--optimizer adamw --epochs 15 --lr 0.001 --weight-decay 0.05 --img-size 160 --holdout 0.1
+--eval-sizes 160 --arch-kwargs '{"img_size": 160, "drop_path_rate": 0.1}' --augment strong
+--no-bf16 --keep-best --eval-every 3 --dataset-name imagenette2 --class-names
+checkpoints/imagenette_classes.txt --out checkpoints/vit_tiny_distilled_imagenette.safetensors`
+(the file is in the git history).
+"""
 
 
 def _is_transformer(meta: dict) -> bool:
@@ -316,7 +382,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
             f"(fraction {selection.get('fraction')}, seed {selection.get('seed')}, stratified), "
             f"trained on the other {selection.get('train_images')}; val scored once at the end"
         )
-        if training.get("recipe", {}).get("keep_best"):
+        if training.get("recipe", {}).get("keep_best") or _is_hybrid(meta):
             lines.append(
                 f"- Epoch chosen on the hold-out: {selection.get('epoch', '?')} of "
                 f"{len(history)} (the evaluated epoch with the best hold-out top-1; its weights "
@@ -342,6 +408,10 @@ def _section(entry: EmbeddedCheckpoint) -> str:
     commands = []
     for stage, init, dataset in _stages(training, meta.get("dataset", "?")):
         recipe = stage.get("recipe", {})
+        if _is_hybrid(meta):
+            lines.append(f"- Recipe: {_hybrid_recipe_text(recipe)} (trained {stage.get('date', '?')})")
+            commands.append(_hybrid_command(recipe, entry.path.name))
+            continue
         if init is None:
             lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {stage.get('date', '?')})")
         else:
@@ -413,7 +483,8 @@ def model_card(folder: Path | None = None) -> str:
         )
     body = "\n".join(_section(e) for e in entries)
     intro = _INTRO + "".join(_vit_intro(e) for e in entries if _is_transformer(e.metadata))
-    return "\n".join([intro, _status(entries), "", *summary, "", body, _OFFICIAL])
+    intro += "".join(_hybrid_intro(e) for e in entries if _is_hybrid(e.metadata))
+    return "\n".join([intro, _status(entries), "", *summary, "", body, _HISTORY, _OFFICIAL])
 
 
 def main(argv: list[str] | None = None) -> int:

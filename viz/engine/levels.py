@@ -111,7 +111,12 @@ def network_levels(model: nn.Module, count: int | None = None) -> NetworkLevels:
     modules = list(model.named_modules())
     layout = token_layout(model)
     try:
-        levels = _probe(model, modules) if layout is None else _token_levels(layout)
+        if layout is None:
+            levels = _probe(model, modules)
+        elif layout.trunk:
+            levels = _hybrid_levels(model, layout)
+        else:
+            levels = _token_levels(layout)
     except ValueError as exc:  # remembered too: a network the probe cannot run stays so
         with _cache_guard:
             _cache[model] = (key, exc)
@@ -130,6 +135,20 @@ def _token_levels(layout: TokenLayout) -> NetworkLevels:
     offset = max(0, len(strides) - STAGES)
     layers = {i + 1: name for i, name in enumerate(layout.stage_layers[offset:])}
     return NetworkLevels(strides, layers)
+
+
+def _hybrid_levels(model: nn.Module, layout: TokenLayout) -> NetworkLevels:
+    """A hybrid CNN + ViT: its trunk's deepest levels are stages 1-3 (as in the ResNet it was
+    cut from: layer1..layer3), the transformer on the trunk's grid stage 4."""
+    trunk = model.get_submodule(layout.trunk)
+    found = _probe(trunk, list(trunk.named_modules()))
+    kept = found.strides[-(STAGES - 1) :]
+    names = [found.layers[s] for s in sorted(found.layers)][-len(kept) :]
+    layers = {i + 1: f"{layout.trunk}.{name}" for i, name in enumerate(names)}
+    layers[STAGES] = layout.last_norm
+    inputs = {f"{layout.trunk}.{k}": v for k, v in found.attention_inputs.items()}
+    # the transformer's level counts as one octave below the trunk's deepest
+    return NetworkLevels((*kept, 2 * kept[-1]), layers, inputs)
 
 
 def _in_channels(model: nn.Module) -> int:

@@ -36,6 +36,8 @@ class TokenLayout:
             LeGrad's per-block scores (None where the head is not known).
         stage_layers: Swin: the module names of its stages, first to last.
         last_norm: ViT: the last block's first norm (the usual Grad-CAM layer).
+        trunk: a hybrid ViT's CNN inside its patch embedding (timm `HybridEmbed.backbone`),
+            dotted name; "" for a ViT that cuts the image into patches itself.
     """
 
     family: str
@@ -48,6 +50,7 @@ class TokenLayout:
     score: Callable[[Tensor], Tensor] | None = None
     stage_layers: tuple[str, ...] = ()
     last_norm: str = ""
+    trunk: str = ""
 
     def grid(self, input_hw: tuple[int, int]) -> tuple[int, int]:
         return self.grid_of(input_hw)
@@ -60,6 +63,10 @@ def _join(path: str, name: str) -> str:
 def _timm_vit(path: str, m: nn.Module) -> TokenLayout:
     embed = m.patch_embed
     ph, pw = embed.patch_size
+    # a hybrid's tokens are cells of its CNN's feature map: the patch is the CNN's stride
+    hybrid = isinstance(getattr(embed, "backbone", None), nn.Module)
+    if hybrid:
+        ph *= int(embed.feature_ratio[0])
 
     def grid_of(hw: tuple[int, int]) -> tuple[int, int]:
         if getattr(m, "dynamic_img_size", False):
@@ -76,6 +83,7 @@ def _timm_vit(path: str, m: nn.Module) -> TokenLayout:
     return TokenLayout(
         "vit", path, int(m.num_prefix_tokens), bool(getattr(m, "has_class_token", True)), ph,
         depth, grid_of, score, last_norm=_join(path, f"blocks.{depth - 1}.norm1"),
+        trunk=_join(path, "patch_embed.backbone") if hybrid else "",
     )  # fmt: skip
 
 

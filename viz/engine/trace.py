@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
 from models.selfattention import SelfAttentionReader, Tap, received_on_grid
-from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
+from viz.engine.levels import STAGES, NetworkLevels, fallback_stage, network_levels, stride_of
 from viz.engine.state import model_lock, preserve_model_state, submodules
 from viz.engine.taps import TapHandle, tap
 from viz.engine.tokens import TokenLayout, guessed_grid, stage_of_block, token_layout
@@ -506,7 +506,12 @@ class _SelfAttentionWatch:
             stage, layer, attention, cls = fallback_stage(stride), None, None, False
         else:
             heads, stride, cls = self._patch_maps(probs, layout, input_hw)
-            stage = stage_of_block(self.index, self.count)
+            # a hybrid's blocks all live on its last level; a ViT's are grouped by depth
+            stage = (
+                STAGES
+                if layout is not None and layout.trunk
+                else stage_of_block(self.index, self.count)
+            )
             layer, attention = self.index, probs
         spatial = heads.mean(1)
         return AttentionRecord(
