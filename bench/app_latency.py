@@ -1,0 +1,204 @@
+"""How fast the app answers, end to end in headless Chromium: `python -m bench.app_latency`.
+
+Starts `streamlit run app.py` on loopback and drives it with Selenium as a user would: an
+opacity change, a colour-map change, a class change, a switch between two embedded models and
+a PNG download, each repeated, interleaved (A B C D E A B C D E ...), medians reported.
+
+A change counts as answered when the page's last change caused by it has landed: a
+MutationObserver on the page records the time of every DOM change; after the action, once the
+app has been idle (no "running" widget, no change) for a second, the answer time is the last
+change's time minus the action's. Needs Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+QUIET = 1.0  # seconds without a DOM change or a running widget: the answer has landed
+
+_OBSERVE = """
+window.__changes = [];
+new MutationObserver(() => window.__changes.push(performance.now()))
+  .observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+return performance.now();
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1",
+           "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the app did not start: {log.read_text()[-1000:]}")
+
+
+def open_browser(downloads: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-sync",
+                "--disable-component-update", "--disable-dev-shm-usage",
+                f"--user-data-dir={downloads.parent / 'profile'}", "--window-size=1440,1500"):  # fmt: skip
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})  # fmt: skip
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                           {"behavior": "allow", "downloadPath": str(downloads)})  # fmt: skip
+    return driver
+
+
+def _running(driver) -> bool:
+    return bool(driver.find_elements("css selector", '[data-testid="stStatusWidget"]'))
+
+
+def answered(driver, action) -> float:
+    """Seconds from `action()` to the last page change it caused."""
+    start = driver.execute_script(_OBSERVE)
+    action()
+    quiet_since, last = time.monotonic(), start
+    while time.monotonic() - quiet_since < QUIET:
+        time.sleep(0.05)
+        newest = driver.execute_script("return Math.max(0, ...window.__changes);")
+        if _running(driver) or newest > last:
+            last, quiet_since = max(last, newest), time.monotonic()
+    return (last - start) / 1000
+
+
+def _by_label(driver, testid: str, label: str):
+    for el in driver.find_elements("css selector", f'[data-testid="{testid}"]'):
+        if el.get_attribute("textContent").strip().startswith(label):
+            return el
+    raise LookupError(f"no {testid} labelled {label!r}")
+
+
+def _choose(driver, label: str, option_index: int) -> None:
+    """Open the select box and pick an option other than the one shown (alternating)."""
+    box = _by_label(driver, "stSelectbox", label)
+    field = box.find_element("css selector", "input")
+    shown = field.get_attribute("value")
+    field.click()
+    options = [o for o in driver.find_elements("css selector", '[role="option"]')
+               if o.get_attribute("textContent").strip() != shown]  # fmt: skip
+    options[option_index % min(2, len(options))].click()
+
+
+def _key(driver, label: str, key: str) -> None:
+    _by_label(driver, "stSlider", label).find_element(
+        "css selector", 'input[type="range"], [role="slider"]'
+    ).send_keys(key)
+
+
+def _class(driver, n: int) -> None:
+    """Click the first or second class of the "Explain class" radio (the one not chosen)."""
+    radio = _by_label(driver, "stRadio", "Explain class")
+    inputs = radio.find_elements("css selector", 'input[type="radio"]')
+    target = inputs[1] if inputs[0].is_selected() else inputs[0]
+    driver.execute_script("arguments[0].click();", target)
+
+
+def _download(driver, downloads: Path) -> float:
+    button = next(b for b in driver.find_elements("css selector", '[data-testid="stDownloadButton"] button')
+                  if b.text.strip().endswith("PNG"))  # fmt: skip
+    before = set(downloads.iterdir())
+    start = time.monotonic()
+    button.click()
+    while True:
+        new = [p for p in downloads.iterdir() if p not in before and p.suffix == ".png"]
+        if new and new[0].stat().st_size > 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+
+
+def measure(url: str, rounds: int, downloads: Path) -> dict[str, list[float]]:
+    from selenium.webdriver.common.keys import Keys
+
+    driver = open_browser(downloads)
+    try:
+        driver.get(url)
+        answered(driver, lambda: None)
+        deadline = time.monotonic() + 300
+        while "Prediction:" not in driver.find_element("tag name", "body").text:
+            if time.monotonic() > deadline:
+                raise SystemExit("the app did not show a prediction in 5 minutes")
+            time.sleep(0.5)
+        answered(driver, lambda: None)
+        times: dict[str, list[float]] = {k: [] for k in
+                                         ("opacity", "colour map", "class", "model", "download")}  # fmt: skip
+        for i in range(rounds):
+            arrow = Keys.ARROW_RIGHT if i % 2 == 0 else Keys.ARROW_LEFT
+            actions = {
+                "opacity": partial(_key, driver, "Overlay opacity", arrow),
+                "colour map": partial(_choose, driver, "Colour map", i),
+                "class": partial(_class, driver, i),
+                "model": partial(_choose, driver, "Model in use", i),
+            }
+            for name, action in actions.items():
+                times[name].append(answered(driver, action))
+            times["download"].append(_download(driver, downloads))
+            answered(driver, lambda: None)
+        return times
+    finally:
+        driver.quit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.app_latency", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        print("error: needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "downloads").mkdir()
+        port = _free_port()
+        proc = start_app(port, tmp / "streamlit.log")
+        try:
+            times = measure(f"http://127.0.0.1:{port}", args.rounds, tmp / "downloads")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print("| change | median s | runs |\n|---|---:|---|")
+    for name, values in times.items():
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        print(f"| {name} | {statistics.median(values):.2f} | {shown} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
