@@ -364,7 +364,6 @@ def _section(entry: EmbeddedCheckpoint) -> str:
     acc = meta.get("accuracy", {})
     training = meta.get("training", {})
     history = training.get("history", [])
-    attention = arch.get("attention") or "none"
     lines = [
         f"## {entry.path.name}",
         "",
@@ -405,22 +404,37 @@ def _section(entry: EmbeddedCheckpoint) -> str:
             f"- Top-1 by test size ({split_words}, cached then resized, in the last stage's "
             f"precision): {shown}"
         )
+    commands = _stage_lines(entry, lines)
+    lines += [
+        f"- Torch {training.get('torch', '?')}"
+        + (f"; last epoch train loss {history[-1]['train_loss']}" if history else ""),
+        f"- Size: {entry.size / 2**20:.1f} MiB; sha256 `{_sha256(entry.path)}`",
+        "- Command" + ("s, in order: " if len(commands) > 1 else ": ") + ", then ".join(commands),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _stage_lines(entry: EmbeddedCheckpoint, lines: list[str]) -> list[str]:
+    """Append each training stage's recipe line to `lines`; return their commands in order."""
+    meta = entry.metadata
+    training, acc = meta.get("training", {}), meta.get("accuracy", {})
+    attention = meta.get("arch", {}).get("attention") or "none"
     commands = []
     for stage, init, dataset in _stages(training, meta.get("dataset", "?")):
-        recipe = stage.get("recipe", {})
+        recipe, date = stage.get("recipe", {}), stage.get("date", "?")
         if _is_hybrid(meta):
-            lines.append(f"- Recipe: {_hybrid_recipe_text(recipe)} (trained {stage.get('date', '?')})")
+            lines.append(f"- Recipe: {_hybrid_recipe_text(recipe)} (trained {date})")
             commands.append(_hybrid_command(recipe, entry.path.name))
             continue
         if init is None:
-            lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {stage.get('date', '?')})")
+            lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {date})")
         else:
             then = init.get("accuracy", {})
             lines.append(
                 f"- Then continued from that checkpoint (top-1 {then.get('top1', '?')}% at "
                 f"{then.get('test_size', '?')} px; sha256 `{init.get('sha256', '?')[:16]}…`, in "
-                f"the git history) with a fresh schedule: {_recipe_text(recipe)} "
-                f"(trained {stage.get('date', '?')})"
+                f"the git history) with a fresh schedule: {_recipe_text(recipe)} (trained {date})"
             )
         commands.append(
             _command(
@@ -433,14 +447,7 @@ def _section(entry: EmbeddedCheckpoint) -> str:
                 evaluated=[h.get("epoch") for h in _evaluated(stage.get("history", []))],
             )
         )
-    lines += [
-        f"- Torch {training.get('torch', '?')}"
-        + (f"; last epoch train loss {history[-1]['train_loss']}" if history else ""),
-        f"- Size: {entry.size / 2**20:.1f} MiB; sha256 `{_sha256(entry.path)}`",
-        "- Command" + ("s, in order: " if len(commands) > 1 else ": ") + ", then ".join(commands),
-        "",
-    ]
-    return "\n".join(lines)
+    return commands
 
 
 def _network_text(arch: dict) -> str:

@@ -58,6 +58,7 @@ from .errors import CheckpointError, first_keys, one_line
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
+from .shipped import embedded_path
 from .transformers import described
 
 __all__ = [
@@ -532,9 +533,7 @@ def load_checkpoint(
         CheckpointError: one line saying why the file cannot be used.
     """
     if isinstance(source, str) and not Path(source).exists():
-        from .zoo import embedded_path  # a name given from any folder: the shipped file
-
-        source = embedded_path(source) or source
+        source = embedded_path(source) or source  # a name given from any folder
     data = _read_source(source, max_bytes)
     sha256 = hashlib.sha256(data).hexdigest()
     meta: dict = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .checkpoint import METADATA_KEY
 from .errors import one_line
+from .shipped import CHECKPOINT_DIR_ENV, checkpoint_dir, embedded_path
 
 __all__ = [
     "CHECKPOINT_DIR_ENV",
@@ -25,8 +26,6 @@ __all__ = [
     "embedded_path",
 ]
 
-CHECKPOINT_DIR_ENV = "ATTENTION_LENS_CHECKPOINTS"
-_REPO_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 _MAX_HEADER = 100 * 2**20
 
 
@@ -63,12 +62,6 @@ class EmbeddedCheckpoint:
             name = f"ResNet-{arch['depth']}{extra}"
         name = one_line(name) if name else ""  # text from a file
         return f"{name} ({self.path.name})" if name else self.path.name
-
-
-def checkpoint_dir() -> Path:
-    """The folder of embedded checkpoints: `$ATTENTION_LENS_CHECKPOINTS` or the repo's `checkpoints/`."""
-    env = os.environ.get(CHECKPOINT_DIR_ENV, "").strip()
-    return Path(env).expanduser() if env else _REPO_CHECKPOINTS
 
 
 def _read_metadata(path: Path) -> dict:
@@ -113,16 +106,6 @@ def embedded_checkpoints(folder: str | os.PathLike | None = None) -> list[Embedd
             meta, error = {}, f"{path.name}: unreadable header ({text})"
         found.append(EmbeddedCheckpoint(path, stat.st_size, stat.st_mtime, meta, error))
     return found
-
-
-def embedded_path(name: str) -> Path | None:
-    """The embedded checkpoint called `name` ("resnet18_cbam_imagenette", with or without
-    ".safetensors"), or None: how a name given from any folder finds the shipped file."""
-    if not name or any(sep in name for sep in ("/", "\\")) or name.startswith("."):
-        return None
-    stem = name.removesuffix(".safetensors")
-    path = checkpoint_dir() / f"{stem}.safetensors"
-    return path if path.is_file() else None
 
 
 def default_checkpoint(entries: list[EmbeddedCheckpoint]) -> EmbeddedCheckpoint | None:
