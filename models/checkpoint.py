@@ -10,6 +10,8 @@ Readable layouts (`Checkpoint.format`):
   in `{"state_dict": ...}` or `{"model": ...}`), saved by `torch.save` (zip or legacy).
 - `pytorchcv`: imgclsmob's `cbam_resnet*` / `bam_resnet*` / `resnet18/34` key names, renamed to
   ours (their plain ResNet-50/101/152 are refused: see `models/pytorchcv.py`).
+- `transformers`: a Hugging Face `save_pretrained` folder of an image classifier, or its zip
+  (`models/huggingface.py`: built from an allow-list, its safetensors read by this loader).
 
 Other networks (timm's and torchvision's CNNs with attention gates, vision transformers, plugins)
 are recognised by keys and shapes (`models.architectures`, `models.transformers`); an Attention
@@ -55,6 +57,7 @@ from .architectures import (
 from .attention import attention_from_keys
 from .cost import RunCost, check_cost, estimate_cost
 from .errors import CheckpointError, first_keys, one_line
+from .huggingface import is_pretrained_folder, is_pretrained_zip, load_pretrained
 from .preprocess import Preprocess
 from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
 from .resnet import DEPTHS, Arch, ResNet
@@ -521,7 +524,8 @@ def load_checkpoint(
 
     Args:
         source: a path, the name of an embedded checkpoint ("resnet18_cbam_imagenette"), the
-            file's bytes, or a binary file object.
+            file's bytes, or a binary file object; or a transformers `save_pretrained` folder
+            (its path) or that folder zipped (the zip's path or bytes).
         max_bytes: refuse larger files.
         allow_costly: run networks whose one-image cost is over the budget (`models.cost`);
             None: as `ATTENTION_LENS_ALLOW_COSTLY` says. Never on a lab server.
@@ -534,7 +538,11 @@ def load_checkpoint(
     """
     if isinstance(source, str) and not Path(source).exists():
         source = embedded_path(source) or source  # a name given from any folder
+    if is_pretrained_folder(source):
+        return _load_pretrained(source, max_bytes, allow_costly)
     data = _read_source(source, max_bytes)
+    if is_pretrained_zip(data):
+        return _load_pretrained(data, max_bytes, allow_costly)
     sha256 = hashlib.sha256(data).hexdigest()
     meta: dict = {}
     if _is_safetensors(data):
@@ -578,6 +586,19 @@ def load_checkpoint(
     if info:
         metadata.setdefault("training", {}).update(info)
     return Checkpoint(model, arch, class_names, preprocess, fmt, sha256, metadata, cost)
+
+
+def _load_pretrained(
+    source: str | os.PathLike | bytes, max_bytes: int, allow_costly: bool | None
+) -> Checkpoint:
+    """A transformers save_pretrained folder or its zip, its safetensors read as ours are."""
+    found = load_pretrained(
+        source, max_bytes=max_bytes, allow_costly=allow_costly,
+        read_weights=lambda data: _clean_keys(_read_safetensors(data)[0]),
+    )  # fmt: skip
+    names = found.class_names or _class_names({}, found.arch.num_classes)
+    return Checkpoint(found.model, found.arch, names, found.preprocess, "transformers",
+                      found.sha256, found.metadata, found.cost)  # fmt: skip
 
 
 def _check_metadata_agrees(arch_meta: dict, arch: Arch | ForeignArch) -> None:

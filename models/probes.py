@@ -17,7 +17,9 @@ Built in: Attention Lens's own SE, BAM and CBAM (`models.attention`), timm's `SE
 `CbamModule`, `LightCbamModule`, `GlobalContext`, and torchvision's `SqueezeExcitation`; and
 self-attention (`kind="self-attention"`, read by `models.selfattention`): timm's `Attention`
 (ViT, DeiT, register-token ViTs) and Swin `WindowAttention`, torchvision's ViT
-(`nn.MultiheadAttention` called as self-attention) and Swin `ShiftedWindowAttention`.
+(`nn.MultiheadAttention` called as self-attention) and Swin `ShiftedWindowAttention`, and
+Hugging Face transformers' ViT, DeiT, BEiT, DINOv2 (with registers too), CLIP and SigLIP
+attention.
 How each kind is named in figures lives here too (`kind_style`), so nothing else asks "is this
 BAM?".
 """
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from models.attention import BAM, CBAM, SqueezeExcite
 from models.selfattention import (
+    HuggingFaceAttentionReader,
     MultiheadReader,
     ProbabilitiesReader,
     TimmAttentionReader,
@@ -317,9 +320,31 @@ def _register_timm() -> None:
     _builtin(WindowAttention, kind="self-attention", _reader=TimmWindowReader())
 
 
-# torchvision's and timm's types are registered once their package has been imported (no
-# module of theirs exists before): importing them here would add a second to every start-up
-_third_party = {"torchvision": _register_torchvision, "timm": _register_timm}
+def _register_transformers() -> None:
+    # once one transformers model module is imported (2 s), these add about 0.1 s
+    from transformers.models.beit.modeling_beit import BeitAttention
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.deit.modeling_deit import DeiTAttention
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention
+    from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+        Dinov2WithRegistersAttention,
+    )
+    from transformers.models.siglip.modeling_siglip import SiglipAttention
+    from transformers.models.vit.modeling_vit import ViTAttention
+
+    for cls in (ViTAttention, DeiTAttention, BeitAttention, Dinov2Attention,
+                Dinov2WithRegistersAttention, CLIPAttention, SiglipAttention):  # fmt: skip
+        _builtin(cls, kind="self-attention", _reader=HuggingFaceAttentionReader())
+
+
+# torchvision's, timm's and transformers' types are registered once their package (for
+# transformers: its model code) has been imported (no module of theirs exists before):
+# importing them here would add seconds to every start-up
+_third_party = {
+    "torchvision": _register_torchvision,
+    "timm": _register_timm,
+    "transformers.modeling_utils": _register_transformers,
+}
 
 
 def _register_imported_packages() -> None:

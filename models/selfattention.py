@@ -13,7 +13,9 @@ dy/dO read at the head-merged tensor that enters the output projection.
 
 Readers here: timm `Attention` (ViT, DeiT, register-token ViTs), timm Swin `WindowAttention`,
 `nn.MultiheadAttention` self-attention (torchvision's ViT), torchvision Swin's
-`ShiftedWindowAttention` (v1 and v2), and `ProbabilitiesReader` for a user's module whose
+`ShiftedWindowAttention` (v1 and v2), Hugging Face transformers' ViT-style attention (ViT,
+DeiT, BEiT, DINOv2, CLIP, SigLIP: `q_proj` / `k_proj` / `v_proj`, the additive mask of the
+call), and `ProbabilitiesReader` for a user's module whose
 submodule outputs the probabilities (`register_attention(..., kind="self-attention",
 attention="attn_drop")`).
 """
@@ -36,6 +38,7 @@ __all__ = [
     "MultiheadReader",
     "TorchvisionWindowReader",
     "ProbabilitiesReader",
+    "HuggingFaceAttentionReader",
     "WindowGeometry",
     "received_on_grid",
 ]
@@ -146,6 +149,54 @@ def _timm_mask(args: tuple, kwargs: dict) -> Tensor | None:
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+class HuggingFaceAttentionReader(SelfAttentionReader):
+    """transformers' attention modules with `q_proj`, `k_proj`, `v_proj` and an output
+    projection (`o_proj`; CLIP's and SigLIP's `out_proj`): q, k, v from the projections, the
+    additive mask of the call (BEiT: its relative position bias), softmax(q k^T * scaling + mask)
+    as the model's eager path computes it; dy/dO at the output projection's input. The model
+    keeps whichever attention it was built with (sdpa)."""
+
+    def taps(self, name, module, model):
+        out = getattr(module, "o_proj", None)
+        out = module.out_proj if out is None else out
+        return [
+            Tap(module, "before", "mask", _hf_mask),
+            Tap(module.q_proj, "after", "q", lambda _a, o: o),
+            Tap(module.k_proj, "after", "k", lambda _a, o: o),
+            Tap(module.v_proj, "after", "v", lambda _a, o: o),
+            Tap(out, "before", "merged", lambda args, _kw: args[0]),
+        ]
+
+    def probabilities(self, module, parts):
+        heads = parts["q"].shape[-1] // module.head_dim
+        q, k = _heads(parts["q"].float(), heads), _heads(parts["k"].float(), heads)
+        scaling = getattr(module, "scaling", None)
+        scaling = module.scale if scaling is None else scaling
+        logits = (q @ k.transpose(-2, -1)) * scaling
+        mask = parts.get("mask")
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask.float()
+        return _softmax(logits)
+
+    def gradient_source(self, parts):
+        return parts.get("merged")
+
+    def probability_gradient(self, module, parts, grad):
+        heads = parts["v"].shape[-1] // module.head_dim
+        v = _heads(parts["v"].float(), heads)
+        return _heads(grad.float(), heads) @ v.transpose(-2, -1)
+
+
+def _hf_mask(args: tuple, kwargs: dict) -> Tensor | None:
+    mask = kwargs.get("attention_mask") if kwargs else None
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+        mask = args[1]
+    return mask
 
 
 class TimmWindowReader(SelfAttentionReader):

@@ -3,8 +3,8 @@
 A plain ViT keeps (N, T, C) tokens: `prefix` tokens first (class, distillation, register
 tokens), then the patches row by row on a grid the patch embedding sets. Swin keeps (N, H, W, C)
 maps, one resolution per stage. Both are read from the model (timm's `num_prefix_tokens`,
-`patch_embed`; torchvision's `patch_size`, `image_size`), never guessed from token counts, so
-`dynamic_img_size` ViTs get the grid of each input.
+`patch_embed`; torchvision's `patch_size`, `image_size`; transformers' config, in `tokens_hf`),
+never guessed from token counts, so `dynamic_img_size` ViTs get the grid of each input.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def _recognisers() -> list[tuple[type, Callable[[str, nn.Module], TokenLayout]]]
         from torchvision.models.vision_transformer import VisionTransformer as TvViT
 
         found += [(TvViT, _torchvision_vit), (TvSwin, _torchvision_swin)]
+    if "transformers.modeling_utils" in sys.modules:  # a transformers model exists
+        from viz.engine.tokens_hf import layout_fields
+
+        found += [(cls, lambda p, m, f=f: TokenLayout(**f(p, m))) for cls, f in layout_fields()]
     return found
 
 
