@@ -106,14 +106,14 @@ FAMILIES: dict[str, Family] = {
         resize_ratio=256 / 224,
         fixed_size=False,
         crop=224,
-    ),  # fmt: skip
+    ),
     "dinov2_with_registers": Family(
         "Dinov2WithRegistersConfig",
         ("Dinov2WithRegistersForImageClassification",),
         resize_ratio=256 / 224,
         fixed_size=False,
         crop=224,
-    ),  # fmt: skip
+    ),
     "clip": Family(
         "CLIPConfig", ("CLIPForImageClassification",), _CLIP_MEAN, _CLIP_STD, vision=True
     ),
@@ -276,8 +276,11 @@ def _check_member(info: zipfile.ZipInfo, limit: int) -> None:
 
 
 def _json(files: _Files, name: str, limit: int = _CONFIG_BYTES) -> dict:
+    if name == "config.json" and name not in files.sizes:
+        raise CheckpointError("the folder has no config.json (not a save_pretrained folder)")
+    data = files.read(name, limit)
     try:
-        found = json.loads(files.read(name, limit))
+        found = json.loads(data)
     except (ValueError, RecursionError):
         raise CheckpointError(f"{name} is not valid JSON") from None
     if not isinstance(found, dict):
