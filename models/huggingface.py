@@ -118,6 +118,8 @@ FAMILIES: dict[str, Family] = {
         "CLIPConfig", ("CLIPForImageClassification",), _CLIP_MEAN, _CLIP_STD, vision=True
     ),
     "siglip": Family("SiglipConfig", ("SiglipForImageClassification",), _HALF, _HALF, vision=True),
+    "swin": Family("SwinConfig", ("SwinForImageClassification",), fixed_size=False),
+    "swinv2": Family("Swinv2Config", ("Swinv2ForImageClassification",), fixed_size=False),
 }
 """model_type -> what is built for it. Nothing else is: no custom code, no other task."""
 
@@ -131,6 +133,10 @@ _SIZE_LIMITS = {
     "patch_size": 1024,
     "num_register_tokens": 256,
     "num_channels": 16,
+    "embed_dim": 16384,
+    "window_size": 1024,
+    "depths": 256,  # Swin: per stage
+    "num_heads": 512,
 }
 
 
@@ -321,9 +327,11 @@ def _sizes(raw: dict, family: Family) -> dict:
         raise CheckpointError("config.json has no vision_config")
     for key, limit in _SIZE_LIMITS.items():
         value = sizes.get(key)
+        values = value if isinstance(value, list) and 0 < len(value) <= 16 else [value]
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit
+                   for v in values):  # fmt: skip
             raise CheckpointError(
                 f"config.json: {key} {one_line(value, 40)} is not a size between 1 and {limit}"
             )

@@ -18,8 +18,8 @@ Built in: Attention Lens's own SE, BAM and CBAM (`models.attention`), timm's `SE
 self-attention (`kind="self-attention"`, read by `models.selfattention`): timm's `Attention`
 (ViT, DeiT, register-token ViTs) and Swin `WindowAttention`, torchvision's ViT
 (`nn.MultiheadAttention` called as self-attention) and Swin `ShiftedWindowAttention`, and
-Hugging Face transformers' ViT, DeiT, BEiT, DINOv2 (with registers too), CLIP and SigLIP
-attention.
+Hugging Face transformers' ViT, DeiT, BEiT, DINOv2 (with registers too), CLIP, SigLIP, Swin
+and Swin v2 attention.
 How each kind is named in figures lives here too (`kind_style`), so nothing else asks "is this
 BAM?".
 """
@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from models.attention import BAM, CBAM, SqueezeExcite
 from models.selfattention import (
     HuggingFaceAttentionReader,
+    HuggingFaceSwinV2Reader,
+    HuggingFaceWindowReader,
     MultiheadReader,
     ProbabilitiesReader,
     TimmAttentionReader,
@@ -330,11 +332,15 @@ def _register_transformers() -> None:
         Dinov2WithRegistersAttention,
     )
     from transformers.models.siglip.modeling_siglip import SiglipAttention
+    from transformers.models.swin.modeling_swin import SwinAttention
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
     from transformers.models.vit.modeling_vit import ViTAttention
 
     for cls in (ViTAttention, DeiTAttention, BeitAttention, Dinov2Attention,
                 Dinov2WithRegistersAttention, CLIPAttention, SiglipAttention):  # fmt: skip
         _builtin(cls, kind="self-attention", _reader=HuggingFaceAttentionReader())
+    _builtin(SwinAttention, kind="self-attention", _reader=HuggingFaceWindowReader())
+    _builtin(Swinv2SelfAttention, kind="self-attention", _reader=HuggingFaceSwinV2Reader())
 
 
 # torchvision's, timm's and transformers' types are registered once their package (for

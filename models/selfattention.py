@@ -15,7 +15,7 @@ Readers here: timm `Attention` (ViT, DeiT, register-token ViTs), timm Swin `Wind
 `nn.MultiheadAttention` self-attention (torchvision's ViT), torchvision Swin's
 `ShiftedWindowAttention` (v1 and v2), Hugging Face transformers' ViT-style attention (ViT,
 DeiT, BEiT, DINOv2, CLIP, SigLIP: `q_proj` / `k_proj` / `v_proj`, the additive mask of the
-call), and `ProbabilitiesReader` for a user's module whose
+call) and Swin's (v1 and v2) window attention, and `ProbabilitiesReader` for a user's module whose
 submodule outputs the probabilities (`register_attention(..., kind="self-attention",
 attention="attn_drop")`).
 """
@@ -39,6 +39,8 @@ __all__ = [
     "TorchvisionWindowReader",
     "ProbabilitiesReader",
     "HuggingFaceAttentionReader",
+    "HuggingFaceWindowReader",
+    "HuggingFaceSwinV2Reader",
     "WindowGeometry",
     "received_on_grid",
 ]
@@ -197,6 +199,69 @@ def _hf_mask(args: tuple, kwargs: dict) -> Tensor | None:
     if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
         mask = args[1]
     return mask
+
+
+class HuggingFaceWindowReader(SelfAttentionReader):
+    """transformers' Swin `SwinAttention`: q, k from the projections, the relative position
+    bias from the module, the shift mask from the call; the grid from the enclosing
+    `SwinLayer`'s call, its window and shift as they are when the attention runs (the layer
+    clamps them to small grids). transformers pads, then rolls, as torchvision does."""
+
+    windowed = True
+    depth = 1  # how far above the attention module its SwinLayer is
+
+    def taps(self, name, module, model):
+        layer = model.get_submodule(name.rsplit(".", self.depth)[0]) if "." in name else model
+        if not hasattr(layer, "shift_size") or not hasattr(layer, "window_size"):
+            raise ValueError(f"{name!r}: a Swin attention outside a Swin layer")
+
+        def grid(args, kwargs):
+            dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+            return int(dims[0]), int(dims[1])
+
+        def window(_args, _kwargs):
+            return int(layer.window_size), int(layer.shift_size)
+
+        return [Tap(layer, "before", "grid", grid), Tap(module, "before", "window", window),
+                *self.attention_taps(module)]  # fmt: skip
+
+    def attention_taps(self, module: nn.Module) -> list[Tap]:
+        return [
+            Tap(module, "before", "mask", _hf_mask),
+            Tap(module.q_proj, "after", "q", lambda _a, o: o),
+            Tap(module.k_proj, "after", "k", lambda _a, o: o),
+        ]
+
+    def probabilities(self, module, parts):
+        heads = module.num_attention_heads
+        q, k = _heads(parts["q"].float(), heads), _heads(parts["k"].float(), heads)
+        logits = (q @ k.transpose(-2, -1)) * module.scaling
+        logits = logits + module.relative_position_bias().float()
+        mask = parts.get("mask")
+        if mask is not None:  # (windows, w*w, w*w), the same for every image
+            tokens = logits.shape[-1]
+            logits = (
+                logits.view(-1, mask.shape[0], heads, tokens, tokens) + mask.float()[None, :, None]
+            )
+            logits = logits.view(-1, heads, tokens, tokens)
+        return _softmax(logits)
+
+    def geometry(self, module, parts):
+        (h, w), (window, shift) = parts["grid"], parts["window"]
+        return WindowGeometry(h, w, (window, window), (shift, shift), roll_first=False)
+
+
+class HuggingFaceSwinV2Reader(HuggingFaceWindowReader):
+    """transformers' `Swinv2SelfAttention` (cosine attention, continuous position bias): it
+    has no fused path, so its probabilities are the input of its `dropout`."""
+
+    depth = 2  # Swinv2Layer.attention.self
+
+    def attention_taps(self, module):
+        return [Tap(module.dropout, "before", "probabilities", lambda args, _kw: args[0])]
+
+    def probabilities(self, module, parts):
+        return parts["probabilities"].float()
 
 
 class TimmWindowReader(SelfAttentionReader):

@@ -1,7 +1,7 @@
 """Hugging Face transformers image classifiers (issue 39): a save_pretrained folder, sharded or
 zipped, opens with load_checkpoint; the records equal the model's own `output_attentions` under
-eager attention while the model keeps sdpa; rollout and GAE equal their formulas; bad folders
-are refused in one line. Tiny seeded random configs, saved into tmp_path; nothing downloads
+eager attention while the model keeps sdpa (Swin's window probabilities too); rollout and GAE
+equal their formulas; bad folders are refused in one line. Tiny seeded random configs, saved into tmp_path; nothing downloads
 (every socket is refused)."""
 
 from __future__ import annotations
@@ -240,6 +240,54 @@ def test_bare_transformers_models_are_traced_too():
     assert len(trace) == 2 and trace[0].heads.shape == (2, 2, 4, 4)
 
 
+@pytest.mark.parametrize("version", ["swin", "swinv2"])
+def test_swin_window_attention_equals_its_own_and_is_placed_on_each_stage(tmp_path, version):
+    """Swin (sdpa) and Swin v2 (cosine attention, eager only): each block's window
+    probabilities equal the model's own; one Grad-CAM layer per stage; no rollout."""
+    from models.selfattention import received_on_grid
+
+    config_cls, cls = {
+        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
+        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
+    }[version]
+    config = config_cls(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2],
+                        num_heads=[2, 2], window_size=4, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    reference = cls._from_config(config, attn_implementation="eager").eval()
+    reference.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(_zipped(tmp_path))
+    assert ckpt.model.hf.config._attn_implementation == ("sdpa" if version == "swin" else "eager")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = []  # each block's probabilities (windows, heads, 16, 16), as the model returns them
+    hooks = [m.register_forward_hook(lambda _m, _i, out: expected.append(out[1]))
+             for name, m in reference.named_modules() if name.endswith(".attention")]  # fmt: skip
+    with torch.no_grad():
+        logits = reference(x, output_attentions=True).logits
+        with record_attention(ckpt.model) as trace:
+            traced = ckpt.model(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(traced, logits, atol=1e-5, rtol=1e-5)
+    calls = trace.attention_calls()
+    assert len(calls) == len(expected) == 4
+    shifts = []
+    for (watch, parts, rec), probs in zip(calls, expected):
+        geo = watch.reader.geometry(watch.module, parts)
+        shifts.append(geo.shift)
+        torch.testing.assert_close(watch.reader.probabilities(watch.module, parts), probs,
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(rec.heads, received_on_grid(probs, geo, 2), atol=1e-6,
+                                   rtol=1e-5)  # fmt: skip
+        assert rec.attention is None
+    assert shifts == [(0, 0), (2, 2)] * 2
+    assert [r.heads.shape[-1] for r in trace] == [16, 16, 8, 8]
+    assert leftovers(ckpt.model) == 0
+    cams = analyze(ckpt.model, x).cams
+    assert [m.shape[-1] for m in cams.values()] == [16, 8]
+    with pytest.raises(ValueError, match="window attention"):
+        analyze(ckpt.model, x, method="rollout")
+
+
 # --- refusals: one line each, nothing run -------------------------------------------------------
 
 
@@ -286,7 +334,9 @@ def test_custom_code_is_refused(saved, tmp_path):
 def test_a_config_whose_sizes_disagree_with_the_weights_is_refused(saved, tmp_path):
     folder = _copy(saved["vit"][0], tmp_path)
     _edit_config(folder, intermediate_size=48)  # fewer weights than the file holds
-    _refused(folder, r"sizes do not fit the weights: .*mlp\.fc1\.bias is \[64\] in the file, \[48\] by")
+    _refused(
+        folder, r"sizes do not fit the weights: .*mlp\.fc1\.bias is \[64\] in the file, \[48\] by"
+    )
     _edit_config(folder, intermediate_size=64, num_hidden_layers=3)  # more than it holds
     _refused(folder, "describes ViTForImageClassification with .* weights but the file holds")
     _edit_config(folder, num_hidden_layers=1)

@@ -1,7 +1,8 @@
 """Where a Hugging Face transformers ViT keeps its tokens (timm's and torchvision's: `tokens`).
 
 ViT, DeiT (class and distillation tokens), BEiT, DINOv2 (class and register tokens), CLIP's and
-SigLIP's vision towers (SigLIP has no class token: its maps are the patch rows' mean): prefix
+SigLIP's vision towers (SigLIP has no class token: its maps are the patch rows' mean), and Swin
+v1 and v2 (one grid per stage, as timm's and torchvision's): prefix
 tokens first, then the patches row by row, on the input's grid over the config's patch size.
 The image classifiers get LeGrad's score, as timm's ViTs do: the final norm and head applied to
 the mean of a block's tokens (a DeiT with teacher averages its two heads, DINOv2's head takes
@@ -133,9 +134,34 @@ def _maker(spec: _Spec) -> Callable[[str, nn.Module], dict]:
     return fields
 
 
+def _swin(backbone: str, norm: str = "layernorm_before") -> Callable[[str, nn.Module], dict]:
+    """Swin: one level per stage, read at its last block's first norm (v2, which normalises
+    after each branch: the MLP branch's norm): (N, h*w, C) tokens on the stage's grid (a
+    stage's own output is a tuple, its patch merging on the next stage's grid)."""
+
+    def fields(path: str, m: nn.Module) -> dict:
+        stages = m.get_submodule(backbone).encoder.layers if backbone else m.encoder.layers
+        prefix = ".".join(p for p in (path, backbone, "encoder.layers") if p)
+        names = tuple(
+            f"{prefix}.{i}.blocks.{len(stage.blocks) - 1}.{norm}" for i, stage in enumerate(stages)
+        )
+        return dict(
+            family="swin", path=path, prefix=0, class_token=False, patch=_patch_size(m),
+            depth=len(names), grid_of=lambda hw: hw, score=None, stage_layers=names,
+        )  # fmt: skip
+
+    return fields
+
+
 def layout_fields() -> list[tuple[type, Callable[[str, nn.Module], dict]]]:
     """(transformers class, (path, module) -> `TokenLayout` fields) for each class known here
     (the classes imported on the first call: transformers' model code is then loaded)."""
     import transformers
 
-    return [(getattr(transformers, name), _maker(spec)) for name, spec in _SPECS.items()]
+    found = [(getattr(transformers, name), _maker(spec)) for name, spec in _SPECS.items()]
+    return found + [
+        (transformers.SwinForImageClassification, _swin("swin")),
+        (transformers.SwinModel, _swin("")),
+        (transformers.Swinv2ForImageClassification, _swin("swinv2", "layernorm_after")),
+        (transformers.Swinv2Model, _swin("", "layernorm_after")),
+    ]
