@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -202,9 +203,13 @@ def is_pretrained_folder(source: object) -> bool:
 
 
 def _folder(path: Path) -> _Files:
-    entries = {p.name: p for p in path.iterdir()}
-    _refuse_code(entries)
-    sizes = {name: p.stat().st_size for name, p in entries.items() if p.is_file()}
+    try:
+        entries = {p.name: p for p in path.iterdir()}
+        sizes = {name: p.stat().st_size for name, p in entries.items() if p.is_file()}
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the folder ({one_line(exc)})") from None
+    if "config.json" in sizes:
+        _refuse_code(entries)
     return _Files(sizes, lambda name: entries[name].read_bytes())
 
 
@@ -252,8 +257,8 @@ def _zip(data: bytes, limit: int) -> Iterator[_Files]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()
-            _refuse_code(i.filename for i in infos if not _junk(i.filename))
             root = _zip_root(infos)
+            _refuse_code(i.filename for i in infos if not _junk(i.filename))
             inside = {
                 i.filename[len(root) :]: i
                 for i in infos
@@ -321,7 +326,8 @@ def _family(raw: dict) -> tuple[str, Family, str]:
 
 
 def _sizes(raw: dict, family: Family) -> dict:
-    """The config's size numbers (its vision_config's for CLIP / SigLIP), each bounded."""
+    """The config's size numbers (its vision_config's for CLIP / SigLIP), each bounded; a
+    square (h, w) image or patch size as one number."""
     sizes = raw.get("vision_config") if family.vision else raw
     if not isinstance(sizes, dict):
         raise CheckpointError("config.json has no vision_config")
@@ -335,6 +341,12 @@ def _sizes(raw: dict, family: Family) -> dict:
             raise CheckpointError(
                 f"config.json: {key} {one_line(value, 40)} is not a size between 1 and {limit}"
             )
+    for key in ("image_size", "patch_size"):  # (h, w) pairs: square ones only
+        value = sizes.get(key)
+        if isinstance(value, list):
+            if len(value) != 2 or value[0] != value[1]:
+                raise CheckpointError(f"config.json: {key} {one_line(value, 40)} is not square")
+            sizes = {**sizes, key: value[0]}
     image, patch = sizes.get("image_size", 224), sizes.get("patch_size", 16)
     if patch > image:
         raise CheckpointError(f"config.json: patch_size {patch} is over image_size {image}")
@@ -395,21 +407,25 @@ def _transformers():
     return transformers
 
 
+_quiet_lock = threading.Lock()  # transformers' logging settings are global: one load at a time
+
+
 @contextmanager
 def _quiet(tf) -> Iterator[None]:
     """transformers' load report, progress bars and warnings off (restored after)."""
     logging = tf.utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
+    with _quiet_lock:
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
 
 
 def _build(tf, class_name: str, config, state: dict[str, Tensor]) -> nn.Module:
