@@ -22,8 +22,8 @@ transformers model kept as the submodule `hf`. Preprocessing comes from
 `preprocessor_config.json` (short-side resize, centre crop, mean and std; a processor that
 squashes to height x width becomes resize = crop = height), else from the family's defaults.
 
-Cost: importing transformers takes about 2 s the first time; a ViT-B/16 folder then loads in
-about a second (one meta build, the weights read once and renamed in place).
+Cost: importing transformers' model code takes about 2 s the first time; a ViT-S/16 folder
+(88 MB) then loads in about 0.4 s on one CPU thread (one meta build, the weights read once).
 """
 
 from __future__ import annotations
