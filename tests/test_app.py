@@ -28,7 +28,7 @@ APP = ROOT / "app.py"
 SAMPLES = ROOT / "samples"
 CLASSES = (ROOT / "checkpoints" / "imagenette_classes.txt").read_text().split("\n")[:10]
 REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
-REAL_VIT = ROOT / "checkpoints" / "vit_tiny_distilled_imagenette.safetensors"
+REAL_VIT = ROOT / "checkpoints" / "resnet18_cbam_vit_hybrid_imagenette.safetensors"
 TIMEOUT = 180  # seconds per script run: the CPU is shared with other work
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -805,7 +805,7 @@ def test_the_layers_box_starts_where_the_method_does(app, analyses):
 
 
 def test_real_embedded_vit_checkpoint(monkeypatch):
-    """The embedded DeiT-tiny is offered beside the CNNs and opens with its methods and heads."""
+    """The embedded hybrid CNN + ViT is offered beside the CNNs and opens with its methods and heads."""
     monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     (vit,) = [o for o in at.sidebar.selectbox(key="model").options if REAL_VIT.name in o]
