@@ -6,6 +6,7 @@ Text extents come from matplotlib's own renderer (what the PDF and PNG will show
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import matplotlib
@@ -137,6 +138,32 @@ def test_model_grid_with_six_images_and_four_models(analyses, width):
     ]
     fig = figures.model_grid(crops, rows, column_titles=LONG_NAMES, width=width)
     assert _problems(fig) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_model_grid_with_a_long_timm_name_keeps_each_label_in_its_row(analyses, width):
+    """Issue 36, item 6: the DeiT row's label (a long timm name) ran into the next row at a
+    single column's width (19 overlapping characters)."""
+    crops = [PRE.crop_image(im) for im in _images()]
+    rows = [
+        ("ResNet-18 (imagenette2-224)", analyses[None]),
+        ("ResNet-18 + SE (imagenette2-224)", analyses["se"]),
+        ("ResNet-18 + BAM (imagenette2-224)", analyses["bam"]),
+        ("ResNet-18 + CBAM (imagenette2-224)", analyses["cbam"]),
+        ("timm deit_tiny_distilled_patch16_224 (distilled) (imagenette2)", analyses["cbam"]),
+    ]
+    fig = figures.model_grid(crops, rows, column_titles=LONG_NAMES, width=width)
+    assert _problems(fig) == []
+    texts, _ = _texts(fig)
+    deit = [t.get_text() for t, _ in texts if "deit_tiny" in t.get_text()]
+    assert len(deit) == 1 and deit[0].replace("\n", "").replace(" ", "") == (
+        "timmdeit_tiny_distilled_patch16_224(distilled)(imagenette2)"
+    )  # wrapped, not cut
+    # two methods in one grid (a CNN's Grad-CAM beside a ViT's GAE): the heading says both
+    whole = dataclasses.replace(analyses["cbam"], method="gae", cam_stages={"gae": 0},
+                                cams={"gae": analyses["cbam"].cams["layer4"]})  # fmt: skip
+    mixed = [*rows[:4], (rows[4][0], whole)]
+    assert _problems(figures.model_grid(crops, mixed, column_titles=LONG_NAMES, width=width)) == []
 
 
 @pytest.mark.parametrize("width", WIDTHS)

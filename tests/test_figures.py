@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -181,8 +182,6 @@ def test_attention_vs_gradcam_draws_a_block_layer_beside_the_stage_layers(images
 
 
 def test_a_constant_cam_says_why_it_has_no_agreement(analyses, crop):
-    import dataclasses
-
     an = analyses["cbam"]
     flat = dataclasses.replace(an, cams={**an.cams, "layer1": torch.zeros_like(an.cams["layer1"])})
     texts = _texts(attention_vs_gradcam(crop, flat))
@@ -201,8 +200,9 @@ def test_model_grid_mixes_depths_and_attention(images):
     assert {"tench", "church", "input", "ResNet-18 + CBAM", "ResNet-50"} <= set(texts)
     for _, analysis in rows:
         for p in analysis.target_probs.tolist():
-            assert f"P={p:.5f}" in texts
-    assert all(re.fullmatch(r"P=\d\.\d{5}", t) for t in texts if t.startswith("P="))
+            assert f"P={p:.2f}" in texts
+    # two decimals (issue 36: five were printed)
+    assert all(re.fullmatch(r"P=\d\.\d{2}", t) for t in texts if t.startswith("P="))
     assert _image_count(fig) == 2 * 3
     with pytest.raises(ValueError, match="column titles"):
         model_grid(crops, rows, column_titles=["one"])
@@ -219,8 +219,46 @@ def test_model_grid_long_row_labels_stay_beside_their_row(images):
     panels = [im.get_window_extent(renderer) for im in fig.axes[0].images]
     (text,) = [t for t in fig.axes[0].texts if "ResNet-18" in t.get_text()]
     box = text.get_window_extent(renderer)
-    assert box.x0 >= 0 and box.height <= panels[-1].height, (box, panels[-1])
+    # centred on its panel, at most into the row's own head and foot (0.15 in each)
+    row = panels[-1].expanded(1.0, (panels[-1].height + 0.3 * fig.dpi) / panels[-1].height)
+    assert box.x0 >= 0 and row.y0 <= box.y0 and box.y1 <= row.y1, (box, row)
     assert text.get_text().replace("\n", " ") == label
+
+
+def test_model_grid_says_which_method_and_stage_it_shows(images):
+    """Issue 36, item 6: the grid never said which stage or method it showed."""
+    crops = [PREPROCESS.crop_image(im) for im in images]
+    rows = [("ResNet-18 + CBAM", _analysis(18, "cbam", images))]
+    titles = ["tench", "church"]
+    assert "Grad-CAM at stage 4" in _texts(model_grid(crops, rows, column_titles=titles))
+    assert "Grad-CAM at stage 2" in _texts(model_grid(crops, rows, column_titles=titles, stage=2))
+    assert "Grad-CAM at layer3" in _texts(model_grid(crops, rows, column_titles=titles,
+                                                     layer="layer3"))  # fmt: skip
+    texts = _texts(model_grid(crops, rows, column_titles=titles, title="Figure 4"))
+    assert "Figure 4 · Grad-CAM at stage 4" in texts
+    # a transformer's whole-network map beside a CNN's Grad-CAM: both said, each row its own
+    plain = rows[0][1]
+    whole = dataclasses.replace(plain, method="gae", cams={"gae": plain.cams["layer4"]},
+                                cam_stages={"gae": 0})  # fmt: skip
+    fig = model_grid(crops, [rows[0], ("a ViT", whole)], column_titles=titles)
+    texts = " ".join(_texts(fig))
+    assert "Grad-CAM at stage 4 · GAE (Chefer et al.) for the whole network" in texts
+    assert "(Grad-CAM)" in texts and "(GAE)" in texts
+
+
+def test_model_grid_flags_a_constant_cam(images):
+    """Issue 36, item 6: an all-zero CAM was drawn as a darkened photo with no flag."""
+    crops = [PREPROCESS.crop_image(im) for im in images]
+    an = _analysis(18, "bam", images)
+    zero = dataclasses.replace(an, cams={k: torch.zeros_like(v) for k, v in an.cams.items()})
+    fig = model_grid(crops, [("BAM", zero), ("BAM again", an)], column_titles=["a", "b"])
+    texts = _texts(fig)
+    assert texts.count("constant\nCAM") == 2  # the zero row's two panels, not the other row
+    assert sum(t.startswith("P=") for t in texts) == 4  # P still printed under every map
+    # the flagged panels show the photo itself, not one darkened by a flat colour
+    drawn = [im.get_array() for ax in fig.axes for im in ax.images]
+    photos = [np.asarray(c) for c in crops]
+    assert sum(any(np.array_equal(d, p) for p in photos) for d in drawn) == 2 + 2  # inputs too
 
 
 @pytest.mark.parametrize("depth", [18, 50])

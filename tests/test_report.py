@@ -360,3 +360,37 @@ def test_eigen_smoothing_of_an_eigen_method_and_a_typo_are_refused(tmp_path, che
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+def test_rollout_report_names_its_map_and_sorts_blocks_by_number(tmp_path, capsys):
+    """Issue 36, item 9, on an 11-block DeiT: the map is `rollout` (was `cam/stage0`) and the
+    blocks come 0, 1, ..., 9, 10 (were 0, 1, 10, 2, ...)."""
+    import timm
+
+    from models import ForeignArch
+
+    torch.manual_seed(0)
+    options = {"depth": 11, "img_size": 64}
+    net = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3,
+                            **options)  # fmt: skip
+    vit = tmp_path / "deit.safetensors"
+    arch = ForeignArch("deit_tiny_distilled_patch16_224", "timm", 3, "self-attention", options)
+    save_checkpoint(vit, net, arch=arch, class_names=CLASSES, preprocess=Preprocess(72, 64))
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(ROOT / "samples" / "tench_12881.jpg").save(images / "tench.png")
+    out = tmp_path / "out"
+    code = main(["report", "--checkpoint", str(vit), "--images", str(images), "--out", str(out),
+                 "--method", "rollout", "--deletion", "all", "--steps", "2", "--sanity", "1",
+                 "--workers", "0"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    maps = list(dict.fromkeys(r["map"] for r in _rows(out / "summary.csv")))
+    blocks = [m for m in maps if m.startswith("attention/blocks.")]
+    assert blocks == [f"attention/blocks.{b}.attn" for b in range(11)]
+    assert "rollout" in maps and not any(m.startswith("cam/") for m in maps)
+    assert {r["map"] for r in _rows(out / "per_map.csv") if r["kind"] == "cam"} == {"rollout"}
+    sanity = list(dict.fromkeys(r["map"] for r in _rows(out / "sanity_summary.csv")))
+    assert [m for m in sanity if m.startswith("attention/blocks.")] == blocks
+    assert "rollout" in sanity
+    report = (out / "report.md").read_text()
+    assert report.index("attention/blocks.9.attn") < report.index("attention/blocks.10.attn")

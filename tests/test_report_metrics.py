@@ -272,3 +272,39 @@ def test_sanity_summary_counts_the_maps_it_averages():
     ]  # fmt: skip
     (summary,) = sanity_summary(rows)
     assert summary["n"] == 2 and summary["spearman"] == pytest.approx(0.4)
+
+
+def test_report_tables_sort_blocks_by_number():
+    """Issue 36, item 9: blocks 9, 10, 11 in that order (was 10, 11, 9), in the summary, the
+    sanity summary and the report's choice of its last CAM."""
+    from viz.commands.report_page import _last_cam, natural_key, sanity_summary, summarise
+
+    blocks = [f"attention/blocks.{b}.attn" for b in (10, 11, 9, 2)]
+    per_map = [
+        {"checkpoint": "m", "image": image, "map": name, "kind": "attention",
+         "deletion_auc": 0.5, "insertion_auc": 0.5}
+        for image in ("a", "b") for name in blocks
+    ]  # fmt: skip
+    rows = {"per_image": [], "per_map": per_map}
+    shown = list(dict.fromkeys(r["map"] for r in summarise(rows, ["m"])))
+    assert shown == ["attention/all", *(f"attention/blocks.{b}.attn" for b in (2, 9, 10, 11))]
+    sanity = [
+        {"checkpoint": "m", "image": "a", "step": 0, "randomised": "fc", "map": name,
+         "spearman": 0.5, "ssim": 0.5}
+        for name in blocks
+    ]  # fmt: skip
+    order = [r["map"] for r in sanity_summary(sanity)]
+    assert order == ["attention/all", *(f"attention/blocks.{b}.attn" for b in (2, 9, 10, 11))]
+    assert sorted(["cam/stage10", "cam/stage9"], key=natural_key) == ["cam/stage9", "cam/stage10"]
+    cams = [{"map": m, "kind": "cam"} for m in ("cam/stage10", "cam/stage9")]
+    assert _last_cam(cams) == "cam/stage10"
+
+
+def test_a_whole_network_map_is_named_by_its_method():
+    """Issue 36, item 9: rollout's map is `rollout` in the report (was `cam/stage0`)."""
+    from viz.commands.report import cam_map_name, is_cam_map
+
+    assert cam_map_name(0, "rollout") == "rollout" and cam_map_name(0, "fullgrad") == "fullgrad"
+    assert cam_map_name(4, "layer4") == "cam/stage4"
+    assert is_cam_map("rollout") and is_cam_map("cam/stage3")
+    assert not is_cam_map("random") and not is_cam_map("attention/blocks.0.attn")

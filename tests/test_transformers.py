@@ -374,11 +374,13 @@ def test_the_report_scores_every_block_and_the_network_map(tmp_path):
     options = ReportOptions(method="rollout", deletion="all", steps=2, sanity=1, batch_size=2)
     rows = run_report(inputs, tmp_path / "out", options)
     maps = {r["map"] for r in rows["per_map"]}
-    assert {"cam/stage0", "attention/blocks.0.attn", "attention/blocks.1.attn"} <= maps
-    scored = [r for r in rows["per_map"] if r["map"] == "cam/stage0"]
+    # a whole-network map is named by its method (was cam/stage0)
+    assert {"rollout", "attention/blocks.0.attn", "attention/blocks.1.attn"} <= maps
+    assert not any(m.startswith("cam/") for m in maps)
+    scored = [r for r in rows["per_map"] if r["map"] == "rollout"]
     assert all(r.get("deletion_auc") is not None for r in scored)
     assert all(r.get("pointing") is not None and r.get("energy") is not None for r in scored)
-    assert {r["map"] for r in rows["sanity"]} >= {"cam/stage0"}
+    assert {r["map"] for r in rows["sanity"]} >= {"rollout"}
 
 
 def test_layer_methods_on_tokens_and_the_methods_offered(vits, swin):
@@ -405,3 +407,53 @@ def test_agreement_pairs_a_network_map_with_the_last_block(vits):
     rows = agreement_table(analyze(net, x, method="gae"), 1)
     assert [(a, b) for a, b, _ in rows] == [("blocks.2.attn", "gae")]
     assert -1 <= rows[0][2].pearson <= 1
+
+
+# --- networks whose attention no probe reads (issue 36, item 3) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def eva():
+    """timm's EVA-02 tiny: a ViT the token layouts do not know, its EvaAttention unread."""
+    return _timm("eva02_tiny_patch14_224")
+
+
+def test_eva02_default_cams_are_its_token_grid_not_attention_internals(eva):
+    from viz import UnreadAttentionWarning, network_levels, unread_attention
+
+    assert unread_attention(eva) == ["EvaAttention"]
+    with pytest.warns(UnreadAttentionWarning, match=r"no probe reads: EvaAttention;") as seen:
+        got = analyze(eva, torch.randn(1, 3, 224, 224))
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    # was blocks.11.attn.k_norm (a (257, 64) token-by-channel array) and patch_embed.proj
+    assert not any(".attn" in name or "patch_embed" in name for name in got.cams)
+    assert list(got.cams) == ["norm"] and got.cams["norm"].shape == (1, 16, 16)
+    assert got.cam_stages == {"norm": 4}  # the patch grid is its deepest level, as a ViT's
+    assert network_levels(eva).stage_layer_names() == ["norm"]
+    with pytest.raises(ValueError, match="no probe reads this network's EvaAttention"):
+        with pytest.warns(UnreadAttentionWarning):
+            analyze(eva, torch.randn(1, 3, 224, 224), method="rollout")
+
+
+def test_attention_that_probes_read_is_not_warned_about(vits):
+    import warnings
+
+    from viz import UnreadAttentionWarning, unread_attention
+
+    net, x = vits["deit distilled"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadAttentionWarning)
+        analyze(net, x[:1])
+        analyze(torchvision.models.resnet18(num_classes=3), torch.randn(1, 3, 64, 64))
+    cbam = _timm("resnet18", block_args={"attn_layer": "cbam"})  # ChannelAttn inside CbamModule
+    assert unread_attention(net) == [] and unread_attention(cbam) == []
+
+
+def test_a_cnns_unread_attention_is_named_and_its_stages_stay(recwarn):
+    from viz import UnreadAttentionWarning, unread_attention
+
+    net = _timm("skresnet18")  # selective-kernel attention: no probe for it
+    assert unread_attention(net) == ["SelectiveKernelAttn"]
+    got = analyze(net, torch.randn(1, 3, 64, 64))
+    assert list(got.cams) == ["layer1", "layer2", "layer3", "layer4"]
+    assert [w.category for w in recwarn.list] == [UnreadAttentionWarning]

@@ -66,6 +66,7 @@ from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 from viz.engine.transformer import gae, legrad, rollout
+from viz.engine.unread import UnreadAttentionWarning, unread_attention, unread_attention_line
 from viz.figures import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,
@@ -218,6 +219,9 @@ __all__ = [
     "rollout",
     "gae",
     "legrad",
+    "UnreadAttentionWarning",
+    "unread_attention",
+    "unread_attention_line",
     "check_upload_size",
     "comparison_order",
     "default_cam_layers",

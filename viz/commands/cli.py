@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from viz.commands.export import ExportError
@@ -17,6 +18,7 @@ from viz.commands.export_run import GRID_COLUMNS, OutputError, export_command
 from viz.commands.inputs import UsageError, add_method_options, error_line, int_in
 from viz.engine.cam import SMOOTHINGS
 from viz.engine.maps import DEFAULT_CMAP
+from viz.engine.unread import UnreadAttentionWarning
 
 __all__ = ["main", "build_parser"]
 
@@ -32,6 +34,8 @@ figures (--figure, repeatable; default: overview):
   model-grid: all checkpoints together, at most %(cols)d images per figure; each column is titled
   with the first checkpoint's target class (the image's own class with --labels, as in the
   paper), every row explains that class and prints its softmax score P under each map.
+  --method rollout, gae or legrad with a CNN beside a vision transformer: the CNNs show
+  Grad-CAM (said once on stderr, in the manifest's notes and each checkpoint's cam_method).
   bam-hierarchy: BAM checkpoints only (others are skipped with a note). class-stats: needs
   --images folders in ImageFolder layout (one subfolder per class).
 
@@ -183,11 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     try:
-        if args.command == "report":
-            from viz.commands.report_command import report_command
+        # the commands say once, as a warning line, what the library would warn on every call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadAttentionWarning)
+            if args.command == "report":
+                from viz.commands.report_command import report_command
 
-            return report_command(args)
-        return export_command(args)
+                return report_command(args)
+            return export_command(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

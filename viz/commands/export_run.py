@@ -8,8 +8,10 @@ back as plain data in input order and are written here, so the files are the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +22,19 @@ from viz.commands.inputs import (
     MAX_IMAGE_FILE_BYTES,
     UsageError,
     check_layers,
-    check_method,
     collect_images,
     error_line,
     label_of,
     layer_list,
     load_checkpoints,
+    methods_by_checkpoint,
     read_labels,
     regular_file,
     resolve_target,
+    unread_attention_lines,
 )
 from viz.engine.cam import stage_layers
+from viz.engine.unread import UnreadAttentionWarning
 
 __all__ = ["GRID_COLUMNS", "OutputError", "export_command"]
 
@@ -47,22 +51,27 @@ def export_command(args: argparse.Namespace) -> int:
     analyzed = bool(per_image) or "model-grid" in figures
     images, folders = _inputs(args, figures, analyzed)
     checkpoints = load_checkpoints(args.checkpoint)
+    methods, fallback = {name: settings.method for _, name, _ in checkpoints}, None
     if analyzed:
-        check_method(settings.method, checkpoints)
+        methods, fallback = methods_by_checkpoint(settings.method, checkpoints)
     if settings.layers is not None:
         check_layers(checkpoints, settings.layers, settings.method)
+    for line in unread_attention_lines(checkpoints):
+        _say(f"warning: {line}")
     targets = _image_targets(args, images if analyzed else [], checkpoints)
     run = _open_run(args)
+    if fallback is not None:  # once, on stderr and in the manifest's notes
+        run.note(fallback)
     grid = _Grid({name: [] for _, name, _ in checkpoints})
     if analyzed:
         work = _ImageWork(checkpoints, targets, settings, per_image, args.format,
-                          "model-grid" in figures)  # fmt: skip
+                          "model-grid" in figures, methods=methods)  # fmt: skip
         _run_images(run, work, images, args, grid)
         if "model-grid" in figures:
             _model_grids(run, checkpoints, grid, args.format, settings)
     if "class-stats" in figures:
         _class_stats(run, checkpoints, folders, args.format, settings)
-    _write_manifest(run, args, figures, settings, checkpoints)
+    _write_manifest(run, args, figures, settings, checkpoints, methods)
     failed = (
         f", {len(run.failures)} input(s) failed (see above and the manifest)"
         if run.failures
@@ -171,7 +180,9 @@ def _keep(run: _Run, path: Path, image_name: str, name, files, notes, result, er
     run.results.append({"checkpoint": name, "image": image_name, **result})
 
 
-def _write_manifest(run: _Run, args, figures, settings: FigureSettings, checkpoints) -> None:
+def _write_manifest(
+    run: _Run, args, figures, settings: FigureSettings, checkpoints, methods: dict[str, str]
+) -> None:
     from viz.commands.export import build_manifest, checkpoint_info, export_options, manifest_bytes
 
     labels = None
@@ -181,7 +192,8 @@ def _write_manifest(run: _Run, args, figures, settings: FigureSettings, checkpoi
     options = export_options(figures, args.format, settings, args.target,
                              overwrite=bool(args.overwrite), labels=labels)  # fmt: skip
     manifest = build_manifest(
-        checkpoints=[{"name": n, **checkpoint_info(ckpt, raw)} for raw, n, ckpt in checkpoints],
+        checkpoints=[{"name": n, **checkpoint_info(ckpt, raw), "cam_method": methods[n]}
+                     for raw, n, ckpt in checkpoints],  # fmt: skip
         images=run.images, options=options, results=run.results, failures=run.failures,
         notes=run.notes, files=run.files,
     )  # fmt: skip
@@ -284,6 +296,16 @@ class _ImageWork:
     # (done, total) passes of the current analysis, so the bar moves inside an image for the
     # slow CAM methods (with --jobs N, each process reports to the parent's bar)
     progress: Callable[[int, int], None] | None = None
+    # checkpoint name -> its CAM method where it is not the settings' (a CNN's Grad-CAM beside
+    # a vision transformer's rollout, GAE or LeGrad)
+    methods: dict[str, str] = field(default_factory=dict)
+
+    def settings_for(self, name: str) -> FigureSettings:
+        """The figure settings of checkpoint `name`: its own CAM method."""
+        method = self.methods.get(name, self.settings.method)
+        if method == self.settings.method:
+            return self.settings
+        return dataclasses.replace(self.settings, method=method)
 
     def __call__(self, item: tuple[Path, str]) -> dict:
         from models.images import load_image
@@ -300,17 +322,18 @@ class _ImageWork:
         info = {"name": image_name, "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
         runs, lights = [], []
         for _, name, ckpt in self.checkpoints:
+            settings = self.settings_for(name)
             try:
                 analysis = analyze_images(
                     ckpt, [pil], self.targets[image_name][name],
-                    method=self.settings.method, layers=self.settings.layers,
-                    smoothing=self.settings.smoothing, options=self.settings.method_options(),
+                    method=settings.method, layers=settings.layers,
+                    smoothing=settings.smoothing, options=settings.method_options(),
                     progress=self.progress,
                 )  # fmt: skip
                 files, notes = None, []
                 if self.per_image:
                     files, notes = render_image(pil, ckpt, analysis, figures=self.per_image,
-                                                formats=self.formats, settings=self.settings)  # fmt: skip
+                                                formats=self.formats, settings=settings)  # fmt: skip
                 runs.append((name, files, notes, result_info(analysis, ckpt.class_names), None))
                 lights.append(_light(analysis))
             except Exception as exc:  # one input's failure must not stop the others
@@ -341,8 +364,10 @@ def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWo
     torch.set_num_threads(1)
     load_plugins(plugins)
     checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
+    warnings.simplefilter("ignore", UnreadAttentionWarning)  # the parent said it once
     return _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
-                      work.formats, work.grid, progress=_passes_reported)  # fmt: skip
+                      work.formats, work.grid, progress=_passes_reported,
+                      methods=work.methods)  # fmt: skip
 
 
 def _passes_reported(passes: int, total: int) -> None:
@@ -373,7 +398,8 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     from viz.commands.parallel import ordered_map
 
     work.progress = _passes_reported
-    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid)
+    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid,
+                      methods=work.methods)  # fmt: skip
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
     plugins = plugins_from_env() + list(getattr(args, "plugin", []))
     threads = torch.get_num_threads()
@@ -388,8 +414,6 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
 
 def _light(analysis):
     """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
-    import dataclasses
-
     from viz.engine.trace import AttentionTrace
 
     stages = analysis.stage_cams()

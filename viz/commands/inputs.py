@@ -29,6 +29,10 @@ __all__ = [
     "parse_labels",
     "label_of",
     "load_checkpoints",
+    "check_method",
+    "methods_by_checkpoint",
+    "unread_attention_lines",
+    "FALLBACK_METHOD",
     "int_in",
     "error_line",
 ]
@@ -220,6 +224,50 @@ def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) ->
                 else "does not apply to a transformer"
             )
             raise UsageError(f"--method {method} ({CAM_METHODS[method].label}) {why}: {raw}")
+
+
+FALLBACK_METHOD = "gradcam"
+"""What a CNN shows beside a vision transformer under rollout, GAE or LeGrad (as in the app)."""
+
+
+def methods_by_checkpoint(
+    method: str, checkpoints: Sequence[tuple[str, str, object]]
+) -> tuple[dict[str, str], str | None]:
+    """The CAM method of each model (by name) and a one-line note when some differ.
+
+    A whole-network transformer method (rollout, GAE, LeGrad) with a CNN beside a vision
+    transformer: the CNNs fall back to Grad-CAM, as the app's comparison does, and the note
+    says which. Refused as `check_method` does (`UsageError`) when no model takes the method or
+    a CNN-only method meets a transformer.
+    """
+    from viz.engine.cam import CAM_METHODS
+    from viz.session import methods_for
+
+    spec = CAM_METHODS[method]
+    takes = {name: method in methods_for(ckpt.model) for _, name, ckpt in checkpoints}
+    if spec.needs != "attention" or not any(takes.values()) or all(takes.values()):
+        check_method(method, checkpoints)
+        return {name: method for name in takes}, None
+    others = [name for name, ok in takes.items() if not ok]
+    fallback = CAM_METHODS[FALLBACK_METHOD].label
+    note = (
+        f"--method {method} ({spec.label}) needs a vision transformer's self-attention: "
+        f"{', '.join(others)} show{'s' if len(others) == 1 else ''} {fallback} instead"
+    )
+    return {name: method if ok else FALLBACK_METHOD for name, ok in takes.items()}, note
+
+
+def unread_attention_lines(checkpoints: Sequence[tuple[str, str, object]]) -> list[str]:
+    """One line per model whose attention modules no probe reads (`viz.engine.unread`): the
+    commands print them once, as warnings, before any image is analysed."""
+    from viz.engine.unread import unread_attention_line
+
+    lines = []
+    for raw, _, ckpt in checkpoints:
+        line = unread_attention_line(ckpt.model)
+        if line is not None:
+            lines.append(f"{raw}: {line}")
+    return lines
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:

@@ -13,10 +13,12 @@ writes the report. Each finished chunk is saved atomically under `OUT/parts/`; a
 same inputs and options skips them (a changed one is refused unless `--overwrite`).
 
 Maps (the `map` column): `cam/stageS` (the CAM of `--method` at stage S's layer, the method in
-the `method` column; `--layers` chooses the layers, the last per stage counts), `attention/NAME`
+the `method` column; `--layers` chooses the layers, the last per stage counts), or the method's
+own name for a whole-network map (`rollout`, `gae`, `legrad`, `fullgrad`), `attention/NAME`
 (the spatial gate of module NAME, after its sigmoid where the probe gives a logit, as drawn),
 and `random` (uniform noise per pixel, seeded by the image: the chance level of every score).
-The default map of `per_image.csv` is the last stage's CAM.
+The default map of `per_image.csv` is the last stage's CAM. Map names with numbers sort by
+their numbers (`attention/blocks.9.attn` before `blocks.10`), here and in every table.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = [
     "chunks_of_rank",
     "inputs_for",
     "map_tensors",
+    "cam_map_name",
+    "is_cam_map",
     "PER_IMAGE_COLUMNS",
     "PER_MAP_COLUMNS",
 ]
@@ -130,11 +134,26 @@ def chunks_of_rank(n_images: int, batch_size: int, rank: int, world: int) -> lis
 # --- maps ------------------------------------------------------------------------------------
 
 
+def cam_map_name(stage: int, layer: str) -> str:
+    """The report's name of the CAM at `stage` from `layer`: `cam/stageS`, or the method's name
+    for a whole-network map (stage 0: `rollout`, `gae`, `legrad`, `fullgrad`)."""
+    from viz.engine.cam import CAM_METHODS
+
+    return layer if stage == 0 and layer in CAM_METHODS else f"cam/stage{stage}"
+
+
+def is_cam_map(name: str) -> bool:
+    """Whether the report's map `name` is a CAM (`cam/stageS` or a whole-network method's)."""
+    from viz.engine.cam import CAM_METHODS
+
+    return name.startswith("cam/") or name in CAM_METHODS
+
+
 def map_tensors(analysis) -> dict[str, tuple[str, int, str, Tensor]]:
     """{map name: (kind, stage, layer, (N, h, w) map)} of an `Analysis`: CAMs, then gates."""
     out: dict[str, tuple[str, int, str, Tensor]] = {}
     for stage, layer in analysis.stage_cams().items():
-        out[f"cam/stage{stage}"] = ("cam", stage, layer, analysis.cams[layer])
+        out[cam_map_name(stage, layer)] = ("cam", stage, layer, analysis.cams[layer])
     for rec in analysis.trace.spatial_records:
         spatial = rec.spatial.sigmoid() if rec.logits else rec.spatial
         out[f"attention/{rec.name}"] = ("attention", rec.stage, rec.name, spatial)

@@ -100,6 +100,7 @@ def report_command(args: argparse.Namespace) -> int:
         check_method,
         layer_list,
         load_checkpoints,
+        unread_attention_lines,
     )
     from viz.commands.report_page import write_report
 
@@ -115,6 +116,9 @@ def report_command(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     loaded = load_checkpoints(args.checkpoint)
     check_method(args.method, loaded)
+    if os.environ.get("RANK", "0") == "0":  # once, not by every rank of torchrun
+        for line in unread_attention_lines(loaded):
+            print(f"warning: {line}", file=sys.stderr)
     if layers:
         check_layers(loaded, layers, args.method)
     checkpoints = [(name, raw, ckpt) for raw, name, ckpt in loaded]

@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "read_csv",
     "SUMMARY_COLUMNS",
     "MAP_METRICS",
+    "natural_key",
 ]
 
 MAP_METRICS = (
@@ -44,6 +46,7 @@ SUMMARY_COLUMNS = (
 )  # fmt: skip
 SANITY_SUMMARY_COLUMNS = ("checkpoint", "step", "randomised", "map", "n", "spearman", "ssim")
 ALL_ATTENTION = "attention/all"  # per image, the mean over its attention modules
+_DIGITS = re.compile(r"(\d+)")
 _METRIC_WORDS = {
     "correct": "top-1 accuracy",
     "prob": "P(target)",
@@ -121,8 +124,8 @@ def summarise(rows: dict[str, list[dict]], checkpoints: Sequence[str], seed: int
                 values[(r["checkpoint"], r["map"], metric)][r["image"]] = v
     out = []
     order = {name: i for i, name in enumerate(checkpoints)}
-    keys = sorted(values, key=lambda k: (order.get(k[0], 99), k[1], MAP_METRICS.index(k[2])
-                                         if k[2] in MAP_METRICS else -1))  # fmt: skip
+    keys = sorted(values, key=lambda k: (order.get(k[0], 99), natural_key(k[1]),
+                                         MAP_METRICS.index(k[2]) if k[2] in MAP_METRICS else -1))  # fmt: skip
     for ckpt, map_name, metric in keys:
         by_image = values[(ckpt, map_name, metric)]
         est = bootstrap_mean(list(by_image.values()), seed=seed)
@@ -166,7 +169,19 @@ def sanity_summary(sanity: list[dict]) -> list[dict]:
             "n": sum(math.isfinite(v) for v in sp),
             "spearman": _nanmean(sp), "ssim": _nanmean(ss),
         })  # fmt: skip
-    return sorted(out, key=lambda r: (r["checkpoint"], r["map"], r["step"]))
+    return sorted(out, key=lambda r: (r["checkpoint"], natural_key(r["map"]), r["step"]))
+
+
+def natural_key(text: str) -> tuple:
+    """A sort key reading the numbers in `text` as numbers: `blocks.9` before `blocks.10`."""
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
+
+
+def is_cam_map(name: str) -> bool:
+    """Whether the map `name` is a CAM (`viz.commands.report.is_cam_map`)."""
+    from viz.commands.report import is_cam_map as cam
+
+    return cam(name)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -178,7 +193,7 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _last_cam(per_map: list[dict]) -> str | None:
-    stages = sorted({r["map"] for r in per_map if r["kind"] == "cam"})
+    stages = sorted({r["map"] for r in per_map if r["kind"] == "cam"}, key=natural_key)
     return stages[-1] if stages else None
 
 
@@ -251,7 +266,7 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str], method: str)
 
     if not summary:
         return None
-    cams = sorted({r["map"] for r in summary if r["map"].startswith("cam/")})
+    cams = sorted({r["map"] for r in summary if is_cam_map(r["map"])}, key=natural_key)
     maps = [m for m in (cams[-1] if cams else None, ALL_ATTENTION) if m]
     # one axis of block names when every model has the same blocks; else the fraction of the
     # network randomised, so networks of different depth share the axis
@@ -277,7 +292,7 @@ def _sanity_figure(summary: list[dict], checkpoints: Sequence[str], method: str)
                 xs = [r["step"] if named else (r["step"] + 1) / count for r in pts]
                 ax.plot(xs, [r[metric] for r in pts], styles[i % 4],
                         color=colour, marker="o", markersize=2, linewidth=1,
-                        label=_legend_label(ckpt, f"{m} ({method})" if m in cams else m))  # fmt: skip
+                        label=_legend_label(ckpt, f"{m} ({method})" if m in cams and m != method else m))  # fmt: skip
         ax.axhline(0, color="#bbbbbb", linewidth=0.5)
         if named:
             ax.set_xticks(range(len(known[0])))
@@ -327,7 +342,7 @@ def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
         first = kept[(ckpt_name, shown[0][1])]
         for key in first:
             m = torch.tensor([kept[(ckpt_name, name)][key] for _, name, _ in shown])
-            title = f"{key} ({method})" if key.startswith("cam/") else key
+            title = f"{key} ({method})" if is_cam_map(key) and key != method else key
             panels.append((ckpt_name, ckpt, title, m))
     columns = max(1, len(panels))
     # panels placed by hand: no layout engine; room for the row labels and the scale's note

@@ -43,6 +43,7 @@ from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import AttentionTrace, attention_modules, model_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
+from viz.engine.unread import unread_attention, warn_unread_attention
 
 __all__ = [
     "Analysis",
@@ -426,6 +427,10 @@ def analyze(
         Token layers (a ViT's (N, T, C), Swin's (N, H, W, C)) are put on their grid first,
         prefix tokens dropped (`viz.engine.tokens`).
 
+    Warns:
+        UnreadAttentionWarning: the network has attention modules that no probe reads
+            (`viz.engine.unread`): one line naming their classes.
+
     Cost: 1 forward + 1 backward that runs from the logits down to the earliest requested layer,
     without parameter gradients, shared by every gradient method; no backward for the methods
     that need activations only; the pass methods add their own passes (`CamMethod.cost`).
@@ -445,6 +450,7 @@ def analyze(
     if problem:
         raise ValueError(problem)
     settings = _Settings(spec, eigen_smooth, options, seed, progress)
+    warn_unread_attention(model)  # attention no probe reads: said once per call, in one line
     if aug_smooth:
         return _augmentation_smoothed(model, x, target, cam_layers, settings)
     return _analyze(model, x, target, cam_layers, settings)
@@ -702,6 +708,12 @@ def _transformer_analysis(model, x, target, settings: _Settings, modules) -> Ana
                     h.remove()
             targets = resolve_targets(target, logits)
             calls = trace.attention_calls()
+            unread = unread_attention(model)
+            if unread and not calls:
+                raise ValueError(
+                    f"{spec.name} needs a vision transformer's self-attention that a probe reads; "
+                    f"no probe reads this network's {', '.join(unread)} (register_attention)"
+                )
             if spec.name == "rollout":
                 cam = rollout(
                     [rec for *_, rec in calls], head_fusion=options.get("head_fusion", "mean"),

@@ -8,7 +8,12 @@ EfficientNet and MobileNet 4..32 (their stride-2 stem level is stage 0).
 The *stage layer* of a level, where Grad-CAM is taken by default, is the last module, among
 the shallowest ones, whose output lives at that level: `layer3` rather than `layer4.0.conv1`
 (which also outputs at stride 16 in a ResNet-50), `features.5` in torchvision's EfficientNet.
-Attention modules and their insides are never stage layers: a CAM after BAM is not the stage's.
+Attention modules and their insides are never stage layers: a CAM after BAM is not the stage's,
+and an attention module's (N, heads, tokens, dim) tensors are no feature maps (registered
+modules and those named as attention, `viz.engine.unread`). A transformer that the token
+layouts (`viz.engine.tokens`) do not know is read on its patch grid: (N, T, C) outputs after
+the last feature map, T a square (and a class token), are its deepest level, numbered 4 as a
+ViT's.
 
 Levels are found once per model with a shape probe (one forward of a 224 x 224 zero image,
 under `torch.no_grad`) and cached.
@@ -26,7 +31,8 @@ from torch import Tensor, nn
 
 from models.probes import find_probe, registry_generation
 from viz.engine.state import preserve_model_state, submodules
-from viz.engine.tokens import TokenLayout, token_layout
+from viz.engine.tokens import TokenLayout, guessed_grid, token_layout
+from viz.engine.unread import attention_names
 
 __all__ = ["NetworkLevels", "network_levels", "stride_of", "PROBE_SIZE", "STAGES"]
 
@@ -162,20 +168,45 @@ def _attention_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
     return [name for name, m in modules if name and find_probe(m) is not None]
 
 
+def _spatial(out: Tensor) -> bool:
+    """A (1, C, h, w) feature map of the probe image: h and w at one stride, not larger than
+    the image (an attention module's (1, heads, tokens, dim) is neither)."""
+    h, w = out.shape[-2], out.shape[-1]
+    if out.shape[0] != 1 or h * w <= 1 or h > PROBE_SIZE or w > PROBE_SIZE:
+        return False
+    return stride_of(PROBE_SIZE, h) == stride_of(PROBE_SIZE, w)
+
+
+def _token_side(out: Tensor) -> int | None:
+    """The side of the patch grid of (1, T, C) tokens (T a square, or a square and a class
+    token, as `viz.engine.tokens.as_feature_map` reads them), else None."""
+    if out.shape[0] != 1:
+        return None
+    grid = guessed_grid(out.shape[1]) or guessed_grid(out.shape[1] - 1)
+    return grid[0] if grid is not None and grid[0] > 1 else None
+
+
 def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLevels:
     gated = _attention_names(modules)
+    internals = attention_names(modules)  # registered or named attention: never a stage layer
 
     def inside_attention(name: str) -> bool:
-        return any(name == g or name.startswith(g + ".") for g in gated)
+        return any(name == g or name.startswith(g + ".") for g in internals)
 
-    seen: list[tuple[str, int, int]] = []  # (name, depth, stride) in the order modules finish
+    # (name, depth, stride, tokens) in the order modules finish: 4-D feature maps, and (N, T, C)
+    # tokens on a square patch grid (a transformer the token layouts do not know)
+    seen: list[tuple[str, int, int, bool]] = []
 
     def hook_for(name: str):
         depth = name.count(".") + 1
 
         def hook(_m, _i, out) -> None:
-            if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-2] * out.shape[-1] > 1:
-                seen.append((name, depth, stride_of(PROBE_SIZE, out.shape[-2])))
+            if not isinstance(out, Tensor):
+                return
+            if out.ndim == 4 and _spatial(out):
+                seen.append((name, depth, stride_of(PROBE_SIZE, out.shape[-2]), False))
+            elif out.ndim == 3 and (side := _token_side(out)) is not None:
+                seen.append((name, depth, stride_of(PROBE_SIZE, side), True))
 
         return hook
 
@@ -215,13 +246,22 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         finally:
             for h in handles:
                 h.remove()
+    # attention modules are never stage layers (their inputs are kept above), and tokens count
+    # only after the last feature map: a transformer at the end of the network, read on its grid
+    last_map = max((i for i, (*_, tokens) in enumerate(seen) if not tokens), default=-1)
+    tokens_last = last_map < len(seen) - 1
+    seen = [(n, d, s) for i, (n, d, s, tokens) in enumerate(seen) if not tokens or i > last_map]
     strides = tuple(sorted({s for _, _, s in seen}))
-    offset = max(0, len(strides) - STAGES)
+    # a transformer's patch grid is its deepest level: numbered up to 4, as a ViT's
+    deepest_last = tokens_last and len(strides) < STAGES
+    offset = len(strides) - STAGES if deepest_last else max(0, len(strides) - STAGES)
     layers: dict[int, str] = {}
-    for i, stride in enumerate(strides[offset:]):
+    for i, stride in enumerate(strides):
+        if i < offset:
+            continue
         at_level = [(name, depth) for name, depth, s in seen if s == stride]
         shallowest = min(depth for _, depth in at_level)
-        layers[i + 1] = [name for name, depth in at_level if depth == shallowest][-1]
+        layers[i + 1 - offset] = [name for name, depth in at_level if depth == shallowest][-1]
     # a module run at two resolutions (shared weights) is left to the tracer's module tap
     attention_inputs = {name: found.pop() for name, found in inputs.items() if len(found) == 1}
-    return NetworkLevels(strides, layers, attention_inputs)
+    return NetworkLevels(strides, layers, attention_inputs, deepest_last)

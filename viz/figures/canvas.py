@@ -42,6 +42,7 @@ __all__ = [
     "pick_image",
     "colorbar",
     "Canvas",
+    "panel_size",
     "heat_rgb",
     "value_range",
     "literal",
@@ -201,6 +202,16 @@ def fit_text(
     return "\n".join(lines), min_size
 
 
+def panel_size(
+    width: str | float, left: float, columns: int, max_panel: float, *, gap: float = 0.04,
+    extra: float = 0.0,
+) -> float:  # fmt: skip
+    """Inches of a square panel of a `Canvas` with `columns` panels a row (`left` for the row
+    labels, `gap` between panels, `extra` for group gaps), at most `max_panel`."""
+    avail = figure_width(width) - left - 0.05 - gap * (columns - 1) - extra
+    return max(0.2, min(max_panel, avail / columns))
+
+
 class Canvas:
     """Square image panels placed in inches on one full-figure Axes (no layout engine).
 
@@ -231,8 +242,7 @@ class Canvas:
         self.gaps = [list(g) for g in gaps] if gaps is not None else [[0.0] * n for n in counts]
         ncols = max(counts)
         extra = max(sum(g) for g in self.gaps)
-        avail = self.width - left - 0.05 - gap * (ncols - 1) - extra
-        self.panel = p = max(0.2, min(max_panel, avail / ncols))
+        self.panel = p = panel_size(width, left, ncols, max_panel, gap=gap, extra=extra)
         used = ncols * p + gap * (ncols - 1) + extra
         self.used = used  # inches the panels take, from x0
         self.x0 = left + max(0.0, (self.width - left - 0.05 - used) / 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -11,16 +12,19 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from viz.engine.cam import CAM_METHODS
 from viz.engine.maps import DEFAULT_CMAP, overlay
 from viz.figures.canvas import (
-    FIGURE_STYLE,
     Canvas,
     as_image,
     figure_width,
+    fit_text,
     literal,
+    panel_size,
     styled,
     text_width,
 )
+from viz.measures.metrics import is_constant
 
 if TYPE_CHECKING:
     from viz.engine.cam import Analysis
@@ -28,6 +32,11 @@ if TYPE_CHECKING:
 __all__ = ["model_grid"]
 
 MAX_PANEL = 1.9  # inches: three images fill a double column, six share it
+LABEL_SIZES = (7.0, 6.0)  # points: the row labels' size, smaller only when they need it
+MAX_LABEL_LINES = 7  # lines of a rotated row label (each takes width from the panels)
+FOOT = 0.15  # inches under a row's panels (P)
+LABEL_GAP = 0.06  # inches between the row labels of two rows
+CONSTANT = "constant\nCAM"  # said on a panel whose map has no contrast (as the Grad-CAM figure)
 
 
 @styled
@@ -42,7 +51,7 @@ def model_grid(
     alpha: float = 0.5,
     width: str | float = "double",
     render: str = "smooth",
-    decimals: int = 5,
+    decimals: int = 2,
     title: str | None = None,
     missing: Sequence[Sequence[int]] | None = None,
 ) -> Figure:
@@ -58,11 +67,17 @@ def model_grid(
             whatever its name in another network).
         stage: show each row's CAM at this stage (1..4) instead, whatever the layer is called
             in that network (rows of different networks); ignored when `layer` is given.
-        decimals: digits of the softmax score printed under each map, "P=0.96340".
+        decimals: digits of the softmax score printed under each map, "P=0.96".
         missing: per row, the columns whose class that model does not have: drawn as "n/a"
             rather than explaining another class under the column's title.
         render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
             the grid drawn: the resolution the network computed at).
+        title: a title of the figure's own, before the method and stage shown.
+
+    The header says which CAM method and stage (or layer) the rows show; a row label too long
+    for its row is wrapped (also inside long names, after "_", "-", "/") and set smaller, never
+    into the next row; a map with no contrast (all zero, say) is drawn as the photo and said
+    to be constant, as the Grad-CAM figure does.
 
     Raises:
         ValueError: counts do not match, or a row has no CAM for `layer`.
@@ -77,36 +92,80 @@ def model_grid(
     if len(absent) != len(rows):
         raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
     methods = {analysis.method_label for _, analysis in rows}
-    # rows of different methods (a CNN's Grad-CAM beside a ViT's rollout) each say which
-    named = [label if len(methods) == 1 else f"{label} ({a.method_label})" for label, a in rows]
-    labels = _wrap_row_labels([literal(n) for n in named], width, len(pics), max_panel=MAX_PANEL)
+    # rows of different methods (a CNN's Grad-CAM beside a ViT's rollout) each say which, in
+    # short: the heading names them in full
+    named = [(literal(label), "" if len(methods) == 1 else f"({literal(_short(a))})")
+             for label, a in rows]  # fmt: skip
+    head = _title_head(column_titles, width, len(pics))
+    labels, size, left = fit_row_labels(named, width, len(pics), head)
     titles = [literal(t) for t in column_titles]
-    canvas = _canvas(width, labels, titles, len(rows), bool(title))
-    # as many digits of P as fit under a panel (at least 2; 5 as in the CBAM paper when room)
-    digits = next(
-        (d for d in range(decimals, 1, -1) if text_width("P=0." + "0" * d, 6.0) <= canvas.panel),
-        2,
-    )
+    shows = literal(_shown_text(rows, shown, layer))
+    heading = f"{literal(title)} · {shows}" if title else shows
+    # the heading in one line at 8.4 pt (as Canvas.title sets it), else two at 7 pt
+    one_line = text_width(heading, 8.4) <= figure_width(width) - 0.1
+    canvas = Canvas(
+        width, [len(pics)] * (1 + len(rows)), left=left, head=head, foot=[0.03] + [FOOT] * len(rows),
+        header=0.22 if one_line else 0.34, max_panel=MAX_PANEL, footer=0.42,
+    )  # fmt: skip
     for c, (pic, name) in enumerate(zip(pics, titles)):
         canvas.image(0, c, pic)
         canvas.above(0, c, name, max_lines=2)
     canvas.left_of(0, 0, "input")
     for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
-        cams = analysis.cams[row_layer]
-        probs = analysis.target_probs
-        for c, pic in enumerate(pics):
-            if c in absent[r - 1]:
-                canvas.note(r, c, "n/a:\nclass not\nin this model")
-                continue
-            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha, render=render))
-            canvas.below(r, c, f"P={float(probs[c]):.{digits}f}")
-        canvas.left_of(r, 0, label)
+        _draw_row(canvas, r, pics, analysis.cams[row_layer], analysis.target_probs,
+                  absent[r - 1], cmap, alpha, render, decimals)  # fmt: skip
+        canvas.left_of(r, 0, label, fontsize=size)
     # each CAM is stretched to its own range, as in the papers: the bar says so
-    method = f"{methods.pop()}, " if len(methods) == 1 else ""  # else each row names its own
-    canvas.colorbar(cmap, 0.0, 1.0, f"{method}each map: own min–max")
-    if title:
-        canvas.title(title)
+    canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
+    canvas.title(heading)
     return canvas.fig
+
+
+def _draw_row(canvas: Canvas, r: int, pics, cams: Tensor, probs: Tensor, absent: set[int],
+              cmap: str, alpha: float, render: str, decimals: int) -> None:  # fmt: skip
+    """One model's row: each column's CAM over its image and P under it (n/a, constant)."""
+    for c, pic in enumerate(pics):
+        if c in absent:
+            canvas.note(r, c, "n/a:\nclass not\nin this model")
+            continue
+        if is_constant(cams[c].detach().float().flatten()):
+            # no contrast to draw: the photo as it is, and the map said to be constant
+            canvas.image(r, c, pic)
+            x, y, p = canvas.box(r, c)
+            canvas.ax.text(x + p / 2, y + p / 2, CONSTANT, ha="center", va="center", fontsize=6,
+                           multialignment="center",
+                           bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
+                                 "edgecolor": "none", "alpha": 0.85})  # fmt: skip
+        else:
+            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha, render=render))
+        canvas.below(r, c, f"P={float(probs[c]):.{decimals}f}")
+
+
+def _short(analysis: Analysis) -> str:
+    """The method's label without its authors: "GAE", "Grad-CAM (aug smooth)"."""
+    label = analysis.method_label
+    method = CAM_METHODS.get(analysis.method)
+    return label.replace(method.label, method.label.split(" (")[0]) if method else label
+
+
+def _shown_text(rows, shown: list[str], layer: str | None) -> str:
+    """What the rows show, e.g. "Grad-CAM at stage 4", "Grad-CAM at stage 4 · attention rollout
+    for the whole network", "Grad-CAM at layer3"."""
+    parts: list[str] = []
+    for (_, analysis), row_layer in zip(rows, shown):
+        stage = analysis.cam_stages.get(row_layer)
+        if layer is not None:
+            where = f"at {layer}"
+        elif stage == 0:
+            where = "for the whole network"
+        elif stage is None:
+            where = f"at {row_layer}"
+        else:
+            where = f"at stage {stage}"
+        part = f"{analysis.method_label} {where}"
+        if part not in parts:
+            parts.append(part)
+    return " · ".join(parts)
 
 
 def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> str:
@@ -123,22 +182,17 @@ def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> st
         row_layer = _deepest_cam(analysis)
     if row_layer not in analysis.cams:
         raise ValueError(
-            f"row {label!r} has no CAM for {row_layer!r}; it has {sorted(analysis.cams)}"
+            f"row {label!r} has no CAM for {row_layer!r}; it has {list(analysis.cams)}"
         )
     if analysis.logits.shape[0] != columns:
         raise ValueError(f"row {label!r} covers {analysis.logits.shape[0]} images, not {columns}")
     return row_layer
 
 
-def _canvas(width, labels: list[str], titles: list[str], rows: int, titled: bool) -> Canvas:
-    """Room for the row labels' lines and, when one line is too narrow, two-line titles."""
-    lines = max(label.count("\n") + 1 for label in labels) if labels else 1
-    guess = (figure_width(width) - 0.1 - 0.12 * lines) / len(titles)
-    two = any(text_width(t, 6.0) > min(guess, MAX_PANEL) for t in titles)
-    return Canvas(
-        width, [len(titles)] * (1 + rows), left=0.08 + 0.12 * lines, head=0.24 if two else 0.15,
-        foot=[0.03] + [0.15] * rows, header=0.25 if titled else 0.0, max_panel=MAX_PANEL, footer=0.42,
-    )  # fmt: skip
+def _title_head(titles: Sequence[str], width, columns: int) -> float:
+    """Room above the image row: one line of column titles, two when one is too long."""
+    guess = panel_size(width, 0.2, columns, MAX_PANEL)
+    return 0.24 if any(text_width(t, 6.0) > guess for t in titles) else 0.15
 
 
 def _deepest_cam(analysis: Analysis) -> str:
@@ -149,13 +203,59 @@ def _deepest_cam(analysis: Analysis) -> str:
     return list(analysis.cams)[-1] if analysis.cams else "(none)"
 
 
-def _wrap_row_labels(
-    labels: Sequence[str], width: str | float, ncols: int, max_panel: float
-) -> list[str]:
-    """Break rotated row labels into lines no taller than a panel (no label runs off a row)."""
-    panel = min(max_panel, (figure_width(width) - 0.5 - 0.04 * (ncols - 1)) / ncols)
-    chars = max(8, int(panel / (0.6 * FIGURE_STYLE["font.size"] / 72)))  # average glyph width
-    return [
-        textwrap.fill(label, chars, break_long_words=False, break_on_hyphens=False)
-        for label in labels
-    ]
+class _NameWrapper(textwrap.TextWrapper):
+    """Breaks at spaces and after "_", "-" and "/": a timm name wraps between its parts."""
+
+    wordsep_re = re.compile(r"(\s+|(?<=[_/-])(?=[^\s_/-]))")
+
+
+# how a label may break, best first: at spaces; also inside names after "_", "-", "/"; anywhere
+_BREAKS = (
+    lambda chars: textwrap.TextWrapper(chars, break_long_words=False, break_on_hyphens=False),
+    lambda chars: _NameWrapper(chars, break_long_words=False),
+    lambda chars: _NameWrapper(chars, break_long_words=True),
+)
+
+
+def fit_row_labels(
+    labels: Sequence[tuple[str, str]], width: str | float, columns: int, head: float
+) -> tuple[list[str], float, float]:
+    """Row labels (rotated, beside their row) that fit it: (wrapped labels, font size, inches
+    of the left margin) for (label, suffix) pairs, the suffix ("(GAE)") after the label.
+
+    A line is at most as long as a row is tall (head, panel and foot) less `LABEL_GAP`: centred
+    on its panel, no label runs into the next row's. Tried in turn: breaks at spaces only, then inside names,
+    then anywhere; for each, 7 pt then 6 pt; for each, one line more at a time (each takes
+    width from the panels). A label that fits in none of these is cut with an ellipsis, its
+    suffix kept.
+    """
+    texts = [f"{label} {suffix}".strip() for label, suffix in labels]
+    for breaks in _BREAKS:
+        for size in LABEL_SIZES:
+            for lines in range(1, MAX_LABEL_LINES + 1):
+                left, room = _label_room(width, columns, head, size, lines)
+                wrapped = [_wrap(text, room, size, breaks) for text in texts]
+                if all(w is not None and w.count("\n") < lines for w in wrapped):
+                    return wrapped, size, left
+    size = LABEL_SIZES[-1]
+    left, room = _label_room(width, columns, head, size, MAX_LABEL_LINES)
+    cut = []
+    for label, suffix in labels:
+        kept = MAX_LABEL_LINES - 1 if suffix else MAX_LABEL_LINES
+        text = fit_text(label, room, fontsize=size, min_size=size, max_lines=kept)[0]
+        cut.append(f"{text}\n{fit_text(suffix, room, fontsize=size)[0]}" if suffix else text)
+    return cut, size, left
+
+
+def _label_room(width, columns: int, head: float, size: float, lines: int) -> tuple:
+    """(left margin, inches a label line may take) with `lines` lines at `size` points."""
+    left = 0.1 + 1.2 * size / 72 * lines  # a line of rotated text takes 1.2 em across
+    return left, panel_size(width, left, columns, MAX_PANEL) + head + FOOT - LABEL_GAP
+
+
+def _wrap(text: str, inches: float, size: float, breaks) -> str | None:
+    """`text` in lines of at most `inches` at `size` points with the wrapper `breaks` makes,
+    or None when a line stays longer."""
+    chars = max(4, int(inches / text_width("x", size)))
+    lines = breaks(chars).wrap(text)
+    return "\n".join(lines) if all(len(line) <= chars for line in lines) else None

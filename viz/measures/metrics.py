@@ -45,6 +45,7 @@ __all__ = [
     "agreement_table",
     "channel_statistics",
     "deletion_insertion",
+    "is_constant",
     "random_saliency",
     "seed_of",
 ]
@@ -101,7 +102,9 @@ def _as_map(m: Tensor | np.ndarray, what: str) -> Tensor:
     return t.float().cpu()
 
 
-def _is_constant(v: Tensor) -> bool:
+def is_constant(v: Tensor) -> bool:
+    """Whether the values of `v` (any shape) are one value, to float32 rounding: a map with
+    no contrast, whose scores are n/a and which figures say is constant."""
     lo, hi = v.min(), v.max()
     return bool(hi - lo <= _CONSTANT_RTOL * max(float(lo.abs()), float(hi.abs())))
 
@@ -173,7 +176,7 @@ def agreement(
     a, b = a.flatten().double(), b.flatten().double()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return Agreement(math.nan, math.nan, math.nan, top_k)
-    const_a, const_b = _is_constant(a), _is_constant(b)
+    const_a, const_b = is_constant(a), is_constant(b)
     if const_a or const_b:
         which = tuple(name for name, c in (("attention", const_a), ("cam", const_b)) if c)
         return Agreement(math.nan, math.nan, math.nan, top_k, which)
