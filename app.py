@@ -45,12 +45,14 @@ from viz import (
     FORMATS,
     IMAGE_FIGURES,
     IMAGE_TYPES,
+    NETWORK_MAP,
     NUM_SAMPLES,
     RENDERS,
     SCALES,
     FigureSettings,
     GridModel,
     ImageError,
+    KeptUploads,
     ReportOptions,
     ServePolicy,
     UsageError,
@@ -58,6 +60,7 @@ from viz import (
     analyze_images,
     attribute,
     cam_layer_choices,
+    carry_saliency_choice,
     channel_statistics,
     check_upload_size,
     class_index,
@@ -71,6 +74,7 @@ from viz import (
     draw_image_figure,
     figure_bytes,
     figures,
+    grid_stand_in,
     image_bundle,
     inputs_for,
     label_of,
@@ -79,6 +83,7 @@ from viz import (
     md_text,
     methods_for,
     model_grid_rows,
+    no_spatial_maps,
     npz_bytes,
     open_report,
     parse_class_names,
@@ -90,6 +95,7 @@ from viz import (
     sample_images,
     seed_of,
     serve_policy,
+    shown_at_stage,
     smoothings_for,
     temporary_report_folder,
     top_predictions,
@@ -106,6 +112,7 @@ CMAPS = tuple(
 MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}  # FORMATS
 SCREEN_DPI = 150  # on screen; downloads use figure_bytes at 300 dpi
 OTHER = -1  # the "another class" choice of the target radio
+CAM_TAB = "Class activation map"
 log = logging.getLogger("attention_lens.app")
 
 
@@ -238,6 +245,12 @@ class SlowJob:
         return max(0.0, left - (time.monotonic() - then))
 
 
+# While a slow method runs, its Stop (which also goes back to Grad-CAM) is the only one: the
+# Stop of Streamlit's status widget, which would stop the page but not the analysis, is hidden
+# (this style goes with the bar when the run ends)
+ONE_STOP = '<style>[data-testid="stStatusWidget"] button {display: none;}</style>'
+
+
 class _PerRun(threading.local):
     """The running analysis's bar and Stop button, in `box`: per script run (each session runs
     its script in its own thread, so two users never share them)."""
@@ -281,6 +294,7 @@ class SlowRun:
                 if _RUN.box is None:
                     _RUN.box = st.empty()
                 with _RUN.box.container():
+                    st.markdown(ONE_STOP, unsafe_allow_html=True)
                     st.button("Stop", key=f"stop-slow:{time.monotonic_ns()}", on_click=_stop_slow,
                               args=(label,), icon=":material/stop_circle:")  # fmt: skip
                     _RUN.bar = st.progress(0.0)
@@ -372,10 +386,11 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, view: View, er
     finally:
         fig.clear()
     for col, fmt in zip(st.columns(len(MIME)), MIME):
+        file_name = f"{view.prefix}_{name}.{fmt}"
         col.download_button(
-            fmt.upper(), data=lambda fmt=fmt: _render(build, fmt, view.settings.dpi),
-            file_name=f"{view.prefix}_{name}.{fmt}",
-            mime=MIME[fmt], key=f"dl:{key}:{fmt}", on_click="ignore", icon=":material/download:",
+            fmt.upper(), file_name=file_name, mime=MIME[fmt], key=f"dl:{key}:{fmt}",
+            icon=":material/download:",
+            **Downloads.of_session().on_click(lambda fmt=fmt: _render(build, fmt, view.settings.dpi), file_name),
         )  # fmt: skip
 
 
@@ -385,6 +400,72 @@ def _render(build: Callable[[], Figure], fmt: str, dpi: int) -> bytes:
         return figure_bytes(fig, fmt, dpi=dpi)
     finally:
         fig.clear()
+
+
+class Downloads:
+    """This session's files made on click (Streamlit runs a download's `data` callable outside
+    the script, where an exception only reaches the server log): a failure is logged and said
+    on the page in one line, by the rerun the click starts, which waits for the file first."""
+
+    GRACE_SECONDS = 2.0  # for the file's request to arrive beside the click's rerun
+    LIMIT_SECONDS = 600.0  # the longest a rerun waits on a file being made
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._ended = -float("inf")  # time.monotonic() when the last file was done
+        self._failures: list[str] = []
+
+    @staticmethod
+    def of_session() -> Downloads:
+        found = st.session_state.get("downloads")
+        if found is None:
+            found = st.session_state["downloads"] = Downloads()
+        return found
+
+    def on_click(self, make: Callable[[], bytes], file_name: str) -> dict:
+        """A download button's `data` and `on_click`: `make` guarded, and the wait for it."""
+        return {"data": self.guarded(make, file_name), "on_click": self.settle}
+
+    def guarded(self, make: Callable[[], bytes], file_name: str) -> Callable[[], bytes]:
+        def run() -> bytes:
+            with self._lock:
+                self._running += 1
+            try:
+                return make()
+            except Exception as exc:
+                log.exception("download %s failed", file_name)
+                what = exc if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self._failures.append(f"{file_name} could not be made: {what}")
+                raise
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._ended = time.monotonic()
+
+        return run
+
+    def settle(self) -> None:
+        """The click's callback, at the start of its rerun: wait until the file is made (or
+        none came), so that the page this run draws says whether it failed."""
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                running, ended = self._running, self._ended
+            if running and now - start < self.LIMIT_SECONDS:
+                pass
+            elif running or ended >= start - self.GRACE_SECONDS or now - start > self.GRACE_SECONDS:
+                return
+            time.sleep(0.05)
+
+    def report(self, errors) -> None:
+        """Show the failures since the last run, one error line each."""
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for line in failures:
+            errors.error(md_text(line, limit=300))
 
 
 def state(key: str, default):
@@ -524,15 +605,88 @@ def choose_images(errors) -> list[ImageItem]:
             )  # fmt: skip
             continue
         sources.append((f.name, f.getvalue()))
+    sources = ReloadedImages(limits).follow(bool(uploads), sources, errors)
     items = decoded(sources, limits, errors)
     if not items:  # nothing uploaded, or nothing that could be read: the samples stay at hand
         samples = {s.path.name: s for s in sample_images(SAMPLES)}
-        default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples and not uploads else []
+        default = [DEFAULT_SAMPLE] if DEFAULT_SAMPLE in samples and not sources else []
         picked = st.sidebar.multiselect(
             "Sample images", list(samples), default=default, key="samples"
         )
         items = decoded([(n, samples[n].path.read_bytes()) for n in picked], limits, errors)
     return items
+
+
+@st.cache_resource(show_spinner=False)
+def kept_uploads(max_bytes: int, seconds: float) -> KeptUploads:
+    """The server's store of uploaded images kept for reloaded pages (all sessions)."""
+    return KeptUploads(max_bytes, seconds)
+
+
+class ReloadedImages:
+    """Uploaded images survive a reload of the page (which starts a new session, its upload box
+    empty): kept on the server (`KeptUploads`, bounded by the serve policy) under a random key
+    that the page's address carries (`?images=…`) and, where the browser has Streamlit's XSRF
+    cookie, that browser only. Removing the uploads from the box, or "Forget them", drops them.
+
+    Per session, `st.session_state["reload_images"]`: "uploaded:<digest>" (kept), "restored"
+    (shown from the store after a reload), "none"; absent in a new session.
+    """
+
+    PARAM, STATE = "images", "reload_images"
+
+    def __init__(self, limits: ServePolicy) -> None:
+        self.store = kept_uploads(limits.kept_upload_bytes, limits.kept_upload_seconds)
+        self.on = limits.kept_upload_bytes > 0
+
+    def _key(self, token: str) -> str:
+        return f"{token}:{digest(self._browser().encode())}"
+
+    @staticmethod
+    def _browser() -> str:
+        """This browser's secret: the token of Streamlit's XSRF cookie, unmasked (the cookie is
+        "2|mask|masked token|time", masked anew at each page load); "" without the cookie."""
+        cookie = (st.context.cookies or {}).get("_streamlit_xsrf", "")
+        try:
+            version, mask, masked, _ = cookie.split("|")
+            mask_bytes, token = bytes.fromhex(mask), bytes.fromhex(masked)
+        except ValueError:
+            return cookie
+        if version != "2" or len(mask_bytes) != 4:
+            return cookie
+        return bytes(b ^ mask_bytes[i % 4] for i, b in enumerate(token)).hex()
+
+    def follow(self, uploaded: bool, sources: list[tuple[str, bytes]], errors) -> list:
+        """The images to analyse: this run's uploads (kept for a reload), else those kept
+        before the page was reloaded."""
+        if not self.on:
+            return sources
+        token, was = st.query_params.get(self.PARAM), st.session_state.get(self.STATE)
+        if uploaded:
+            stamp = "uploaded:" + digest(b"".join(digest(d).encode() for _, d in sources))
+            if was != stamp:
+                token = token or KeptUploads.new_key()
+                st.query_params[self.PARAM] = token
+                if not self.store.put(self._key(token), sources):
+                    errors.info("These images are too large to keep for a reload of the page.")
+                st.session_state[self.STATE] = stamp
+            return sources
+        restored = self.store.get(self._key(token)) if token and was in (None, "restored") else []
+        if not restored:  # removed from the box, forgotten, expired, or another address
+            self.forget(token)
+            return []
+        st.session_state[self.STATE] = "restored"
+        st.sidebar.caption(f"{len(restored)} image(s) kept from before the page was reloaded.")
+        st.sidebar.button("Forget them", key="forget_images", on_click=self.forget, args=(token,),
+                          icon=":material/delete:")  # fmt: skip
+        return restored
+
+    def forget(self, token: str | None) -> None:
+        if token:
+            self.store.drop(self._key(token))
+            st.query_params.pop(self.PARAM, None)
+        if self.STATE in st.session_state:
+            st.session_state[self.STATE] = "none"
 
 
 def decoded(sources: list[tuple[str, bytes]], limits, errors) -> list[ImageItem]:
@@ -586,7 +740,9 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
         help="not used by this method: it gives one map for the whole network" if whole else None,
     )  # fmt: skip
     st.session_state[f"kept {key}"] = layers
-    if ckpt:
+    if whole:  # the greyed-out layers are kept for the next layer method, not used by this one
+        layers = []
+    elif ckpt:
         layers, note = layers_for_method(ckpt.model, method, layers)
         if note:
             errors.info(md_text(note))
@@ -609,6 +765,7 @@ def main() -> None:
         "the same pass, and how much they agree."
     )
     errors = st.container()  # the one place where problems are reported
+    Downloads.of_session().report(errors)
     for line in plugin_errors():
         errors.warning(md_text(line, limit=400))
     if policy().warning:
@@ -707,9 +864,11 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
     target, an = explained_class(ckpt, label, item, crop, base[pick], settings, tkey)
     # a transformer has heads where a CNN has channel weights
     transformer = any(rec.kind == "self-attention" for rec in an.trace)
+    # "Class activation map" whatever the method (the figure names it): a tab renamed by a
+    # change of method would close, the browser going back to the first tab
     tabs = st.tabs(
         ["Spatial attention", "Attention heads" if transformer else "Channel attention",
-         "Grad-CAM", "Agreement & deletion/insertion", "BAM hierarchy", "Compare models",
+         CAM_TAB, "Agreement & deletion/insertion", "BAM hierarchy", "Compare models",
          "Class statistics", "Data set"]
     )  # fmt: skip
     stem = safe_stem(item.name)
@@ -718,7 +877,10 @@ def page(ckpt, label, models, items, view: View, errors) -> None:
         return lambda: draw_image_figure(name, crop, an, ckpt.class_names, settings, **extra)
 
     with tabs[0]:
-        show_figure(draw("overview"), f"{stem}_spatial", f"sp:{tkey}", view, errors)
+        if an.trace.spatial_records:
+            show_figure(draw("overview"), f"{stem}_spatial", f"sp:{tkey}", view, errors)
+        else:  # a note, not a figure to download
+            st.info(no_spatial_maps(md_text(ckpt.label), an.trace))
     with tabs[1]:
         if transformer:
             show_figure(draw("heads"), f"{stem}_heads", f"hd:{tkey}", view, errors)
@@ -800,16 +962,16 @@ def explained_class(ckpt, label, item, crop, base, settings: FigureSettings, tke
         right.markdown(
             f"Explaining **{md_text(names[target])}** (P = {float(an.target_probs[0]):.3f})"
         )
+    file_name = f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}_attention_lens.zip"
     right.download_button(
-        "Everything for this image (zip)", icon=":material/folder_zip:", on_click="ignore",
-        data=lambda: zip_bundle(image_bundle(
-            item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
-            target=target, analysis=an, settings=settings,
-        )),
-        file_name=f"{safe_stem(ckpt.label)}_{safe_stem(item.name)}_attention_lens.zip",
-        mime="application/zip", key=f"zip:{tkey}",
+        "Everything for this image (zip)", icon=":material/folder_zip:",
+        file_name=file_name, mime="application/zip", key=f"zip:{tkey}",
         help="All figures as PNG, PDF and SVG, the raw maps (maps.npz) and a manifest: the files "
         "`python -m viz export` writes.",
+        **Downloads.of_session().on_click(lambda: zip_bundle(image_bundle(
+            item.data, ckpt, name=item.name, figures=IMAGE_FIGURES, formats=FORMATS,
+            target=target, analysis=an, settings=settings,
+        )), file_name),
     )  # fmt: skip
     return target, an
 
@@ -922,21 +1084,9 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
         "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
         "a random map gives the chance level."
     )
-    # choices named without the CAM method, so a choice survives changing the method
-    maps = {f"cam:{k}": v for k, v in an.cams.items()}
-    maps.update({f"attention:{r.name}": r.spatial for r in an.trace.spatial_records})
-    # a whole-network map (rollout, GAE, LeGrad) is named by its method alone
-    shown = {m: (an.method_label if m[4:] == method else f"{an.method_label} {m[4:]}")
-             if m.startswith("cam:") else m.replace(":", " ", 1) for m in maps}  # fmt: skip
-    cams = [m for m in maps if m.startswith("cam:")]
-    gates = [m for m in maps if m.startswith("attention:")]
-    before = st.session_state.get("di_maps")
-    if before:  # a layer taken out of the sidebar, another model or method leaves the choice
-        kept = [m for m in before if m in maps]
-        st.session_state["di_maps"] = kept or cams[-1:] + gates[-1:]  # never emptied by a switch
-    default = None if "di_maps" in st.session_state else cams[-1:] + gates[-1:]
-    chosen = st.multiselect("Saliency maps", list(maps), default=default,
-                            format_func=shown.__getitem__, key="di_maps")  # fmt: skip
+    whole = CAM_METHODS[method].needs in ("network", "attention")  # one map, no layers
+    maps, shown = saliency_maps(an, whole)
+    chosen = choose_saliency_maps(maps, shown, whole)
     steps = st.slider("Steps", 8, 64, 16, 8, key="di_steps")
     if not chosen:
         st.info("Pick at least one saliency map to score.")
@@ -970,67 +1120,120 @@ def agreement_tab(ckpt, item, an, target, view: View, errors) -> None:
         )  # fmt: skip
 
 
+def saliency_maps(an, whole: bool) -> tuple[dict, dict[str, str]]:
+    """The maps deletion/insertion can score, the method's first, and their names on screen.
+
+    Keyed without the CAM method (`cam:<layer>`, `NETWORK_MAP` for the one map of a
+    whole-network method, `attention:<module>`), so that a choice survives changing the method."""
+    maps = {NETWORK_MAP if whole else f"cam:{k}": v for k, v in an.cams.items()}
+    maps.update({f"attention:{r.name}": r.spatial for r in an.trace.spatial_records})
+    shown = {m: an.method_label if m == NETWORK_MAP else f"{an.method_label} {m[4:]}"
+             if m.startswith("cam:") else m.replace(":", " ", 1) for m in maps}  # fmt: skip
+    return maps, shown
+
+
+def choose_saliency_maps(maps: dict, shown: dict[str, str], whole: bool) -> list[str]:
+    """The "Saliency maps" box: the user's choice carried over a change of method, layers or
+    model (`carry_saliency_choice`), the method's map offered first."""
+    before = st.session_state.get("di_maps")
+    carried = carry_saliency_choice(before, list(maps), whole=whole,
+                                    was_whole=st.session_state.get("di_whole"),
+                                    layer_picks=st.session_state.get("di_layer_picks", ()))  # fmt: skip
+    if before is not None and carried != before:
+        st.session_state["di_maps"] = carried
+    default = None if "di_maps" in st.session_state else carried
+    chosen = st.multiselect("Saliency maps", list(maps), default=default,
+                            format_func=shown.__getitem__, key="di_maps")  # fmt: skip
+    st.session_state["di_whole"] = whole
+    if not whole:  # what comes back after a whole-network method
+        st.session_state["di_layer_picks"] = [m for m in chosen if m.startswith("cam:")]
+    return chosen
+
+
 def compare_tab(ckpt, label, models, items, crops, view: View, errors) -> None:
     s = view.settings
     method, layers, smoothing = s.method, s.layers, s.smoothing
     slow = SlowRun.slow(method, smoothing)
     if slow:  # extra passes for every model and image: the comparison shows Grad-CAM
         method, smoothing = SlowRun.quick(method, smoothing)
-    whole = CAM_METHODS[method].needs == "attention"  # rollout, GAE, LeGrad: no stages
-    shown = (
-        f"{CAM_METHODS[method].label} (one map for the whole network; a CNN row shows its "
-        "Grad-CAM at the stage chosen below)"
-        if whole
-        else f"{CAM_METHODS[method].label} of the last stage"
-    )
-    chosen = SlowRun.label(s.method, s.smoothing)
-    note = (
-        f" {chosen} would take its extra passes for every model and image, so the comparison "
-        "shows Grad-CAM."
-        if slow
-        else ""
-    )
-    st.markdown(
-        f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
-        "each column's class (the class chosen for that image, else the prediction of the model "
-        f"in use).{note}"
-    )
+    intro = st.empty()  # what the grid shows: written once the stage and the rows are known
     # the user's picks stay as they are when another model is put in use (their work)
     default = None if "compare" in st.session_state else [label]
     picked = st.multiselect("Models side by side", list(models), default=default, key="compare")
     if not picked:
+        intro.markdown(compare_intro(view.settings, method, st.session_state.get("grid_stage", 4)))
         st.info("Pick at least one model.")
         return
     loaded = {name: with_class_names(models[name].load()) for name in picked}
     classes = column_classes(ckpt, items, loaded, method, layers, smoothing, errors)
     stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key="grid_stage",
                      format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
-                     help="The same stage in every row, whatever each network calls the layer.")  # fmt: skip
-    grid = []
+                     help="The same stage in every row, whatever each network calls the layer; "
+                          "a network without it (a ViT: one resolution throughout) shows the "
+                          "layer at the same depth, named above the grid.")  # fmt: skip
+    grid, notes = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
-        other = loaded[name]
-        # a transformer method on a CNN row: that row shows Grad-CAM (its label says so)
-        own = method if method in methods_for(other.model) else "gradcam"
-        found, absent = [], []
-        for c, (item, cls) in enumerate(zip(items, classes)):
-            t = other.class_names.index(cls) if cls in other.class_names else None
-            if t is None:
-                absent.append(c)  # drawn as n/a, not as another class under this title
-            # each model's own stage layers: networks name their layers differently
-            found.append(analysis(item.sha, other.sha256, t, own, None, smoothing, other,
-                                  item.image))  # fmt: skip
-        grid.append(GridModel(other.label, models[name].source, other, found, absent))
+        row, note = grid_row(loaded[name], models[name].source, items, classes, method,
+                             smoothing, stage)  # fmt: skip
+        grid.append(row)
+        notes += [note] if note else []
         if bar:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
     if bar:
         bar.empty()
+    intro.markdown(compare_intro(view.settings, method, stage, notes))
     # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
     rows, missing = model_grid_rows(grid)
     show_figure(
         lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width, missing=missing, render=s.render),
         "model_grid", "grid", view, errors,
     )  # fmt: skip
+
+
+def grid_row(other, source, items, classes, method, smoothing, stage) -> tuple[GridModel, str]:
+    """One model's row of the comparison at `stage`, and a note when its network has no such
+    stage (a ViT: the block at the same depth stands in, `grid_stand_in`)."""
+    # a transformer method on a CNN row: that row shows Grad-CAM (its label says so)
+    own = method if method in methods_for(other.model) else "gradcam"
+    found, absent, stand_in = [], [], None
+    for c, (item, cls) in enumerate(zip(items, classes)):
+        t = other.class_names.index(cls) if cls in other.class_names else None
+        if t is None:
+            absent.append(c)  # drawn as n/a, not as another class under this title
+        # each model's own stage layers: networks name their layers differently
+        an = analysis(item.sha, other.sha256, t, own, None, smoothing, other, item.image)
+        if c == 0:
+            stand_in = grid_stand_in(other.model, an, stage)
+        if stand_in is not None:
+            if stand_in.layer not in an.cams:
+                an = analysis(item.sha, other.sha256, t, own, (stand_in.layer,), smoothing,
+                              other, item.image)  # fmt: skip
+            an = shown_at_stage(an, stand_in.layer, stage)
+        found.append(an)
+    note = f"{md_text(other.label)}: {md_text(stand_in.note)}" if stand_in else ""
+    return GridModel(other.label, source, other, found, absent), note
+
+
+def compare_intro(settings: FigureSettings, method: str, stage: int, notes=()) -> str:
+    """What the comparison shows: the method, the stage (the last only when it is), the rows
+    that stand in for a stage their network does not have."""
+    label = CAM_METHODS[method].label
+    at = "of the last stage" if stage == 4 else f"at stage {stage}"
+    if CAM_METHODS[method].needs in ("network", "attention"):  # no stages: one map per network
+        shown = (f"{label} (one map for the whole network; a row whose network has no "
+                 f"{label} shows its Grad-CAM {at})")  # fmt: skip
+    else:
+        shown = f"{label} {at}"
+    text = (
+        f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
+        "each column's class (the class chosen for that image, else the prediction of the model "
+        "in use)."
+    )
+    if SlowRun.slow(settings.method, settings.smoothing):
+        text += (f" {SlowRun.label(settings.method, settings.smoothing)} would take its extra "
+                 "passes for every model and image, so the comparison shows Grad-CAM.")  # fmt: skip
+    return "  \n".join([text, *notes])
 
 
 FROM_MODEL = "(the model in use: its chosen class or top-1)"
@@ -1124,6 +1327,15 @@ def class_stats_tab(ckpt, view: View, errors) -> None:
         )  # fmt: skip
 
 
+def offer_labels_csv(folder: str, limits: ServePolicy) -> None:
+    """Say so when the image folder has a labels.csv (as samples/ has), where it may be read."""
+    try:
+        found = limits.check_path(str(Path(folder) / "labels.csv"), "file")
+    except ValueError:  # none, or not to be read (shared mode: outside the allowed folders)
+        return
+    st.caption(f"{md_text(found)} is there: give it as the labels CSV to use it.")
+
+
 def dataset_tab(ckpt, label, method, errors) -> None:
     st.markdown(
         "Numbers over a folder of images on the server (`python -m viz report`): accuracy, "
@@ -1135,11 +1347,21 @@ def dataset_tab(ckpt, label, method, errors) -> None:
         st.info("Server paths are turned off on this server (shared mode without allowed folders).")
         return
     reports: dict = state("reports", {})
+    if reports.get("model") != ckpt.sha256:  # a report of the model in use only
+        reports["current"], reports["model"] = None, ckpt.sha256
     run_tab, open_tab = st.columns(2)
     with run_tab:
         folder = st.text_input(
             "Image folder (ImageFolder layout, or any images)", key="rep_images"
         ).strip()
+        labels = st.text_input(
+            "Labels CSV (optional; columns file,label)", key="rep_labels",
+            help="the class of each image, by file name (as samples/labels.csv); overrides the "
+                 "class folders of an ImageFolder; without labels and class folders there is "
+                 "no accuracy",
+        ).strip()  # fmt: skip
+        if folder and not labels:
+            offer_labels_csv(folder, limits)
         deletion = st.selectbox("Deletion/insertion on", DELETION_CHOICES, index=1, key="rep_del",
                                 help="all maps, default (the last stage's CAM and a random map) "
                                 "or off; each map costs 35 forwards per image")  # fmt: skip
@@ -1150,8 +1372,10 @@ def dataset_tab(ckpt, label, method, errors) -> None:
             bar = st.progress(0.0, text="Starting…")
             try:
                 root = limits.check_path(folder, "folder")
+                csv = str(limits.check_path(labels, "file")) if labels else None
                 name = safe_stem(ckpt.label.replace(".", " "))  # the model, not the file name
-                inputs = inputs_for([(name, label, ckpt)], root, max_images=limits.max_stats_images)
+                inputs = inputs_for([(name, label, ckpt)], root, labels=csv,
+                                    max_images=limits.max_stats_images)  # fmt: skip
                 out = temporary_report_folder(reports.get("folder"))
                 reports["folder"], reports["current"] = out, None
                 options = ReportOptions(method=method, deletion=deletion, sanity=int(sanity))

@@ -10,7 +10,10 @@ through the real widgets.
 from __future__ import annotations
 
 import io
+import json
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ CLASSES = (ROOT / "checkpoints" / "imagenette_classes.txt").read_text().split("\
 REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
 REAL_VIT = ROOT / "checkpoints" / "resnet18_cbam_vit_hybrid_imagenette.safetensors"
 TIMEOUT = 180  # seconds per script run: the CPU is shared with other work
+DEFAULT_SAMPLE = "english_springer_4972.jpg"  # the app's worked example
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -75,6 +79,62 @@ def analyses(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A random-weight timm DeiT-tiny (a plain ViT: one resolution throughout, rollout, GAE and
+    LeGrad) with the 10 classes, saved as an Attention Lens checkpoint."""
+    import timm
+    from safetensors.torch import save_file
+
+    from models import load_checkpoint
+
+    folder = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(folder / "raw"))
+    raw = load_checkpoint(folder / "raw")  # recognised from its keys
+    path = folder / "deit_tiny.safetensors"
+    save_checkpoint(path, raw.model, class_names=CLASSES, arch=raw.arch, preprocess=raw.preprocess,
+                    metadata={"name": "tiny deit"}, dtype=torch.float16)  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def vit_app(tiny_checkpoints, tiny_vit, tmp_path, monkeypatch) -> AppTest:
+    """The app over a DeiT-tiny and the tiny CBAM, plain and BAM ResNets."""
+    for path in (tiny_vit, *tiny_checkpoints.values()):
+        (tmp_path / path.name).symlink_to(path)
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+
+
+def vit_label(at: AppTest) -> str:
+    (label,) = [o for o in at.sidebar.selectbox(key="model").options if o.startswith("tiny deit")]
+    return label
+
+
+@pytest.fixture
+def deferred(monkeypatch) -> dict:
+    """file id -> the callable Streamlit runs when a download button made on click is clicked."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    made, real = {}, MediaFileManager.add_deferred
+
+    def spy(self, data_callable, *args, **kwargs):
+        file_id = real(self, data_callable, *args, **kwargs)
+        made[file_id] = data_callable
+        return file_id
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    return made
+
+
+def download(at: AppTest, deferred: dict, label: str) -> bytes:
+    """What clicking the download button `label` (made on click) gives, as the server makes it."""
+    (button,) = [b.proto for b in at.get("download_button") if b.proto.label == label]
+    return deferred[button.deferred_file_id]()
+
+
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -116,8 +176,8 @@ def test_default_view_is_a_worked_example(app):
     assert "**Source**: embedded resnet18_cbam_tiny.safetensors" in detected
     labels = [t.label for t in at.tabs]
     assert labels[:5] == [
-        "Spatial attention", "Channel attention", "Grad-CAM", "Agreement & deletion/insertion",
-        "BAM hierarchy",
+        "Spatial attention", "Channel attention", "Class activation map",
+        "Agreement & deletion/insertion", "BAM hierarchy",
     ]  # fmt: skip
     # the input plus the spatial, channel, Grad-CAM and model-grid figures
     assert len(at.image) >= 5
@@ -805,7 +865,7 @@ def test_the_layers_box_starts_where_the_method_does(app, analyses):
 
 
 def test_real_embedded_vit_checkpoint(monkeypatch):
-    """The embedded hybrid CNN + ViT is offered beside the CNNs and opens with its methods and heads."""
+    """The embedded DeiT-tiny is offered beside the CNNs and opens with its methods and heads."""
     monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     (vit,) = [o for o in at.sidebar.selectbox(key="model").options if REAL_VIT.name in o]
@@ -815,3 +875,261 @@ def test_real_embedded_vit_checkpoint(monkeypatch):
     assert prediction(at).startswith("**Prediction: ")
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
+
+
+ZIP = "Everything for this image (zip)"
+
+
+def test_the_zip_is_made_under_every_method_of_the_vision_transformer(vit_app, deferred):
+    """Was: under rollout, GAE and LeGrad the zip failed on the server (the whole-network
+    method compared with the greyed-out layer) and the page said nothing."""
+    at = vit_app.run()
+    at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
+    for method in ("rollout", "gae", "legrad", "gradcam"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        assert_clean(at)
+        with zipfile.ZipFile(io.BytesIO(download(at, deferred, ZIP))) as zf:
+            manifest = json.loads(zf.read(next(n for n in zf.namelist() if "manifest" in n)))
+            assert any(n.endswith("maps.npz") for n in zf.namelist())
+        assert manifest["options"]["cam_method"] == method
+    # FullGrad is one map for the whole network too, on a CNN
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "cbam")).run()
+    at.sidebar.selectbox(key="method").set_value("fullgrad").run()
+    assert_clean(at)
+    with zipfile.ZipFile(io.BytesIO(download(at, deferred, ZIP))) as zf:
+        assert zf.namelist()
+
+
+def test_a_download_that_fails_says_so_on_the_page(app, deferred, monkeypatch):
+    import viz
+
+    def broken(*_a, **_k):
+        raise RuntimeError("simulated failure\nsecond line")
+
+    at = app.run()
+    monkeypatch.setattr(viz, "image_bundle", broken)  # what the app makes the zip with
+    at.run()
+    assert_clean(at)
+    failed = []
+
+    def click() -> None:  # the file's request, beside the click's rerun
+        try:
+            download(at, deferred, ZIP)
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    request = threading.Thread(target=click)
+    request.start()
+    at.session_state["downloads"].settle()  # the click's callback: waits for the file
+    assert failed  # the rerun starts once the zip has failed...
+    request.join()
+    at.run()
+    errors = [plain(e.value) for e in at.error]  # ...and says so, in one line
+    assert len(errors) == 1 and errors[0].endswith(
+        "_attention_lens.zip could not be made: RuntimeError: simulated failure second line"
+    ), errors
+    at.run()
+    assert not at.error  # said once
+
+
+def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monkeypatch):
+    """Was: stages 1-3 failed with "row '…deit…' has no CAM for '(no stage 3)'" and the caption
+    said "the last stage" whatever the stage."""
+    import viz.figures
+
+    drawn = []
+    real = viz.figures.model_grid
+
+    def spy(images, rows, **kwargs):
+        drawn.append({label: (an.method, list(an.cams)) for label, an in rows})
+        return real(images, rows, **kwargs)
+
+    monkeypatch.setattr(viz.figures, "model_grid", spy)
+    at = vit_app.run()
+    vit = vit_label(at)
+    at.multiselect(key="compare").set_value([vit, model_label(at, "cbam")]).run()
+    assert_clean(at)
+
+    def intro() -> str:
+        return plain(next(m.value for m in at.markdown if "comparison" in m.value))
+
+    assert "Grad-CAM of the last stage" in intro()
+    for stage, block in ((3, "blocks.8.norm1"), (2, "blocks.5.norm1"), (1, "blocks.2.norm1")):
+        at.radio(key="grid_stage").set_value(stage).run()
+        assert_clean(at)
+        (row,) = [v for k, v in drawn[-1].items() if "deit" in k]
+        assert row == ("gradcam", [block])  # the block at the same depth
+        k = int(block.split(".")[1]) + 1
+        assert f"Grad-CAM at stage {stage}" in intro() and "last stage" not in intro()
+        assert f"no stage {stage} (one resolution throughout): block {k} of 12 ({block})" in (
+            intro()
+        )
+    # a whole-network method: the transformer row shows its own map at any stage
+    at.sidebar.selectbox(key="model").set_value(vit).run()
+    at.sidebar.selectbox(key="method").set_value("rollout").run()
+    assert_clean(at)
+    rows = drawn[-1]
+    assert [v for k, v in rows.items() if "deit" in k] == [("rollout", ["rollout"])]
+    assert [v[0] for k, v in rows.items() if "deit" not in k] == ["gradcam"]
+    assert "shows its Grad-CAM at stage 1" in intro()
+
+
+def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
+    """Was: after rollout, GAE or LeGrad only the last block's attention stayed chosen; the
+    CAM never came back and the rollout map was never offered first."""
+    from viz import CAM_METHODS, NETWORK_MAP
+
+    at = vit_app.run()
+    at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
+    assert_clean(at)
+    start = at.multiselect(key="di_maps").value
+    cam, gate = start
+    assert cam == "cam:blocks.11.norm1" and gate.startswith("attention:blocks.11")
+    for method in ("rollout", "gae", "legrad"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        assert_clean(at)
+        box = at.multiselect(key="di_maps")  # options as shown, the method's map first
+        assert box.options[0] == CAM_METHODS[method].label
+        assert box.value == [NETWORK_MAP, gate]
+    at.sidebar.selectbox(key="method").set_value("gradcam").run()
+    assert_clean(at)
+    assert at.multiselect(key="di_maps").value == start  # the CAM comes back
+    # a choice made under a whole-network method holds while another one is used
+    at.sidebar.selectbox(key="method").set_value("rollout").run()
+    at.multiselect(key="di_maps").set_value([gate]).run()
+    at.sidebar.selectbox(key="method").set_value("gae").run()
+    assert at.multiselect(key="di_maps").value == [gate]
+    at.toggle(key="di_run").set_value(True).run()
+    at.slider(key="di_steps").set_value(8).run()
+    assert_clean(at)
+
+
+def test_while_a_slow_method_runs_its_stop_is_the_only_one(app, monkeypatch):
+    """Was: two Stop buttons, the app's (back to Grad-CAM) and Streamlit's (which stops the
+    page, not the analysis): Streamlit's is hidden while the app's shows, and only then."""
+    made, real_markdown = [], st.markdown
+
+    def spy(body, *a, **k):
+        made.append((body, k.get("unsafe_allow_html", False)))
+        return real_markdown(body, *a, **k)
+
+    monkeypatch.setattr(st, "markdown", spy)
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    assert not [b for b, _ in made if "stStatusWidget" in b]
+    at.sidebar.selectbox(key="method").set_value("ablationcam").run()
+    assert_clean(at)
+    hidden = [(b, unsafe) for b, unsafe in made if "stStatusWidget" in b]
+    assert hidden == [('<style>[data-testid="stStatusWidget"] button {display: none;}</style>',
+                       True)]  # fmt: skip
+    assert not [m for m in at.markdown if "stStatusWidget" in m.value]  # gone with the bar
+
+
+def test_the_cam_tab_keeps_one_name_whatever_the_method(app):
+    """Was: "Grad-CAM" under every method; a name that followed the method would close the tab
+    at each change (the browser opens the first tab when the open one's name goes)."""
+    at = app.run()
+    for method in ("gradcam", "gradcam++", "eigencam", "fullgrad"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        assert_clean(at)
+        assert [t.label for t in at.tabs][2] == "Class activation map"
+
+
+def test_a_model_without_spatial_maps_offers_no_placeholder_downloads(app):
+    """Was: the plain ResNet's Spatial attention tab drew "no attention modules" as a figure
+    with PNG, PDF and SVG downloads."""
+    at = app.run()
+    spatial = [b.proto.id for b in at.get("download_button") if ":sp:" in b.proto.id]
+    assert len(spatial) == 3  # a CBAM model's spatial maps, as PNG, PDF and SVG
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "plain")).run()
+    assert_clean(at)
+    assert not [b for b in at.get("download_button") if ":sp:" in b.proto.id]
+    infos = [plain(i.value) for i in at.info]
+    assert any("has no attention modules: no spatial attention maps to show" in i for i in infos)
+    assert "Everything for this image (zip)" in [b.proto.label for b in at.get("download_button")]
+
+
+def test_data_set_report_takes_a_labels_csv_and_goes_with_the_model(app, tmp_path):
+    """Was: no labels input (a flat folder, as samples/ with its labels.csv, had no accuracy),
+    and the previous model's report stayed after a model switch."""
+    for sample in ("tench_12881.jpg", "church_29612.jpg"):
+        (tmp_path / sample).write_bytes(sample_bytes(sample))
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label\ntench_12881.jpg,tench\nchurch_29612.jpg,church\n")
+    at = app.run()
+    at.text_input(key="rep_images").set_value(str(tmp_path)).run()
+    assert any(str(table) in plain(c.value) for c in at.caption)  # the folder's CSV is offered
+    at.text_input(key="rep_labels").set_value(str(table)).run()
+    at.selectbox(key="rep_del").set_value("off").run()
+    at.number_input(key="rep_sanity:8").set_value(0).run()
+    at.button(key="rep_run").click().run()
+    assert_clean(at)
+    summary = next(d.value for d in at.dataframe if "mean [95% CI]" in d.value.columns)
+    assert "top-1 accuracy" in set(summary["metric"])  # the labels came from the CSV
+    assert "Summary" in [h.value for h in at.subheader]
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "plain")).run()
+    assert_clean(at)
+    assert "Summary" not in [h.value for h in at.subheader]  # that was another model's report
+    assert not [d for d in at.dataframe if "mean [95% CI]" in d.value.columns]
+    # a labels file that cannot be read: one error naming it
+    at.text_input(key="rep_labels").set_value(str(tmp_path / "missing.csv")).run()
+    at.button(key="rep_run").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "missing.csv" in at.error[0].value
+
+
+def xsrf_cookie(token: bytes, mask: bytes) -> str:
+    """Streamlit's XSRF cookie as a page load sets it: the browser's token, masked anew."""
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(token))
+    return f"2|{mask.hex()}|{masked.hex()}|1796468913"
+
+
+class Browser:
+    """`st.context` as one browser's page sees it: only its cookies matter here."""
+
+    def __init__(self, cookie: str) -> None:
+        self.cookies = {"_streamlit_xsrf": cookie}
+
+
+def test_a_reloaded_page_keeps_its_uploaded_images(app, monkeypatch):
+    """Was: a reload (a new session, its upload box empty) dropped the uploaded images. They
+    are kept on the server under a key the page's address carries, for that browser only,
+    until removed."""
+    mine, theirs = b"m" * 16, b"t" * 16
+    monkeypatch.setattr(st, "context", Browser(xsrf_cookie(mine, b"\x01\x02\x03\x04")))
+    at = app.run()
+    files = [("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg")]
+    at.sidebar.file_uploader(key="images").set_value(files).run()
+    assert_clean(at)
+    token = at.query_params["images"]
+    assert len(token) >= 20
+
+    def reload(address_token: str, cookie: str | None = None) -> AppTest:
+        cookie = cookie or xsrf_cookie(mine, b"\x09\x08\x07\x06")  # masked anew
+        monkeypatch.setattr(st, "context", Browser(cookie))
+        again = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+        again.query_params["images"] = address_token
+        return again.run()
+
+    def shown(page: AppTest) -> list[str]:
+        return [plain(c) for img in page.image for c in img.captions if "network sees it" in c]
+
+    worked_example = [f"{DEFAULT_SAMPLE} as the network sees it"]
+    assert shown(reload(token, xsrf_cookie(theirs, b"\x01\x02\x03\x04"))) == worked_example
+    again = reload(token)
+    assert_clean(again)
+    assert shown(again) == ["tench.jpg as the network sees it"]
+    assert any("kept from before the page was reloaded" in c.value for c in again.sidebar.caption)
+    assert "samples" not in [m.key for m in again.sidebar.multiselect]  # the kept one in use
+    again.sidebar.button(key="forget_images").click().run()
+    assert_clean(again)
+    assert shown(again) == worked_example
+    assert "images" not in again.query_params
+    assert shown(reload(token)) == worked_example  # forgotten
+    # removing the uploads from the box drops them too; a guessed key finds nothing
+    at.sidebar.file_uploader(key="images").set_value(files).run()
+    token = at.query_params["images"]
+    at.sidebar.file_uploader(key="images").set_value([]).run()
+    assert_clean(at)
+    assert shown(reload(token)) == worked_example
+    assert shown(reload("guessed")) == worked_example

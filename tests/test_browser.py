@@ -256,7 +256,7 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
     browser.get(server)
     _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
     tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[role="tab"]')
-               if t.get_attribute("textContent").strip() == "Grad-CAM")  # fmt: skip
+               if t.get_attribute("textContent").strip() == "Class activation map")  # fmt: skip
     _click(browser, tab)
     expander = next(e for e in browser.find_elements(By.CSS_SELECTOR, "summary")
                     if "Captum attributions" in e.get_attribute("textContent"))  # fmt: skip

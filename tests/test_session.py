@@ -13,13 +13,19 @@ from models.zoo import CHECKPOINT_DIR_ENV, checkpoint_dir, default_checkpoint, e
 from tests.conftest import ROOT, plain, randomize_bn
 from viz.engine.cam import analyze
 from viz.session import (
+    NETWORK_MAP,
+    KeptUploads,
     analyze_images,
     cam_layer_choices,
+    carry_saliency_choice,
     check_upload_size,
     describe_checkpoint,
     digest,
+    grid_stand_in,
+    no_spatial_maps,
     safe_stem,
     sample_images,
+    shown_at_stage,
     stack_analyses,
     top_predictions,
 )
@@ -180,3 +186,101 @@ def test_md_text_leaves_no_bare_address_to_autolink():
         shown = md_text(text)
         assert autolinks(shown) == [], shown  # ...and none once made literal
         assert plain(shown).replace("\u200b", "") == text  # the same characters on screen
+
+
+def test_a_network_without_a_stage_shows_the_layer_at_the_same_depth(folder):
+    """A ViT has one resolution throughout: stage s of four is its block s/4 of the way down;
+    a CNN without the stage asked shows its nearest; a whole-network map stands for any."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=64)
+    x = torch.rand(2, 3, 64, 64)
+    own = analyze(vit.eval(), x)
+    assert own.stage_cams() == {4: "blocks.11.norm1"}
+    assert grid_stand_in(vit, own, 4) is None
+    for stage, k in ((3, 9), (2, 6), (1, 3)):
+        found = grid_stand_in(vit, own, stage)
+        assert found.layer == f"blocks.{k - 1}.norm1"
+        assert found.note == (f"no stage {stage} (one resolution throughout): block {k} of 12 "
+                              f"(blocks.{k - 1}.norm1), at the same depth")  # fmt: skip
+    at3 = analyze(vit, x, cam_layers=["blocks.8.norm1"])
+    shown = shown_at_stage(at3, "blocks.8.norm1", 3)
+    assert shown.stage_cams() == {3: "blocks.8.norm1"} and list(shown.cams) == ["blocks.8.norm1"]
+    assert torch.equal(shown.cams["blocks.8.norm1"], at3.cams["blocks.8.norm1"])
+    with pytest.raises(ValueError, match="no CAM for 'blocks.2.norm1'"):
+        shown_at_stage(at3, "blocks.2.norm1", 1)
+    assert grid_stand_in(vit, analyze(vit, x, method="rollout"), 2) is None  # its own map
+
+    cnn = load_checkpoint(folder / "c_cbam.safetensors").model
+    deep = analyze(cnn, torch.rand(1, 3, 64, 64), cam_layers=["layer3", "layer4"])
+    assert grid_stand_in(cnn, deep, 3) is None
+    nearest = grid_stand_in(cnn, deep, 1)
+    assert nearest.layer == "layer3" and nearest.note == "no stage 1: its nearest, stage 3 (layer3)"
+
+
+def test_the_saliency_choice_follows_the_method():
+    cams, gates = ["cam:layer3", "cam:layer4"], ["attention:a", "attention:b"]
+    whole = [NETWORK_MAP, *gates]
+
+    def carry(before, offered, whole, was, picks=()):
+        return carry_saliency_choice(before, offered, whole=whole, was_whole=was, layer_picks=picks)
+
+    assert carry(None, cams + gates, False, None) == ["cam:layer4", "attention:b"]
+    # layer method -> whole-network method: its map first, the modules kept
+    assert carry(["cam:layer3", "attention:a"], whole, True, False) == [NETWORK_MAP, "attention:a"]
+    assert carry([], whole, True, False) == [NETWORK_MAP]  # offered even after an empty choice
+    # whole -> whole: the user's choice as it is
+    assert carry(["attention:a"], whole, True, True) == ["attention:a"]
+    assert carry([], whole, True, True) == []
+    # whole -> layer method: the layer CAMs chosen before come back, else the deepest
+    back = carry([NETWORK_MAP, "attention:a"], cams + gates, False, True, ["cam:layer3"])
+    assert back == ["cam:layer3", "attention:a"]
+    assert carry(["attention:a"], cams + gates, False, True, ["cam:gone"]) == [
+        "cam:layer4", "attention:a"
+    ]  # fmt: skip
+    # layer -> layer: what still exists; never emptied by the switch itself
+    assert carry(["cam:layer4", "attention:b"], ["cam:layer3", *gates], False, False) == [
+        "attention:b"
+    ]  # fmt: skip
+    assert carry(["cam:layer4"], ["cam:layer3", *gates], False, False) == [
+        "cam:layer3", "attention:b"
+    ]  # fmt: skip
+
+
+def test_why_a_model_has_no_spatial_map(folder):
+    plain_model = load_checkpoint(folder / "b_plain.safetensors").model
+    trace = analyze(plain_model, torch.rand(1, 3, 64, 64)).trace
+    assert no_spatial_maps("R18", trace) == (
+        "R18 has no attention modules: no spatial attention maps to show."
+    )
+    torch.manual_seed(0)
+    se = build_model(18, "se", num_classes=4).eval()
+    assert no_spatial_maps("SE", analyze(se, torch.rand(1, 3, 64, 64)).trace).startswith(
+        "SE's SE modules have no spatial map"
+    )
+    cbam = load_checkpoint(folder / "c_cbam.safetensors").model
+    with pytest.raises(ValueError, match="has spatial attention maps"):
+        no_spatial_maps("CBAM", analyze(cbam, torch.rand(1, 3, 64, 64)).trace)
+
+
+def test_kept_uploads_are_bounded_and_expire():
+    now = [0.0]
+    store = KeptUploads(max_bytes=10, ttl=60, clock=lambda: now[0])
+    key = KeptUploads.new_key()
+    assert len(key) >= 20 and key != KeptUploads.new_key()
+    assert store.put(key, [("a.png", b"12345")])
+    assert store.get(key) == [("a.png", b"12345")] and store.get("other") == []
+    assert store.put("k2", [("b.png", b"123456")])  # 11 bytes in all: the older one goes
+    assert store.get(key) == [] and store.get("k2") == [("b.png", b"123456")]
+    assert not store.put("k3", [("big.png", b"x" * 11)])  # over the bound: not kept
+    assert store.get("k3") == []
+    now[0] = 59.0
+    assert store.get("k2")  # a read keeps it longer
+    now[0] = 118.0
+    assert store.get("k2")
+    now[0] = 180.0
+    assert store.get("k2") == []  # expired
+    store.put(key, [("a.png", b"1")])
+    store.drop(key)
+    assert store.get(key) == []

@@ -8,7 +8,8 @@ to type. `ATTENTION_LENS_SERVE=shared` turns it into a lab server used by many b
   included) and must stay inside one of them, and a refusal never says whether a path outside
   exists;
 - per-session limits on uploads (how many, bytes, pixels) and on work (images per
-  class-statistics run, seconds per run).
+  class-statistics run, seconds per run);
+- less memory for the images kept for reloaded pages, for a shorter time.
 
 In both modes only regular files are read (no FIFO, device or /proc file), directory walks skip
 symbolic links and are bounded, so no path can hang or exhaust the server.
@@ -44,6 +45,9 @@ class ServePolicy:
         max_pixels: pixels per image (checked on the header, before decoding).
         max_stats_images: images one class-statistics run may read.
         max_stats_seconds: wall time of one class-statistics run (None: unlimited).
+        kept_upload_bytes: uploaded images kept on the server for pages that are reloaded,
+            all sessions together (`viz.session.KeptUploads`); 0: none kept.
+        kept_upload_seconds: how long they are kept after their last use.
         warning: a one-line note about the configuration (e.g. an unknown mode), or "".
     """
 
@@ -54,6 +58,8 @@ class ServePolicy:
     max_pixels: int = 40_000_000
     max_stats_images: int = 20_000
     max_stats_seconds: float | None = None
+    kept_upload_bytes: int = 1024 * 2**20
+    kept_upload_seconds: float = 4 * 3600.0
     warning: str = ""
 
     @property
@@ -121,5 +127,7 @@ def serve_policy(environ: dict[str, str] | None = None) -> ServePolicy:
         max_pixels=16_000_000,
         max_stats_images=2_000,
         max_stats_seconds=120.0,
+        kept_upload_bytes=256 * 2**20,
+        kept_upload_seconds=3600.0,
         warning=warning,
     )

@@ -10,10 +10,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import math
 import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,12 +31,22 @@ from models.images import IMAGE_EXTENSIONS
 from viz.engine.cam import CAM_METHODS, CNN_ONLY, Analysis, analyze, resolve_layers, stage_layers
 from viz.engine.tokens import token_layout
 
+if TYPE_CHECKING:
+    from viz.engine.trace import AttentionTrace
+
 __all__ = [
     "IMAGE_TYPES",
+    "KeptUploads",
+    "NETWORK_MAP",
     "Prediction",
     "Sample",
+    "StandIn",
     "analyze_images",
     "cam_layer_choices",
+    "carry_saliency_choice",
+    "grid_stand_in",
+    "no_spatial_maps",
+    "shown_at_stage",
     "comparison_order",
     "GridModel",
     "model_grid_rows",
@@ -346,6 +362,167 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
         trace=AttentionTrace(records),
         cams={k: cat(a.cams[k] for a in analyses) for k in first.cams},
     )
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """The layer a model-grid row shows for a stage its network does not have, and in words."""
+
+    layer: str
+    note: str  # e.g. "no stage 3 (one resolution throughout): block 9 of 12 (blocks.8.norm1)"
+
+
+def grid_stand_in(model: nn.Module, analysis: Analysis, stage: int) -> StandIn | None:
+    """What a model-grid row shows at `stage` when its network has no such stage.
+
+    A plain ViT keeps one resolution throughout (all its blocks are the last stage): stage s of
+    four is shown at the block s/4 of the way down (stage 3 of a 12-block DeiT: block 9,
+    `blocks.8.norm1`). Another network without that stage shows its nearest stage.
+
+    Args:
+        model: the row's network.
+        analysis: the row's analysis at its own stage layers (`layers=None`).
+        stage: the stage the grid shows, 1..4.
+
+    Returns:
+        None when the analysis has a CAM at `stage`, or one map for the whole network (rollout,
+        GAE, LeGrad, FullGrad: the row shows it whatever the stage); else the stand-in layer
+        (not necessarily among `analysis.cams`: analyse it, then `shown_at_stage`).
+    """
+    by_stage = analysis.stage_cams()
+    if stage in by_stage or set(by_stage) == {0} or not by_stage:
+        return None
+    layout = token_layout(model)
+    if layout is not None and layout.family == "vit" and set(by_stage) == {max(by_stage)}:
+        blocks = cam_layer_choices(model)[::-1]  # first to last
+        k = min(len(blocks), max(1, math.ceil(stage * len(blocks) / 4)))
+        layer = blocks[k - 1]
+        return StandIn(layer, f"no stage {stage} (one resolution throughout): block {k} of "
+                              f"{len(blocks)} ({layer}), at the same depth")  # fmt: skip
+    nearest = min(by_stage, key=lambda s: (abs(s - stage), -s))
+    layer = by_stage[nearest]
+    return StandIn(layer, f"no stage {stage}: its nearest, stage {nearest} ({layer})")
+
+
+def shown_at_stage(analysis: Analysis, layer: str, stage: int) -> Analysis:
+    """`analysis` with `layer`'s CAM only, filed under `stage`: a row of the model grid at the
+    layer standing in for a stage its network does not have (`grid_stand_in`)."""
+    if layer not in analysis.cams:
+        raise ValueError(f"no CAM for {layer!r}; the analysis has {sorted(analysis.cams)}")
+    return dataclasses.replace(
+        analysis, cams={layer: analysis.cams[layer]}, cam_stages={layer: stage}
+    )
+
+
+NETWORK_MAP = "cam:(network)"
+"""The saliency-map choice of a whole-network method's map (rollout, GAE, LeGrad, FullGrad),
+whichever of them is in use; a layer's CAM is `cam:<layer>`, a module's map `attention:<name>`."""
+
+
+def carry_saliency_choice(
+    before: Sequence[str] | None,
+    offered: Sequence[str],
+    *,
+    whole: bool,
+    was_whole: bool | None,
+    layer_picks: Sequence[str] = (),
+) -> list[str]:
+    """The saliency maps chosen for deletion/insertion once the page changed (method, layers or
+    model): the user's choice where it still applies, the method's map first.
+
+    Args:
+        before: the choice before the change (None: no choice yet).
+        offered: the maps on offer now: the method's (`cam:<layer>`, or `NETWORK_MAP` for a
+            whole-network method) first, then the attention modules' (`attention:<name>`).
+        whole: the method in use gives one map for the whole network.
+        was_whole: the method `before` was chosen under did (None: not known).
+        layer_picks: the layer CAMs last chosen under a layer method; they come back when one
+            is chosen again after a whole-network method.
+
+    Returns:
+        The choice (a subset of `offered`, the method's maps first). Switching between a layer
+        method and a whole-network one offers the new method's map(s); a choice is never emptied
+        by a switch (the default then: the deepest CAM and the last attention module).
+    """
+    cams = [m for m in offered if m.startswith("cam:")]
+    default = cams[-1:] + [m for m in offered if m.startswith("attention:")][-1:]
+    if before is None:
+        return default
+    if whole and was_whole is False:  # a layer method -> a whole-network one
+        mine = cams
+    elif not whole and was_whole:  # and back: the user's layer CAMs, else the deepest
+        mine = [m for m in layer_picks if m in offered] or cams[-1:]
+    else:
+        mine = [m for m in before if m.startswith("cam:") and m in offered]
+    picked = mine + [m for m in before if m.startswith("attention:") and m in offered]
+    return picked or (default if before else [])
+
+
+def no_spatial_maps(label: str, trace: AttentionTrace) -> str:
+    """Why a model has no spatial attention map, in one line (said instead of an empty figure)."""
+    if trace.spatial_records:
+        raise ValueError(f"{label} has spatial attention maps")
+    if trace.channel_records:
+        kinds = sorted({r.kind.upper() for r in trace.channel_records})
+        return (f"{label}'s {'/'.join(kinds)} modules have no spatial map: they reweight "
+                "channels only (see the Channel attention tab).")  # fmt: skip
+    return f"{label} has no attention modules: no spatial attention maps to show."
+
+
+class KeptUploads:
+    """Uploaded files kept on the server under a random key, for a page that is reloaded (a
+    browser reload starts a new app session with empty upload boxes).
+
+    Bounded: at most `max_bytes` in all (the least recently used go first) and `ttl` seconds
+    after they were last put or read; files over the bound are not kept. Thread-safe: one
+    store serves every session of a server.
+    """
+
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, tuple[float, list[tuple[str, bytes]]]] = OrderedDict()
+
+    @staticmethod
+    def new_key() -> str:
+        """A key no one can guess (128 bits)."""
+        return secrets.token_urlsafe(16)
+
+    def put(self, key: str, files: Sequence[tuple[str, bytes]]) -> bool:
+        """Keep `files` (name, bytes) under `key`, replacing what it held; False: too large."""
+        files = [(str(name), bytes(data)) for name, data in files]
+        size = sum(len(data) for _, data in files)
+        with self._lock:
+            self._kept.pop(key, None)
+            if size > self.max_bytes:
+                return False
+            self._expire()
+            while self._kept and self._size() + size > self.max_bytes:
+                self._kept.popitem(last=False)
+            self._kept[key] = (self._clock(), files)
+            return True
+
+    def get(self, key: str) -> list[tuple[str, bytes]]:
+        """The files kept under `key` ([] when none, or expired)."""
+        with self._lock:
+            self._expire()
+            if key not in self._kept:
+                return []
+            _, files = self._kept.pop(key)
+            self._kept[key] = (self._clock(), files)  # used: kept longest
+            return list(files)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._kept.pop(key, None)
+
+    def _size(self) -> int:
+        return sum(len(data) for _, files in self._kept.values() for _, data in files)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, (when, _) in self._kept.items() if now - when > self.ttl]:
+            del self._kept[key]
 
 
 def sample_images(folder: str | Path) -> list[Sample]:
