@@ -362,23 +362,50 @@ def test_eigen_smoothing_of_an_eigen_method_and_a_typo_are_refused(tmp_path, che
         assert not (tmp_path / "out").exists()
 
 
-def test_rollout_report_names_its_map_and_sorts_blocks_by_number(tmp_path, capsys):
-    """Issue 36, item 9, on an 11-block DeiT: the map is `rollout` (was `cam/stage0`) and the
-    blocks come 0, 1, ..., 9, 10 (were 0, 1, 10, 2, ...)."""
+def _tiny_deit(tmp_path: Path, depth: int) -> Path:
     import timm
 
     from models import ForeignArch
 
     torch.manual_seed(0)
-    options = {"depth": 11, "img_size": 64}
+    options = {"depth": depth, "img_size": 64}
     net = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3,
                             **options)  # fmt: skip
     vit = tmp_path / "deit.safetensors"
     arch = ForeignArch("deit_tiny_distilled_patch16_224", "timm", 3, "self-attention", options)
     save_checkpoint(vit, net, arch=arch, class_names=CLASSES, preprocess=Preprocess(72, 64))
+    return vit
+
+
+def _one_image(tmp_path: Path) -> Path:
     images = tmp_path / "images"
     images.mkdir()
     Image.open(ROOT / "samples" / "tench_12881.jpg").save(images / "tench.png")
+    return images
+
+
+def test_a_cnn_beside_a_vit_under_gae_shows_grad_cam(tmp_path, checkpoints, capsys):
+    """Issue 36: `report` with a CNN beside a ViT under GAE exited 2; like export and the app,
+    the CNN now shows Grad-CAM, said once on stderr and in the report's summary line."""
+    vit, images = _tiny_deit(tmp_path, depth=2), _one_image(tmp_path)
+    out = tmp_path / "out"
+    code = main(["report", "--checkpoint", checkpoints[0], "--checkpoint", str(vit),
+                 "--images", str(images), "--out", str(out), "--method", "gae", "--steps", "2",
+                 "--sanity", "0", "--workers", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "needs a vision transformer's self-attention" in err and "Grad-CAM instead" in err
+    methods = {
+        (r["checkpoint"], r["method"]) for r in _rows(out / "per_map.csv") if r["kind"] == "cam"
+    }
+    assert {m for _, m in methods} == {"gradcam", "gae"} and len(methods) == 2
+    assert "(Grad-CAM for " in (out / "report.md").read_text()
+
+
+def test_rollout_report_names_its_map_and_sorts_blocks_by_number(tmp_path, capsys):
+    """Issue 36, item 9, on an 11-block DeiT: the map is `rollout` (was `cam/stage0`) and the
+    blocks come 0, 1, ..., 9, 10 (were 0, 1, 10, 2, ...)."""
+    vit, images = _tiny_deit(tmp_path, depth=11), _one_image(tmp_path)
     out = tmp_path / "out"
     code = main(["report", "--checkpoint", str(vit), "--images", str(images), "--out", str(out),
                  "--method", "rollout", "--deletion", "all", "--steps", "2", "--sanity", "1",

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,6 +93,17 @@ class ReportOptions:
 
     def method_options(self) -> dict:
         return {} if self.num_samples is None else {"num_samples": self.num_samples}
+
+    def for_model(self, model) -> ReportOptions:
+        """These options as `model` runs them: a CNN beside a vision transformer under a
+        whole-network method (rollout, GAE, LeGrad) shows Grad-CAM instead, as export and the
+        app do; `methods_by_checkpoint` said so once, before any image."""
+        from viz.commands.inputs import FALLBACK_METHOD
+        from viz.session import methods_for
+
+        if self.method in methods_for(model):
+            return self
+        return replace(self, method=FALLBACK_METHOD, layers=None)
 
 
 SANITY_IMAGES = 32
@@ -231,6 +242,7 @@ def _chunk_rows(
     from viz.measures.metrics import random_saliency, seed_of
     from viz.measures.sanity import randomisation_steps
 
+    options = options.for_model(ckpt.model)
     n, size = len(names), x.shape[-1]
     target = torch.tensor(labels) if all(label is not None for label in labels) else None
     seeds = [seed_of(name, options.seed) for name in names]

@@ -97,9 +97,9 @@ def report_command(args: argparse.Namespace) -> int:
     from viz.commands.inputs import (
         UsageError,
         check_layers,
-        check_method,
         layer_list,
         load_checkpoints,
+        methods_by_checkpoint,
         unread_attention_lines,
     )
     from viz.commands.report_page import write_report
@@ -115,8 +115,10 @@ def report_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     loaded = load_checkpoints(args.checkpoint)
-    check_method(args.method, loaded)
+    _, fallback = methods_by_checkpoint(args.method, loaded)  # refuses what cannot apply
     if os.environ.get("RANK", "0") == "0":  # once, not by every rank of torchrun
+        if fallback:
+            print(f"note: {fallback}", file=sys.stderr)
         for line in unread_attention_lines(loaded):
             print(f"warning: {line}", file=sys.stderr)
     if layers:

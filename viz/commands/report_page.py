@@ -496,6 +496,9 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
              f"({options.baseline} baseline)"
     )  # fmt: skip
     smoothing = "".join(f" ({s} smooth)" for s in options.smoothing)
+    fallen = [n for n, _, c in inputs.checkpoints if options.for_model(c.model) is not options]
+    if fallen:  # CNNs beside a transformer under rollout, GAE or LeGrad
+        smoothing += f" (Grad-CAM for {', '.join(fallen)}: {options.method} needs self-attention)"
     intro = (
         f"{images}, {len(names)} checkpoint(s), CAM method {options.method}{smoothing}, "
         f"{scored}, {sanity}, {world} process(es). "
