@@ -3,9 +3,10 @@
     python -m models.train_hybrid --data imagenette2-224 --out checkpoints/NAME.safetensors
 
 The trunk (stem and stages 1-3 of the embedded ResNet-18 + CBAM) is copied in and frozen, so
-its features are computed once: every training image at 256 px and its mirror image (a 16 x 16
-grid of 256-channel cells). Each step takes a random 14 x 14 window of one of them (a 224-px crop
-at a 16-px offset, flipped or not) and trains the projection, tokens, blocks and head on it.
+its features are computed once: every training image at each of --scales (default 224, 256 and
+288 px) and its mirror image (a 14 x 14 to 18 x 18 grid of 256-channel cells). Each step takes,
+for each image, a random scale and a random 14 x 14 window of it (a 224-px crop at a 16-px
+offset, flipped or not) and trains the projection, tokens, blocks and head on it.
 The teachers (the embedded ResNets, given by --teacher) label each image once: the mean of their
 softmaxes on the 224-px image is the soft target (Hinton et al. 2015), mixed half and half with
 the label's cross-entropy.
@@ -36,7 +37,7 @@ from .train import evaluate_checkpoint, holdout_split, load_split, normalize, re
 
 __all__ = ["main"]
 
-FEATURE_SIZE = 256  # px: the trunk sees 256-px images, a 16 x 16 feature grid
+FEATURE_SIZE = 256  # px: the hold-out's scale (resize 256, centre crop 224), a 16 x 16 grid
 WINDOW = HybridShape.img_size // 16  # 14 cells: a 224-px crop
 
 
@@ -51,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--teacher", type=Path, action="append", default=[],
                    help="a teacher checkpoint (repeat); default: the trunk's network")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--scales", default="224,256,288",
+                   help="image sizes (px, multiples of 16, >= 224) whose trunk features are cached")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -67,19 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def trunk_features(trunk: nn.Module, images: Tensor, batch: int = 64) -> Tensor:
-    """uint8 (N, 3, s, s) -> bfloat16 (N, 2, 256, 16, 16): features of each image and its mirror."""
+def trunk_features(trunk: nn.Module, images: Tensor, size: int, batch: int = 64) -> Tensor:
+    """uint8 (N, 3, s, s) -> bfloat16 (N, 2, 256, g, g), g = size / 16: each image and its mirror."""
     trunk.eval()
-    out = torch.empty(
-        (len(images), 2, 256, FEATURE_SIZE // 16, FEATURE_SIZE // 16), dtype=torch.bfloat16
-    )
+    out = torch.empty((len(images), 2, 256, size // 16, size // 16), dtype=torch.bfloat16)
     for i in range(0, len(images), batch):
-        x = TF.resize(images[i : i + batch], [FEATURE_SIZE, FEATURE_SIZE], antialias=True)
+        x = TF.resize(images[i : i + batch], [size, size], antialias=True)
         x = normalize(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out[i : i + batch, 0] = trunk(x)
             out[i : i + batch, 1] = trunk(x.flip(-1))
-        print(f"\rfeatures {min(i + batch, len(images))}/{len(images)}", end="", flush=True)
+        print(
+            f"\rfeatures {size} px {min(i + batch, len(images))}/{len(images)}", end="", flush=True
+        )
     print()
     return out
 
@@ -106,16 +109,18 @@ def head_logits(model: nn.Module, features: Tensor) -> Tensor:
     return model.forward_head(model.norm(model.blocks(tokens)))
 
 
-def random_windows(features: Tensor, gen: torch.Generator) -> Tensor:
-    """A random 14 x 14 window of each image's plain or mirrored feature grid."""
-    n, _, c, h, w = features.shape
+def random_windows(scales: list[Tensor], idx: Tensor, gen: torch.Generator) -> Tensor:
+    """For each image in `idx`: a random scale, then a random 14 x 14 window of its plain or
+    mirrored feature grid at that scale."""
+    n, c = len(idx), scales[0].shape[2]
+    pick = torch.randint(0, len(scales), (n,), generator=gen)
     flip = torch.randint(0, 2, (n,), generator=gen)
-    top = torch.randint(0, h - WINDOW + 1, (n,), generator=gen)
-    left = torch.randint(0, w - WINDOW + 1, (n,), generator=gen)
-    out = torch.empty((n, c, WINDOW, WINDOW), dtype=features.dtype)
+    out = torch.empty((n, c, WINDOW, WINDOW), dtype=scales[0].dtype)
     for i in range(n):
-        y, x = top[i].item(), left[i].item()
-        out[i] = features[i, flip[i], :, y : y + WINDOW, x : x + WINDOW]
+        grid = scales[pick[i]]
+        room = grid.shape[-1] - WINDOW + 1
+        y, x = torch.randint(0, room, (2,), generator=gen).tolist()
+        out[i] = grid[idx[i], flip[i], :, y : y + WINDOW, x : x + WINDOW]
     return out
 
 
@@ -142,19 +147,19 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_epoch(model, opt, features, labels, targets, args, gen, step0: int, total: int) -> dict:
-    """One pass over the training features; returns this epoch's history row."""
+def train_epoch(model, opt, scales, labels, targets, args, gen, step0: int, total: int) -> dict:
+    """One pass over the training features (one grid per scale); returns the epoch's history row."""
     model.train()
     model.patch_embed.backbone.eval()  # frozen trunk: its batch norms keep their statistics
-    order = torch.randperm(len(features), generator=gen)
+    order = torch.randperm(len(labels), generator=gen)
     seen = correct = 0
     loss_sum, started = 0.0, time.time()
-    warmup = len(features) // args.batch_size
+    warmup = len(labels) // args.batch_size
     for b, i in enumerate(range(0, len(order), args.batch_size)):
         idx = order[i : i + args.batch_size]
         for group in opt.param_groups:
             group["lr"] = _lr(step0 + b, total, warmup, args.lr)
-        x = random_windows(features[idx], gen).float()
+        x = random_windows(scales, idx, gen).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = head_logits(model, x).float()
         log_p = logits.log_softmax(1)
@@ -180,8 +185,9 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
         "teachers": [t.name for t in teachers],
         "distillation": "soft (Hinton): 0.5 CE(label, smoothing 0.1) + 0.5 KL(teachers' mean "
         "softmax on the 224-px image || student)",
-        "augmentation": "random 224-px crop at 16-px steps of the 256-px image (a 14 x 14 window "
-        "of its 16 x 16 feature grid) + horizontal flip",
+        "augmentation": f"random scale of the image ({args.scales} px), random 224-px crop at "
+        "16-px steps (a 14 x 14 window of its feature grid) + horizontal flip",
+        "scales": [int(s) for s in args.scales.split(",")],
         "optimizer": "AdamW betas (0.9, 0.999), cosine after 1 epoch of linear warm-up",
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "drop_path_rate": args.drop_path, "depth": args.depth,
@@ -209,20 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     for p in model.patch_embed.backbone.parameters():
         p.requires_grad_(False)
     started = time.time()
-    features = trunk_features(model.patch_embed.backbone, images)
+    sizes = [int(s) for s in args.scales.split(",")]
+    if any(s % 16 or s < HybridShape.img_size for s in sizes):
+        raise SystemExit(
+            f"--scales: each size must be a multiple of 16, at least 224 (got {sizes})"
+        )
+    trunk = model.patch_embed.backbone
+    held_x = trunk_features(trunk, images[held], FEATURE_SIZE)
+    train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
-    train_x, train_y = features[keep], labels[keep]
-    held_x, held_y = features[held], labels[held]
+    train_y, held_y = labels[keep], labels[held]
     del images
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)  # fmt: skip
-    steps = math.ceil(len(train_x) / args.batch_size)
+    steps = math.ceil(len(train_y) / args.batch_size)
     history, best, best_state = [], -1.0, None
     for epoch in range(1, args.epochs + 1):
-        row = train_epoch(model, opt, train_x, train_y, targets, args, gen, (epoch - 1) * steps,
+        row = train_epoch(model, opt, train_scales, train_y, targets, args, gen, (epoch - 1) * steps,
                           args.epochs * steps)  # fmt: skip
         evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
         row = {
