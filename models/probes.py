@@ -42,7 +42,9 @@ from models.selfattention import (
     MultiheadReader,
     ProbabilitiesReader,
     TimmAttentionReader,
+    TimmUnfusedReader,
     TimmWindowReader,
+    TimmWindowV2Reader,
     TorchvisionWindowReader,
 )
 
@@ -320,6 +322,13 @@ def _register_timm() -> None:
         return
     _builtin(Attention, kind="self-attention", _reader=TimmAttentionReader())
     _builtin(WindowAttention, kind="self-attention", _reader=TimmWindowReader())
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.eva import EvaAttention
+    from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+
+    for cls in (EvaAttention, BeitAttention):
+        _builtin(cls, kind="self-attention", _reader=TimmUnfusedReader())
+    _builtin(WindowAttentionV2, kind="self-attention", _reader=TimmWindowV2Reader())
 
 
 def _register_transformers() -> None:

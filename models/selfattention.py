@@ -35,6 +35,8 @@ __all__ = [
     "Tap",
     "TimmAttentionReader",
     "TimmWindowReader",
+    "TimmUnfusedReader",
+    "TimmWindowV2Reader",
     "MultiheadReader",
     "TorchvisionWindowReader",
     "ProbabilitiesReader",
@@ -304,6 +306,55 @@ class TimmWindowReader(SelfAttentionReader):
     def geometry(self, module, parts):
         h, w, window, shift = parts["grid"]
         return WindowGeometry(h, w, window, shift, roll_first=True)
+
+
+class TimmUnfusedReader(SelfAttentionReader):
+    """timm attention that applies rotary embeddings, a relative position bias or talking
+    heads between q k^T and the softmax (EVA / EVA-02, BEiT): the probabilities are the input
+    of its `attn_drop`, exactly as timm's unfused path computes them. While a trace is on, the
+    module runs that path (its own `fused_attn` set off for the call, then restored; timm's
+    global setting untouched), so A is in the graph: dy/dA is its gradient."""
+
+    def taps(self, name, module, model):
+        if not isinstance(getattr(module, "attn_drop", None), nn.Module):
+            raise ValueError(f"{name!r}: {type(module).__name__} has no attn_drop to read")
+
+        saved: dict[str, bool] = {}  # the module's own setting while a call runs unfused
+
+        def unfuse(_args, _kwargs):
+            saved.setdefault("fused", bool(getattr(module, "fused_attn", False)))
+            module.fused_attn = False
+
+        def restore(_args, _out):  # timm reads the attribute at each call
+            module.fused_attn = saved.pop("fused", module.fused_attn)
+
+        return [
+            Tap(module, "before", "fused", unfuse),
+            Tap(module.attn_drop, "after", "probabilities", lambda _a, out: out),
+            Tap(module, "after", "restored", restore),
+        ]
+
+    def probabilities(self, module, parts):
+        p = parts.get("probabilities")
+        return None if p is None else p.float()
+
+    def gradient_source(self, parts):
+        return parts.get("probabilities")
+
+    def probability_gradient(self, module, parts, grad):
+        return grad.float()
+
+
+class TimmWindowV2Reader(TimmWindowReader):
+    """timm Swin v2 `WindowAttention` (cosine attention, continuous position bias): the
+    probabilities are its `attn_drop` input (it has no fused path); the grid as in v1."""
+
+    def taps(self, name, module, model):
+        grid = [t for t in super().taps(name, module, model) if t.part == "grid"]
+        return [*grid, Tap(module.attn_drop, "after", "probabilities", lambda _a, out: out)]
+
+    def probabilities(self, module, parts):
+        return parts["probabilities"].float()
 
 
 def _window_mask(args, kwargs) -> Tensor | None:

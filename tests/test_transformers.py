@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from models.probes import unregister_attention
+from models.selfattention import WindowGeometry, received_on_grid
 from tests.conftest import leftovers
 from viz import analyze, record_attention, register_attention
 
@@ -413,26 +414,106 @@ def test_agreement_pairs_a_network_map_with_the_last_block(vits):
 
 
 @pytest.fixture(scope="module")
-def eva():
-    """timm's EVA-02 tiny: a ViT the token layouts do not know, its EvaAttention unread."""
-    return _timm("eva02_tiny_patch14_224")
+def cait():
+    """timm's CaiT: talking-heads and class-attention blocks, which no probe reads yet."""
+    return _timm("cait_xxs24_224", depth=2)
 
 
-def test_eva02_default_cams_are_its_token_grid_not_attention_internals(eva):
+def test_unread_attention_is_named_and_default_cams_are_its_token_grid(cait):
     from viz import UnreadAttentionWarning, network_levels, unread_attention
 
-    assert unread_attention(eva) == ["EvaAttention"]
-    with pytest.warns(UnreadAttentionWarning, match=r"no probe reads: EvaAttention;") as seen:
-        got = analyze(eva, torch.randn(1, 3, 224, 224))
+    unread = ["LayerScaleBlockClassAttn", "TalkingHeadAttn"]
+    assert unread_attention(cait) == unread
+    with pytest.warns(
+        UnreadAttentionWarning, match=f"no probe reads: {', '.join(unread)};"
+    ) as seen:
+        got = analyze(cait, torch.randn(1, 3, 224, 224))
     assert len(seen) == 1 and "\n" not in str(seen[0].message)
-    # was blocks.11.attn.k_norm (a (257, 64) token-by-channel array) and patch_embed.proj
+    # EVA-02 had blocks.11.attn.k_norm (a (257, 64) token-by-channel array) and patch_embed.proj
     assert not any(".attn" in name or "patch_embed" in name for name in got.cams)
-    assert list(got.cams) == ["norm"] and got.cams["norm"].shape == (1, 16, 16)
+    assert list(got.cams) == ["norm"] and got.cams["norm"].shape == (1, 14, 14)
     assert got.cam_stages == {"norm": 4}  # the patch grid is its deepest level, as a ViT's
-    assert network_levels(eva).stage_layer_names() == ["norm"]
-    with pytest.raises(ValueError, match="no probe reads this network's EvaAttention"):
+    assert network_levels(cait).stage_layer_names() == ["norm"]
+    with pytest.raises(ValueError, match="no probe reads this network's LayerScaleBlockClassAttn"):
         with pytest.warns(UnreadAttentionWarning):
-            analyze(eva, torch.randn(1, 3, 224, 224), method="rollout")
+            analyze(cait, torch.randn(1, 3, 224, 224), method="rollout")
+
+
+# --- timm families read through their unfused softmax (issue 39) ---------------------------------
+
+TIMM_FAMILIES = {
+    "eva02 (rotary)": ("eva02_tiny_patch14_224", {"depth": 2}, 224),
+    "beit (relative bias)": (
+        "beit_base_patch16_224",
+        {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 64},
+        64,
+    ),
+    "swin v2 (cosine)": (
+        "swinv2_tiny_window8_256",
+        {"depths": (2, 1), "num_heads": (2, 4), "embed_dim": 32, "img_size": 64, "window_size": 4},
+        64,
+    ),
+}
+
+
+def _unfused_softmax(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What timm's own unfused path computes: every attention module's `attn_drop` input."""
+    seen, handles = [], []
+    for m in net.modules():
+        if hasattr(m, "attn_drop") and hasattr(m, "num_heads"):
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+            handles.append(m.attn_drop.register_forward_hook(lambda _m, a, _o: seen.append(a[0])))
+    try:
+        with torch.no_grad():
+            logits = net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+@pytest.mark.parametrize("family", list(TIMM_FAMILIES))
+def test_timm_family_records_equal_its_unfused_softmax(family):
+    from viz import unread_attention
+
+    name, options, size = TIMM_FAMILIES[family]
+    net = _timm(name, **options)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fused = [getattr(m, "fused_attn", None) for m in net.modules()]
+    with torch.no_grad():
+        plain = net(x)
+    with record_attention(net) as trace:
+        with torch.no_grad():
+            traced = net(x)
+    assert [getattr(m, "fused_attn", None) for m in net.modules()] == fused  # restored
+    torch.testing.assert_close(traced, plain, rtol=1e-5, atol=1e-5)
+    assert unread_attention(net) == []
+    expected, _ = _unfused_softmax(net, x)
+    records = [r for r in trace if r.kind == "self-attention"]
+    blocks = [m for m in net.modules() if hasattr(m, "shift_size") and hasattr(m, "attn")]
+    assert len(records) == len(expected) > 0
+    for i, (rec, want) in enumerate(zip(records, expected)):
+        if rec.attention is not None:  # global attention: the (N, heads, T, T) matrix itself
+            torch.testing.assert_close(rec.attention, want.float(), rtol=1e-5, atol=1e-6)
+        else:  # windows: each window's mean received attention, put back on the grid
+            h, w = rec.heads.shape[-2:]
+            block = blocks[i]
+            geo = WindowGeometry(h, w, tuple(block.window_size), tuple(block.shift_size), True)
+            torch.testing.assert_close(rec.heads, received_on_grid(want.float(), geo, 2))
+    if blocks:
+        assert any(any(b.shift_size) for b in blocks)  # a shifted window was compared too
+
+
+def test_eva02_gives_every_transformer_method(tmp_path):
+    name, options, size = TIMM_FAMILIES["eva02 (rotary)"]
+    net = _timm(name, **options)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for method in ("rollout", "gae", "legrad"):
+        got = analyze(net, x, method=method)
+        assert list(got.cams) == [method] and got.cams[method].shape == (1, 16, 16)
+        assert torch.isfinite(got.cams[method]).all() and got.cams[method].std() > 0
+    assert list(analyze(net, x).cams) == ["blocks.1.norm1"]  # its last block's tokens
 
 
 def test_attention_that_probes_read_is_not_warned_about(vits):

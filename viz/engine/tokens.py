@@ -74,7 +74,9 @@ def _timm_vit(path: str, m: nn.Module) -> TokenLayout:
         return tuple(embed.grid_size)
 
     def score(tokens: Tensor) -> Tensor:  # LeGrad: the final norm and head on the token mean
-        pooled = m.fc_norm(m.norm(tokens.mean(1)))
+        pooled = tokens.mean(1)
+        for norm in (getattr(m, "norm", None), getattr(m, "fc_norm", None)):  # EVA, BEiT: one
+            pooled = pooled if norm is None else norm(pooled)
         logits = m.head(pooled)
         head_dist = getattr(m, "head_dist", None)
         return logits if head_dist is None else (logits + head_dist(pooled)) / 2
@@ -117,10 +119,14 @@ def _torchvision_swin(path: str, m: nn.Module) -> TokenLayout:
 def _recognisers() -> list[tuple[type, Callable[[str, nn.Module], TokenLayout]]]:
     found = []
     if "timm" in sys.modules:
+        from timm.models.beit import Beit
+        from timm.models.eva import Eva
         from timm.models.swin_transformer import SwinTransformer
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
         from timm.models.vision_transformer import VisionTransformer
 
-        found += [(VisionTransformer, _timm_vit), (SwinTransformer, _timm_swin)]
+        found += [(VisionTransformer, _timm_vit), (Eva, _timm_vit), (Beit, _timm_vit),
+                  (SwinTransformer, _timm_swin), (SwinTransformerV2, _timm_swin)]  # fmt: skip
     if "torchvision" in sys.modules:
         from torchvision.models.swin_transformer import SwinTransformer as TvSwin
         from torchvision.models.vision_transformer import VisionTransformer as TvViT
