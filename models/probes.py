@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from models.attention import BAM, CBAM, SqueezeExcite
 from models.selfattention import (
+    CaitClassAttentionReader,
+    CaitTalkingHeadsReader,
     HuggingFaceAttentionReader,
     HuggingFaceSwinV2Reader,
     HuggingFaceWindowReader,
@@ -329,6 +331,10 @@ def _register_timm() -> None:
     for cls in (EvaAttention, BeitAttention):
         _builtin(cls, kind="self-attention", _reader=TimmUnfusedReader())
     _builtin(WindowAttentionV2, kind="self-attention", _reader=TimmWindowV2Reader())
+    from timm.models.cait import ClassAttn, TalkingHeadAttn
+
+    _builtin(TalkingHeadAttn, kind="self-attention", _reader=CaitTalkingHeadsReader())
+    _builtin(ClassAttn, kind="self-attention", _reader=CaitClassAttentionReader())
 
 
 def _register_transformers() -> None:

@@ -37,6 +37,8 @@ __all__ = [
     "TimmWindowReader",
     "TimmUnfusedReader",
     "TimmWindowV2Reader",
+    "CaitTalkingHeadsReader",
+    "CaitClassAttentionReader",
     "MultiheadReader",
     "TorchvisionWindowReader",
     "ProbabilitiesReader",
@@ -74,6 +76,7 @@ class SelfAttentionReader:
     """How to read one self-attention module type (subclass per type)."""
 
     windowed = False  # attention within windows (Swin): no global (T, T) matrix
+    patches_only = False  # the call sees no prefix tokens: its map is the patches' mean
     vit_only = False  # records only inside a recognised ViT (a generic module elsewhere)
 
     def taps(self, name: str, module: nn.Module, model: nn.Module) -> list[Tap]:
@@ -322,11 +325,13 @@ class TimmUnfusedReader(SelfAttentionReader):
         saved: dict[str, bool] = {}  # the module's own setting while a call runs unfused
 
         def unfuse(_args, _kwargs):
-            saved.setdefault("fused", bool(getattr(module, "fused_attn", False)))
-            module.fused_attn = False
+            if hasattr(module, "fused_attn"):  # talking heads have no fused path
+                saved.setdefault("fused", module.fused_attn)
+                module.fused_attn = False
 
         def restore(_args, _out):  # timm reads the attribute at each call
-            module.fused_attn = saved.pop("fused", module.fused_attn)
+            if "fused" in saved:
+                module.fused_attn = saved.pop("fused")
 
         return [
             Tap(module, "before", "fused", unfuse),
@@ -343,6 +348,51 @@ class TimmUnfusedReader(SelfAttentionReader):
 
     def probability_gradient(self, module, parts, grad):
         return grad.float()
+
+
+class CaitTalkingHeadsReader(TimmUnfusedReader):
+    """CaiT's self-attention blocks (talking heads: heads mixed before and after the softmax)
+    see the patches only; the class token joins later. Their (P, P) matrix is padded to the
+    network's (1 + P) tokens with the class token's identity row (it is left as it is), so
+    that rollout and GAE multiply them with the class-attention blocks; the block's own map is
+    the mean attention its patches receive."""
+
+    patches_only = True
+
+    def probabilities(self, module, parts):
+        p = super().probabilities(module, parts)
+        return None if p is None else _with_class_token(p, identity=True)
+
+    def probability_gradient(self, module, parts, grad):
+        return _with_class_token(grad.float(), identity=False)
+
+
+class CaitClassAttentionReader(TimmUnfusedReader):
+    """CaiT's class-attention blocks: only the class token queries, (N, heads, 1, T). As a
+    (T, T) token-mixing matrix its first row is that attention and the patches' rows the
+    identity (class attention leaves the patches as they are)."""
+
+    def probabilities(self, module, parts):
+        p = super().probabilities(module, parts)
+        if p is None:
+            return None
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        full = eye.expand(*p.shape[:2], -1, -1).clone()
+        full[:, :, :1] = p
+        return full
+
+    def probability_gradient(self, module, parts, grad):
+        full = grad.new_zeros(*grad.shape[:2], grad.shape[-1], grad.shape[-1]).float()
+        full[:, :, :1] = grad.float()
+        return full
+
+
+def _with_class_token(m: Tensor, identity: bool) -> Tensor:
+    """(N, heads, P, P) -> (N, heads, 1 + P, 1 + P), the class token's entry 1 or 0."""
+    out = F.pad(m, (1, 0, 1, 0))
+    if identity:
+        out[:, :, 0, 0] = 1.0
+    return out
 
 
 class TimmWindowV2Reader(TimmWindowReader):

@@ -816,16 +816,16 @@ def test_cli_gae_on_a_cnn_beside_a_vit_falls_back_to_gradcam_and_says_so(
 
 
 def test_cli_warns_once_about_attention_no_probe_reads(ckpts, image_dir, tmp_path, capsys):
-    cait = _timm_checkpoint(tmp_path / "cait.safetensors", "cait_xxs24_224", None,
-                           Preprocess(224, 224), depth=2)  # fmt: skip
-    unread = "LayerScaleBlockClassAttn, TalkingHeadAttn"
-    line = f"warning: {cait}: attention modules no probe reads: {unread};"
-    code, err = _export(capsys, cait, image_dir, tmp_path / "out", "--figure", "gradcam")
+    pvt = _timm_checkpoint(tmp_path / "pvt.safetensors", "pvt_v2_b0", None, Preprocess(224, 224))
+    unread = "Attention"
+    line = f"warning: {pvt}: attention modules no probe reads: {unread};"
+    code, err = _export(capsys, pvt, image_dir, tmp_path / "out", "--figure", "gradcam")
     assert code == 0, err
     assert err.count(line) == 1 and "UnreadAttentionWarning" not in err, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_bytes())
-    assert {tuple(r["cam_layers"]) for r in manifest["results"]} == {("norm",)}  # its tokens
-    report = ["report", "--checkpoint", str(cait), "--checkpoint", str(ckpts["r18_cbam"]),
+    layers = {tuple(r["cam_layers"]) for r in manifest["results"]}
+    assert layers == {("stages.0", "stages.1", "stages.2", "stages")}  # its stages' features
+    report = ["report", "--checkpoint", str(pvt), "--checkpoint", str(ckpts["r18_cbam"]),
               "--images", str(image_dir), "--out", str(tmp_path / "report"), "--steps", "2",
               "--sanity", "0", "--workers", "0"]  # fmt: skip
     assert main(report) == 0

@@ -414,29 +414,25 @@ def test_agreement_pairs_a_network_map_with_the_last_block(vits):
 
 
 @pytest.fixture(scope="module")
-def cait():
-    """timm's CaiT: talking-heads and class-attention blocks, which no probe reads yet."""
-    return _timm("cait_xxs24_224", depth=2)
+def pvt():
+    """timm's PVT v2: spatial-reduction attention, which no probe reads."""
+    return _timm("pvt_v2_b0")
 
 
-def test_unread_attention_is_named_and_default_cams_are_its_token_grid(cait):
+def test_unread_attention_is_named_and_default_cams_are_feature_maps(pvt):
     from viz import UnreadAttentionWarning, network_levels, unread_attention
 
-    unread = ["LayerScaleBlockClassAttn", "TalkingHeadAttn"]
-    assert unread_attention(cait) == unread
-    with pytest.warns(
-        UnreadAttentionWarning, match=f"no probe reads: {', '.join(unread)};"
-    ) as seen:
-        got = analyze(cait, torch.randn(1, 3, 224, 224))
+    assert unread_attention(pvt) == ["Attention"]
+    with pytest.warns(UnreadAttentionWarning, match="no probe reads: Attention;") as seen:
+        got = analyze(pvt, torch.randn(1, 3, 224, 224))
     assert len(seen) == 1 and "\n" not in str(seen[0].message)
     # EVA-02 had blocks.11.attn.k_norm (a (257, 64) token-by-channel array) and patch_embed.proj
     assert not any(".attn" in name or "patch_embed" in name for name in got.cams)
-    assert list(got.cams) == ["norm"] and got.cams["norm"].shape == (1, 14, 14)
-    assert got.cam_stages == {"norm": 4}  # the patch grid is its deepest level, as a ViT's
-    assert network_levels(cait).stage_layer_names() == ["norm"]
-    with pytest.raises(ValueError, match="no probe reads this network's LayerScaleBlockClassAttn"):
+    assert [m.shape[-1] for m in got.cams.values()] == [56, 28, 14, 7]  # its four stages
+    assert network_levels(pvt).stage_layer_names() == list(got.cams)
+    with pytest.raises(ValueError, match="no probe reads this network's Attention"):
         with pytest.warns(UnreadAttentionWarning):
-            analyze(cait, torch.randn(1, 3, 224, 224), method="rollout")
+            analyze(pvt, torch.randn(1, 3, 224, 224), method="rollout")
 
 
 # --- timm families read through their unfused softmax (issue 39) ---------------------------------
@@ -503,6 +499,42 @@ def test_timm_family_records_equal_its_unfused_softmax(family):
             torch.testing.assert_close(rec.heads, received_on_grid(want.float(), geo, 2))
     if blocks:
         assert any(any(b.shift_size) for b in blocks)  # a shifted window was compared too
+
+
+def test_cait_records_are_its_softmax_on_the_network_tokens():
+    """CaiT: the talking-heads blocks' (P, P) softmax padded with the class token's identity
+    (it joins later), the class-attention blocks' (1, T) row above the patches' identity."""
+    from viz import unread_attention
+
+    net = _timm("cait_xxs24_224", depth=2)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = net(x)
+    with record_attention(net) as trace:
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), plain, rtol=1e-5, atol=1e-5)
+    assert unread_attention(net) == []
+    expected, _ = _unfused_softmax(net, x)
+    records = [r for r in trace if r.kind == "self-attention"]
+    assert [r.name for r in records] == [
+        "blocks.0.attn",
+        "blocks.1.attn",
+        "blocks_token_only.0.attn",
+        "blocks_token_only.1.attn",
+    ]
+    eye = torch.eye(197).expand(2, 4, -1, -1)
+    for rec, want in zip(records[:2], expected[:2]):  # (2, 4, 196, 196)
+        torch.testing.assert_close(rec.attention[:, :, 1:, 1:], want, rtol=1e-5, atol=1e-6)
+        assert (rec.attention[:, :, 0] == eye[:, :, 0]).all()
+        torch.testing.assert_close(rec.heads, want.mean(2).reshape(2, 4, 14, 14))
+    for rec, want in zip(records[2:], expected[2:]):  # (2, 4, 1, 197)
+        torch.testing.assert_close(rec.attention[:, :, :1], want, rtol=1e-5, atol=1e-6)
+        assert (rec.attention[:, :, 1:] == eye[:, :, 1:]).all()
+        torch.testing.assert_close(rec.heads, want[:, :, 0, 1:].reshape(2, 4, 14, 14))
+    for method in ("rollout", "gae", "legrad"):
+        got = analyze(net, x, method=method).cams[method]
+        assert got.shape == (2, 14, 14) and torch.isfinite(got).all() and got.std() > 0
+    assert list(analyze(net, x).cams) == ["blocks_token_only.1.norm1"]
 
 
 def test_eva02_gives_every_transformer_method(tmp_path):

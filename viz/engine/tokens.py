@@ -82,9 +82,12 @@ def _timm_vit(path: str, m: nn.Module) -> TokenLayout:
         return logits if head_dist is None else (logits + head_dist(pooled)) / 2
 
     depth = len(m.blocks)
+    last_norm = f"blocks.{depth - 1}.norm1"
+    if len(getattr(m, "blocks_token_only", ())):  # CaiT: the class token joins there
+        last_norm = f"blocks_token_only.{len(m.blocks_token_only) - 1}.norm1"
     return TokenLayout(
         "vit", path, int(m.num_prefix_tokens), bool(getattr(m, "has_class_token", True)), ph,
-        depth, grid_of, score, last_norm=_join(path, f"blocks.{depth - 1}.norm1"),
+        depth, grid_of, score, last_norm=_join(path, last_norm),
         trunk=_join(path, "patch_embed.backbone") if hybrid else "",
     )  # fmt: skip
 
@@ -120,12 +123,14 @@ def _recognisers() -> list[tuple[type, Callable[[str, nn.Module], TokenLayout]]]
     found = []
     if "timm" in sys.modules:
         from timm.models.beit import Beit
+        from timm.models.cait import Cait
         from timm.models.eva import Eva
         from timm.models.swin_transformer import SwinTransformer
         from timm.models.swin_transformer_v2 import SwinTransformerV2
         from timm.models.vision_transformer import VisionTransformer
 
         found += [(VisionTransformer, _timm_vit), (Eva, _timm_vit), (Beit, _timm_vit),
+                  (Cait, _timm_vit),
                   (SwinTransformer, _timm_swin), (SwinTransformerV2, _timm_swin)]  # fmt: skip
     if "torchvision" in sys.modules:
         from torchvision.models.swin_transformer import SwinTransformer as TvSwin
@@ -184,6 +189,8 @@ def as_feature_map(
         prefix = layout.prefix if layout is not None else 0
         if layout is not None and layout.family == "vit":
             h, w = layout.grid(input_hw)
+            if t.shape[1] == h * w:  # a block that sees the patches only (CaiT's first ones)
+                prefix = 0
         else:
             guess = guessed_grid(t.shape[1]) or guessed_grid(t.shape[1] - 1)
             if guess is None:

@@ -535,7 +535,9 @@ class _SelfAttentionWatch:
             raise _probe_error(self.name, self.probe,
                                f"{tokens} tokens, not {prefix} prefix + {h}x{w} patches")  # fmt: skip
         n, heads = probs.shape[:2]
-        if cls:
+        if self.reader.patches_only:  # its padded class token was not there: the patches' mean
+            maps = probs[:, :, prefix:, prefix:].mean(2)
+        elif cls:
             maps = probs[:, :, 0, prefix:]
         else:
             maps = probs[:, :, :, prefix:].mean(2)
