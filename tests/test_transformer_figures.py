@@ -148,3 +148,53 @@ def test_export_of_a_vit_checkpoint(tmp_path, capsys):
         assert code == 0, err
         made = {p.name for p in out.rglob("*.png")}
         assert {"overview.png", "heads.png", "gradcam.png"} <= made, (made, err)
+
+
+# --- DINO's figure (issue 39) --------------------------------------------------------------------
+
+
+def test_mass_masks_keep_the_fewest_cells_holding_the_mass():
+    gen = torch.Generator().manual_seed(3)
+    maps = torch.rand(5, 4, 4, generator=gen) ** 3
+    for mass in (0.6, 0.25, 1.0):
+        masks = figures.mass_masks(maps, mass)
+        for m, keep in zip(maps, masks):
+            values = m.double().flatten().sort(descending=True).values
+            share = values.cumsum(0) / values.sum()
+            fewest = int((share < mass - 1e-12).sum()) + 1  # brute force: the crossing cell too
+            assert int(keep.sum()) == min(fewest, 16)
+            assert m[keep].sum() / m.sum() >= mass - 1e-9  # holds the mass...
+            assert m[keep].min() >= m[~keep].max() if (~keep).any() else True  # ...the largest
+    with pytest.raises(ValueError, match="mass must be in"):
+        figures.mass_masks(maps, 0.0)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_dino_heads_at_both_widths_with_a_long_title(analyses, crop, width):
+    trace = analyses["vit", "gradcam"].trace
+    title = f"{LONG_NAMES[0]} · a headless DINO backbone $x$ · {LONG_NAMES[1]}"
+    fig = figures.dino_heads(crop, trace, width=width, title=title)
+    assert _problems(fig) == []
+    texts = _texts(fig)
+    assert {"head 0", "head 1", "head 2", "attention", "60% mass"} <= set(texts)
+    assert any("block 3" in t for t in texts)  # the last block by default
+    early = _texts(figures.dino_heads(crop, trace, width=width, block=0, mass=0.8))
+    assert "80% mass" in early and any("block 0" in t for t in early)
+
+
+def test_dino_heads_on_a_headless_vit_in_export_and_refusals(analyses, crop, tmp_path):
+    from viz import record_attention
+
+    torch.manual_seed(0)
+    headless = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                 depth=2).eval()  # fmt: skip
+    with record_attention(headless) as trace:
+        with torch.no_grad():
+            assert headless(PRE.batch([_image(0)])).shape == (1, 192)  # an embedding, no classes
+    assert _problems(figures.dino_heads(crop, trace, width="single")) == []
+    fig = draw_image_figure("dino-heads", crop, analyses["vit", "gradcam"], [], FigureSettings())
+    assert _problems(fig) == []
+    with pytest.raises(ExportError, match="dino-heads cannot be drawn: no class token"):
+        draw_image_figure("dino-heads", crop, analyses["swin", "gradcam"], [], FigureSettings())
+    with pytest.raises(ValueError, match="block must be one of 0..3"):
+        figures.dino_heads(crop, analyses["vit", "gradcam"].trace, block=4)

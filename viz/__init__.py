@@ -75,6 +75,8 @@ from viz.figures import (
     bam_hierarchy,
     channel_weights,
     class_channel_stats,
+    dino_heads,
+    mass_masks,
     model_grid,
     spatial_overview,
 )
@@ -168,6 +170,8 @@ __all__ = [
     "channel_weights",
     "class_channel_stats",
     "deletion_insertion",
+    "dino_heads",
+    "mass_masks",
     "figure_bytes",
     "image_bundle",
     "load_image",

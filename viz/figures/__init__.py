@@ -11,7 +11,8 @@ object-oriented API (no pyplot state, nothing global left changed), sized for a 
 - SE (Hu et al., CVPR 2018, https://arxiv.org/abs/1709.01507): channel weights (excitation)
   per class.
 - Vision transformers (ViT, DeiT, Swin): each block's self-attention (mean of heads) in the
-  overview, every head in `attention_heads`, network-wide maps (rollout, GAE, LeGrad) against
+  overview, every head in `attention_heads`, DINO's class-token heads and 60%-mass masks in
+  `dino_heads`, network-wide maps (rollout, GAE, LeGrad) against
   the last block's attention in the Grad-CAM figure.
 
 How each attention kind is named comes from the probe registry (`models.probes.kind_style`), so
@@ -38,6 +39,7 @@ from viz.figures.canvas import (
 from viz.figures.channel_weights import channel_weights
 from viz.figures.class_channel_stats import class_channel_stats
 from viz.figures.deletion_curves import RANDOM_LABEL, deletion_insertion_curves
+from viz.figures.dino_heads import dino_heads, mass_masks
 from viz.figures.heads import attention_heads
 from viz.figures.model_grid import model_grid
 from viz.figures.spatial_overview import spatial_overview
@@ -46,6 +48,8 @@ __all__ = [
     "DIFF_CMAP",
     "RANDOM_LABEL",
     "deletion_insertion_curves",
+    "dino_heads",
+    "mass_masks",
     "DOUBLE_COLUMN",
     "FIGURE_STYLE",
     "SINGLE_COLUMN",

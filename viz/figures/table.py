@@ -19,6 +19,7 @@ from viz.figures.attention_vs_gradcam import attention_vs_gradcam
 from viz.figures.bam_hierarchy import bam_hierarchy
 from viz.figures.canvas import figure_width
 from viz.figures.channel_weights import channel_weights
+from viz.figures.dino_heads import class_token_blocks, dino_heads
 from viz.figures.heads import attention_heads
 from viz.figures.spatial_overview import spatial_overview
 
@@ -186,6 +187,17 @@ def _no_heads(analysis: Analysis) -> str | None:
     return "no self-attention heads (a ViT's or Swin's figure)"
 
 
+def _dino(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return dino_heads(crop, analysis.trace, cmap=s.cmap, alpha=s.alpha, width=s.width,
+                      render=s.render, **extra)  # fmt: skip
+
+
+def _no_dino(analysis: Analysis) -> str | None:
+    if class_token_blocks(analysis.trace):
+        return None
+    return "no class token's self-attention (a ViT's figure: DINO, DeiT, EVA, ...)"
+
+
 def _no_channels(analysis: Analysis) -> str | None:
     return None if analysis.trace.channel_records else "no channel attention"
 
@@ -199,6 +211,9 @@ _SPECS = (
                "transformer's self-attention per block) over the image", _overview),
     FigureSpec("heads", "a transformer's self-attention per head: blocks in rows, heads in "
                "columns", _heads, _no_heads),
+    FigureSpec("dino-heads", "DINO's figure: one block's class-token attention per head and "
+               "the patches holding 60% of it", _dino, _no_dino,
+               scale="shared (attention probabilities of the block's heads)"),
     FigureSpec("channels", "every module's channel weights, sorted, and the last module's top "
                "channels", _channels, _no_channels, scale="fixed 0-1 (sigmoid weights)"),
     FigureSpec("gradcam", "per CAM layer: attention map, CAM, their agreement (Pearson, "
