@@ -198,3 +198,45 @@ def test_dino_heads_on_a_headless_vit_in_export_and_refusals(analyses, crop, tmp
         draw_image_figure("dino-heads", crop, analyses["swin", "gradcam"], [], FigureSettings())
     with pytest.raises(ValueError, match="block must be one of 0..3"):
         figures.dino_heads(crop, analyses["vit", "gradcam"].trace, block=4)
+
+
+# --- the registers figure (issue 39) -------------------------------------------------------------
+
+
+def test_token_norms_are_the_blocks_output_norms_with_registers():
+    from viz import record_attention
+    from viz.measures.token_norms import token_norms
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2,
+                            reg_tokens=4).eval()  # fmt: skip
+    outputs = []
+    hook = net.blocks[1].register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    with record_attention(net) as trace, torch.no_grad():
+        net(PRE.batch([_image(0), _image(1)]))
+    hook.remove()
+    rec = [r for r in trace if r.kind == "self-attention"][-1]
+    torch.testing.assert_close(rec.token_norms, outputs[0].norm(dim=-1))  # 1 + 4 + 196 tokens
+    got = token_norms(trace, ratio=1.05)
+    patches = outputs[0][:, 5:].norm(dim=-1).reshape(2, 14, 14)
+    torch.testing.assert_close(got.patches, patches)
+    median = patches.flatten(1).median(1).values
+    assert torch.equal(got.outliers, patches > 1.05 * median[:, None, None])
+    assert got.others == 4 and got.outliers.any()
+    torch.testing.assert_close(got.prefix_share, rec.attention[:, :, 0, 1:5].sum(-1).mean(1))
+    assert 0 < float(got.outlier_fraction[0]) < 1
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_token_norms_figure_at_both_widths_and_refusals(analyses, crop, width):
+    trace = analyses["vit", "gradcam"].trace
+    title = f"{LONG_NAMES[0]} · $x$ · {LONG_NAMES[1]}"
+    fig = figures.token_norms(crop, trace, width=width, title=title, ratio=1.05)
+    assert _problems(fig) == []
+    joined = " ".join(_texts(fig)).replace("\n", " ")
+    assert "above 1.05× the median norm" in joined and "after block 3" in joined
+    assert "1 other prefix token" in joined  # DeiT's distillation token
+    with pytest.raises(ExportError, match="token-norms cannot be drawn: no global self-attention"):
+        draw_image_figure("token-norms", crop, analyses["swin", "gradcam"], [], FigureSettings())
+    with pytest.raises(ValueError, match="ratio must be above 1"):
+        figures.token_norms(crop, trace, ratio=1.0)

@@ -79,6 +79,7 @@ from viz.figures import (
     mass_masks,
     model_grid,
     spatial_overview,
+    token_norms,
 )
 from viz.figures.class_channel_stats import default_modules
 from viz.figures.table import (
@@ -172,6 +173,7 @@ __all__ = [
     "deletion_insertion",
     "dino_heads",
     "mass_masks",
+    "token_norms",
     "figure_bytes",
     "image_bundle",
     "load_image",

@@ -70,6 +70,9 @@ class AttentionRecord:
         layer: self-attention in a ViT: the block's index in the network (0 = first).
         class_token: self-attention in a ViT: its maps are the class token's row (the model
             has a class token), not the mean over the patch rows.
+        token_norms: self-attention with global attention: (N, T) the L2 norm of each token
+            the enclosing block outputs (prefix tokens first), for the high-norm outliers of
+            Darcet et al. 2024; None where the block's output is not those T tokens.
     """
 
     name: str
@@ -87,6 +90,7 @@ class AttentionRecord:
     heads: Tensor | None = None
     layer: int | None = None
     class_token: bool = False
+    token_norms: Tensor | None = None
 
     def select(self, index: int | slice) -> AttentionRecord:
         """The same record for image `index` (or a slice) of the batch, batch dimension kept."""
@@ -104,6 +108,7 @@ class AttentionRecord:
             feature_out=part(self.feature_out),
             attention=part(self.attention),
             heads=part(self.heads),
+            token_norms=part(self.token_norms),
         )
 
     @property
@@ -513,12 +518,19 @@ class _SelfAttentionWatch:
                 else stage_of_block(self.index, self.count)
             )
             layer, attention = self.index, probs
+        norms = parts.get("token_norms")
+        if (
+            attention is None
+            or norms is None
+            or norms.shape != (len(attention), attention.shape[-1])
+        ):
+            norms = None  # windows, or a block that outputs other tokens (CaiT's class token)
         spatial = heads.mean(1)
         return AttentionRecord(
             name=self.name, kind=self.probe.kind, stage=stage,
             block=state.next_block(call, stage), channel=None, spatial=spatial, gate=spatial,
             feature_in=None, feature_out=None, stride=stride, attention=attention,
-            heads=heads, layer=layer, class_token=cls,
+            heads=heads, layer=layer, class_token=cls, token_norms=norms,
         )  # fmt: skip
 
     def _patch_maps(self, probs: Tensor, layout: TokenLayout | None, input_hw) -> tuple:
@@ -543,6 +555,22 @@ class _SelfAttentionWatch:
             maps = probs[:, :, :, prefix:].mean(2)
         stride = input_hw[0] // h if input_hw[0] else 0
         return maps.reshape(n, heads, h, w), stride, cls
+
+
+def _enclosing_block(model: nn.Module, name: str) -> nn.Module | None:
+    """The numbered block holding attention module `name` (`blocks.3` for `blocks.3.attn`,
+    `encoder.layer.3` for `encoder.layer.3.attention.attention`), or None."""
+    parts = name.split(".")[:-1]
+    while parts and not parts[-1][-1:].isdigit():
+        parts.pop()
+    return model.get_submodule(".".join(parts)) if parts else None
+
+
+def _token_norms(_args: tuple, out: object) -> Tensor | None:
+    tokens = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
+        return None
+    return tokens.detach().float().norm(dim=-1)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
@@ -585,6 +613,9 @@ class _TapSet:
                 self.handles.append(tap(model, before=self._note_input))
             for watch, (_, module, _, taps) in zip(self.watches, self.plan):
                 if isinstance(watch, _SelfAttentionWatch):
+                    block = None if watch.reader.windowed else _enclosing_block(model, watch.name)
+                    if block is not None:  # its output tokens' norms (Darcet et al. 2024)
+                        taps = [*taps, Tap(block, "after", "token_norms", _token_norms)]
                     for spec in taps:
                         fn = watch.tap_function(self, spec)
                         self.handles.append(

@@ -12,7 +12,7 @@ object-oriented API (no pyplot state, nothing global left changed), sized for a 
   per class.
 - Vision transformers (ViT, DeiT, Swin): each block's self-attention (mean of heads) in the
   overview, every head in `attention_heads`, DINO's class-token heads and 60%-mass masks in
-  `dino_heads`, network-wide maps (rollout, GAE, LeGrad) against
+  `dino_heads`, output-token norms and their outliers (registers) in `token_norms`, network-wide maps (rollout, GAE, LeGrad) against
   the last block's attention in the Grad-CAM figure.
 
 How each attention kind is named comes from the probe registry (`models.probes.kind_style`), so
@@ -43,6 +43,7 @@ from viz.figures.dino_heads import dino_heads, mass_masks
 from viz.figures.heads import attention_heads
 from viz.figures.model_grid import model_grid
 from viz.figures.spatial_overview import spatial_overview
+from viz.figures.token_norms import token_norms
 
 __all__ = [
     "DIFF_CMAP",
@@ -66,4 +67,5 @@ __all__ = [
     "spatial_map",
     "spatial_overview",
     "styled",
+    "token_norms",
 ]

@@ -351,6 +351,13 @@ class Canvas:
                      fontsize=size, multialignment="center")  # fmt: skip
 
 
+def title_room(title: str | None, width: str | float) -> float:
+    """Inches a `Canvas` needs above its panels (`header`) for `Canvas.title(title)`."""
+    if not title:
+        return 0.0
+    return 0.22 if text_width(title, 8.4) <= figure_width(width) - 0.1 else 0.36
+
+
 def _thin_ticks(bar, span: float, vmin: float, vmax: float) -> None:
     """Fewer ticks when their labels would touch (attention probabilities: "0.01925")."""
     ticks = [t for t in bar.get_ticks() if vmin - 1e-12 <= t <= vmax + 1e-12]

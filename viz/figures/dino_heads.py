@@ -27,6 +27,7 @@ from viz.figures.canvas import (
     pick_image,
     styled,
     text_width,
+    title_room,
     value_range,
 )
 
@@ -108,7 +109,7 @@ def dino_heads(
     counts = [min(per_line, count - (r // 2) * per_line) for r in range(2 * lines)]
     canvas = Canvas(width, counts, left=label_w + 0.06, head=[0.13 if r % 2 == 0 else 0.02
                     for r in range(2 * lines)], foot=0.02, gap=0.02, footer=0.42,
-                    header=_header(title, width), max_panel=0.9)  # fmt: skip
+                    header=title_room(title, width), max_panel=0.9)  # fmt: skip
     base = as_image(image)
     side = max(16, min(max(base.size), round(canvas.panel * 400)))
     base = base.resize((side, side), Image.Resampling.BILINEAR)
@@ -131,13 +132,6 @@ def dino_heads(
     if title:
         canvas.title(literal(title))
     return canvas.fig
-
-
-def _header(title: str | None, width: str | float) -> float:
-    """Inches above the panels for the title: one line at 8.4 pt, or two at 7 pt."""
-    if not title:
-        return 0.0
-    return 0.22 if text_width(title, 8.4) <= figure_width(width) - 0.1 else 0.36
 
 
 def _masked(base: Image.Image, mask: Tensor) -> Image.Image:

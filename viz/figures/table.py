@@ -22,6 +22,8 @@ from viz.figures.channel_weights import channel_weights
 from viz.figures.dino_heads import class_token_blocks, dino_heads
 from viz.figures.heads import attention_heads
 from viz.figures.spatial_overview import spatial_overview
+from viz.figures.token_norms import token_norms
+from viz.measures.token_norms import norm_blocks
 
 if TYPE_CHECKING:
     from viz.engine.cam import Analysis
@@ -198,6 +200,16 @@ def _no_dino(analysis: Analysis) -> str | None:
     return "no class token's self-attention (a ViT's figure: DINO, DeiT, EVA, ...)"
 
 
+def _norms(crop, analysis, class_names, s: FigureSettings, extra: dict) -> Figure:
+    return token_norms(crop, analysis.trace, cmap=s.cmap, width=s.width, **extra)
+
+
+def _no_norms(analysis: Analysis) -> str | None:
+    if norm_blocks(analysis.trace):
+        return None
+    return "no global self-attention blocks (a ViT's figure)"
+
+
 def _no_channels(analysis: Analysis) -> str | None:
     return None if analysis.trace.channel_records else "no channel attention"
 
@@ -214,6 +226,9 @@ _SPECS = (
     FigureSpec("dino-heads", "DINO's figure: one block's class-token attention per head and "
                "the patches holding 60% of it", _dino, _no_dino,
                scale="shared (attention probabilities of the block's heads)"),
+    FigureSpec("token-norms", "the registers paper's figure: one block's output-token norms, "
+               "high-norm outliers outlined", _norms, _no_norms,
+               scale="own min-max (token norms)"),
     FigureSpec("channels", "every module's channel weights, sorted, and the last module's top "
                "channels", _channels, _no_channels, scale="fixed 0-1 (sigmoid weights)"),
     FigureSpec("gradcam", "per CAM layer: attention map, CAM, their agreement (Pearson, "
