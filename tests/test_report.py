@@ -400,6 +400,8 @@ def test_a_cnn_beside_a_vit_under_gae_shows_grad_cam(tmp_path, checkpoints, caps
     }
     assert {m for _, m in methods} == {"gradcam", "gae"} and len(methods) == 2
     assert "(Grad-CAM for " in (out / "report.md").read_text()
+    outliers = {r["checkpoint"]: r["outlier_tokens"] for r in _rows(out / "per_image.csv")}
+    assert outliers["tiny_cbam"] == "" and 0.0 <= float(outliers["deit"]) <= 1.0
 
 
 def test_rollout_report_names_its_map_and_sorts_blocks_by_number(tmp_path, capsys):

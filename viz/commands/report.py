@@ -53,7 +53,7 @@ __all__ = [
 
 PER_IMAGE_COLUMNS = (
     "checkpoint", "image", "label", "target", "target_name", "predicted", "prob", "correct",
-    "deletion_auc", "insertion_auc", "error",
+    "deletion_auc", "insertion_auc", "outlier_tokens", "error",
 )  # fmt: skip
 PER_MAP_COLUMNS = (
     "checkpoint", "image", "map", "kind", "method", "stage", "layer", "deletion_auc", "insertion_auc",
@@ -301,6 +301,7 @@ def _image_rows(
     from viz.measures.metrics import agreement_batch
 
     predicted = analysis.logits.argmax(1)
+    outliers = _outlier_tokens(analysis.trace)
     method = "+".join([analysis.method, *analysis.smoothing])  # e.g. "scorecam+eigen"
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
     agree = {
@@ -320,6 +321,7 @@ def _image_rows(
             "correct": int(int(predicted[i]) == t) if known else None,
             "deletion_auc": _number(float(d.deletion_auc[i])) if d else None,
             "insertion_auc": _number(float(d.insertion_auc[i])) if d else None,
+            "outlier_tokens": None if outliers is None else _number(float(outliers[i])),
             "error": "",
         })  # fmt: skip
         for name, (kind, stage, layer, m) in maps.items():
@@ -336,6 +338,14 @@ def _image_rows(
                 row.update(_localisation(m[i], boxes[i], size))
             per_map.append(row)
     return {"per_image": per_image, "per_map": per_map}
+
+
+def _outlier_tokens(trace) -> Tensor | None:
+    """(N,) the share of the last block's patch tokens above twice the median norm (Darcet et
+    al. 2024), or None for a network without global self-attention."""
+    from viz.measures.token_norms import norm_blocks, token_norms
+
+    return token_norms(trace).outlier_fraction if norm_blocks(trace) else None
 
 
 def _localisation(m: Tensor, boxes: list, size: int) -> dict:
