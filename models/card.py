@@ -122,6 +122,8 @@ def _hybrid_command(recipe: dict, out: str) -> str:
     parts = ["python -m models.train_hybrid --data imagenette2-224"]
     parts += [f"--teacher checkpoints/{t}" for t in recipe.get("teachers", [])]
     parts.append(f"--epochs {recipe.get('epochs')} --depth {recipe.get('depth')}")
+    if recipe.get("scales"):  # the first hybrid had one scale (256 px) and no such option
+        parts.append("--scales " + ",".join(str(s) for s in recipe["scales"]))
     parts.append(f"--out checkpoints/{out}")
     return "`" + " ".join(parts) + "`"
 

@@ -3,10 +3,11 @@
     python -m models.train_hybrid --data imagenette2-224 --out checkpoints/NAME.safetensors
 
 The trunk (stem and stages 1-3 of the embedded ResNet-18 + CBAM) is copied in and frozen, so
-its features are computed once: every training image at each of --scales (default 224, 256 and
-288 px) and its mirror image (a 14 x 14 to 18 x 18 grid of 256-channel cells). Each step takes,
-for each image, a random scale and a random 14 x 14 window of it (a 224-px crop at a 16-px
-offset, flipped or not) and trains the projection, tokens, blocks and head on it.
+its features are computed once: every training image at each of --scales (default 256 px, the
+shipped recipe; e.g. 224,256,288 adds scale jitter) and its mirror image (a 16 x 16 grid of
+256-channel cells at 256 px). Each step takes, for each image, a random scale and a random
+14 x 14 window of it (a 224-px crop at a 16-px offset, flipped or not) and trains the
+projection, tokens, blocks and head on it.
 The teachers (the embedded ResNets, given by --teacher) label each image once: the mean of their
 softmaxes on the 224-px image is the soft target (Hinton et al. 2015), mixed half and half with
 the label's cross-entropy.
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--teacher", type=Path, action="append", default=[],
                    help="a teacher checkpoint (repeat); default: the trunk's network")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=18)
-    p.add_argument("--scales", default="224,256,288",
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--scales", default="256",
                    help="image sizes (px, multiples of 16, >= 224) whose trunk features are cached")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)

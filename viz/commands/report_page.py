@@ -458,6 +458,15 @@ def _figures(rows: dict[str, list[dict]], sanity: list[dict], inputs, options) -
     return figures
 
 
+def _method_text(inputs, options) -> str:
+    """ "gae (aug smooth)", and which CNNs beside a transformer showed Grad-CAM instead."""
+    text = options.method + "".join(f" ({s} smooth)" for s in options.smoothing)
+    fallen = [n for n, _, c in inputs.checkpoints if options.for_model(c.model) is not options]
+    if fallen:  # CNNs beside a transformer under rollout, GAE or LeGrad
+        text += f" (Grad-CAM for {', '.join(fallen)}: {options.method} needs self-attention)"
+    return text
+
+
 def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, world: int = 1) -> int:
     """Write every report file into `out`; returns how many images could not be read."""
     from dataclasses import asdict
@@ -495,12 +504,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
         else f"deletion/insertion on {deletion} with {options.steps} steps "
              f"({options.baseline} baseline)"
     )  # fmt: skip
-    smoothing = "".join(f" ({s} smooth)" for s in options.smoothing)
-    fallen = [n for n, _, c in inputs.checkpoints if options.for_model(c.model) is not options]
-    if fallen:  # CNNs beside a transformer under rollout, GAE or LeGrad
-        smoothing += f" (Grad-CAM for {', '.join(fallen)}: {options.method} needs self-attention)"
     intro = (
-        f"{images}, {len(names)} checkpoint(s), CAM method {options.method}{smoothing}, "
+        f"{images}, {len(names)} checkpoint(s), CAM method {_method_text(inputs, options)}, "
         f"{scored}, {sanity}, {world} process(es). "
         "Intervals: 95% percentile bootstrap over images."
     )
