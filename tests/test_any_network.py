@@ -337,7 +337,7 @@ def test_built_in_probes_cover_timm_and_torchvision():
     registry = registered_attention()
     names = {f"{cls.__module__}.{cls.__name__}" for cls in registry}
     for expected in (
-        "models.attention.SqueezeExcite", "models.attention.BAM", "models.attention.CBAM",
+        "models.networks.attention.SqueezeExcite", "models.networks.attention.BAM", "models.networks.attention.CBAM",
         "timm.layers.squeeze_excite.SEModule", "timm.layers.squeeze_excite.EffectiveSEModule",
         "timm.layers.eca.EcaModule", "timm.layers.eca.CecaModule", "timm.layers.cbam.CbamModule",
         "timm.layers.cbam.LightCbamModule", "torchvision.ops.misc.SqueezeExcitation",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import CheckpointError, ForeignArch, build_model, load_checkpoint, save_checkpoint
-from models.cost import ALLOW_COSTLY_ENV, check_cost, estimate_cost
+from models.checkpoints.cost import ALLOW_COSTLY_ENV, check_cost, estimate_cost
 
 
 def _long_sequence_vit(tmp_path):

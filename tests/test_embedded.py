@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from models.card import GOAL_SIZE, GOAL_TOP1, VIT_GOAL_TOP1, meets_goal, model_card
-from models.hybrid import HYBRID_NAME
+from models.networks.hybrid import HYBRID_NAME
+from models.training.card import GOAL_SIZE, GOAL_TOP1, VIT_GOAL_TOP1, meets_goal, model_card
 from viz import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,8 @@ def test_model_card_lists_every_embedded_checkpoint():
 
 
 def test_model_card_status_names_the_checkpoints_short_of_the_goal(tmp_path):
-    from models.card import _status
-    from models.zoo import EmbeddedCheckpoint
+    from models.checkpoints.zoo import EmbeddedCheckpoint
+    from models.training.card import _status
 
     def entry(name, top1):
         return EmbeddedCheckpoint(tmp_path / name, 1, 0.0, {"accuracy": {"top1": top1}})
@@ -103,8 +103,8 @@ def test_model_card_status_names_the_checkpoints_short_of_the_goal(tmp_path):
 
 
 def test_the_vision_transformer_has_its_own_goal_at_its_own_size(tmp_path):
-    from models.card import _status
-    from models.zoo import EmbeddedCheckpoint
+    from models.checkpoints.zoo import EmbeddedCheckpoint
+    from models.training.card import _status
 
     vit = {"arch": {"source": "timm", "attention": "self-attention"}}
 
@@ -121,7 +121,7 @@ def test_the_vision_transformer_has_its_own_goal_at_its_own_size(tmp_path):
 
 
 def _entry(path, top1, history, vit=True, size=160):
-    from models.zoo import EmbeddedCheckpoint
+    from models.checkpoints.zoo import EmbeddedCheckpoint
 
     arch = {"source": "timm", "attention": "self-attention"} if vit else {"depth": 18}
     meta = {"arch": arch, "accuracy": {"top1": top1, "test_size": size},
@@ -130,7 +130,7 @@ def _entry(path, top1, history, vit=True, size=160):
 
 
 def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
-    from models.card import _status, _vit_intro
+    from models.training.card import _status, _vit_intro
 
     history = [
         {"epoch": e, "seconds": s, "holdout_acc": h}
@@ -159,7 +159,7 @@ def test_the_vision_transformers_card_text_comes_from_its_history(tmp_path):
 
 
 def test_a_kept_best_epochs_command_says_which_epochs_were_candidates():
-    from models.card import _command
+    from models.training.card import _command
 
     recipe = {"arch": "timm:deit_tiny_distilled_patch16_224", "epochs": 6, "keep_best": True}
     every_third = _command(recipe, "v.safetensors", attention=None, init=None, evaluated=[3, 6])
@@ -171,7 +171,7 @@ def test_a_kept_best_epochs_command_says_which_epochs_were_candidates():
 
 
 def test_the_resnets_hold_out_note_shows_only_when_a_resnet_is_short(tmp_path):
-    from models.card import _status
+    from models.training.card import _status
 
     history = [{"epoch": 1, "holdout_acc": 91.5}]
     good = _entry(tmp_path / "r.safetensors", GOAL_TOP1, history, vit=False, size=GOAL_SIZE)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from models import Preprocess, build_model, load_checkpoint, save_checkpoint
-from models.checkpoint import Checkpoint
+from models.checkpoints.checkpoint import Checkpoint
 from models.images import load_image
 from tests.conftest import randomize_bn
 from viz.commands.cli import main

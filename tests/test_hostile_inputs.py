@@ -38,7 +38,7 @@ from models import (
     register_architecture,
     save_checkpoint,
 )
-from models.architectures import unregister_architecture
+from models.checkpoints.architectures import unregister_architecture
 from viz import ImageError, load_image
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -672,7 +672,7 @@ def test_the_app_shows_file_text_as_text(tmp_path, monkeypatch):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from models.zoo import CHECKPOINT_DIR_ENV
+    from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 
     _evil_checkpoint(tmp_path / "evil.safetensors")
     monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))

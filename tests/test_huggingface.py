@@ -244,7 +244,7 @@ def test_bare_transformers_models_are_traced_too():
 def test_swin_window_attention_equals_its_own_and_is_placed_on_each_stage(tmp_path, version):
     """Swin (sdpa) and Swin v2 (cosine attention, eager only): each block's window
     probabilities equal the model's own; one Grad-CAM layer per stage; no rollout."""
-    from models.selfattention import received_on_grid
+    from models.probes.selfattention import received_on_grid
 
     config_cls, cls = {
         "swin": (tf.SwinConfig, tf.SwinForImageClassification),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import ForeignArch, load_checkpoint, save_checkpoint
-from models.hybrid import HYBRID_NAME, build_hybrid
+from models.networks.hybrid import HYBRID_NAME, build_hybrid
 from viz import analyze, record_attention, stage_layers
 
 

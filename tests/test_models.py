@@ -8,8 +8,8 @@ from conftest import randomize_bn
 from torch import nn
 
 from models import build_model
-from models.attention import BAM, CBAM
-from models.resnet import BasicBlock, Bottleneck
+from models.networks.attention import BAM, CBAM
+from models.networks.resnet import BasicBlock, Bottleneck
 
 # manifest name in tests/reference -> build_model(depth, attention, num_classes, stem)
 OFFICIAL_ARCHS = {

@@ -11,7 +11,7 @@ import torchvision
 from safetensors.torch import save as save_safetensors
 
 from models import CheckpointError, ForeignArch, load_checkpoint
-from models.checkpoint import imagenet_class_names
+from models.checkpoints.checkpoint import imagenet_class_names
 from tests.conftest import randomize_bn
 
 NETWORKS = {

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from models import architectures, load_checkpoint, probes
-from models.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
+from models import load_checkpoint
+from models.checkpoints import architectures
+from models.checkpoints.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
+from models.probes import registry as probes
 from tests.conftest import plain
 from viz.commands.cli import main as cli
 

@@ -14,7 +14,7 @@ from test_checkpoint import (
 )
 
 from models import CheckpointError, build_model, load_checkpoint
-from models.pytorchcv import rename_pytorchcv
+from models.checkpoints.pytorchcv import rename_pytorchcv
 
 # our key prefix -> pytorchcv's, inside a residual unit and inside a BAM block
 UNIT_NAMES = [

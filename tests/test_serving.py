@@ -14,8 +14,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from models import build_model, save_checkpoint
+from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 from models.images import image_folder
-from models.zoo import CHECKPOINT_DIR_ENV
 from tests.conftest import plain
 from viz import ImageError, load_image
 from viz.serving import ROOTS_ENV, SERVE_ENV, PathRefused, serve_policy

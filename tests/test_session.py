@@ -1,4 +1,4 @@
-"""Library helpers behind the app: the checkpoint folder (models.zoo) and viz.session."""
+"""Library helpers behind the app: the checkpoint folder (models.checkpoints.zoo) and viz.session."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import torch
 from PIL import Image
 
 from models import build_model, load_checkpoint, save_checkpoint
-from models.zoo import CHECKPOINT_DIR_ENV, checkpoint_dir, default_checkpoint, embedded_checkpoints
+from models.checkpoints.zoo import (
+    CHECKPOINT_DIR_ENV,
+    checkpoint_dir,
+    default_checkpoint,
+    embedded_checkpoints,
+)
 from tests.conftest import ROOT, plain, randomize_bn
 from viz.engine.cam import analyze
 from viz.session import (

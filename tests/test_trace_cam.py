@@ -9,7 +9,7 @@ from captum.attr import LayerActivation, LayerGradCam, LayerGradientXActivation
 from conftest import leftovers
 
 from models import build_model
-from models.attention import CBAM
+from models.networks.attention import CBAM
 from tests.conftest import randomize_bn
 from viz.engine.cam import analyze, attribute, resolve_layers
 from viz.engine.trace import attention_modules, record_attention
@@ -44,7 +44,7 @@ def test_cbam_trace_equals_official_maps(module_vectors, name):
 
 
 def test_bam_trace_equals_official_branches(module_vectors):
-    from models.attention import BAM
+    from models.networks.attention import BAM
 
     module = BAM(64).eval()
     prefix = "bam/state_dict/"

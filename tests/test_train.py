@@ -10,8 +10,12 @@ import torch
 from PIL import Image
 
 from models import build_model, load_checkpoint
-from models import train as train_mod
-from models.card import model_card
+from models.training import batches
+from models.training.card import model_card
+from models.training.cli import main as train_main
+from models.training.cli import parse_args
+from models.training.data import holdout_split
+from models.training.evaluation import evaluate_cached, evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def _args(data, out, epochs, *extra):
 
 def test_train_writes_a_checkpoint_with_full_metadata(tiny_folder, tmp_path):
     out = tmp_path / "m.safetensors"
-    assert train_mod.main(_args(tiny_folder, out, 1)) == 0
+    assert train_main(_args(tiny_folder, out, 1)) == 0
     ckpt = load_checkpoint(out)
     meta = ckpt.metadata
     assert ckpt.format == "attention-lens"
@@ -50,18 +54,18 @@ def test_train_writes_a_checkpoint_with_full_metadata(tiny_folder, tmp_path):
     assert next(iter(ckpt.model.parameters())).dtype.is_floating_point
     assert not out.with_name(out.name + ".state.pt").exists()
     # the recorded accuracy is the one of the stored weights
-    top1, n = train_mod.evaluate_checkpoint(out, tiny_folder / "val")
+    top1, n = evaluate_checkpoint(out, tiny_folder / "val")
     assert (round(top1, 2), n) == (meta["accuracy"]["top1"], 8)
 
 
 def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, capsys):
     full = tmp_path / "full.safetensors"
-    train_mod.main(_args(tiny_folder, full, 2))
+    train_main(_args(tiny_folder, full, 2))
     history_full = load_checkpoint(full).metadata["training"]["history"]
 
     out = tmp_path / "cut.safetensors"
     monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
-    real_eval, calls = train_mod.evaluate_cached, []
+    real_eval, calls = evaluate_cached, []
 
     def stop_in_second_epoch(*a, **k):
         calls.append(1)
@@ -69,13 +73,13 @@ def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, c
             raise KeyboardInterrupt  # the session is stopped during epoch 2's evaluation
         return real_eval(*a, **k)
 
-    monkeypatch.setattr(train_mod, "evaluate_cached", stop_in_second_epoch)
+    monkeypatch.setattr(batches, "evaluate_cached", stop_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.main(_args(tiny_folder, out, 2))
+        train_main(_args(tiny_folder, out, 2))
     assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
-    monkeypatch.setattr(train_mod, "evaluate_cached", real_eval)
+    monkeypatch.setattr(batches, "evaluate_cached", real_eval)
     capsys.readouterr()
-    assert train_mod.main(_args(tiny_folder, out, 2, "--resume")) == 0
+    assert train_main(_args(tiny_folder, out, 2, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
     history = load_checkpoint(out).metadata["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
@@ -100,13 +104,13 @@ def test_keep_best_ships_the_best_hold_out_epoch_across_a_resume(
 
     stop = [True]
     monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
-    monkeypatch.setattr(train_mod, "evaluate_cached", scripted_eval)
+    monkeypatch.setattr(batches, "evaluate_cached", scripted_eval)
     out = tmp_path / "best.safetensors"
     args = _args(tiny_folder, out, 3, "--eval-every", "1", "--holdout", "0.25", "--keep-best")
     with pytest.raises(KeyboardInterrupt):
-        train_mod.main(args)
+        train_main(args)
     stop[0] = False
-    assert train_mod.main([*args, "--resume"]) == 0
+    assert train_main([*args, "--resume"]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt.metadata["training"]["selection"]["epoch"] == 2
     assert ckpt.metadata["training"]["recipe"]["keep_best"] is True
@@ -119,16 +123,16 @@ def test_keep_best_ships_the_best_hold_out_epoch_across_a_resume(
     assert "Epoch chosen on the hold-out: 2 of 3" in card and "--keep-best" in card
     # without a hold-out the choice would be made on val/, the split scored at the end
     no_holdout = [a for a in args if a not in ("--holdout", "0.25")]
-    assert train_mod.main(no_holdout) == 2
+    assert train_main(no_holdout) == 2
 
 
 def test_missing_split_is_a_usage_error(tmp_path):
-    assert train_mod.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert train_main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
 def test_eval_every_skips_validation_but_not_the_last_epoch(tiny_folder, tmp_path):
     out = tmp_path / "m.safetensors"
-    assert train_mod.main(_args(tiny_folder, out, 3, "--eval-every", "2")) == 0
+    assert train_main(_args(tiny_folder, out, 3, "--eval-every", "2")) == 0
     history = load_checkpoint(out).metadata["training"]["history"]
     assert [h["val_acc"] is None for h in history] == [True, False, False]
 
@@ -144,7 +148,7 @@ def _tiny_args(data, out, epochs, *extra):
 @pytest.fixture(scope="module")
 def trained_cbam(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("init") / "start.safetensors"
-    assert train_mod.main(_args(tiny_folder, out, 1)) == 0
+    assert train_main(_args(tiny_folder, out, 1)) == 0
     return out
 
 
@@ -153,8 +157,7 @@ def test_init_continues_from_a_checkpoint_and_records_it(tiny_folder, trained_cb
     out = tmp_path / "continued.safetensors"
     # lr 0: the copied weights must come out unchanged (BatchNorm statistics still move)
     assert (
-        train_mod.main(_tiny_args(tiny_folder, out, 1, "--init", str(trained_cbam), "--lr", "0"))
-        == 0
+        train_main(_tiny_args(tiny_folder, out, 1, "--init", str(trained_cbam), "--lr", "0")) == 0
     )
     ckpt = load_checkpoint(out)
     assert ckpt.arch == start.arch  # the architecture came from --init
@@ -191,7 +194,7 @@ def test_init_with_another_class_count_gets_a_new_classifier(tiny_folder, traine
                 )
     out = tmp_path / "finetuned.safetensors"
     args = _tiny_args(three, out, 1, "--init", str(trained_cbam), "--lr", "0")
-    assert train_mod.main(args) == 0
+    assert train_main(args) == 0
     ckpt, start = load_checkpoint(out), load_checkpoint(trained_cbam)
     assert ckpt.arch.num_classes == 3 and ckpt.arch.attention == "cbam"
     assert ckpt.metadata["training"]["init"]["classifier"] == "new"
@@ -203,7 +206,7 @@ def test_init_that_contradicts_an_option_is_a_usage_error(
 ):
     out = tmp_path / "x.safetensors"
     args = _tiny_args(tiny_folder, out, 1, "--init", str(trained_cbam), "--attention", "se")
-    assert train_mod.main(args) == 2
+    assert train_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --attention se contradicts --init") and "\n" not in err
     assert not out.exists()
@@ -212,10 +215,9 @@ def test_init_that_contradicts_an_option_is_a_usage_error(
 def test_broken_init_is_one_line_before_any_decoding(tiny_folder, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 100)
-    monkeypatch.setattr(train_mod, "load_split", lambda *a: pytest.fail("decoded the data"))
+    monkeypatch.setattr(batches, "load_split", lambda *a: pytest.fail("decoded the data"))
     assert (
-        train_mod.main(_tiny_args(tiny_folder, tmp_path / "x.safetensors", 1, "--init", str(bad)))
-        == 2
+        train_main(_tiny_args(tiny_folder, tmp_path / "x.safetensors", 1, "--init", str(bad))) == 2
     )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --init {bad}: ") and "\n" not in err
@@ -234,7 +236,7 @@ def test_init_from_an_official_checkpoint_fine_tunes_to_new_classes(tiny_folder,
     }
     torch.save(saved, path, _use_new_zipfile_serialization=False)
     out = tmp_path / "bam_tiny.safetensors"
-    assert train_mod.main(_tiny_args(tiny_folder, out, 1, "--init", str(path), "--lr", "0")) == 0
+    assert train_main(_tiny_args(tiny_folder, out, 1, "--init", str(path), "--lr", "0")) == 0
     ckpt = load_checkpoint(out)
     assert ckpt.arch.attention == "bam" and ckpt.arch.num_classes == 2
     init = ckpt.metadata["training"]["init"]
@@ -269,7 +271,7 @@ def test_an_eps_file_among_the_training_images_is_never_decoded(tiny_folder, tmp
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda *a: calls.append(a))
     out = tmp_path / "m.safetensors"
-    assert train_mod.main(_args(data, out, 1)) == 0
+    assert train_main(_args(data, out, 1)) == 0
     assert calls == []  # the EPS plugin was never asked to open the file
     meta = load_checkpoint(out).metadata
     assert meta["accuracy"]["images"] == 8  # the EPS file is skipped, not counted
@@ -277,11 +279,11 @@ def test_an_eps_file_among_the_training_images_is_never_decoded(tiny_folder, tmp
 
 def test_holdout_is_stratified_seeded_and_disjoint():
     labels = torch.tensor([0] * 30 + [1] * 50 + [2] * 20)
-    keep, held = train_mod.holdout_split(labels, 0.1, seed=3)
+    keep, held = holdout_split(labels, 0.1, seed=3)
     assert sorted(torch.cat([keep, held]).tolist()) == list(range(100))
     assert torch.bincount(labels[held]).tolist() == [3, 5, 2]
-    again = train_mod.holdout_split(labels, 0.1, seed=3)[1]
-    other = train_mod.holdout_split(labels, 0.1, seed=4)[1]
+    again = holdout_split(labels, 0.1, seed=3)[1]
+    other = holdout_split(labels, 0.1, seed=4)[1]
     assert torch.equal(held, again) and not torch.equal(held, other)
 
 
@@ -289,7 +291,7 @@ def test_holdout_training_chooses_on_train_images_and_scores_val_once(tiny_folde
     out = tmp_path / "m.safetensors"
     extra = ("--holdout", "0.25", "--holdout-seed", "1", "--test-crop-ratio", "0.8",
              "--eval-sizes", "32")  # fmt: skip
-    assert train_mod.main(_args(tiny_folder, out, 1, *extra)) == 0
+    assert train_main(_args(tiny_folder, out, 1, *extra)) == 0
     ckpt = load_checkpoint(out)
     meta = ckpt.metadata
     selection = meta["training"]["selection"]
@@ -308,7 +310,7 @@ def test_init_from_another_library_is_one_line(tiny_folder, tmp_path, capsys):
     other = tmp_path / "effnet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), other)
     out = tmp_path / "m.safetensors"
-    code = train_mod.main(["--data", str(tiny_folder), "--out", str(out), "--init", str(other)])
+    code = train_main(["--data", str(tiny_folder), "--out", str(out), "--init", str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "torchvision mobilenet_v3_small" in err[0]
 
@@ -368,7 +370,7 @@ def test_streamed_data_trains_on_two_ranks(tiny_folder, tmp_path):
 
 def test_distributed_options_are_checked(tiny_folder, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
-    assert train_mod.main(_args(tiny_folder, out, 1, "--sync-bn")) == 2
+    assert train_main(_args(tiny_folder, out, 1, "--sync-bn")) == 2
     assert "--sync-bn needs --device cuda" in capsys.readouterr().err
     run = _torchrun(2, _args(tiny_folder, out, 1, "--batch-size", "3"))
     assert run.returncode != 0 and "not divisible by the 2 ranks" in run.stderr
@@ -377,12 +379,10 @@ def test_distributed_options_are_checked(tiny_folder, tmp_path, capsys):
 def test_each_rank_gets_its_half_of_every_global_batch(tiny_folder):
     from models.distributed import Ranks
 
-    args = train_mod.parse_args(_args(tiny_folder, "x.safetensors", 1))
-    whole = list(
-        train_mod.CachedData(args, Ranks(0, 1)).batches(0, torch.Generator().manual_seed(5))
-    )
+    args = parse_args(_args(tiny_folder, "x.safetensors", 1))
+    whole = list(batches.CachedData(args, Ranks(0, 1)).batches(0, torch.Generator().manual_seed(5)))
     halves = [
-        list(train_mod.CachedData(args, Ranks(r, 2)).batches(0, torch.Generator().manual_seed(5)))
+        list(batches.CachedData(args, Ranks(r, 2)).batches(0, torch.Generator().manual_seed(5)))
         for r in (0, 1)
     ]
     assert len(whole) == len(halves[0]) == len(halves[1]) == 4

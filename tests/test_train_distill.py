@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from models import ForeignArch, build_model, load_checkpoint, save_checkpoint
-from models import train as train_mod
-from models.augment import StrongAugment
-from models.distill import Teachers, distillation_loss, inference_logits, teacher_labels
+from models.training import batches, loop, run
+from models.training.augment import StrongAugment
+from models.training.cli import main as train_main
+from models.training.distill import Teachers, distillation_loss, inference_logits, teacher_labels
+from models.training.evaluation import evaluate_cached, evaluate_checkpoint
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 NAME = "deit_tiny_distilled_patch16_224"
@@ -115,7 +117,7 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
     jpeg_folder, teacher, tmp_path, monkeypatch
 ):
     seen = {"teacher": [], "student": [], "targets": []}
-    real_labels, real_loss = Teachers.labels, train_mod.distillation_loss
+    real_labels, real_loss = Teachers.labels, loop.distillation_loss
 
     def spy_labels(self, x, *a):
         labels = real_labels(self, x, *a)
@@ -135,7 +137,7 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
         seen["targets"].append((target, teacher_label))
         return real_loss(output, target, teacher_label, smoothing)
 
-    real_build = train_mod.set_distilled_training
+    real_build = run.set_distilled_training
 
     def spy_build(model):
         model.register_forward_pre_hook(
@@ -144,10 +146,10 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
         return real_build(model)
 
     monkeypatch.setattr(Teachers, "labels", spy_labels)
-    monkeypatch.setattr(train_mod, "distillation_loss", spy_loss)
-    monkeypatch.setattr(train_mod, "set_distilled_training", spy_build)
+    monkeypatch.setattr(loop, "distillation_loss", spy_loss)
+    monkeypatch.setattr(run, "set_distilled_training", spy_build)
     out = tmp_path / "deit.safetensors"
-    assert train_mod.main(_args(jpeg_folder, out, teacher)) == 0
+    assert train_main(_args(jpeg_folder, out, teacher)) == 0
     # the teacher saw exactly the (augmented, mixed) images the student saw, every step
     assert len(seen["teacher"]) == len(seen["student"]) == 8
     for t, s in zip(seen["teacher"], seen["student"]):
@@ -169,10 +171,10 @@ def test_a_distilled_vit_trains_and_its_checkpoint_opens(
         feats = ckpt.model.forward_features(x)
         heads = (ckpt.model.head(feats[:, 0]) + ckpt.model.head_dist(feats[:, 1])) / 2
         torch.testing.assert_close(ckpt.model(x), heads)
-    top1, n = train_mod.evaluate_checkpoint(out, jpeg_folder / "val")
+    top1, n = evaluate_checkpoint(out, jpeg_folder / "val")
     assert (round(top1, 2), n) == (ckpt.metadata["accuracy"]["top1"], 8)
     # the model card gives it the transformer's goal and its command
-    from models.card import model_card
+    from models.training.card import model_card
 
     card = model_card(tmp_path)
     assert "**The vision transformer**" in card and "% for the vision transformer" in card
@@ -186,11 +188,11 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(
     # stochastic depth draws from the global RNG, which the training state must carry too
     kwargs = ("--arch-kwargs", json.dumps(TINY_VIT | {"drop_path_rate": 0.2}), "--no-float16")
     full = tmp_path / "full.safetensors"
-    assert train_mod.main(_args(jpeg_folder, full, teacher, 2, *kwargs)) == 0
+    assert train_main(_args(jpeg_folder, full, teacher, 2, *kwargs)) == 0
 
     out = tmp_path / "cut.safetensors"
     monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
-    real_eval, calls = train_mod.evaluate_cached, []
+    real_eval, calls = evaluate_cached, []
 
     def stop_in_second_epoch(*a, **k):
         calls.append(1)
@@ -198,13 +200,13 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(
             raise KeyboardInterrupt  # killed during epoch 2 (its state is not written)
         return real_eval(*a, **k)
 
-    monkeypatch.setattr(train_mod, "evaluate_cached", stop_in_second_epoch)
+    monkeypatch.setattr(batches, "evaluate_cached", stop_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.main(_args(jpeg_folder, out, teacher, 2, *kwargs))
+        train_main(_args(jpeg_folder, out, teacher, 2, *kwargs))
     assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
-    monkeypatch.setattr(train_mod, "evaluate_cached", real_eval)
+    monkeypatch.setattr(batches, "evaluate_cached", real_eval)
     capsys.readouterr()
-    assert train_mod.main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 0
+    assert train_main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
     a, b = load_checkpoint(full), load_checkpoint(out)
     assert a.arch.options == TINY_VIT  # the training-only rate is not part of the network
@@ -215,14 +217,14 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(
     # the same command once more: finished, so it refuses rather than start over
     monkeypatch.setenv("KEEP_TRAIN_STATE", "0")
     out.with_name(out.name + ".state.pt").unlink()
-    assert train_mod.main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 2
+    assert train_main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 2
     assert "is finished" in capsys.readouterr().err
     assert load_checkpoint(out).sha256 == b.sha256
 
 
 def _exit_code(argv: list[str]) -> int:
     try:
-        return train_mod.main(argv)
+        return train_main(argv)
     except SystemExit as exc:  # argparse's usage errors
         return exc.code
 
@@ -249,7 +251,7 @@ def test_vit_options_are_checked_in_one_line(jpeg_folder, teacher, tmp_path, cap
     # a teacher for other classes
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, build_model(18, None, 2), class_names=["cat", "dog"])
-    code = train_mod.main(_args(jpeg_folder, out, other, 1))
+    code = train_main(_args(jpeg_folder, out, other, 1))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "same classes in the same order" in err and "\n" not in err
     assert not out.exists()

@@ -12,9 +12,9 @@ import torchvision
 from safetensors.torch import save as save_safetensors
 
 from models import CheckpointError, ForeignArch, load_checkpoint, save_checkpoint
-from models import architectures as archs
-from models.checkpoint import imagenet_class_names
-from models.transformers import (
+from models.checkpoints import architectures as archs
+from models.checkpoints.checkpoint import imagenet_class_names
+from models.checkpoints.vit_recognition import (
     _TIMM_DISTILLED,
     _TIMM_REGISTERS,
     _TIMM_SWIN,

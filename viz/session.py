@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.architectures import ForeignArch
-from models.checkpoint import Checkpoint, parse_class_names
+from models.checkpoints.architectures import ForeignArch
+from models.checkpoints.checkpoint import Checkpoint, parse_class_names
 from models.images import IMAGE_EXTENSIONS
 from viz.engine.cam import CAM_METHODS, CNN_ONLY, Analysis, analyze, resolve_layers, stage_layers
 from viz.engine.tokens import token_layout

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from models.plugins import load_plugins, plugins_from_env
+    from models.checkpoints.plugins import load_plugins, plugins_from_env
 
     failures = load_plugins(plugins_from_env() + list(getattr(args, "plugin", [])))
     if failures:

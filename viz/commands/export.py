@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from models.checkpoint import Checkpoint, atomic_write_bytes
+from models.checkpoints.checkpoint import Checkpoint, atomic_write_bytes
 from models.images import ImageSource, load_image
 from viz.engine.cam import Analysis
 from viz.figures import STYLE_LOCK, figure_width

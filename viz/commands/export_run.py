@@ -358,8 +358,8 @@ def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWo
     """In a worker process: the plugins, the checkpoints (read again), one thread."""
     import torch
 
-    from models.checkpoint import load_checkpoint
-    from models.plugins import load_plugins
+    from models.checkpoints.checkpoint import load_checkpoint
+    from models.checkpoints.plugins import load_plugins
 
     torch.set_num_threads(1)
     load_plugins(plugins)
@@ -394,7 +394,7 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
         return
     import torch
 
-    from models.plugins import plugins_from_env
+    from models.checkpoints.plugins import plugins_from_env
     from viz.commands.parallel import ordered_map
 
     work.progress = _passes_reported

@@ -197,7 +197,7 @@ def label_of(image: Path, labels: dict[str, str]) -> str | None:
 
 
 def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
-    from models.checkpoint import CheckpointError, load_checkpoint
+    from models.checkpoints.checkpoint import CheckpointError, load_checkpoint
     from viz.commands.export import safe_name
 
     loaded = []

@@ -490,7 +490,7 @@ def _fingerprint(inputs: ReportInputs, options: ReportOptions) -> dict:
 
 
 def _write_json(path: Path, value: object) -> None:
-    from models.checkpoint import atomic_write_bytes
+    from models.checkpoints.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(value, sort_keys=True).encode())
 
@@ -699,7 +699,7 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
             )
         for i, f in enumerate(folders):
             # a folder named like a class is that class; else the i-th folder is class i,
-            # as torchvision's ImageFolder (and models.train) number them: shown by its name
+            # as torchvision's ImageFolder (and models.training) number them: shown by its name
             # when every model calls class i the same, else by its index
             if by_name:
                 out_labels.setdefault(f, f)

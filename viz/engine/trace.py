@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
-from models.selfattention import SelfAttentionReader, Tap, received_on_grid
+from models.probes.selfattention import SelfAttentionReader, Tap, received_on_grid
 from viz.engine.levels import STAGES, NetworkLevels, fallback_stage, network_levels, stride_of
 from viz.engine.state import model_lock, preserve_model_state, submodules
 from viz.engine.taps import TapHandle, tap

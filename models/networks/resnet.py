@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
-from .attention import ATTENTION, ATTENTION_TYPES, BAM_FUSIONS
+from models.networks.attention import ATTENTION, ATTENTION_TYPES, BAM_FUSIONS
 
 __all__ = ["Arch", "ResNet", "build_model", "DEPTHS", "STEMS", "STAGE_WIDTHS"]
 

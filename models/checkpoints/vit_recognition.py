@@ -1,7 +1,7 @@
 """Vision transformers as checkpoint candidates: timm ViT, DeiT (distilled too), register-token
 ViTs and Swin; torchvision ViT and Swin.
 
-A state dict of one of these opens like the other foreign networks (`models.architectures`):
+A state dict of one of these opens like the other foreign networks (`models.checkpoints.architectures`):
 recognised by keys and shapes, its class count read off the head (both heads of a distilled
 DeiT), timm's preprocessing from the model's pretrained config (mean, std, input size, crop
 percentage), torchvision's ImageNet defaults with the resize and crop of its weights.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .architectures import (
+from models.checkpoints.architectures import (
     Architecture,
     _registry,
     _timm_build,
@@ -35,7 +35,7 @@ from .architectures import (
     _torchvision_build,
     _torchvision_preprocess,
 )
-from .preprocess import Preprocess
+from models.preprocess import Preprocess
 
 __all__ = ["OPTION_LIMITS", "described", "timm_options"]
 

@@ -2,7 +2,7 @@
 downloaded): what to build, how to normalise its input, and its AdamW parameter groups.
 
 `--arch-kwargs` is a JSON object of build options. Those that shape the network (image size,
-width, depth, heads, ...: `models.transformers.OPTION_LIMITS`) are recorded in the checkpoint,
+width, depth, heads, ...: `models.checkpoints.vit_recognition.OPTION_LIMITS`) are recorded in the checkpoint,
 which `load_checkpoint` rebuilds from them; training-only ones (dropout and stochastic depth
 rates) are used for training and not recorded, since they do nothing at inference.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .architectures import ForeignArch, attention_kind
-from .transformers import timm_options
+from models.checkpoints.architectures import ForeignArch, attention_kind
+from models.checkpoints.vit_recognition import timm_options
 
 __all__ = ["TRAIN_ONLY_OPTIONS", "StudentSpec", "adamw_groups", "student_spec"]
 

@@ -21,9 +21,9 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from .architectures import Architecture, _registry
-from .preprocess import Preprocess
-from .resnet import build_model
+from models.checkpoints.architectures import Architecture, _registry
+from models.networks.resnet import build_model
+from models.preprocess import Preprocess
 
 __all__ = ["HYBRID_NAME", "HybridShape", "ResNetTrunk", "build_hybrid"]
 

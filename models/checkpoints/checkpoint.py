@@ -14,7 +14,7 @@ Readable layouts (`Checkpoint.format`):
   (`models/huggingface.py`: built from an allow-list, its safetensors read by this loader).
 
 Other networks (timm's and torchvision's CNNs with attention gates, vision transformers, plugins)
-are recognised by keys and shapes (`models.architectures`, `models.transformers`); an Attention
+are recognised by keys and shapes (`models.checkpoints.architectures`, `models.checkpoints.vit_recognition`); an Attention
 Lens file of one of them names it in its metadata, which the weights must then fit exactly.
 
 Every pickle goes through `torch.load(weights_only=True)`, whose unpickler only builds tensors and
@@ -43,9 +43,9 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
-from . import hybrid as _hybrid  # noqa: F401  (registers the hybrid CNN + ViT)
-from ._pickle_guard import DAMAGED, check_pickles, refused_call
-from .architectures import (
+import models.networks.hybrid as _hybrid  # noqa: F401  (registers the hybrid CNN + ViT)
+from models.checkpoints._pickle_guard import DAMAGED, check_pickles, refused_call
+from models.checkpoints.architectures import (
     Architecture,
     ForeignArch,
     attention_kind,
@@ -54,15 +54,15 @@ from .architectures import (
     meta_build,
     skip_init,
 )
-from .attention import attention_from_keys
-from .cost import RunCost, check_cost, estimate_cost
-from .errors import CheckpointError, first_keys, one_line
-from .huggingface import is_pretrained_folder, is_pretrained_zip, load_pretrained
-from .preprocess import Preprocess
-from .pytorchcv import is_pytorchcv_layout, rename_pytorchcv
-from .resnet import DEPTHS, Arch, ResNet
-from .shipped import embedded_path
-from .transformers import described
+from models.checkpoints.cost import RunCost, check_cost, estimate_cost
+from models.checkpoints.huggingface import is_pretrained_folder, is_pretrained_zip, load_pretrained
+from models.checkpoints.pytorchcv import is_pytorchcv_layout, rename_pytorchcv
+from models.checkpoints.shipped import embedded_path
+from models.checkpoints.vit_recognition import described
+from models.errors import CheckpointError, first_keys, one_line
+from models.networks.attention import attention_from_keys
+from models.networks.resnet import DEPTHS, Arch, ResNet
+from models.preprocess import Preprocess
 
 __all__ = [
     "parse_class_names",
@@ -527,7 +527,7 @@ def load_checkpoint(
             file's bytes, or a binary file object; or a transformers `save_pretrained` folder
             (its path) or that folder zipped (the zip's path or bytes).
         max_bytes: refuse larger files.
-        allow_costly: run networks whose one-image cost is over the budget (`models.cost`);
+        allow_costly: run networks whose one-image cost is over the budget (`models.checkpoints.cost`);
             None: as `ATTENTION_LENS_ALLOW_COSTLY` says. Never on a lab server.
 
     Returns:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from models.checkpoints.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 __all__ = [
     "Teachers",

@@ -1,7 +1,7 @@
 """Other networks' checkpoints: recognise a state dict by keys and shapes, rebuild its network.
 
 Attention Lens's own ResNets (and torchvision's plain ResNets, timm's SE-ResNets, which share
-their keys) are read by `models.checkpoint.infer_arch`. Everything else is matched here against
+their keys) are read by `models.checkpoints.checkpoint.infer_arch`. Everything else is matched here against
 candidate architectures, each built once on the meta device (no weights allocated) to learn its
 keys and shapes; the classifier is the pair of tensors whose first dimension follows the number
 of classes, so that number is read off the file too.
@@ -9,8 +9,8 @@ of classes, so that number is read off the file too.
 Built in: timm `ecaresnet*` and `resnet18/34/50` with CBAM, light CBAM or ECA in their blocks;
 torchvision `efficientnet_b0`...`b7`, `mobilenet_v3_small/large`, `regnet_y_*`; vision
 transformers (timm ViT, DeiT, register-token ViTs, Swin; torchvision ViT and Swin) from
-`models.transformers`. Researchers add their own with `register_architecture` (usually from a
-plugin: `models.plugins`).
+`models.checkpoints.vit_recognition`. Researchers add their own with `register_architecture` (usually from a
+plugin: `models.checkpoints.plugins`).
 
 Cost: a candidate is built on the meta device the first time a file passes its cheap tests
 (key hint, then a few key shapes), with weight initialisation skipped (meta tensors hold no
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 __all__ = [
     "Architecture",
@@ -347,7 +347,7 @@ def attention_kind(model: nn.Module) -> str | None:
     `Attention` and `WindowAttention`, torchvision's `EncoderBlock` and
     `ShiftedWindowAttention`): it has no probe, so traces do not read it.
     """
-    from .probes import find_probe
+    from models.probes.registry import find_probe
 
     transformer = _self_attention_types()
     kinds: list[str] = []

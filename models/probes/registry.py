@@ -12,10 +12,10 @@ class in the module's MRO wins), so a network built with any library is read the
 (`""` is the module's own output) whose forward output *is* the map: N x C elements for a
 channel gate, N x H x W for a spatial gate, (N, C, H, W) for a full 3-D gate.
 
-Built in: Attention Lens's own SE, BAM and CBAM (`models.attention`), timm's `SEModule`,
+Built in: Attention Lens's own SE, BAM and CBAM (`models.networks.attention`), timm's `SEModule`,
 `EffectiveSEModule`, `SqueezeExcite` (EfficientNet blocks), `EcaModule`, `CecaModule`,
 `CbamModule`, `LightCbamModule`, `GlobalContext`, and torchvision's `SqueezeExcitation`; and
-self-attention (`kind="self-attention"`, read by `models.selfattention`): timm's `Attention`
+self-attention (`kind="self-attention"`, read by `models.probes.selfattention`): timm's `Attention`
 (ViT, DeiT, register-token ViTs) and Swin `WindowAttention`, torchvision's ViT
 (`nn.MultiheadAttention` called as self-attention) and Swin `ShiftedWindowAttention`, and
 Hugging Face transformers' ViT, DeiT, BEiT, DINOv2 (with registers too), CLIP, SigLIP, Swin
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.attention import BAM, CBAM, SqueezeExcite
-from models.selfattention import (
+from models.networks.attention import BAM, CBAM, SqueezeExcite
+from models.probes.selfattention import (
     HuggingFaceAttentionReader,
     HuggingFaceSwinV2Reader,
     HuggingFaceWindowReader,
@@ -78,7 +78,7 @@ class AttentionProbe:
         optional: a submodule that does not exist means "no map here" rather than a mistake
             (built-ins whose gate depends on a constructor flag).
         reader: for kind "self-attention": how the tracer reads the module's attention
-            probabilities (`models.selfattention`).
+            probabilities (`models.probes.selfattention`).
     """
 
     module_type: type

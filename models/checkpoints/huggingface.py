@@ -16,7 +16,7 @@ config describes is built on the meta device and refused when it needs more weig
 file holds (a config whose sizes disagree with the weights, before anything is allocated).
 
 The model keeps its fast attention (`attn_implementation="sdpa"`); the tracer reads the
-probabilities from its q and k projections (`models.selfattention.HuggingFaceAttentionReader`).
+probabilities from its q and k projections (`models.probes.selfattention.HuggingFaceAttentionReader`).
 `HuggingFaceClassifier` wraps it so that `model(x)` is the logits tensor (N, K), the
 transformers model kept as the submodule `hf`. Preprocessing comes from
 `preprocessor_config.json` (short-side resize, centre crop, mean and std; a processor that
@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .architectures import ForeignArch, attention_kind, meta_build
-from .cost import RunCost, check_cost, estimate_cost
-from .errors import CheckpointError, first_keys, one_line
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from models.checkpoints.architectures import ForeignArch, attention_kind, meta_build
+from models.checkpoints.cost import RunCost, check_cost, estimate_cost
+from models.errors import CheckpointError, first_keys, one_line
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 __all__ = [
     "FAMILIES",
@@ -562,7 +562,7 @@ def load_pretrained(
     Args:
         source: the folder's path, or the zip's bytes.
         max_bytes: refuse weights (all shards together) larger than this.
-        allow_costly: as `models.cost.check_cost`.
+        allow_costly: as `models.checkpoints.cost.check_cost`.
         read_weights: safetensors bytes -> checked tensors (the checkpoint loader's reader).
 
     Raises:

@@ -24,7 +24,7 @@ import re
 
 from torch import Tensor
 
-from .errors import CheckpointError, first_keys
+from models.errors import CheckpointError, first_keys
 
 __all__ = ["is_pytorchcv_layout", "rename_pytorchcv"]
 

@@ -28,7 +28,7 @@ import pickletools
 import warnings
 from dataclasses import dataclass
 
-from .errors import CheckpointError, one_line
+from models.errors import CheckpointError, one_line
 
 __all__ = ["CALL_BUDGET", "DAMAGED", "check_pickles", "refused_call"]
 
