@@ -284,7 +284,7 @@ def test_scorecam_evaluates_identical_masks_once(cbam_model, image):
     acts = torch.zeros(1, 8, 2, 2)
     acts[0, :4] = torch.rand(4, 2, 2, generator=torch.Generator().manual_seed(0))
     calls = []
-    from viz.engine import passes
+    from viz.engine.cam import extra_passes as passes
 
     context = passes.PassContext(
         model=_Counting(calls), x=torch.rand(1, 3, 4, 4), module=nn.Identity(), acts=acts,
@@ -354,7 +354,7 @@ def test_the_passes_leave_the_denormal_setting_as_they_found_it(image):
 
 
 def test_the_folded_copy_follows_weights_changed_in_place(cbam_model, image):
-    from viz.engine.passes import _folded_copy
+    from viz.engine.cam.extra_passes import _folded_copy
 
     model = _chain()
     first = _folded_copy(model)

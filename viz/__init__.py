@@ -50,6 +50,7 @@ from viz.engine.cam import (
     ATTRIBUTION_METHODS,
     CAM_METHODS,
     DEFAULT_CAM_LAYERS,
+    NUM_SAMPLES,
     SMOOTHINGS,
     Analysis,
     CamMethod,
@@ -61,7 +62,6 @@ from viz.engine.cam import (
 )
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
-from viz.engine.passes import NUM_SAMPLES
 from viz.engine.state import model_lock, preserve_model_state
 from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention

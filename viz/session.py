@@ -28,7 +28,7 @@ from torch import nn
 from models.checkpoints.architectures import ForeignArch
 from models.checkpoints.checkpoint import Checkpoint, parse_class_names
 from models.images import IMAGE_EXTENSIONS
-from viz.engine.cam import CAM_METHODS, CNN_ONLY, Analysis, analyze, resolve_layers, stage_layers
+from viz.engine.cam import CAM_METHODS, Analysis, analyze, resolve_layers, stage_layers
 from viz.engine.tokens import token_layout
 
 if TYPE_CHECKING:
@@ -226,10 +226,10 @@ def methods_for(model: nn.Module) -> list[str]:
     self-attention)."""
     layout = token_layout(model)
     if layout is None:
-        return [name for name, m in CAM_METHODS.items() if m.needs != "attention"]
+        return [name for name, m in CAM_METHODS.items() if not m.reads_attention]
     vit = layout.family == "vit"
     return [name for name, m in CAM_METHODS.items()
-            if name not in CNN_ONLY and (m.needs != "attention" or vit)]  # fmt: skip
+            if not m.cnn_only and (not m.reads_attention or vit)]  # fmt: skip
 
 
 def cam_layer_choices(model: nn.Module) -> list[str]:

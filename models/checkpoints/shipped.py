@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["CHECKPOINT_DIR_ENV", "checkpoint_dir", "embedded_path"]
 
 CHECKPOINT_DIR_ENV = "ATTENTION_LENS_CHECKPOINTS"
-_PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+_PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 def checkpoint_dir() -> Path:

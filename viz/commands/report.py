@@ -106,7 +106,7 @@ def default_sanity(method: str) -> int:
     from viz.engine.cam import CAM_METHODS
 
     spec = CAM_METHODS.get(method)
-    return SANITY_IMAGES_PASS_METHODS if spec and spec.needs == "passes" else SANITY_IMAGES
+    return SANITY_IMAGES_PASS_METHODS if spec and spec.extra_passes else SANITY_IMAGES
 
 
 SAMPLE_IMAGES = 4
