@@ -31,14 +31,14 @@ from viz.commands.export import (
     image_bundle,
     npz_bytes,
     prepare_output,
-    safe_name,
     write_atomic,
     write_files,
     zip_bundle,
 )
 from viz.engine.cam import analyze
 from viz.figures import spatial_overview
-from viz.session import analyze_images
+from viz.interactive import analyze_images
+from viz.text import safe_name
 
 PREPROCESS = Preprocess(resize=64, crop=64)
 CLASSES = ["tench", "church", "golf ball"]
@@ -598,7 +598,7 @@ def test_a_huge_sparse_image_file_is_refused_by_size(ckpts, tmp_path, capsys):
 
 def test_the_bundle_follows_its_settings(cbam):
     from viz.figures import attention_vs_gradcam, spatial_overview
-    from viz.session import analyze_images
+    from viz.interactive import analyze_images
 
     png = _png(0)
     settings = FigureSettings(method="gradcam++", cmap="viridis", alpha=0.7, scale="per-map",
@@ -675,15 +675,15 @@ def test_cli_runs_a_pass_method_with_smoothing_and_records_both(ckpts, image_dir
 
 def test_cli_num_samples_reaches_the_method_and_the_manifest(ckpts, image_dir, tmp_path, capsys,
                                                              monkeypatch):  # fmt: skip
-    import viz.session
+    import viz.interactive
 
-    given, real = [], viz.session.analyze
+    given, real = [], viz.interactive.analyze
 
     def spy(*args, **kwargs):
         given.append(kwargs.get("options"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(viz.session, "analyze", spy)
+    monkeypatch.setattr(viz.interactive, "analyze", spy)
     out = tmp_path / "o"
     code, err = _export(capsys, ckpts["r18_cbam"], image_dir, out, "--method", "smoothgradcam++",
                         "--num-samples", "2", "--layers", "layer4", "--figure", "gradcam")  # fmt: skip

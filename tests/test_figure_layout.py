@@ -198,7 +198,7 @@ def test_model_grid_shows_na_where_a_model_lacks_the_class(analyses):
 
 
 def _stack(one, n):
-    from viz.session import stack_analyses
+    from viz.interactive import stack_analyses
 
     return stack_analyses([one] * n)
 

@@ -28,8 +28,8 @@ from viz.figures import (
     model_grid,
     spatial_overview,
 )
+from viz.interactive import stack_analyses
 from viz.measures.metrics import ChannelStats
-from viz.session import stack_analyses
 
 KINDS = [None, "se", "bam", "cbam"]
 PREPROCESS = Preprocess(resize=64, crop=64)

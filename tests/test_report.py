@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from models import Preprocess, build_model, save_checkpoint
-from tests.conftest import ROOT, randomize_bn
+from tests.conftest import ROOT, plain, randomize_bn
 from viz.commands.cli import main
 from viz.commands.report import PER_IMAGE_COLUMNS, chunks_of_rank
 
@@ -145,7 +145,7 @@ def test_broken_images_and_hostile_names(tmp_path, checkpoints, image_folder, ca
     err = capsys.readouterr().err
     assert "1 image(s) could not be read" in err and f"wrote the report to {out}" in err
     # the page counts what was analysed, the sanity check included (was: "3 images", "all 3")
-    intro = (out / "report.md").read_text()
+    intro = plain((out / "report.md").read_text())  # the text a reader sees
     assert "2 images (1 more could not be read)" in intro and "sanity check on all 2" in intro
     assert "no deletion/insertion" in intro
     rows = _rows(out / "per_image.csv")

@@ -18,7 +18,7 @@ from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 from models.images import image_folder
 from tests.conftest import plain
 from viz import ImageError, load_image
-from viz.serving import ROOTS_ENV, SERVE_ENV, PathRefused, serve_policy
+from viz.serving_policy import ROOTS_ENV, SERVE_ENV, PathRefused, serve_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Library helpers behind the app: the checkpoint folder (models.checkpoints.zoo) and viz.session."""
+"""Library helpers behind the app: the checkpoint folder (models.checkpoints.zoo) and viz.interactive."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from models.checkpoints.zoo import (
 )
 from tests.conftest import ROOT, plain, randomize_bn
 from viz.engine.cam import analyze
-from viz.session import (
+from viz.interactive import (
     NETWORK_MAP,
     KeptUploads,
     analyze_images,
@@ -28,12 +28,12 @@ from viz.session import (
     digest,
     grid_stand_in,
     no_spatial_maps,
-    safe_stem,
     sample_images,
     shown_at_stage,
     stack_analyses,
     top_predictions,
 )
+from viz.text import md_text, safe_stem
 
 
 def _save(path, kind, classes=4, **meta):
@@ -182,8 +182,6 @@ def autolinks(markdown: str) -> list[str]:
 
 
 def test_md_text_leaves_no_bare_address_to_autolink():
-    from viz.session import md_text
-
     hostile = ["see https://evil.example/x", "WWW.evil.example", "mail me: bob@evil.example",
                "http://a.b https://c.d", "mailto:x@y.z"]  # fmt: skip
     for text in hostile:

@@ -147,7 +147,7 @@ def test_kept_hooks_trace_in_eval_mode_after_model_train(tiny_model, image_batch
 
 
 def test_the_fast_walk_finds_every_module_once():
-    from viz.engine.state import submodules
+    from viz.engine.model_state import submodules
 
     shared = nn.Linear(2, 2)
     model = nn.Sequential(shared, nn.Sequential(shared, nn.ReLU()), nn.Identity())

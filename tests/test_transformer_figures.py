@@ -12,7 +12,7 @@ from PIL import Image
 from models import Preprocess, build_model
 from tests.test_figure_layout import LONG_NAMES, WIDTHS, _problems
 from viz import analyze, figures
-from viz.figures.table import ExportError, FigureSettings, draw_image_figure
+from viz.figures.registry import ExportError, FigureSettings, draw_image_figure
 
 timm = pytest.importorskip("timm")
 

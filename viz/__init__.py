@@ -20,7 +20,6 @@ from viz.commands.export import (
     image_bundle,
     npz_bytes,
     render_image,
-    safe_name,
     write_atomic,
     zip_bundle,
 )
@@ -62,7 +61,7 @@ from viz.engine.cam import (
 )
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
-from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.model_state import model_lock, preserve_model_state
 from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 from viz.engine.transformer import gae, legrad, rollout
@@ -79,7 +78,7 @@ from viz.figures import (
     spatial_overview,
 )
 from viz.figures.class_channel_stats import default_modules
-from viz.figures.table import (
+from viz.figures.registry import (
     FIGURES,
     IMAGE_FIGURES,
     SCALES,
@@ -88,19 +87,7 @@ from viz.figures.table import (
     FigureSpec,
     draw_image_figure,
 )
-from viz.measures.metrics import (
-    Agreement,
-    ChannelStats,
-    DeletionInsertion,
-    agreement,
-    agreement_table,
-    channel_statistics,
-    deletion_insertion,
-    random_saliency,
-    seed_of,
-)
-from viz.serving import ServePolicy, serve_policy
-from viz.session import (
+from viz.interactive import (
     IMAGE_TYPES,
     NETWORK_MAP,
     GridModel,
@@ -116,17 +103,28 @@ from viz.session import (
     digest,
     grid_stand_in,
     layers_for_method,
-    md_text,
     methods_for,
     model_grid_rows,
     no_spatial_maps,
     parse_class_names,
-    safe_stem,
     sample_images,
     shown_at_stage,
     stack_analyses,
     top_predictions,
 )
+from viz.measures.metrics import (
+    Agreement,
+    ChannelStats,
+    DeletionInsertion,
+    agreement,
+    agreement_table,
+    channel_statistics,
+    deletion_insertion,
+    random_saliency,
+    seed_of,
+)
+from viz.serving_policy import ServePolicy, serve_policy
+from viz.text import md_text, safe_name, safe_stem
 
 __all__ = [
     "ATTRIBUTION_METHODS",

@@ -97,10 +97,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _figure_lines() -> str:
-    """The figure table (`viz.figures.table.FIGURES`) as --help lines."""
+    """The figure table (`viz.figures.registry.FIGURES`) as --help lines."""
     import textwrap
 
-    from viz.figures.table import FIGURES
+    from viz.figures.registry import FIGURES
 
     lines = []
     for name, spec in FIGURES.items():

@@ -54,7 +54,7 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[P
     Raises:
         UsageError: a path does not exist, or nothing was found.
     """
-    from viz.commands.export import safe_name
+    from viz.text import safe_name
 
     found: list[tuple[Path, str]] = []
     folders: list[Path] = []
@@ -198,7 +198,7 @@ def label_of(image: Path, labels: dict[str, str]) -> str | None:
 
 def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
     from models.checkpoints.checkpoint import CheckpointError, load_checkpoint
-    from viz.commands.export import safe_name
+    from viz.text import safe_name
 
     loaded = []
     for raw in paths:
@@ -214,7 +214,7 @@ def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
 def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) -> None:
     """--method applies to every model: refused once, before any image is analysed."""
     from viz.engine.cam import CAM_METHODS
-    from viz.session import methods_for
+    from viz.interactive import methods_for
 
     for raw, _, ckpt in checkpoints:
         if method not in methods_for(ckpt.model):
@@ -241,7 +241,7 @@ def methods_by_checkpoint(
     a CNN-only method meets a transformer.
     """
     from viz.engine.cam import CAM_METHODS
-    from viz.session import methods_for
+    from viz.interactive import methods_for
 
     spec = CAM_METHODS[method]
     takes = {name: method in methods_for(ckpt.model) for _, name, ckpt in checkpoints}

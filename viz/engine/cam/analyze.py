@@ -26,7 +26,7 @@ from viz.engine.cam.result import Analysis, ForwardBackward, Settings
 from viz.engine.cam.targets import resolve_targets
 from viz.engine.levels import network_levels
 from viz.engine.maps import normalize
-from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.model_state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import model_modules, record_attention
 from viz.engine.unread import warn_unread_attention

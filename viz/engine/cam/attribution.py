@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from viz.engine.cam.layers import resolve_layers, stage_layers
 from viz.engine.cam.targets import resolve_targets
-from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.model_state import model_lock, preserve_model_state
 
 ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
 

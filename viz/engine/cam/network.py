@@ -10,7 +10,7 @@ from models.probes import find_probe
 from viz.engine.cam.result import Analysis, ForwardBackward, Settings
 from viz.engine.cam.targets import resolve_targets
 from viz.engine.cam.weights import first_component
-from viz.engine.state import preserve_model_state
+from viz.engine.model_state import preserve_model_state
 from viz.engine.tokens import token_layout
 from viz.engine.trace import attention_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout

@@ -46,7 +46,7 @@ class ServePolicy:
         max_stats_images: images one class-statistics run may read.
         max_stats_seconds: wall time of one class-statistics run (None: unlimited).
         kept_upload_bytes: uploaded images kept on the server for pages that are reloaded,
-            all sessions together (`viz.session.KeptUploads`); 0: none kept.
+            all sessions together (`viz.interactive.KeptUploads`); 0: none kept.
         kept_upload_seconds: how long they are kept after their last use.
         warning: a one-line note about the configuration (e.g. an unknown mode), or "".
     """
