@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from models.probes import unregister_attention
-from tests.conftest import leftovers
+from tests.conftest import leftovers, reference_rollout
 from viz import analyze, record_attention, register_attention
 
 
@@ -193,16 +193,6 @@ def test_torchvision_swin_recomputed_attention_equals_its_softmax(monkeypatch):
     assert [r.spatial.shape[-1] for r in records] == [56] * 2 + [28] * 2 + [14] * 6 + [7] * 2
 
 
-def _reference_rollout(probs: list, prefix: int, class_token: bool) -> torch.Tensor:
-    joint = None
-    for a in probs:
-        fused = a.double().mean(1)
-        fused = (fused + torch.eye(fused.shape[-1])) / 2
-        fused = fused / fused.sum(-1, keepdim=True)
-        joint = fused if joint is None else fused @ joint
-    return joint[:, 0, prefix:] if class_token else joint[:, prefix:, prefix:].mean(1)
-
-
 @pytest.mark.parametrize("which", ["deit distilled", "registers, avg pool, 96x128"])
 def test_rollout_and_gae_equal_the_formulas(vits, which):
     net, x = vits[which]
@@ -224,7 +214,7 @@ def test_rollout_and_gae_equal_the_formulas(vits, which):
     logits.gather(1, target[:, None]).sum().backward()
 
     got = analyze(net, x, method="rollout")
-    expected = _reference_rollout([p.detach() for p in probs], prefix, cls)
+    expected = reference_rollout([p.detach() for p in probs], prefix, cls)
     torch.testing.assert_close(got.cams["rollout"], expected.float().reshape(len(x), h, w))
     assert got.cam_stages == {"rollout": 0}
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import leftovers
 from torch import nn
 
+from tests.conftest import leftovers
 from viz.engine.cam import analyze
 from viz.engine.taps import tap
 from viz.engine.trace import attention_hooks, record_attention

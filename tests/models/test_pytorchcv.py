@@ -6,15 +6,15 @@ import re
 
 import pytest
 import torch
-from test_checkpoint import (
+
+from models import CheckpointError, build_model, load_checkpoint
+from models.checkpoints.pytorchcv import rename_pytorchcv
+from tests.conftest import (
     assert_same_logits,
     new_model,
     refused,
     torch_bytes,
 )
-
-from models import CheckpointError, build_model, load_checkpoint
-from models.checkpoints.pytorchcv import rename_pytorchcv
 
 # our key prefix -> pytorchcv's, inside a residual unit and inside a BAM block
 UNIT_NAMES = [

@@ -19,20 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from models import CheckpointError, Preprocess, build_model, load_checkpoint, save_checkpoint
+from models import Preprocess, build_model, load_checkpoint, save_checkpoint
+from tests.conftest import assert_same_logits, new_model, randomize_bn, refused, torch_bytes
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def torch_bytes(obj: object, legacy: bool = False) -> bytes:
-    """What torch.save writes: the zip format, or with `legacy` the PyTorch <= 1.5 format."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
 
 
 def official_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -55,33 +48,6 @@ def as_source(data: bytes, kind: str, tmp_path: Path):
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(data)
     return path if kind == "path" else io.BytesIO(path.read_bytes())
-
-
-def logits(model: nn.Module, stem: str = "imagenet") -> torch.Tensor:
-    size = 32 if stem == "cifar" else 64
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def assert_same_logits(loaded: nn.Module, original: nn.Module, stem: str = "imagenet") -> None:
-    torch.testing.assert_close(logits(loaded, stem), logits(original, stem), atol=1e-5, rtol=0)
-
-
-def refused(source, *phrases: str, **kwargs) -> str:
-    """Assert load_checkpoint refuses `source` with a one-line message holding every phrase."""
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(source, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    for phrase in phrases:
-        assert phrase in message
-    return message
-
-
-def new_model(depth: int, attention: str | None, num_classes: int = 10, **kwargs) -> nn.Module:
-    torch.manual_seed(depth)
-    return randomize_bn(build_model(depth, attention, num_classes, **kwargs)).eval()
 
 
 @pytest.fixture(scope="module")

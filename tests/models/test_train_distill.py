@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from models import ForeignArch, build_model, load_checkpoint, save_checkpoint
-from models.training import batches, loop, run
+from models.training import loop, run
 from models.training.augment import StrongAugment
 from models.training.cli import main as train_main
 from models.training.distill import Teachers, distillation_loss, inference_logits, teacher_labels
-from models.training.evaluation import evaluate_cached, evaluate_checkpoint
+from models.training.evaluation import evaluate_checkpoint
+from tests.conftest import interrupt_in_second_epoch, red_blue_folder
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 NAME = "deit_tiny_distilled_patch16_224"
@@ -24,16 +24,7 @@ NAME = "deit_tiny_distilled_patch16_224"
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for label in ("red", "blue"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((40, 48, 3)) * 120).astype("uint8")
-                arr[..., 0 if label == "red" else 2] = 255
-                Image.fromarray(arr).save(root / split / label / f"{i}.jpg", quality=90)
-    return root
+    return red_blue_folder(tmp_path_factory.mktemp("jpegs"), ".jpg", quality=90)
 
 
 @pytest.fixture(scope="module")
@@ -191,20 +182,7 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(
     assert train_main(_args(jpeg_folder, full, teacher, 2, *kwargs)) == 0
 
     out = tmp_path / "cut.safetensors"
-    monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
-    real_eval, calls = evaluate_cached, []
-
-    def stop_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during epoch 2 (its state is not written)
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(batches, "evaluate_cached", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(_args(jpeg_folder, out, teacher, 2, *kwargs))
-    assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
-    monkeypatch.setattr(batches, "evaluate_cached", real_eval)
+    interrupt_in_second_epoch(monkeypatch, _args(jpeg_folder, out, teacher, 2, *kwargs), out)
     capsys.readouterr()
     assert train_main(_args(jpeg_folder, out, teacher, 2, *kwargs, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out

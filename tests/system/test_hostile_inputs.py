@@ -39,9 +39,8 @@ from models import (
     save_checkpoint,
 )
 from models.checkpoints.architectures import unregister_architecture
+from tests.conftest import ROOT
 from viz import ImageError, load_image
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 LOAD_SECONDS = 20  # per file, generous for a busy CI machine: a hang would be far longer
 

@@ -8,10 +8,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import leftovers
 
 from models import build_model
-from tests.conftest import randomize_bn
+from tests.conftest import leftovers, randomize_bn
 from viz.engine.cam import analyze
 from viz.engine.trace import record_attention
 

@@ -16,10 +16,9 @@ from models import load_checkpoint
 from models.checkpoints import architectures
 from models.checkpoints.plugins import PLUGINS_ENV, forget_plugins, load_plugin, load_plugins
 from models.probes import registry as probes
-from tests.conftest import plain
+from tests.conftest import ROOT, plain
 from viz.commands.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "plugin_custom_cbam.py")
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import leftovers, randomize_bn
 from torch import nn
 
 from models import build_model
+from tests.conftest import PYTORCH_GRAD_CAM, ROOT, leftovers, randomize_bn
 from viz.engine.cam import AUGMENTATIONS, CAM_METHODS, NEEDS, analyze
 from viz.engine.maps import normalize
 
@@ -51,14 +51,7 @@ def _pytorch_grad_cam(name: str, model, x, target: int, layer=None, **call) -> n
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)], **call)
 
 
-GRADIENT_PEERS = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "gradcamelementwise": "GradCAMElementWise",
-}
+GRADIENT_PEERS = PYTORCH_GRAD_CAM
 
 
 PEERS = {**GRADIENT_PEERS, "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
@@ -322,9 +315,8 @@ def test_every_method_declares_what_it_needs_and_what_it_costs():
 
 
 def test_the_readme_method_table_lists_every_method():
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### CAM methods") :].split("\n## ")[0]
     missing = [m.label for m in CAM_METHODS.values() if m.label not in section]
     assert not missing

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerActivation, LayerGradCam, LayerGradientXActivation
-from conftest import leftovers
 
 from models import build_model
 from models.networks.attention import CBAM
-from tests.conftest import randomize_bn
+from tests.conftest import leftovers, randomize_bn
 from viz.engine.cam import analyze, attribute, resolve_layers
 from viz.engine.trace import attention_modules, record_attention
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,21 +14,13 @@ from models.training.card import model_card
 from models.training.cli import main as train_main
 from models.training.cli import parse_args
 from models.training.data import holdout_split
-from models.training.evaluation import evaluate_cached, evaluate_checkpoint
+from models.training.evaluation import evaluate_checkpoint
+from tests.conftest import interrupt_in_second_epoch, red_blue_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for label in ("red", "blue"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((40, 48, 3)) * 120).astype("uint8")
-                arr[..., 0 if label == "red" else 2] = 255
-                Image.fromarray(arr).save(root / split / label / f"{i}.png")
-    return root
+    return red_blue_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def _args(data, out, epochs, *extra):
@@ -64,20 +55,7 @@ def test_resume_continues_where_it_stopped(tiny_folder, tmp_path, monkeypatch, c
     history_full = load_checkpoint(full).metadata["training"]["history"]
 
     out = tmp_path / "cut.safetensors"
-    monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
-    real_eval, calls = evaluate_cached, []
-
-    def stop_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the session is stopped during epoch 2's evaluation
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(batches, "evaluate_cached", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(_args(tiny_folder, out, 2))
-    assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
-    monkeypatch.setattr(batches, "evaluate_cached", real_eval)
+    interrupt_in_second_epoch(monkeypatch, _args(tiny_folder, out, 2), out)
     capsys.readouterr()
     assert train_main(_args(tiny_folder, out, 2, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out

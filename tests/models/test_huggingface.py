@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 
 from models import CheckpointError, load_checkpoint
-from tests.conftest import leftovers
+from tests.conftest import leftovers, reference_rollout
 from viz import analyze, record_attention
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -151,16 +151,6 @@ def test_records_equal_output_attentions_and_logits_are_unchanged(saved, name):
         assert rec.class_token == bool(prefix)
 
 
-def _formula_rollout(probs: list[torch.Tensor], prefix: int) -> torch.Tensor:
-    joint = None
-    for a in probs:
-        fused = a.double().mean(1)
-        fused = (fused + torch.eye(fused.shape[-1])) / 2
-        fused = fused / fused.sum(-1, keepdim=True)
-        joint = fused if joint is None else fused @ joint
-    return joint[:, 0, prefix:]
-
-
 @pytest.mark.parametrize("name", ["vit", "deit teacher", "dinov2 registers"])
 def test_rollout_and_gae_equal_their_formulas(saved, name):
     folder, reference = saved[name]
@@ -174,7 +164,7 @@ def test_rollout_and_gae_equal_their_formulas(saved, name):
     out.logits.gather(1, target[:, None]).sum().backward()
 
     got = analyze(model, x, method="rollout")
-    expected = _formula_rollout([a.detach() for a in out.attentions], prefix)
+    expected = reference_rollout([a.detach() for a in out.attentions], prefix, True)
     torch.testing.assert_close(got.cams["rollout"], expected.float().reshape(2, 4, 4))
 
     relevance = torch.eye(16 + prefix, dtype=torch.float64).expand(2, -1, -1)

@@ -16,11 +16,9 @@ from streamlit.testing.v1 import AppTest
 from models import build_model, save_checkpoint
 from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 from models.images import image_folder
-from tests.conftest import plain
+from tests.conftest import ROOT, plain
 from viz import ImageError, load_image
 from viz.serving_policy import ROOTS_ENV, SERVE_ENV, PathRefused, serve_policy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_local_is_the_default_and_allows_paths(tmp_path):

@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, features
 
 from models import Preprocess
 from models.images import DECODERS, DEFAULT_MAX_PIXELS, image_name
+from tests.conftest import ROOT
 from viz import ImageError, load_image
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
@@ -378,7 +379,7 @@ def test_only_the_allow_listed_decoders_are_tried():
 
 def test_no_code_outside_the_image_door_opens_images_with_pillow():
     """Every picture goes through `load_image`; a bare `Image.open` would accept EPS & co."""
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     sources = [root / "app.py", *root.glob("models/**/*.py"), *root.glob("viz/**/*.py")]
     sources += [*root.glob("bench/**/*.py")]
     offenders = [

@@ -10,7 +10,7 @@ from matplotlib.text import Text
 from PIL import Image
 
 from models import Preprocess, build_model
-from tests.test_figure_layout import LONG_NAMES, WIDTHS, _problems
+from tests.viz.figures.test_figure_layout import LONG_NAMES, WIDTHS, _problems
 from viz import analyze, figures
 from viz.figures.registry import ExportError, FigureSettings, draw_image_figure
 

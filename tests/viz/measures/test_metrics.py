@@ -10,13 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import leftovers
 from PIL import Image
 from torch import nn
 
 from models import Preprocess, build_model
 from models.images import load_image
-from tests.conftest import randomize_bn
+from tests.conftest import leftovers, randomize_bn
 from viz.engine.cam import analyze
 from viz.engine.maps import upsample
 from viz.engine.trace import record_attention

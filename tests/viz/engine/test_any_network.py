@@ -15,14 +15,13 @@ import timm
 import torch
 import torchvision
 from captum.attr import LayerGradCam
-from conftest import leftovers
 from timm.layers.cbam import CbamModule, LightCbamModule
 from timm.layers.eca import EcaModule
 from timm.layers.squeeze_excite import SEModule
 from torch import nn
 
 from models.probes import find_probe
-from tests.conftest import randomize_bn
+from tests.conftest import PYTORCH_GRAD_CAM, leftovers, randomize_bn
 from viz import (
     CAM_METHODS,
     analyze,
@@ -387,14 +386,6 @@ def test_layers_may_be_given_as_modules(tiny_model, image_batch):
 # --- CAM methods ------------------------------------------------------------------------------
 
 
-PYTORCH_GRAD_CAM = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "gradcamelementwise": "GradCAMElementWise",
-}
 EIGEN = {"eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM"}
 
 

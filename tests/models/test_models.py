@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn
 from torch import nn
 
 from models import build_model
 from models.networks.attention import BAM, CBAM
 from models.networks.resnet import BasicBlock, Bottleneck
+from tests.conftest import randomize_bn
 
 # manifest name in tests/reference -> build_model(depth, attention, num_classes, stem)
 OFFICIAL_ARCHS = {

@@ -11,9 +11,9 @@ import torch
 from models import load_checkpoint
 from models.networks.hybrid import HYBRID_NAME
 from models.training.card import GOAL_SIZE, GOAL_TOP1, VIT_GOAL_TOP1, meets_goal, model_card
+from tests.conftest import ROOT
 from viz import load_image
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["plain", "se", "bam", "cbam"]
 SAMPLES = ROOT / "samples"
 HYBRID = ROOT / "checkpoints" / f"{HYBRID_NAME}_imagenette.safetensors"
