@@ -23,6 +23,8 @@ from models.training.data import (
 )
 from models.training.evaluation import evaluate_cached
 
+__all__ = ["CachedData", "StreamData"]
+
 
 class CachedData:
     """Every image decoded once into memory (uint8); batches cut from one seeded permutation."""

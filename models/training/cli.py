@@ -31,20 +31,16 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoints.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-)
+from models.checkpoints.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from models.distributed import Ranks, start_distributed, stop_distributed
 from models.networks.attention import ATTENTION
 from models.networks.resnet import Arch
 from models.networks.students import student_spec
 from models.training.augment import POLICIES
-from models.training.distill import (
-    Teachers,
-)
+from models.training.distill import Teachers
 from models.training.run import fail, train
+
+__all__ = ["parse_args", "ARCH_DEFAULTS", "resolve_arch", "main"]
 
 _DEFAULT_EVAL_SIZES = "128,160,192,224"
 

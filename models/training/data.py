@@ -12,11 +12,20 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from models.checkpoints.checkpoint import (
-    parse_class_names,
-)
+from models.checkpoints.checkpoint import parse_class_names
 from models.images import ImageError, load_image
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "list_split",
+    "load_split",
+    "holdout_split",
+    "augment",
+    "normalize",
+    "input_norm",
+    "eval_geometry",
+    "read_class_names",
+]
 
 
 def list_split(root: Path) -> tuple[list[tuple[str, int]], list[str]]:

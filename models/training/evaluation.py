@@ -10,12 +10,12 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from models.checkpoints.checkpoint import (
-    load_checkpoint,
-)
+from models.checkpoints.checkpoint import load_checkpoint
 from models.images import ImageError, load_image
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from models.training.data import eval_geometry, list_split, normalize
+
+__all__ = ["evaluate_cached", "evaluate_checkpoint", "eval_sizes"]
 
 
 @torch.no_grad()

@@ -17,13 +17,11 @@ from models.distributed import Ranks
 from models.networks.students import adamw_groups
 from models.training.augment import StrongAugment
 from models.training.data import input_norm, normalize
-from models.training.distill import (
-    Teachers,
-    distillation_loss,
-    inference_logits,
-)
+from models.training.distill import Teachers, distillation_loss, inference_logits
 from models.training.evaluation import eval_sizes
 from models.training.resume import resume_state, save_state
+
+__all__ = ["lr_at", "memory_format", "StepExtras", "step_extras", "run_epochs"]
 
 
 def lr_at(

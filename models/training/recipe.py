@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from models.distributed import Ranks
-from models.training.distill import (
-    Teachers,
-)
+from models.training.distill import Teachers
 from models.training.loop import step_extras
+
+__all__ = ["RECIPE_OPTIONS", "selection_record", "training_recipe", "model_name"]
 
 # the options recorded as a checkpoint's training recipe (the model card rebuilds commands from them)
 RECIPE_OPTIONS = (

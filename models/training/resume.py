@@ -8,13 +8,11 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoints.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    atomic_write_bytes,
-)
+from models.checkpoints.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes
 from models.distributed import Ranks, say
 from models.networks.resnet import ResNet
+
+__all__ = ["start_from", "init_record", "resume_state", "save_state"]
 
 
 def start_from(model: ResNet, init: Checkpoint) -> bool:

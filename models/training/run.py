@@ -9,24 +9,19 @@ import sys
 
 import torch
 
-from models.checkpoints.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    save_checkpoint,
-)
+from models.checkpoints.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from models.distributed import Ranks, say
 from models.networks.resnet import build_model
 from models.preprocess import Preprocess
 from models.training.batches import CachedData, StreamData
 from models.training.data import eval_geometry, input_norm, read_class_names
-from models.training.distill import (
-    Teachers,
-    set_distilled_training,
-)
+from models.training.distill import Teachers, set_distilled_training
 from models.training.evaluation import eval_sizes, evaluate_checkpoint
 from models.training.loop import memory_format, run_epochs
 from models.training.recipe import model_name, selection_record, training_recipe
 from models.training.resume import init_record, start_from
+
+__all__ = ["fail", "train"]
 
 
 def fail(message: str) -> int:

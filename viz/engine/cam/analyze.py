@@ -31,6 +31,8 @@ from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import model_modules, record_attention
 from viz.engine.unread import warn_unread_attention
 
+__all__ = ["analyze", "AUGMENTATIONS"]
+
 
 def analyze(
     model: nn.Module,

@@ -11,6 +11,8 @@ from viz.engine.cam.layers import resolve_layers, stage_layers
 from viz.engine.cam.targets import resolve_targets
 from viz.engine.model_state import model_lock, preserve_model_state
 
+__all__ = ["ATTRIBUTION_METHODS", "attribute"]
+
 ATTRIBUTION_METHODS = ("guided-gradcam", "integrated-gradients", "occlusion")
 
 

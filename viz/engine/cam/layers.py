@@ -8,6 +8,8 @@ from torch import nn
 
 from viz.engine.levels import NetworkLevels, fallback_stage, network_levels, stride_of
 
+__all__ = ["DEFAULT_CAM_LAYERS", "stage_layers", "resolve_layers", "cam_stage"]
+
 DEFAULT_CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 """The stage layers `analyze` finds in Attention Lens's own ResNets (kept for reference)."""
 

@@ -16,6 +16,8 @@ from viz.engine.trace import attention_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
 from viz.engine.unread import unread_attention
 
+__all__ = ["transformer_analysis", "bias_layers", "fullgrad_map"]
+
 # --- transformer methods -----------------------------------------------------------------------
 
 

@@ -22,6 +22,18 @@ from viz.engine.cam.weights import (
     xgradcam,
 )
 
+__all__ = [
+    "SMOOTHINGS",
+    "NEEDS",
+    "CamMethod",
+    "CAM_METHODS",
+    "register_cam_method",
+    "CNN_ONLY",
+    "smoothings_for",
+    "settings_error",
+    "checked_options",
+]
+
 SMOOTHINGS = ("aug", "eigen")
 """`analyze`'s smoothing options: test-time augmentation, first principal component."""
 NEEDS = ("gradients", "activations", "classifier", "passes", "network", "attention")

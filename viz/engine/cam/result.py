@@ -10,6 +10,8 @@ from torch import Tensor
 from viz.engine.cam.registry import CAM_METHODS, CamMethod
 from viz.engine.trace import AttentionTrace
 
+__all__ = ["Analysis", "Settings", "ForwardBackward"]
+
 
 @dataclass(frozen=True)
 class Analysis:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["resolve_targets"]
+
 
 def resolve_targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
     n, k = logits.shape

@@ -22,6 +22,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = [
+    "gradcam",
+    "gradcam_pp",
+    "hirescam",
+    "xgradcam",
+    "layercam",
+    "gradcam_elementwise",
+    "first_component",
+    "activations_only",
+    "grads_times_acts",
+]
+
 
 def gradcam(acts: Tensor, grads: Tensor) -> Tensor:
     return grads.mean((2, 3), keepdim=True) * acts
