@@ -191,7 +191,7 @@ def measure_recognition(reps: int) -> list[tuple]:
     import torchvision
 
     from models import load_checkpoint
-    from models.architectures import forget_signatures
+    from models.checkpoints.architectures import forget_signatures
 
     model = torchvision.models.efficientnet_b5(weights=None)
     buf = io.BytesIO()

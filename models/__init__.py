@@ -1,14 +1,21 @@
 """Attention Lens networks and checkpoints: ResNet with SE, BAM or CBAM, their loaders, the
 attention probe registry and the allow-listed image decoder (`viz` builds on all of these)."""
 
-from .architectures import ForeignArch, register_architecture
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .images import ImageError, load_image
-from .plugins import load_plugins, plugins_from_env
-from .preprocess import Preprocess
-from .probes import register_attention
-from .resnet import Arch, ResNet, build_model
-from .zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
+import sys
+
+from models.checkpoints.architectures import ForeignArch, register_architecture
+from models.checkpoints.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.checkpoints.plugins import load_plugins, plugins_from_env
+from models.checkpoints.zoo import checkpoint_dir, default_checkpoint, embedded_checkpoints
+from models.images import ImageError, load_image
+from models.networks.resnet import Arch, ResNet, build_model
+from models.preprocess import Preprocess
+from models.probes import register_attention
 
 __all__ = [
     "Arch",
@@ -30,3 +37,6 @@ __all__ = [
     "register_attention",
     "save_checkpoint",
 ]
+
+# the old path of `models.checkpoints.zoo` (tests/test_app.py and test_browser.py import it)
+sys.modules.setdefault("models.zoo", sys.modules["models.checkpoints.zoo"])

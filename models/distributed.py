@@ -68,6 +68,12 @@ class Ranks:
             raise RankFailure("; ".join(str(e) for e in errors))
 
 
+def say(ranks: Ranks, text: str) -> None:
+    """Print on the main rank only."""
+    if ranks.main:
+        print(text, flush=True)
+
+
 def start_distributed(device: str = "cpu") -> Ranks:
     """Join the torchrun job this process belongs to, if any (gloo on CPU, NCCL on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -43,7 +43,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import one_line
+from models.errors import one_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

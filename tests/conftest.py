@@ -1,15 +1,18 @@
-"""Shared fixtures: tiny random-weight models and paths to the reference data copied from the release."""
+"""Shared fixtures and builders: tiny random-weight models, checkpoint helpers, Markdown checks and
+paths to the reference data copied from the release."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from models import build_model
+from models import CheckpointError, build_model, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -77,3 +80,121 @@ def plain(markdown: str) -> str:
     import re
 
     return re.sub(r"\\(.)", r"\1", markdown)
+
+
+# the patterns GitHub-flavoured Markdown (remark-gfm, as Streamlit renders) turns into links,
+# matched on the text after backslash escapes are undone
+GFM_AUTOLINKS = [
+    r"(?i)(https?://|www(?=\.))[-.\w]+",
+    r"(?i)(mailto:|xmpp:)?[-.\w+]+@[-\w]+(\.[-\w]+)+",
+]
+
+
+def autolinks(markdown: str) -> list[str]:
+    """The bare addresses GFM would link in what `markdown` shows."""
+    import re
+
+    text = plain(markdown)
+    return [m.group(0) for p in GFM_AUTOLINKS for m in re.finditer(p, text)]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def torch_bytes(obj: object, legacy: bool = False) -> bytes:
+    """What torch.save writes: the zip format, or with `legacy` the PyTorch <= 1.5 format."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def logits(model: nn.Module, stem: str = "imagenet") -> torch.Tensor:
+    size = 32 if stem == "cifar" else 64
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def assert_same_logits(loaded: nn.Module, original: nn.Module, stem: str = "imagenet") -> None:
+    torch.testing.assert_close(logits(loaded, stem), logits(original, stem), atol=1e-5, rtol=0)
+
+
+def refused(source, *phrases: str, **kwargs) -> str:
+    """Assert load_checkpoint refuses `source` with a one-line message holding every phrase."""
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(source, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    for phrase in phrases:
+        assert phrase in message
+    return message
+
+
+def new_model(depth: int, attention: str | None, num_classes: int = 10, **kwargs) -> nn.Module:
+    torch.manual_seed(depth)
+    return randomize_bn(build_model(depth, attention, num_classes, **kwargs)).eval()
+
+
+# --- data sets --------------------------------------------------------------------------------
+
+
+def red_blue_folder(root: Path, suffix: str = ".png", **save) -> Path:
+    """A tiny ImageFolder under `root`: train/ 8 and val/ 4 images per class, each class's image
+    dominated by its colour (red, blue); `save`: Pillow's options for `suffix`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for label in ("red", "blue"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((40, 48, 3)) * 120).astype("uint8")
+                arr[..., 0 if label == "red" else 2] = 255
+                Image.fromarray(arr).save(root / split / label / f"{i}{suffix}", **save)
+    return root
+
+
+def interrupt_in_second_epoch(monkeypatch, argv: list[str], out: Path) -> None:
+    """`python -m models.train argv`, stopped during epoch 2's evaluation (a Ctrl-C): the training
+    state is kept (KEEP_TRAIN_STATE=1) and no checkpoint written; the evaluation is restored."""
+    from models.training import batches
+    from models.training.cli import main
+
+    real_eval, calls = batches.evaluate_cached, []
+
+    def stop_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    monkeypatch.setenv("KEEP_TRAIN_STATE", "1")
+    monkeypatch.setattr(batches, "evaluate_cached", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert out.with_name(out.name + ".state.pt").exists() and not out.exists()
+    monkeypatch.setattr(batches, "evaluate_cached", real_eval)
+
+
+# --- peers --------------------------------------------------------------------------------------
+
+PYTORCH_GRAD_CAM = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "gradcamelementwise": "GradCAMElementWise",
+}
+"""Our gradient CAM methods and the pytorch-grad-cam classes their maps equal."""
+
+
+def reference_rollout(probs: list, prefix: int, class_token: bool) -> torch.Tensor:
+    """Rollout (Abnar & Zuidema) written out: mean of heads, plus identity, rows renormalised."""
+    joint = None
+    for a in probs:
+        fused = a.double().mean(1)
+        fused = (fused + torch.eye(fused.shape[-1])) / 2
+        fused = fused / fused.sum(-1, keepdim=True)
+        joint = fused if joint is None else fused @ joint
+    return joint[:, 0, prefix:] if class_token else joint[:, prefix:, prefix:].mean(1)

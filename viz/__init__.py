@@ -5,6 +5,8 @@ This is the front door: the app (`app.py`, a shell over the library) imports onl
 and from `models`. The library never imports streamlit.
 """
 
+import sys
+
 from models.images import ImageError, load_image
 from models.probes import (
     AttentionProbe,
@@ -12,6 +14,7 @@ from models.probes import (
     registered_attention,
     unregister_attention,
 )
+from viz import interactive
 from viz.commands.export import (
     FORMATS,
     deletion_insertion_csv,
@@ -20,7 +23,6 @@ from viz.commands.export import (
     image_bundle,
     npz_bytes,
     render_image,
-    safe_name,
     write_atomic,
     zip_bundle,
 )
@@ -50,6 +52,7 @@ from viz.engine.cam import (
     ATTRIBUTION_METHODS,
     CAM_METHODS,
     DEFAULT_CAM_LAYERS,
+    NUM_SAMPLES,
     SMOOTHINGS,
     Analysis,
     CamMethod,
@@ -61,8 +64,7 @@ from viz.engine.cam import (
 )
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
-from viz.engine.passes import NUM_SAMPLES
-from viz.engine.state import model_lock, preserve_model_state
+from viz.engine.model_state import model_lock, preserve_model_state
 from viz.engine.tokens import TokenLayout, token_layout
 from viz.engine.trace import AttentionRecord, AttentionTrace, attention_hooks, record_attention
 from viz.engine.transformer import gae, legrad, rollout
@@ -82,7 +84,7 @@ from viz.figures import (
     token_norms,
 )
 from viz.figures.class_channel_stats import default_modules
-from viz.figures.table import (
+from viz.figures.registry import (
     FIGURES,
     IMAGE_FIGURES,
     SCALES,
@@ -91,19 +93,7 @@ from viz.figures.table import (
     FigureSpec,
     draw_image_figure,
 )
-from viz.measures.metrics import (
-    Agreement,
-    ChannelStats,
-    DeletionInsertion,
-    agreement,
-    agreement_table,
-    channel_statistics,
-    deletion_insertion,
-    random_saliency,
-    seed_of,
-)
-from viz.serving import ServePolicy, serve_policy
-from viz.session import (
+from viz.interactive import (
     IMAGE_TYPES,
     NETWORK_MAP,
     GridModel,
@@ -119,17 +109,28 @@ from viz.session import (
     digest,
     grid_stand_in,
     layers_for_method,
-    md_text,
     methods_for,
     model_grid_rows,
     no_spatial_maps,
     parse_class_names,
-    safe_stem,
     sample_images,
     shown_at_stage,
     stack_analyses,
     top_predictions,
 )
+from viz.measures.metrics import (
+    Agreement,
+    ChannelStats,
+    DeletionInsertion,
+    agreement,
+    agreement_table,
+    channel_statistics,
+    deletion_insertion,
+    random_saliency,
+    seed_of,
+)
+from viz.serving_policy import ServePolicy, serve_policy
+from viz.text import md_text, safe_name, safe_stem
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -255,3 +256,8 @@ __all__ = [
     "no_spatial_maps",
     "shown_at_stage",
 ]
+
+# the old name of `viz.interactive`, the same module (tests/test_app.py imports and patches
+# `viz.session`); remove once the app's tests use the new name
+sys.modules.setdefault("viz.session", interactive)
+session = interactive

@@ -97,10 +97,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _figure_lines() -> str:
-    """The figure table (`viz.figures.table.FIGURES`) as --help lines."""
+    """The figure table (`viz.figures.registry.FIGURES`) as --help lines."""
     import textwrap
 
-    from viz.figures.table import FIGURES
+    from viz.figures.registry import FIGURES
 
     lines = []
     for name, spec in FIGURES.items():
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from models.plugins import load_plugins, plugins_from_env
+    from models.checkpoints.plugins import load_plugins, plugins_from_env
 
     failures = load_plugins(plugins_from_env() + list(getattr(args, "plugin", [])))
     if failures:

@@ -21,8 +21,6 @@ import json
 import math
 import os
 import platform
-import re
-import unicodedata
 import zipfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
@@ -34,11 +32,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from models.checkpoint import Checkpoint, atomic_write_bytes
+from models.checkpoints.checkpoint import Checkpoint, atomic_write_bytes
 from models.images import ImageSource, load_image
 from viz.engine.cam import Analysis
 from viz.figures import STYLE_LOCK, figure_width
-from viz.figures.table import (
+from viz.figures.registry import (
     FIGURES,
     IMAGE_FIGURES,
     SCALES,
@@ -47,6 +45,7 @@ from viz.figures.table import (
     draw_image_figure,
     scales_drawn,
 )
+from viz.text import safe_name
 
 __all__ = [
     "FigureSettings",
@@ -58,7 +57,6 @@ __all__ = [
     "figure_bytes",
     "write_atomic",
     "write_files",
-    "safe_name",
     "prepare_output",
     "analysis_arrays",
     "npz_bytes",
@@ -97,16 +95,6 @@ _METADATA = {
     "pdf": {"Creator": SOFTWARE, "Producer": SOFTWARE, "CreationDate": None},
     "svg": {"Creator": SOFTWARE, "Date": None},
 }
-_WINDOWS_RESERVED = {
-    "CON",
-    "PRN",
-    "AUX",
-    "NUL",
-    *(f"COM{i}" for i in range(10)),
-    *(f"LPT{i}" for i in range(10)),
-}
-
-
 # --- figures and files ------------------------------------------------------------------------
 
 
@@ -158,25 +146,6 @@ def deletion_insertion_csv(results: Mapping[str, Any], index: int = 0) -> bytes:
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: never a half-written file."""
     atomic_write_bytes(Path(path), data)
-
-
-def safe_name(text: str, *, default: str = "unnamed", max_length: int = 100) -> str:
-    """A plain file name from any text: no folders, no `..`, no hidden or reserved names.
-
-    `../../x.png` -> `x.png`, `a/b c.jpg` -> `a_b_c.jpg`, `café.png` -> `cafe.png`,
-    `..` -> `unnamed`. Only ASCII letters, digits, `.`, `_` and `-` remain.
-    """
-    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
-    parts = [p for p in re.split(r"[\\/]+", ascii_text) if p not in ("", ".", "..")]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))
-    name = re.sub(r"\.{2,}", ".", name).strip("._-")
-    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        name = f"_{name}"
-    if len(name) > max_length:
-        stem, dot, suffix = name.rpartition(".")
-        keep = f".{suffix}" if dot and 0 < len(suffix) <= 8 else ""
-        name = name[: max_length - len(keep)].rstrip("._-") + keep
-    return name or default
 
 
 def _relative(name: str) -> PurePosixPath:
@@ -439,7 +408,7 @@ def render_image(
 
     Args:
         image: the image as loaded (it is cropped with the checkpoint's own `Preprocess`).
-        analysis: of this image (batch of one), e.g. `viz.session.analyze_images`.
+        analysis: of this image (batch of one), e.g. `viz.interactive.analyze_images`.
         figures: among `IMAGE_FIGURES`.
         settings: colour map, opacity, scale, width and dpi (default `FigureSettings()`).
 
@@ -518,7 +487,7 @@ def image_bundle(
         ExportError: unknown figure or format, or an analysis made with other settings;
         models.images.ImageError: unreadable image; ValueError: target outside the classes.
     """
-    from viz.session import analyze_images
+    from viz.interactive import analyze_images
 
     s = settings or FigureSettings()
     _check_options(figures, formats, s.width)

@@ -310,7 +310,7 @@ class _ImageWork:
     def __call__(self, item: tuple[Path, str]) -> dict:
         from models.images import load_image
         from viz.commands.export import render_image, result_info
-        from viz.session import analyze_images
+        from viz.interactive import analyze_images
 
         path, image_name = item
         try:
@@ -358,8 +358,8 @@ def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWo
     """In a worker process: the plugins, the checkpoints (read again), one thread."""
     import torch
 
-    from models.checkpoint import load_checkpoint
-    from models.plugins import load_plugins
+    from models.checkpoints.checkpoint import load_checkpoint
+    from models.checkpoints.plugins import load_plugins
 
     torch.set_num_threads(1)
     load_plugins(plugins)
@@ -394,7 +394,7 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
         return
     import torch
 
-    from models.plugins import plugins_from_env
+    from models.checkpoints.plugins import plugins_from_env
     from viz.commands.parallel import ordered_map
 
     work.progress = _passes_reported
@@ -428,7 +428,7 @@ def _light(analysis):
 
 def _same_class(ckpt, image, light, class_name: str, options: dict):
     """A grid row explains its column's class (as in the CBAM paper), not its own top-1."""
-    from viz.session import analyze_images
+    from viz.interactive import analyze_images
 
     names = ckpt.class_names
     if class_name not in names or names[int(light.target[0])] == class_name:
@@ -451,7 +451,7 @@ def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureS
     """The model grid, `GRID_COLUMNS` images per figure."""
     from viz.commands.export import figure_bytes
     from viz.figures import model_grid
-    from viz.session import GridModel, model_grid_rows
+    from viz.interactive import GridModel, model_grid_rows
 
     chunks = [grid.images[i : i + GRID_COLUMNS] for i in range(0, len(grid.images), GRID_COLUMNS)]
     for c, chunk in enumerate(chunks):
@@ -477,9 +477,10 @@ def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureS
 def _class_stats(run: _Run, checkpoints, folders, formats, settings) -> None:
     from tqdm import tqdm
 
-    from viz.commands.export import figure_bytes, npz_bytes, safe_name
+    from viz.commands.export import figure_bytes, npz_bytes
     from viz.figures import class_channel_stats
     from viz.measures.metrics import channel_statistics
+    from viz.text import safe_name
 
     for folder in folders:
         stem = f"class-stats-{safe_name(folder.resolve().name, default='images')}"

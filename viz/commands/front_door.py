@@ -52,13 +52,13 @@ def _report(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from models.train import main as train_main
+    from models.training.cli import main as train_main
 
     return train_main(argv)
 
 
 def _train_hybrid(argv: list[str]) -> int:
-    from models.train_hybrid import main as hybrid_main
+    from models.training.hybrid import main as hybrid_main
 
     return hybrid_main(argv)
 

@@ -54,7 +54,7 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[P
     Raises:
         UsageError: a path does not exist, or nothing was found.
     """
-    from viz.commands.export import safe_name
+    from viz.text import safe_name
 
     found: list[tuple[Path, str]] = []
     folders: list[Path] = []
@@ -197,8 +197,8 @@ def label_of(image: Path, labels: dict[str, str]) -> str | None:
 
 
 def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
-    from models.checkpoint import CheckpointError, load_checkpoint
-    from viz.commands.export import safe_name
+    from models.checkpoints.checkpoint import CheckpointError, load_checkpoint
+    from viz.text import safe_name
 
     loaded = []
     for raw in paths:
@@ -214,13 +214,13 @@ def load_checkpoints(paths: Sequence[str]) -> list[tuple[str, str, object]]:
 def check_method(method: str, checkpoints: Sequence[tuple[str, str, object]]) -> None:
     """--method applies to every model: refused once, before any image is analysed."""
     from viz.engine.cam import CAM_METHODS
-    from viz.session import methods_for
+    from viz.interactive import methods_for
 
     for raw, _, ckpt in checkpoints:
         if method not in methods_for(ckpt.model):
             why = (
                 "needs a vision transformer's self-attention"
-                if CAM_METHODS[method].needs == "attention"
+                if CAM_METHODS[method].reads_attention
                 else "does not apply to a transformer"
             )
             raise UsageError(f"--method {method} ({CAM_METHODS[method].label}) {why}: {raw}")
@@ -241,11 +241,11 @@ def methods_by_checkpoint(
     a CNN-only method meets a transformer.
     """
     from viz.engine.cam import CAM_METHODS
-    from viz.session import methods_for
+    from viz.interactive import methods_for
 
     spec = CAM_METHODS[method]
     takes = {name: method in methods_for(ckpt.model) for _, name, ckpt in checkpoints}
-    if spec.needs != "attention" or not any(takes.values()) or all(takes.values()):
+    if not spec.reads_attention or not any(takes.values()) or all(takes.values()):
         check_method(method, checkpoints)
         return {name: method for name in takes}, None
     others = [name for name, ok in takes.items() if not ok]
@@ -273,7 +273,6 @@ def unread_attention_lines(checkpoints: Sequence[tuple[str, str, object]]) -> li
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """--method, --layers and --num-samples, the same in `export` and `report`."""
     from viz.engine.cam import CAM_METHODS
-    from viz.engine.passes import NUM_SAMPLES
 
     parser.add_argument("--method", default="gradcam", type=_cam_method, metavar="METHOD",
                         help=f"CAM method: {', '.join(CAM_METHODS)} (default: gradcam)")  # fmt: skip
@@ -281,7 +280,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None, metavar="LIST",
                         help="comma list of CAM layers (default: each network's stage layers; "
                              f"the last for {last})")  # fmt: skip
-    noisy = ", ".join(f"{name} ({n})" for name, n in NUM_SAMPLES.items())
+    noisy = ", ".join(f"{name} ({m.samples})" for name, m in CAM_METHODS.items() if m.samples)
     parser.add_argument("--num-samples", type=int_in("--num-samples", 1, 10**6), metavar="N",
                         help=f"noisy copies per channel or image of {noisy}")  # fmt: skip
 

@@ -117,7 +117,7 @@ def default_sanity(method: str) -> int:
     from viz.engine.cam import CAM_METHODS
 
     spec = CAM_METHODS.get(method)
-    return SANITY_IMAGES_PASS_METHODS if spec and spec.needs == "passes" else SANITY_IMAGES
+    return SANITY_IMAGES_PASS_METHODS if spec and spec.extra_passes else SANITY_IMAGES
 
 
 SAMPLE_IMAGES = 4
@@ -512,7 +512,7 @@ def _fingerprint(inputs: ReportInputs, options: ReportOptions) -> dict:
 
 
 def _write_json(path: Path, value: object) -> None:
-    from models.checkpoint import atomic_write_bytes
+    from models.checkpoints.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(value, sort_keys=True).encode())
 
@@ -721,7 +721,7 @@ def _resolve_folder_labels(images, checkpoints) -> list[tuple[Path, str, str | N
             )
         for i, f in enumerate(folders):
             # a folder named like a class is that class; else the i-th folder is class i,
-            # as torchvision's ImageFolder (and models.train) number them: shown by its name
+            # as torchvision's ImageFolder (and models.training) number them: shown by its name
             # when every model calls class i the same, else by its index
             if by_name:
                 out_labels.setdefault(f, f)

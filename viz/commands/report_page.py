@@ -22,6 +22,7 @@ import numpy as np
 
 from viz.figures.canvas import styled
 from viz.measures.stats import bootstrap_mean, paired_difference
+from viz.text import md_text
 
 __all__ = [
     "FinishedReport",
@@ -383,13 +384,6 @@ def _png(fig) -> bytes:
 # --- documents --------------------------------------------------------------------------------
 
 
-def _md_escape(text: object) -> str:
-    out = str(text).replace("\\", "\\\\")
-    for ch in "|*_`[]<>#":
-        out = out.replace(ch, "\\" + ch)
-    return " ".join(out.split())
-
-
 def _fmt(v: object, digits: int = 3) -> str:
     x = _value(v) if not isinstance(v, float) else v
     return "" if not math.isfinite(x) else f"{x:.{digits}f}"
@@ -422,7 +416,7 @@ def readable_summary(summary: list[dict]) -> dict[str, list[dict]]:
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(md_text(c, limit=None) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -510,7 +504,7 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
         "Intervals: 95% percentile bootstrap over images."
     )
     md = [
-        "# Attention Lens data-set report", "", _md_escape(intro), "",
+        "# Attention Lens data-set report", "", md_text(intro, limit=None), "",
         "## Per model", "", _markdown(header, model_rows), "",
     ]  # fmt: skip
     if paired_rows:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import find_probe, registry_generation
-from viz.engine.state import preserve_model_state, submodules
+from viz.engine.model_state import preserve_model_state, submodules
 from viz.engine.tokens import TokenLayout, guessed_grid, token_layout
 from viz.engine.unread import attention_names
 

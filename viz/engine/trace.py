@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from models.probes import AttentionProbe, find_probe, kind_style, registry_generation
-from models.selfattention import SelfAttentionReader, Tap, received_on_grid
+from models.probes.selfattention import SelfAttentionReader, Tap, received_on_grid
 from viz.engine.levels import STAGES, NetworkLevels, fallback_stage, network_levels, stride_of
-from viz.engine.state import model_lock, preserve_model_state, submodules
+from viz.engine.model_state import model_lock, preserve_model_state, submodules
 from viz.engine.taps import TapHandle, tap
 from viz.engine.tokens import TokenLayout, guessed_grid, stage_of_block, token_layout
 
@@ -705,7 +705,7 @@ def record_attention(
         feature_means: also record each record's `feature_in` / `feature_out` (channel-mean |F|
             before and after the module, for the BAM hierarchy figure). They cost a pass over
             every attended feature map, so a plain trace leaves them None.
-        modules: `viz.engine.state.submodules(model)` when the caller has it already (saves a walk).
+        modules: `viz.engine.model_state.submodules(model)` when the caller has it already (saves a walk).
         keep_graph: self-attention taps keep their tensors in the autograd graph (for the
             gradient methods of `viz.engine.transformer`); the records are detached anyway.
 

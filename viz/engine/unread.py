@@ -24,7 +24,7 @@ import weakref
 from torch import nn
 
 from models.probes import find_probe, registry_generation
-from viz.engine.state import submodules
+from viz.engine.model_state import submodules
 
 __all__ = [
     "UnreadAttentionWarning",

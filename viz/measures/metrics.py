@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.images import image_folder, load_image
 from viz.engine.cam import Analysis, resolve_targets
 from viz.engine.maps import upsample
-from viz.engine.state import preserve_model_state
+from viz.engine.model_state import preserve_model_state
 from viz.engine.trace import AttentionRecord, AttentionTrace, record_attention
 
 __all__ = [

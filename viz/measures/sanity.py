@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from viz.engine.maps import upsample
-from viz.engine.state import preserve_model_state
+from viz.engine.model_state import preserve_model_state
 
 __all__ = [
     "randomisation_steps",

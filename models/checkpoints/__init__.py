@@ -1,0 +1,1 @@
+"""Checkpoints: load and save safely, recognise other networks' files, the embedded zoo, plugins."""
