@@ -99,7 +99,7 @@ class ReportOptions:
         whole-network method (rollout, GAE, LeGrad) shows Grad-CAM instead, as export and the
         app do; `methods_by_checkpoint` said so once, before any image."""
         from viz.commands.inputs import FALLBACK_METHOD
-        from viz.session import methods_for
+        from viz.interactive import methods_for
 
         if self.method in methods_for(model):
             return self
