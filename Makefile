@@ -50,7 +50,7 @@ figures: $(STAMP)
 	cp out/figures/grid/model-grid.png docs/model-grid.png
 	cp out/figures/bam/resnet18_bam_imagenette/$(BAM_IMAGE)/bam-hierarchy.png docs/bam-hierarchy.png
 ifneq ($(VIT),)
-	$(BIN)/python -m viz export --checkpoint $(VIT) --images samples/$(VIT_IMAGE).jpg --figure overview \
+	$(BIN)/python -m viz export --checkpoint $(VIT) --images samples/$(VIT_IMAGE).jpg --figure overview --scale per-map \
 		--dpi 150 --out out/figures/vit
 	cp out/figures/vit/$(basename $(notdir $(VIT)))/$(VIT_IMAGE)/overview.png docs/vit-overview.png
 endif
