@@ -25,7 +25,7 @@ import pytest
 
 from models.zoo import CHECKPOINT_DIR_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
@@ -61,14 +61,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, checkpoint_writer):
     env = dict(os.environ)
     if not REAL_CBAM.is_file():
-        from tests.test_app import write_checkpoints
-
         folder = tmp_path / "checkpoints"
         folder.mkdir()
-        write_checkpoints(folder, kinds=("cbam",))
+        checkpoint_writer(folder, kinds=("cbam",))
         env[CHECKPOINT_DIR_ENV] = str(folder)
     port = _free_port()
     log = (tmp_path / "streamlit.log").open("wb")
@@ -242,6 +240,21 @@ def _real_click(driver, element) -> None:
             time.sleep(1.0)
 
 
+def _view_button(driver, name: str):
+    """The view control's button named `name` (a segmented control, not tabs)."""
+    from selenium.webdriver.common.by import By
+
+    found = [b for b in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
+             if b.get_attribute("textContent").strip() == name]  # fmt: skip
+    assert found, f"no view named {name!r}"
+    return found[0]
+
+
+def _open_view(driver, name: str) -> None:
+    _real_click(driver, _view_button(driver, name))
+    _settled(driver, f"the view {name!r}")
+
+
 def _settled(driver, what: str) -> None:
     time.sleep(1.0)  # let the rerun start before waiting for it to end
     _wait(driver, lambda d: _idle(d), what=what)
@@ -255,9 +268,7 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
 
     browser.get(server)
     _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
-    tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[role="tab"]')
-               if t.get_attribute("textContent").strip() == "Class activation map")  # fmt: skip
-    _click(browser, tab)
+    _open_view(browser, "Class activation map")
     expander = next(e for e in browser.find_elements(By.CSS_SELECTOR, "summary")
                     if "Captum attributions" in e.get_attribute("textContent"))  # fmt: skip
     _click(browser, expander)
