@@ -1076,3 +1076,130 @@ def test_a_reloaded_page_keeps_its_uploaded_images(app, monkeypatch):
     assert_clean(at)
     assert shown(reload(token)) == worked_example
     assert shown(reload("guessed")) == worked_example
+
+
+def test_a_drawing_change_draws_only_the_view_shown(app, monkeypatch):
+    """Was: `st.tabs` ran every tab on every rerun, so one opacity change drew the spatial,
+    channel, CAM and model-grid figures (and every other tab's content) whatever was shown."""
+    import viz
+    import viz.figures
+
+    drawn, real_draw, real_grid = [], viz.draw_image_figure, viz.figures.model_grid
+
+    def draw(name, *args, **kwargs):
+        drawn.append(name)
+        return real_draw(name, *args, **kwargs)
+
+    def grid(*args, **kwargs):
+        drawn.append("model-grid")
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", draw)
+    monkeypatch.setattr(viz.figures, "model_grid", grid)
+    at = app.run()
+    assert drawn == ["overview"]  # the first view only
+    for view, figure in (("spatial", "overview"), ("cam", "gradcam"), ("compare", "model-grid")):
+        show(at, view)
+        drawn.clear()
+        at.sidebar.slider(key="alpha").set_value(
+            0.7 if at.sidebar.slider(key="alpha").value == 0.5 else 0.5
+        ).run()
+        assert_clean(at)
+        assert drawn == [figure], (view, drawn)
+
+
+def test_a_view_and_its_choices_are_kept_on_a_revisit(app):
+    """Only the chosen view is drawn, yet its widgets keep their values while another view
+    shows, and the chosen view stays chosen through a change of model or method."""
+    at = show(app.run(), "compare")
+    picks = [model_label(at, "cbam"), model_label(at, "bam")]
+    at.multiselect(key="compare").set_value(picks).run()
+    at.radio(key="grid_stage").set_value(2).run()
+    show(at, "agreement")
+    at.slider(key="di_steps").set_value(8).run()
+    at.multiselect(key="di_maps").set_value(["cam:layer3"]).run()
+    show(at, "spatial")
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "bam")).run()
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
+    assert_clean(at)
+    assert at.button_group(key="view").value == "spatial"
+    show(at, "compare")
+    assert at.multiselect(key="compare").value == picks and at.radio(key="grid_stage").value == 2
+    show(at, "agreement")
+    assert at.slider(key="di_steps").value == 8
+    assert at.multiselect(key="di_maps").value == ["cam:layer3"]
+
+
+def test_the_channel_view_stays_open_when_its_name_changes(vit_app, monkeypatch):
+    """ "Channel attention" on a CNN is "Attention heads" on a transformer: the same view, kept
+    open across the switch (a view known by its name would close)."""
+    import viz
+
+    drawn, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        drawn.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at = show(vit_app.run(), "channels")
+    assert views(at)[1] == "Channel attention" and drawn[-1] == "channels"
+    at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
+    assert_clean(at)
+    assert views(at)[1] == "Attention heads"
+    assert at.button_group(key="view").value == "channels" and drawn[-1] == "heads"
+
+
+def test_attention_no_probe_reads_is_said_on_the_page(app, tmp_path):
+    """Was: a network with attention the tool cannot read (timm's selective-kernel attention)
+    showed its maps without a word; the library's warning line is said, as text."""
+    import timm
+
+    from models.architectures import ForeignArch
+
+    torch.manual_seed(0)
+    net = timm.create_model("skresnet18", pretrained=False, num_classes=10).eval()
+    path = tmp_path / "sk.safetensors"
+    save_checkpoint(path, net, class_names=CLASSES, arch=ForeignArch("skresnet18", "timm", 10),
+                    metadata={"name": "tiny sk_net"}, dtype=torch.float16)  # fmt: skip
+    at = app.run()
+    assert not at.warning  # CBAM: every attention module is read
+    at.sidebar.text_input(key="ckpt_path").set_value(str(path)).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert not at.exception and not at.error
+    (line,) = [w.value for w in at.warning]
+    assert "tiny sk\\_net" in line  # file text escaped, never Markdown
+    assert plain(line).startswith(
+        "tiny sk_net: attention modules no probe reads: SelectiveKernelAttn;"
+    )
+
+
+def test_the_data_set_report_has_a_stop(app, tmp_path, monkeypatch):
+    """Was: the report blocked the page (about 46 s on the samples) with no way to stop it. It
+    runs in a job of its own with progress and one Stop, which ends it; AppTest cannot click
+    while the script runs, so the Stop is clicked as it is drawn (its callback, in the run)."""
+    for sample in ("tench_12881.jpg", "church_29612.jpg"):
+        (tmp_path / sample).write_bytes(sample_bytes(sample))
+    stops, real_button = [], st.button
+
+    def click_stop(label, *a, **k):
+        if label == "Stop" and k.get("on_click") and not stops:
+            stops.append(k["args"])
+            k["on_click"](*k["args"])
+        return real_button(label, *a, **k)
+
+    at = show(app.run(), "dataset")
+    at.text_input(key="rep_images").set_value(str(tmp_path)).run()
+    at.number_input(key="rep_sanity:8").set_value(1).run()
+    monkeypatch.setattr(st, "button", click_stop)
+    at.button(key="rep_run").click().run()
+    assert not at.exception and not at.error
+    assert stops == [("The data-set report",)]  # shown while it ran
+    assert "The data-set report stopped." in [plain(i.value) for i in at.info]
+    assert "Summary" not in [h.value for h in at.subheader]  # nothing half-done is shown
+    assert "report_job" not in at.session_state
+    assert not [b for b in at.button if b.label == "Stop"]  # gone with the run
+    monkeypatch.undo()
+    at.button(key="rep_run").click().run()  # and it runs to the end when left alone
+    assert_clean(at)
+    assert "Summary" in [h.value for h in at.subheader]
