@@ -16,6 +16,7 @@ DI_MAPS = "di_maps"
 
 # what the app keeps per session (not widgets)
 DOWNLOADS = "downloads"
+PRERENDERED = "prerendered"
 SLOW_ANALYSES = "slow_analyses"
 SLOW_JOBS = "slow_jobs"
 REPORT_JOB = "report_job"

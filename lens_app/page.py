@@ -56,7 +56,6 @@ def choose_view(transformer: bool) -> str:
     return st.segmented_control(
         "View", list(VIEWS), key=keys.VIEW, required=True, label_visibility="collapsed",
         format_func=lambda v: (transformer and ON_A_TRANSFORMER.get(v)) or VIEWS[v][0],
-        width="stretch",
     )  # fmt: skip
 
 

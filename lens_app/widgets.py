@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import streamlit as st
 from matplotlib.figure import Figure
@@ -27,7 +28,9 @@ def state(key: str, default):
 
 
 def show_figure(build: Callable[[], Figure], name: str, key: str, view: View, errors) -> None:
-    """Draw a figure as PNG, close it, and offer it as PNG/PDF/SVG (rendered on click)."""
+    """Draw a figure as PNG and offer it as PNG/PDF/SVG: the PNG at the download dpi is made
+    from the same figure in the background once it is shown (the likeliest click answers at
+    once), PDF and SVG are rendered on click."""
     try:
         fig = build()
     except USER_ERRORS as exc:
@@ -35,14 +38,20 @@ def show_figure(build: Callable[[], Figure], name: str, key: str, view: View, er
         return
     try:
         st.image(viz.figure_bytes(fig, "png", dpi=SCREEN_DPI))
-    finally:
+    except BaseException:
         fig.clear()
+        raise
+    png = Prerendered.start(fig, view.settings.dpi, key)  # it closes the figure
     for col, fmt in zip(st.columns(len(MIME)), MIME):
         file_name = f"{view.prefix}_{name}.{fmt}"
+        make = (
+            partial(png.take, build)
+            if fmt == "png"
+            else partial(_render, build, fmt, view.settings.dpi)
+        )
         col.download_button(
             fmt.upper(), file_name=file_name, mime=MIME[fmt], key=keys.figure_download(key, fmt),
-            icon=":material/download:",
-            **Downloads.of_session().on_click(lambda fmt=fmt: _render(build, fmt, view.settings.dpi), file_name),
+            icon=":material/download:", **Downloads.of_session().on_click(make, file_name),
         )  # fmt: skip
 
 
@@ -52,6 +61,77 @@ def _render(build: Callable[[], Figure], fmt: str, dpi: int) -> bytes:
         return viz.figure_bytes(fig, fmt, dpi=dpi)
     finally:
         fig.clear()
+
+
+class Prerendered:
+    """A shown figure's PNG at the download dpi, made by one background thread per server
+    (newest first; a figure shown again under the same key supersedes the older one, which is
+    dropped unmade), so a PNG download need not render when clicked. `take` returns it,
+    waiting if it is being made, or renders it anew if it was dropped."""
+
+    KEPT = 16  # figures a session keeps a slot for
+    _lock = threading.Condition()
+    _queue: list[Prerendered] = []  # waiting, oldest first
+    _worker: threading.Thread | None = None
+
+    def __init__(self, fig: Figure, dpi: int) -> None:
+        self.fig, self.dpi = fig, dpi
+        self.state = "waiting"  # then "making", "made" or "dropped"
+        self.data: bytes | None = None
+
+    @classmethod
+    def start(cls, fig: Figure, dpi: int, key: str) -> Prerendered:
+        job, latest = cls(fig, dpi), state(keys.PRERENDERED, {})  # key -> the newest
+        with cls._lock:
+            older = latest.get(key)
+            if older is not None and older.state == "waiting":
+                older._drop()
+            latest.pop(key, None)
+            latest[key] = job
+            while len(latest) > cls.KEPT:  # the page's buttons hold their own; these are spares
+                latest.pop(next(iter(latest)))
+            cls._queue.append(job)
+            if cls._worker is None or not cls._worker.is_alive():
+                cls._worker = threading.Thread(target=cls._work, daemon=True)
+                cls._worker.start()
+            cls._lock.notify()
+        return job
+
+    def _drop(self) -> None:
+        self.state = "dropped"
+        self.fig.clear()
+        self.fig = None
+
+    @classmethod
+    def _work(cls) -> None:
+        while True:
+            with cls._lock:
+                while not cls._queue:
+                    cls._lock.wait()
+                job = cls._queue.pop()  # the newest: the figure a user looks at now
+                if job.state != "waiting":
+                    continue
+                job.state = "making"
+            try:
+                data = viz.figure_bytes(job.fig, "png", dpi=job.dpi)
+            except Exception:  # the click renders it again and says what fails
+                log.exception("background PNG failed")
+                data = None
+            finally:
+                job.fig.clear()
+            with cls._lock:
+                job.fig, job.data = None, data
+                job.state = "made" if data is not None else "dropped"
+                cls._lock.notify_all()
+
+    def take(self, build: Callable[[], Figure]) -> bytes:
+        with self._lock:
+            if self.state == "waiting":  # not begun: made here, the worker skips it
+                self._drop()
+            while self.state == "making":
+                self._lock.wait()
+            data = self.data
+        return data if data is not None else _render(build, "png", self.dpi)
 
 
 class Downloads:

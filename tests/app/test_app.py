@@ -1203,3 +1203,26 @@ def test_the_data_set_report_has_a_stop(app, tmp_path, monkeypatch):
     at.button(key="rep_run").click().run()  # and it runs to the end when left alone
     assert_clean(at)
     assert "Summary" in [h.value for h in at.subheader]
+
+
+def test_a_png_download_is_made_ahead_from_the_figure_shown(app, deferred, monkeypatch):
+    """The shown figure's PNG at the download dpi is made in the background: the click neither
+    builds the figure again nor waits for more than that."""
+    import viz
+
+    built, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        built.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at = app.run()
+    at.sidebar.select_slider(key="dpi").set_value(150).run()
+    assert_clean(at)
+    before = len(built)
+    (png,) = [b.proto for b in at.get("download_button") if b.proto.label == "PNG"]
+    data = deferred[png.deferred_file_id]()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(built) == before  # not built again
+    (pdf,) = [b.proto for b in at.get("download_button") if b.proto.label == "PDF"]
+    assert deferred[pdf.deferred_file_id]()[:4] == b"%PDF" and len(built) == before + 1
