@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 QUIET = 1.0  # seconds without a DOM change or a running widget: the answer has landed
+LIMIT = 120.0  # seconds: an answer or a download that takes longer is a failure, not a time
 
 _OBSERVE = """
 window.__changes = [];
@@ -74,10 +75,13 @@ def open_browser(downloads: Path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-sync",
                 "--disable-component-update", "--disable-dev-shm-usage",
-                f"--user-data-dir={downloads.parent / 'profile'}", "--window-size=1440,1500"):  # fmt: skip
+                f"--user-data-dir={downloads.parent / f'profile-{downloads.name}'}", "--window-size=1440,1500"):  # fmt: skip
         opts.add_argument(arg)
+    # a page's downloads after its first count as automatic (the file comes after the click's
+    # fetch): allowed, else Chrome holds them for a prompt nobody answers
     opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})  # fmt: skip
+                                           "download.prompt_for_download": False,
+                                           "profile.default_content_setting_values.automatic_downloads": 1})  # fmt: skip
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior",
                            {"behavior": "allow", "downloadPath": str(downloads)})  # fmt: skip
@@ -93,7 +97,10 @@ def answered(driver, action) -> float:
     start = driver.execute_script(_OBSERVE)
     action()
     quiet_since, last = time.monotonic(), start
+    begun = time.monotonic()
     while time.monotonic() - quiet_since < QUIET:
+        if time.monotonic() - begun > LIMIT:
+            raise TimeoutError(f"the page did not settle in {LIMIT:.0f} s")
         time.sleep(0.05)
         newest = driver.execute_script("return Math.max(0, ...window.__changes);")
         if _running(driver) or newest > last:
@@ -136,14 +143,17 @@ def _class(driver, n: int) -> None:
 def _download(driver, downloads: Path) -> float:
     button = next(b for b in driver.find_elements("css selector", '[data-testid="stDownloadButton"] button')
                   if b.text.strip().endswith("PNG"))  # fmt: skip
-    before = set(downloads.iterdir())
+    # by name and time: a file of the same name may be written over (a model seen before)
+    before = {p: p.stat().st_mtime_ns for p in downloads.iterdir()}
     start = time.monotonic()
     button.click()
-    while True:
-        new = [p for p in downloads.iterdir() if p not in before and p.suffix == ".png"]
+    while time.monotonic() - start < LIMIT:
+        new = [p for p in downloads.iterdir() if p.suffix == ".png"
+               and before.get(p) != _mtime(p)]  # fmt: skip
         if new and new[0].stat().st_size > 0:
             return time.monotonic() - start
         time.sleep(0.02)
+    raise TimeoutError(f"no PNG download in {LIMIT:.0f} s")
 
 
 CHANGES = ("opacity", "colour map", "class", "model", "download")
@@ -176,10 +186,24 @@ class Page:
             "class": partial(_class, driver, i),
             "model": partial(_choose, driver, "Model in use", i),
         }
-        for name, action in actions.items():
-            times[name].append(answered(driver, action))
-        times["download"].append(_download(driver, self.downloads))
+        steps = {**{k: partial(answered, driver, a) for k, a in actions.items()},
+                 "download": partial(_download, driver, self.downloads)}  # fmt: skip
+        for name, step in steps.items():
+            try:
+                times[name].append(step())
+            except TimeoutError as exc:  # counted as failed (nan), the rounds go on
+                times[name].append(float("nan"))
+                print(f"  {name}: failed ({exc})", file=sys.stderr, flush=True)
+                continue
+            print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         answered(driver, lambda: None)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # renamed from its partial name meanwhile
+        return None
 
 
 def measure(urls: list[str], rounds: int, tmp: Path) -> list[dict[str, list[float]]]:
@@ -191,7 +215,8 @@ def measure(urls: list[str], rounds: int, tmp: Path) -> list[dict[str, list[floa
             pages.append(Page(url, tmp / f"downloads{n}"))
         times = [{k: [] for k in CHANGES} for _ in urls]
         for i in range(rounds):
-            for page, mine in zip(pages, times):
+            for n, (page, mine) in enumerate(zip(pages, times)):
+                print(f"round {i + 1}, app {n + 1}", file=sys.stderr, flush=True)
                 page.round(i, mine)
         return times
     finally:
@@ -205,6 +230,13 @@ def conditions() -> str:
     busy = subprocess.run(["pgrep", "-f", "train_hybrid"], capture_output=True, text=True)
     training = "a training job (train_hybrid) running" if busy.stdout.strip() else "no training job"
     return f"{os.cpu_count()} cores, load average {load} (1/5/15 min), {training}"
+
+
+def _median(values: list[float]) -> str:
+    """The median of the runs that answered, and how many failed if any did."""
+    ok = [v for v in values if v == v]
+    shown = f"{statistics.median(ok):.2f}" if ok else "-"
+    return shown + (f" ({len(values) - len(ok)} failed)" if len(ok) < len(values) else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| change | " + " | ".join(f"median s: {h}" for h in heads) + " | runs |")
     print("|---|" + "---:|" * len(roots) + "---|")
     for name in CHANGES:
-        medians = " | ".join(f"{statistics.median(t[name]):.2f}" for t in times)
+        medians = " | ".join(_median(t[name]) for t in times)
         runs = "; ".join(", ".join(f"{v:.2f}" for v in t[name]) for t in times)
         print(f"| {name} | {medians} | {runs} |")
     return 0
