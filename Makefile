@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check models viz bench tests app.py
-	$(BIN)/ruff format --check models viz bench tests app.py
+	$(BIN)/ruff check models viz bench tests app.py lens_app
+	$(BIN)/ruff format --check models viz bench tests app.py lens_app
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

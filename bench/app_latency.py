@@ -4,6 +4,10 @@ Starts `streamlit run app.py` on loopback and drives it with Selenium as a user 
 opacity change, a colour-map change, a class change, a switch between two embedded models and
 a PNG download, each repeated, interleaved (A B C D E A B C D E ...), medians reported.
 
+`--root PATH` (repeatable) measures the app of other checkouts in the same run, e.g. the code
+before a change (`git worktree add --detach /tmp/before <commit>`): one server and one browser
+per root, the roots' rounds interleaved too, so "before" and "after" share the machine's load.
+
 A change counts as answered when the page's last change caused by it has landed: a
 MutationObserver on the page records the time of every DOM change; after the action, once the
 app has been idle (no "running" widget, no change) for a second, the answer time is the last
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 QUIET = 1.0  # seconds without a DOM change or a running widget: the answer has landed
+LIMIT = 120.0  # seconds: an answer or a download that takes longer is a failure, not a time
 
 _OBSERVE = """
 window.__changes = [];
@@ -44,11 +49,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(port: int, log: Path) -> subprocess.Popen:
+def start_app(port: int, log: Path, root: Path = ROOT) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1",
            "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -70,10 +75,13 @@ def open_browser(downloads: Path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-sync",
                 "--disable-component-update", "--disable-dev-shm-usage",
-                f"--user-data-dir={downloads.parent / 'profile'}", "--window-size=1440,1500"):  # fmt: skip
+                f"--user-data-dir={downloads.parent / f'profile-{downloads.name}'}", "--window-size=1440,1500"):  # fmt: skip
         opts.add_argument(arg)
+    # a page's downloads after its first count as automatic (the file comes after the click's
+    # fetch): allowed, else Chrome holds them for a prompt nobody answers
     opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})  # fmt: skip
+                                           "download.prompt_for_download": False,
+                                           "profile.default_content_setting_values.automatic_downloads": 1})  # fmt: skip
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior",
                            {"behavior": "allow", "downloadPath": str(downloads)})  # fmt: skip
@@ -89,7 +97,10 @@ def answered(driver, action) -> float:
     start = driver.execute_script(_OBSERVE)
     action()
     quiet_since, last = time.monotonic(), start
+    begun = time.monotonic()
     while time.monotonic() - quiet_since < QUIET:
+        if time.monotonic() - begun > LIMIT:
+            raise TimeoutError(f"the page did not settle in {LIMIT:.0f} s")
         time.sleep(0.05)
         newest = driver.execute_script("return Math.max(0, ...window.__changes);")
         if _running(driver) or newest > last:
@@ -132,46 +143,100 @@ def _class(driver, n: int) -> None:
 def _download(driver, downloads: Path) -> float:
     button = next(b for b in driver.find_elements("css selector", '[data-testid="stDownloadButton"] button')
                   if b.text.strip().endswith("PNG"))  # fmt: skip
-    before = set(downloads.iterdir())
+    # by name and time: a file of the same name may be written over (a model seen before)
+    before = {p: p.stat().st_mtime_ns for p in downloads.iterdir()}
     start = time.monotonic()
     button.click()
-    while True:
-        new = [p for p in downloads.iterdir() if p not in before and p.suffix == ".png"]
+    while time.monotonic() - start < LIMIT:
+        new = [p for p in downloads.iterdir() if p.suffix == ".png"
+               and before.get(p) != _mtime(p)]  # fmt: skip
         if new and new[0].stat().st_size > 0:
             return time.monotonic() - start
         time.sleep(0.02)
+    raise TimeoutError(f"no PNG download in {LIMIT:.0f} s")
 
 
-def measure(url: str, rounds: int, downloads: Path) -> dict[str, list[float]]:
-    from selenium.webdriver.common.keys import Keys
+CHANGES = ("opacity", "colour map", "class", "model", "download")
 
-    driver = open_browser(downloads)
-    try:
-        driver.get(url)
-        answered(driver, lambda: None)
+
+class Page:
+    """One app (one root) in a browser of its own, ready for the changes."""
+
+    def __init__(self, url: str, downloads: Path) -> None:
+        self.downloads = downloads
+        self.driver = open_browser(downloads)
+        self.driver.get(url)
+        answered(self.driver, lambda: None)
         deadline = time.monotonic() + 300
-        while "Prediction:" not in driver.find_element("tag name", "body").text:
+        while "Prediction:" not in self.driver.find_element("tag name", "body").text:
             if time.monotonic() > deadline:
                 raise SystemExit("the app did not show a prediction in 5 minutes")
             time.sleep(0.5)
+        answered(self.driver, lambda: None)
+
+    def round(self, i: int, times: dict[str, list[float]]) -> None:
+        """Each change once (its times appended), the direction alternating with `i`."""
+        from selenium.webdriver.common.keys import Keys
+
+        driver = self.driver
+        arrow = Keys.ARROW_RIGHT if i % 2 == 0 else Keys.ARROW_LEFT
+        actions = {
+            "opacity": partial(_key, driver, "Overlay opacity", arrow),
+            "colour map": partial(_choose, driver, "Colour map", i),
+            "class": partial(_class, driver, i),
+            "model": partial(_choose, driver, "Model in use", i),
+        }
+        steps = {**{k: partial(answered, driver, a) for k, a in actions.items()},
+                 "download": partial(_download, driver, self.downloads)}  # fmt: skip
+        for name, step in steps.items():
+            try:
+                times[name].append(step())
+            except TimeoutError as exc:  # counted as failed (nan), the rounds go on
+                times[name].append(float("nan"))
+                print(f"  {name}: failed ({exc})", file=sys.stderr, flush=True)
+                continue
+            print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         answered(driver, lambda: None)
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("opacity", "colour map", "class", "model", "download")}  # fmt: skip
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # renamed from its partial name meanwhile
+        return None
+
+
+def measure(urls: list[str], rounds: int, tmp: Path) -> list[dict[str, list[float]]]:
+    """Per app: each change's times, the apps' rounds interleaved (app 1, app 2, app 1, ...)."""
+    pages = []
+    try:
+        for n, url in enumerate(urls):
+            (tmp / f"downloads{n}").mkdir()
+            pages.append(Page(url, tmp / f"downloads{n}"))
+        times = [{k: [] for k in CHANGES} for _ in urls]
         for i in range(rounds):
-            arrow = Keys.ARROW_RIGHT if i % 2 == 0 else Keys.ARROW_LEFT
-            actions = {
-                "opacity": partial(_key, driver, "Overlay opacity", arrow),
-                "colour map": partial(_choose, driver, "Colour map", i),
-                "class": partial(_class, driver, i),
-                "model": partial(_choose, driver, "Model in use", i),
-            }
-            for name, action in actions.items():
-                times[name].append(answered(driver, action))
-            times["download"].append(_download(driver, downloads))
-            answered(driver, lambda: None)
+            for n, (page, mine) in enumerate(zip(pages, times)):
+                print(f"round {i + 1}, app {n + 1}", file=sys.stderr, flush=True)
+                page.round(i, mine)
         return times
     finally:
-        driver.quit()
+        for page in pages:
+            page.driver.quit()
+
+
+def conditions() -> str:
+    """What else the machine was doing: cores, load, and the training job if it ran."""
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    busy = subprocess.run(["pgrep", "-f", "train_hybrid"], capture_output=True, text=True)
+    training = "a training job (train_hybrid) running" if busy.stdout.strip() else "no training job"
+    return f"{os.cpu_count()} cores, load average {load} (1/5/15 min), {training}"
+
+
+def _median(values: list[float]) -> str:
+    """The median of the runs that answered, and how many failed if any did."""
+    ok = [v for v in values if v == v]
+    shown = f"{statistics.median(ok):.2f}" if ok else "-"
+    return shown + (f" ({len(values) - len(ok)} failed)" if len(ok) < len(values) else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,24 +244,41 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.app_latency", description=__doc__.split("\n")[0]
     )
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--root", action="append", type=Path, default=[],
+                   help="another checkout whose app.py to measure beside this one (repeatable; "
+                   "its column comes first)")  # fmt: skip
     args = p.parse_args(argv)
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         print("error: needs chromium and chromedriver (apt-get install chromium chromium-driver)")
         return 2
+    roots = [r.resolve() for r in args.root] + [ROOT]
+    for root in roots:
+        if not (root / "app.py").is_file():
+            print(f"error: no app.py in {root}")
+            return 2
+    print(f"before: {conditions()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "downloads").mkdir()
-        port = _free_port()
-        proc = start_app(port, tmp / "streamlit.log")
+        procs = []
         try:
-            times = measure(f"http://127.0.0.1:{port}", args.rounds, tmp / "downloads")
+            urls = []
+            for n, root in enumerate(roots):
+                port = _free_port()
+                procs.append(start_app(port, tmp / f"streamlit{n}.log", root))
+                urls.append(f"http://127.0.0.1:{port}")
+            times = measure(urls, args.rounds, tmp)
         finally:
-            proc.terminate()
-            proc.wait(30)
-    print("| change | median s | runs |\n|---|---:|---|")
-    for name, values in times.items():
-        shown = ", ".join(f"{v:.2f}" for v in values)
-        print(f"| {name} | {statistics.median(values):.2f} | {shown} |")
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+    print(f"after: {conditions()}")
+    heads = [str(r) for r in roots]
+    print("| change | " + " | ".join(f"median s: {h}" for h in heads) + " | runs |")
+    print("|---|" + "---:|" * len(roots) + "---|")
+    for name in CHANGES:
+        medians = " | ".join(_median(t[name]) for t in times)
+        runs = "; ".join(", ".join(f"{v:.2f}" for v in t[name]) for t in times)
+        print(f"| {name} | {medians} | {runs} |")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The shape of the code (README, "Code map"): layers import downwards only, no import cycle
-(imports inside functions count), `models/` below `viz/`, the app through the front doors, and
-no function over 80 lines."""
+(imports inside functions count), `models/` below `viz/`, the app (`app.py` and `lens_app/`)
+through the front doors, and no function over 80 lines."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ LAYERS = ["engine", "measures", "figures", "commands"]  # each may import only t
 # the `python -m` entry points and the `attention-lens` command: the only ways into training
 TRAINING_ENTRY = {"models.train", "models.train_hybrid", "models.card", "viz.commands.front_door"}
 
+FRONT_DOORS = {"models", "viz", "viz.figures"}  # what the app may import of the library
+
+
+def _sources() -> list[Path]:
+    return [*ROOT.glob("models/**/*.py"), *ROOT.glob("viz/**/*.py"), ROOT / "app.py",
+            *ROOT.glob("lens_app/**/*.py")]  # fmt: skip
+
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for path in [*ROOT.glob("models/**/*.py"), *ROOT.glob("viz/**/*.py"), ROOT / "app.py"]:
+    for path in _sources():
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         found[name.removesuffix(".__init__")] = path
     return found
@@ -93,12 +100,27 @@ def test_models_import_nothing_from_viz_and_the_app_only_front_doors():
     graph = _graph()
     assert [(m, t) for m, ts in graph.items() if m.startswith("models") for t in ts
             if t.startswith("viz")] == []  # fmt: skip
-    assert graph["app"] <= {"models", "viz", "viz.figures"}  # `from viz import figures`
+    for name, targets in graph.items():  # `from viz import figures` is a front door too
+        if name == "app" or name.startswith("lens_app"):
+            library = {t for t in targets if not t.startswith("lens_app")}
+            assert library <= FRONT_DOORS, (name, library - FRONT_DOORS)
+
+
+def test_the_app_package_imports_downwards():
+    """`app.py` over `lens_app.page` over the views over the shared helpers: nothing in
+    `lens_app` imports the entry script, and no view imports the page (which routes to them)."""
+    graph = _graph()
+    assert "lens_app" in graph and "lens_app.views.dataset" in graph  # the package is seen
+    wrong = [
+        (name, t) for name, targets in graph.items() if name.startswith("lens_app")
+        for t in targets if t == "app" or (name.startswith("lens_app.views") and t == "lens_app.page")
+    ]  # fmt: skip
+    assert wrong == []
 
 
 def test_no_function_over_80_lines():
     long = []
-    for path in [*ROOT.glob("models/**/*.py"), *ROOT.glob("viz/**/*.py"), ROOT / "app.py"]:
+    for path in _sources():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1

@@ -49,7 +49,7 @@ def installed(tmp_path_factory) -> tuple:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.state.pt")
-    for name in ("models", "viz", "bench", "checkpoints", "samples"):
+    for name in ("models", "viz", "bench", "lens_app", "checkpoints", "samples"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md", "app.py"):
         shutil.copy(ROOT / name, source / name)
@@ -88,3 +88,10 @@ def test_installed_library_and_command_work_from_any_folder(installed):
     app = subprocess.run([str(target / "bin" / "attention-lens"), "app", "--help"], cwd=work,
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert app.returncode == 0 and "streamlit" in app.stdout
+    # the app's script finds its package (its views) in the installed copy
+    assert (target / "app.py").is_file()
+    code = "import lens_app.page; print(lens_app.page.__file__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-500:]
+    assert run.stdout.startswith(str(target / "lens_app"))

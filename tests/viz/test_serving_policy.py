@@ -124,9 +124,12 @@ def _shared_app(tmp_path, monkeypatch, roots: str = "") -> AppTest:
 def test_shared_app_has_no_path_boxes(tmp_path, monkeypatch):
     at = _shared_app(tmp_path, monkeypatch).run()
     assert not at.exception and not at.error
-    keys = {t.key for t in at.text_input}
-    assert "ckpt_path" not in keys and "stats_folder" not in keys
-    assert any("Server paths are turned off" in i.value for i in at.info)
+    for view, box in (("stats", "stats_folder"), ("dataset", "rep_images")):
+        at.button_group(key="view").set_value(view).run()  # the app's views: one at a time
+        assert not at.exception and not at.error
+        keys = {t.key for t in at.text_input}
+        assert "ckpt_path" not in keys and box not in keys
+        assert any("Server paths are turned off" in i.value for i in at.info)
 
 
 def test_shared_app_limits_uploads_with_a_clear_message(tmp_path, monkeypatch):

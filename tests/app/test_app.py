@@ -26,7 +26,7 @@ from models import build_model, save_checkpoint
 from models.zoo import CHECKPOINT_DIR_ENV
 from tests.conftest import plain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "app.py"
 SAMPLES = ROOT / "samples"
 CLASSES = (ROOT / "checkpoints" / "imagenette_classes.txt").read_text().split("\n")[:10]
@@ -38,95 +38,28 @@ DEFAULT_SAMPLE = "english_springer_4972.jpg"  # the app's worked example
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def write_checkpoints(folder: Path, kinds=("cbam", None, "bam")) -> dict[str, Path]:
-    """Random-weight ResNet-18s with 10 classes, saved as float16 Attention Lens checkpoints."""
-    paths = {}
-    for kind in kinds:
-        torch.manual_seed(0)
-        model = build_model(18, kind, num_classes=10).eval()
-        path = folder / f"resnet18_{kind or 'plain'}_tiny.safetensors"
-        save_checkpoint(
-            path, model, class_names=CLASSES, metadata={"name": f"tiny {kind or 'plain'}"},
-            dtype=torch.float16,
-        )  # fmt: skip
-        paths[kind or "plain"] = path
-    return paths
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-@pytest.fixture
-def app(tiny_checkpoints, monkeypatch) -> AppTest:
-    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(next(iter(tiny_checkpoints.values())).parent))
-    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-
-
-@pytest.fixture
-def analyses(monkeypatch) -> list[dict]:
-    """The keyword arguments of every `viz.analyze_images` call the app makes."""
-    import viz
-
-    calls, real = [], viz.analyze_images
-
-    def spy(ckpt, images, target=None, **k):
-        calls.append(k)
-        return real(ckpt, images, target, **k)
-
-    monkeypatch.setattr(viz, "analyze_images", spy)
-    return calls
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    """A random-weight timm DeiT-tiny (a plain ViT: one resolution throughout, rollout, GAE and
-    LeGrad) with the 10 classes, saved as an Attention Lens checkpoint."""
-    import timm
-    from safetensors.torch import save_file
-
-    from models import load_checkpoint
-
-    folder = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(folder / "raw"))
-    raw = load_checkpoint(folder / "raw")  # recognised from its keys
-    path = folder / "deit_tiny.safetensors"
-    save_checkpoint(path, raw.model, class_names=CLASSES, arch=raw.arch, preprocess=raw.preprocess,
-                    metadata={"name": "tiny deit"}, dtype=torch.float16)  # fmt: skip
-    return path
-
-
-@pytest.fixture
-def vit_app(tiny_checkpoints, tiny_vit, tmp_path, monkeypatch) -> AppTest:
-    """The app over a DeiT-tiny and the tiny CBAM, plain and BAM ResNets."""
-    for path in (tiny_vit, *tiny_checkpoints.values()):
-        (tmp_path / path.name).symlink_to(path)
-    monkeypatch.setenv(CHECKPOINT_DIR_ENV, str(tmp_path))
-    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-
-
 def vit_label(at: AppTest) -> str:
     (label,) = [o for o in at.sidebar.selectbox(key="model").options if o.startswith("tiny deit")]
     return label
 
 
-@pytest.fixture
-def deferred(monkeypatch) -> dict:
-    """file id -> the callable Streamlit runs when a download button made on click is clicked."""
-    from streamlit.runtime.media_file_manager import MediaFileManager
+VIEWS = [
+    "Spatial attention", "Channel attention", "Class activation map",
+    "Agreement & deletion/insertion", "BAM hierarchy", "Compare models", "Class statistics",
+    "Data set",
+]  # fmt: skip
 
-    made, real = {}, MediaFileManager.add_deferred
 
-    def spy(self, data_callable, *args, **kwargs):
-        file_id = real(self, data_callable, *args, **kwargs)
-        made[file_id] = data_callable
-        return file_id
+def show(at: AppTest, view: str) -> AppTest:
+    """Open a view (its id: spatial, channels, cam, agreement, bam, compare, stats, dataset)."""
+    at.button_group(key="view").set_value(view).run()
+    assert_clean(at)
+    return at
 
-    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
-    return made
+
+def views(at: AppTest) -> list[str]:
+    """The views offered, by their names on screen."""
+    return at.button_group(key="view").options
 
 
 def download(at: AppTest, deferred: dict, label: str) -> bytes:
@@ -174,17 +107,17 @@ def test_default_view_is_a_worked_example(app):
     assert "**Classes**: 10" in detected
     assert "**Format**: attention-lens" in detected
     assert "**Source**: embedded resnet18_cbam_tiny.safetensors" in detected
-    labels = [t.label for t in at.tabs]
-    assert labels[:5] == [
-        "Spatial attention", "Channel attention", "Class activation map",
-        "Agreement & deletion/insertion", "BAM hierarchy",
-    ]  # fmt: skip
-    # the input plus the spatial, channel, Grad-CAM and model-grid figures
-    assert len(at.image) >= 5
+    assert views(at) == VIEWS
+    assert at.button_group(key="view").value == "spatial"
+    assert len(at.image) == 2  # the input and the spatial maps: the one view shown
+    assert not at.info
+    assert len(at.dataframe) == 1  # top-5
+    show(at, "bam")
     assert [i.value for i in at.info] == [
         "The BAM hierarchy exists only for BAM models; choose one in the sidebar."
     ]
-    assert len(at.dataframe) >= 2  # top-5 and the agreement table
+    show(at, "agreement")
+    assert len(at.dataframe) == 2  # top-5 and the agreement table
 
 
 def test_uploaded_images_are_analysed_with_downloads(app):
@@ -208,6 +141,7 @@ def test_uploaded_images_are_analysed_with_downloads(app):
     assert any(
         "red square.png as the network sees it" in c for img in at.image for c in img.captions
     )
+    show(at, "channels")
     at.selectbox(key="channel_compare").set_value(0).run()
     assert_clean(at)
 
@@ -262,6 +196,7 @@ def test_switch_models(app):
     )
 
     # two models side by side in the paper's grid
+    show(at, "compare")
     labels = [model_label(at, "cbam"), model_label(at, "plain")]
     at.multiselect(key="compare").set_value(labels).run()
     assert_clean(at)
@@ -307,7 +242,7 @@ def test_cam_options_and_bad_layers(app):
 
 
 def test_deletion_insertion_runs_on_demand(app):
-    at = app.run()
+    at = show(app.run(), "agreement")
     images = len(at.image)
     assert at.multiselect(key="di_maps").value == ["cam:layer4", "attention:layer4.1.cbam"]
     at.slider(key="di_steps").set_value(8).run()
@@ -324,7 +259,7 @@ def test_deletion_insertion_runs_on_demand(app):
 
 
 def test_the_chosen_saliency_maps_survive_changing_the_method_and_the_layers(app):
-    at = app.run()
+    at = show(app.run(), "agreement")
     chosen = ["cam:layer4", "attention:layer4.1.cbam"]
     assert at.multiselect(key="di_maps").value == chosen
     at.sidebar.selectbox(key="method").set_value("gradcam++").run()
@@ -422,7 +357,7 @@ def test_class_statistics_on_a_folder(app, tmp_path):
     for cls, sample in (("tench", "tench_12881.jpg"), ("church", "church_29612.jpg")):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / sample).write_bytes(sample_bytes(sample))
-    at = app.run()
+    at = show(app.run(), "stats")
     images = len(at.image)
     at.text_input(key="stats_folder").set_value(str(tmp_path)).run()
     at.button(key="stats_run").click().run()
@@ -490,7 +425,10 @@ def test_non_default_settings_drive_the_screen_and_the_downloads(app, monkeypatc
     assert_clean(at)
     assert "figure_settings" not in at.session_state  # no side channel: passed explicitly
     settings = drawn[-1][1]
+    for view in ("channels", "cam"):
+        show(at, view)
     assert {name for name, _ in drawn} >= {"overview", "gradcam", "channels"}
+    assert drawn[-1][1] == settings
     assert settings == viz.FigureSettings(
         method="hirescam", layers=("layer1", "layer2", "layer3", "layer4"), cmap="viridis",
         alpha=0.7, scale="per-map", width="single", dpi=300, render="cells",
@@ -516,6 +454,7 @@ def test_compare_a_timm_network_beside_ours(app):
     assert_clean(at)
     theirs = at.sidebar.selectbox(key="model").value
     assert theirs.startswith("timm resnet18+cbam")
+    show(at, "compare")
     images_before = len(at.image)
     at.multiselect(key="compare").set_value([ours, theirs]).run()
     assert_clean(at)
@@ -528,7 +467,7 @@ def test_data_set_report_runs_and_opens(app, tmp_path):
     for cls, sample in (("tench", "tench_12881.jpg"), ("church", "church_29612.jpg")):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / sample).write_bytes(sample_bytes(sample))
-    at = app.run()
+    at = show(app.run(), "dataset")
     images = len(at.image)
     at.text_input(key="rep_images").set_value(str(tmp_path)).run()
     at.number_input(key="rep_sanity:8").set_value(1).run()
@@ -557,7 +496,7 @@ def test_grid_columns_take_their_class_from_the_image_not_the_model(app, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(viz.figures, "model_grid", spy)
-    at = app.run()
+    at = show(app.run(), "compare")
     item = next(s for s in at.selectbox if s.key.startswith("colcls:"))
     at.file_uploader(key="grid_labels").set_value(
         ("labels.csv", b"file,label\nenglish_springer_4972.jpg,church\n", "text/csv")
@@ -578,7 +517,7 @@ def test_grid_columns_take_their_class_from_the_image_not_the_model(app, monkeyp
 
 
 def test_captum_attribution_runs_with_progress_on_demand(app):
-    at = app.run()
+    at = show(app.run(), "cam")
     images = len(at.image)
     assert at.selectbox(key="captum_method").options == [
         "Guided Grad-CAM (2 passes)", "Integrated Gradients (32 passes)",
@@ -593,8 +532,9 @@ def test_captum_attribution_runs_with_progress_on_demand(app):
 
 def test_captum_panel_survives_coming_back_to_a_class_and_a_model(app):
     # a cached function that drew the progress bar failed on replay (CacheReplayClosureError)
-    at = app.run()
+    at = show(app.run(), "compare")
     at.multiselect(key="compare").set_value([model_label(at, "cbam"), model_label(at, "bam")])
+    show(at, "cam")
     at.toggle(key="captum_run").set_value(True).run()
     assert_clean(at)
     images = len(at.image)
@@ -612,6 +552,7 @@ def test_captum_panel_survives_coming_back_to_a_class_and_a_model(app):
         at.sidebar.selectbox(key="model").set_value(label).run()
         assert_clean(at)
     assert len(at.image) == images
+    show(at, "compare")
     assert len(at.multiselect(key="compare").value) == 2  # the comparison is not lost
 
 
@@ -626,7 +567,7 @@ def test_comparison_has_its_own_stage(app, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(viz.figures, "model_grid", spy)
-    at = app.run()
+    at = show(app.run(), "compare")
     assert seen[-1] == 4
     at.radio(key="grid_stage").set_value(2).run()
     assert_clean(at)
@@ -682,7 +623,7 @@ def test_sidebar_lists_each_colour_map_once_and_the_comparison_names_its_method(
     cmaps = at.sidebar.selectbox(key="cmap").options
     assert len(cmaps) == len(set(cmaps)) and "inferno" in cmaps
     at.sidebar.selectbox(key="method").set_value("gradcam++").run()
-    assert_clean(at)
+    show(at, "compare")
     assert any("Grad-CAM++ of the last stage" in m.value for m in at.markdown)
 
 
@@ -721,8 +662,9 @@ def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     at.sidebar.selectbox(key="method").set_value("ablationcam").run()
     assert_clean(at)
+    show(at, "compare")
     runs = [k.get("method") for k in analyses]
-    assert runs.count("ablationcam") == 1  # the hidden comparison tab does not run it again
+    assert runs.count("ablationcam") == 1  # the comparison does not run it again
     assert any("so the comparison shows Grad-CAM" in m.value for m in at.markdown)
 
 
@@ -796,20 +738,21 @@ def test_a_slow_job_nobody_waits_on_cancels_itself(app, monkeypatch):
     assert job.cancelled and not job.running() and job.done < job.total  # was: ran to the end
 
 
-def test_the_tabs_keep_their_place_when_a_slow_method_runs(app):
-    """The browser keeps the open tab only if the tabs stay at the same place in the page:
-    the progress bar has a place of its own in every run, slow method or not."""
+def test_the_view_keeps_its_place_when_a_slow_method_runs(app):
+    """The progress bar has a place of its own in every run, slow method or not: the view
+    control stays where it was, and the chosen view stays chosen."""
 
-    def tabs_at(at) -> int:
+    def control_at(at) -> int:
         kinds = [getattr(c, "type", "") for c in at.main.children.values()]
-        return kinds.index("tab_container")
+        return kinds.index("button_group")
 
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
-    quick = tabs_at(at)
+    show(at, "cam")
+    quick = control_at(at)
     at.sidebar.selectbox(key="method").set_value("ablationcam").run()
     assert_clean(at)
-    assert tabs_at(at) == quick
+    assert control_at(at) == quick and at.button_group(key="view").value == "cam"
 
 
 def test_cam_with_every_stage_chosen_is_shown_at_the_last_one(app):
@@ -840,7 +783,7 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert_clean(at)
     transformer_methods = {"attention rollout", "GAE (Chefer et al.)", "LeGrad"}
     assert transformer_methods <= set(at.sidebar.selectbox(key="method").options)
-    assert "Attention heads" in [t.label for t in at.tabs]
+    assert "Attention heads" in views(at)
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
     (layers,) = [w for w in at.sidebar.multiselect if w.label == "Layers"]
@@ -871,7 +814,7 @@ def test_real_embedded_vit_checkpoint(monkeypatch):
     (vit,) = [o for o in at.sidebar.selectbox(key="model").options if REAL_VIT.name in o]
     at.sidebar.selectbox(key="model").set_value(vit).run()
     assert_clean(at)
-    assert "Attention heads" in [t.label for t in at.tabs]
+    assert "Attention heads" in views(at)
     assert prediction(at).startswith("**Prediction: ")
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
@@ -945,7 +888,7 @@ def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monke
         return real(images, rows, **kwargs)
 
     monkeypatch.setattr(viz.figures, "model_grid", spy)
-    at = vit_app.run()
+    at = show(vit_app.run(), "compare")
     vit = vit_label(at)
     at.multiselect(key="compare").set_value([vit, model_label(at, "cbam")]).run()
     assert_clean(at)
@@ -979,7 +922,7 @@ def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
     CAM never came back and the rollout map was never offered first."""
     from viz import CAM_METHODS, NETWORK_MAP
 
-    at = vit_app.run()
+    at = show(vit_app.run(), "agreement")
     at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
     assert_clean(at)
     start = at.multiselect(key="di_maps").value
@@ -1032,7 +975,7 @@ def test_the_cam_tab_keeps_one_name_whatever_the_method(app):
     for method in ("gradcam", "gradcam++", "eigencam", "fullgrad"):
         at.sidebar.selectbox(key="method").set_value(method).run()
         assert_clean(at)
-        assert [t.label for t in at.tabs][2] == "Class activation map"
+        assert views(at)[2] == "Class activation map"
 
 
 def test_a_model_without_spatial_maps_offers_no_placeholder_downloads(app):
@@ -1056,7 +999,7 @@ def test_data_set_report_takes_a_labels_csv_and_goes_with_the_model(app, tmp_pat
         (tmp_path / sample).write_bytes(sample_bytes(sample))
     table = tmp_path / "labels.csv"
     table.write_text("file,label\ntench_12881.jpg,tench\nchurch_29612.jpg,church\n")
-    at = app.run()
+    at = show(app.run(), "dataset")
     at.text_input(key="rep_images").set_value(str(tmp_path)).run()
     assert any(str(table) in plain(c.value) for c in at.caption)  # the folder's CSV is offered
     at.text_input(key="rep_labels").set_value(str(table)).run()
@@ -1133,3 +1076,153 @@ def test_a_reloaded_page_keeps_its_uploaded_images(app, monkeypatch):
     assert_clean(at)
     assert shown(reload(token)) == worked_example
     assert shown(reload("guessed")) == worked_example
+
+
+def test_a_drawing_change_draws_only_the_view_shown(app, monkeypatch):
+    """Was: `st.tabs` ran every tab on every rerun, so one opacity change drew the spatial,
+    channel, CAM and model-grid figures (and every other tab's content) whatever was shown."""
+    import viz
+    import viz.figures
+
+    drawn, real_draw, real_grid = [], viz.draw_image_figure, viz.figures.model_grid
+
+    def draw(name, *args, **kwargs):
+        drawn.append(name)
+        return real_draw(name, *args, **kwargs)
+
+    def grid(*args, **kwargs):
+        drawn.append("model-grid")
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", draw)
+    monkeypatch.setattr(viz.figures, "model_grid", grid)
+    at = app.run()
+    assert drawn == ["overview"]  # the first view only
+    for view, figure in (("spatial", "overview"), ("cam", "gradcam"), ("compare", "model-grid")):
+        show(at, view)
+        drawn.clear()
+        at.sidebar.slider(key="alpha").set_value(
+            0.7 if at.sidebar.slider(key="alpha").value == 0.5 else 0.5
+        ).run()
+        assert_clean(at)
+        assert drawn == [figure], (view, drawn)
+
+
+def test_a_view_and_its_choices_are_kept_on_a_revisit(app):
+    """Only the chosen view is drawn, yet its widgets keep their values while another view
+    shows, and the chosen view stays chosen through a change of model or method."""
+    at = show(app.run(), "compare")
+    picks = [model_label(at, "cbam"), model_label(at, "bam")]
+    at.multiselect(key="compare").set_value(picks).run()
+    at.radio(key="grid_stage").set_value(2).run()
+    show(at, "agreement")
+    at.slider(key="di_steps").set_value(8).run()
+    at.multiselect(key="di_maps").set_value(["cam:layer3"]).run()
+    show(at, "spatial")
+    at.sidebar.selectbox(key="model").set_value(model_label(at, "bam")).run()
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
+    assert_clean(at)
+    assert at.button_group(key="view").value == "spatial"
+    show(at, "compare")
+    assert at.multiselect(key="compare").value == picks and at.radio(key="grid_stage").value == 2
+    show(at, "agreement")
+    assert at.slider(key="di_steps").value == 8
+    assert at.multiselect(key="di_maps").value == ["cam:layer3"]
+
+
+def test_the_channel_view_stays_open_when_its_name_changes(vit_app, monkeypatch):
+    """ "Channel attention" on a CNN is "Attention heads" on a transformer: the same view, kept
+    open across the switch (a view known by its name would close)."""
+    import viz
+
+    drawn, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        drawn.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at = show(vit_app.run(), "channels")
+    assert views(at)[1] == "Channel attention" and drawn[-1] == "channels"
+    at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
+    assert_clean(at)
+    assert views(at)[1] == "Attention heads"
+    assert at.button_group(key="view").value == "channels" and drawn[-1] == "heads"
+
+
+def test_attention_no_probe_reads_is_said_on_the_page(app, tmp_path):
+    """Was: a network with attention the tool cannot read (timm's selective-kernel attention)
+    showed its maps without a word; the library's warning line is said, as text."""
+    import timm
+
+    from models.architectures import ForeignArch
+
+    torch.manual_seed(0)
+    net = timm.create_model("skresnet18", pretrained=False, num_classes=10).eval()
+    path = tmp_path / "sk.safetensors"
+    save_checkpoint(path, net, class_names=CLASSES, arch=ForeignArch("skresnet18", "timm", 10),
+                    metadata={"name": "tiny sk_net"}, dtype=torch.float16)  # fmt: skip
+    at = app.run()
+    assert not at.warning  # CBAM: every attention module is read
+    at.sidebar.text_input(key="ckpt_path").set_value(str(path)).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert not at.exception and not at.error
+    (line,) = [w.value for w in at.warning]
+    assert "tiny sk\\_net" in line  # file text escaped, never Markdown
+    assert plain(line).startswith(
+        "tiny sk_net: attention modules no probe reads: SelectiveKernelAttn;"
+    )
+
+
+def test_the_data_set_report_has_a_stop(app, tmp_path, monkeypatch):
+    """Was: the report blocked the page (about 46 s on the samples) with no way to stop it. It
+    runs in a job of its own with progress and one Stop, which ends it; AppTest cannot click
+    while the script runs, so the Stop is clicked as it is drawn (its callback, in the run)."""
+    for sample in ("tench_12881.jpg", "church_29612.jpg"):
+        (tmp_path / sample).write_bytes(sample_bytes(sample))
+    stops, real_button = [], st.button
+
+    def click_stop(label, *a, **k):
+        if label == "Stop" and k.get("on_click") and not stops:
+            stops.append(k["args"])
+            k["on_click"](*k["args"])
+        return real_button(label, *a, **k)
+
+    at = show(app.run(), "dataset")
+    at.text_input(key="rep_images").set_value(str(tmp_path)).run()
+    at.number_input(key="rep_sanity:8").set_value(1).run()
+    monkeypatch.setattr(st, "button", click_stop)
+    at.button(key="rep_run").click().run()
+    assert not at.exception and not at.error
+    assert stops == [("The data-set report",)]  # shown while it ran
+    assert "The data-set report stopped." in [plain(i.value) for i in at.info]
+    assert "Summary" not in [h.value for h in at.subheader]  # nothing half-done is shown
+    assert "report_job" not in at.session_state
+    assert not [b for b in at.button if b.label == "Stop"]  # gone with the run
+    monkeypatch.undo()
+    at.button(key="rep_run").click().run()  # and it runs to the end when left alone
+    assert_clean(at)
+    assert "Summary" in [h.value for h in at.subheader]
+
+
+def test_a_png_download_is_made_ahead_from_the_figure_shown(app, deferred, monkeypatch):
+    """The shown figure's PNG at the download dpi is made in the background: the click neither
+    builds the figure again nor waits for more than that."""
+    import viz
+
+    built, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        built.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at = app.run()
+    at.sidebar.select_slider(key="dpi").set_value(150).run()
+    assert_clean(at)
+    before = len(built)
+    (png,) = [b.proto for b in at.get("download_button") if b.proto.label == "PNG"]
+    data = deferred[png.deferred_file_id]()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(built) == before  # not built again
+    (pdf,) = [b.proto for b in at.get("download_button") if b.proto.label == "PDF"]
+    assert deferred[pdf.deferred_file_id]()[:4] == b"%PDF" and len(built) == before + 1

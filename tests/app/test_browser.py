@@ -25,7 +25,7 @@ import pytest
 
 from models.zoo import CHECKPOINT_DIR_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 REAL_CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
@@ -61,14 +61,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, checkpoint_writer):
     env = dict(os.environ)
     if not REAL_CBAM.is_file():
-        from tests.test_app import write_checkpoints
-
         folder = tmp_path / "checkpoints"
         folder.mkdir()
-        write_checkpoints(folder, kinds=("cbam",))
+        checkpoint_writer(folder, kinds=("cbam",))
         env[CHECKPOINT_DIR_ENV] = str(folder)
     port = _free_port()
     log = (tmp_path / "streamlit.log").open("wb")
@@ -194,7 +192,7 @@ def test_upload_render_download_screenshot(server, browser, tmp_path):
     caption = f"{UPLOAD.name} as the network sees it"
     _wait(
         browser,
-        lambda d: caption in _text(d) and _idle(d) and _rendered_images(d) >= 5,
+        lambda d: caption in _text(d) and _idle(d) and _rendered_images(d) >= 2,
         what="the uploaded image's analysis and figures",
     )
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
@@ -242,6 +240,21 @@ def _real_click(driver, element) -> None:
             time.sleep(1.0)
 
 
+def _view_button(driver, name: str):
+    """The view control's button named `name` (a segmented control, not tabs)."""
+    from selenium.webdriver.common.by import By
+
+    found = [b for b in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
+             if b.get_attribute("textContent").strip() == name]  # fmt: skip
+    assert found, f"no view named {name!r}"
+    return found[0]
+
+
+def _open_view(driver, name: str) -> None:
+    _real_click(driver, _view_button(driver, name))
+    _settled(driver, f"the view {name!r}")
+
+
 def _settled(driver, what: str) -> None:
     time.sleep(1.0)  # let the rerun start before waiting for it to end
     _wait(driver, lambda d: _idle(d), what=what)
@@ -255,9 +268,7 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
 
     browser.get(server)
     _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
-    tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[role="tab"]')
-               if t.get_attribute("textContent").strip() == "Class activation map")  # fmt: skip
-    _click(browser, tab)
+    _open_view(browser, "Class activation map")
     expander = next(e for e in browser.find_elements(By.CSS_SELECTOR, "summary")
                     if "Captum attributions" in e.get_attribute("textContent"))  # fmt: skip
     _click(browser, expander)
@@ -280,3 +291,47 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
         assert "Attribution (npz)" in _text(browser)
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     assert "Prediction:" in _text(browser)
+
+
+VIEWS = {  # each view's name and a text only it shows
+    "Spatial attention": "PNG",
+    "Channel attention": "Top channels of the last module",
+    "Class activation map": "Captum attributions",
+    "Agreement & deletion/insertion": "Deletion / insertion",
+    "BAM hierarchy": "BAM hierarchy exists only",
+    "Compare models": "Models side by side",
+    "Class statistics": "Mean channel weight per class",
+    "Data set": "Run the report",
+}
+
+
+def test_every_view_opens_and_a_revisit_keeps_its_choices(server, browser):
+    """The view control draws one view at a time; the one chosen stays chosen through a
+    drawing change, and a view's widgets keep their values while another shows."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait(browser, lambda d: "Prediction:" in _text(d) and _idle(d), what="the worked example")
+    for name, marker in VIEWS.items():
+        _open_view(browser, name)
+        assert marker in _text(browser), (name, _text(browser)[-1500:])
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert "Top channels of the last module" not in _text(browser)  # one view at a time
+    _open_view(browser, "Agreement & deletion/insertion")
+    steps = next(s for s in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]')
+                 if s.get_attribute("textContent").strip().startswith("Steps"))  # fmt: skip
+    steps.find_element(By.CSS_SELECTOR, 'input[type="range"], [role="slider"]').send_keys(
+        "\ue014"
+    )  # right arrow
+    _settled(browser, "the steps")
+    _open_view(browser, "Spatial attention")
+    opacity = next(s for s in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]')
+                   if s.get_attribute("textContent").strip().startswith("Overlay opacity"))  # fmt: skip
+    opacity.find_element(By.CSS_SELECTOR, 'input[type="range"], [role="slider"]').send_keys(
+        "\ue014"
+    )
+    _settled(browser, "the opacity")
+    assert _view_button(browser, "Spatial attention").get_attribute("aria-checked") == "true"
+    _open_view(browser, "Agreement & deletion/insertion")
+    assert "24" in next(s.text for s in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]')
+                        if s.text.startswith("Steps"))  # fmt: skip

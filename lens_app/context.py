@@ -1,0 +1,89 @@
+"""What a view is given: one frozen `Context` per script run (the model, the images, the
+chosen image, class and analysis, the drawing settings, where errors go)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+import models
+import viz
+
+from . import keys
+
+# what a user can cause (a bad file, a bad choice): one line on the page, no traceback
+USER_ERRORS = (models.CheckpointError, viz.ImageError, ValueError, OSError)
+OTHER = -1  # the "another class" choice of the target radio
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    name: str
+    data: bytes
+    sha: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class View:
+    """How this page draws and names what it offers: the sidebar's settings, the model's stem."""
+
+    settings: viz.FigureSettings
+    prefix: str  # download file names start with it
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    source: str  # shown as "Source" with what was detected
+    load: Callable[[], models.Checkpoint]
+
+
+@dataclass(frozen=True)
+class Context:
+    """One run's page: the model in use and its options, the images with their quick analyses
+    and crops, the one inspected (`pick`) with its class and analysis, the drawing."""
+
+    ckpt: models.Checkpoint
+    label: str
+    models: dict[str, ModelOption]
+    items: tuple[ImageItem, ...]
+    base: tuple  # each image's analysis under a quick method: predictions, trace
+    crops: tuple  # the network's crop of each image, at the original's resolution
+    pick: int
+    target: int | None  # None: the top-1 prediction
+    analysis: Any  # the inspected image's analysis under the chosen method and class
+    view: View
+    errors: Any  # the container where problems are said
+
+    @property
+    def settings(self) -> viz.FigureSettings:
+        return self.view.settings
+
+    @property
+    def item(self) -> ImageItem:
+        return self.items[self.pick]
+
+    @property
+    def crop(self):
+        return self.crops[self.pick]
+
+    @property
+    def stem(self) -> str:
+        return viz.safe_stem(self.item.name)
+
+    @property
+    def stamp(self) -> str:
+        return keys.image_model(self.item, self.ckpt)
+
+    @property
+    def transformer(self) -> bool:
+        """A transformer has heads where a CNN has channel weights."""
+        return any(rec.kind == "self-attention" for rec in self.analysis.trace)
+
+    def draw(self, name: str, **extra) -> Callable:
+        """The builder of one of the image's figures under this run's settings."""
+        an, crop, names, settings = self.analysis, self.crop, self.ckpt.class_names, self.settings
+        return lambda: viz.draw_image_figure(name, crop, an, names, settings, **extra)
