@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from models.zoo import CHECKPOINT_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
