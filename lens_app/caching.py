@@ -34,7 +34,7 @@ def model_from_bytes(sha256: str, _data: bytes) -> models.Checkpoint:
 
 
 def policy() -> viz.ServePolicy:
-    """This deployment's permissions and limits (`viz.serving`): local or shared."""
+    """This deployment's permissions and limits (`viz.serving_policy`): local or shared."""
     return viz.serve_policy()
 
 

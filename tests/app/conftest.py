@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models.zoo import CHECKPOINT_DIR_ENV
 from streamlit.testing.v1 import AppTest
 
 from models import build_model, save_checkpoint
+from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "app.py"

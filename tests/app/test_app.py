@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import streamlit as st
 import torch
-from models.zoo import CHECKPOINT_DIR_ENV
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from models import build_model, save_checkpoint
+from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 from tests.conftest import plain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1154,7 +1154,8 @@ def test_attention_no_probe_reads_is_said_on_the_page(app, tmp_path):
     """Was: a network with attention the tool cannot read (timm's selective-kernel attention)
     showed its maps without a word; the library's warning line is said, as text."""
     import timm
-    from models.architectures import ForeignArch
+
+    from models import ForeignArch
 
     torch.manual_seed(0)
     net = timm.create_model("skresnet18", pretrained=False, num_classes=10).eval()

@@ -22,7 +22,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from models.zoo import CHECKPOINT_DIR_ENV
+
+from models.checkpoints.zoo import CHECKPOINT_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
