@@ -109,6 +109,16 @@ def _softmax(logits: Tensor) -> Tensor:
     return logits.float().softmax(-1)
 
 
+def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(logits + mask): a boolean mask keeps where True, a float mask is added."""
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.float()
+    return _softmax(logits)
+
+
 class TimmAttentionReader(SelfAttentionReader):
     """timm `Attention`: q, k from `q_norm` / `k_norm`, v from `qkv`, dy/dO at `proj`'s input."""
 
@@ -128,13 +138,7 @@ class TimmAttentionReader(SelfAttentionReader):
     def probabilities(self, module, parts):
         q, k = parts["q"].float(), parts["k"].float()
         logits = (q * module.scale) @ k.transpose(-2, -1)
-        mask = parts.get("mask")
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            else:
-                logits = logits + mask.float()
-        return _softmax(logits)
+        return _masked_softmax(logits, parts.get("mask"))
 
     def gradient_source(self, parts):
         return parts.get("merged")
@@ -182,13 +186,7 @@ class HuggingFaceAttentionReader(SelfAttentionReader):
         scaling = getattr(module, "scaling", None)
         scaling = module.scale if scaling is None else scaling
         logits = (q @ k.transpose(-2, -1)) * scaling
-        mask = parts.get("mask")
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            else:
-                logits = logits + mask.float()
-        return _softmax(logits)
+        return _masked_softmax(logits, parts.get("mask"))
 
     def gradient_source(self, parts):
         return parts.get("merged")
