@@ -240,6 +240,23 @@ def _real_click(driver, element) -> None:
             time.sleep(1.0)
 
 
+def _switch_on(driver, toggle) -> None:
+    """Turn a toggle on as a user would; a click that lands while the expander above it is
+    still opening is lost, so it is clicked again until the box is checked."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+
+    box = toggle.find_element(By.CSS_SELECTOR, "input")
+    for _ in range(5):
+        _real_click(driver, toggle.find_element(By.CSS_SELECTOR, "label"))
+        try:
+            _wait(driver, lambda d: box.is_selected(), timeout=10, what="the toggle is on")
+            return
+        except TimeoutException:
+            continue
+    pytest.fail("the toggle did not turn on after five clicks")
+
+
 def _view_button(driver, name: str):
     """The view control's button named `name` (a segmented control, not tabs)."""
     from selenium.webdriver.common.by import By
@@ -251,7 +268,20 @@ def _view_button(driver, name: str):
 
 
 def _open_view(driver, name: str) -> None:
-    _real_click(driver, _view_button(driver, name))
+    """Click the view's button until the control marks it chosen (a click may be lost while
+    the page is still laying out), then wait for the view to be drawn."""
+    from selenium.common.exceptions import TimeoutException
+
+    def chosen(d) -> bool:
+        return _view_button(d, name).get_attribute("aria-checked") == "true"
+
+    for _ in range(5):
+        _real_click(driver, _view_button(driver, name))
+        try:
+            _wait(driver, chosen, timeout=15, what=f"the view {name!r} chosen")
+            break
+        except TimeoutException:
+            continue
     _settled(driver, f"the view {name!r}")
 
 
@@ -274,19 +304,21 @@ def test_captum_panel_survives_a_class_revisit(server, browser):
     _click(browser, expander)
     toggle = next(t for t in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCheckbox"]')
                   if t.get_attribute("textContent").strip() == "Run")  # fmt: skip
-    _real_click(browser, toggle.find_element(By.CSS_SELECTOR, "label"))
-    _settled(browser, "the Captum attribution")
-    assert "Attribution (npz)" in _text(browser)  # the panel drew its figure and download
+    _switch_on(browser, toggle)
+    _wait(browser, lambda d: "Attribution (npz)" in _text(d) and _idle(d),
+          what="the Captum attribution's figure and download")  # fmt: skip
 
     def classes():
         radio = next(r for r in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"]')
                      if "Explain class" in r.get_attribute("textContent"))  # fmt: skip
-        return radio.find_elements(By.CSS_SELECTOR, "label")
+        return radio.find_elements(By.CSS_SELECTOR, '[role="radiogroup"] label')
 
     first, second = (o.get_attribute("textContent") for o in classes()[:2])
     for name in (second, first):
         option = next(o for o in classes() if o.get_attribute("textContent") == name)
         _real_click(browser, option)
+        _wait(browser, lambda d, o=option: o.find_element(By.CSS_SELECTOR, "input").is_selected(),
+              timeout=30, what=f"the class {name} chosen")  # fmt: skip
         _settled(browser, f"explaining {name}")
         assert "Attribution (npz)" in _text(browser)
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
