@@ -12,10 +12,19 @@ The teachers (the embedded ResNets, given by --teacher) label each image once: t
 softmaxes on the 224-px image is the soft target (Hinton et al. 2015), mixed half and half with
 the label's cross-entropy.
 
+An optional second stage (--tune-layer3-epochs N, default 0: the recipe above alone) then
+fine-tunes the trunk's layer3 and the transformer jointly at a small learning rate, with the
+same loss and the same augmentation. For it the trunk's layer2 output (layer3's input: a
+32 x 32 grid of 128 channels at 256 px, each image and its mirror, bfloat16, about 4.5 GB for
+8,522 images) is cached once, after the first stage, so that each tuning epoch runs only layer3
+and the transformer. Layer3's batch norms stay in eval mode (their running statistics frozen,
+those of the CBAM checkpoint); its convolutions, CBAM gates and batch-norm scales and shifts
+learn. The stem, layer1 and layer2 stay frozen.
+
 A seeded, stratified 10% of train/ is held out: the epoch shipped is the one with the best
-hold-out top-1; val/ is scored once, at the end, through the checkpoint's own preprocessing.
-Cost on 2 CPU cores (bfloat16 autocast): features and teachers about 15 minutes, an epoch of
-the transformer (6 blocks) about 3 minutes.
+hold-out top-1 over both stages; val/ is scored once, at the end, through the checkpoint's own
+preprocessing. Cost on 2 CPU cores (bfloat16 autocast): features and teachers about 15 minutes,
+an epoch of the transformer (6 blocks) about 3 minutes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import argparse
 import datetime as dt
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,26 +75,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--tune-layer3-epochs", type=int, default=0,
+                   help="then N epochs fine-tuning the trunk's layer3 + the transformer (0: none)")  # fmt: skip
+    p.add_argument("--tune-lr", type=float, default=1e-4,
+                   help="the second stage's peak lr for the transformer (AdamW)")  # fmt: skip
+    p.add_argument("--tune-layer3-lr", type=float, default=5e-5,
+                   help="the second stage's peak lr for layer3 (AdamW)")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="use only N training images (smoke tests)")
     p.add_argument("--dataset-name", default="imagenette2")
     p.add_argument("--class-names", default="checkpoints/imagenette_classes.txt")
     return p.parse_args(argv)
 
 
+def _layer2(trunk: nn.Module, x: Tensor) -> Tensor:
+    """The trunk up to layer2 (layer3's input): (N, 3, H, W) -> (N, 128, H / 8, W / 8)."""
+    return trunk.layer2(trunk.layer1(trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))))
+
+
 @torch.no_grad()
-def trunk_features(trunk: nn.Module, images: Tensor, size: int, batch: int = 64) -> Tensor:
-    """uint8 (N, 3, s, s) -> bfloat16 (N, 2, 256, g, g), g = size / 16: each image and its mirror."""
+def trunk_features(
+    trunk: nn.Module, images: Tensor, size: int, batch: int = 64, *, upto: str = "layer3",
+    views: int = 2, rows: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """uint8 (N, 3, s, s) -> bfloat16 (N, views, C, g, g): each image (and its mirror if views is
+    2) through the trunk up to `upto`: layer3 (C 256, g = size / 16) or layer2 (C 128, size / 8).
+    `rows`: only those images, in that order (read batch by batch: no copy of the images)."""
     trunk.eval()
-    out = torch.empty((len(images), 2, 256, size // 16, size // 16), dtype=torch.bfloat16)
-    for i in range(0, len(images), batch):
-        x = TF.resize(images[i : i + batch], [size, size], antialias=True)
+    run, c, stride = (trunk, 256, 16) if upto == "layer3" else (partial(_layer2, trunk), 128, 8)
+    g, n = size // stride, len(images) if rows is None else len(rows)
+    out = torch.empty((n, views, c, g, g), dtype=torch.bfloat16)
+    for i in range(0, n, batch):
+        part = images[i : i + batch] if rows is None else images[rows[i : i + batch]]
+        x = TF.resize(part, [size, size], antialias=True)
         x = normalize(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[i : i + batch, 0] = trunk(x)
-            out[i : i + batch, 1] = trunk(x.flip(-1))
+            out[i : i + batch, 0] = run(x)
+            if views == 2:
+                out[i : i + batch, 1] = run(x.flip(-1))
         print(
-            f"\rfeatures {size} px {min(i + batch, len(images))}/{len(images)}", end="", flush=True
-        )
+            f"\r{upto} features {size} px {min(i + batch, n)}/{n}",
+            end="", flush=True,
+        )  # fmt: skip
     print()
     return out
 
@@ -149,21 +180,45 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_epoch(model, opt, scales, labels, targets, args, gen, step0: int, total: int) -> dict:
-    """One pass over the training features (one grid per scale); returns the epoch's history row."""
+def tuned_windows(
+    layer3: nn.Module, grids: list[Tensor], idx: Tensor, gen: torch.Generator
+) -> Tensor:
+    """The second stage's `random_windows`: for each image in `idx` a random scale and view
+    (plain or mirrored) of its cached layer2 grid, through layer3 (with gradients), then a random
+    14 x 14 window of the layer3 grid: the same crops as the first stage, layer3 now learning."""
+    n = len(idx)
+    pick = torch.randint(0, len(grids), (n,), generator=gen)
+    flip = torch.randint(0, 2, (n,), generator=gen)
+    corner = torch.rand((n, 2), generator=gen)
+    windows: list[Tensor | None] = [None] * n
+    for s, grid in enumerate(grids):
+        rows = (pick == s).nonzero().flatten()
+        if not len(rows):
+            continue
+        feats = layer3(grid[idx[rows], flip[rows]].float())  # (k, 256, g, g), g = scale / 16
+        room = feats.shape[-1] - WINDOW + 1
+        for j, r in enumerate(rows.tolist()):
+            y, x = (corner[r] * room).long().clamp(max=room - 1).tolist()
+            windows[r] = feats[j, :, y : y + WINDOW, x : x + WINDOW]
+    return torch.stack(windows)
+
+
+def train_epoch(model, opt, logits_of, labels, targets, args, gen, steps: tuple) -> dict:
+    """One pass over the training images; `logits_of(idx)` gives the batch's logits (under
+    bfloat16 autocast) and `steps` is (first step, total steps, warm-up steps) of the stage's
+    schedule, each parameter group going to its own peak lr. Returns the epoch's history row."""
     model.train()
-    model.patch_embed.backbone.eval()  # frozen trunk: its batch norms keep their statistics
+    model.patch_embed.backbone.eval()  # trunk batch norms keep their statistics (layer3's too)
     order = torch.randperm(len(labels), generator=gen)
     seen = correct = 0
     loss_sum, started = 0.0, time.time()
-    warmup = len(labels) // args.batch_size
+    step0, total, warmup = steps
     for b, i in enumerate(range(0, len(order), args.batch_size)):
         idx = order[i : i + args.batch_size]
         for group in opt.param_groups:
-            group["lr"] = _lr(step0 + b, total, warmup, args.lr)
-        x = random_windows(scales, idx, gen).float()
+            group["lr"] = _lr(step0 + b, total, warmup, group["peak_lr"])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = head_logits(model, x).float()
+            logits = logits_of(idx).float()
         log_p = logits.log_softmax(1)
         loss = 0.5 * F.cross_entropy(logits, labels[idx], label_smoothing=0.1)
         loss = loss + 0.5 * F.kl_div(log_p, targets[idx], reduction="batchmean")
@@ -177,12 +232,89 @@ def train_epoch(model, opt, scales, labels, targets, args, gen, step0: int, tota
             "seconds": round(time.time() - started, 1)}  # fmt: skip
 
 
+def _adamw(groups: list[tuple[list[nn.Parameter], float]], weight_decay: float):
+    """AdamW over (parameters, peak lr) groups; weight decay on matrices and kernels only."""
+    params = []
+    for group, peak in groups:
+        decay = [p for p in group if p.ndim > 1]
+        no_decay = [p for p in group if p.ndim <= 1]
+        params += [{"params": decay, "weight_decay": weight_decay, "peak_lr": peak},
+                   {"params": no_decay, "weight_decay": 0.0, "peak_lr": peak}]  # fmt: skip
+    return torch.optim.AdamW(params, lr=groups[0][1])
+
+
+def _keep_best(model: nn.Module, row: dict, history: list[dict], best: dict) -> None:
+    """Record the epoch's row; keep a copy of the weights if its hold-out top-1 is the best yet."""
+    history.append(row)
+    print(f"epoch {row['epoch']}: {row}", flush=True)
+    if row["holdout_acc"] is not None and row["holdout_acc"] > best["acc"]:
+        best["acc"] = row["holdout_acc"]
+        best["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _evaluated(args: argparse.Namespace, epoch: int, last: int) -> bool:
+    return epoch % args.eval_every == 0 or epoch == last
+
+
+def tune_layer3(model, args, images, keep, held, train_y, held_y, targets, gen, history, best):
+    """The second stage: layer3 and the transformer learn jointly, from the first stage's last
+    weights, on cached layer2 features (layer3 + transformer per step). Appends to `history`.
+
+    AdamW, not SGD: the transformer was trained with AdamW (a fresh SGD would need another lr
+    search for its LayerNorm/attention weights), and Adam's per-parameter step size makes one
+    small peak lr per group (--tune-lr, --tune-layer3-lr) a step of about that size for the
+    pretrained convolutions too; the moments start afresh, so the schedule warms up for half
+    an epoch, then follows a cosine to 0 over the N epochs.
+    """
+    trunk = model.patch_embed.backbone
+    held_l2 = trunk_features(trunk, images, FEATURE_SIZE, upto="layer2", views=1, rows=held)
+    grids = [trunk_features(trunk, images, s, upto="layer2", rows=keep) for s in _sizes(args)]
+    layer3 = trunk.layer3
+    for p in layer3.parameters():
+        p.requires_grad_(True)
+    in_layer3 = {id(p) for p in layer3.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layer3]
+    opt = _adamw([(head, args.tune_lr), (list(layer3.parameters()), args.tune_layer3_lr)],
+                 args.weight_decay)  # fmt: skip
+    steps = math.ceil(len(train_y) / args.batch_size)
+    total, warmup = args.tune_layer3_epochs * steps, max(1, steps // 2)
+    first, last = args.epochs + 1, args.epochs + args.tune_layer3_epochs
+    for epoch in range(first, last + 1):
+        row = train_epoch(
+            model, opt, lambda idx: head_logits(model, tuned_windows(layer3, grids, idx, gen)),
+            train_y, targets, args, gen, ((epoch - first) * steps, total, warmup),
+        )  # fmt: skip
+        acc = None
+        if _evaluated(args, epoch, last):
+            model.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                held_x = torch.cat([layer3(held_l2[i : i + 128, 0].float())
+                                    for i in range(0, len(held_l2), 128)])  # fmt: skip
+            acc = holdout_top1(model, held_x.to(torch.bfloat16).unsqueeze(1), held_y)
+        _keep_best(model, {"epoch": epoch, "stage": 2, **row, "holdout_acc": acc}, history, best)
+
+
+def _sizes(args: argparse.Namespace) -> list[int]:
+    sizes = [int(s) for s in args.scales.split(",")]
+    if any(s % 16 or s < HybridShape.img_size for s in sizes):
+        raise SystemExit(
+            f"--scales: each size must be a multiple of 16, at least 224 (got {sizes})"
+        )
+    return sizes
+
+
 def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
-    return {
+    trunk = (
+        f"stem and stages 1-2 (frozen) and stage 3 (layer3: frozen, then fine-tuned in a second "
+        f"stage), from {args.trunk.name}"
+        if args.tune_layer3_epochs
+        else f"stem and stages 1-3 (frozen, from {args.trunk.name})"
+    )
+    recipe = {
         "command": "python -m models.train_hybrid",
-        "network": f"{HYBRID_NAME}: ResNet-18 + CBAM stem and stages 1-3 (frozen, from "
-        f"{args.trunk.name}), 1x1 projection to {HybridShape.embed_dim} channels, class token, "
-        f"{args.depth} timm ViT blocks ({HybridShape.num_heads} heads), linear head",
+        "network": f"{HYBRID_NAME}: ResNet-18 + CBAM {trunk}, 1x1 projection to "
+        f"{HybridShape.embed_dim} channels, class token, {args.depth} timm ViT "
+        f"blocks ({HybridShape.num_heads} heads), linear head",
         "trunk": args.trunk.name,
         "teachers": [t.name for t in teachers],
         "distillation": "soft (Hinton): 0.5 CE(label, smoothing 0.1) + 0.5 KL(teachers' mean "
@@ -196,6 +328,48 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
         "holdout": args.holdout, "holdout_seed": args.seed, "eval_every": args.eval_every,
         "bf16": True, "img_size": HybridShape.img_size,
     }  # fmt: skip
+    if args.tune_layer3_epochs:  # absent otherwise: the one-stage recipe's record is unchanged
+        recipe["tune_layer3"] = {
+            "epochs": args.tune_layer3_epochs, "lr": args.tune_lr, "layer3_lr": args.tune_layer3_lr,
+            "optimizer": "AdamW betas (0.9, 0.999), fresh moments, cosine after half an epoch of "
+            "linear warm-up",
+            "weight_decay": args.weight_decay,
+            "unfrozen": "the trunk's layer3 (convolutions, CBAM gates, batch-norm scales and "
+            "shifts; batch norms in eval mode, their running statistics frozen) and the whole "
+            "transformer; stem, layer1 and layer2 frozen",
+            "cached": "the trunk's layer2 output (layer3's input), each image and its mirror",
+            "start": "the first stage's last weights",
+        }  # fmt: skip
+    return recipe
+
+
+def _hybrid(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """A new hybrid with the trunk's checkpoint copied in (layer4 and fc dropped), frozen."""
+    trunk_ckpt = load_checkpoint(args.trunk)
+    model = build_hybrid(num_classes, depth=args.depth, drop_path_rate=args.drop_path)
+    trunk_state = {
+        k: v for k, v in trunk_ckpt.model.state_dict().items() if not k.startswith(("layer4", "fc"))
+    }
+    model.patch_embed.backbone.load_state_dict(trunk_state)
+    for p in model.patch_embed.backbone.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen, history, best):
+    """The transformer alone (trunk frozen) on the cached layer3 features."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = _adamw([(trainable, args.lr)], args.weight_decay)
+    steps = math.ceil(len(train_y) / args.batch_size)
+    warmup = len(train_y) // args.batch_size  # one epoch (rounded down, as it always was)
+    for epoch in range(1, args.epochs + 1):
+        row = train_epoch(
+            model, opt, lambda i: head_logits(model, random_windows(train_scales, i, gen).float()),
+            train_y, targets, args, gen, ((epoch - 1) * steps, args.epochs * steps, warmup),
+        )  # fmt: skip
+        evaluated = _evaluated(args, epoch, args.epochs)
+        acc = holdout_top1(model, held_x, held_y) if evaluated else None
+        _keep_best(model, {"epoch": epoch, **row, "holdout_acc": acc}, history, best)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,53 +382,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     keep, held = holdout_split(labels, args.holdout, args.seed)
-    trunk_ckpt = load_checkpoint(args.trunk)
-    model = build_hybrid(len(classes), depth=args.depth, drop_path_rate=args.drop_path)
-    trunk_state = {
-        k: v for k, v in trunk_ckpt.model.state_dict().items() if not k.startswith(("layer4", "fc"))
-    }
-    model.patch_embed.backbone.load_state_dict(trunk_state)
-    for p in model.patch_embed.backbone.parameters():
-        p.requires_grad_(False)
+    model = _hybrid(args, len(classes))
     started = time.time()
-    sizes = [int(s) for s in args.scales.split(",")]
-    if any(s % 16 or s < HybridShape.img_size for s in sizes):
-        raise SystemExit(
-            f"--scales: each size must be a multiple of 16, at least 224 (got {sizes})"
-        )
+    sizes = _sizes(args)
     trunk = model.patch_embed.backbone
     held_x = trunk_features(trunk, images[held], FEATURE_SIZE)
     train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
     train_y, held_y = labels[keep], labels[held]
-    del images
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)  # fmt: skip
-    steps = math.ceil(len(train_y) / args.batch_size)
-    history, best, best_state = [], -1.0, None
-    for epoch in range(1, args.epochs + 1):
-        row = train_epoch(model, opt, train_scales, train_y, targets, args, gen, (epoch - 1) * steps,
-                          args.epochs * steps)  # fmt: skip
-        evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
-        row = {
-            "epoch": epoch,
-            **row,
-            "holdout_acc": holdout_top1(model, held_x, held_y) if evaluated else None,
-        }
-        history.append(row)
-        print(f"epoch {epoch}: {row}", flush=True)
-        if row["holdout_acc"] is not None and row["holdout_acc"] > best:
-            best, best_state = (
-                row["holdout_acc"],
-                {k: v.clone() for k, v in model.state_dict().items()},
-            )
+    if not args.tune_layer3_epochs:
+        del images  # the second stage caches layer2 from them, after the first
+    history: list[dict] = []
+    best: dict = {"acc": -1.0, "state": None}
+    first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen, history, best)
+    if args.tune_layer3_epochs:
+        del train_scales, held_x  # layer3's cache gives way to layer2's
+        tune_layer3(model, args, images, keep, held, train_y, held_y, targets, gen, history, best)
+        del images
     chosen = max(
         (r for r in history if r["holdout_acc"] is not None), key=lambda r: r["holdout_acc"]
     )
-    model.load_state_dict(best_state)
+    model.load_state_dict(best["state"])
     return _finish(
         args, model, classes, history, chosen["epoch"], teachers, len(keep), len(held), started
     )
@@ -279,6 +427,7 @@ def _finish(args, model, classes, history, chosen_epoch, teachers, n_train, n_he
                 "train_images": n_train,
                 "note": "carved from train/; val/ scored once, after training",
                 "epoch": chosen_epoch,
+                **({"layer3_tuned": chosen_epoch > args.epochs} if args.tune_layer3_epochs else {}),
             },  # fmt: skip
             "recipe": _recipe(args, teachers),
             "history": history,

@@ -1,0 +1,115 @@
+"""python -m models.train_hybrid (issue 38) on a tiny generated ImageFolder: the one-stage recipe
+leaves the trunk as the CBAM checkpoint's; --tune-layer3-epochs adds a second stage that tunes
+layer3 and the transformer, chosen on the hold-out over both stages, and says so in the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model, load_checkpoint, save_checkpoint
+from models.networks.hybrid import HYBRID_NAME
+from models.training import hybrid
+from tests.conftest import red_blue_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+CBAM = ROOT / "checkpoints" / "resnet18_cbam_imagenette.safetensors"
+LAYER3 = "patch_embed.backbone.layer3."
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return red_blue_folder(tmp_path_factory.mktemp("redblue"), ".png")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet18.safetensors"
+    save_checkpoint(path, build_model(18, "cbam", 2).eval(), class_names=["blue", "red"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def cbam_layer3() -> dict:
+    state = load_checkpoint(CBAM).model.state_dict()
+    return {k: v for k, v in state.items() if k.startswith("layer3.")}
+
+
+def _train(data, teacher, out, *extra) -> dict:
+    argv = [
+        "--data", str(data), "--out", str(out), "--trunk", str(CBAM), "--teacher", str(teacher),
+        "--epochs", "2", "--batch-size", "8", "--class-names", "blue,red",
+        "--dataset-name", "redblue", *extra,
+    ]  # fmt: skip
+    assert hybrid.main(argv) == 0
+    return load_checkpoint(out)
+
+
+def _layer3_of(model) -> dict:
+    return {k[len("patch_embed.backbone.") :]: v for k, v in model.state_dict().items()
+            if k.startswith(LAYER3)}  # fmt: skip
+
+
+def _same(a: dict, b: dict) -> bool:
+    # the file stores float16: compare with the CBAM weights as they would be stored
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].half().float()) for k in a)
+
+
+def _holdout_by_epoch(monkeypatch, curve: list[float]) -> None:
+    """The hold-out top-1 of each evaluated epoch, in order (a tiny hold-out ties otherwise)."""
+    scores = iter(curve)
+    monkeypatch.setattr(hybrid, "holdout_top1", lambda *a: next(scores))
+
+
+def test_default_recipe_keeps_layer3_the_cbam_checkpoints(data, teacher, cbam_layer3, tmp_path):
+    ckpt = _train(data, teacher, tmp_path / "h.safetensors")
+    assert ckpt.arch.name == HYBRID_NAME
+    assert _same(_layer3_of(ckpt.model), cbam_layer3)
+    training = ckpt.metadata["training"]
+    assert "tune_layer3" not in training["recipe"] and "layer3_tuned" not in training["selection"]
+    assert "stages 1-3 (frozen" in training["recipe"]["network"]
+    assert [r["epoch"] for r in training["history"]] == [1, 2]
+
+
+def test_tuning_stage_changes_layer3_and_is_chosen_over_both_stages(
+    data, teacher, cbam_layer3, tmp_path, monkeypatch
+):
+    _holdout_by_epoch(monkeypatch, [50.0, 60.0, 70.0, 80.0])  # the last tuning epoch is best
+    out = tmp_path / "tuned.safetensors"
+    tune = ["--tune-layer3-epochs", "2", "--tune-lr", "1e-3", "--tune-layer3-lr", "1e-2"]
+    ckpt = _train(data, teacher, out, *tune)
+    assert ckpt.arch.name == HYBRID_NAME and ckpt.arch.attention == "cbam+self-attention"
+    assert not _same(_layer3_of(ckpt.model), cbam_layer3)
+    # the rest of the trunk is untouched
+    state = ckpt.model.state_dict()
+    cbam = load_checkpoint(CBAM).model.state_dict()
+    for k in ("conv1.weight", "layer2.1.conv2.weight", "layer1.0.bn1.running_mean"):
+        assert torch.equal(state[f"patch_embed.backbone.{k}"], cbam[k].half().float())
+    # layer3's batch norms kept their running statistics (eval mode while tuned)
+    for k, v in _layer3_of(ckpt.model).items():
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.equal(v, cbam_layer3[k].half().float()), k
+    training = ckpt.metadata["training"]
+    assert [(r["epoch"], r.get("stage", 1)) for r in training["history"]] == [
+        (1, 1), (2, 1), (3, 2), (4, 2)]  # fmt: skip
+    assert training["selection"]["epoch"] == 4 and training["selection"]["layer3_tuned"]
+    tuned = training["recipe"]["tune_layer3"]
+    assert (tuned["epochs"], tuned["lr"], tuned["layer3_lr"]) == (2, 1e-3, 1e-2)
+    assert "fine-tuned" in training["recipe"]["network"]
+    with torch.no_grad():  # it classifies: two classes, finite logits
+        logits = ckpt.model.eval()(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_a_first_stage_epoch_chosen_ships_the_cbam_layer3(
+    data, teacher, cbam_layer3, tmp_path, monkeypatch
+):
+    _holdout_by_epoch(monkeypatch, [50.0, 90.0, 70.0, 80.0])  # the tuning did not help
+    tune = ["--tune-layer3-epochs", "2", "--tune-layer3-lr", "1e-2"]
+    ckpt = _train(data, teacher, tmp_path / "h.safetensors", *tune)
+    assert _same(_layer3_of(ckpt.model), cbam_layer3)
+    selection = ckpt.metadata["training"]["selection"]
+    assert selection["epoch"] == 2 and selection["layer3_tuned"] is False
