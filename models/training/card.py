@@ -90,31 +90,83 @@ chose its epoch among the evaluated ones (`--keep-best`).{pristine}{timing}
 GOAL_SIZE = 224  # px: the test size the goal is measured at (resize 256, centre crop 224)
 
 
+def _hybrid_timing(training: dict) -> str:
+    """The sentence on the run's time: each stage's epochs and their mean time, the total."""
+    seconds = training.get("wall_seconds")
+    history = training.get("history", [])
+    stages = []
+    for stage, what in ((1, ""), (2, " tuning layer3 + the transformer")):
+        times = [h["seconds"] for h in history if h.get("stage", 1) == stage and h.get("seconds")]
+        if times:
+            stages.append(f"{len(times)} epochs{what} of about {sum(times) / len(times) / 60:.0f}"
+                          " minutes")  # fmt: skip
+    if not (seconds and stages):
+        return ""
+    cached = "trunk features, teachers" + (", layer2 features" if len(stages) > 1 else "")
+    return (
+        f" From start to end (decoding, {cached}, {', then '.join(stages)}, the final evaluation)"
+        f" it took {seconds / 60:.0f} minutes on 2 CPU cores, in one run."
+    )
+
+
+def _hybrid_trunk_note(training: dict, trunk: str) -> str:
+    """What the trunk is: the CBAM checkpoint's frozen copy, or with its layer3 tuned here."""
+    tuned = training.get("recipe", {}).get("tune_layer3")
+    if not tuned:  # the one-stage recipe: the text (and line breaks) of the first hybrid's card
+        return (
+            f"The trunk is a copy of `{trunk}`'s\nweights up to layer3, frozen (the file holds its"
+            " own copy: it shares nothing on disk with the\nCBAM file), so its features were"
+            " computed once and cached; the transformer learned from"
+        )
+    copy = "(the file holds its own copy: it shares nothing on disk with the CBAM file)"
+    shipped = (
+        "the epoch shipped is one of the second stage, so its layer3 differs from the CBAM"
+        " file's (stem, layer1 and layer2 are still that file's, and so are layer3's batch-norm"
+        " statistics)"
+        if training.get("selection", {}).get("layer3_tuned")
+        else "the epoch shipped is one of the first stage, so its trunk is still exactly the CBAM"
+        " file's up to layer3"
+    )
+    return (
+        f"The trunk is a copy of `{trunk}`'s weights up to layer3 {copy}: frozen for"
+        f" {training['recipe'].get('epochs')} epochs of the transformer alone (its features"
+        f" computed once and cached), then its layer3 was fine-tuned with the transformer for"
+        f" {tuned.get('epochs')} epochs (peak lr {tuned.get('layer3_lr')} for layer3,"
+        f" {tuned.get('lr')} for the transformer; layer3's batch norms in eval mode, their"
+        f" statistics frozen; layer2's output cached); {shipped}. Both stages learned"
+        " from"
+    )
+
+
+def _tune_text(tuned: dict) -> str:
+    return (
+        f"{tuned.get('optimizer')}, peak lr {tuned.get('lr')} for the transformer and"
+        f" {tuned.get('layer3_lr')} for layer3, weight decay {tuned.get('weight_decay')};"
+        f" unfrozen: {tuned.get('unfrozen')}; cached: {tuned.get('cached')}"
+    )
+
+
 def _hybrid_intro(entry: EmbeddedCheckpoint) -> str:
     """The hybrid CNN + ViT's paragraph, from its own metadata (network, teachers, time)."""
     meta = entry.metadata
     training = meta.get("training", {})
     recipe = training.get("recipe", {})
-    seconds = training.get("wall_seconds")
-    epochs = [h["seconds"] for h in _history(meta) if h.get("seconds")]
-    timing = (
-        f" From start to end (decoding, trunk features, teachers, {len(epochs)} epochs of about"
-        f" {sum(epochs) / len(epochs) / 60:.0f} minutes, the final evaluation) it took"
-        f" {seconds / 60:.0f} minutes on 2 CPU cores, in one run."
-        if seconds and epochs
-        else ""
-    )
     teachers = ", ".join(f"`{t}`" for t in recipe.get("teachers", []))
+    tuned = bool(recipe.get("tune_layer3"))
+    chose = "The hold-out chose the epoch" + (" over both stages" if tuned else "")
+    seen = (
+        "it was never trained on, but the stem, layer1, layer2 (and layer3 before its tuning)"
+        if tuned
+        else "it was never trained on by the transformer, but the\nfrozen trunk"
+    ) + " and the teachers had trained on every training image, hold-out included, so its"
+    trunk = _hybrid_trunk_note(training, recipe.get("trunk", "?"))
     return f"""
 **The hybrid CNN + vision transformer** `{entry.path.name}` follows the hybrid of Dosovitskiy et
 al. 2021 (section 3.1, "R50 + ViT-B/16"): {recipe.get("network", "?")}. One network holds both
-CBAM gates and self-attention, traced together. The trunk is a copy of `{recipe.get("trunk", "?")}`'s
-weights up to layer3, frozen (the file holds its own copy: it shares nothing on disk with the
-CBAM file), so its features were computed once and cached; the transformer learned from
+CBAM gates and self-attention, traced together. {trunk}
 {recipe.get("augmentation", "?")}, with {recipe.get("distillation", "?")}, the teachers being
-{teachers}. The hold-out chose the epoch; it was never trained on by the transformer, but the
-frozen trunk and the teachers had trained on every training image, hold-out included, so its
-accuracies read high (as the ResNets' do).{timing}
+{teachers}. {chose}; {seen}
+accuracies read high (as the ResNets' do).{_hybrid_timing(training)}
 """
 
 
@@ -125,18 +177,30 @@ def _hybrid_command(recipe: dict, out: str) -> str:
     parts.append(f"--epochs {recipe.get('epochs')} --depth {recipe.get('depth')}")
     if recipe.get("scales"):  # the first hybrid had one scale (256 px) and no such option
         parts.append("--scales " + ",".join(str(s) for s in recipe["scales"]))
+    tuned = recipe.get("tune_layer3")
+    if tuned:
+        parts.append(f"--tune-layer3-epochs {tuned.get('epochs')} --tune-lr {tuned.get('lr')} "
+                     f"--tune-layer3-lr {tuned.get('layer3_lr')}")  # fmt: skip
     parts.append(f"--out checkpoints/{out}")
     return "`" + " ".join(parts) + "`"
 
 
 def _hybrid_recipe_text(recipe: dict) -> str:
-    return (
+    text = (
         f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
         f"{recipe.get('optimizer')}, peak lr {recipe.get('lr')}, weight decay "
         f"{recipe.get('weight_decay')}, stochastic depth {recipe.get('drop_path_rate')}, "
         f"{recipe.get('augmentation')}, {recipe.get('distillation')}, bfloat16 autocast "
         f"{recipe.get('bf16')}"
     )
+    tuned = recipe.get("tune_layer3")
+    if tuned:
+        text += (
+            f"; then a second stage of {tuned.get('epochs')} epochs tuning the trunk's layer3 and"
+            f" the transformer jointly from the first stage's last weights, same loss and"
+            f" augmentation: {_tune_text(tuned)}"
+        )
+    return text
 
 
 def _is_hybrid(meta: dict) -> bool:
@@ -360,7 +424,9 @@ def _stages(training: dict, dataset: str = "?") -> list[tuple[dict, dict | None,
 
 def _epochs(training: dict) -> str:
     """Total epochs, by stage: "18" or "18 + 8"."""
-    return " + ".join(str(t.get("recipe", {}).get("epochs", "?")) for t, _, _ in _stages(training))
+    epochs = [str(t.get("recipe", {}).get("epochs", "?")) for t, _, _ in _stages(training)]
+    tuned = training.get("recipe", {}).get("tune_layer3")  # the hybrid's second stage
+    return " + ".join(epochs + ([str(tuned.get("epochs", "?"))] if tuned else []))
 
 
 def _section(entry: EmbeddedCheckpoint) -> str:

@@ -12,6 +12,7 @@ import torch
 from models import build_model, load_checkpoint, save_checkpoint
 from models.networks.hybrid import HYBRID_NAME
 from models.training import hybrid
+from models.training.card import model_card
 from tests.conftest import red_blue_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,13 @@ def test_default_recipe_keeps_layer3_the_cbam_checkpoints(data, teacher, cbam_la
     assert "tune_layer3" not in training["recipe"] and "layer3_tuned" not in training["selection"]
     assert "stages 1-3 (frozen" in training["recipe"]["network"]
     assert [r["epoch"] for r in training["history"]] == [1, 2]
+    card = _card(tmp_path)
+    assert "weights up to layer3, frozen (the file holds its own copy" in card
+    assert "tune-layer3" not in card and "second stage" not in card
+
+
+def _card(folder: Path) -> str:
+    return " ".join(model_card(folder).split())
 
 
 def test_tuning_stage_changes_layer3_and_is_chosen_over_both_stages(
@@ -99,6 +107,15 @@ def test_tuning_stage_changes_layer3_and_is_chosen_over_both_stages(
     tuned = training["recipe"]["tune_layer3"]
     assert (tuned["epochs"], tuned["lr"], tuned["layer3_lr"]) == (2, 1e-3, 1e-2)
     assert "fine-tuned" in training["recipe"]["network"]
+    card = _card(tmp_path)
+    assert "then its layer3 was fine-tuned with the transformer for 2 epochs" in card
+    assert "the epoch shipped is one of the second stage, so its layer3 differs" in card
+    assert "peak lr 0.01 for layer3, 0.001 for the transformer" in card
+    assert "peak lr 0.001 for the transformer and 0.01 for layer3" in card  # the recipe line
+    assert "batch norms in eval mode" in card and "over both stages" in card
+    assert "--tune-layer3-epochs 2 --tune-lr 0.001 --tune-layer3-lr 0.01" in card
+    assert "| 2 + 2 |" in card  # the summary's epochs, by stage
+    assert "up to layer3, frozen (the file" not in card
     with torch.no_grad():  # it classifies: two classes, finite logits
         logits = ckpt.model.eval()(torch.randn(2, 3, 224, 224))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
@@ -113,3 +130,4 @@ def test_a_first_stage_epoch_chosen_ships_the_cbam_layer3(
     assert _same(_layer3_of(ckpt.model), cbam_layer3)
     selection = ckpt.metadata["training"]["selection"]
     assert selection["epoch"] == 2 and selection["layer3_tuned"] is False
+    assert "the epoch shipped is one of the first stage, so its trunk is still" in _card(tmp_path)
