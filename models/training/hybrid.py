@@ -42,6 +42,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from models.checkpoints.checkpoint import load_checkpoint, save_checkpoint
+from models.images import load_image
 from models.networks.hybrid import HYBRID_NAME, HybridShape, build_hybrid
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from models.training.data import holdout_split, load_split, normalize, read_class_names
@@ -87,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _decode(paths: list[str]) -> Tensor:
+    """uint8 (N, 3, 224, 224) images decoded again from disk, exactly as `load_split` did."""
+    return torch.stack(
+        [TF.pil_to_tensor(TF.center_crop(TF.resize(load_image(p), 224), 224)) for p in paths]
+    )
+
+
 def _layer2(trunk: nn.Module, x: Tensor) -> Tensor:
     """The trunk up to layer2 (layer3's input): (N, 3, H, W) -> (N, 128, H / 8, W / 8)."""
     return trunk.layer2(trunk.layer1(trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))))
@@ -94,18 +102,24 @@ def _layer2(trunk: nn.Module, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def trunk_features(
-    trunk: nn.Module, images: Tensor, size: int, batch: int = 64, *, upto: str = "layer3",
-    views: int = 2, rows: Tensor | None = None,
+    trunk: nn.Module, images: Tensor | list[str], size: int, batch: int = 64, *,
+    upto: str = "layer3", views: int = 2, rows: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """uint8 (N, 3, s, s) -> bfloat16 (N, views, C, g, g): each image (and its mirror if views is
     2) through the trunk up to `upto`: layer3 (C 256, g = size / 16) or layer2 (C 128, size / 8).
-    `rows`: only those images, in that order (read batch by batch: no copy of the images)."""
+    `images` may be the images' paths, with `rows` (then decoded batch by batch: the cache is
+    the only thing held in memory); `rows`: only those images, in that order."""
     trunk.eval()
     run, c, stride = (trunk, 256, 16) if upto == "layer3" else (partial(_layer2, trunk), 128, 8)
     g, n = size // stride, len(images) if rows is None else len(rows)
     out = torch.empty((n, views, c, g, g), dtype=torch.bfloat16)
     for i in range(0, n, batch):
-        part = images[i : i + batch] if rows is None else images[rows[i : i + batch]]
+        if rows is None:
+            part = images[i : i + batch]
+        elif isinstance(images, Tensor):
+            part = images[rows[i : i + batch]]
+        else:
+            part = _decode([images[r] for r in rows[i : i + batch].tolist()])
         x = TF.resize(part, [size, size], antialias=True)
         x = normalize(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -256,9 +270,11 @@ def _evaluated(args: argparse.Namespace, epoch: int, last: int) -> bool:
     return epoch % args.eval_every == 0 or epoch == last
 
 
-def tune_layer3(model, args, images, keep, held, train_y, held_y, targets, gen, history, best):
+def tune_layer3(model, args, paths, keep, held, train_y, held_y, targets, gen, history, best):
     """The second stage: layer3 and the transformer learn jointly, from the first stage's last
     weights, on cached layer2 features (layer3 + transformer per step). Appends to `history`.
+    The images are decoded again from `paths`, batch by batch, so that only the cache (about
+    4.5 GB for 8,522 images at 256 px) is held, not the decoded images besides.
 
     AdamW, not SGD: the transformer was trained with AdamW (a fresh SGD would need another lr
     search for its LayerNorm/attention weights), and Adam's per-parameter step size makes one
@@ -267,8 +283,8 @@ def tune_layer3(model, args, images, keep, held, train_y, held_y, targets, gen, 
     an epoch, then follows a cosine to 0 over the N epochs.
     """
     trunk = model.patch_embed.backbone
-    held_l2 = trunk_features(trunk, images, FEATURE_SIZE, upto="layer2", views=1, rows=held)
-    grids = [trunk_features(trunk, images, s, upto="layer2", rows=keep) for s in _sizes(args)]
+    held_l2 = trunk_features(trunk, paths, FEATURE_SIZE, upto="layer2", views=1, rows=held)
+    grids = [trunk_features(trunk, paths, s, upto="layer2", rows=keep) for s in _sizes(args)]
     layer3 = trunk.layer3
     for p in layer3.parameters():
         p.requires_grad_(True)
@@ -377,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     teachers = args.teacher or [args.trunk]
-    images, labels, folders, _ = load_split(args.data / "train", 224, "train")
+    images, labels, folders, paths = load_split(args.data / "train", 224, "train")
     classes = read_class_names(args.class_names, folders)
     if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+        images, labels, paths = images[: args.limit], labels[: args.limit], paths[: args.limit]
     keep, held = holdout_split(labels, args.holdout, args.seed)
     model = _hybrid(args, len(classes))
     started = time.time()
@@ -390,15 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
     train_y, held_y = labels[keep], labels[held]
-    if not args.tune_layer3_epochs:
-        del images  # the second stage caches layer2 from them, after the first
+    del images  # the second stage decodes them again (from `paths`) for its layer2 cache
     history: list[dict] = []
     best: dict = {"acc": -1.0, "state": None}
     first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen, history, best)
     if args.tune_layer3_epochs:
         del train_scales, held_x  # layer3's cache gives way to layer2's
-        tune_layer3(model, args, images, keep, held, train_y, held_y, targets, gen, history, best)
-        del images
+        tune_layer3(model, args, paths, keep, held, train_y, held_y, targets, gen, history, best)
     chosen = max(
         (r for r in history if r["holdout_acc"] is not None), key=lambda r: r["holdout_acc"]
     )

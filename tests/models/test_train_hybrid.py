@@ -13,6 +13,7 @@ from models import build_model, load_checkpoint, save_checkpoint
 from models.networks.hybrid import HYBRID_NAME
 from models.training import hybrid
 from models.training.card import model_card
+from models.training.data import load_split
 from tests.conftest import red_blue_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,3 +132,8 @@ def test_a_first_stage_epoch_chosen_ships_the_cbam_layer3(
     selection = ckpt.metadata["training"]["selection"]
     assert selection["epoch"] == 2 and selection["layer3_tuned"] is False
     assert "the epoch shipped is one of the first stage, so its trunk is still" in _card(tmp_path)
+
+
+def test_the_second_stage_decodes_the_images_as_the_first_did(data):
+    images, _, _, paths = load_split(data / "train", 224, "train", quiet=True)
+    assert torch.equal(hybrid._decode(paths[:5]), images[:5])
