@@ -64,6 +64,9 @@ class ClassScore:
             raise ValueError(f"class {self.k} is not one of the {logits.shape[1]} outputs")
         return logits[:, self.k]
 
+    def describe(self) -> str:
+        return f"class {self.k}"
+
 
 @dataclass(frozen=True)
 class RawScore:
@@ -76,6 +79,9 @@ class RawScore:
         if not 0 <= self.index < flat.shape[1]:
             raise ValueError(f"output entry {self.index} is not one of {flat.shape[1]}")
         return flat[:, self.index]
+
+    def describe(self) -> str:
+        return f"output entry {self.index}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,27 @@ class SegmentationScore:
                 raise ValueError(
                     f"the mask is {tuple(mask.shape[-2:])}, the output {tuple(scores.shape[-2:])}"
                 )
+        if mask.ndim == 3 and len(mask) != len(scores):
+            raise ValueError(f"the mask is for {len(mask)} images, the batch has {len(scores)}")
         return (scores * mask).sum((-2, -1))
+
+    def fixed_on(self, output: object) -> SegmentationScore:
+        """The same target with its default mask taken from `output` (the images as given), so
+        masked or noisy copies are scored over the same pixels."""
+        if self.mask is not None:
+            return self
+        self(output)  # the checks, in one line each
+        maps = main_tensor(output)
+        return SegmentationScore(self.category, (maps.argmax(1) == self.category).detach())
+
+    def for_image(self, i: int) -> SegmentationScore:
+        """The target of image `i` alone (its own mask), for a batch of copies of it."""
+        if self.mask is None or torch.as_tensor(self.mask).ndim < 3:
+            return self
+        return SegmentationScore(self.category, self.mask[i])
+
+    def describe(self) -> str:
+        return f"segment {self.category} ({'predicted' if self.mask is None else 'given'} mask)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,26 @@ class BoxScore:
     boxes: Tensor | Sequence[Tensor] = field(compare=False)
     labels: Tensor | Sequence[Tensor] = field(compare=False)
     iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        per_image = self.boxes if not isinstance(self.boxes, Tensor) else [self.boxes]
+        labels = self.labels if not isinstance(self.boxes, Tensor) else [self.labels]
+        if len(per_image) != len(labels):
+            raise ValueError(f"BoxScore has {len(per_image)} box sets and {len(labels)} label sets")
+        for boxes, wanted in zip(per_image, labels):
+            boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            if len(boxes) != torch.as_tensor(wanted).numel():
+                raise ValueError(
+                    f"BoxScore has {len(boxes)} boxes and {torch.as_tensor(wanted).numel()} labels"
+                )
+            if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+                raise ValueError(
+                    f"a box must be x0, y0, x1, y1 with x0 < x1 and y0 < y1: {boxes.tolist()}"
+                )
+            if (boxes < 0).any():
+                raise ValueError(
+                    f"a box lies outside the image (negative coordinates): {boxes.tolist()}"
+                )
 
     def __call__(self, output: object) -> Tensor:
         from torchvision.ops import box_iou
@@ -156,20 +202,47 @@ class BoxScore:
         labels = torch.as_tensor(self.labels[i] if per_image else self.labels)
         return boxes.reshape(-1, 4), labels.reshape(-1)
 
+    def for_image(self, i: int) -> BoxScore:
+        """The boxes of image `i` alone, for a batch of copies of it."""
+        if isinstance(self.boxes, Tensor):
+            return self
+        return BoxScore(torch.as_tensor(self.boxes[i]), torch.as_tensor(self.labels[i]), self.iou)
+
+    def describe(self) -> str:
+        boxes = self.boxes if isinstance(self.boxes, Tensor) else self.boxes[0]
+        rows = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).round().int().tolist()
+        labels = torch.as_tensor(self.labels if isinstance(self.boxes, Tensor) else self.labels[0])
+        shown = "; ".join(
+            f"({', '.join(map(str, r))}) label {int(k)}" for r, k in zip(rows, labels.flatten())
+        )
+        return f"box {shown}"
+
 
 @dataclass(frozen=True)
 class SimilarityScore:
-    """Cosine similarity of each image's embedding (N, D) to `embedding` (D,): explains what
-    makes an image close to a concept (pytorch-grad-cam's embeddings tutorial)."""
+    """Cosine similarity of each image's embedding (N, D) to `embedding`: (D,) for every image
+    or (N, D) one per image; explains what makes an image close to a concept
+    (pytorch-grad-cam's embeddings tutorial)."""
 
     embedding: Tensor = field(compare=False)
 
     def __call__(self, output: object) -> Tensor:
         vectors = main_tensor(output).flatten(1)
         concept = torch.as_tensor(self.embedding, dtype=vectors.dtype, device=vectors.device)
-        if concept.numel() != vectors.shape[1]:
+        concept = concept.reshape(-1, concept.shape[-1]) if concept.ndim else concept.reshape(1, 1)
+        if concept.shape[1] != vectors.shape[1]:
             raise ValueError(
-                f"the embedding has {concept.numel()} values, the network's output "
+                f"the embedding has {concept.shape[1]} values, the network's output "
                 f"{vectors.shape[1]}"
             )
-        return F.cosine_similarity(vectors, concept.reshape(1, -1), dim=1)
+        if len(concept) not in (1, len(vectors)):
+            raise ValueError(f"{len(concept)} embeddings for a batch of {len(vectors)} images")
+        return F.cosine_similarity(vectors, concept, dim=1)
+
+    def for_image(self, i: int) -> SimilarityScore:
+        """The concept of image `i` alone, for a batch of copies of it."""
+        concept = torch.as_tensor(self.embedding)
+        return SimilarityScore(concept[i]) if concept.ndim == 2 and len(concept) > 1 else self
+
+    def describe(self) -> str:
+        return f"cosine similarity to a {torch.as_tensor(self.embedding).shape[-1]}-d embedding"

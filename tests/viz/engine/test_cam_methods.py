@@ -278,10 +278,13 @@ def test_scorecam_evaluates_identical_masks_once(cbam_model, image):
     acts[0, :4] = torch.rand(4, 2, 2, generator=torch.Generator().manual_seed(0))
     calls = []
     from viz.engine.cam import extra_passes as passes
+    from viz.engine.cam.targets import explained_by
 
+    x = torch.rand(1, 3, 4, 4)
     context = passes.PassContext(
-        model=_Counting(calls), x=torch.rand(1, 3, 4, 4), module=nn.Identity(), acts=acts,
-        targets=torch.tensor([0]), scores=torch.tensor([1.0]), options={"batch_size": 100},
+        model=_Counting(calls), x=x, module=nn.Identity(), acts=acts,
+        explained=explained_by(0, x.mean((2, 3)), 1), scores=torch.tensor([1.0]),
+        options={"batch_size": 100},
     )  # fmt: skip
     weights = passes.PASS_WEIGHTS["scorecam"](context)
     assert sum(calls) == 5

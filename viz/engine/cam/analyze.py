@@ -23,13 +23,14 @@ from viz.engine.cam.layers import cam_stage, resolve_layers
 from viz.engine.cam.network import bias_layers, fullgrad_map, transformer_analysis
 from viz.engine.cam.registry import CAM_METHODS, checked_options, settings_error
 from viz.engine.cam.result import Analysis, ForwardBackward, Settings
-from viz.engine.cam.targets import resolve_targets
+from viz.engine.cam.targets import explained_by
 from viz.engine.levels import network_levels
 from viz.engine.maps import normalize
 from viz.engine.model_state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import model_modules, record_attention
 from viz.engine.unread import warn_unread_attention
+from viz.targets import ClassScore, main_tensor
 
 __all__ = ["analyze", "AUGMENTATIONS"]
 
@@ -37,7 +38,7 @@ __all__ = ["analyze", "AUGMENTATIONS"]
 def analyze(
     model: nn.Module,
     x: Tensor,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: int | Sequence[int] | Tensor | Callable[[object], Tensor] | None = None,
     cam_layers: Sequence[str | nn.Module] | None = None,
     *,
     method: str = "gradcam",
@@ -53,7 +54,12 @@ def analyze(
     Args:
         model: any network (left with its `training` flags and `requires_grad` as they were).
         x: images (N, C, H, W), preprocessed.
-        target: class to explain: an int for all images, one per image, or None for the argmax.
+        target: what to explain. For a classifier, a class: an int for all images, one per
+            image, or None for the argmax. For any network, a callable `target(output) -> (N,)`,
+            one differentiable score per image from whatever the network returns
+            (`viz.targets`: ClassScore, SegmentationScore, BoxScore, SimilarityScore,
+            RawScore); every method scores with it, the pass methods their masked images too.
+            A network whose output is not class logits needs one (refused without).
         cam_layers: dotted module names or modules; default the network's stage layers
             (`stage_layers`: `layer1`…`layer4` for a ResNet), the last one for "cam" and for
             the methods with C full forwards per layer ("scorecam", "sscam", "iscam").
@@ -149,9 +155,7 @@ def _analyze(model, x, target, cam_layers, settings: Settings) -> Analysis:
                 stages = {
                     n: cam_stage(levels, x.shape[-2], a.shape[-2]) for n, a in run.acts.items()
                 }
-    logits = run.logits.detach()
-    return Analysis(logits, logits.softmax(1), run.targets, run.trace, cams, spec.name, stages,
-                    settings.smoothing)  # fmt: skip
+    return run.analysis(cams, spec.name, stages, settings.smoothing)
 
 
 class _Counter:
@@ -198,14 +202,14 @@ def _forward_backward(
         try:
             with record_attention(model, feature_means=True, modules=modules) as trace:
                 handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-                logits = model(x_in)
+                output = model(x_in)
         finally:
             for h in handles:
                 h.remove()
-        targets = resolve_targets(target, logits)
-        score = logits.gather(1, targets[:, None]).sum()
+        explained = explained_by(target, output, len(x), model)
+        score = explained.scores.sum()
         run = ForwardBackward(
-            trace, logits, targets, {n: a.detach() for n, a in acts.items()}, grads
+            trace, output, explained, {n: a.detach() for n, a in acts.items()}, grads
         )
         if network:
             (run.input_grad,) = torch.autograd.grad(score, [x_in])
@@ -229,12 +233,11 @@ def _layer_maps(
     for name, act in run.acts.items():
         weights = None
         if spec.needs == "classifier":
-            weights = _classifier_weights(model, name, act, run.logits.detach(), run.targets)
+            weights = _classifier_weights(model, name, act, run)
         elif spec.needs == "passes":
             context = PassContext(
-                model, x.detach(), layers[name], act, run.targets,
-                run.logits.detach().gather(1, run.targets[:, None])[:, 0], settings.options,
-                generator, counter.add,
+                model, x.detach(), layers[name], act, run.explained,
+                run.explained.scores.detach().float(), settings.options, generator, counter.add,
             )  # fmt: skip
             weights = spec.channel_weights(context)
         cams[name] = spec.weigh(
@@ -243,8 +246,15 @@ def _layer_maps(
     return cams
 
 
-def _classifier_weights(model, name: str, acts: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+def _classifier_weights(model, name: str, acts: Tensor, run: ForwardBackward) -> Tensor:
     """CAM's class weights: the linear layer that maps the layer's pooled output to the logits."""
+    targets = run.explained.classes
+    if targets is None:
+        raise ValueError(
+            f"CAM weighs with the classifier's weights of a class; it cannot explain "
+            f"{run.explained.text}: use Grad-CAM (gradcam) or another method"
+        )
+    logits = main_tensor(run.output).detach()
     pooled = acts.float().mean((2, 3))
     for fc in reversed([m for m in model.modules() if isinstance(m, nn.Linear)]):
         if fc.in_features != acts.shape[1] or fc.out_features != logits.shape[1]:
@@ -268,8 +278,14 @@ AUGMENTATIONS = ((False, 1.0), (False, 0.9), (False, 1.1), (True, 1.0), (True, 0
 
 def _augmentation_smoothed(model, x, target, cam_layers, settings: Settings) -> Analysis:
     n = len(x)
+    if callable(target) and not isinstance(target, (Tensor, ClassScore)):
+        raise ValueError(
+            "aug smoothing mirrors and rescales the images, which a mask, box or concept "
+            "target does not follow: not with a callable target"
+        )
     with preserve_model_state(model, eval_mode=False), torch.inference_mode():
-        targets = resolve_targets(target, model(x))  # the class of the image as given
+        # the class of the image as given
+        targets = explained_by(target, model(x), n, model).classes
     batch = torch.cat([(x.flip(-1) if mirror else x) * factor for mirror, factor in AUGMENTATIONS])
     inner = _analyze(model, batch, targets.repeat(len(AUGMENTATIONS)), cam_layers, settings)
     cams = {}

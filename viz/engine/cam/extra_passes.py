@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from viz.engine.cam.targets import Explained
 from viz.engine.tokens import as_feature_map, token_layout
 
 __all__ = ["PassContext", "PASS_WEIGHTS", "planned_passes", "MEMORY_BUDGET_MIB", "NUM_SAMPLES"]
@@ -58,7 +59,8 @@ class PassContext:
         model: the network (parameters frozen, in the mode the caller left it).
         x: (N, C, H, W) images.
         module: the CAM layer; acts: its (N, C, h, w) output on `x`.
-        targets: (N,) classes; scores: (N,) their logits on `x`.
+        explained: the target (`Explained`): its score of copies of one image;
+        scores: (N,) the target's scores of `x`.
         options: method options (`num_samples`, `std`, `batch_size`), else the defaults.
         generator: seeded noise source (the randomised methods are reproducible).
         progress: called with the number of images each pass ran.
@@ -68,7 +70,7 @@ class PassContext:
     x: Tensor
     module: nn.Module
     acts: Tensor
-    targets: Tensor
+    explained: Explained
     scores: Tensor
     options: dict = field(default_factory=dict)
     generator: torch.Generator | None = None
@@ -146,14 +148,14 @@ def _folded_copy(model: nn.Module) -> nn.Module:
 
 
 def _scores_of_masks(ctx: PassContext, image: int, masked: Callable[[slice], Tensor], count: int):
-    """Target logits of `count` masked images, `masked(chunk)` building each batch on demand."""
-    target, batch = int(ctx.targets[image]), ctx.batch_size()
+    """Target scores of `count` masked images, `masked(chunk)` building each batch on demand."""
+    score, batch = ctx.explained.per_image(image), ctx.batch_size()
     out = torch.empty(count)
     model = _folded_copy(ctx.model)
     with torch.inference_mode(), _denormals_flushed():
         for start in range(0, count, batch):
             chunk = slice(start, min(count, start + batch))
-            out[chunk] = _logits(model, masked(chunk))[:, target].float()
+            out[chunk] = score(_logits(model, masked(chunk))).float()
             ctx.progress(chunk.stop - chunk.start)
     return out
 
@@ -285,7 +287,7 @@ class _Suffix:
 
     def __init__(self, ctx: PassContext, image: int) -> None:
         self.ctx, self.image, self.whole = ctx, image, None
-        self.target = int(ctx.targets[image])
+        self.score = ctx.explained.per_image(image)
 
     def _run(self, replaced: Tensor, whole: bool) -> Tensor:
         image = self.ctx.x[self.image : self.image + 1]
@@ -294,13 +296,13 @@ class _Suffix:
         handle = self.ctx.module.register_forward_hook(lambda _m, _i, _o: replaced)
         try:
             with torch.inference_mode():
-                logits = _logits(self.ctx.model, image)
+                scores = self.score(_logits(self.ctx.model, image))
         finally:
             handle.remove()
-        if logits.ndim != 2 or len(logits) != len(replaced):
+        if scores.shape != (len(replaced),):
             raise ValueError("batch changed")
         self.ctx.progress(len(replaced))
-        return logits[:, self.target].float()
+        return scores.float()
 
     def __call__(self, replaced: Tensor) -> Tensor:
         if self.whole is None:  # first call: the unablated activations go first, as a check
@@ -333,7 +335,7 @@ def _smoothgradcampp(ctx: PassContext) -> Tensor:
         noise = std * torch.randn((samples, *ctx.x.shape[1:]), generator=ctx.generator)
         for start in range(0, samples, batch):
             noisy = ctx.x[i : i + 1] + noise[start : start + batch]
-            grads = _layer_gradients(ctx.model, ctx.module, noisy, int(ctx.targets[i]))
+            grads = _layer_gradients(ctx.model, ctx.module, noisy, ctx.explained.per_image(i))
             g1[i] += grads.sum(0)
             g2[i] += grads.pow(2).sum(0)
             g3[i] += grads.pow(3).sum(0)
@@ -344,7 +346,7 @@ def _smoothgradcampp(ctx: PassContext) -> Tensor:
     return (alpha * torch.relu(g1)).sum((2, 3))
 
 
-def _layer_gradients(model: nn.Module, module: nn.Module, inputs: Tensor, target: int) -> Tensor:
+def _layer_gradients(model: nn.Module, module: nn.Module, inputs: Tensor, score) -> Tensor:
     kept: list[Tensor] = []
 
     def keep(_m, _i, out: Tensor):
@@ -358,10 +360,10 @@ def _layer_gradients(model: nn.Module, module: nn.Module, inputs: Tensor, target
     handle = module.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            logits = model(inputs)
+            output = model(inputs)
     finally:
         handle.remove()
-    (grads,) = torch.autograd.grad(logits[:, target].sum(), kept[:1])
+    (grads,) = torch.autograd.grad(score(output).sum(), kept[:1])
     # a transformer's tokens onto their grid, as the layer's activations are
     return as_feature_map(grads.detach(), token_layout(model), tuple(inputs.shape[-2:]))
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.probes import find_probe
-from viz.engine.cam.result import Analysis, ForwardBackward, Settings
-from viz.engine.cam.targets import resolve_targets
+from viz.engine.cam.result import Analysis, ForwardBackward, Settings, analysis_of
+from viz.engine.cam.targets import explained_by
 from viz.engine.cam.weights import first_component
 from viz.engine.model_state import preserve_model_state
 from viz.engine.tokens import token_layout
@@ -35,11 +35,11 @@ def transformer_analysis(model, x, target, settings: Settings, modules) -> Analy
                 with record_attention(model, modules=modules, keep_graph=gradients) as trace:
                     if spec.name == "legrad":
                         handles = _block_output_hooks(model, outputs)
-                    logits = model(x_in)
+                    output = model(x_in)
             finally:
                 for h in handles:
                     h.remove()
-            targets = resolve_targets(target, logits)
+            explained = explained_by(target, output, len(x), model)
             calls = trace.attention_calls()
             unread = unread_attention(model)
             if unread and not calls:
@@ -54,19 +54,21 @@ def transformer_analysis(model, x, target, settings: Settings, modules) -> Analy
                     start=int(options.get("start_block", 0)),
                 )  # fmt: skip
             elif spec.name == "gae":
-                score = logits.gather(1, targets[:, None]).sum()
-                cam = gae(calls, score)
+                cam = gae(calls, explained.scores.sum())
             else:
                 if layout is None or layout.score is None:
                     raise ValueError(
                         "legrad needs a timm or torchvision ViT (its final norm and head)"
                     )
-                cam = legrad(calls, outputs, layout.score, targets)
+                if explained.classes is None:
+                    raise ValueError(
+                        f"legrad scores every block with the classifier's head; it cannot explain "
+                        f"{explained.text}: use gae or gradcam"
+                    )
+                cam = legrad(calls, outputs, layout.score, explained.classes)
     if settings.progress is not None:
         settings.progress(len(x), len(x))
-    logits = logits.detach()
-    return Analysis(logits, logits.softmax(1), targets, trace, {spec.name: cam}, spec.name,
-                    {spec.name: 0}, ())  # fmt: skip
+    return analysis_of(trace, output, explained, {spec.name: cam}, spec.name, {spec.name: 0}, ())
 
 
 def _block_output_hooks(model: nn.Module, outputs: list[Tensor]) -> list:

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from viz.engine.cam.registry import CAM_METHODS, CamMethod
+from viz.engine.cam.targets import Explained
 from viz.engine.trace import AttentionTrace
+from viz.targets import main_tensor
 
-__all__ = ["Analysis", "Settings", "ForwardBackward"]
+__all__ = ["Analysis", "Settings", "ForwardBackward", "analysis_of"]
 
 
 @dataclass(frozen=True)
@@ -18,9 +20,10 @@ class Analysis:
     """Everything one forward + backward tells about a batch.
 
     Attributes:
-        logits: (N, K).
-        probs: (N, K) softmax of the logits.
-        target: (N,) class explained by the CAMs.
+        logits: (N, K) class logits; None when the target is not a class of class logits
+            (a segmentation, detection or embedding score, `viz.targets`).
+        probs: (N, K) softmax of the logits, or None likewise.
+        target: (N,) class explained by the CAMs, or None likewise.
         trace: attention maps of every attention module, forward order.
         cams: layer name -> (N, h, w) map at the layer's native resolution, ReLU applied,
             not normalised.
@@ -28,20 +31,32 @@ class Analysis:
         cam_stages: layer name -> resolution level (stage) of its map, as the trace's stages;
             0 for a network-wide map at the input's resolution (FullGrad).
         smoothing: "aug" and/or "eigen" when the maps were smoothed (see `analyze`).
+        scores: (N,) the explained score of each image (the target class's logit, or the
+            target callable's score).
+        explained: what the CAMs explain, in words ("class 3", "segment 15 (predicted mask)").
     """
 
-    logits: Tensor
-    probs: Tensor
-    target: Tensor
+    logits: Tensor | None
+    probs: Tensor | None
+    target: Tensor | None
     trace: AttentionTrace
     cams: dict[str, Tensor]
     method: str = "gradcam"
     cam_stages: dict[str, int] = field(default_factory=dict)
     smoothing: tuple[str, ...] = ()
+    scores: Tensor | None = None
+    explained: str = ""
+
+    @property
+    def explains_classes(self) -> bool:
+        """The CAMs explain classes of class logits (else a `viz.targets` score)."""
+        return self.target is not None
 
     @property
     def target_probs(self) -> Tensor:
         """(N,) softmax score of each image's target class (the 'P' of the CBAM paper's figure)."""
+        if self.target is None:
+            raise ValueError(f"the analysis explains {self.explained}, not a class: no probability")
         return self.probs.gather(1, self.target[:, None])[:, 0]
 
     @property
@@ -64,10 +79,14 @@ class Analysis:
     def select(self, index: int | slice) -> Analysis:
         """The analysis of image `index` (or a slice of the batch), batch dimension kept."""
         pick = index if isinstance(index, slice) else slice(index, index + 1)
+
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[pick]
+
         return Analysis(
-            self.logits[pick], self.probs[pick], self.target[pick], self.trace.select(pick),
+            part(self.logits), part(self.probs), part(self.target), self.trace.select(pick),
             {k: v[pick] for k, v in self.cams.items()}, self.method, dict(self.cam_stages),
-            self.smoothing,
+            self.smoothing, part(self.scores), self.explained,
         )  # fmt: skip
 
 
@@ -86,11 +105,27 @@ class Settings:
 
 @dataclass
 class ForwardBackward:
-    """What the forward and backward gave."""
+    """What the forward and backward gave: `explained` holds the target's scores and, for a
+    class of class logits, the classes."""
 
     trace: AttentionTrace
-    logits: Tensor
-    targets: Tensor
+    output: object
+    explained: Explained
     acts: dict[str, Tensor]
     grads: dict[str, Tensor]
     input_grad: Tensor | None = None
+
+    def analysis(self, cams, method, stages, smoothing) -> Analysis:
+        """The `Analysis` of this pass with the given maps."""
+        return analysis_of(self.trace, self.output, self.explained, cams, method, stages, smoothing)
+
+
+def analysis_of(trace, output, explained: Explained, cams, method, stages, smoothing) -> Analysis:
+    """An `Analysis`: class logits and probabilities when a class was explained."""
+    logits = probs = None
+    if explained.classes is not None:
+        logits = main_tensor(output).detach()
+        probs = logits.softmax(1)
+    scores = explained.scores.detach()
+    return Analysis(logits, probs, explained.classes, trace, cams, method, stages, smoothing,
+                    scores, explained.text)  # fmt: skip
