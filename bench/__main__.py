@@ -434,6 +434,16 @@ def measure_report_memory(n_images: int = 10_000) -> list[tuple]:
     ]  # fmt: skip
 
 
+def write_results(out: Path, title: str, command: str, note: str, table: str) -> None:
+    """A results file: its title, the command and machine it was measured on, a note, the table."""
+    machine = (
+        f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    out.write_text(f"# {title}\n\n`{command}` on {machine}. {note}\n\n{table}\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def paired_ratio(a: Callable[[], object], b: Callable[[], object], pairs: int) -> float:
     """time(a) / time(b) from `pairs` back-to-back runs, alternating which goes first.
 

@@ -12,15 +12,14 @@ maps as the peer returns them (min-max scaled at 224 px), so speed is compared a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bench.__main__ import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows)
     print(table)
     if not args.quick:
-        header = (
-            f"# CAM methods with extra passes\n\n`python -m bench.cams` on "
-            f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}. Embedded ResNet-18 + "
+        write_results(
+            args.out,
+            "CAM methods with extra passes",
+            "python -m bench.cams",
+            "Embedded ResNet-18 + "
             f"CBAM, layer4, 224 px, batch 1; medians of {args.reps} interleaved repetitions; "
-            "'time / ours' is each implementation's median over Attention Lens's.\n\n"
+            "'time / ours' is each implementation's median over Attention Lens's.",
+            table,
         )
-        args.out.write_text(header + table + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -14,16 +14,13 @@ medians, with the largest difference of their maps.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.__main__ import _forward, _kept, _traced_forward, paired_ratio
+from bench.__main__ import _forward, _kept, _traced_forward, paired_ratio, write_results
 from viz.engine.cam import analyze
 from viz.engine.trace import record_attention
 
@@ -139,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows)
     print(table)
     if not args.quick:
-        header = (
-            f"# Vision transformers\n\n`python -m bench.transformers` on "
-            f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}. Overheads are "
+        write_results(
+            args.out,
+            "Vision transformers",
+            "python -m bench.transformers",
+            "Overheads are "
             "medians of paired ratios (see `bench/__main__.py`); for LeGrad 'ratio - 1' is "
-            "TorchCAM's median time over ours, minus one (positive: we are faster).\n\n"
+            "TorchCAM's median time over ours, minus one (positive: we are faster).",
+            table,
         )
-        args.out.write_text(header + table + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

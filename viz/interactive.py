@@ -224,7 +224,7 @@ def cam_layer_choices(model: nn.Module) -> list[str]:
 def analyze_images(
     ckpt: Checkpoint,
     images: Sequence[Image.Image],
-    target: int | Sequence[int] | None = None,
+    target: int | Sequence[int] | Callable[[object], torch.Tensor] | None = None,
     *,
     method: str = "gradcam",
     layers: Sequence[str] | None = None,
@@ -237,7 +237,8 @@ def analyze_images(
     Args:
         ckpt: a loaded checkpoint.
         images: PIL images (any size; cropped as the checkpoint says).
-        target: class to explain (one for all, one per image) or None for each top-1.
+        target: class to explain (one for all, one per image) or None for each top-1, or a
+            callable of the network's output (`viz.targets`; `viz.engine.cam.analyze`).
         method: one of `viz.engine.cam.CAM_METHODS`.
         layers: CAM layers (default the network's stage layers, `layer1`..`layer4` in a ResNet).
         smoothing: "aug" and/or "eigen" (`viz.engine.cam.analyze`).

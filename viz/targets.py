@@ -5,6 +5,11 @@ for the batch (class logits (N, C), a segmentation map (N, K, H, W) or torchvisi
 `{"out": ...}`, a detector's list of per-image dicts, an embedding (N, D)). The helpers here
 cover the usual outputs, as pytorch-grad-cam's `model_targets` and TorchCAM's callable targets
 do; any function of the same shape works too.
+
+Optional methods `analyze` uses when a target has them: `fixed_on(output)` (the target with what
+it reads from the images as given fixed, e.g. the predicted mask), `for_image(i)` (image i's
+target alone, for the batches of copies the pass methods run), `describe()` (what it explains,
+in words) and `outline(i)` (a mask (H, W) or boxes (K, 4) for the figures to draw).
 """
 
 from __future__ import annotations
@@ -125,7 +130,14 @@ class SegmentationScore:
             return self
         self(output)  # the checks, in one line each
         maps = main_tensor(output)
-        return SegmentationScore(self.category, (maps.argmax(1) == self.category).detach())
+        predicted = (maps.argmax(1) == self.category).detach()
+        empty = [i for i in range(len(predicted)) if not predicted[i].any()]
+        if empty:
+            raise ValueError(
+                f"no pixel of image {empty[0]} is predicted as category {self.category}: "
+                "nothing to explain (give a mask)"
+            )
+        return SegmentationScore(self.category, predicted)
 
     def for_image(self, i: int) -> SegmentationScore:
         """The target of image `i` alone (its own mask), for a batch of copies of it."""
@@ -135,6 +147,13 @@ class SegmentationScore:
 
     def describe(self) -> str:
         return f"segment {self.category} ({'predicted' if self.mask is None else 'given'} mask)"
+
+    def outline(self, i: int) -> Tensor | None:
+        """Image `i`'s mask (H, W) as booleans, for figures to outline (None: not fixed yet)."""
+        if self.mask is None:
+            return None
+        mask = torch.as_tensor(self.mask)
+        return (mask[i] if mask.ndim == 3 else mask) > 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +226,11 @@ class BoxScore:
         if isinstance(self.boxes, Tensor):
             return self
         return BoxScore(torch.as_tensor(self.boxes[i]), torch.as_tensor(self.labels[i]), self.iou)
+
+    def outline(self, i: int) -> Tensor:
+        """Image `i`'s wanted boxes (K, 4), for figures to draw."""
+        boxes = self.boxes if isinstance(self.boxes, Tensor) else self.boxes[i]
+        return torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
     def describe(self) -> str:
         boxes = self.boxes if isinstance(self.boxes, Tensor) else self.boxes[0]

@@ -117,8 +117,8 @@ class Architecture:
 _lock = threading.Lock()
 _registry: dict[str, Architecture] = {}
 _signatures: dict[
-    str, tuple[Shapes, set[str]]
-] = {}  # name -> (shapes at 1000 classes, classifier keys)
+    str, tuple[Shapes, dict[str, int]]
+] = {}  # name -> (shapes at 1000 classes, classifier keys and their values per class)
 
 
 def register_architecture(
@@ -234,8 +234,10 @@ def _cache_key(arch: Architecture) -> str | None:
     return None if arch.options else arch.name
 
 
-def _signature(arch: Architecture) -> tuple[Shapes, set[str]]:
-    """Keys and shapes at 1000 classes, and which keys follow the class count (cached)."""
+def _signature(arch: Architecture) -> tuple[Shapes, dict[str, int]]:
+    """Keys and shapes at 1000 classes, and which keys follow the class count (cached): key ->
+    values per class of its first dimension (1 for a classifier; 4 for a detector's box
+    regression, the anchors per cell for a dense detection head)."""
     key = _cache_key(arch)
     with _lock:
         hit = _signatures.get(key) if key is not None else None
@@ -245,10 +247,14 @@ def _signature(arch: Architecture) -> tuple[Shapes, set[str]]:
         a = _shapes(arch.build(1000))
         if arch.classifier is None:
             b = _shapes(arch.build(7))
-            classifier = {k for k in a if k in b and a[k] != b[k]}
+            classifier = {
+                k: a[k][0] // 1000 if a[k] and a[k][0] % 1000 == 0 else 1
+                for k in a
+                if k in b and a[k] != b[k]
+            }
         else:
             heads = tuple(f"{name}." for name in arch.classifier)
-            classifier = {k for k in a if k.startswith(heads) and a[k][:1] == (1000,)}
+            classifier = {k: 1 for k in a if k.startswith(heads) and a[k][:1] == (1000,)}
     if key is not None:
         with _lock:
             _signatures[key] = (a, classifier)
@@ -284,14 +290,16 @@ def _compare(arch: Architecture, state: dict[str, Tensor]) -> _Verdict:
         if extra:
             parts.append(f"unexpected {', '.join(extra[:2])}")
         return _Verdict(arch, None, score, "; ".join(parts))
-    classes = {state[k].shape[0] for k in classifier if state[k].ndim >= 1}
-    if len(classes) > 1:
+    classes = {
+        state[k].shape[0] / per_class for k, per_class in classifier.items() if state[k].ndim >= 1
+    }
+    if len(classes) > 1 or any(c != int(c) or c < 1 for c in classes):
         return _Verdict(arch, None, score, "classifier shapes disagree")
-    num_classes = classes.pop() if classes else 1000
+    num_classes = int(classes.pop()) if classes else 1000
     for key in sorted(common):
         expected = shapes[key]
         if key in classifier:
-            expected = (num_classes, *expected[1:])
+            expected = (num_classes * classifier[key], *expected[1:])
         if tuple(state[key].shape) != expected:
             got = list(state[key].shape)
             return _Verdict(arch, None, score - 0.01, f"{key} is {got}, expected {list(expected)}")
@@ -470,6 +478,66 @@ def _register_builtins() -> None:
         _registry[name] = Architecture(
             name, "torchvision", _torchvision_build(name), regnet, _torchvision_preprocess(name)
         )
+
+    _register_dense_builtins()
+
+
+SEGMENTERS = {  # torchvision segmentation: name -> hint (with and without the auxiliary head)
+    "fcn_resnet50": "classifier.4.weight",
+    "fcn_resnet101": "classifier.4.weight",
+    "deeplabv3_resnet50": "classifier.0.convs.0.0.weight",
+    "deeplabv3_resnet101": "classifier.0.convs.0.0.weight",
+    "deeplabv3_mobilenet_v3_large": "classifier.0.convs.0.0.weight",
+    "lraspp_mobilenet_v3_large": "classifier.cbr.0.weight",
+}
+DETECTORS = {  # torchvision detection: name -> hint; same keys: the first listed is chosen
+    "fasterrcnn_resnet50_fpn": "roi_heads.box_predictor.cls_score.weight",
+    "fasterrcnn_resnet50_fpn_v2": "roi_heads.box_predictor.cls_score.weight",
+    "fasterrcnn_mobilenet_v3_large_fpn": "roi_heads.box_predictor.cls_score.weight",
+    "maskrcnn_resnet50_fpn": "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    "maskrcnn_resnet50_fpn_v2": "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    "retinanet_resnet50_fpn": "head.classification_head.cls_logits.weight",
+    "retinanet_resnet50_fpn_v2": "head.classification_head.cls_logits.weight",
+    "fcos_resnet50_fpn": "head.regression_head.bbox_ctrness.weight",
+    "ssd300_vgg16": "backbone.scale_weight",
+    "ssdlite320_mobilenet_v3_large": "head.classification_head.module_list.0.1.weight",
+}
+"""Segmentation and detection networks `load_checkpoint` recognises by keys and shapes. Their
+output is not class logits: `analyze` needs a target for them (`viz.targets`)."""
+
+
+def _torchvision_dense_build(name: str, **options) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes, **options
+        )
+
+    return build
+
+
+def _register_dense_builtins() -> None:
+    # segmenters see the image at torchvision's evaluation size; detectors normalise and
+    # resize inside (their transform), so they take the pixels in [0, 1] as they are
+    segmenter_input = lambda: Preprocess(resize=520, crop=520)  # noqa: E731
+    detector_input = lambda: Preprocess(resize=512, crop=512, mean=(0.0,) * 3, std=(1.0,) * 3)  # noqa: E731
+    for name, key in SEGMENTERS.items():
+        has_head = lambda keys, key=key: key in keys  # noqa: E731
+        has_aux = lambda keys, key=key: key in keys and "aux_classifier.0.weight" in keys  # noqa: E731
+        if not name.startswith("lraspp"):
+            _registry[f"{name}+aux"] = Architecture(
+                f"{name}+aux", "torchvision", _torchvision_dense_build(name, aux_loss=True),
+                has_aux, segmenter_input,
+            )  # fmt: skip
+        _registry[name] = Architecture(
+            name, "torchvision", _torchvision_dense_build(name), has_head, segmenter_input
+        )
+    for name, key in DETECTORS.items():
+        _registry[name] = Architecture(
+            name, "torchvision", _torchvision_dense_build(name),
+            lambda keys, key=key: key in keys, detector_input,
+        )  # fmt: skip
 
 
 _register_builtins()

@@ -463,11 +463,24 @@ def _build_loaded(build: Callable[[], nn.Module], state: dict[str, Tensor]) -> n
     with meta_build():
         model = build()
     _load_into(model, state)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+    if _holds_meta(model):
         with skip_init():  # the parameters are replaced by the file's
             model = build()
         _load_into(model, state)
     return model
+
+
+def _holds_meta(model: nn.Module) -> bool:
+    """Tensors still without data: non-persistent buffers, and plain tensor attributes (a
+    detector's anchors) that no state dict carries."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return True
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            if any(isinstance(t, Tensor) and t.is_meta for t in items):
+                return True
+    return False
 
 
 # --- class names ------------------------------------------------------------------------------

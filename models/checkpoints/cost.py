@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -103,6 +103,7 @@ def estimate_cost(model: nn.Module, input_shape: tuple[int, ...]) -> RunCost | N
     x = torch.empty(input_shape, device="meta")
     flops, sizes = FlopCounterMode(display=False), _TensorBytes()
     was_training = model.training
+    kept = _plain_tensors(model)
     model.eval()
     try:
         with torch.no_grad(), flops, sizes:
@@ -111,7 +112,22 @@ def estimate_cost(model: nn.Module, input_shape: tuple[int, ...]) -> RunCost | N
         return None
     finally:
         model.train(was_training)
+        for module, name, value in kept:  # a forward may move them to the input's device
+            setattr(module, name, value)
     return RunCost(float(flops.get_total_flops()), sizes.bytes, sizes.tokens)
+
+
+def _plain_tensors(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """Tensor attributes that are neither parameters nor buffers (a detector's anchors), and
+    lists of them, with a copy of each list: the meta run must leave them as they were."""
+    found = []
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, Tensor):
+                found.append((module, name, value))
+            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Tensor):
+                found.append((module, name, type(value)(value)))
+    return found
 
 
 def _shared_server() -> bool:

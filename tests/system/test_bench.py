@@ -32,3 +32,11 @@ def test_quick_transformer_benchmark_runs(capsys):
     assert transformers_main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "recording all 12 blocks' attention" in out and "analyze(method='gae')" in out
+
+
+def test_quick_targets_benchmark_runs(capsys):
+    from bench.targets import main as targets_main
+
+    assert targets_main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "SegmentationScore" in out and "BoxScore" in out and "noise floor" in out

@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of png, pdf, svg (default: png)")  # fmt: skip
     export.add_argument("--dpi", type=_dpi, default=300, help="raster resolution (default: 300)")
     which = export.add_mutually_exclusive_group()
-    which.add_argument("--target", metavar="CLASS",
-                       help="class to explain, by name or index (default: each model's top-1)")  # fmt: skip
+    which.add_argument("--target", metavar="TARGET",
+                       help="what to explain: a class by name or index (default: each model's "
+                            "top-1), or segment:K, box:x0,y0,x1,y1[:label] (pixels of the image "
+                            "as the network sees it), similar-to:IMAGE")  # fmt: skip
     which.add_argument("--labels", metavar="CSV",
                        help="explain each image's own class: a CSV with columns file,label "
                             "(file name or end of its path; class name or index)")  # fmt: skip

@@ -225,22 +225,28 @@ def analysis_arrays(analysis: Analysis, index: int = 0) -> dict[str, np.ndarray]
     """Every raw map of image `index`, batch dimension dropped, values as recorded.
 
     Keys and shapes:
-        `logits`, `probs`: (K,) float32; `target`: () int64.
+        `score`: () float32, the explained score; for a class of class logits `logits`,
+        `probs`: (K,) float32 and `target`: () int64; for a mask or box target `outline`:
+        the mask (H, W) or the boxes (K, 4) it scores.
         `cam/<layer>`: (h, w) Grad-CAM at the layer's resolution (ReLU applied, not normalised).
         `attention/<module>/channel`: (C,); CBAM M_c and SE weights after the sigmoid, BAM M_c
         before it. `attention/<module>/spatial`: (H, W); CBAM M_s after the sigmoid, BAM M_s
         before it (absent for SE). `attention/<module>/gate`, `feature_in`, `feature_out`:
         (H, W) channel means of the 3-D gate, |F| and |F'|.
     """
-    n = analysis.logits.shape[0]
+    n = analysis.batch_size
     if not -n <= index < n:
         raise IndexError(f"index {index} is out of range for a batch of {n} images")
     one = analysis.select(index % n)
-    arrays: dict[str, np.ndarray] = {
-        "logits": _np(one.logits[0]).astype(np.float32),
-        "probs": _np(one.probs[0]).astype(np.float32),
-        "target": np.asarray(int(one.target[0]), dtype=np.int64),
-    }
+    arrays: dict[str, np.ndarray] = {"score": np.asarray(float(one.scores[0]), dtype=np.float32)}
+    if one.explains_classes:
+        arrays |= {
+            "logits": _np(one.logits[0]).astype(np.float32),
+            "probs": _np(one.probs[0]).astype(np.float32),
+            "target": np.asarray(int(one.target[0]), dtype=np.int64),
+        }
+    if one.outlines and one.outlines[0] is not None:
+        arrays["outline"] = _np(one.outlines[0]).astype(np.float32)
     for layer, cam in one.cams.items():
         arrays[f"cam/{layer}"] = _np(cam[0]).astype(np.float32)
     for rec in one.trace:
@@ -309,7 +315,16 @@ def checkpoint_info(checkpoint: Checkpoint, path: str | os.PathLike | None = Non
 
 
 def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) -> dict:
-    """Target, prediction (class indices, names, softmax scores) and the CAM method and layers."""
+    """Target, prediction (class indices, names, softmax scores) and the CAM method and layers;
+    for a target that is not a class, what was explained and its score."""
+    cam = {
+        "cam_method": analysis.method,
+        "cam_smoothing": list(analysis.smoothing),
+        "cam_layers": list(analysis.cams),
+        "cam_stages": {k: int(v) for k, v in analysis.cam_stages.items()},
+    }
+    if not analysis.explains_classes:
+        return {"explained": analysis.explained, "score": float(analysis.scores[index]), **cam}
     probs = analysis.probs[index]
     target, predicted = int(analysis.target[index]), int(probs.argmax())
 
@@ -323,10 +338,7 @@ def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) 
         "predicted": predicted,
         "predicted_name": name(predicted),
         "predicted_P": float(probs[predicted]),
-        "cam_method": analysis.method,
-        "cam_smoothing": list(analysis.smoothing),
-        "cam_layers": list(analysis.cams),
-        "cam_stages": {k: int(v) for k, v in analysis.cam_stages.items()},
+        **cam,
     }
 
 

@@ -33,6 +33,7 @@ from viz.commands.inputs import (
     resolve_target,
     unread_attention_lines,
 )
+from viz.commands.targets import OutputTarget, class_value, parse_output_target
 from viz.engine.cam import stage_layers
 from viz.engine.unread import UnreadAttentionWarning
 
@@ -50,6 +51,12 @@ def export_command(args: argparse.Namespace) -> int:
     per_image = [f for f in figures if f in IMAGE_FIGURES]
     analyzed = bool(per_image) or "model-grid" in figures
     images, folders = _inputs(args, figures, analyzed)
+    output_target = parse_output_target(args.target)  # malformed: said before anything loads
+    if "model-grid" in figures and output_target is not None:
+        raise UsageError(
+            f"model-grid compares classifiers on classes; with --target {output_target.kind}: "
+            "draw overview or gradcam"
+        )
     checkpoints = load_checkpoints(args.checkpoint)
     methods, fallback = {name: settings.method for _, name, _ in checkpoints}, None
     if analyzed:
@@ -200,11 +207,22 @@ def _write_manifest(
     run.write("", {"manifest.json": manifest_bytes(manifest)})
 
 
-def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | None]]:
-    """{image name: {checkpoint name: class to explain}}: --target for all, or --labels each."""
+def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | OutputTarget | None]]:
+    """{image name: {checkpoint name: what to explain}}: --target for all, or --labels each.
+
+    A class is resolved here; a mask, box or concept target (`OutputTarget`) per image, later.
+    """
+    output_target = parse_output_target(args.target)
+    if output_target is not None:
+        for _, _, ckpt in checkpoints:  # a category outside a model's classes: said up front
+            output_target.check(ckpt)
+        return {
+            image_name: {n: output_target for _, n, _ in checkpoints} for _, image_name in images
+        }
     if not args.labels:
         fixed = {
-            name: resolve_target(args.target, ckpt.class_names) for _, name, ckpt in checkpoints
+            name: resolve_target(class_value(args.target), ckpt.class_names)
+            for _, name, ckpt in checkpoints
         }
         return {image_name: fixed for _, image_name in images}
     labels = read_labels(args.labels)
@@ -324,8 +342,11 @@ class _ImageWork:
         for _, name, ckpt in self.checkpoints:
             settings = self.settings_for(name)
             try:
+                target = self.targets[image_name][name]
+                if isinstance(target, OutputTarget):  # made on this image (a box's label, ...)
+                    target = target.build(ckpt, pil, MAX_IMAGE_FILE_BYTES)
                 analysis = analyze_images(
-                    ckpt, [pil], self.targets[image_name][name],
+                    ckpt, [pil], target,
                     method=settings.method, layers=settings.layers,
                     smoothing=settings.smoothing, options=settings.method_options(),
                     progress=self.progress,

@@ -196,11 +196,13 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
     # (name, depth, stride, tokens) in the order modules finish: 4-D feature maps, and (N, T, C)
     # tokens on a square patch grid (a transformer the token layouts do not know)
     seen: list[tuple[str, int, int, bool]] = []
+    calls: dict[str, int] = {}
 
     def hook_for(name: str):
         depth = name.count(".") + 1
 
         def hook(_m, _i, out) -> None:
+            calls[name] = calls.get(name, 0) + 1
             if not isinstance(out, Tensor):
                 return
             if out.ndim == 4 and _spatial(out):
@@ -246,6 +248,14 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         finally:
             for h in handles:
                 h.remove()
+    # a module run more than once per forward (a detection head shared by the pyramid's
+    # levels) has no one output to explain: never a stage layer
+    seen = [entry for entry in seen if calls[entry[0]] == 1]
+    return _levels(seen, inputs)
+
+
+def _levels(seen: list[tuple[str, int, int, bool]], inputs: dict) -> NetworkLevels:
+    """The stages from the probe's feature maps (name, depth, stride, tokens), in finish order."""
     # attention modules are never stage layers (their inputs are kept above), and tokens count
     # only after the last feature map: a transformer at the end of the network, read on its grid
     last_map = max((i for i, (*_, tokens) in enumerate(seen) if not tokens), default=-1)

@@ -26,6 +26,7 @@ from viz.figures.canvas import (
     spatial_map,
     styled,
 )
+from viz.figures.outline import outlined
 
 if TYPE_CHECKING:
     from viz.engine.cam import Analysis
@@ -50,8 +51,18 @@ class _Layer:
 
     @property
     def heading(self) -> str:
+        """For a row's side: a long layer name (a detector's backbone.body.12) gets a line of
+        its own, as the heading runs up a row, which is short in a single-column figure."""
+        return self.heading_joined(" · " if len(self.name) <= 8 else "\n")
+
+    @property
+    def column_heading(self) -> str:
+        """Above a column: stage and layer on one line."""
+        return self.heading_joined(" · ")
+
+    def heading_joined(self, joint: str) -> str:
         grid = f"{self.cam.shape[-2]}×{self.cam.shape[-1]}"
-        where = "whole network" if self.stage == 0 else f"stage {self.stage} · {self.name}"
+        where = "whole network" if self.stage == 0 else f"stage {self.stage}{joint}{self.name}"
         if self.attention is not None and (self.stage == 0 or self.attention.layer is not None):
             # a ViT's "stages" are depth quarters: name the block whose attention is shown
             where = "whole network" if self.stage == 0 else self.name
@@ -142,8 +153,8 @@ def attention_vs_gradcam(
             the grid drawn: the resolution the network computed at).
     """
     img = as_image(image)
-    check_index(index, analysis.logits.shape[0])
-    one = analysis.select(index % analysis.logits.shape[0])
+    check_index(index, analysis.batch_size)
+    one = analysis.select(index % analysis.batch_size)
     layers = _layers(one, top_k)
     if not layers:
         raise ValueError(f"attention_vs_gradcam needs CAMs with a stage; got {sorted(one.cams)}")
@@ -158,15 +169,27 @@ def attention_vs_gradcam(
         attention = "self-attention"
     # one layer in a column would leave most of a wide figure empty: a row uses it better
     draw = _columns if figure_width(width) >= WIDE and len(layers) > 1 else _rows
-    canvas = draw(img, layers, width, missing, (attention, one.method_label), cmap, alpha, render)
+    outline = one.outlines[0] if one.outlines else None
+
+    def shown(m) -> Image.Image:  # a map over the image, the explained region outlined
+        return outlined(overlay(img, m, cmap, alpha, render=render), outline)
+
+    canvas = draw(layers, width, missing, (attention, one.method_label), shown)
     canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
-    target = int(one.target[0])
-    name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
-    canvas.title(title or f"target: {literal(name)}, P={float(one.target_probs[0]):.5f}")
+    canvas.title(title or _explained(one, class_names))
     return canvas.fig
 
 
-def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
+def _explained(one: Analysis, class_names: Sequence[str] | None) -> str:
+    """The title: the class and its P, or what else was explained and its score."""
+    if not one.explains_classes:
+        return f"explained: {literal(one.explained)}, score={float(one.scores[0]):.4g}"
+    target = int(one.target[0])
+    name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
+    return f"target: {literal(name)}, P={float(one.target_probs[0]):.5f}"
+
+
+def _rows(layers, width, missing, heads, shown) -> Canvas:
     """One row per layer: attention, CAM, numbers (a single column, or one layer)."""
     # one row may take the whole width of a double-column figure; several keep it short
     largest = 1.3 if len(layers) > 1 else 2.1
@@ -179,9 +202,8 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
         if layer.attention is None:
             canvas.note(r, 0, layer.absent(missing))
         else:
-            canvas.image(r, 0, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
-                                       render=render))  # fmt: skip
-        canvas.image(r, 1, overlay(img, layer.cam, cmap, alpha, render=render))
+            canvas.image(r, 0, shown(spatial_map(layer.attention)[0]))
+        canvas.image(r, 1, shown(layer.cam))
         x, y, p = canvas.box(r, 2)
         canvas.ax.text(x + 0.02, y + p / 2, layer.numbers(NO_ATTENTION), ha="left",
                        va="center", fontsize=6)  # fmt: skip
@@ -192,19 +214,18 @@ def _rows(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
     return canvas
 
 
-def _columns(img, layers, width, missing, heads, cmap, alpha, render) -> Canvas:
+def _columns(layers, width, missing, heads, shown) -> Canvas:
     """One column per layer: attention above the CAM, the numbers below (double column)."""
     n = len(layers)
     canvas = Canvas(width, [n, n], left=0.3, head=[0.3, 0.06], foot=[0.03, 0.5], footer=0.45,
                     header=0.22, max_panel=1.9)  # fmt: skip
     for c, layer in enumerate(layers):
-        canvas.above(0, c, layer.heading, max_lines=2)
+        canvas.above(0, c, layer.column_heading, max_lines=2)
         if layer.attention is None:
             canvas.note(0, c, layer.absent(missing))
         else:
-            canvas.image(0, c, overlay(img, spatial_map(layer.attention)[0], cmap, alpha,
-                                       render=render))  # fmt: skip
-        canvas.image(1, c, overlay(img, layer.cam, cmap, alpha, render=render))
+            canvas.image(0, c, shown(spatial_map(layer.attention)[0]))
+        canvas.image(1, c, shown(layer.cam))
         x, y, p = canvas.box(1, c)
         canvas.ax.text(x + p / 2, y - 0.03, layer.numbers(NO_ATTENTION), ha="center",
                        va="top", fontsize=6, multialignment="center")  # fmt: skip

@@ -293,7 +293,7 @@ def agreement_table(
     Raises:
         IndexError: `index` is outside the batch.
     """
-    n = analysis.target.shape[0]
+    n = analysis.batch_size
     if not -n <= index < n:
         raise IndexError(f"image index {index} is out of range for a batch of {n}")
     last: dict[int, AttentionRecord] = {}

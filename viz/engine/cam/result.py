@@ -34,6 +34,9 @@ class Analysis:
         scores: (N,) the explained score of each image (the target class's logit, or the
             target callable's score).
         explained: what the CAMs explain, in words ("class 3", "segment 15 (predicted mask)").
+        outlines: per image, the region the target scores, for figures to outline: a mask
+            (H, W) of the output's pixels, boxes (K, 4) in the input's pixels, or None; empty
+            when the target has none (classes, embeddings).
     """
 
     logits: Tensor | None
@@ -46,6 +49,12 @@ class Analysis:
     smoothing: tuple[str, ...] = ()
     scores: Tensor | None = None
     explained: str = ""
+    outlines: tuple = ()
+
+    @property
+    def batch_size(self) -> int:
+        """Images in the batch."""
+        return len(self.scores) if self.scores is not None else len(self.logits)
 
     @property
     def explains_classes(self) -> bool:
@@ -87,6 +96,7 @@ class Analysis:
             part(self.logits), part(self.probs), part(self.target), self.trace.select(pick),
             {k: v[pick] for k, v in self.cams.items()}, self.method, dict(self.cam_stages),
             self.smoothing, part(self.scores), self.explained,
+            self.outlines[pick] if self.outlines else (),
         )  # fmt: skip
 
 
@@ -128,4 +138,4 @@ def analysis_of(trace, output, explained: Explained, cams, method, stages, smoot
         probs = logits.softmax(1)
     scores = explained.scores.detach()
     return Analysis(logits, probs, explained.classes, trace, cams, method, stages, smoothing,
-                    scores, explained.text)  # fmt: skip
+                    scores, explained.text, explained.outlines)  # fmt: skip

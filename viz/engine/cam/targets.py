@@ -32,6 +32,7 @@ class Explained:
         scores: (N,) the score of the images it was made on, their graph kept.
         per_image: image index -> the score of a batch of copies of that image (the pass
             methods run many masked copies of one image).
+        outlines: per image, what the figures outline: a mask (H, W), boxes (K, 4) or None.
     """
 
     score: Score
@@ -39,6 +40,7 @@ class Explained:
     text: str
     scores: Tensor
     per_image: Callable[[int], Score]
+    outlines: tuple = ()
 
 
 def resolve_targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
@@ -153,7 +155,9 @@ def _callable_target(target: Callable, output: object, n: int) -> Explained:
     def per_image(i: int) -> Score:
         return one_image(i) if callable(one_image) else bound
 
-    return Explained(bound, None, text, scores, per_image)
+    outline = getattr(bound, "outline", None)
+    outlines = tuple(outline(i) for i in range(n)) if callable(outline) else ()
+    return Explained(bound, None, text, scores, per_image, outlines)
 
 
 def _has_graph(output: object) -> bool:
