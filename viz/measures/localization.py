@@ -5,6 +5,8 @@
   tolerance of 15 px as in the paper.
 - `energy_pointing_game` (Wang et al., "Score-CAM", CVPRW 2020, https://arxiv.org/abs/1910.01279):
   the share of the map's (non-negative) energy that falls inside the boxes.
+- `energy_in_mask`, `pointing_in_mask`: the same two against a segmentation mask (the pixels a
+  `viz.targets.SegmentationScore` explains), the map resized to the mask's grid.
 - `box_iou` (Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016,
   https://arxiv.org/abs/1512.04150): keep the pixels above 20% of the map's range, take the
   bounding box of their largest connected region, report its best IoU with a box.
@@ -39,6 +41,8 @@ __all__ = [
     "read_boxes",
     "pointing_game",
     "energy_pointing_game",
+    "energy_in_mask",
+    "pointing_in_mask",
     "box_iou",
     "POINTING_TOLERANCE",
     "BOX_THRESHOLD",
@@ -239,6 +243,38 @@ def energy_pointing_game(saliency: Tensor, boxes: Sequence[Box], size: int) -> f
     if total <= 0.0:
         return math.nan
     return float(s[_box_mask(boxes, size)].sum()) / total
+
+
+def _on_mask(saliency: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The map resized (bilinear) to the mask's grid, and the mask as booleans."""
+    mask = torch.as_tensor(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a segmentation mask is (H, W), got {tuple(mask.shape)}")
+    s = torch.nan_to_num(torch.as_tensor(saliency).detach().float().cpu(), nan=0.0)
+    return upsample(s, tuple(mask.shape)), mask.bool().cpu()
+
+
+def energy_in_mask(saliency: Tensor, mask: Tensor) -> float:
+    """Share of the map's energy (values clipped at 0) inside a segmentation mask: the energy
+    pointing game against the region a `SegmentationScore` explains (`Analysis.outlines`).
+
+    Returns:
+        In [0, 1]; nan for an empty mask or a map without a positive value.
+    """
+    s, inside = _on_mask(saliency, mask)
+    s = s.clamp(min=0)
+    total = float(s.sum())
+    if total <= 0.0 or not inside.any():
+        return math.nan
+    return float(s[inside].sum()) / total
+
+
+def pointing_in_mask(saliency: Tensor, mask: Tensor) -> float:
+    """1.0 when the map's maximum (first one, row-major) lies in the mask; nan for an empty one."""
+    s, inside = _on_mask(saliency, mask)
+    if not inside.any():
+        return math.nan
+    return float(inside.flatten()[int(torch.argmax(s.flatten()))])
 
 
 def _largest_region(mask: Tensor) -> Tensor:

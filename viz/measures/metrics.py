@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.images import image_folder, load_image
 from viz.engine.cam import Analysis, resolve_targets
+from viz.engine.cam.targets import explained_by
 from viz.engine.maps import upsample
 from viz.engine.model_state import preserve_model_state
 from viz.engine.trace import AttentionRecord, AttentionTrace, record_attention
@@ -331,7 +332,9 @@ class DeletionInsertion:
             replaced by the baseline.
         insertion_curve: (N, steps + 1) target probability as the most salient pixels are
             put back on the baseline.
-        target: (N,) the class whose probability was followed.
+        target: (N,) the class whose probability was followed; None for a target callable,
+            whose raw score the curves follow instead.
+        explained: what the curves follow, in words ("class 3", "segment 2 (predicted mask)").
     """
 
     deletion_auc: Tensor
@@ -339,7 +342,8 @@ class DeletionInsertion:
     fractions: Tensor
     deletion_curve: Tensor
     insertion_curve: Tensor
-    target: Tensor
+    target: Tensor | None
+    explained: str = ""
 
 
 def _gaussian_blur(x: Tensor) -> Tensor:
@@ -396,7 +400,7 @@ def deletion_insertion(
     model: nn.Module,
     x: Tensor,
     saliency: Tensor | np.ndarray,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: int | Sequence[int] | Tensor | Callable[[object], Tensor] | None = None,
     *,
     steps: int = 32,
     batch_size: int = 32,
@@ -418,7 +422,9 @@ def deletion_insertion(
         x: images (N, 3, H, W), preprocessed.
         saliency: (N, h, w) maps, any resolution (bilinearly resized to (H, W)).
         target: class to follow: an int for all images, one per image, or None for each
-            image's predicted class.
+            image's predicted class; or a callable of the network's output (`viz.targets`:
+            a mask's, box's or concept's score), whose raw score the curves then follow (the
+            target fixed on the images as given, e.g. the predicted mask).
         steps: number of deletion/insertion steps; the curves have steps + 1 points.
         batch_size: perturbed images per forward pass.
         baseline: "blur" (a strong Gaussian blur of `x`, sigma = max(H, W) / 20) or "zero"
@@ -455,9 +461,17 @@ def deletion_insertion(
     ranks = _saliency_ranks(sal.to(x.device), (h, w), tie_seeds)
     points = steps + 1
     with preserve_model_state(model), torch.no_grad():
-        targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
         base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
-        scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
+        if callable(target) and not isinstance(target, Tensor):
+            explained = explained_by(target, model(x), n, model)
+            targets, text = None, explained.text
+            scores = _perturbed_target_scores(
+                model, x, base, ranks, counts, explained.per_image, batch_size, progress
+            )
+        else:
+            targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
+            text = "classes"
+            scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
     curves = scores.view(n, 2, points).cpu()
     fractions = counts.cpu().double().div(pixels).float()
     deletion, insertion = curves[:, 0], curves[:, 1]
@@ -467,7 +481,8 @@ def deletion_insertion(
         fractions,
         deletion,
         insertion,
-        targets.cpu(),
+        None if targets is None else targets.cpu(),
+        text,
     )
 
 
@@ -486,6 +501,28 @@ def _perturbed_scores(model, x, base, ranks, counts, targets, batch_size: int, p
         scores[start : start + len(item)] = _probabilities(model, batch, targets[image], batch_size)
         if progress:
             progress(start + len(item), total)
+    return scores
+
+
+def _perturbed_target_scores(model, x, base, ranks, counts, per_image, batch_size: int, progress):
+    """`_perturbed_scores` with a target callable: each batch holds copies of one image, scored
+    by that image's target (`Explained.per_image`)."""
+    n, points = x.shape[0], counts.shape[0]
+    total = n * 2 * points
+    scores = torch.empty(total, device=x.device)
+    steps = torch.arange(2 * points, device=x.device)
+    for image in range(n):
+        score = per_image(image)
+        for start in range(0, 2 * points, batch_size):
+            item = steps[start : start + batch_size]
+            insertion, step = item // points, item % points
+            first = ranks[image] < counts[step].view(-1, 1, 1)
+            use_base = first ^ insertion.bool().view(-1, 1, 1)
+            batch = torch.where(use_base[:, None], base[image], x[image])
+            at = image * 2 * points + start
+            scores[at : at + len(item)] = score(model(batch)).float()
+            if progress:
+                progress(at + len(item), total)
     return scores
 
 

@@ -154,8 +154,8 @@ class SanityStep:
 def cascading_randomisation(
     model: nn.Module,
     x: Tensor,
-    target: Tensor,
-    maps_of: Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]],
+    target: Tensor | Callable[[object], Tensor],
+    maps_of: Callable[[nn.Module, Tensor, object], dict[str, Tensor]],
     *,
     seed: int = 0,
     steps: list[str] | None = None,
@@ -167,7 +167,9 @@ def cascading_randomisation(
     Args:
         model: the trained network; it is copied, never changed.
         x: images (N, 3, H, W).
-        target: (N,) class to explain, fixed for every step (the trained model's).
+        target: (N,) class to explain, fixed for every step (the trained model's), or a
+            target callable (`viz.targets`) fixed on the trained model's output (e.g.
+            `SegmentationScore(k).fixed_on(output)`: the same pixels at every step).
         maps_of: (model, x, target) -> {map name: (N, h, w)}; called once per step (and on
             the trained copy unless `original` is given).
         seed: step k is randomised with seed `seed + k`.
