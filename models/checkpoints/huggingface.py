@@ -1,4 +1,5 @@
-"""Hugging Face `transformers` image classifiers, from a `save_pretrained` folder or its zip.
+"""Hugging Face `transformers` image classifiers and headless vision models (`ViTModel`,
+`Dinov2Model`, `CLIPVisionModel`, ...), from a `save_pretrained` folder or its zip.
 
 A folder holds `config.json`, the weights (`model.safetensors`, or the shards its
 `model.safetensors.index.json` names) and often `preprocessor_config.json`. The network is
@@ -18,7 +19,8 @@ file holds (a config whose sizes disagree with the weights, before anything is a
 The model keeps its fast attention (`attn_implementation="sdpa"`); the tracer reads the
 probabilities from its q and k projections (`models.probes.selfattention.HuggingFaceAttentionReader`).
 `HuggingFaceClassifier` wraps it so that `model(x)` is the logits tensor (N, K), the
-transformers model kept as the submodule `hf`. Preprocessing comes from
+transformers model kept as the submodule `hf`; `HuggingFaceEmbedder` wraps a headless model so
+that `model(x)` is its embedding (N, D), with no classes (`analyze` then needs a target). Preprocessing comes from
 `preprocessor_config.json` (short-side resize, centre crop, mean and std; a processor that
 squashes to height x width becomes resize = crop = height), else from the family's defaults.
 
@@ -53,6 +55,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "HuggingFaceClassifier",
+    "HuggingFaceEmbedder",
     "Pretrained",
     "is_pretrained_folder",
     "is_pretrained_zip",
@@ -81,6 +84,8 @@ class Family:
         crop: the crop without a processor, when not `image_size` (DINOv2's 518 px position
             table is evaluated at 224).
         vision: the sizes are in the config's `vision_config` (CLIP, SigLIP).
+        backbone: the headless class (no classifier: `ViTModel`, `Dinov2Model`, ...), opened
+            as an embedding network (`HuggingFaceEmbedder`), or None.
     """
 
     config: str
@@ -91,22 +96,27 @@ class Family:
     fixed_size: bool = True
     crop: int | None = None
     vision: bool = False
+    backbone: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
-    "vit": Family("ViTConfig", ("ViTForImageClassification",), _HALF, _HALF),
+    "vit": Family("ViTConfig", ("ViTForImageClassification",), _HALF, _HALF, backbone="ViTModel"),
     "deit": Family(
         "DeiTConfig",
         ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassification"),
         resize_ratio=256 / 224,
+        backbone="DeiTModel",
     ),
-    "beit": Family("BeitConfig", ("BeitForImageClassification",), _HALF, _HALF),
+    "beit": Family(
+        "BeitConfig", ("BeitForImageClassification",), _HALF, _HALF, backbone="BeitModel"
+    ),
     "dinov2": Family(
         "Dinov2Config",
         ("Dinov2ForImageClassification",),
         resize_ratio=256 / 224,
         fixed_size=False,
         crop=224,
+        backbone="Dinov2Model",
     ),
     "dinov2_with_registers": Family(
         "Dinov2WithRegistersConfig",
@@ -114,13 +124,24 @@ FAMILIES: dict[str, Family] = {
         resize_ratio=256 / 224,
         fixed_size=False,
         crop=224,
+        backbone="Dinov2WithRegistersModel",
     ),
     "clip": Family(
         "CLIPConfig", ("CLIPForImageClassification",), _CLIP_MEAN, _CLIP_STD, vision=True
     ),
+    "clip_vision_model": Family(
+        "CLIPVisionConfig", (), _CLIP_MEAN, _CLIP_STD, backbone="CLIPVisionModel"
+    ),
     "siglip": Family("SiglipConfig", ("SiglipForImageClassification",), _HALF, _HALF, vision=True),
-    "swin": Family("SwinConfig", ("SwinForImageClassification",), fixed_size=False),
-    "swinv2": Family("Swinv2Config", ("Swinv2ForImageClassification",), fixed_size=False),
+    "siglip_vision_model": Family(
+        "SiglipVisionConfig", (), _HALF, _HALF, backbone="SiglipVisionModel"
+    ),
+    "swin": Family(
+        "SwinConfig", ("SwinForImageClassification",), fixed_size=False, backbone="SwinModel"
+    ),
+    "swinv2": Family(
+        "Swinv2Config", ("Swinv2ForImageClassification",), fixed_size=False, backbone="Swinv2Model"
+    ),
 }
 """model_type -> what is built for it. Nothing else is: no custom code, no other task."""
 
@@ -168,6 +189,29 @@ class HuggingFaceClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) pixels, normalised -> (N, K) logits."""
         return self.hf(pixel_values=x).logits
+
+
+class HuggingFaceEmbedder(nn.Module):
+    """A headless transformers vision model (`Dinov2Model`, `CLIPVisionModel`, ...) whose
+    `forward` returns one embedding per image: the model's pooled output where it has one
+    (DINOv2's and CLIP's normalised class token, Swin's mean), else the class token.
+
+    Attributes:
+        hf: the transformers model.
+        num_classes: 0 (no classifier: `analyze` asks for a target, `viz.targets`).
+    """
+
+    num_classes = 0
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.hf = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) pixels, normalised -> (N, D) embeddings."""
+        out = self.hf(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
 
 # --- the files of a folder or a zip -------------------------------------------------------------
@@ -316,11 +360,12 @@ def _family(raw: dict) -> tuple[str, Family, str]:
             f"config.json names model_type {one_line(model_type, 40)!r}; Attention Lens reads "
             f"{', '.join(FAMILIES)}"
         )
-    named = raw.get("architectures") or [family.classes[0]]
-    if not isinstance(named, list) or len(named) != 1 or named[0] not in family.classes:
+    allowed = family.classes + ((family.backbone,) if family.backbone else ())
+    named = raw.get("architectures") or [allowed[0]]
+    if not isinstance(named, list) or len(named) != 1 or named[0] not in allowed:
         raise CheckpointError(
-            f"config.json names {one_line(named, 60)}; for {model_type} Attention Lens reads the "
-            f"image classifier{'s' if len(family.classes) > 1 else ''} {', '.join(family.classes)}"
+            f"config.json names {one_line(named, 60)}; for {model_type} Attention Lens reads "
+            f"{', '.join(allowed)}"
         )
     return model_type, family, named[0]
 
@@ -592,9 +637,11 @@ def _load(files: _Files, max_bytes: int, allow_costly, read_weights) -> Pretrain
         raise CheckpointError(
             f"config.json is not a valid {family.config} ({one_line(exc)})"
         ) from None
-    model = HuggingFaceClassifier(_build(tf, class_name, config, state)).eval()
-    count = int(getattr(model.hf.config, "num_labels", 0) or 0)
-    if count < 1:
+    headless = class_name == family.backbone
+    wrap = HuggingFaceEmbedder if headless else HuggingFaceClassifier
+    model = wrap(_build(tf, class_name, config, state)).eval()
+    count = 0 if headless else int(getattr(model.hf.config, "num_labels", 0) or 0)
+    if count < 1 and not headless:
         raise CheckpointError(f"{class_name} has no classification head (num_labels 0)")
     preprocess = _preprocess(processor, family, sizes.get("image_size", 224))
     cost = estimate_cost(model, (1, 3, preprocess.crop, preprocess.crop)) or _config_cost(
@@ -613,5 +660,5 @@ def _load(files: _Files, max_bytes: int, allow_costly, read_weights) -> Pretrain
             "saved_with": one_line(version, 40) if isinstance(version, str) else None,
         }
     }
-    names = _class_names(raw, count)
+    names = _class_names(raw, count) if count else []
     return Pretrained(model, arch, names, preprocess, files.digest.hexdigest(), metadata, cost)

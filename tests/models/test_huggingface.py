@@ -307,8 +307,8 @@ def test_an_unknown_model_type_or_task_is_refused(saved, tmp_path):
     _edit_config(folder, model_type="gpt2")
     _refused(folder, "model_type 'gpt2'; Attention Lens reads vit, deit")
     _edit_config(folder, model_type="vit", architectures=["ViTForMaskedImageModeling"])
-    _refused(folder, "image classifier ViTForImageClassification")
-    _refused(_zipped(folder), "image classifier ViTForImageClassification")
+    _refused(folder, "for vit Attention Lens reads ViTForImageClassification, ViTModel")
+    _refused(_zipped(folder), "for vit Attention Lens reads ViTForImageClassification, ViTModel")
 
 
 def test_custom_code_is_refused(saved, tmp_path):
@@ -350,3 +350,38 @@ def test_pickled_or_missing_weights_are_refused(saved, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _refused(empty, "no config.json")
+
+
+HEADLESS = {  # name -> (config, class, width of the embedding)
+    "vit": (tf.ViTConfig(**SMALL), tf.ViTModel),
+    "dinov2": (tf.Dinov2Config(**SMALL, mlp_ratio=2), tf.Dinov2Model),
+    "dinov2 registers": (
+        tf.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=4),
+        tf.Dinov2WithRegistersModel,
+    ),
+    "clip vision": (tf.CLIPVisionConfig(**SMALL), tf.CLIPVisionModel),
+    "siglip vision": (tf.SiglipVisionConfig(**SMALL), tf.SiglipVisionModel),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADLESS))
+def test_headless_models_open_as_embedding_networks(tmp_path, name):
+    """A backbone without classifier (DINOv2, CLIP's vision tower): its embedding, its
+    attention traced, and CAMs only with a target (issue 40's SimilarityScore)."""
+    from viz.targets import SimilarityScore
+
+    config, cls = HEADLESS[name]
+    torch.manual_seed(0)
+    cls._from_config(config).eval().save_pretrained(tmp_path / "m")
+    ckpt = load_checkpoint(tmp_path / "m")
+    assert (ckpt.arch.name, ckpt.arch.num_classes, ckpt.class_names) == (cls.__name__, 0, [])
+    x = _x(2)
+    with record_attention(ckpt.model) as trace, torch.no_grad():
+        embedding = ckpt.model(x)
+    assert embedding.shape == (2, 32)
+    assert len([r for r in trace if r.kind == "self-attention"]) == 2
+    with pytest.raises(ValueError, match="no classifier"):
+        analyze(ckpt.model, x)
+    result = analyze(ckpt.model, x, SimilarityScore(embedding[1]), method="gae")
+    assert result.scores[1] > 0.99  # the second image is its own concept
+    assert leftovers(ckpt.model) == 0

@@ -324,7 +324,8 @@ def result_info(analysis: Analysis, class_names: Sequence[str], index: int = 0) 
         "cam_stages": {k: int(v) for k, v in analysis.cam_stages.items()},
     }
     if not analysis.explains_classes:
-        return {"explained": analysis.explained, "score": float(analysis.scores[index]), **cam}
+        score = float(analysis.scores[index])
+        return {"explained": analysis.explained, "score": None if score != score else score, **cam}
     probs = analysis.probs[index]
     target, predicted = int(analysis.target[index]), int(probs.argmax())
 

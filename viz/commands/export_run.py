@@ -325,10 +325,29 @@ class _ImageWork:
             return self.settings
         return dataclasses.replace(self.settings, method=method)
 
+    def _analysis(self, ckpt, pil, target, settings: FigureSettings):
+        """The image's analysis; attention alone when no figure asked for needs a CAM and the
+        network's output is not class logits (a DINOv2 embedding: its dino-heads figure)."""
+        from viz.engine.cam import NoTargetError, attention_only
+        from viz.figures.registry import FIGURES
+        from viz.interactive import analyze_images
+
+        if isinstance(target, OutputTarget):  # made on this image (a box's label, ...)
+            target = target.build(ckpt, pil, MAX_IMAGE_FILE_BYTES)
+        try:
+            return analyze_images(
+                ckpt, [pil], target, method=settings.method, layers=settings.layers,
+                smoothing=settings.smoothing, options=settings.method_options(),
+                progress=self.progress,
+            )  # fmt: skip
+        except NoTargetError:
+            if self.grid or any(FIGURES[f].cams for f in self.per_image):
+                raise
+            return attention_only(ckpt.model, ckpt.preprocess.batch([pil]))
+
     def __call__(self, item: tuple[Path, str]) -> dict:
         from models.images import load_image
         from viz.commands.export import render_image, result_info
-        from viz.interactive import analyze_images
 
         path, image_name = item
         try:
@@ -342,15 +361,7 @@ class _ImageWork:
         for _, name, ckpt in self.checkpoints:
             settings = self.settings_for(name)
             try:
-                target = self.targets[image_name][name]
-                if isinstance(target, OutputTarget):  # made on this image (a box's label, ...)
-                    target = target.build(ckpt, pil, MAX_IMAGE_FILE_BYTES)
-                analysis = analyze_images(
-                    ckpt, [pil], target,
-                    method=settings.method, layers=settings.layers,
-                    smoothing=settings.smoothing, options=settings.method_options(),
-                    progress=self.progress,
-                )  # fmt: skip
+                analysis = self._analysis(ckpt, pil, self.targets[image_name][name], settings)
                 files, notes = None, []
                 if self.per_image:
                     files, notes = render_image(pil, ckpt, analysis, figures=self.per_image,
@@ -438,6 +449,8 @@ def _light(analysis):
     from viz.engine.trace import AttentionTrace
 
     stages = analysis.stage_cams()
+    if not stages:  # attention alone: nothing for a grid
+        return dataclasses.replace(analysis, trace=AttentionTrace())
     last = stages[max(stages)]
     return dataclasses.replace(
         analysis,

@@ -146,6 +146,8 @@ class FigureSpec:
             several models (model-grid) or a folder (class-stats).
         unavailable: why a model cannot show it ("no BAM modules"), or None when it can.
         scale: how its colours are scaled when that is not `FigureSettings.scale`.
+        cams: it draws CAMs, so the network's output must be explained (a class, or a
+            target); the others draw attention alone and work on any network.
     """
 
     name: str
@@ -153,6 +155,7 @@ class FigureSpec:
     draw: Draw | None = None
     unavailable: Callable[[Analysis], str | None] = lambda analysis: None
     scale: str | None = None
+    cams: bool = False
 
     @property
     def per_image(self) -> bool:
@@ -233,10 +236,12 @@ _SPECS = (
                "channels", _channels, _no_channels, scale="fixed 0-1 (sigmoid weights)"),
     FigureSpec("gradcam", "per CAM layer: attention map, CAM, their agreement (Pearson, "
                "Spearman, IoU)", _gradcam,
-               scale="per-map (each map its own min-max: CAMs of different layers share no unit)"),
+               scale="per-map (each map its own min-max: CAMs of different layers share no unit)",
+               cams=True),
     FigureSpec("model-grid", "the CBAM paper's figure: images in columns, one CAM row per "
                "checkpoint",
-               scale="per-map (each map its own min-max: CAMs of different networks share no unit)"),
+               scale="per-map (each map its own min-max: CAMs of different networks share no unit)",
+               cams=True),
     FigureSpec("bam-hierarchy", "the BAM paper's figure: feature before, attention 1 + M(F), "
                "feature after", _bam, _no_bam, scale="per-row (F and F' shared)"),
     FigureSpec("class-stats", "mean channel weight per class (the SENet excitation plot)"),

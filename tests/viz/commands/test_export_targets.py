@@ -51,6 +51,23 @@ def _export(capsys, tmp_path, *argv) -> tuple[int, str, dict]:
     return code, err, json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
+def test_a_headless_timm_vit_opens_and_draws_its_attention_without_a_target(capsys, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file(net.state_dict(), tmp_path / "dino_like.safetensors")
+    ckpt = load_checkpoint(tmp_path / "dino_like.safetensors")
+    assert (ckpt.arch.name, ckpt.arch.num_classes) == ("vit_tiny_patch16_224", 0)
+    code, err, manifest = _export(capsys, tmp_path, "--checkpoint",
+                                  str(tmp_path / "dino_like.safetensors"),
+                                  "--figure", "dino-heads", "token-norms")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == [
+        "dino-heads.png", "token-norms.png"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, options, arch",
     [
@@ -158,8 +175,13 @@ def test_similar_to_target_and_a_cbam_unet_from_the_command_line(capsys, tmp_pat
         assert code == 0, err
         assert manifest["results"][0]["explained"] == "cosine similarity to a 512-d embedding"
         code, err, _ = _export(capsys, tmp_path, "--checkpoint", str(tmp_path / "embed.pth"),
-                               "--overwrite")  # fmt: skip
+                               "--figure", "gradcam", "--overwrite")  # fmt: skip
         assert code == 1 and "no classifier" in err  # no silent argmax of an embedding
+        code, err, manifest = _export(capsys, tmp_path, "--checkpoint", str(tmp_path / "embed.pth"),
+                                      "--figure", "overview", "--overwrite")  # fmt: skip
+        assert code == 0, err  # attention alone needs no target
+        assert manifest["results"][0]["explained"].startswith("attention only")
+        assert manifest["results"][0]["score"] is None
 
         unet = TinyCbamUNet(3).eval()
         torch.save(unet.state_dict(), tmp_path / "unet.pth")

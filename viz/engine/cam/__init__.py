@@ -7,7 +7,7 @@ and one backward for the trace and every CAM; `network` gives the whole-network 
 GAE, LeGrad, FullGrad); `attribution` the input-resolution attributions (Captum).
 """
 
-from viz.engine.cam.analyze import AUGMENTATIONS, analyze
+from viz.engine.cam.analyze import ATTENTION_ONLY, AUGMENTATIONS, analyze, attention_only
 from viz.engine.cam.attribution import ATTRIBUTION_METHODS, attribute
 from viz.engine.cam.extra_passes import NUM_SAMPLES
 from viz.engine.cam.layers import DEFAULT_CAM_LAYERS, resolve_layers, stage_layers
@@ -23,9 +23,10 @@ from viz.engine.cam.registry import (
     smoothings_for,
 )
 from viz.engine.cam.result import Analysis
-from viz.engine.cam.targets import resolve_targets
+from viz.engine.cam.targets import NoTargetError, resolve_targets
 
 __all__ = [
+    "ATTENTION_ONLY",
     "ATTRIBUTION_METHODS",
     "AUGMENTATIONS",
     "Analysis",
@@ -35,8 +36,10 @@ __all__ = [
     "DEFAULT_CAM_LAYERS",
     "NEEDS",
     "NUM_SAMPLES",
+    "NoTargetError",
     "SMOOTHINGS",
     "analyze",
+    "attention_only",
     "attribute",
     "checked_options",
     "register_cam_method",

@@ -32,7 +32,7 @@ from viz.engine.trace import model_modules, record_attention
 from viz.engine.unread import warn_unread_attention
 from viz.targets import ClassScore, main_tensor
 
-__all__ = ["analyze", "AUGMENTATIONS"]
+__all__ = ["analyze", "attention_only", "AUGMENTATIONS", "ATTENTION_ONLY"]
 
 
 def analyze(
@@ -156,6 +156,21 @@ def _analyze(model, x, target, cam_layers, settings: Settings) -> Analysis:
                     n: cam_stage(levels, x.shape[-2], a.shape[-2]) for n, a in run.acts.items()
                 }
     return run.analysis(cams, spec.name, stages, settings.smoothing)
+
+
+ATTENTION_ONLY = "attention only (no target for this network's output)"
+"""`Analysis.explained` of `attention_only`."""
+
+
+def attention_only(model: nn.Module, x: Tensor) -> Analysis:
+    """The attention maps of every module from one forward, with no CAM: for the figures that
+    need none (overview, heads, dino-heads, token-norms, channels) on a network whose output
+    no target explains (an embedding network given no concept). Scores are NaN."""
+    with model_lock(model), preserve_model_state(model), torch.no_grad():
+        with record_attention(model, feature_means=True) as trace:
+            model(x)
+    nan = torch.full((len(x),), float("nan"))
+    return Analysis(None, None, None, trace, {}, "none", {}, (), nan, ATTENTION_ONLY)
 
 
 class _Counter:

@@ -16,9 +16,13 @@ from torch import Tensor, nn
 
 from viz.targets import TARGET_HELPERS, ClassScore, main_tensor
 
-__all__ = ["Explained", "explained_by", "resolve_targets", "is_headless"]
+__all__ = ["Explained", "NoTargetError", "explained_by", "resolve_targets", "is_headless"]
 
 Score = Callable[[object], Tensor]
+
+
+class NoTargetError(ValueError):
+    """The network's output is not class logits and no target callable was given (one line)."""
 
 
 @dataclass(frozen=True)
@@ -109,23 +113,24 @@ def explained_by(target, output: object, n: int, model: nn.Module | None = None)
 
 def _class_logits(output: object, model: nn.Module | None) -> Tensor:
     refusal = (
-        f"give a target: one of {TARGET_HELPERS} (viz.targets), or any output -> (N,) function"
+        f"give a target: one of {TARGET_HELPERS} (viz.targets), or any output -> (N,) "
+        "function (command line: --target segment:K, box:x0,y0,x1,y1 or similar-to:IMAGE)"
     )
     if isinstance(output, (list, tuple)) and output and not isinstance(output[0], Tensor):
-        raise ValueError(
+        raise NoTargetError(
             f"the network returned a list of {type(output[0]).__name__} (a detector's?), "
             f"not class logits; {refusal}"
         )
     try:
         logits = main_tensor(output)
     except ValueError as err:
-        raise ValueError(f"{err}, not class logits; {refusal}") from None
+        raise NoTargetError(f"{err}, not class logits; {refusal}") from None
     if logits.ndim != 2:
-        raise ValueError(
+        raise NoTargetError(
             f"the network returned {tuple(logits.shape)}, not class logits (N, C); {refusal}"
         )
     if model is not None and is_headless(model):
-        raise ValueError(
+        raise NoTargetError(
             f"the network has no classifier: its {tuple(logits.shape)} output is an embedding, "
             f"not class logits; {refusal}"
         )
