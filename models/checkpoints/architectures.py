@@ -67,6 +67,7 @@ class ForeignArch:
     num_classes: int
     attention: str | None = None
     options: dict = field(default_factory=dict, hash=False)
+    names_for: Callable[[int], list[str] | None] | None = None
 
     @property
     def label(self) -> str:
@@ -101,6 +102,8 @@ class Architecture:
         classifier: the classifier's module names, when known: its keys are those under them
             (saves the second meta build that otherwise finds which keys follow the class count).
         options: build keyword arguments (besides the class count) this candidate stands for.
+        names_for: class count -> the names of its classes when that count has known names
+            (torchvision's VOC and COCO categories), else None; looked up only once matched.
     """
 
     name: str
@@ -112,6 +115,7 @@ class Architecture:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     classifier: tuple[str, ...] | None = None
     options: dict = field(default_factory=dict, hash=False)
+    names_for: Callable[[int], list[str] | None] | None = None
 
 
 _lock = threading.Lock()
@@ -521,6 +525,21 @@ def _torchvision_dense_build(name: str, **options) -> Callable[[int], nn.Module]
     return build
 
 
+def _torchvision_categories(name: str) -> Callable[[int], list[str] | None]:
+    """The categories of torchvision's weights for `name` (VOC's 21, COCO's 91) when the class
+    count is theirs; COCO's repeated "N/A" placeholders get their index, so names stay unique."""
+
+    def names(count: int) -> list[str] | None:
+        import torchvision
+
+        found = list(torchvision.models.get_model_weights(name).DEFAULT.meta["categories"])
+        if len(found) != count:
+            return None
+        return [c if found.count(c) == 1 else f"{c} ({i})" for i, c in enumerate(found)]
+
+    return names
+
+
 def _register_dense_builtins() -> None:
     # segmenters see the image at torchvision's evaluation size; detectors normalise and
     # resize inside (their transform), so they take the pixels in [0, 1] as they are
@@ -529,18 +548,21 @@ def _register_dense_builtins() -> None:
     for name, key in SEGMENTERS.items():
         has_head = lambda keys, key=key: key in keys  # noqa: E731
         has_aux = lambda keys, key=key: key in keys and "aux_classifier.0.weight" in keys  # noqa: E731
+        names = _torchvision_categories(name)
         if not name.startswith("lraspp"):
             _registry[f"{name}+aux"] = Architecture(
                 f"{name}+aux", "torchvision", _torchvision_dense_build(name, aux_loss=True),
-                has_aux, segmenter_input,
+                has_aux, segmenter_input, names_for=names,
             )  # fmt: skip
         _registry[name] = Architecture(
-            name, "torchvision", _torchvision_dense_build(name), has_head, segmenter_input
-        )
+            name, "torchvision", _torchvision_dense_build(name), has_head, segmenter_input,
+            names_for=names,
+        )  # fmt: skip
     for name, key in DETECTORS.items():
         _registry[name] = Architecture(
             name, "torchvision", _torchvision_dense_build(name),
             lambda keys, key=key: key in keys, detector_input,
+            names_for=_torchvision_categories(name),
         )  # fmt: skip
 
 

@@ -642,6 +642,8 @@ def _load_foreign(
     arch = ForeignArch(spec.name, spec.source, num_classes, attention_kind(model), spec.options)
     preprocess = spec.preprocess() if spec.preprocess is not None else Preprocess()
     names = spec.class_names if spec.class_names and len(spec.class_names) == num_classes else None
+    if names is None and spec.names_for is not None:
+        names = spec.names_for(num_classes)
     return arch, model, preprocess, names
 
 

@@ -462,28 +462,28 @@ def deletion_insertion(
     points = steps + 1
     with preserve_model_state(model), torch.no_grad():
         base = _gaussian_blur(x) if baseline == "blur" else torch.zeros_like(x)
-        if callable(target) and not isinstance(target, Tensor):
-            explained = explained_by(target, model(x), n, model)
-            targets, text = None, explained.text
-            scores = _perturbed_target_scores(
-                model, x, base, ranks, counts, explained.per_image, batch_size, progress
-            )
-        else:
-            targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
-            text = "classes"
-            scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
+        scores, targets, text = _curve_scores(
+            model, x, base, ranks, counts, target, batch_size, progress
+        )
     curves = scores.view(n, 2, points).cpu()
     fractions = counts.cpu().double().div(pixels).float()
     deletion, insertion = curves[:, 0], curves[:, 1]
-    return DeletionInsertion(
-        torch.trapezoid(deletion, fractions, dim=1),
-        torch.trapezoid(insertion, fractions, dim=1),
-        fractions,
-        deletion,
-        insertion,
-        None if targets is None else targets.cpu(),
-        text,
-    )
+    auc = [torch.trapezoid(c, fractions, dim=1) for c in (deletion, insertion)]
+    targets = None if targets is None else targets.cpu()
+    return DeletionInsertion(*auc, fractions, deletion, insertion, targets, text)
+
+
+def _curve_scores(model, x, base, ranks, counts, target, batch_size: int, progress):
+    """(scores of every perturbed image, the classes followed or None, what was followed)."""
+    if callable(target) and not isinstance(target, Tensor):
+        explained = explained_by(target, model(x), len(x), model)
+        scores = _perturbed_target_scores(
+            model, x, base, ranks, counts, explained.per_image, batch_size, progress
+        )
+        return scores, None, explained.text
+    targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
+    scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
+    return scores, targets, "classes"
 
 
 def _perturbed_scores(model, x, base, ranks, counts, targets, batch_size: int, progress) -> Tensor:

@@ -80,6 +80,7 @@ def test_torchvision_segmenters_and_detectors_are_recognised_and_their_gates_tra
 ):
     ckpt = load_checkpoint(_saved(tmp_path, name, **options))
     assert (ckpt.arch.name, ckpt.arch.num_classes, ckpt.arch.attention) == (arch, 6, "se")
+    assert ckpt.class_names[:2] == ["class 0", "class 1"]  # 6 classes: no known names
     with record_attention(ckpt.model) as trace, torch.no_grad():
         ckpt.model(torch.rand(1, 3, 96, 96))  # runs: no tensor left on the meta device
     assert len(trace) > 0 and {rec.kind for rec in trace} == {"se"}
@@ -199,3 +200,21 @@ def test_similar_to_target_and_a_cbam_unet_from_the_command_line(capsys, tmp_pat
     finally:
         unregister_architecture("headless-r18")
         unregister_architecture("cbam-unet")
+
+
+def test_voc_and_coco_counts_get_their_category_names(tmp_path):
+    voc = load_checkpoint(_saved_with(tmp_path, "lraspp_mobilenet_v3_large", 21))
+    assert voc.class_names[:3] == ["__background__", "aeroplane", "bicycle"]
+    coco = load_checkpoint(_saved_with(tmp_path, "ssdlite320_mobilenet_v3_large", 91))
+    assert coco.class_names[1] == "person" and "N/A (12)" in coco.class_names
+    assert len(set(coco.class_names)) == 91  # COCO's placeholders made unique
+
+
+def _saved_with(tmp_path, name: str, classes: int) -> str:
+    from torchvision.models import get_model
+
+    path = tmp_path / f"{name}_{classes}.pth"
+    torch.save(
+        get_model(name, weights=None, weights_backbone=None, num_classes=classes).state_dict(), path
+    )
+    return str(path)
