@@ -6,7 +6,8 @@ the library: every computation is a call into `models` or `viz`, cached by `lens
 so changing how maps are drawn never runs the network again.
 
 The environment variable ATTENTION_LENS_CHECKPOINTS points the app at another checkpoint folder;
-ATTENTION_LENS_PLUGINS lists the operator's plugins (`models.plugins`), loaded once per server.
+ATTENTION_LENS_PLUGINS lists the operator's plugins (`models.plugins`), loaded once per server;
+ATTENTION_LENS_TORCH_THREADS sets the CPU threads of a network pass (default 1, 0: torch's own).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import streamlit as st
 
 import viz
-from lens_app.caching import plugin_errors, policy
+from lens_app.caching import Heap, network_threads, plugin_errors, policy
 from lens_app.context import USER_ERRORS, View
 from lens_app.images import choose_images
 from lens_app.page import page
@@ -28,6 +29,7 @@ log = logging.getLogger("attention_lens.app")
 
 def main() -> None:
     st.set_page_config(page_title="Attention Lens", page_icon=":mag:", layout="wide")
+    network_threads()
     st.title("Attention Lens")
     st.caption(
         "What attention does inside a network: every BAM/CBAM/SE module's spatial map and "
@@ -69,3 +71,4 @@ def main() -> None:
 
 
 main()
+Heap.settle()  # after the page: the collector's pass that follows each run stays short

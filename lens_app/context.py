@@ -3,7 +3,7 @@ chosen image, class and analysis, the drawing settings, where errors go)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ import models
 import viz
 
 from . import keys
+from .slow import SlowRun
 
 # what a user can cause (a bad file, a bad choice): one line on the page, no traceback
 USER_ERRORS = (models.CheckpointError, viz.ImageError, ValueError, OSError)
@@ -33,6 +34,18 @@ class View:
 
     settings: viz.FigureSettings
     prefix: str  # download file names start with it
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """How to draw one figure, and what it shows how (`key`: equal keys, the same figure; None:
+    not kept, e.g. the maps of a slow method, which a session may compute anew)."""
+
+    build: Callable[[], Any]  # -> a matplotlib Figure
+    key: Hashable | None = None
+
+    def __call__(self):
+        return self.build()
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,23 @@ class Context:
         """A transformer has heads where a CNN has channel weights."""
         return any(rec.kind == "self-attention" for rec in self.analysis.trace)
 
-    def draw(self, name: str, **extra) -> Callable:
-        """The builder of one of the image's figures under this run's settings."""
+    def draw(self, name: str, **extra) -> Drawing:
+        """The builder of one of the image's figures under this run's settings, with its key."""
         an, crop, names, settings = self.analysis, self.crop, self.ckpt.class_names, self.settings
-        return lambda: viz.draw_image_figure(name, crop, an, names, settings, **extra)
+        key = None
+        if not SlowRun.slow(settings.method, settings.smoothing):
+            key = (name, self.item.sha, self.target, *self.drawing_key(), *sorted(extra.items()))
+            try:
+                hash(key)
+            except TypeError:  # an option that is not a value (a trace): not kept
+                key = None
+        return Drawing(lambda: viz.draw_image_figure(name, crop, an, names, settings, **extra), key)
+
+    def drawing_key(self) -> tuple:
+        """What every figure of this run depends on besides its image, class and options: the
+        model, its class names (a session may give its own) and the settings but the download
+        dpi (the quick analyses are the same for every session: `st.cache_data`)."""
+        s = self.settings
+        names = viz.digest("\n".join(self.ckpt.class_names).encode())
+        return (self.ckpt.sha256, names, s.method, s.layers, s.smoothing, s.num_samples, s.cmap,
+                s.alpha, s.scale, s.width, s.render)  # fmt: skip

@@ -17,6 +17,7 @@ DI_MAPS = "di_maps"
 # what the app keeps per session (not widgets)
 DOWNLOADS = "downloads"
 PRERENDERED = "prerendered"
+DRAWN = "drawn"
 SLOW_ANALYSES = "slow_analyses"
 SLOW_JOBS = "slow_jobs"
 REPORT_JOB = "report_job"

@@ -16,9 +16,9 @@ import viz
 
 from . import keys
 from .context import USER_ERRORS, View
+from .drawn import Drawn, screen_png
 
 MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}  # viz.FORMATS
-SCREEN_DPI = 150  # on screen; downloads use figure_bytes at the sidebar's dpi
 log = logging.getLogger("attention_lens.app")
 
 
@@ -30,25 +30,36 @@ def state(key: str, default):
 def show_figure(build: Callable[[], Figure], name: str, key: str, view: View, errors) -> None:
     """Draw a figure as PNG and offer it as PNG/PDF/SVG: the PNG at the download dpi is made
     from the same figure in the background once it is shown (the likeliest click answers at
-    once), PDF and SVG are rendered on click."""
+    once), PDF and SVG are rendered on click. A `Drawing` with a key is kept by this session
+    (`Drawn`): shown again, with its PNG made, it is not drawn at all."""
+    figure_key, drawn, dpi = getattr(build, "key", None), Drawn.of_session(), view.settings.dpi
+    screen = png = fig = None
+    if figure_key is not None:
+        screen, png = drawn.get((figure_key, "screen")), drawn.get((figure_key, dpi))
+    if screen is None or png is None:  # drawn (the PNG made ahead is its second draw, as ever)
+        try:
+            fig = build()
+        except USER_ERRORS as exc:
+            errors.error(viz.md_text(exc))
+            return
     try:
-        fig = build()
-    except USER_ERRORS as exc:
-        errors.error(viz.md_text(exc))
-        return
-    try:
-        st.image(viz.figure_bytes(fig, "png", dpi=SCREEN_DPI))
+        if fig is not None:
+            screen = screen_png(fig)
+            if figure_key is not None:
+                drawn.put((figure_key, "screen"), screen)
+        st.image(screen, output_format="PNG")  # as it is (auto: a 3-channel PNG made a JPEG)
     except BaseException:
-        fig.clear()
+        if fig is not None:
+            fig.clear()
         raise
-    png = Prerendered.start(fig, view.settings.dpi, key)  # it closes the figure
+    if png is None:
+        keep = None if figure_key is None else partial(drawn.put, (figure_key, dpi))
+        take_png = partial(Prerendered.start(fig, dpi, key, keep).take, build)  # closes the figure
+    else:
+        take_png = partial(bytes, png)
     for col, fmt in zip(st.columns(len(MIME)), MIME):
         file_name = f"{view.prefix}_{name}.{fmt}"
-        make = (
-            partial(png.take, build)
-            if fmt == "png"
-            else partial(_render, build, fmt, view.settings.dpi)
-        )
+        make = take_png if fmt == "png" else partial(_render, build, fmt, dpi)
         col.download_button(
             fmt.upper(), file_name=file_name, mime=MIME[fmt], key=keys.figure_download(key, fmt),
             icon=":material/download:", **Downloads.of_session().on_click(make, file_name),
@@ -74,14 +85,16 @@ class Prerendered:
     _queue: list[Prerendered] = []  # waiting, oldest first
     _worker: threading.Thread | None = None
 
-    def __init__(self, fig: Figure, dpi: int) -> None:
-        self.fig, self.dpi = fig, dpi
+    def __init__(self, fig: Figure, dpi: int, keep: Callable[[bytes], None] | None = None) -> None:
+        self.fig, self.dpi, self.keep = fig, dpi, keep
         self.state = "waiting"  # then "making", "made" or "dropped"
         self.data: bytes | None = None
 
     @classmethod
-    def start(cls, fig: Figure, dpi: int, key: str) -> Prerendered:
-        job, latest = cls(fig, dpi), state(keys.PRERENDERED, {})  # key -> the newest
+    def start(cls, fig: Figure, dpi: int, key: str,
+              keep: Callable[[bytes], None] | None = None) -> Prerendered:  # fmt: skip
+        """Queue the figure's PNG; `keep(png)` is called once it is made."""
+        job, latest = cls(fig, dpi, keep), state(keys.PRERENDERED, {})  # key -> the newest
         with cls._lock:
             older = latest.get(key)
             if older is not None and older.state == "waiting":
@@ -119,6 +132,8 @@ class Prerendered:
                 data = None
             finally:
                 job.fig.clear()
+            if data is not None and job.keep is not None:
+                job.keep(data)
             with cls._lock:
                 job.fig, job.data = None, data
                 job.state = "made" if data is not None else "dropped"

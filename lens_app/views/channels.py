@@ -6,7 +6,7 @@ import streamlit as st
 
 import viz
 
-from ..context import Context
+from ..context import Context, Drawing
 from ..widgets import KEEP, show_figure
 
 
@@ -31,8 +31,11 @@ def render(ctx: Context) -> None:
     compare = None if other is None else ctx.base[other].trace
     labels = None if other is None else [items[pick].name, items[other].name]
     base, crop, names, settings = ctx.base[pick], ctx.crop, ctx.ckpt.class_names, ctx.settings
+    # the images' quick analyses (shared, `st.cache_data`): kept under their images and options
+    key = ("channels", items[pick].sha, None if other is None else items[other].sha, top_k,
+           tuple(labels or ()), *ctx.drawing_key())  # fmt: skip
     show_figure(
-        lambda: viz.draw_image_figure("channels", crop, base, names, settings, top_k=top_k,
-                                      compare=compare, labels=labels),
+        Drawing(lambda: viz.draw_image_figure("channels", crop, base, names, settings,
+                                              top_k=top_k, compare=compare, labels=labels), key),
         f"{ctx.stem}_channels", f"ch:{ctx.stamp}", ctx.view, ctx.errors,
     )  # fmt: skip

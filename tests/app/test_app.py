@@ -1226,3 +1226,129 @@ def test_a_png_download_is_made_ahead_from_the_figure_shown(app, deferred, monke
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(built) == before  # not built again
     (pdf,) = [b.proto for b in at.get("download_button") if b.proto.label == "PDF"]
     assert deferred[pdf.deferred_file_id]()[:4] == b"%PDF" and len(built) == before + 1
+
+
+def made_ahead(at: AppTest, limit: float = 120.0) -> None:
+    """Wait until the background PNGs of the figures shown are made."""
+    jobs = at.session_state["prerendered"]
+    deadline = time.monotonic() + limit
+    while any(job.state in ("waiting", "making") for job in jobs.values()):
+        assert time.monotonic() < deadline, "background PNG not made"
+        time.sleep(0.05)
+
+
+def test_a_figure_shown_again_is_not_drawn_again(app, deferred, monkeypatch):
+    """Was: every rerun drew its figure anew, a setting, class or view shown before too. A
+    session keeps its figures (screen and download PNG) by what they show: back to an opacity,
+    the same picture, its PNG download at once; a new opacity is drawn."""
+    import viz
+
+    drawn, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        drawn.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at = app.run()
+    made_ahead(at)
+    first = at.image[1].proto.imgs[0].url
+    at.sidebar.slider(key="alpha").set_value(0.7).run()
+    made_ahead(at)
+    assert drawn == ["overview", "overview"] and at.image[1].proto.imgs[0].url != first
+    at.sidebar.slider(key="alpha").set_value(0.5).run()
+    show(at, "cam")
+    show(at, "spatial")
+    assert_clean(at)
+    assert drawn == ["overview", "overview", "gradcam"]  # the overview at 0.5 is not drawn again
+    assert at.image[1].proto.imgs[0].url == first  # the same bytes (the media file's id)
+    png = download(at, deferred, "PNG")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(drawn) == 3
+    # the file is the library's, not the screen's
+    assert Image.open(io.BytesIO(png)).info.get("dpi", (0,))[0] == pytest.approx(300, abs=1)
+
+
+def test_a_slow_method_s_figure_is_drawn_every_time(app, monkeypatch):
+    """The maps of a slow method are the session's own and may be computed anew (noisy
+    samples): its figures are not kept."""
+    import viz
+
+    drawn, real = [], viz.draw_image_figure
+
+    def spy(name, *args, **kwargs):
+        drawn.append(name)
+        return real(name, *args, **kwargs)
+
+    at = app.run()
+    at.sidebar.multiselect(key="smoothing").set_value(["aug"]).run()  # augmentation: slow
+    made_ahead(at)
+    monkeypatch.setattr(viz, "draw_image_figure", spy)
+    at.sidebar.slider(key="alpha").set_value(0.7).run()
+    made_ahead(at)
+    at.sidebar.slider(key="alpha").set_value(0.5).run()
+    assert_clean(at)
+    assert drawn == ["overview", "overview"]
+
+
+def test_the_screen_png_has_the_figure_files_pixels():
+    """The screen's PNG (3 channels, fast zlib) shows exactly what `viz.figure_bytes` makes of
+    the same figure (each drawn once: the constrained layout moves a little at a second draw)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    import viz
+    from lens_app.drawn import SCREEN_DPI, screen_png
+
+    def figure(size):
+        fig = Figure(figsize=size, layout="constrained")
+        ax = fig.add_subplot(1, 2, 1)
+        ax.imshow(np.random.default_rng(0).random((14, 14)), cmap="inferno")
+        ax.set_title("stage 4 · block 1")
+        fig.add_subplot(1, 2, 2).plot([0, 1], [1, 0.2])
+        fig.colorbar(ax.images[0], ax=ax)
+        return fig
+
+    for size in ((6.9, 1.4544444), (3.3, 2.3), (6.9, 4.805)):
+        mine = Image.open(io.BytesIO(screen_png(figure(size))))
+        theirs = Image.open(io.BytesIO(viz.figure_bytes(figure(size), "png", dpi=SCREEN_DPI)))
+        assert mine.mode == "RGB" and theirs.mode == "RGBA"
+        assert mine.size == theirs.size
+        assert (np.asarray(mine) == np.asarray(theirs.convert("RGB"))).all()
+        assert (np.asarray(theirs)[..., 3] == 255).all()
+
+
+def test_the_heap_is_frozen_once_it_grew(app, monkeypatch):
+    """Streamlit collects garbage after every run (about 0.3 s over torch's and matplotlib's
+    objects, holding the page's last messages): the app freezes the long-lived heap when it
+    grows (first run, a model loaded), not on every run."""
+    import gc
+
+    freezes = []
+    real = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freezes.append(1), real())[1])
+    at = app.run()
+    assert gc.get_freeze_count() > 0
+    n = len(freezes)
+    at.sidebar.slider(key="alpha").set_value(0.7).run()
+    at.sidebar.selectbox(key="cmap").set_value("viridis").run()
+    assert_clean(at)
+    assert len(freezes) == n  # a drawing change: nothing new to freeze
+    from lens_app.caching import Heap
+
+    Heap.grew()  # as a model's first load does
+    at.sidebar.slider(key="alpha").set_value(0.5).run()
+    assert len(freezes) == n + 1
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("", 1), ("3", 3), ("0", None), ("many", 1)])
+def test_a_network_pass_takes_one_thread_unless_told(value, wanted, monkeypatch):
+    """A page's pass is one image: on busy cores two threads wait on each other (a class change
+    took up to 4.7 s on 2 shared cores, 0.2 s on one thread); the operator may say otherwise."""
+    from lens_app import caching
+
+    calls = []
+    monkeypatch.setenv(caching.THREADS_ENV, value)
+    monkeypatch.setattr(caching.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(caching.torch, "set_num_threads", calls.append)
+    caching.network_threads()
+    assert calls == ([] if wanted is None else [wanted])
