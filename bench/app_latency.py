@@ -11,7 +11,13 @@ per root, the roots' rounds interleaved too, so "before" and "after" share the m
 A change counts as answered when the page's last change caused by it has landed: a
 MutationObserver on the page records the time of every DOM change; after the action, once the
 app has been idle (no "running" widget, no change) for a second, the answer time is the last
-change's time minus the action's. Needs Debian's chromium and chromium-driver.
+change's time minus the action's. The action is the click or key press itself: finding the
+control (and opening a select box's list) comes before it, outside the time (it was inside
+until December 2026, some 0.1 to 0.3 s of WebDriver round trips per change).
+
+The opacity goes back and forth, so later rounds show settings, classes and models seen before
+(as a user going back); `--fresh` moves it one way, so that no figure of a round was drawn
+before and each change is drawn anew. Needs Debian's chromium and chromium-driver.
 """
 
 from __future__ import annotations
@@ -115,29 +121,37 @@ def _by_label(driver, testid: str, label: str):
     raise LookupError(f"no {testid} labelled {label!r}")
 
 
-def _choose(driver, label: str, option_index: int) -> None:
-    """Open the select box and pick an option other than the one shown (alternating)."""
+def _choose(driver, label: str, option_index: int):
+    """Open the select box; the click on an option other than the one shown (alternating)."""
     box = _by_label(driver, "stSelectbox", label)
     field = box.find_element("css selector", "input")
     shown = field.get_attribute("value")
     field.click()
     options = [o for o in driver.find_elements("css selector", '[role="option"]')
                if o.get_attribute("textContent").strip() != shown]  # fmt: skip
-    options[option_index % min(2, len(options))].click()
+    return options[option_index % min(2, len(options))].click
 
 
-def _key(driver, label: str, key: str) -> None:
-    _by_label(driver, "stSlider", label).find_element(
+def _key(driver, label: str, key: str):
+    """The key press on the slider labelled `label`."""
+    slider = _by_label(driver, "stSlider", label).find_element(
         "css selector", 'input[type="range"], [role="slider"]'
-    ).send_keys(key)
+    )
+    return partial(slider.send_keys, key)
 
 
-def _class(driver, n: int) -> None:
-    """Click the first or second class of the "Explain class" radio (the one not chosen)."""
+def _class(driver, n: int):
+    """The click on the first or second class of the "Explain class" radio (the one not chosen)."""
     radio = _by_label(driver, "stRadio", "Explain class")
     inputs = radio.find_elements("css selector", 'input[type="radio"]')
     target = inputs[1] if inputs[0].is_selected() else inputs[0]
-    driver.execute_script("arguments[0].click();", target)
+    return partial(driver.execute_script, "arguments[0].click();", target)
+
+
+def prepared(driver, prepare) -> float:
+    """`prepare()` finds the control (and opens a select box's list): the user's way to the
+    action, outside the time; then the seconds from its action to the last page change."""
+    return answered(driver, prepare())
 
 
 def _download(driver, downloads: Path) -> float:
@@ -174,19 +188,20 @@ class Page:
             time.sleep(0.5)
         answered(self.driver, lambda: None)
 
-    def round(self, i: int, times: dict[str, list[float]]) -> None:
-        """Each change once (its times appended), the direction alternating with `i`."""
+    def round(self, i: int, times: dict[str, list[float]], fresh: bool = False) -> None:
+        """Each change once (its times appended), the direction alternating with `i`; `fresh`:
+        the opacity moves one way, so that no figure of the round was drawn before."""
         from selenium.webdriver.common.keys import Keys
 
         driver = self.driver
-        arrow = Keys.ARROW_RIGHT if i % 2 == 0 else Keys.ARROW_LEFT
+        arrow = Keys.ARROW_RIGHT if i % 2 == 0 or fresh else Keys.ARROW_LEFT
         actions = {
             "opacity": partial(_key, driver, "Overlay opacity", arrow),
             "colour map": partial(_choose, driver, "Colour map", i),
             "class": partial(_class, driver, i),
             "model": partial(_choose, driver, "Model in use", i),
         }
-        steps = {**{k: partial(answered, driver, a) for k, a in actions.items()},
+        steps = {**{k: partial(prepared, driver, a) for k, a in actions.items()},
                  "download": partial(_download, driver, self.downloads)}  # fmt: skip
         for name, step in steps.items():
             try:
@@ -206,7 +221,8 @@ def _mtime(path: Path) -> int | None:
         return None
 
 
-def measure(urls: list[str], rounds: int, tmp: Path) -> list[dict[str, list[float]]]:
+def measure(urls: list[str], rounds: int, tmp: Path,
+            fresh: bool = False) -> list[dict[str, list[float]]]:  # fmt: skip
     """Per app: each change's times, the apps' rounds interleaved (app 1, app 2, app 1, ...)."""
     pages = []
     try:
@@ -217,7 +233,7 @@ def measure(urls: list[str], rounds: int, tmp: Path) -> list[dict[str, list[floa
         for i in range(rounds):
             for n, (page, mine) in enumerate(zip(pages, times)):
                 print(f"round {i + 1}, app {n + 1}", file=sys.stderr, flush=True)
-                page.round(i, mine)
+                page.round(i, mine, fresh)
         return times
     finally:
         for page in pages:
@@ -244,10 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.app_latency", description=__doc__.split("\n")[0]
     )
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fresh", action="store_true",
+                   help="the opacity moves one way (0.5 up, at most 10 rounds): every figure of "
+                   "a round is drawn anew, none shown again from what the app kept")  # fmt: skip
     p.add_argument("--root", action="append", type=Path, default=[],
                    help="another checkout whose app.py to measure beside this one (repeatable; "
                    "its column comes first)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.fresh and args.rounds > 10:
+        p.error("--fresh: at most 10 rounds (the opacity goes from 0.5 to 1 in steps of 0.05)")
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         print("error: needs chromium and chromedriver (apt-get install chromium chromium-driver)")
         return 2
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = _free_port()
                 procs.append(start_app(port, tmp / f"streamlit{n}.log", root))
                 urls.append(f"http://127.0.0.1:{port}")
-            times = measure(urls, args.rounds, tmp)
+            times = measure(urls, args.rounds, tmp, args.fresh)
         finally:
             for proc in procs:
                 proc.terminate()
