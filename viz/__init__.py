@@ -84,6 +84,7 @@ from viz.figures import (
     token_norms,
 )
 from viz.figures.class_channel_stats import default_modules
+from viz.figures.dino_heads import class_token_blocks
 from viz.figures.registry import (
     FIGURES,
     IMAGE_FIGURES,
@@ -129,6 +130,7 @@ from viz.measures.metrics import (
     random_saliency,
     seed_of,
 )
+from viz.measures.token_norms import norm_blocks
 from viz.serving_policy import ServePolicy, serve_policy
 from viz.text import md_text, safe_name, safe_stem
 
@@ -196,6 +198,8 @@ __all__ = [
     "render_image",
     "default_modules",
     "FIGURES",
+    "class_token_blocks",
+    "norm_blocks",
     "IMAGE_FIGURES",
     "SCALES",
     "FigureSettings",

@@ -9,11 +9,16 @@ import viz
 from ..context import Context, Drawing
 from ..widgets import KEEP, show_figure
 
+HEAD_FIGURES = {  # a transformer's figures of its heads, by their export names
+    "heads": "Every head",
+    "dino-heads": "DINO: class-token attention and its mass masks",
+    "token-norms": "Output-token norms (registers)",
+}
+
 
 def render(ctx: Context) -> None:
     if ctx.transformer:
-        show_figure(ctx.draw("heads"), f"{ctx.stem}_heads", f"hd:{ctx.stamp}", ctx.view,
-                    ctx.errors)  # fmt: skip
+        heads(ctx)
         return
     trace = ctx.base[ctx.pick].trace
     if not len(trace):
@@ -39,3 +44,29 @@ def render(ctx: Context) -> None:
                                               top_k=top_k, compare=compare, labels=labels), key),
         f"{ctx.stem}_channels", f"ch:{ctx.stamp}", ctx.view, ctx.errors,
     )  # fmt: skip
+
+
+def heads(ctx: Context) -> None:
+    """Every head, DINO's figure (one block's heads and the patches holding a share of their
+    mass) or the registers paper's token norms, as the network allows."""
+    trace = ctx.analysis.trace
+    offered = [f for f in HEAD_FIGURES if viz.FIGURES[f].unavailable(ctx.analysis) is None]
+    kind = st.radio("Figure", offered, horizontal=True, key="head_figure", persist_state=KEEP,
+                    format_func=HEAD_FIGURES.__getitem__)  # fmt: skip
+    extra = {}
+    if kind in ("dino-heads", "token-norms"):
+        blocks = len(
+            viz.class_token_blocks(trace) if kind == "dino-heads" else viz.norm_blocks(trace)
+        )
+        c1, c2 = st.columns(2)
+        # keyed by the block count: another model's count must not meet this one's value
+        extra["block"] = c1.slider("Block", 0, blocks - 1, blocks - 1, key=f"{kind}_block_{blocks}",
+                                   persist_state=KEEP) if blocks > 1 else 0  # fmt: skip
+        if kind == "dino-heads":
+            extra["mass"] = c2.slider("Attention mass kept", 0.1, 0.95, 0.6, 0.05,
+                                      key="dino_mass", persist_state=KEEP)  # fmt: skip
+        else:
+            extra["ratio"] = c2.slider("Outlier: norm over the median above", 1.2, 5.0, 2.0, 0.1,
+                                       key="norm_ratio", persist_state=KEEP)  # fmt: skip
+    name = f"{ctx.stem}_{kind.replace('-', '_')}"
+    show_figure(ctx.draw(kind, **extra), name, f"hd:{kind}:{ctx.stamp}", ctx.view, ctx.errors)

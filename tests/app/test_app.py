@@ -1352,3 +1352,29 @@ def test_a_network_pass_takes_one_thread_unless_told(value, wanted, monkeypatch)
     monkeypatch.setattr(caching.torch, "set_num_threads", calls.append)
     caching.network_threads()
     assert calls == ([] if wanted is None else [wanted])
+
+
+def test_the_attention_heads_view_draws_dino_and_token_norm_figures(vit_app):
+    """Issue 39: the "Attention heads" view offers DINO's per-head figure (its block and mass
+    chosen) and the registers paper's token norms beside every head."""
+    at = vit_app.run()
+    at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
+    show(at, "channels")
+    figure = at.radio(key="head_figure")
+    assert figure.options == [
+        "Every head", "DINO: class-token attention and its mass masks",
+        "Output-token norms (registers)",
+    ]  # fmt: skip
+    figure.set_value("dino-heads").run()
+    assert_clean(at)
+    first = at.image[-1].proto.imgs[0].url
+    at.slider(key="dino_mass").set_value(0.8).run()
+    at.slider(key="dino-heads_block_12").set_value(3).run()
+    assert_clean(at)
+    assert at.image[-1].proto.imgs[0].url != first  # drawn again for block 3 at 80%
+    at.radio(key="head_figure").set_value("token-norms").run()
+    norms = at.image[-1].proto.imgs[0].url
+    at.slider(key="norm_ratio").set_value(1.5).run()
+    assert_clean(at)
+    assert at.image[-1].proto.imgs[0].url not in (first, norms)
+    assert [b.label for b in at.get("download_button") if "PNG" in b.label]
