@@ -109,15 +109,20 @@ def kept_uploads(max_bytes: int, seconds: float) -> viz.KeptUploads:
 
 def analysis(
     image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple,
-    smoothing: tuple, ckpt, image, options: tuple = (),
+    smoothing: tuple, ckpt, image, options: tuple = (), explain: tuple[str, object] = ("", None),
 ):  # fmt: skip
     """One image's analysis: quick methods cached for all sessions; the slow ones per session,
     in a thread of their own with a progress bar and a Stop button (widgets cannot live in a
-    cached function). `options`: the method's options as (name, value) pairs."""
+    cached function). `options`: the method's options as (name, value) pairs. `explain`:
+    (its key, a target callable) for a network that is not a classifier (`lens_app.explain`)."""
+    explain_key, explain_target = explain
+    if explain_target is not None:
+        target = explain_target
     if not SlowRun.slow(method, smoothing):
-        return quick_analysis(image_sha, ckpt_sha, target, method, layers, smoothing, ckpt, image)
+        return quick_analysis(image_sha, ckpt_sha, None if explain_key else target, method,
+                              layers, smoothing, ckpt, image, explain_key, target)  # fmt: skip
     kept = st.session_state.setdefault(keys.SLOW_ANALYSES, {})
-    key = (image_sha, ckpt_sha, target, method, layers, smoothing, options)
+    key = (image_sha, ckpt_sha, explain_key or target, method, layers, smoothing, options)
     if key not in kept:
         jobs = st.session_state.setdefault(keys.SLOW_JOBS, {})
         SlowRun.cancel(but=key)
@@ -142,19 +147,23 @@ def analysis(
 @st.cache_data(show_spinner=False, max_entries=512)
 def quick_analysis(
     image_sha: str, ckpt_sha: str, target: int | None, method: str, layers: tuple,
-    smoothing: tuple, _ckpt, _image,
+    smoothing: tuple, _ckpt, _image, explain_key: str = "", _target=None,
 ):  # fmt: skip
-    return viz.analyze_images(_ckpt, [_image], target, method=method, layers=layers,
+    """Keyed by the class, or by `explain_key` for a target callable (`_target`)."""
+    what = _target if explain_key else target
+    return viz.analyze_images(_ckpt, [_image], what, method=method, layers=layers,
                               smoothing=smoothing)  # fmt: skip
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def causal_scores(
     image_sha: str, ckpt_sha: str, target: int | None, saliency_key: str, steps: int,
-    _ckpt, _image, _saliency,
+    _ckpt, _image, _saliency, explain_key: str = "", _explain=None,
 ):  # fmt: skip
+    """Keyed by the class, or by `explain_key` for a target callable (`_explain`)."""
     x = _ckpt.preprocess.batch([_image])
     # ties in random order, as in the data-set report: a flat map scores at chance
     return viz.deletion_insertion(
-        _ckpt.model, x, _saliency, target, steps=steps, tie_seeds=[viz.seed_of(image_sha)]
-    )
+        _ckpt.model, x, _saliency, _explain if explain_key else target, steps=steps,
+        tie_seeds=[viz.seed_of(image_sha)],
+    )  # fmt: skip

@@ -70,6 +70,19 @@ class Context:
     analysis: Any  # the inspected image's analysis under the chosen method and class
     view: View
     errors: Any  # the container where problems are said
+    kind: str = "classes"  # what the network returns (`viz.targets.output_kind`)
+    explained: Any = None  # for the other kinds: `lens_app.explain.Explained`
+
+    @property
+    def classifier(self) -> bool:
+        return self.kind == "classes"
+
+    @property
+    def explain(self) -> tuple[str, object]:
+        """(key, target callable) of what a network that is not a classifier explains."""
+        if self.explained is None or self.explained.target is None:
+            return ("", None)
+        return (self.explained.key, self.explained.target)
 
     @property
     def settings(self) -> viz.FigureSettings:
@@ -101,7 +114,8 @@ class Context:
         an, crop, names, settings = self.analysis, self.crop, self.ckpt.class_names, self.settings
         key = None
         if not SlowRun.slow(settings.method, settings.smoothing):
-            key = (name, self.item.sha, self.target, *self.drawing_key(), *sorted(extra.items()))
+            key = (name, self.item.sha, self.target, self.explain[0], *self.drawing_key(),
+                   *sorted(extra.items()))  # fmt: skip
             try:
                 hash(key)
             except TypeError:  # an option that is not a value (a trace): not kept

@@ -44,6 +44,12 @@ def target(item, ckpt) -> str:
     return f"t5:{image_model(item, ckpt)}"
 
 
+def explain(item, ckpt, what: str) -> str:
+    """The choice of what a network that is not a classifier explains ("segment", "box",
+    "concept") for this image and model."""
+    return f"ex:{what}:{image_model(item, ckpt)}"
+
+
 def target_search(item, ckpt) -> str:
     """The "Search all classes" box behind the radio's "another class…"."""
     return f"tall:{image_model(item, ckpt)}"

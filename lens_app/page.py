@@ -10,7 +10,7 @@ import streamlit as st
 
 import viz
 
-from . import keys
+from . import explain, keys
 from .caching import analysis
 from .context import OTHER, Context, ImageItem, View
 from .slow import SlowRun
@@ -36,15 +36,26 @@ FIRST_VIEW = "spatial"
 
 def page(ckpt, label, model_options, items: list[ImageItem], view: View, errors) -> None:
     settings = view.settings
-    # the picker needs every image's prediction; a slow method runs on the picked image only
-    quick, quick_smoothing = SlowRun.quick(settings.method, settings.smoothing)
-    base = predict_all(ckpt, items, quick, settings.layers, quick_smoothing)
+    kind = explain.kind_of(ckpt, items[0])
     # the network's crop at the original's resolution: the same photo as in the downloads
     crops = [ckpt.preprocess.display_crop(item.image) for item in items]
-    pick = pick_image(ckpt, label, items, base, crops)
-    target, an = explained_class(ckpt, label, items[pick], crops[pick], base[pick], settings)
+    if kind == "classes":
+        # the picker needs every image's prediction; a slow method runs on the picked image only
+        quick, quick_smoothing = SlowRun.quick(settings.method, settings.smoothing)
+        base = predict_all(ckpt, items, quick, settings.layers, quick_smoothing)
+        pick = pick_image(ckpt, label, items, base, crops)
+        target, an = explained_class(ckpt, label, items[pick], crops[pick], base[pick], settings)
+        explained = None
+    else:  # a segmenter, a detector or an embedding network: the user says what to explain
+        base = [explain.attention_analysis(i.sha, ckpt.sha256, ckpt, i.image) for i in items]
+        pick = pick_image(ckpt, label, items, base, crops)
+        explained, an = explain.explained_output(kind, ckpt, label, items, pick, crops[pick],
+                                                 settings)  # fmt: skip
+        target = None
+        if explained.target is not None:
+            zip_button(st, ckpt, items[pick], explained.key, an, settings)
     ctx = Context(ckpt, label, model_options, tuple(items), tuple(base), tuple(crops), pick,
-                  target, an, view, errors)  # fmt: skip
+                  target, an, view, errors, kind, explained)  # fmt: skip
     chosen = choose_view(ctx.transformer)
     VIEWS[chosen][1](ctx)
 
@@ -81,11 +92,11 @@ def pick_image(ckpt, label, items, base, crops) -> int:
     st.subheader(f"{len(items)} images · {viz.md_text(label)}")
     for start in range(0, len(items), 5):
         for col, i in zip(st.columns(5), range(start, min(start + 5, len(items)))):
-            top = viz.top_predictions(base[i].probs[0], ckpt.class_names, 1)[0]
-            col.image(
-                crops[i],
-                caption=f"{viz.md_text(items[i].name)}: {viz.md_text(top.name)} (P = {top.prob:.2f})",
-            )
+            caption = viz.md_text(items[i].name)
+            if base[i].probs is not None:  # a classifier: its top-1 under the image
+                top = viz.top_predictions(base[i].probs[0], ckpt.class_names, 1)[0]
+                caption += f": {viz.md_text(top.name)} (P = {top.prob:.2f})"
+            col.image(crops[i], caption=caption)
     return st.selectbox(
         "Inspect image", range(len(items)), format_func=lambda i: items[i].name, key=keys.INSPECT
     )

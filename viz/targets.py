@@ -28,6 +28,8 @@ __all__ = [
     "BoxScore",
     "SimilarityScore",
     "main_tensor",
+    "output_kind",
+    "OUTPUT_KINDS",
     "TARGET_HELPERS",
 ]
 
@@ -51,6 +53,32 @@ def main_tensor(output: object) -> Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise ValueError(f"the network returned a {type(output).__name__}: no tensor to score")
+
+
+OUTPUT_KINDS = {
+    "classes": "class logits",
+    "segments": "a segmentation map",
+    "boxes": "detected boxes",
+    "embedding": "an embedding",
+}
+"""What a network returns, by `output_kind`, and its words."""
+
+
+def output_kind(output: object, headless: bool = False) -> str:
+    """ "boxes" (a detector's list of dicts), "segments" (an (N, K, H, W) map or torchvision's
+    `{"out": ...}`), "embedding" ((N, D) of a network without classifier: `headless`) or
+    "classes" ((N, C) logits); ValueError for anything else."""
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], dict):
+        if {"boxes", "labels", "scores"} <= set(output[0]):
+            return "boxes"
+    tensor = main_tensor(output)
+    if tensor.ndim == 4:
+        return "segments"
+    if tensor.ndim == 2:
+        return "embedding" if headless else "classes"
+    raise ValueError(
+        f"the network returned {tuple(tensor.shape)}: not an output Attention Lens explains"
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ def render(ctx: Context) -> None:
     if not chosen:
         st.info("Pick at least one saliency map to score.")
         return
+    if not ctx.classifier and ctx.explain[1] is None:
+        st.info("Choose what to explain above: deletion and insertion follow its score.")
+        return
     if st.toggle(f"Run ({len(chosen) + 1} maps x {2 * steps + 3} forward passes)", key="di_run",
                  persist_state=KEEP):  # fmt: skip
         deletion_insertion(ctx, [(shown[m], maps[m]) for m in chosen], steps, prefix)
@@ -72,7 +75,7 @@ def deletion_insertion(ctx: Context, named: list, steps: int, prefix: str) -> No
     for done, (name, saliency) in enumerate(named):
         key = f"{s.method}:{','.join(s.layers or ())}:{name}"
         results[name] = causal_scores(
-            item.sha, ckpt.sha256, ctx.target, key, steps, ckpt, item.image, saliency
+            item.sha, ckpt.sha256, ctx.target, key, steps, ckpt, item.image, saliency, *ctx.explain
         )
         bar.progress((done + 1) / len(named), text=f"{done + 1} of {len(named)} maps")
     bar.empty()

@@ -20,9 +20,13 @@ CAPTUM_KEPT = 8  # attributions kept per browser session
 
 
 def render(ctx: Context) -> None:
+    if not ctx.analysis.cams:  # a network that is not a classifier, nothing chosen yet
+        st.info("Choose what to explain above: the maps then explain it.")
+        return
     show_figure(ctx.draw("gradcam"), f"{ctx.stem}_gradcam", f"gc:{ctx.stamp}", ctx.view,
                 ctx.errors)  # fmt: skip
-    captum_panel(ctx)
+    if ctx.classifier:  # Captum's attributions here follow a class
+        captum_panel(ctx)
 
 
 def captum_attribution(ckpt, item, target: int | None, method: str):

@@ -14,6 +14,12 @@ from ..widgets import KEEP, show_figure, state
 
 
 def render(ctx: Context) -> None:
+    if not ctx.classifier:
+        st.info(
+            f"Class statistics compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
+            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line explains it: --target)."
+        )
+        return
     if not ctx.analysis.trace.channel_records:  # the statistics are channel weights
         st.info(
             f"Class statistics average channel weights (SE, ECA, CBAM, BAM); "

@@ -21,6 +21,12 @@ FROM_MODEL = "(the model in use: its chosen class or top-1)"
 
 
 def render(ctx: Context) -> None:
+    if not ctx.classifier:
+        st.info(
+            f"Compare models compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
+            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line explains it: --target)."
+        )
+        return
     s = ctx.settings
     # extra passes for every model and image: under a slow method the comparison shows Grad-CAM
     method, smoothing = SlowRun.quick(s.method, s.smoothing)

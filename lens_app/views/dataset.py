@@ -20,6 +20,12 @@ REPORT_LABEL = "The data-set report"
 
 
 def render(ctx: Context) -> None:
+    if not ctx.classifier:
+        st.info(
+            f"The data-set report compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
+            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line explains it: --target)."
+        )
+        return
     st.markdown(
         "Numbers over a folder of images on the server (`python -m viz report`): accuracy, "
         "deletion/insertion AUC, attention ↔ CAM agreement, the randomisation sanity check, "

@@ -1378,3 +1378,78 @@ def test_the_attention_heads_view_draws_dino_and_token_norm_figures(vit_app):
     assert_clean(at)
     assert at.image[-1].proto.imgs[0].url not in (first, norms)
     assert [b.label for b in at.get("download_button") if "PNG" in b.label]
+
+
+def _dense_checkpoint(tmp_path, name: str) -> str:
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(name, weights=None, weights_backbone=None, num_classes=6)
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _open_path(at: AppTest, path: str) -> None:
+    at.sidebar.text_input(key="ckpt_path").set_value(path).run()
+    at.button(key="ckpt_path_load").click().run()
+    assert_clean(at)
+
+
+def _said(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown) + "\n".join(i.value for i in at.info)
+
+
+@pytest.mark.parametrize(
+    "network, choice, words",
+    [
+        ("lraspp_mobilenet_v3_large", "ex:segment:", "returns a segmentation map"),
+        ("fasterrcnn_mobilenet_v3_large_fpn", "ex:box:", "returns detected boxes"),
+    ],
+)
+def test_a_segmenter_or_detector_is_explained_for_what_the_user_picks(
+    app, tmp_path, network, choice, words
+):
+    """Issue 40 in the app: the page offers the network's segments or detections instead of
+    classes; the CAM view explains the pick (its region outlined), the attention views draw,
+    and the class-only views say why they are empty."""
+    at = app.run()
+    _open_path(at, _dense_checkpoint(tmp_path, network))
+    assert words in _said(at)
+    (picker,) = [s for s in at.selectbox if s.key and s.key.startswith(choice)]
+    assert len(picker.options) >= 1
+    assert "Explaining **" in _said(at)
+    for view in ("cam", "spatial", "channels", "agreement"):
+        show(at, view)
+    show(at, "cam")
+    assert at.image  # the CAM figure
+    if len(picker.options) > 1:
+        at.selectbox(key=picker.key).set_value(picker.options[1]).run()
+        assert_clean(at)
+    show(at, "compare")
+    assert "compares classifiers on classes" in _said(at)
+    assert ZIP in [b.label for b in at.download_button]
+
+
+def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file(net.state_dict(), tmp_path / "dino_like.safetensors")  # no classifier
+    at = app.run()
+    _open_path(at, str(tmp_path / "dino_like.safetensors"))
+    assert "returns an embedding" in _said(at) and "upload a second image" in _said(at)
+    show(at, "cam")
+    assert "Choose what to explain above" in _said(at)
+    show(at, "channels")  # the heads draw without a target
+    assert at.image
+    files = [("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg"),
+             ("red square.png", png_bytes(), "image/png")]  # fmt: skip
+    at.sidebar.file_uploader(key="images").set_value(files).run()
+    assert_clean(at)
+    (picker,) = [s for s in at.selectbox if s.key and s.key.startswith("ex:concept:")]
+    assert "likeness to" in _said(at)
+    show(at, "cam")
+    assert at.image

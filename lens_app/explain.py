@@ -1,0 +1,135 @@
+"""What a network that is not a classifier explains (issue 40): one of its segments, one of
+its detections, or its likeness to another image. A classifier's class is chosen in
+`page.explained_class`; this is the same place on the page for the other outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+import torch
+
+import viz
+from viz.engine.cam import attention_only
+from viz.engine.cam.targets import is_headless
+from viz.targets import BoxScore, SegmentationScore, SimilarityScore, main_tensor, output_kind
+
+from . import keys
+from .caching import analysis
+
+DETECTIONS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Explained:
+    """The chosen target (None: nothing chosen yet, the attention alone is shown), the key the
+    analyses are cached under, and what it is in words."""
+
+    target: object
+    key: str
+    text: str
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def network_output(image_sha: str, ckpt_sha: str, _ckpt, _image):
+    """The network's output on one image (no gradients), kept for all sessions."""
+    with torch.no_grad():
+        return _ckpt.model(_ckpt.preprocess.batch([_image]))
+
+
+def kind_of(ckpt, item) -> str:
+    """ "classes", "segments", "boxes" or "embedding": what the network returns."""
+    out = network_output(item.sha, ckpt.sha256, ckpt, item.image)
+    return output_kind(out, headless=is_headless(ckpt.model) or ckpt.arch.num_classes == 0)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def attention_analysis(image_sha: str, ckpt_sha: str, _ckpt, _image):
+    """The attention maps alone (no CAM): what every network shows without a target."""
+    return attention_only(_ckpt.model, _ckpt.preprocess.batch([_image]))
+
+
+def explained_output(kind, ckpt, label, items, pick, crop, settings):
+    """The image, the choice of what to explain, the zip; (Explained, analysis)."""
+    item = items[pick]
+    left, right = st.columns([1, 2])
+    left.image(crop, caption=f"{viz.md_text(item.name)} as the network sees it")
+    right.markdown(
+        f"**{viz.md_text(label)}** returns {viz.targets.OUTPUT_KINDS[kind]}: its maps explain "
+        "what you choose here."
+    )
+    choose = {"segments": _segment, "boxes": _detection, "embedding": _likeness}[kind]
+    chosen = choose(right, ckpt, items, pick)
+    if chosen.target is None:
+        return chosen, attention_analysis(item.sha, ckpt.sha256, ckpt, item.image)
+    an = analysis(item.sha, ckpt.sha256, None, settings.method, settings.layers,
+                  settings.smoothing, ckpt, item.image, tuple(settings.method_options().items()),
+                  explain=(chosen.key, chosen.target))  # fmt: skip
+    score = float(an.scores[0])
+    right.markdown(f"Explaining **{viz.md_text(chosen.text)}** (score {score:.4g})")
+    return chosen, an
+
+
+def _segment(where, ckpt, items, pick) -> Explained:
+    item = items[pick]
+    maps = main_tensor(network_output(item.sha, ckpt.sha256, ckpt, item.image))[0]
+    counts = torch.bincount(maps.argmax(0).flatten(), minlength=maps.shape[0])
+    present = [int(k) for k in counts.argsort(descending=True) if counts[k] > 0]
+    names, total = ckpt.class_names, int(counts.sum())
+    k = where.selectbox(
+        "Explain segment", present, key=keys.explain(item, ckpt, "segment"),
+        format_func=lambda c: f"{names[c]} ({100 * int(counts[c]) / total:.1f}% of the pixels)",
+    )  # fmt: skip
+    return Explained(SegmentationScore(k), f"segment:{k}", f"{names[k]} (its predicted pixels)")
+
+
+def _detection(where, ckpt, items, pick) -> Explained:
+    item = items[pick]
+    found = network_output(item.sha, ckpt.sha256, ckpt, item.image)[0]
+    boxes, labels, scores = (found[k][:DETECTIONS_SHOWN] for k in ("boxes", "labels", "scores"))
+    if not len(boxes):
+        where.info("The detector finds nothing in this image: its attention maps are shown alone.")
+        return Explained(None, "", "")
+    names = ckpt.class_names
+
+    def name(i: int) -> str:
+        k = int(labels[int(i)])
+        return names[k] if k < len(names) else f"class {k}"
+
+    where.dataframe(
+        pd.DataFrame({
+            "detection": range(len(boxes)),
+            "label": [name(i) for i in range(len(boxes))],
+            "score": [round(float(s), 3) for s in scores],
+            "box (x0, y0, x1, y1)": [", ".join(f"{v:.0f}" for v in b.tolist()) for b in boxes],
+        }),
+        hide_index=True,
+    )  # fmt: skip
+    i = where.selectbox(
+        "Explain detection", range(len(boxes)), key=keys.explain(item, ckpt, "box"),
+        format_func=lambda i: f"{i}: {name(i)} ({float(scores[int(i)]):.2f})",
+    )  # fmt: skip
+    i = int(i)
+    box = boxes[i : i + 1].clone()
+    text = f"{name(i)} at ({', '.join(f'{v:.0f}' for v in box[0].tolist())})"
+    return Explained(BoxScore(box, labels[i : i + 1].clone()), f"box:{box[0].tolist()}", text)
+
+
+def _likeness(where, ckpt, items, pick) -> Explained:
+    others = [i for i in range(len(items)) if i != pick]
+    if not others:
+        where.info(
+            "An embedding network: upload a second image, and the maps show what makes this "
+            "image like it. Its attention maps are shown meanwhile."
+        )
+        return Explained(None, "", "")
+    item = items[pick]
+    j = where.selectbox(
+        "Explain the likeness to", others, key=keys.explain(item, ckpt, "concept"),
+        format_func=lambda i: items[i].name,
+    )  # fmt: skip
+    other = items[j]
+    concept = main_tensor(network_output(other.sha, ckpt.sha256, ckpt, other.image)).flatten(1)[0]
+    return Explained(SimilarityScore(concept.clone()), f"similar:{other.sha}",
+                     f"likeness to {other.name}")  # fmt: skip
