@@ -11,9 +11,14 @@ import streamlit as st
 import torch
 
 import viz
-from viz.engine.cam import attention_only
-from viz.engine.cam.targets import is_headless
-from viz.targets import BoxScore, SegmentationScore, SimilarityScore, main_tensor, output_kind
+from viz.targets import (
+    OUTPUT_KINDS,
+    BoxScore,
+    SegmentationScore,
+    SimilarityScore,
+    main_tensor,
+    output_kind,
+)
 
 from . import keys
 from .caching import analysis
@@ -41,13 +46,13 @@ def network_output(image_sha: str, ckpt_sha: str, _ckpt, _image):
 def kind_of(ckpt, item) -> str:
     """ "classes", "segments", "boxes" or "embedding": what the network returns."""
     out = network_output(item.sha, ckpt.sha256, ckpt, item.image)
-    return output_kind(out, headless=is_headless(ckpt.model) or ckpt.arch.num_classes == 0)
+    return output_kind(out, headless=viz.is_headless(ckpt.model) or ckpt.arch.num_classes == 0)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def attention_analysis(image_sha: str, ckpt_sha: str, _ckpt, _image):
     """The attention maps alone (no CAM): what every network shows without a target."""
-    return attention_only(_ckpt.model, _ckpt.preprocess.batch([_image]))
+    return viz.attention_only(_ckpt.model, _ckpt.preprocess.batch([_image]))
 
 
 def explained_output(kind, ckpt, label, items, pick, crop, settings):
@@ -56,7 +61,7 @@ def explained_output(kind, ckpt, label, items, pick, crop, settings):
     left, right = st.columns([1, 2])
     left.image(crop, caption=f"{viz.md_text(item.name)} as the network sees it")
     right.markdown(
-        f"**{viz.md_text(label)}** returns {viz.targets.OUTPUT_KINDS[kind]}: its maps explain "
+        f"**{viz.md_text(label)}** returns {OUTPUT_KINDS[kind]}: its maps explain "
         "what you choose here."
     )
     choose = {"segments": _segment, "boxes": _detection, "embedding": _likeness}[kind]

@@ -56,12 +56,15 @@ from viz.engine.cam import (
     SMOOTHINGS,
     Analysis,
     CamMethod,
+    NoTargetError,
     analyze,
+    attention_only,
     attribute,
     register_cam_method,
     smoothings_for,
     stage_layers,
 )
+from viz.engine.cam.targets import is_headless
 from viz.engine.levels import NetworkLevels, network_levels
 from viz.engine.maps import DEFAULT_CMAP, RENDERS, normalize, overlay, upsample
 from viz.engine.model_state import model_lock, preserve_model_state
@@ -166,6 +169,9 @@ __all__ = [
     "agreement",
     "agreement_table",
     "analyze",
+    "attention_only",
+    "is_headless",
+    "NoTargetError",
     "attention_heads",
     "attention_vs_gradcam",
     "attribute",

@@ -432,7 +432,7 @@ def no_spatial_maps(label: str, trace: AttentionTrace) -> str:
     if trace.channel_records:
         kinds = sorted({r.kind.upper() for r in trace.channel_records})
         return (f"{label}'s {'/'.join(kinds)} modules have no spatial map: they reweight "
-                "channels only (see the Channel attention tab).")  # fmt: skip
+                "channels only (see the Channel attention view).")  # fmt: skip
     return f"{label} has no attention modules: no spatial attention maps to show."
 
 

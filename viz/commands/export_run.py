@@ -232,7 +232,9 @@ def _image_targets(args, images, checkpoints) -> dict[str, dict[str, int | Outpu
         if label is None:
             raise UsageError(f"--labels {args.labels} has no row for {path}")
         targets[image_name] = {
-            name: resolve_target(label, ckpt.class_names, f"--labels: {path.name}'s label")
+            name: resolve_target(
+                class_value(label), ckpt.class_names, f"--labels: {path.name}'s label"
+            )  # fmt: skip
             for _, name, ckpt in checkpoints
         }
     return targets

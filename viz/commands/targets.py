@@ -113,24 +113,24 @@ def _box(value: str, ckpt, image):
             f"({width} x {height} pixels)"
         )
     wanted = torch.tensor([box])
-    if label is not None:
-        return BoxScore(
-            wanted, torch.tensor([resolve_target(label, ckpt.class_names, "--target box")])
-        )
     with torch.inference_mode():
         found = ckpt.model(x)
     if not isinstance(found, (list, tuple)) or not found or "boxes" not in found[0]:
         raise UsageError("--target box: the network is not a detector (no boxes in its output)")
-    boxes = found[0]["boxes"]
+    boxes, labels = found[0]["boxes"], found[0]["labels"]
+    if label is not None:  # only that label's detections count (else the score would be 0)
+        k = resolve_target(label, ckpt.class_names, "--target box")
+        boxes, labels = boxes[labels == k], labels[labels == k]
     overlap = box_iou(wanted, boxes)[0] if len(boxes) else torch.zeros(0)
     best = int(overlap.argmax()) if len(overlap) else -1
     if best < 0 or float(overlap[best]) <= BOX_IOU:
         shown = f"{float(overlap[best]):.2f}" if best >= 0 else "none"
+        of = "" if label is None else f" of label {label}"
         raise UsageError(
-            f"--target box:{value}: no detection overlaps the box by IoU > {BOX_IOU} "
+            f"--target box:{value}: no detection{of} overlaps the box by IoU > {BOX_IOU} "
             f"(best {shown}); choose a box near a detection"
         )
-    return BoxScore(wanted, found[0]["labels"][best : best + 1].clone(), BOX_IOU)
+    return BoxScore(wanted, labels[best : best + 1].clone(), BOX_IOU)
 
 
 def _similar_to(value: str, ckpt, max_image_bytes: int):

@@ -35,6 +35,7 @@ from viz.engine.cam.targets import explained_by
 from viz.engine.maps import upsample
 from viz.engine.model_state import preserve_model_state
 from viz.engine.trace import AttentionRecord, AttentionTrace, record_attention
+from viz.targets import ClassScore
 
 __all__ = [
     "Agreement",
@@ -475,6 +476,8 @@ def deletion_insertion(
 
 def _curve_scores(model, x, base, ranks, counts, target, batch_size: int, progress):
     """(scores of every perturbed image, the classes followed or None, what was followed)."""
+    if isinstance(target, ClassScore):  # a class: its probability, as the int target
+        target = target.k
     if callable(target) and not isinstance(target, Tensor):
         explained = explained_by(target, model(x), len(x), model)
         scores = _perturbed_target_scores(

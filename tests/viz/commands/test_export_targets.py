@@ -122,6 +122,14 @@ def test_box_target_from_the_command_line(capsys, tmp_path, detector):
     assert result["cam_layers"][0].startswith("backbone.body.")  # never the shared RPN head
     maps = np.load(next((tmp_path / "out").rglob("maps.npz")))
     np.testing.assert_allclose(maps["outline"], [box])
+    from torchvision.ops import box_iou
+
+    near = box_iou(found["boxes"][:1], found["boxes"])[0] > 0.5
+    other = next(k for k in range(6) if not (near & (found["labels"] == k)).any())
+    code = main(["export", "--checkpoint", detector, "--images", str(IMAGE), "--out",
+                 str(tmp_path / "o2"), "--target", f"box:{text}:{other}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and f"no detection of label {other} overlaps the box" in err
 
 
 @pytest.mark.parametrize(

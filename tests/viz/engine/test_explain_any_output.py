@@ -227,3 +227,16 @@ def test_class_score_gives_the_maps_of_the_int_target():
         analyze(model, image, logit_3, ["layer4"], smoothing=("aug",))
     with pytest.raises(ValueError, match="cannot explain <lambda>"):
         analyze(model, image, logit_3, ["layer4"], method="cam")
+
+
+def test_rollout_reads_attention_alone_so_an_embedding_vit_needs_no_target():
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    result = analyze(net, x, method="rollout")
+    assert result.cams["rollout"].shape == (1, 14, 14) and result.target is None
+    assert result.explained.startswith("attention only") and torch.isnan(result.scores).all()
+    with pytest.raises(ValueError, match="no classifier"):
+        analyze(net, x, method="gae")  # GAE weighs by a score's gradients: it needs one

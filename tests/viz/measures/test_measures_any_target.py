@@ -11,7 +11,7 @@ from tests.conftest import randomize_bn
 from tests.viz.engine.test_explain_any_output import TinyCbamUNet
 from viz.measures.localization import energy_in_mask, pointing_in_mask
 from viz.measures.metrics import deletion_insertion
-from viz.targets import SegmentationScore
+from viz.targets import ClassScore, SegmentationScore
 
 
 def test_a_callable_follows_the_same_curves_as_the_class_it_scores():
@@ -27,6 +27,9 @@ def test_a_callable_follows_the_same_curves_as_the_class_it_scores():
     torch.testing.assert_close(by_callable.insertion_auc, by_class.insertion_auc)
     assert by_callable.target is None and by_callable.explained == "<lambda>"
     assert torch.equal(by_class.target, torch.tensor([2, 2]))
+    by_helper = deletion_insertion(model, x, saliency, ClassScore(2), steps=4, batch_size=3)
+    torch.testing.assert_close(by_helper.deletion_curve, by_class.deletion_curve)  # probabilities
+    assert torch.equal(by_helper.target, by_class.target)
 
 
 def test_deletion_of_a_segmentation_score_starts_at_the_images_score():

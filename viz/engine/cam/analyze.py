@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from viz.engine.cam.extra_passes import PassContext, planned_passes
 from viz.engine.cam.layers import cam_stage, resolve_layers
-from viz.engine.cam.network import bias_layers, fullgrad_map, transformer_analysis
+from viz.engine.cam.network import ATTENTION_WORDS, bias_layers, fullgrad_map, transformer_analysis
 from viz.engine.cam.registry import CAM_METHODS, checked_options, settings_error
 from viz.engine.cam.result import Analysis, ForwardBackward, Settings
 from viz.engine.cam.targets import explained_by
@@ -158,7 +158,7 @@ def _analyze(model, x, target, cam_layers, settings: Settings) -> Analysis:
     return run.analysis(cams, spec.name, stages, settings.smoothing)
 
 
-ATTENTION_ONLY = "attention only (no target for this network's output)"
+ATTENTION_ONLY = ATTENTION_WORDS
 """`Analysis.explained` of `attention_only`."""
 
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from models.probes import find_probe
 from viz.engine.cam.result import Analysis, ForwardBackward, Settings, analysis_of
-from viz.engine.cam.targets import explained_by
+from viz.engine.cam.targets import Explained, NoTargetError, explained_by
 from viz.engine.cam.weights import first_component
 from viz.engine.model_state import preserve_model_state
 from viz.engine.tokens import token_layout
@@ -16,7 +16,10 @@ from viz.engine.trace import attention_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
 from viz.engine.unread import unread_attention
 
-__all__ = ["transformer_analysis", "bias_layers", "fullgrad_map"]
+__all__ = ["transformer_analysis", "bias_layers", "fullgrad_map", "ATTENTION_WORDS"]
+
+ATTENTION_WORDS = "attention only (no target for this network's output)"
+"""What a map made of attention alone explains (rollout, `attention_only`)."""
 
 # --- transformer methods -----------------------------------------------------------------------
 
@@ -39,7 +42,7 @@ def transformer_analysis(model, x, target, settings: Settings, modules) -> Analy
             finally:
                 for h in handles:
                     h.remove()
-            explained = explained_by(target, output, len(x), model)
+            explained = _explained(spec.name, target, output, len(x), model)
             calls = trace.attention_calls()
             unread = unread_attention(model)
             if unread and not calls:
@@ -69,6 +72,18 @@ def transformer_analysis(model, x, target, settings: Settings, modules) -> Analy
     if settings.progress is not None:
         settings.progress(len(x), len(x))
     return analysis_of(trace, output, explained, {spec.name: cam}, spec.name, {spec.name: 0}, ())
+
+
+def _explained(method: str, target, output, n: int, model: nn.Module) -> Explained:
+    """What the map explains; rollout explains nothing (it reads attention alone), so a
+    network whose output is not class logits needs no target for it."""
+    try:
+        return explained_by(target, output, n, model)
+    except NoTargetError:
+        if method != "rollout":
+            raise
+        nan = torch.full((n,), float("nan"))
+        return Explained(lambda out: nan, None, ATTENTION_WORDS, nan, lambda i: lambda out: nan)
 
 
 def _block_output_hooks(model: nn.Module, outputs: list[Tensor]) -> list:
