@@ -31,18 +31,18 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _fcn() -> tuple[nn.Module, torch.Tensor, Callable, str]:
+def _fcn(side: int = 224) -> tuple[nn.Module, torch.Tensor, Callable, str]:
     from torchvision.models.segmentation import fcn_resnet50
 
     torch.manual_seed(0)
     model = _frozen(fcn_resnet50(weights=None, weights_backbone=None, num_classes=21))
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mask = (model(x)["out"].argmax(1)[0] == 0).float()
     return model, x, SegmentationScore(0, mask), "backbone.layer4"
 
 
-def _faster_rcnn() -> tuple[nn.Module, torch.Tensor, Callable, str]:
+def _faster_rcnn(side: int = 320) -> tuple[nn.Module, torch.Tensor, Callable, str]:
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def _faster_rcnn() -> tuple[nn.Module, torch.Tensor, Callable, str]:
             weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.0
         )
     )
-    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         found = model(x)[0]
     return model, x, BoxScore(found["boxes"][:1], found["labels"][:1]), "backbone.body.16"
@@ -101,10 +101,11 @@ CASES = {
 }
 
 
-def rows(pairs: int) -> list[tuple[str, str, float]]:
+def rows(pairs: int, quick: bool = False) -> list[tuple[str, str, float]]:
+    """The table's rows; `quick`: small images (a smoke run: the numbers mean nothing)."""
     out = []
-    for label, build in CASES.items():
-        model, x, target, layer = build()
+    for (label, build), side in zip(CASES.items(), (64, 160) if quick else (224, 320)):
+        model, x, target, layer = build(side)
         forward = _forward(model, x)
         out.append((label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs)))
         ours = _analysis(model, x, target, layer)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_targets.md"))
     args = p.parse_args(argv)
-    table = format_table(rows(2 if args.quick else args.pairs))
+    table = format_table(rows(2 if args.quick else args.pairs, quick=args.quick))
     print(table)
     if not args.quick:
         write_results(

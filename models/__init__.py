@@ -1,8 +1,6 @@
 """Attention Lens networks and checkpoints: ResNet with SE, BAM or CBAM, their loaders, the
 attention probe registry and the allow-listed image decoder (`viz` builds on all of these)."""
 
-import sys
-
 from models.checkpoints.architectures import ForeignArch, register_architecture
 from models.checkpoints.checkpoint import (
     Checkpoint,
@@ -37,6 +35,3 @@ __all__ = [
     "register_attention",
     "save_checkpoint",
 ]
-
-# the old path of `models.checkpoints.zoo` (tests/test_app.py and test_browser.py import it)
-sys.modules.setdefault("models.zoo", sys.modules["models.checkpoints.zoo"])

@@ -5,8 +5,6 @@ This is the front door: the app (`app.py`, a shell over the library) imports onl
 and from `models`. The library never imports streamlit.
 """
 
-import sys
-
 from models.images import ImageError, load_image
 from models.probes import (
     AttentionProbe,
@@ -14,7 +12,6 @@ from models.probes import (
     registered_attention,
     unregister_attention,
 )
-from viz import interactive
 from viz.commands.export import (
     FORMATS,
     deletion_insertion_csv,
@@ -266,8 +263,3 @@ __all__ = [
     "no_spatial_maps",
     "shown_at_stage",
 ]
-
-# the old name of `viz.interactive`, the same module (tests/test_app.py imports and patches
-# `viz.session`); remove once the app's tests use the new name
-sys.modules.setdefault("viz.session", interactive)
-session = interactive
