@@ -86,7 +86,8 @@ def _segment(where, ckpt, items, pick) -> Explained:
         "Explain segment", present, key=keys.explain(item, ckpt, "segment"),
         format_func=lambda c: f"{names[c]} ({100 * int(counts[c]) / total:.1f}% of the pixels)",
     )  # fmt: skip
-    return Explained(SegmentationScore(k), f"segment:{k}", f"{names[k]} (its predicted pixels)")
+    target = SegmentationScore(k, name=names[k])
+    return Explained(target, f"segment:{k}", f"{names[k]} (its predicted pixels)")
 
 
 def _detection(where, ckpt, items, pick) -> Explained:
@@ -118,7 +119,8 @@ def _detection(where, ckpt, items, pick) -> Explained:
     i = int(i)
     box = boxes[i : i + 1].clone()
     text = f"{name(i)} at ({', '.join(f'{v:.0f}' for v in box[0].tolist())})"
-    return Explained(BoxScore(box, labels[i : i + 1].clone()), f"box:{box[0].tolist()}", text)
+    target = BoxScore(box, labels[i : i + 1].clone(), names=list(names))
+    return Explained(target, f"box:{box[0].tolist()}", text)
 
 
 def _likeness(where, ckpt, items, pick) -> Explained:

@@ -123,11 +123,12 @@ class SegmentationScore:
 
     `mask`: (H, W) or (N, H, W), 0/1 or weights; default: the pixels the network predicts as
     `category` (taken from the output, not differentiated). Equal to pytorch-grad-cam's
-    `SemanticSegmentationTarget` given the same mask.
+    `SemanticSegmentationTarget` given the same mask. `name`: the category's name, for figures.
     """
 
     category: int
     mask: Tensor | None = field(default=None, compare=False)
+    name: str | None = field(default=None, compare=False)
 
     def __call__(self, output: object) -> Tensor:
         maps = main_tensor(output)
@@ -165,16 +166,19 @@ class SegmentationScore:
                 f"no pixel of image {empty[0]} is predicted as category {self.category}: "
                 "nothing to explain (give a mask)"
             )
-        return SegmentationScore(self.category, predicted)
+        return SegmentationScore(self.category, predicted, self.name)
 
     def for_image(self, i: int) -> SegmentationScore:
         """The target of image `i` alone (its own mask), for a batch of copies of it."""
         if self.mask is None or torch.as_tensor(self.mask).ndim < 3:
             return self
-        return SegmentationScore(self.category, self.mask[i])
+        return SegmentationScore(self.category, self.mask[i], self.name)
 
     def describe(self) -> str:
-        return f"segment {self.category} ({'predicted' if self.mask is None else 'given'} mask)"
+        kind = "predicted" if self.mask is None else "given"
+        if self.name:
+            return f"segment {self.name} ({self.category}, {kind} mask)"
+        return f"segment {self.category} ({kind} mask)"
 
     def outline(self, i: int) -> Tensor | None:
         """Image `i`'s mask (H, W) as booleans, for figures to outline (None: not fixed yet)."""
@@ -198,6 +202,7 @@ class BoxScore:
     boxes: Tensor | Sequence[Tensor] = field(compare=False)
     labels: Tensor | Sequence[Tensor] = field(compare=False)
     iou: float = 0.5
+    names: Sequence[str] | None = field(default=None, compare=False)  # class names, for figures
 
     def __post_init__(self) -> None:
         per_image = self.boxes if not isinstance(self.boxes, Tensor) else [self.boxes]
@@ -253,7 +258,9 @@ class BoxScore:
         """The boxes of image `i` alone, for a batch of copies of it."""
         if isinstance(self.boxes, Tensor):
             return self
-        return BoxScore(torch.as_tensor(self.boxes[i]), torch.as_tensor(self.labels[i]), self.iou)
+        return BoxScore(
+            torch.as_tensor(self.boxes[i]), torch.as_tensor(self.labels[i]), self.iou, self.names
+        )
 
     def outline(self, i: int) -> Tensor:
         """Image `i`'s wanted boxes (K, 4), for figures to draw."""
@@ -264,8 +271,12 @@ class BoxScore:
         boxes = self.boxes if isinstance(self.boxes, Tensor) else self.boxes[0]
         rows = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).round().int().tolist()
         labels = torch.as_tensor(self.labels if isinstance(self.boxes, Tensor) else self.labels[0])
+
+        def label(k: int) -> str:
+            return self.names[k] if self.names and 0 <= k < len(self.names) else f"label {k}"
+
         shown = "; ".join(
-            f"({', '.join(map(str, r))}) label {int(k)}" for r, k in zip(rows, labels.flatten())
+            f"({', '.join(map(str, r))}) {label(int(k))}" for r, k in zip(rows, labels.flatten())
         )
         return f"box {shown}"
 

@@ -48,9 +48,8 @@ class OutputTarget:
         from viz.targets import SegmentationScore
 
         if self.kind == "segment":
-            return SegmentationScore(
-                resolve_target(self.value, ckpt.class_names, "--target segment")
-            )
+            k = resolve_target(self.value, ckpt.class_names, "--target segment")
+            return SegmentationScore(k, name=ckpt.class_names[k])
         if self.kind == "box":
             return _box(self.value, ckpt, image)
         return _similar_to(self.value, ckpt, max_image_bytes)
@@ -130,7 +129,7 @@ def _box(value: str, ckpt, image):
             f"--target box:{value}: no detection{of} overlaps the box by IoU > {BOX_IOU} "
             f"(best {shown}); choose a box near a detection"
         )
-    return BoxScore(wanted, labels[best : best + 1].clone(), BOX_IOU)
+    return BoxScore(wanted, labels[best : best + 1].clone(), BOX_IOU, list(ckpt.class_names))
 
 
 def _similar_to(value: str, ckpt, max_image_bytes: int):

@@ -95,7 +95,7 @@ def test_segment_target_from_the_command_line(capsys, tmp_path, segmenter):
                                   "--target", f"segment:{category}", "--figure", "gradcam")  # fmt: skip
     assert code == 0, err
     (result,) = manifest["results"]
-    assert result["explained"] == f"segment {category} (predicted mask)"
+    assert result["explained"] == f"segment class {category} ({category}, predicted mask)"
     assert result["score"] > 0 and "P" not in result
     assert manifest["options"]["target"] == f"segment:{category}"
     maps = np.load(next((tmp_path / "out").rglob("maps.npz")))
@@ -117,7 +117,7 @@ def test_box_target_from_the_command_line(capsys, tmp_path, detector):
                                   "--target", f"box:{text}", "--figure", "gradcam")  # fmt: skip
     assert code == 0, err
     (result,) = manifest["results"]
-    assert result["explained"].startswith(f"box ({', '.join(map(str, box))}) label ")
+    assert result["explained"].startswith(f"box ({', '.join(map(str, box))}) class ")
     assert result["score"] > 1.0  # IoU near 1 plus the detection's score
     assert result["cam_layers"][0].startswith("backbone.body.")  # never the shared RPN head
     maps = np.load(next((tmp_path / "out").rglob("maps.npz")))
