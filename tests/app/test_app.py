@@ -1452,3 +1452,34 @@ def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_pa
     assert "likeness to" in _said(at)
     show(at, "cam")
     assert at.image
+
+
+def test_a_zipped_hugging_face_folder_uploads_and_draws_its_heads(app, tmp_path):
+    """Issue 39: a transformers save_pretrained folder, zipped, is a checkpoint upload like any
+    other: its classes from id2label, its heads in the Attention heads view, rollout."""
+    import io
+    import zipfile
+
+    import transformers as tf
+
+    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, image_size=32, patch_size=8, num_labels=3,
+                          id2label={0: "cat", 1: "dog", 2: "fox"})  # fmt: skip
+    torch.manual_seed(0)
+    tf.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for path in sorted((tmp_path / "vit").iterdir()):
+            zf.write(path, f"my-vit/{path.name}")
+    at = app.run()
+    at.sidebar.file_uploader(key="ckpt_upload").set_value(
+        ("my-vit.zip", buffer.getvalue(), "application/zip")
+    ).run()
+    assert_clean(at)
+    assert "upload my-vit.zip" in at.sidebar.selectbox(key="model").value
+    assert any(name in prediction(at) for name in ("cat", "dog", "fox"))
+    assert "Attention heads" in views(at)
+    show(at, "channels")
+    assert at.image
+    at.sidebar.selectbox(key="method").set_value("rollout").run()
+    assert_clean(at)
