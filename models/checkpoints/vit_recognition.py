@@ -82,6 +82,16 @@ _TIMM_DISTILLED = (
     ("deit_base_distilled_patch16_224", 768, 12, 16),
     ("deit_base_distilled_patch16_384", 768, 12, 16),
 )
+_TIMM_EVA02 = (  # EVA-02 (rotary embeddings): classifier fine-tunes of the MIM backbones
+    ("eva02_tiny_patch14_224", 192, 12, 14),
+    ("eva02_tiny_patch14_336", 192, 12, 14),
+    ("eva02_small_patch14_224", 384, 12, 14),
+    ("eva02_small_patch14_336", 384, 12, 14),
+    ("eva02_base_patch14_224", 768, 12, 14),
+    ("eva02_base_patch14_448", 768, 12, 14),
+    ("eva02_large_patch14_224", 1024, 24, 14),
+    ("eva02_large_patch14_448", 1024, 24, 14),
+)
 _TIMM_REGISTERS = (
     ("vit_small_patch14_reg4_dinov2", 384, 12, 14),
     ("vit_base_patch14_reg4_dinov2", 768, 12, 14),
@@ -130,11 +140,20 @@ def _keys_hint(required: tuple[str, ...], refused: tuple[str, ...] = ()) -> Call
 _TIMM_BLOCK = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight")
 
 
+def _eva02_hint(keys: set[str]) -> bool:
+    """EVA-02: a position table and the q and v biases of its attention (fused or separate)."""
+    first = ("blocks.0.attn.q_bias", "blocks.0.attn.q_proj.weight")
+    return (
+        "patch_embed.proj.weight" in keys and "pos_embed" in keys and any(k in keys for k in first)
+    )
+
+
 def _register_timm_vits() -> None:
     families = (
         (_TIMM_VIT, _keys_hint(_TIMM_BLOCK, ("dist_token", "reg_token")), ("head",)),
         (_TIMM_DISTILLED, _keys_hint((*_TIMM_BLOCK, "dist_token")), ("head", "head_dist")),
         (_TIMM_REGISTERS, _keys_hint((*_TIMM_BLOCK, "reg_token")), ("head",)),
+        (_TIMM_EVA02, _eva02_hint, ("head",)),
     )
     for rows, hint, classifier in families:
         for name, width, depth, patch in rows:

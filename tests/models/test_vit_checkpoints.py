@@ -246,3 +246,26 @@ def test_cnn_files_never_build_a_transformer_and_vit_files_build_few(monkeypatch
     built.clear()
     load_checkpoint(_pth(timm.create_model("vit_small_patch16_384", num_classes=3).state_dict()))
     assert built == ["vit_small_patch16_384"]  # the 224 px one was tried from the cache
+
+
+def test_a_timm_eva02_file_is_recognised_and_its_rotary_attention_traced(tmp_path):
+    """EVA-02 (issue 39, tried in the app): a classifier fine-tune's state dict opens by its keys
+    and shapes; every block's attention is read (its unfused softmax, rotary embeddings in)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from viz import record_attention
+
+    torch.manual_seed(0)
+    net = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=10).eval()
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "eva.safetensors"
+    )
+    ckpt = load_checkpoint(tmp_path / "eva.safetensors")
+    assert (ckpt.arch.name, ckpt.arch.num_classes) == ("eva02_tiny_patch14_224", 10)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with record_attention(ckpt.model) as trace, torch.no_grad():
+        logits = ckpt.model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net(x))
+    assert len([r for r in trace if r.kind == "self-attention"]) == 12
