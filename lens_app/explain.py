@@ -43,10 +43,12 @@ def network_output(image_sha: str, ckpt_sha: str, _ckpt, _image):
         return _ckpt.model(_ckpt.preprocess.batch([_image]))
 
 
-def kind_of(ckpt, item) -> str:
-    """ "classes", "segments", "boxes" or "embedding": what the network returns."""
-    out = network_output(item.sha, ckpt.sha256, ckpt, item.image)
-    return output_kind(out, headless=viz.is_headless(ckpt.model) or ckpt.arch.num_classes == 0)
+@st.cache_data(show_spinner=False, max_entries=32)
+def kind_of(ckpt_sha: str, _ckpt, _item) -> str:
+    """ "classes", "segments", "boxes" or "embedding": what the network returns, seen once per
+    model (on the first image it is shown)."""
+    out = network_output(_item.sha, ckpt_sha, _ckpt, _item.image)
+    return output_kind(out, headless=viz.is_headless(_ckpt.model))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

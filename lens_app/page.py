@@ -36,7 +36,7 @@ FIRST_VIEW = "spatial"
 
 def page(ckpt, label, model_options, items: list[ImageItem], view: View, errors) -> None:
     settings = view.settings
-    kind = explain.kind_of(ckpt, items[0])
+    kind = explain.kind_of(ckpt.sha256, ckpt, items[0])
     # the network's crop at the original's resolution: the same photo as in the downloads
     crops = [ckpt.preprocess.display_crop(item.image) for item in items]
     if kind == "classes":

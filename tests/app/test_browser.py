@@ -259,12 +259,18 @@ def _switch_on(driver, toggle) -> None:
 
 def _view_button(driver, name: str):
     """The view control's button named `name` (a segmented control, not tabs)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = [b for b in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
-             if b.get_attribute("textContent").strip() == name]  # fmt: skip
-    assert found, f"no view named {name!r}"
-    return found[0]
+    def found(d):  # a rerun may be redrawing the page: wait for the control to be back
+        buttons = d.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
+        try:
+            named = [b for b in buttons if b.get_attribute("textContent").strip() == name]
+        except StaleElementReferenceException:  # replaced while read: look again
+            return False
+        return named[0] if named else False
+
+    return _wait(driver, found, what=f"a view named {name!r}")
 
 
 def _open_view(driver, name: str) -> None:

@@ -480,52 +480,40 @@ def _curve_scores(model, x, base, ranks, counts, target, batch_size: int, progre
         target = target.k
     if callable(target) and not isinstance(target, Tensor):
         explained = explained_by(target, model(x), len(x), model)
-        scores = _perturbed_target_scores(
-            model, x, base, ranks, counts, explained.per_image, batch_size, progress
-        )
+
+        def by_target(image: Tensor, batch: Tensor) -> Tensor:  # copies of one image
+            return explained.per_image(int(image[0]))(model(batch)).float()
+
+        scores = _perturbed_scores(x, base, ranks, counts, by_target, batch_size, progress, True)
         return scores, None, explained.text
     targets = resolve_targets(target, _probabilities(model, x, None, batch_size))
-    scores = _perturbed_scores(model, x, base, ranks, counts, targets, batch_size, progress)
+
+    def by_class(image: Tensor, batch: Tensor) -> Tensor:
+        return _probabilities(model, batch, targets[image], batch_size)
+
+    scores = _perturbed_scores(x, base, ranks, counts, by_class, batch_size, progress, False)
     return scores, targets, "classes"
 
 
-def _perturbed_scores(model, x, base, ranks, counts, targets, batch_size: int, progress) -> Tensor:
-    """The target's probability on every perturbed image: per image, the deletion steps, then
-    the insertion steps (`counts[i]` most salient pixels from the baseline or from `x`)."""
+def _perturbed_scores(x, base, ranks, counts, score, batch_size: int, progress, by_image: bool):
+    """`score(image indices, batch)` of every perturbed image: per image, the deletion steps,
+    then the insertion steps (`counts[i]` most salient pixels from the baseline or from `x`).
+    `by_image`: a batch never mixes images (a target callable scores copies of one image)."""
     points = counts.shape[0]
-    total = x.shape[0] * 2 * points
+    per = 2 * points
+    total = x.shape[0] * per
     scores = torch.empty(total, device=x.device)
-    for start in range(0, total, batch_size):
-        item = torch.arange(start, min(start + batch_size, total), device=x.device)
-        image, insertion, step = item // (2 * points), item // points % 2, item % points
-        first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
-        use_base = first ^ insertion.bool().view(-1, 1, 1)
-        batch = torch.where(use_base[:, None], base[image], x[image])
-        scores[start : start + len(item)] = _probabilities(model, batch, targets[image], batch_size)
-        if progress:
-            progress(start + len(item), total)
-    return scores
-
-
-def _perturbed_target_scores(model, x, base, ranks, counts, per_image, batch_size: int, progress):
-    """`_perturbed_scores` with a target callable: each batch holds copies of one image, scored
-    by that image's target (`Explained.per_image`)."""
-    n, points = x.shape[0], counts.shape[0]
-    total = n * 2 * points
-    scores = torch.empty(total, device=x.device)
-    steps = torch.arange(2 * points, device=x.device)
-    for image in range(n):
-        score = per_image(image)
-        for start in range(0, 2 * points, batch_size):
-            item = steps[start : start + batch_size]
-            insertion, step = item // points, item % points
-            first = ranks[image] < counts[step].view(-1, 1, 1)
+    ends = range(per, total + 1, per) if by_image else [total]
+    for end in ends:
+        for start in range(end - (per if by_image else total), end, batch_size):
+            item = torch.arange(start, min(start + batch_size, end), device=x.device)
+            image, insertion, step = item // per, item // points % 2, item % points
+            first = ranks[image] < counts[step].view(-1, 1, 1)  # (b, H, W)
             use_base = first ^ insertion.bool().view(-1, 1, 1)
             batch = torch.where(use_base[:, None], base[image], x[image])
-            at = image * 2 * points + start
-            scores[at : at + len(item)] = score(model(batch)).float()
+            scores[start : start + len(item)] = score(image, batch)
             if progress:
-                progress(at + len(item), total)
+                progress(start + len(item), total)
     return scores
 
 

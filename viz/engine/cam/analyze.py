@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from viz.engine.cam.extra_passes import PassContext, planned_passes
 from viz.engine.cam.layers import cam_stage, resolve_layers
-from viz.engine.cam.network import ATTENTION_WORDS, bias_layers, fullgrad_map, transformer_analysis
+from viz.engine.cam.network import bias_layers, fullgrad_map, transformer_analysis
 from viz.engine.cam.registry import CAM_METHODS, checked_options, settings_error
-from viz.engine.cam.result import Analysis, ForwardBackward, Settings
-from viz.engine.cam.targets import explained_by
+from viz.engine.cam.result import Analysis, ForwardBackward, Settings, analysis_of
+from viz.engine.cam.targets import ATTENTION_WORDS, explained_by, nothing_explained
 from viz.engine.levels import network_levels
 from viz.engine.maps import normalize
 from viz.engine.model_state import model_lock, preserve_model_state
@@ -169,8 +169,7 @@ def attention_only(model: nn.Module, x: Tensor) -> Analysis:
     with model_lock(model), preserve_model_state(model), torch.no_grad():
         with record_attention(model, feature_means=True) as trace:
             model(x)
-    nan = torch.full((len(x),), float("nan"))
-    return Analysis(None, None, None, trace, {}, "none", {}, (), nan, ATTENTION_ONLY)
+    return analysis_of(trace, None, nothing_explained(len(x)), {}, "none", {}, ())
 
 
 class _Counter:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from models.probes import find_probe
 from viz.engine.cam.result import Analysis, ForwardBackward, Settings, analysis_of
-from viz.engine.cam.targets import Explained, NoTargetError, explained_by
+from viz.engine.cam.targets import Explained, NoTargetError, explained_by, nothing_explained
 from viz.engine.cam.weights import first_component
 from viz.engine.model_state import preserve_model_state
 from viz.engine.tokens import token_layout
@@ -16,10 +16,8 @@ from viz.engine.trace import attention_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
 from viz.engine.unread import unread_attention
 
-__all__ = ["transformer_analysis", "bias_layers", "fullgrad_map", "ATTENTION_WORDS"]
+__all__ = ["transformer_analysis", "bias_layers", "fullgrad_map"]
 
-ATTENTION_WORDS = "attention only (no target for this network's output)"
-"""What a map made of attention alone explains (rollout, `attention_only`)."""
 
 # --- transformer methods -----------------------------------------------------------------------
 
@@ -82,8 +80,7 @@ def _explained(method: str, target, output, n: int, model: nn.Module) -> Explain
     except NoTargetError:
         if method != "rollout":
             raise
-        nan = torch.full((n,), float("nan"))
-        return Explained(lambda out: nan, None, ATTENTION_WORDS, nan, lambda i: lambda out: nan)
+        return nothing_explained(n)
 
 
 def _block_output_hooks(model: nn.Module, outputs: list[Tensor]) -> list:

@@ -16,7 +16,18 @@ from torch import Tensor, nn
 
 from viz.targets import TARGET_HELPERS, ClassScore, main_tensor
 
-__all__ = ["Explained", "NoTargetError", "explained_by", "resolve_targets", "is_headless"]
+__all__ = [
+    "ATTENTION_WORDS",
+    "Explained",
+    "NoTargetError",
+    "explained_by",
+    "nothing_explained",
+    "resolve_targets",
+    "is_headless",
+]
+
+ATTENTION_WORDS = "attention only (no target for this network's output)"
+"""What a map made of attention alone explains (rollout, `attention_only`)."""
 
 Score = Callable[[object], Tensor]
 
@@ -45,6 +56,12 @@ class Explained:
     scores: Tensor
     per_image: Callable[[int], Score]
     outlines: tuple = ()
+
+
+def nothing_explained(n: int) -> Explained:
+    """No score at all (NaN for each of `n` images): what attention alone explains."""
+    nan = torch.full((n,), float("nan"))
+    return Explained(lambda out: nan, None, ATTENTION_WORDS, nan, lambda i: lambda out: nan)
 
 
 def resolve_targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
