@@ -4,7 +4,9 @@
     python -m bench.transformers --quick    # a smoke run (few pairs, no file written)
 
 timm ViT-S/16 (random weights) at 224 px, batch 1: recording every block's attention with the
-taps kept (`attention_hooks`) against an untraced forward, and `analyze(method="gae")` against
+taps kept (`attention_hooks`) against an untraced forward, building the records (their maps need
+only the class token's row; the full matrices are computed when rollout, GAE or LeGrad read
+them), the same for a Hugging Face ViT of the same sizes, and `analyze(method="gae")` against
 one forward + a backward to the input without parameter gradients, both as paired ratios
 (`bench.__main__.paired_ratio`, beside the forward-vs-itself noise floor). LeGrad on all blocks
 of torchvision's ViT-B/16 against TorchCAM 0.5's `LeGrad` on the same blocks, interleaved
@@ -46,11 +48,29 @@ def _forward_input_backward(model, x):
     return run
 
 
-def _traced_and_built(model, x):
+def _hf_vit_small() -> torch.nn.Module:
+    """A Hugging Face ViT of ViT-S/16's sizes (random weights; nothing downloaded)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                       intermediate_size=1536, image_size=224, patch_size=16, num_labels=1000)  # fmt: skip
+    model = ViTForImageClassification(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _traced_and_built(model, x, full: bool = False):
+    """A traced forward and its records: the maps (the class token's row of each block's
+    probabilities), or with `full` every block's whole (T, T) matrix too (what rollout reads)."""
+
     def run() -> None:
         with torch.no_grad(), record_attention(model) as trace:
             model(x)
-        list(trace)  # the probabilities are computed here
+        for rec in trace:  # the maps are computed here
+            if full:
+                assert rec.attention is not None
 
     return run
 
@@ -64,11 +84,27 @@ def overhead_rows(pairs: int) -> list[tuple]:
         (label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs) - 1),
         (label, "recording all 12 blocks' attention, taps kept (goal <= +10%)",
          paired_ratio(_kept(model, _traced_forward(model, x)), forward, pairs) - 1),
-        (label, "... and building the records (probabilities computed)",
+        (label, "... and building the records (the maps: class-token rows only)",
          paired_ratio(_kept(model, _traced_and_built(model, x)), forward, pairs) - 1),
+        (label, "... and reading every block's full probabilities (as rollout does)",
+         paired_ratio(_kept(model, _traced_and_built(model, x, full=True)), forward, pairs) - 1),
         (label, "analyze(method='gae') vs forward + backward to the input (goal <= +15%)",
          paired_ratio(lambda: analyze(model, x, method="gae"),
                       _forward_input_backward(model, x), pairs) - 1),
+    ]  # fmt: skip
+
+
+def hugging_face_rows(pairs: int) -> list[tuple]:
+    model = _hf_vit_small()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    forward = _forward(model, x)
+    label = "transformers ViT, ViT-S/16 sizes, 224 px, batch 1"
+    return [
+        (label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs) - 1),
+        (label, "recording all 12 blocks' attention, taps kept (goal <= +10%)",
+         paired_ratio(_kept(model, _traced_forward(model, x)), forward, pairs) - 1),
+        (label, "... and building the records (the maps: class-token rows only)",
+         paired_ratio(_kept(model, _traced_and_built(model, x)), forward, pairs) - 1),
     ]  # fmt: skip
 
 
@@ -130,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_transformers.md"))
     args = p.parse_args(argv)
-    rows = overhead_rows(2 if args.quick else args.pairs)
+    pairs = 2 if args.quick else args.pairs
+    rows = overhead_rows(pairs) + hugging_face_rows(pairs)
     if not args.quick:
         rows += legrad_rows(args.reps)
     table = format_table(rows)

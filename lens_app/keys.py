@@ -12,6 +12,7 @@ VIEW = "view"
 INSPECT = "inspect"
 COMPARE = "compare"
 GRID_STAGE = "grid_stage"
+GRID_MAP = "grid_map"
 DI_MAPS = "di_maps"
 
 # what the app keeps per session (not widgets)

@@ -289,6 +289,15 @@ def model_grid_rows(
     return rows, [sorted(m.absent) for m in ordered]
 
 
+def _lazy_cat(records: Sequence) -> object:
+    """The records' full attention matrices joined on the batch, computed when first read."""
+    from viz.engine.trace import LazyTensor
+
+    if records[0].attention_source is None:
+        return None
+    return LazyTensor(lambda: torch.cat([r.attention for r in records], 0))
+
+
 def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
     """Join single-image analyses of one model (same method and layers) into one batch."""
     from viz.engine.trace import AttentionTrace
@@ -316,7 +325,7 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
             gate=cat(a.trace[i].gate for a in analyses),
             feature_in=cat(a.trace[i].feature_in for a in analyses),
             feature_out=cat(a.trace[i].feature_out for a in analyses),
-            attention=cat(a.trace[i].attention for a in analyses),
+            attention_source=_lazy_cat([a.trace[i] for a in analyses]),
             heads=cat(a.trace[i].heads for a in analyses),
         )
         for i, rec in enumerate(first.trace)
@@ -326,6 +335,7 @@ def stack_analyses(analyses: Sequence[Analysis]) -> Analysis:
         logits=cat(a.logits for a in analyses),
         probs=cat(a.probs for a in analyses),
         target=cat(a.target for a in analyses),
+        scores=cat(a.scores for a in analyses),
         trace=AttentionTrace(records),
         cams={k: cat(a.cams[k] for a in analyses) for k in first.cams},
     )

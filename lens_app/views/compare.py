@@ -47,6 +47,7 @@ def render(ctx: Context) -> None:
                      help="The same stage in every row, whatever each network calls the layer; "
                           "a network without it (a ViT: one resolution throughout) shows the "
                           "layer at the same depth, named above the grid.")  # fmt: skip
+    mass = dino_mass_choice(loaded)
     grid, notes = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
     for n, name in enumerate(picked):
@@ -58,15 +59,42 @@ def render(ctx: Context) -> None:
             bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
     if bar:
         bar.empty()
-    intro.markdown(compare_intro(s, method, stage, notes))
+    intro.markdown(DINO_INTRO.format(mass=mass) if mass else compare_intro(s, method, stage, notes))
     # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
     rows, missing = viz.model_grid_rows(grid)
     crops = ctx.crops
     show_figure(
         lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=s.cmap,
-                                   alpha=s.alpha, width=s.width, missing=missing, render=s.render),
-        "model_grid", "grid", ctx.view, ctx.errors,
+                                   alpha=s.alpha, width=s.width, missing=missing, render=s.render,
+                                   class_token_mass=mass),
+        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
+        ctx.errors,
     )  # fmt: skip
+
+
+DINO_INTRO = (
+    "DINO's masks (Caron et al. 2021): each row's last block's class-token attention (the mean "
+    "of its heads), the patches outside the fewest holding {mass:.0%} of it dimmed; a network "
+    "without a class token (a CNN) is n/a. P is the softmax score of each column's class."
+)
+
+
+def dino_mass_choice(loaded: dict) -> float | None:
+    """The mass of DINO's masks when the user asks the grid for them (offered only where a
+    picked network has a class token's self-attention), else None: the CAMs."""
+    with_class_token = [
+        m for m in loaded.values() if (layout := viz.token_layout(m.model)) and layout.class_token
+    ]
+    if not with_class_token:
+        return None
+    shown = st.radio("Grid shows", ["CAM", "DINO masks"], horizontal=True, key=keys.GRID_MAP,
+                     persist_state=KEEP,
+                     help="DINO masks: each transformer's class-token attention in its last "
+                          "block, and the patches holding the share of it set beside.")  # fmt: skip
+    if shown != "DINO masks":
+        return None
+    return st.slider("Attention mass kept", 0.1, 0.95, 0.6, 0.05, key="grid_mass",
+                     persist_state=KEEP)  # fmt: skip
 
 
 def grid_row(other, source, items, classes, method, smoothing, stage) -> tuple:

@@ -87,6 +87,13 @@ class SelfAttentionReader:
         or None when this call was not self-attention (a cross-attention call)."""
         raise NotImplementedError
 
+    row_parts: tuple[str, ...] = ()  # the parts `probabilities` reads, kept after `class_row`
+
+    def class_row(self, module: nn.Module, parts: dict) -> Tensor | None:
+        """(N, heads, 1, T): the first token's row of `probabilities` alone, or None where
+        this reader cannot compute it more cheaply (the whole matrix is then computed)."""
+        return None
+
     def geometry(self, module: nn.Module, parts: dict) -> WindowGeometry:
         raise NotImplementedError  # windowed readers only
 
@@ -140,6 +147,14 @@ class TimmAttentionReader(SelfAttentionReader):
         logits = (q * module.scale) @ k.transpose(-2, -1)
         return _masked_softmax(logits, parts.get("mask"))
 
+    row_parts = ("q", "k")
+
+    def class_row(self, module, parts):
+        if parts.get("mask") is not None:
+            return None
+        q, k = parts["q"][:, :, :1].float(), parts["k"].float()
+        return _softmax((q * module.scale) @ k.transpose(-2, -1))
+
     def gradient_source(self, parts):
         return parts.get("merged")
 
@@ -181,8 +196,19 @@ class HuggingFaceAttentionReader(SelfAttentionReader):
         ]
 
     def probabilities(self, module, parts):
-        heads = parts["q"].shape[-1] // module.head_dim
-        q, k = _heads(parts["q"].float(), heads), _heads(parts["k"].float(), heads)
+        return self._softmax_of(module, parts["q"], parts)
+
+    row_parts = ("q", "k")
+
+    def class_row(self, module, parts):
+        if parts.get("mask") is not None:  # BEiT's bias: the whole matrix
+            return None
+        return self._softmax_of(module, parts["q"][:, :1], parts)
+
+    @staticmethod
+    def _softmax_of(module, queries: Tensor, parts: dict) -> Tensor:
+        heads = queries.shape[-1] // module.head_dim
+        q, k = _heads(queries.float(), heads), _heads(parts["k"].float(), heads)
         scaling = getattr(module, "scaling", None)
         scaling = module.scale if scaling is None else scaling
         logits = (q @ k.transpose(-2, -1)) * scaling

@@ -36,6 +36,8 @@ figures (--figure, repeatable; default: overview):
   paper), every row explains that class and prints its softmax score P under each map.
   --method rollout, gae or legrad with a CNN beside a vision transformer: the CNNs show
   Grad-CAM (said once on stderr, in the manifest's notes and each checkpoint's cam_method).
+  dino-grid: the same layout, each row a checkpoint's last block's class-token attention with
+  the patches holding 60%% of it (DINO's masks); n/a for a network without a class token.
   bam-hierarchy: BAM checkpoints only (others are skipped with a note). class-stats: needs
   --images folders in ImageFolder layout (one subfolder per class).
 
@@ -43,7 +45,7 @@ output layout (OUT):
   OUT/<checkpoint>/<image>/<figure>.<format>   per image and checkpoint
   OUT/<checkpoint>/<image>/maps.npz            raw attention maps, CAMs, logits, probs, target
   OUT/<checkpoint>/class-stats-<folder>.<format> and .npz
-  OUT/model-grid[-NN].<format>
+  OUT/model-grid[-NN].<format>, OUT/dino-grid[-NN].<format>
   OUT/manifest.json       checkpoints (path, sha256, arch, format), images (sha256), options,
                           package versions, results, failures, notes, sha256 of every file
 

@@ -40,6 +40,8 @@ from viz.engine.unread import UnreadAttentionWarning
 __all__ = ["GRID_COLUMNS", "OutputError", "export_command"]
 
 GRID_COLUMNS = 6  # images per model-grid figure; more images make more figures
+GRID_FIGURES = ("model-grid", "dino-grid")  # one figure of every checkpoint's rows
+DINO_MASS = 0.6  # the share of the class token's attention DINO's masks keep
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -49,7 +51,8 @@ def export_command(args: argparse.Namespace) -> int:
     figures = list(dict.fromkeys(args.figure or ["overview"]))
     settings = _settings(args)
     per_image = [f for f in figures if f in IMAGE_FIGURES]
-    analyzed = bool(per_image) or "model-grid" in figures
+    grids = [f for f in GRID_FIGURES if f in figures]
+    analyzed = bool(per_image) or bool(grids)
     images, folders = _inputs(args, figures, analyzed)
     output_target = parse_output_target(args.target)  # malformed: said before anything loads
     if "model-grid" in figures and output_target is not None:
@@ -71,11 +74,11 @@ def export_command(args: argparse.Namespace) -> int:
         run.note(fallback)
     grid = _Grid({name: [] for _, name, _ in checkpoints})
     if analyzed:
-        work = _ImageWork(checkpoints, targets, settings, per_image, args.format,
-                          "model-grid" in figures, methods=methods)  # fmt: skip
+        work = _ImageWork(checkpoints, targets, settings, per_image, args.format, tuple(grids),
+                          methods=methods)  # fmt: skip
         _run_images(run, work, images, args, grid)
-        if "model-grid" in figures:
-            _model_grids(run, checkpoints, grid, args.format, settings)
+        for kind in grids:
+            _model_grids(run, checkpoints, grid, args.format, settings, kind)
     if "class-stats" in figures:
         _class_stats(run, checkpoints, folders, args.format, settings)
     _write_manifest(run, args, figures, settings, checkpoints, methods)
@@ -312,7 +315,7 @@ class _ImageWork:
     settings: FigureSettings
     per_image: list
     formats: list
-    grid: bool
+    grids: tuple[str, ...]  # the grid figures asked for: their cells are kept per image
     # (done, total) passes of the current analysis, so the bar moves inside an image for the
     # slow CAM methods (with --jobs N, each process reports to the parent's bar)
     progress: Callable[[int, int], None] | None = None
@@ -343,7 +346,7 @@ class _ImageWork:
                 progress=self.progress,
             )  # fmt: skip
         except NoTargetError:
-            if self.grid or any(FIGURES[f].cams for f in self.per_image):
+            if "model-grid" in self.grids or any(FIGURES[f].cams for f in self.per_image):
                 raise
             return attention_only(ckpt.model, ckpt.preprocess.batch([pil]))
 
@@ -374,16 +377,24 @@ class _ImageWork:
                 runs.append((name, None, [], None, error_line(exc)))
                 lights.append(None)
         grid = None
-        if self.grid and all(light is not None for light in lights):
+        if self.grids and all(light is not None for light in lights):
             first = self.checkpoints[0][2]
-            title = first.class_names[int(lights[0].target[0])]
-            cells = [
-                (
-                    title not in ckpt.class_names,
-                    _same_class(ckpt, pil, light, title, self.settings.method_options()),
+            if lights[0].explains_classes and "model-grid" in self.grids:
+                title = first.class_names[int(lights[0].target[0])]
+                cells = [
+                    (
+                        title not in ckpt.class_names,
+                        _same_class(ckpt, pil, light, title, self.settings.method_options()),
+                    )
+                    for (_, _, ckpt), light in zip(self.checkpoints, lights)
+                ]
+            else:  # DINO's grid alone: attention is the same whatever the class
+                title = (
+                    first.class_names[int(lights[0].target[0])]
+                    if lights[0].explains_classes
+                    else image_name  # an embedding network: no class to title the column
                 )
-                for (_, _, ckpt), light in zip(self.checkpoints, lights)
-            ]
+                cells = [(False, light) for light in lights]
             grid = (first.preprocess.display_crop(pil), title, cells)
         return {"load_error": None, "info": info, "runs": runs, "grid": grid}
 
@@ -400,7 +411,7 @@ def _start_worker(work: _ImageWork, paths: list, plugins: list[str]) -> _ImageWo
     checkpoints = [(raw, name, load_checkpoint(raw)) for raw, name in paths]
     warnings.simplefilter("ignore", UnreadAttentionWarning)  # the parent said it once
     return _ImageWork(checkpoints, work.targets, work.settings, work.per_image,
-                      work.formats, work.grid, progress=_passes_reported,
+                      work.formats, work.grids, progress=_passes_reported,
                       methods=work.methods)  # fmt: skip
 
 
@@ -432,7 +443,7 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
     from viz.commands.parallel import ordered_map
 
     work.progress = _passes_reported
-    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grid,
+    bare = _ImageWork([], work.targets, work.settings, work.per_image, work.formats, work.grids,
                       methods=work.methods)  # fmt: skip
     paths = [(raw, name) for raw, name, _ in work.checkpoints]
     plugins = plugins_from_env() + list(getattr(args, "plugin", []))
@@ -447,16 +458,22 @@ def _outcomes(work: _ImageWork, images: list, jobs: int, args: argparse.Namespac
 
 
 def _light(analysis):
-    """The part of an analysis the model grid needs: logits, target and the last-stage CAM."""
+    """The part of an analysis the grids need: logits, target, the last-stage CAM and the last
+    class-token block's heads (DINO's grid)."""
     from viz.engine.trace import AttentionTrace
+    from viz.figures.dino_heads import class_token_blocks
 
+    blocks = class_token_blocks(analysis.trace)
+    trace = AttentionTrace(
+        [dataclasses.replace(blocks[-1], attention_source=None, token_norms=None)] if blocks else []
+    )
     stages = analysis.stage_cams()
-    if not stages:  # attention alone: nothing for a grid
-        return dataclasses.replace(analysis, trace=AttentionTrace())
+    if not stages:  # attention alone: no CAM for a grid
+        return dataclasses.replace(analysis, trace=trace, cams={}, cam_stages={})
     last = stages[max(stages)]
     return dataclasses.replace(
         analysis,
-        trace=AttentionTrace(),
+        trace=trace,
         cams={last: analysis.cams[last]},
         cam_stages={last: analysis.cam_stages[last]},
     )
@@ -483,8 +500,10 @@ def _same_class(ckpt, image, light, class_name: str, options: dict):
     )
 
 
-def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureSettings) -> None:
-    """The model grid, `GRID_COLUMNS` images per figure."""
+def _model_grids(
+    run: _Run, checkpoints, grid: _Grid, formats, settings: FigureSettings, kind: str
+) -> None:
+    """The model grid (CAMs) or DINO's grid (`kind`), `GRID_COLUMNS` images per figure."""
     from viz.commands.export import figure_bytes
     from viz.figures import model_grid
     from viz.interactive import GridModel, model_grid_rows
@@ -501,13 +520,14 @@ def _model_grids(run: _Run, checkpoints, grid: _Grid, formats, settings: FigureS
             fig = model_grid([crop for _, crop, _ in chunk], rows,
                              column_titles=[title for _, _, title in chunk], width=settings.width,
                              cmap=settings.cmap, alpha=settings.alpha, missing=absent,
-                             render=settings.render)  # fmt: skip
-            stem = "model-grid" if len(chunks) == 1 else f"model-grid-{c + 1:02d}"
+                             render=settings.render,
+                             class_token_mass=DINO_MASS if kind == "dino-grid" else None)  # fmt: skip
+            stem = kind if len(chunks) == 1 else f"{kind}-{c + 1:02d}"
             run.write(
                 "", {f"{stem}.{fmt}": figure_bytes(fig, fmt, dpi=settings.dpi) for fmt in formats}
             )
         except Exception as exc:
-            run.fail("model-grid", ", ".join(n for n, _, _ in chunk), exc)
+            run.fail(kind, ", ".join(n for n, _, _ in chunk), exc)
 
 
 def _class_stats(run: _Run, checkpoints, folders, formats, settings) -> None:

@@ -41,6 +41,36 @@ __all__ = [
 ]
 
 
+class LazyTensor:
+    """A tensor computed once, on first use: a block's (N, heads, T, T) probabilities when
+    only the class token's row was needed for its maps (softmax(q kᵀ) is most of a record's
+    cost, and only rollout, GAE and LeGrad read all of it)."""
+
+    def __init__(self, make: Callable[[], Tensor]) -> None:
+        self._make: Callable[[], Tensor] | None = make
+        self._value: Tensor | None = None
+
+    def value(self) -> Tensor:
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+    def __reduce__(self):  # pickled (export workers, Streamlit's caches) as the tensor itself
+        return _ready, (self.value(),)
+
+
+def _ready(value: Tensor) -> LazyTensor:
+    lazy = LazyTensor(lambda: value)
+    lazy.value()
+    return lazy
+
+
+def _lazy_part(source: Tensor | LazyTensor | None, pick: slice) -> Tensor | LazyTensor | None:
+    if isinstance(source, LazyTensor):
+        return LazyTensor(lambda: source.value()[pick])
+    return None if source is None else source[pick]
+
+
 @dataclass(frozen=True)
 class AttentionRecord:
     """What one attention module did to one batch.
@@ -63,7 +93,8 @@ class AttentionRecord:
         stride: input size / map size at the module (4, 8, ...).
         attention: self-attention with global attention (ViT, DeiT): the post-softmax
             probabilities (N, heads, T, T), prefix tokens first; None otherwise (and for
-            window attention).
+            window attention). Computed on first use where the maps needed only the class
+            token's row (rollout, GAE and LeGrad read it; the maps do not).
         heads: self-attention: (N, heads, h, w) each head's map on the patch grid (the class
             token's attention to the patches; without a class token, or in Swin's windows,
             the mean attention each patch receives); `spatial` is their mean.
@@ -86,7 +117,9 @@ class AttentionRecord:
     feature_out: Tensor | None
     logits: bool = False
     stride: int = 0
-    attention: Tensor | None = None
+    attention_source: Tensor | LazyTensor | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
     heads: Tensor | None = None
     layer: int | None = None
     class_token: bool = False
@@ -106,10 +139,15 @@ class AttentionRecord:
             gate=self.gate[pick],
             feature_in=part(self.feature_in),
             feature_out=part(self.feature_out),
-            attention=part(self.attention),
+            attention_source=_lazy_part(self.attention_source, pick),
             heads=part(self.heads),
             token_norms=part(self.token_norms),
         )
+
+    @property
+    def attention(self) -> Tensor | None:
+        source = self.attention_source
+        return source.value() if isinstance(source, LazyTensor) else source
 
     @property
     def label(self) -> str:
@@ -499,42 +537,57 @@ class _SelfAttentionWatch:
         layout = state.layout
         if self.reader.vit_only and (layout is None or layout.family != "vit"):
             return None
-        probs = self.reader.probabilities(self.module, parts)
-        if probs is None:
+        row = None if self.reader.windowed else self._class_row(parts, layout)
+        probs = None if row is not None else self.reader.probabilities(self.module, parts)
+        if probs is None and row is None:
             return None
-        probs = probs.detach()
         if self.reader.windowed:
+            probs = probs.detach()
             geo = self.reader.geometry(self.module, parts)
             windows = (-(-geo.height // geo.window[0])) * (-(-geo.width // geo.window[1]))
             heads = received_on_grid(probs, geo, probs.shape[0] // windows)
             stride = max(1, input_hw[0] // geo.height) if input_hw[0] else 0
-            stage, layer, attention, cls = fallback_stage(stride), None, None, False
+            stage, layer, attention, tokens, cls = fallback_stage(stride), None, None, 0, False
         else:
-            heads, stride, cls = self._patch_maps(probs, layout, input_hw)
+            if row is not None:  # the full matrix only when rollout, GAE or LeGrad reads it
+                reader, module = self.reader, self.module
+                needed = {k: _detached(parts[k]) for k in reader.row_parts if k in parts}
+                attention = LazyTensor(lambda: reader.probabilities(module, needed))
+            else:
+                attention = probs = probs.detach()
+            tokens = (row if row is not None else probs).shape[-1]
+            heads, stride, cls = self._patch_maps(probs, layout, input_hw, row)
             # a hybrid's blocks all live on its last level; a ViT's are grouped by depth
             stage = (
                 STAGES
                 if layout is not None and layout.trunk
                 else stage_of_block(self.index, self.count)
             )
-            layer, attention = self.index, probs
+            layer = self.index
         norms = parts.get("token_norms")
-        if (
-            attention is None
-            or norms is None
-            or norms.shape != (len(attention), attention.shape[-1])
-        ):
+        if attention is None or norms is None or norms.shape != (len(heads), tokens):
             norms = None  # windows, or a block that outputs other tokens (CaiT's class token)
         spatial = heads.mean(1)
         return AttentionRecord(
             name=self.name, kind=self.probe.kind, stage=stage,
             block=state.next_block(call, stage), channel=None, spatial=spatial, gate=spatial,
-            feature_in=None, feature_out=None, stride=stride, attention=attention,
+            feature_in=None, feature_out=None, stride=stride, attention_source=attention,
             heads=heads, layer=layer, class_token=cls, token_norms=norms,
         )  # fmt: skip
 
-    def _patch_maps(self, probs: Tensor, layout: TokenLayout | None, input_hw) -> tuple:
-        tokens = probs.shape[-1]
+    def _class_row(self, parts: dict, layout: TokenLayout | None) -> Tensor | None:
+        """(N, heads, 1, T) the class token's row of the probabilities, where that is all the
+        maps need (a known ViT with a class token) and the reader can compute it alone."""
+        if self.reader.patches_only or layout is None or layout.family != "vit":
+            return None
+        if not layout.class_token:
+            return None
+        row = self.reader.class_row(self.module, parts)
+        return None if row is None else row.detach()
+
+    def _patch_maps(self, probs: Tensor | None, layout: TokenLayout | None, input_hw,
+                    row: Tensor | None = None) -> tuple:  # fmt: skip
+        tokens = (row if row is not None else probs).shape[-1]
         if layout is not None and layout.family == "vit" and input_hw[0]:
             (h, w), prefix, cls = layout.grid(input_hw), layout.prefix, layout.class_token
         else:  # a user's module outside a known transformer: a square grid, maybe + 1 token
@@ -546,8 +599,10 @@ class _SelfAttentionWatch:
         if tokens != prefix + h * w:
             raise _probe_error(self.name, self.probe,
                                f"{tokens} tokens, not {prefix} prefix + {h}x{w} patches")  # fmt: skip
-        n, heads = probs.shape[:2]
-        if self.reader.patches_only:  # its padded class token was not there: the patches' mean
+        n, heads = (row if row is not None else probs).shape[:2]
+        if row is not None:
+            maps = row[:, :, 0, prefix:]
+        elif self.reader.patches_only:  # its padded class token was not there: the patches' mean
             maps = probs[:, :, prefix:, prefix:].mean(2)
         elif cls:
             maps = probs[:, :, 0, prefix:]

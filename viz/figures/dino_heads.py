@@ -31,7 +31,7 @@ from viz.figures.canvas import (
     value_range,
 )
 
-__all__ = ["dino_heads", "mass_masks", "class_token_blocks"]
+__all__ = ["dino_heads", "mass_masks", "class_token_blocks", "dimmed_outside"]
 
 LABEL_PT = 6.0
 DIM = 0.25  # brightness of the patches outside a mask
@@ -118,7 +118,7 @@ def dino_heads(
         r, c = 2 * (h // per_line), h % per_line
         canvas.image(r, c, overlay(base, heads[h], cmap, alpha, vmin=vmin, vmax=vmax,
                                    render=render))  # fmt: skip
-        canvas.image(r + 1, c, _masked(base, masks[h]))
+        canvas.image(r + 1, c, dimmed_outside(base, masks[h]))
         x, y, p = canvas.box(r, c)
         canvas.ax.text(x + p / 2, y + p + 0.015, f"head {h}", ha="center", va="bottom",
                        fontsize=LABEL_PT)  # fmt: skip
@@ -134,7 +134,7 @@ def dino_heads(
     return canvas.fig
 
 
-def _masked(base: Image.Image, mask: Tensor) -> Image.Image:
+def dimmed_outside(base: Image.Image, mask: Tensor) -> Image.Image:
     """The image with the mask's patches as they are and the rest dimmed (cells kept sharp)."""
     cells = Image.fromarray(mask.numpy().astype(np.uint8) * 255)
     keep = np.asarray(cells.resize(base.size, Image.Resampling.NEAREST), dtype=np.float32) / 255

@@ -24,6 +24,7 @@ from viz.figures.canvas import (
     styled,
     text_width,
 )
+from viz.figures.dino_heads import class_token_blocks, dimmed_outside, mass_masks
 from viz.measures.metrics import is_constant
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def model_grid(
     decimals: int = 2,
     title: str | None = None,
     missing: Sequence[Sequence[int]] | None = None,
+    class_token_mass: float | None = None,
 ) -> Figure:
     """The CBAM paper's Grad-CAM figure: images in columns, one row of Grad-CAMs per model.
 
@@ -73,6 +75,10 @@ def model_grid(
         render: "smooth" (bilinear, as the papers) or "cells" (one flat block per map cell,
             the grid drawn: the resolution the network computed at).
         title: a title of the figure's own, before the method and stage shown.
+        class_token_mass: instead of the CAMs, DINO's masks (Caron et al. 2021, figure 1):
+            each row's last block's class-token attention (the mean of its heads), the
+            patches outside the fewest holding this share of it (0.6 in DINO) dimmed. A row
+            without a class token's attention (a CNN, Swin) is drawn as n/a.
 
     The header says which CAM method and stage (or layer) the rows show; a row label too long
     for its row is wrapped (also inside long names, after "_", "-", "/") and set smaller, never
@@ -82,16 +88,8 @@ def model_grid(
     Raises:
         ValueError: counts do not match, or a row has no CAM for `layer`.
     """
-    pics = [as_image(im) for im in images]
-    if not pics:
-        raise ValueError("model_grid needs at least one image")
-    if len(column_titles) != len(pics):
-        raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
-    shown = [_row_layer(label, analysis, layer, stage, len(pics)) for label, analysis in rows]
-    absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
-    if len(absent) != len(rows):
-        raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
-    methods = {analysis.method_label for _, analysis in rows}
+    pics, absent = _checked(images, rows, column_titles, missing)
+    maps, methods, shows = _what_rows_show(rows, layer, stage, len(pics), class_token_mass)
     # rows of different methods (a CNN's Grad-CAM beside a ViT's rollout) each say which, in
     # short: the heading names them in full
     named = [(literal(label), "" if len(methods) == 1 else f"({literal(_short(a))})")
@@ -99,7 +97,7 @@ def model_grid(
     head = _title_head(column_titles, width, len(pics))
     labels, size, left = fit_row_labels(named, width, len(pics), head)
     titles = [literal(t) for t in column_titles]
-    shows = literal(_shown_text(rows, shown, layer))
+    shows = literal(shows)
     heading = f"{literal(title)} · {shows}" if title else shows
     # the heading in one line at 8.4 pt (as Canvas.title sets it), else two at 7 pt
     one_line = text_width(heading, 8.4) <= figure_width(width) - 0.1
@@ -111,9 +109,9 @@ def model_grid(
         canvas.image(0, c, pic)
         canvas.above(0, c, name, max_lines=2)
     canvas.left_of(0, 0, "input")
-    for r, ((_, analysis), label, row_layer) in enumerate(zip(rows, labels, shown), start=1):
-        _draw_row(canvas, r, pics, analysis.cams[row_layer], analysis.target_probs,
-                  absent[r - 1], cmap, alpha, render, decimals)  # fmt: skip
+    for r, ((_, analysis), label, (cams, masks)) in enumerate(zip(rows, labels, maps), start=1):
+        _draw_row(canvas, r, pics, analysis, cams, absent[r - 1], cmap, alpha, render,
+                  decimals, masks)  # fmt: skip
         canvas.left_of(r, 0, label, fontsize=size)
     # each CAM is stretched to its own range, as in the papers: the bar says so
     canvas.colorbar(cmap, 0.0, 1.0, "each map: own min–max")
@@ -121,9 +119,30 @@ def model_grid(
     return canvas.fig
 
 
-def _draw_row(canvas: Canvas, r: int, pics, cams: Tensor, probs: Tensor, absent: set[int],
-              cmap: str, alpha: float, render: str, decimals: int) -> None:  # fmt: skip
-    """One model's row: each column's CAM over its image and P under it (n/a, constant)."""
+def _checked(images, rows, column_titles, missing) -> tuple[list, list[set[int]]]:
+    """The images as PIL and each row's n/a columns, the counts checked."""
+    pics = [as_image(im) for im in images]
+    if not pics:
+        raise ValueError("model_grid needs at least one image")
+    if len(column_titles) != len(pics):
+        raise ValueError(f"{len(column_titles)} column titles for {len(pics)} images")
+    absent = [set(m) for m in missing] if missing is not None else [set() for _ in rows]
+    if len(absent) != len(rows):
+        raise ValueError(f"missing has {len(absent)} entries for {len(rows)} rows")
+    return pics, absent
+
+
+def _draw_row(canvas: Canvas, r: int, pics, analysis: Analysis, cams: Tensor | None,
+              absent: set[int], cmap: str, alpha: float, render: str, decimals: int,
+              masks: Tensor | None) -> None:  # fmt: skip
+    """One model's row: each column's CAM over its image (the patches outside `masks`
+    dimmed) and P under it (n/a, constant); without maps (no class token), n/a."""
+    if cams is None:
+        for c in range(len(pics)):
+            canvas.note(r, c, "n/a: no class\ntoken's\nattention")
+        return
+    # P where the row explains classes (a segment's or an embedding's row has none)
+    probs = analysis.target_probs if analysis.explains_classes else None
     for c, pic in enumerate(pics):
         if c in absent:
             canvas.note(r, c, "n/a:\nclass not\nin this model")
@@ -137,8 +156,10 @@ def _draw_row(canvas: Canvas, r: int, pics, cams: Tensor, probs: Tensor, absent:
                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
                                  "edgecolor": "none", "alpha": 0.85})  # fmt: skip
         else:
-            canvas.image(r, c, overlay(pic, cams[c], cmap, alpha, render=render))
-        canvas.below(r, c, f"P={float(probs[c]):.{decimals}f}")
+            drawn = overlay(pic, cams[c], cmap, alpha, render=render)
+            canvas.image(r, c, drawn if masks is None else dimmed_outside(drawn, masks[c]))
+        if probs is not None:
+            canvas.below(r, c, f"P={float(probs[c]):.{decimals}f}")
 
 
 def _short(analysis: Analysis) -> str:
@@ -168,6 +189,34 @@ def _shown_text(rows, shown: list[str], layer: str | None) -> str:
     return " · ".join(parts)
 
 
+def _what_rows_show(rows, layer, stage, columns: int, mass: float | None) -> tuple:
+    """Per row its (maps, DINO masks or None), the set of methods, and the heading's words."""
+    if mass is not None:
+        for label, analysis in rows:
+            _check_columns(label, analysis, columns)
+        words = (f"class-token attention of the last block (mean of its heads), the patches "
+                 f"holding {mass:.0%} of it")  # fmt: skip
+        return [_dino_maps(analysis, mass) for _, analysis in rows], {"DINO"}, words
+    shown = [_row_layer(label, analysis, layer, stage, columns) for label, analysis in rows]
+    maps = [(analysis.cams[row_layer], None) for (_, analysis), row_layer in zip(rows, shown)]
+    methods = {analysis.method_label for _, analysis in rows}
+    return maps, methods, _shown_text(rows, shown, layer)
+
+
+def _dino_maps(analysis: Analysis, mass: float) -> tuple[Tensor | None, Tensor | None]:
+    """(N, h, w) the last class-token block's attention (mean of heads) and its mass masks."""
+    blocks = class_token_blocks(analysis.trace)
+    if not blocks:
+        return None, None
+    attention = blocks[-1].heads.float().mean(1)
+    return attention, mass_masks(attention, mass)
+
+
+def _check_columns(label: str, analysis: Analysis, columns: int) -> None:
+    if analysis.batch_size != columns:
+        raise ValueError(f"row {label!r} covers {analysis.batch_size} images, not {columns}")
+
+
 def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> str:
     """The CAM layer a row shows: `layer`, the row's layer at `stage`, or its deepest."""
     if layer is not None:
@@ -184,8 +233,7 @@ def _row_layer(label: str, analysis: Analysis, layer, stage, columns: int) -> st
         raise ValueError(
             f"row {label!r} has no CAM for {row_layer!r}; it has {list(analysis.cams)}"
         )
-    if analysis.logits.shape[0] != columns:
-        raise ValueError(f"row {label!r} covers {analysis.logits.shape[0]} images, not {columns}")
+    _check_columns(label, analysis, columns)
     return row_layer
 
 

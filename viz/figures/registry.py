@@ -242,6 +242,10 @@ _SPECS = (
                "checkpoint",
                scale="per-map (each map its own min-max: CAMs of different networks share no unit)",
                cams=True),
+    FigureSpec("dino-grid", "DINO's masks per checkpoint: images in columns, one row per "
+               "checkpoint, its last block's class-token attention and the patches holding 60% "
+               "of it (n/a for a network without a class token)",
+               scale="per-map (each map its own min-max)"),
     FigureSpec("bam-hierarchy", "the BAM paper's figure: feature before, attention 1 + M(F), "
                "feature after", _bam, _no_bam, scale="per-row (F and F' shared)"),
     FigureSpec("class-stats", "mean channel weight per class (the SENet excitation plot)"),

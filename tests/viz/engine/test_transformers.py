@@ -97,6 +97,27 @@ def test_recorded_attention_is_the_unfused_probabilities(vits, which):
     assert [r.stage for r in records] == [1, 2, 3]  # depth quarters of 3 blocks
 
 
+def test_maps_need_only_the_class_row_and_the_full_matrix_comes_when_read(vits):
+    """Lazy attention: a record's maps cost the class token's row; (N, heads, T, T) is
+    computed on first read (rollout, GAE, LeGrad), for a slice of the batch, and pickled."""
+    import pickle
+
+    from viz.engine.trace import LazyTensor
+
+    net, x = vits["vit"]
+    with torch.no_grad(), record_attention(net) as trace:
+        net(x)
+    rec = list(trace)[-1]
+    assert isinstance(rec.attention_source, LazyTensor)
+    assert rec.attention_source._value is None  # the maps were made without it
+    reference, _ = _unfused_probabilities(net, x)
+    second = rec.select(1)
+    torch.testing.assert_close(second.attention, reference[-1][1:], atol=1e-6, rtol=1e-5)
+    copied = pickle.loads(pickle.dumps(rec))
+    torch.testing.assert_close(copied.attention, reference[-1], atol=1e-6, rtol=1e-5)
+    assert isinstance(rec.attention_source, LazyTensor)  # still the record's own
+
+
 def test_torchvision_vit_gives_per_head_weights_only_while_tracing(tv_vit):
     x = torch.randn(2, 3, 64, 64)
     weights = []

@@ -129,6 +129,32 @@ def test_model_grid_mixes_a_resnet_and_a_vit(analyses, vit, width):
     assert sum(t.startswith("P=") for t in _texts(fig)) == 6
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_model_grid_shows_dino_masks_and_a_cnn_row_as_na(vit, width):
+    """The grid's DINO mode: each ViT row's last block (mean of heads) with the patches outside
+    its 60%-mass mask dimmed; a CNN row has no class token: n/a, not its CAM."""
+    small = Preprocess(resize=64, crop=64)
+    images = [_image(0), _image(1)]
+    torch.manual_seed(0)
+    cnn = build_model(18, "cbam", num_classes=10).eval()
+    deit = analyze(vit, PRE.batch(images))
+    rows = [("ResNet-18 + CBAM", analyze(cnn, small.batch(images))), ("DeiT-tiny", deit)]
+    crops = [small.crop_image(im) for im in images]
+    fig = figures.model_grid(crops, rows, column_titles=LONG_NAMES[:2], width=width,
+                             class_token_mass=0.6)  # fmt: skip
+    assert _problems(fig) == []
+    texts = _texts(fig)
+    assert sum("n/a: no class" in t for t in texts) == 2  # the CNN's two cells
+    assert sum(t.startswith("P=") for t in texts) == 2  # the ViT's
+    assert any("holding 60% of it" in t for t in texts)
+    from viz.figures.model_grid import _dino_maps
+
+    attention, masks = _dino_maps(deit, 0.6)
+    last = [r for r in deit.trace if r.layer is not None][-1]
+    torch.testing.assert_close(attention, last.heads.mean(1))
+    assert torch.equal(masks, figures.mass_masks(last.heads.mean(1), 0.6))
+
+
 def test_export_of_a_vit_checkpoint(tmp_path, capsys):
     """The command line with rollout and with Grad-CAM (in-process: a subprocess is slow)."""
     from models import ForeignArch, save_checkpoint
@@ -142,12 +168,12 @@ def test_export_of_a_vit_checkpoint(tmp_path, capsys):
     for method in ("rollout", "gradcam"):
         out = tmp_path / method
         code = main(["export", "--checkpoint", str(ckpt), "--images", str(tmp_path / "tench.png"),
-                     "--out", str(out), "--figure", "overview", "heads", "gradcam",
+                     "--out", str(out), "--figure", "overview", "heads", "gradcam", "dino-grid",
                      "--method", method, "--jobs", "1", "--dpi", "50"])  # fmt: skip
         err = capsys.readouterr().err
         assert code == 0, err
         made = {p.name for p in out.rglob("*.png")}
-        assert {"overview.png", "heads.png", "gradcam.png"} <= made, (made, err)
+        assert {"overview.png", "heads.png", "gradcam.png", "dino-grid.png"} <= made, (made, err)
 
 
 # --- DINO's figure (issue 39) --------------------------------------------------------------------
