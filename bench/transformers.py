@@ -75,37 +75,34 @@ def _traced_and_built(model, x, full: bool = False):
     return run
 
 
-def overhead_rows(pairs: int) -> list[tuple]:
-    model = _vit_small()
+def reading_rows(model, label: str, pairs: int, gae: bool = True) -> list[tuple]:
+    """What reading the attention of `model` costs over its forward (224 px, batch 1)."""
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     forward = _forward(model, x)
-    label = "timm ViT-S/16, 224 px, batch 1"
-    return [
+
+    def over_forward(run) -> float:
+        return paired_ratio(_kept(model, run), forward, pairs) - 1
+
+    rows = [
         (label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs) - 1),
         (label, "recording all 12 blocks' attention, taps kept (goal <= +10%)",
-         paired_ratio(_kept(model, _traced_forward(model, x)), forward, pairs) - 1),
+         over_forward(_traced_forward(model, x))),
         (label, "... and building the records (the maps: class-token rows only)",
-         paired_ratio(_kept(model, _traced_and_built(model, x)), forward, pairs) - 1),
+         over_forward(_traced_and_built(model, x))),
         (label, "... and reading every block's full probabilities (as rollout does)",
-         paired_ratio(_kept(model, _traced_and_built(model, x, full=True)), forward, pairs) - 1),
-        (label, "analyze(method='gae') vs forward + backward to the input (goal <= +15%)",
-         paired_ratio(lambda: analyze(model, x, method="gae"),
-                      _forward_input_backward(model, x), pairs) - 1),
+         over_forward(_traced_and_built(model, x, full=True))),
     ]  # fmt: skip
+    if gae:
+        rows.append((label, "analyze(method='gae') vs forward + backward to the input "
+                     "(goal <= +15%)", paired_ratio(lambda: analyze(model, x, method="gae"),
+                     _forward_input_backward(model, x), pairs) - 1))  # fmt: skip
+    return rows
 
 
-def hugging_face_rows(pairs: int) -> list[tuple]:
-    model = _hf_vit_small()
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    forward = _forward(model, x)
-    label = "transformers ViT, ViT-S/16 sizes, 224 px, batch 1"
-    return [
-        (label, "noise floor: forward vs itself", paired_ratio(forward, forward, pairs) - 1),
-        (label, "recording all 12 blocks' attention, taps kept (goal <= +10%)",
-         paired_ratio(_kept(model, _traced_forward(model, x)), forward, pairs) - 1),
-        (label, "... and building the records (the maps: class-token rows only)",
-         paired_ratio(_kept(model, _traced_and_built(model, x)), forward, pairs) - 1),
-    ]  # fmt: skip
+def overhead_rows(pairs: int) -> list[tuple]:
+    return reading_rows(_vit_small(), "timm ViT-S/16, 224 px, batch 1", pairs) + reading_rows(
+        _hf_vit_small(), "transformers ViT, ViT-S/16 sizes, 224 px, batch 1", pairs, gae=False
+    )
 
 
 def legrad_rows(reps: int) -> list[tuple]:
@@ -167,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_transformers.md"))
     args = p.parse_args(argv)
     pairs = 2 if args.quick else args.pairs
-    rows = overhead_rows(pairs) + hugging_face_rows(pairs)
+    rows = overhead_rows(pairs)
     if not args.quick:
         rows += legrad_rows(args.reps)
     table = format_table(rows)
