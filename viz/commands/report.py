@@ -53,12 +53,13 @@ __all__ = [
 
 PER_IMAGE_COLUMNS = (
     "checkpoint", "image", "label", "target", "target_name", "predicted", "prob", "correct",
-    "deletion_auc", "insertion_auc", "outlier_tokens", "error",
+    "score", "deletion_auc", "insertion_auc", "outlier_tokens", "error", "left_out",
 )  # fmt: skip
 PER_MAP_COLUMNS = (
     "checkpoint", "image", "map", "kind", "method", "stage", "layer", "deletion_auc", "insertion_auc",
-    "pearson", "spearman", "iou", "pointing", "energy", "box_iou",
+    "pearson", "spearman", "iou", "pointing", "energy", "box_iou", "mask_pointing", "mask_energy",
 )  # fmt: skip
+REPORT_TARGETS = ("segment", "similar-to")  # --target kinds that hold for a whole data set
 SANITY_COLUMNS = ("checkpoint", "image", "step", "randomised", "map", "spearman", "ssim")
 DELETION_CHOICES = ("all", "default", "off")
 _PARTS = "parts"
@@ -79,6 +80,7 @@ class ReportOptions:
     sanity: int | None = None  # images checked; None: `default_sanity(method)`
     top_k: float = 0.2
     seed: int = 0
+    target: str | None = None  # "segment:K" or "similar-to:IMAGE"; None: each image's class
 
     def __post_init__(self) -> None:
         from viz.engine.cam import settings_error
@@ -235,16 +237,22 @@ def _chunk_rows(
     chosen: dict[str, list[int]],
     options: ReportOptions,
     advance: Callable[[float], None] | None = None,
+    explain=None,
+    segments: Tensor | None = None,
 ) -> dict[str, list[dict]]:
     """Every row one checkpoint gives for one decoded batch; `advance(fraction)` as it goes.
     `chosen`: the batch rows of the sanity check ("sanity") and of the sample figure
-    ("samples")."""
+    ("samples"); `explain`: a `viz.targets` callable (`--target`), `segments` the pixels it
+    scores when it is a segment (each image's predicted ones)."""
     from viz.measures.metrics import random_saliency, seed_of
     from viz.measures.sanity import randomisation_steps
 
     options = options.for_model(ckpt.model)
     n, size = len(names), x.shape[-1]
-    target = torch.tensor(labels) if all(label is not None for label in labels) else None
+    if explain is not None:  # a segment or a concept: the same callable for every image
+        target = explain
+    else:
+        target = torch.tensor(labels) if all(label is not None for label in labels) else None
     seeds = [seed_of(name, options.seed) for name in names]
     deletion = options.deletion != "off"
     per_map = 2 * options.steps + 3  # forwards per image and map (see deletion_insertion)
@@ -260,16 +268,18 @@ def _chunk_rows(
     picked = [m for m in (list(maps) if options.deletion == "all" else [default, "random"]) if m]
     if deletion:
         work.plan(units=(len(picked) - 2) * n * per_map)
+    followed = analysis.target if explain is None else explain  # what the passes score
     causal = {
-        name: _deletion(ckpt.model, x, maps[name][3], analysis.target, seeds, options,
+        name: _deletion(ckpt.model, x, maps[name][3], followed, seeds, options,
                         work.part(units=n * per_map))
         for name in (picked if deletion else [])
     }  # fmt: skip
     rows = _image_rows(ckpt_name, ckpt, analysis, maps, causal, default, names, label_texts,
-                       boxes, size, options, known=target is not None)  # fmt: skip
+                       boxes, size, options, known=explain is None and target is not None,
+                       masks=segments)  # fmt: skip
     rows["sanity"] = _sanity_rows(ckpt_name, ckpt.model, x, analysis, maps, names,
-                                  chosen["sanity"], options,
-                                  work.part(analyses=sanity_analyses))  # fmt: skip
+                                  chosen["sanity"], options, work.part(analyses=sanity_analyses),
+                                  followed)  # fmt: skip
     rows["samples"] = _sample_rows(ckpt_name, maps, names, chosen["samples"])
     return rows
 
@@ -295,12 +305,12 @@ def _deletion(model, x, saliency, target, seeds, options: ReportOptions, progres
 
 def _image_rows(
     ckpt_name, ckpt, analysis, maps, causal, default, names, label_texts, boxes, size,
-    options: ReportOptions, *, known: bool,
+    options: ReportOptions, *, known: bool, masks=None,
 ) -> dict[str, list[dict]]:  # fmt: skip
-    """The per-image and per-map rows of one checkpoint on one batch."""
+    """The per-image and per-map rows of one checkpoint on one batch (`masks`: the (N, H, W)
+    segments a segmentation target explains, for the maps' localisation against them)."""
     from viz.measures.metrics import agreement_batch
 
-    predicted = analysis.logits.argmax(1)
     outliers = _outlier_tokens(analysis.trace)
     method = "+".join([analysis.method, *analysis.smoothing])  # e.g. "scorecam+eigen"
     stage_cam = {v[1]: v[3] for v in maps.values() if v[0] == "cam"}
@@ -311,14 +321,10 @@ def _image_rows(
     }
     per_image, per_map = [], []
     for i, image in enumerate(names):
-        t = int(analysis.target[i])
         d = causal.get(default)
         per_image.append({
-            "checkpoint": ckpt_name, "image": image,
-            "label": label_texts[i], "target": t,
-            "target_name": ckpt.class_names[t], "predicted": int(predicted[i]),
-            "prob": _number(float(analysis.target_probs[i])),
-            "correct": int(int(predicted[i]) == t) if known else None,
+            "checkpoint": ckpt_name, "image": image, "label": label_texts[i],
+            **_explained_columns(analysis, ckpt.class_names, i, known),
             "deletion_auc": _number(float(d.deletion_auc[i])) if d else None,
             "insertion_auc": _number(float(d.insertion_auc[i])) if d else None,
             "outlier_tokens": None if outliers is None else _number(float(outliers[i])),
@@ -336,8 +342,30 @@ def _image_rows(
                 row.update(pearson=_number(pearson), spearman=_number(spearman), iou=_number(iou))
             if boxes[i] is not None:
                 row.update(_localisation(m[i], boxes[i], size))
+            if masks is not None:
+                row.update(_in_segment(m[i], masks[i]))
             per_map.append(row)
     return {"per_image": per_image, "per_map": per_map}
+
+
+def _explained_columns(analysis, class_names, i: int, known: bool) -> dict:
+    """Image `i`'s target columns: the class, its P and whether it is the prediction; for a
+    segment or a concept, what was explained and its score."""
+    if not analysis.explains_classes:
+        return {"target_name": analysis.explained, "score": _number(float(analysis.scores[i]))}
+    t, predicted = int(analysis.target[i]), int(analysis.logits[i].argmax())
+    return {
+        "target": t, "target_name": class_names[t], "predicted": predicted,
+        "prob": _number(float(analysis.target_probs[i])),
+        "correct": int(predicted == t) if known else None,
+    }  # fmt: skip
+
+
+def _in_segment(m: Tensor, mask: Tensor) -> dict:
+    from viz.measures.localization import energy_in_mask, pointing_in_mask
+
+    return {"mask_pointing": _number(pointing_in_mask(m, mask)),
+            "mask_energy": _number(energy_in_mask(m, mask))}  # fmt: skip
 
 
 def _outlier_tokens(trace) -> Tensor | None:
@@ -359,7 +387,16 @@ def _localisation(m: Tensor, boxes: list, size: int) -> dict:
 
 
 def _sanity_rows(
-    ckpt_name, model, x, analysis, maps, names, sanity_rows, options: ReportOptions, progress
+    ckpt_name,
+    model,
+    x,
+    analysis,
+    maps,
+    names,
+    sanity_rows,
+    options: ReportOptions,
+    progress,
+    followed,
 ) -> list[dict]:
     """The cascading randomisation check on the chunk's first `--sanity` images; `progress`
     moves within each step's analysis (a pass method's rerun is most of the report's time)."""
@@ -382,7 +419,7 @@ def _sanity_rows(
 
     trained = {k: v[3][pick] for k, v in maps.items() if v[0] != "random"}
     result = cascading_randomisation(
-        model, x[pick], analysis.target[pick], maps_of, seed=options.seed, original=trained
+        model, x[pick], _rows_of(followed, pick), maps_of, seed=options.seed, original=trained
     )
     return [
         {"checkpoint": ckpt_name, "image": names[sanity_rows[r.image]], "step": r.step,
@@ -390,6 +427,41 @@ def _sanity_rows(
          "ssim": _number(r.ssim)}
         for r in result
     ]  # fmt: skip
+
+
+def _rows_of(target, pick: Tensor):
+    """The target of the batch rows `pick`: classes, or a segment's masks, taken with them."""
+    from viz.targets import SegmentationScore
+
+    if isinstance(target, Tensor):
+        return target[pick]
+    if isinstance(target, SegmentationScore) and target.mask is not None:
+        return replace(target, mask=target.mask[pick])
+    return target  # a concept: the same for every image
+
+
+def report_target(spec: str, ckpt, x: Tensor):
+    """`--target` for a batch: (the `viz.targets` callable, the batch rows it explains, why
+    the others are left out, and for a segment the (N, H, W) predicted pixels of the category
+    in the rows kept: what the target scores). An image without one has nothing to explain."""
+    from viz.commands.inputs import MAX_IMAGE_FILE_BYTES
+    from viz.commands.targets import parse_output_target
+    from viz.engine.model_state import model_lock, preserve_model_state
+    from viz.targets import SegmentationScore, main_tensor
+
+    wanted = parse_output_target(spec)
+    built = wanted.build(ckpt, None, MAX_IMAGE_FILE_BYTES)
+    if not isinstance(built, SegmentationScore):
+        return built, list(range(len(x))), "", None
+    with model_lock(ckpt.model), preserve_model_state(ckpt.model), torch.inference_mode():
+        output = main_tensor(ckpt.model(x))
+    if output.ndim != 4:
+        raise ValueError(f"--target {spec}: the network returns {tuple(output.shape)}, not a "
+                         "segmentation map (N, K, H, W)")  # fmt: skip
+    masks = output.argmax(1) == built.category
+    keep = [i for i in range(len(x)) if masks[i].any()]
+    why = f"no pixel is predicted as {built.describe().split(' (')[0]}: nothing to explain"
+    return built, keep, why, masks[keep].clone()
 
 
 def _sample_rows(ckpt_name, maps, names, sample_rows: list[int]) -> list[dict]:
@@ -476,8 +548,24 @@ def _run_chunk(
             "samples": [k for k, (i, *_) in enumerate(good) if i < SAMPLE_CANDIDATES],
         }
         share = None if advance is None else (lambda f, c=c: advance((c + f) / models))
-        rows = _chunk_rows(ckpt_name, ckpt, x, names, targets, labels, boxes, chosen, options,
-                           share)  # fmt: skip
+        explain = None
+        if options.target:  # a segment or a concept; rows without the segment are said so
+            explain, keep, why, segments = report_target(options.target, ckpt, x)
+            for k in sorted(set(range(len(good))) - set(keep)):
+                result["per_image"].append({**dict.fromkeys(PER_IMAGE_COLUMNS),
+                                            "checkpoint": ckpt_name, "image": names[k],
+                                            "label": labels[k], "error": "",
+                                            "left_out": why})  # fmt: skip
+            if not keep:
+                continue
+            x, names_c, boxes = x[keep], [names[k] for k in keep], [boxes[k] for k in keep]
+            targets, labels_c = [targets[k] for k in keep], [labels[k] for k in keep]
+            chosen = {key_: [keep.index(k) for k in rows_ if k in keep]
+                      for key_, rows_ in chosen.items()}  # fmt: skip
+        else:
+            names_c, labels_c, segments = names, labels, None
+        rows = _chunk_rows(ckpt_name, ckpt, x, names_c, targets, labels_c, boxes, chosen,
+                           options, share, explain, segments)  # fmt: skip
         for key_, value in rows.items():
             result[key_] += value
     return result

@@ -38,6 +38,11 @@ def add_report_parser(commands) -> argparse.ArgumentParser:
                              "names) or any folder of images with --labels, or neither")  # fmt: skip
     report.add_argument("--out", required=True, metavar="DIR", help="output folder")
     report.add_argument("--labels", metavar="CSV", help="CSV with columns file,label")
+    report.add_argument("--target", metavar="TARGET",
+                        help="explain, instead of each image's class: segment:K (a segmentation "
+                             "network's category K over its predicted pixels; images without "
+                             "any are left out, said per image) or similar-to:IMAGE (an "
+                             "embedding network: cosine similarity to IMAGE's embedding)")  # fmt: skip
     report.add_argument("--boxes", metavar="PATH",
                         help="bounding boxes: Pascal VOC XML folder, COCO JSON, or CSV "
                              "file,x0,y0,x1,y1[,label] (original image pixels)")  # fmt: skip
@@ -89,6 +94,39 @@ scale out:  torchrun --nproc-per-node 2 -m viz report ...   (same numbers, share
 """
 
 
+def _report_target_spec(value: str | None) -> str | None:
+    """--target as the report takes it: a segment or a concept holds for every image; a box
+    belongs to one image and a class is each image's own (its label, else the top-1)."""
+    from viz.commands.inputs import UsageError
+    from viz.commands.report import REPORT_TARGETS
+    from viz.commands.targets import parse_output_target
+
+    if value is None:
+        return None
+    wanted = parse_output_target(value)
+    if wanted is None or wanted.kind not in REPORT_TARGETS:
+        raise UsageError(
+            f"report --target takes segment:K or similar-to:IMAGE, not {value!r} (classes come "
+            "from the labels or the top-1; a box belongs to one image: export --target box:...)"
+        )
+    return wanted.text
+
+
+def _check_target(spec: str, loaded) -> None:
+    """The target made once per checkpoint before any image: a category outside a model's
+    classes, a missing concept image or a network without an embedding is one line."""
+    from viz.commands.inputs import MAX_IMAGE_FILE_BYTES, UsageError
+    from viz.commands.targets import parse_output_target
+
+    wanted = parse_output_target(spec)
+    for raw, _, ckpt in loaded:
+        wanted.check(ckpt)
+        try:
+            wanted.build(ckpt, None, MAX_IMAGE_FILE_BYTES)
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"--target {spec} on {raw}: {exc}") from None
+
+
 def report_command(args: argparse.Namespace) -> int:
     """`python -m viz report`: returns the exit status (0 ok, 1 some images or a rank failed)."""
     from tqdm import tqdm
@@ -110,11 +148,13 @@ def report_command(args: argparse.Namespace) -> int:
             method=args.method, smoothing=tuple(args.smooth), layers=layers,
             num_samples=args.num_samples, deletion=args.deletion, steps=args.steps,
             baseline=args.baseline, batch_size=args.batch_size, sanity=args.sanity,
-            seed=args.seed,
+            seed=args.seed, target=_report_target_spec(args.target),
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     loaded = load_checkpoints(args.checkpoint)
+    if options.target:
+        _check_target(options.target, loaded)
     _, fallback = methods_by_checkpoint(args.method, loaded)  # refuses what cannot apply
     if os.environ.get("RANK", "0") == "0":  # once, not by every rank of torchrun
         if fallback:

@@ -40,8 +40,9 @@ __all__ = [
 
 MAP_METRICS = (
     "deletion_auc", "insertion_auc", "pearson", "spearman", "iou", "pointing", "energy", "box_iou",
+    "mask_pointing", "mask_energy",
 )  # fmt: skip
-IMAGE_METRICS = ("correct", "prob")
+IMAGE_METRICS = ("correct", "prob", "score")
 SUMMARY_COLUMNS = (
     "section", "checkpoint", "compared_to", "map", "metric", "n", "mean", "ci_low", "ci_high",
 )  # fmt: skip
@@ -59,6 +60,9 @@ _METRIC_WORDS = {
     "pointing": "pointing game",
     "energy": "energy pointing game",
     "box_iou": "box IoU",
+    "score": "score of what is explained",
+    "mask_pointing": "pointing game in the segment",
+    "mask_energy": "energy in the segment",
 }
 
 
@@ -112,7 +116,7 @@ def _with_all_attention(per_map: list[dict]) -> list[dict]:
 
 def summarise(rows: dict[str, list[dict]], checkpoints: Sequence[str], seed: int = 0) -> list[dict]:
     """Means with bootstrap intervals per checkpoint, then paired differences between them."""
-    per_image = [r for r in rows["per_image"] if not r.get("error")]
+    per_image = [r for r in rows["per_image"] if not r.get("error") and not r.get("left_out")]
     per_map = _with_all_attention(rows["per_map"])
     values: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for r in per_image:
@@ -485,7 +489,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
     deletion = {"all": "every map", "default": "the last stage's CAM and the random map",
                 "off": "no map"}[options.deletion]  # fmt: skip
-    read = len(inputs.images) - len(failed)
+    left = sorted({r["image"] for r in rows["per_image"] if r.get("left_out")} - set(failed))
+    read = len(inputs.images) - len(failed) - len(left)
     checked = len({r["image"] for r in rows["sanity"]})  # the first --sanity images that read
     sanity = (
         "no sanity check" if checked == 0
@@ -493,6 +498,8 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
         else f"sanity check on the first {checked} images"
     )  # fmt: skip
     images = f"{read} images" + (f" ({len(failed)} more could not be read)" if failed else "")
+    if left:  # a segment some images do not have: nothing there to explain
+        images += f" ({len(left)} left out: nothing to explain, see per_image.csv)"
     scored = (
         "no deletion/insertion" if options.deletion == "off"
         else f"deletion/insertion on {deletion} with {options.steps} steps "
