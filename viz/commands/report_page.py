@@ -465,6 +465,16 @@ def _method_text(inputs, options) -> str:
     return text
 
 
+def _images_text(rows, inputs, failed: list[str]) -> tuple[str, int]:
+    """How many images the numbers cover, and why the others are not there; and that count."""
+    left = sorted({r["image"] for r in rows["per_image"] if r.get("left_out")} - set(failed))
+    read = len(inputs.images) - len(failed) - len(left)
+    text = f"{read} images" + (f" ({len(failed)} more could not be read)" if failed else "")
+    if left:  # a segment some images do not have: nothing there to explain
+        text += f" ({len(left)} left out: nothing to explain, see per_image.csv)"
+    return text, read
+
+
 def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, world: int = 1) -> int:
     """Write every report file into `out`; returns how many images could not be read."""
     from dataclasses import asdict
@@ -489,17 +499,13 @@ def write_report(out: Path, rows: dict[str, list[dict]], inputs, options, *, wor
     model_rows, paired_rows = _table_rows(summary, "model"), _table_rows(summary, "paired")
     deletion = {"all": "every map", "default": "the last stage's CAM and the random map",
                 "off": "no map"}[options.deletion]  # fmt: skip
-    left = sorted({r["image"] for r in rows["per_image"] if r.get("left_out")} - set(failed))
-    read = len(inputs.images) - len(failed) - len(left)
+    images, read = _images_text(rows, inputs, failed)
     checked = len({r["image"] for r in rows["sanity"]})  # the first --sanity images that read
     sanity = (
         "no sanity check" if checked == 0
         else f"sanity check on all {checked} images" if checked == read
         else f"sanity check on the first {checked} images"
     )  # fmt: skip
-    images = f"{read} images" + (f" ({len(failed)} more could not be read)" if failed else "")
-    if left:  # a segment some images do not have: nothing there to explain
-        images += f" ({len(left)} left out: nothing to explain, see per_image.csv)"
     scored = (
         "no deletion/insertion" if options.deletion == "off"
         else f"deletion/insertion on {deletion} with {options.steps} steps "
