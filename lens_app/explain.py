@@ -126,19 +126,51 @@ def _detection(where, ckpt, items, pick) -> Explained:
 
 
 def _likeness(where, ckpt, items, pick) -> Explained:
-    others = [i for i in range(len(items)) if i != pick]
-    if not others:
-        where.info(
-            "An embedding network: upload a second image, and the maps show what makes this "
-            "image like it. Its attention maps are shown meanwhile."
-        )
-        return Explained(None, "", "")
+    """The likeness to another uploaded image, or to a region of this one (its embedding)."""
     item = items[pick]
-    j = where.selectbox(
-        "Explain the likeness to", others, key=keys.explain(item, ckpt, "concept"),
-        format_func=lambda i: items[i].name,
-    )  # fmt: skip
-    other = items[j]
-    concept = main_tensor(network_output(other.sha, ckpt.sha256, ckpt, other.image)).flatten(1)[0]
-    return Explained(SimilarityScore(concept.clone()), f"similar:{other.sha}",
-                     f"likeness to {other.name}")  # fmt: skip
+    others = [i for i in range(len(items)) if i != pick]
+    sources = (["another image"] if others else []) + ["a region of this image"]
+    source = where.radio("Concept", sources, horizontal=True,
+                         key=keys.explain(item, ckpt, "concept_source"),
+                         help="The maps show what makes this image like the concept: the "
+                              "network's embedding of another image or of a part of this "
+                              "one.")  # fmt: skip
+    if source == "another image":
+        j = where.selectbox(
+            "Explain the likeness to", others, key=keys.explain(item, ckpt, "concept"),
+            format_func=lambda i: items[i].name,
+        )  # fmt: skip
+        other = items[j]
+        out = network_output(other.sha, ckpt.sha256, ckpt, other.image)
+        return Explained(SimilarityScore(main_tensor(out).flatten(1)[0].clone()),
+                         f"similar:{other.sha}", f"likeness to {other.name}")  # fmt: skip
+    across, down = where.columns(2)
+    x0, x1 = across.slider("Region across (% of the width)", 0, 100, (25, 75), 5,
+                           key=keys.explain(item, ckpt, "region_x"))  # fmt: skip
+    y0, y1 = down.slider("Region down (% of the height)", 0, 100, (25, 75), 5,
+                         key=keys.explain(item, ckpt, "region_y"))  # fmt: skip
+    if x1 - x0 < 5 or y1 - y0 < 5:
+        where.info("Make the region at least 5% wide and high.")
+        return Explained(None, "", "")
+    region = region_of(item.image, (x0, y0, x1, y1))
+    where.image(region, width=120, caption="the concept")
+    concept = region_embedding(item.sha, (x0, y0, x1, y1), ckpt.sha256, ckpt, region)
+    text = f"likeness to its region x {x0}-{x1}%, y {y0}-{y1}%"
+    return Explained(SimilarityScore(concept), f"region:{x0},{y0},{x1},{y1}", text)
+
+
+def region_of(image, percent: tuple[int, int, int, int]):
+    """The part of a PIL image between the percentages (x0, y0, x1, y1) of its size."""
+    w, h = image.size
+    x0, y0, x1, y1 = percent
+    box = (w * x0 // 100, h * y0 // 100, max(w * x1 // 100, w * x0 // 100 + 1),
+           max(h * y1 // 100, h * y0 // 100 + 1))  # fmt: skip
+    return image.crop(box)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def region_embedding(image_sha: str, percent: tuple, ckpt_sha: str, _ckpt, _region):
+    """The network's embedding of a region, as it embeds any image (its own resize and crop)."""
+    with torch.no_grad():
+        out = _ckpt.model(_ckpt.preprocess.batch([_region]))
+    return main_tensor(out).flatten(1)[0].clone()

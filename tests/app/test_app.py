@@ -1467,17 +1467,25 @@ def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_pa
     save_file(net.state_dict(), tmp_path / "dino_like.safetensors")  # no classifier
     at = app.run()
     _open_path(at, str(tmp_path / "dino_like.safetensors"))
-    assert "returns an embedding" in _said(at) and "upload a second image" in _said(at)
+    assert "returns an embedding" in _said(at)
+    (source,) = [r for r in at.radio if r.key and r.key.startswith("ex:concept_source:")]
+    assert source.options == ["a region of this image"]  # one image: a part of it
+    assert "likeness to its region x 25-75%, y 25-75%" in _said(at).replace("\\", "")
     show(at, "cam")
-    assert "Choose what to explain above" in _said(at)
+    assert at.image
+    (across,) = [s for s in at.slider if s.key and s.key.startswith("ex:region_x:")]
+    at.slider(key=across.key).set_value((40, 42)).run()  # too thin: said, nothing explained
+    assert "at least 5% wide" in _said(at)
     show(at, "channels")  # the heads draw without a target
     assert at.image
     files = [("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg"),
              ("red square.png", png_bytes(), "image/png")]  # fmt: skip
     at.sidebar.file_uploader(key="images").set_value(files).run()
     assert_clean(at)
+    (source,) = [r for r in at.radio if r.key and r.key.startswith("ex:concept_source:")]
+    at.radio(key=source.key).set_value("another image").run()
     (picker,) = [s for s in at.selectbox if s.key and s.key.startswith("ex:concept:")]
-    assert "likeness to" in _said(at)
+    assert "likeness to red square.png" in _said(at).replace("\\", "")
     show(at, "cam")
     assert at.image
 
