@@ -193,6 +193,10 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
     def inside_attention(name: str) -> bool:
         return any(name == g or name.startswith(g + ".") for g in internals)
 
+    # a segmenter's or detector's stages are its backbone's: its head (LR-ASPP's classifier,
+    # FCN's) works at the last stride but is the output, not a stage of features
+    in_backbone = isinstance(getattr(model, "backbone", None), nn.Module)
+
     # (name, depth, stride, tokens) in the order modules finish: 4-D feature maps, and (N, T, C)
     # tokens on a square patch grid (a transformer the token layouts do not know)
     seen: list[tuple[str, int, int, bool]] = []
@@ -233,7 +237,9 @@ def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> NetworkLev
         handles = [
             m.register_forward_hook(hook_for(name))
             for name, m in modules
-            if name and not inside_attention(name)
+            if name
+            and not inside_attention(name)
+            and (not in_backbone or name.startswith("backbone."))
         ]
         named = dict(modules)
         handles += [named[name].register_forward_hook(input_hook(name)) for name in gated]

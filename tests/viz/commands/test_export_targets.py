@@ -226,3 +226,11 @@ def _saved_with(tmp_path, name: str, classes: int) -> str:
         get_model(name, weights=None, weights_backbone=None, num_classes=classes).state_dict(), path
     )
     return str(path)
+
+
+def test_a_segmenters_default_cam_layers_are_its_backbones(segmenter):
+    """Was: LR-ASPP's `classifier` (its head, the output) was the deepest stage layer."""
+    from viz.engine.cam import stage_layers
+
+    layers = stage_layers(load_checkpoint(segmenter).model)
+    assert len(layers) == 4 and all(name.startswith("backbone.") for name in layers)
