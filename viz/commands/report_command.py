@@ -123,8 +123,25 @@ def _check_target(spec: str, loaded) -> None:
         wanted.check(ckpt)
         try:
             wanted.build(ckpt, None, MAX_IMAGE_FILE_BYTES)
+            if wanted.kind == "segment":
+                _check_segments(ckpt)
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"--target {spec} on {raw}: {exc}") from None
+
+
+def _check_segments(ckpt) -> None:
+    """A segment needs a segmentation output (N, K, H, W): seen on one grey image."""
+    import torch
+    from PIL import Image
+
+    from viz.engine.model_state import model_lock, preserve_model_state
+    from viz.targets import main_tensor
+
+    grey = ckpt.preprocess.batch([Image.new("RGB", (224, 224), (128, 128, 128))])
+    with model_lock(ckpt.model), preserve_model_state(ckpt.model), torch.inference_mode():
+        shape = tuple(main_tensor(ckpt.model(grey)).shape)
+    if len(shape) != 4:
+        raise ValueError(f"the network returns {shape}, not a segmentation map (N, K, H, W)")
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -89,7 +89,11 @@ def test_report_for_a_segment_scores_it_and_says_which_images_lack_it(
 
 @pytest.mark.parametrize(
     "target, message",
-    [("box:1,1,20,20", "a box belongs to one image"), ("class:3", "report --target takes")],
+    [
+        ("box:1,1,20,20", "a box belongs to one image"),
+        ("class:3", "report --target takes"),
+        ("segment:3", "returns (1, 10), not a segmentation map"),
+    ],
 )
 def test_report_refuses_a_box_or_a_class_target_in_one_line(tmp_path, capsys, target, message):
     code = main(["report", "--checkpoint", "resnet18_cbam_imagenette", "--images", str(tmp_path),
