@@ -33,7 +33,8 @@ figures (--figure, repeatable; default: overview):
 %(figures)s
   model-grid: all checkpoints together, at most %(cols)d images per figure; each column is titled
   with the first checkpoint's target class (the image's own class with --labels, as in the
-  paper), every row explains that class and prints its softmax score P under each map.
+  paper), every row explains that class and prints its softmax score P under each map; with
+  --target segment/box/similar-to every row explains that target (columns titled by image).
   --method rollout, gae or legrad with a CNN beside a vision transformer: the CNNs show
   Grad-CAM (said once on stderr, in the manifest's notes and each checkpoint's cam_method).
   dino-grid: the same layout, each row a checkpoint's last block's class-token attention with

@@ -54,12 +54,7 @@ def export_command(args: argparse.Namespace) -> int:
     grids = [f for f in GRID_FIGURES if f in figures]
     analyzed = bool(per_image) or bool(grids)
     images, folders = _inputs(args, figures, analyzed)
-    output_target = parse_output_target(args.target)  # malformed: said before anything loads
-    if "model-grid" in figures and output_target is not None:
-        raise UsageError(
-            f"model-grid compares classifiers on classes; with --target {output_target.kind}: "
-            "draw overview or gradcam"
-        )
+    parse_output_target(args.target)  # malformed: said before anything loads
     checkpoints = load_checkpoints(args.checkpoint)
     methods, fallback = {name: settings.method for _, name, _ in checkpoints}, None
     if analyzed:
@@ -388,11 +383,11 @@ class _ImageWork:
                     )
                     for (_, _, ckpt), light in zip(self.checkpoints, lights)
                 ]
-            else:  # DINO's grid alone: attention is the same whatever the class
+            else:  # DINO's grid alone (attention is the same whatever the class), or a target
                 title = (
                     first.class_names[int(lights[0].target[0])]
                     if lights[0].explains_classes
-                    else image_name  # an embedding network: no class to title the column
+                    else image_name  # a segment, a box, a concept: the column is its image
                 )
                 cells = [(False, light) for light in lights]
             grid = (first.preprocess.display_crop(pil), title, cells)
@@ -517,7 +512,9 @@ def _model_grids(
                           [i - start for i in grid.missing.get(name, ()) if start <= i < end])
                 for _, name, ckpt in checkpoints
             ])  # fmt: skip
-            fig = model_grid([crop for _, crop, _ in chunk], rows,
+            # a --target's rows explain it, not the columns' classes: the heading says what
+            explained = rows[0][1].explained if not rows[0][1].explains_classes else None
+            fig = model_grid([crop for _, crop, _ in chunk], rows, title=explained,
                              column_titles=[title for _, _, title in chunk], width=settings.width,
                              cmap=settings.cmap, alpha=settings.alpha, missing=absent,
                              render=settings.render,
