@@ -537,7 +537,7 @@ class _SelfAttentionWatch:
         layout = state.layout
         if self.reader.vit_only and (layout is None or layout.family != "vit"):
             return None
-        row = None if self.reader.windowed else self._class_row(parts, layout)
+        row = None if self.reader.windowed else self._class_row(parts, layout, input_hw)
         probs = None if row is not None else self.reader.probabilities(self.module, parts)
         if probs is None and row is None:
             return None
@@ -575,12 +575,13 @@ class _SelfAttentionWatch:
             heads=heads, layer=layer, class_token=cls, token_norms=norms,
         )  # fmt: skip
 
-    def _class_row(self, parts: dict, layout: TokenLayout | None) -> Tensor | None:
+    def _class_row(self, parts: dict, layout: TokenLayout | None, input_hw) -> Tensor | None:
         """(N, heads, 1, T) the class token's row of the probabilities, where that is all the
-        maps need (a known ViT with a class token) and the reader can compute it alone."""
+        maps need (a known ViT with a class token, on an image) and the reader can compute it
+        alone."""
         if self.reader.patches_only or layout is None or layout.family != "vit":
             return None
-        if not layout.class_token:
+        if not layout.class_token or not input_hw[0]:
             return None
         row = self.reader.class_row(self.module, parts)
         return None if row is None else row.detach()
