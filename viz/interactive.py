@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE_TYPES",
     "KeptUploads",
     "NETWORK_MAP",
+    "network_map",
     "Prediction",
     "Sample",
     "StandIn",
@@ -391,9 +392,16 @@ def shown_at_stage(analysis: Analysis, layer: str, stage: int) -> Analysis:
     )
 
 
-NETWORK_MAP = "cam:(network)"
-"""The saliency-map choice of a whole-network method's map (rollout, GAE, LeGrad, FullGrad),
-whichever of them is in use; a layer's CAM is `cam:<layer>`, a module's map `attention:<name>`."""
+NETWORK_MAP = "cam:(network"
+"""The start of the saliency-map choice of a whole-network method's map (rollout, GAE, LeGrad,
+FullGrad): `network_map(method)`; a layer's CAM is `cam:<layer>`, a module's map
+`attention:<name>`."""
+
+
+def network_map(method: str) -> str:
+    """The saliency-map choice of `method`'s whole-network map, e.g. "cam:(network gae)": one
+    value per method, so a box never shows one method's name for another's map."""
+    return f"{NETWORK_MAP} {method})"
 
 
 def carry_saliency_choice(
@@ -409,8 +417,8 @@ def carry_saliency_choice(
 
     Args:
         before: the choice before the change (None: no choice yet).
-        offered: the maps on offer now: the method's (`cam:<layer>`, or `NETWORK_MAP` for a
-            whole-network method) first, then the attention modules' (`attention:<name>`).
+        offered: the maps on offer now: the method's (`cam:<layer>`, or `network_map(method)`
+            for a whole-network method) first, then the attention modules' (`attention:<name>`).
         whole: the method in use gives one map for the whole network.
         was_whole: the method `before` was chosen under did (None: not known).
         layer_picks: the layer CAMs last chosen under a layer method; they come back when one
@@ -429,6 +437,8 @@ def carry_saliency_choice(
         mine = cams
     elif not whole and was_whole:  # and back: the user's layer CAMs, else the deepest
         mine = [m for m in layer_picks if m in offered] or cams[-1:]
+    elif whole and was_whole:  # one whole-network method -> another: its map, if one was chosen
+        mine = cams if any(m.startswith(NETWORK_MAP) for m in before) else []
     else:
         mine = [m for m in before if m.startswith("cam:") and m in offered]
     picked = mine + [m for m in before if m.startswith("attention:") and m in offered]

@@ -98,11 +98,13 @@ def deletion_insertion(ctx: Context, named: list, steps: int, prefix: str) -> No
 def saliency_maps(an, whole: bool) -> tuple[dict, dict[str, str]]:
     """The maps deletion/insertion can score, the method's first, and their names on screen.
 
-    Keyed without the CAM method (`cam:<layer>`, `NETWORK_MAP` for the one map of a
-    whole-network method, `attention:<module>`), so that a choice survives changing the method."""
-    maps = {viz.NETWORK_MAP if whole else f"cam:{k}": v for k, v in an.cams.items()}
+    Keyed without the CAM method (`cam:<layer>`, `attention:<module>`), so that a choice
+    survives changing the method; a whole-network method's one map by its method
+    (`network_map`: a box must not show one method's name for another's map)."""
+    mine = viz.network_map(an.method)
+    maps = {mine if whole else f"cam:{k}": v for k, v in an.cams.items()}
     maps.update({f"attention:{r.name}": r.spatial for r in an.trace.spatial_records})
-    shown = {m: an.method_label if m == viz.NETWORK_MAP else f"{an.method_label} {m[4:]}"
+    shown = {m: an.method_label if m == mine else f"{an.method_label} {m[4:]}"
              if m.startswith("cam:") else m.replace(":", " ", 1) for m in maps}  # fmt: skip
     return maps, shown
 

@@ -948,7 +948,7 @@ def test_compare_draws_dino_masks_for_a_vision_transformer(vit_app, monkeypatch)
 def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
     """Was: after rollout, GAE or LeGrad only the last block's attention stayed chosen; the
     CAM never came back and the rollout map was never offered first."""
-    from viz import CAM_METHODS, NETWORK_MAP
+    from viz import CAM_METHODS, network_map
 
     at = show(vit_app.run(), "agreement")
     at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
@@ -961,7 +961,7 @@ def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
         assert_clean(at)
         box = at.multiselect(key="di_maps")  # options as shown, the method's map first
         assert box.options[0] == CAM_METHODS[method].label
-        assert box.value == [NETWORK_MAP, gate]
+        assert box.value == [network_map(method), gate]  # its own map, by its own name
     at.sidebar.selectbox(key="method").set_value("gradcam").run()
     assert_clean(at)
     assert at.multiselect(key="di_maps").value == start  # the CAM comes back

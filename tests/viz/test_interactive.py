@@ -18,7 +18,6 @@ from models.checkpoints.zoo import (
 from tests.conftest import ROOT, autolinks, plain, randomize_bn
 from viz.engine.cam import analyze
 from viz.interactive import (
-    NETWORK_MAP,
     KeptUploads,
     analyze_images,
     cam_layer_choices,
@@ -27,6 +26,7 @@ from viz.interactive import (
     describe_checkpoint,
     digest,
     grid_stand_in,
+    network_map,
     no_spatial_maps,
     sample_images,
     shown_at_stage,
@@ -209,20 +209,22 @@ def test_a_network_without_a_stage_shows_the_layer_at_the_same_depth(folder):
 
 def test_the_saliency_choice_follows_the_method():
     cams, gates = ["cam:layer3", "cam:layer4"], ["attention:a", "attention:b"]
-    whole = [NETWORK_MAP, *gates]
+    rollout, gae = network_map("rollout"), network_map("gae")
+    whole = [rollout, *gates]
 
     def carry(before, offered, whole, was, picks=()):
         return carry_saliency_choice(before, offered, whole=whole, was_whole=was, layer_picks=picks)
 
     assert carry(None, cams + gates, False, None) == ["cam:layer4", "attention:b"]
     # layer method -> whole-network method: its map first, the modules kept
-    assert carry(["cam:layer3", "attention:a"], whole, True, False) == [NETWORK_MAP, "attention:a"]
-    assert carry([], whole, True, False) == [NETWORK_MAP]  # offered even after an empty choice
-    # whole -> whole: the user's choice as it is
+    assert carry(["cam:layer3", "attention:a"], whole, True, False) == [rollout, "attention:a"]
+    assert carry([], whole, True, False) == [rollout]  # offered even after an empty choice
+    # whole -> whole: the user's choice as it is, the new method's map for the old one's
     assert carry(["attention:a"], whole, True, True) == ["attention:a"]
     assert carry([], whole, True, True) == []
+    assert carry([rollout, "attention:b"], [gae, *gates], True, True) == [gae, "attention:b"]
     # whole -> layer method: the layer CAMs chosen before come back, else the deepest
-    back = carry([NETWORK_MAP, "attention:a"], cams + gates, False, True, ["cam:layer3"])
+    back = carry([gae, "attention:a"], cams + gates, False, True, ["cam:layer3"])
     assert back == ["cam:layer3", "attention:a"]
     assert carry(["attention:a"], cams + gates, False, True, ["cam:gone"]) == [
         "cam:layer4", "attention:a"
