@@ -44,7 +44,12 @@ def test_hybrid_stages_are_the_trunks_then_the_transformer(hybrid):
 
 def test_every_cam_of_the_hybrid_is_a_map(hybrid):
     x = torch.randn(1, 3, 224, 224)
-    cams = analyze(hybrid, x).cams
+    an = analyze(hybrid, x)
+    cams = an.cams
+    # the transformer's CAM is at stage 4, where its attention is drawn (was: stage 3, its
+    # stride's, so the CAM view and Compare disagreed with the overview)
+    assert an.cam_stages == {name: stage for stage, name in enumerate(stage_layers(hybrid), 1)}
+    assert analyze(hybrid, x, cam_layers=["blocks.2.norm1"]).cam_stages == {"blocks.2.norm1": 4}
     assert [tuple(c.shape) for c in cams.values()] == [(1, 56, 56), (1, 28, 28), (1, 14, 14),
                                                        (1, 14, 14)]  # fmt: skip
     for method in ("rollout", "gae", "legrad"):

@@ -64,6 +64,18 @@ class NetworkLevels:
     layers: dict[int, str]
     attention_inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
     deepest_last: bool = False  # fewer than four levels numbered up to 4 (a plain ViT: 4)
+    trunk: str | None = None  # a hybrid's CNN trunk: the modules outside it are the last stage
+
+    def stage_of_layer(self, name: str, stride: int) -> int:
+        """The stage of a CAM layer: its own where it is a stage layer; in a hybrid, any
+        transformer module's (outside the trunk: the last stage, as its attention is drawn,
+        though at the trunk's stride); else the stage of its stride."""
+        for stage, layer in self.layers.items():
+            if layer == name:
+                return stage
+        if self.trunk is not None and not name.startswith(self.trunk + "."):
+            return STAGES
+        return self.stage_of(stride)
 
     def stage_layer_names(self) -> list[str]:
         """The stage layers in stage order: the default CAM layers."""
@@ -154,7 +166,7 @@ def _hybrid_levels(model: nn.Module, layout: TokenLayout) -> NetworkLevels:
     layers[STAGES] = layout.last_norm
     inputs = {f"{layout.trunk}.{k}": v for k, v in found.attention_inputs.items()}
     # the transformer's level counts as one octave below the trunk's deepest
-    return NetworkLevels((*kept, 2 * kept[-1]), layers, inputs)
+    return NetworkLevels((*kept, 2 * kept[-1]), layers, inputs, trunk=layout.trunk)
 
 
 def _in_channels(model: nn.Module) -> int:

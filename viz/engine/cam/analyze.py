@@ -153,7 +153,7 @@ def _analyze(model, x, target, cam_layers, settings: Settings) -> Analysis:
             else:
                 cams = _layer_maps(model, x, layers, run, settings, counter)
                 stages = {
-                    n: cam_stage(levels, x.shape[-2], a.shape[-2]) for n, a in run.acts.items()
+                    n: cam_stage(levels, x.shape[-2], a.shape[-2], n) for n, a in run.acts.items()
                 }
     return run.analysis(cams, spec.name, stages, settings.smoothing)
 

@@ -54,6 +54,6 @@ def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> dict[
     return found
 
 
-def cam_stage(levels: NetworkLevels | None, input_size: int, map_size: int) -> int:
+def cam_stage(levels: NetworkLevels | None, input_size: int, map_size: int, layer: str) -> int:
     stride = stride_of(input_size, map_size)
-    return fallback_stage(stride) if levels is None else levels.stage_of(stride)
+    return fallback_stage(stride) if levels is None else levels.stage_of_layer(layer, stride)
