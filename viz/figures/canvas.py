@@ -325,20 +325,38 @@ class Canvas:
 
     def colorbar(self, cmap: str, vmin: float, vmax: float, label: str) -> None:
         """A horizontal colour bar centred under the panels, in the footer (`footer` >= 0.4)."""
-        span = min(3.0, 0.7 * (self.width - self.x0), max(1.5, self.used))
-        x = min(max(0.05, self.x0 + (self.used - span) / 2), self.width - span - 0.05)
-        rect = (
-            x / self.width,
-            (self.footer - 0.1) / self.height,
-            span / self.width,
-            0.07 / self.height,
-        )
-        cax = self.fig.add_axes(rect)
-        mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
-        bar = self.fig.colorbar(mappable, cax=cax, orientation="horizontal", label=label)
-        bar.outline.set_linewidth(0.5)
-        _thin_ticks(bar, span, vmin, vmax)
-        cax.xaxis.labelpad = 1
+        self.colorbars(cmap, [(vmin, vmax, label)])
+
+    def colorbars(self, cmap: str, scales: Sequence[tuple[float, float, str]]) -> None:
+        """Colour bars side by side under the panels, one per (vmin, vmax, label): maps of
+        different units (gates, attention probabilities) each on their own scale. Labels
+        wrap to two lines where a bar is narrow (`footer` >= 0.5 then)."""
+        gap = 0.3
+        total = min(3.0 * len(scales), 0.7 * (self.width - self.x0), max(1.5, self.used))
+        span = (total - gap * (len(scales) - 1)) / len(scales)
+        x0 = min(max(0.05, self.x0 + (self.used - total) / 2), self.width - total - 0.05)
+        # side by side, the labels fit their bars at one size, the smallest any needs; a bar
+        # alone keeps its label as it is (the figure's width is its room)
+        room = span + gap - 0.05
+        size = min(fit_text(label, room, max_lines=2)[1] for *_, label in scales)
+        for i, (vmin, vmax, label) in enumerate(scales):
+            rect = (
+                (x0 + i * (span + gap)) / self.width,
+                (self.footer - 0.1) / self.height,
+                span / self.width,
+                0.07 / self.height,
+            )
+            cax = self.fig.add_axes(rect)
+            mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
+            bar = self.fig.colorbar(mappable, cax=cax, orientation="horizontal")
+            if len(scales) == 1:
+                bar.set_label(label)
+            else:
+                text = fit_text(label, room, fontsize=size, min_size=size, max_lines=2)[0]
+                bar.set_label(text, fontsize=size)
+            bar.outline.set_linewidth(0.5)
+            _thin_ticks(bar, span, vmin, vmax)
+            cax.xaxis.labelpad = 1
 
     def title(self, text: str) -> None:
         """The figure title: one line at 8.4 pt if it fits, else up to two lines at 7 pt."""
@@ -439,7 +457,8 @@ def maps_name(records: Sequence[AttentionRecord]) -> str:
     for kind in sorted({r.kind for r in records}):
         if kind != "self-attention":
             names.append(spatial_name(kind))
-        elif any(r.kind == kind and r.attention is None and r.layer is None for r in records):
+        elif any(r.kind == kind and r.attention_source is None and r.layer is None
+                 for r in records):  # fmt: skip
             names.append("attention each patch receives, mean of heads")
         else:
             names.append("class-token attention, mean of heads")

@@ -81,10 +81,9 @@ def spatial_overview(
         if max_columns < 2:
             raise ValueError(f"max_columns must be at least 2, got {max_columns}")
         maps = [spatial_map(r)[0] for r in records]
-        vmin, vmax = value_range(maps) if shared_scale else (0.0, 1.0)
-        scale = {"vmin": vmin, "vmax": vmax} if shared_scale else {}
+        units, ranges = _scales(records, maps, shared_scale)
         rows = _rows(records, max_columns)
-        canvas = _canvas(rows, width, header)
+        canvas = _canvas(rows, width, header, bars=len(ranges))
         for r, row in enumerate(rows):
             col = 0
             for label, members in row:
@@ -98,11 +97,17 @@ def spatial_overview(
                         canvas.image(r, col, img)
                         canvas.above(r, col, "input")
                     else:
+                        vmin, vmax = ranges[units[item]]
+                        scale = {"vmin": vmin, "vmax": vmax} if shared_scale else {}
                         shown = overlay(img, maps[item], cmap, alpha, render=render, **scale)
                         canvas.image(r, col, shown)
                         canvas.above(r, col, panel_label(records[item]))
                     col += 1
-        canvas.colorbar(cmap, vmin, vmax, _bar_label(records, shared_scale, canvas.width))
+        canvas.colorbars(cmap, [
+            (*ranges[u], _bar_label([r for r, v in zip(records, units) if v == u], shared_scale,
+                                    canvas.width / len(ranges)))
+            for u in ranges
+        ])  # fmt: skip
     if title:
         canvas.title(title)
     return canvas.fig
@@ -173,12 +178,26 @@ def _block_rows(n: int, max_columns: int) -> list[list[Group]]:
     return [[("", items[i : i + per_row])] for i in range(0, len(items), per_row)]
 
 
-def _canvas(rows: list[list[Group]], width, header: float) -> Canvas:
-    """Panels with a gap between groups; taller headers when a group's label needs two lines."""
+def _scales(records, maps, shared: bool) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """Each map's unit, and each unit's colour range. A shared scale is shared within a unit:
+    a hybrid's gates (0-1) and its attention probabilities (about 1/tokens) each get their
+    own, and their own colour bar."""
+    units = ["probabilities" if r.kind == "self-attention" else "gate" for r in records]
+    ranges = {
+        u: value_range([m for m, v in zip(maps, units) if v == u]) if shared else (0.0, 1.0)
+        for u in dict.fromkeys(units)
+    }
+    return units, ranges
+
+
+def _canvas(rows: list[list[Group]], width, header: float, bars: int = 1) -> Canvas:
+    """Panels with a gap between groups; taller headers when a group's label needs two lines;
+    a taller footer for two colour bars (their labels may take two lines)."""
     gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
-    shape = {"gaps": gaps, "left": 0.05, "footer": 0.42, "header": header, "center_rows": True}
+    footer = 0.42 if bars == 1 else 0.52
+    shape = {"gaps": gaps, "left": 0.05, "footer": footer, "header": header, "center_rows": True}
     groups = [group for row in rows for group in row]
     if not any(label for label, _ in groups):  # a ViT's blocks: panel labels only
         return Canvas(width, counts, head=0.15, **shape)

@@ -266,3 +266,21 @@ def test_token_norms_figure_at_both_widths_and_refusals(analyses, crop, width):
         draw_image_figure("token-norms", crop, analyses["swin", "gradcam"], [], FigureSettings())
     with pytest.raises(ValueError, match="ratio must be above 1"):
         figures.token_norms(crop, trace, ratio=1.0)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_hybrids_overview_scales_gates_and_attention_apart(crop, width):
+    """Was: one shared scale for CBAM's gates (0-1) and the blocks' probabilities (~1/196), so
+    the transformer's maps were a flat wash: each unit now has its own scale and colour bar."""
+    from models.networks.hybrid import build_hybrid
+
+    torch.manual_seed(0)
+    hybrid = build_hybrid(10).eval()
+    trace = analyze(hybrid, PRE.batch([_image(0)])).trace
+    fig = figures.spatial_overview(crop, trace, width=width)
+    assert _problems(fig) == []
+    bars = [ax for ax in fig.axes if ax.get_xlabel()]
+    labels = [ax.get_xlabel().replace("\n", " ") for ax in bars]
+    assert len(bars) == 2 and "CBAM" in labels[0] and "class-token attention" in labels[1]
+    top = [float(ax.get_xlim()[1]) for ax in bars]
+    assert top[1] < 0.5 < top[0]  # probabilities on their own, far smaller, range
