@@ -40,7 +40,14 @@ def render(ctx: Context) -> None:
 def agreement_table(an, prefix: str) -> None:
     rows = viz.agreement_table(an, 0)
     if not rows:
-        st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
+        if an.trace.spatial_records and set(an.cam_stages.values()) == {0}:
+            st.info(
+                f"{an.method_label} gives one map for the whole network, not one per stage, so "
+                "no stage's attention map pairs with it here (a layer method such as Grad-CAM "
+                "does); score it against the attention maps by deletion/insertion below."
+            )
+        else:
+            st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
         return
     table = pd.DataFrame(
         [(m, layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()),

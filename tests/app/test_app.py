@@ -975,6 +975,17 @@ def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
     assert_clean(at)
 
 
+def test_agreement_says_why_fullgrad_pairs_with_no_attention_map(app):
+    """Was: "No spatial attention map to compare with FullGrad in this model" for a CBAM model
+    with eight of them (found in the browser): FullGrad's one map belongs to no stage."""
+    at = show(app.run(), "agreement")
+    at.sidebar.selectbox(key="method").set_value("fullgrad").run()
+    assert_clean(at)
+    said = " ".join(i.value for i in at.info)
+    assert "one map for the whole network, not one per stage" in said
+    assert "No spatial attention map" not in said
+
+
 def test_while_a_slow_method_runs_its_stop_is_the_only_one(app, monkeypatch):
     """Was: two Stop buttons, the app's (back to Grad-CAM) and Streamlit's (which stops the
     page, not the analysis): Streamlit's is hidden while the app's shows, and only then."""
