@@ -6,6 +6,7 @@ columns (attention above the CAM, numbers below), so a double-column figure uses
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +40,19 @@ WIDE = 5.0  # inches from which the layers are laid out as columns
 NO_ATTENTION = "agreement n/a:\nno attention map\nat this stage"
 
 
+def name_tail(name: str, chars: int) -> str:
+    """A dotted module name as it fits `chars`: whole, else its last parts after "…"
+    ("…backbone.layer3"); "" when not even its last part fits."""
+    if len(name) <= chars:
+        return name
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        tail = "…" + ".".join(parts[k:])
+        if len(tail) <= chars:
+            return tail
+    return ""
+
+
 @dataclass(frozen=True)
 class _Layer:
     """One CAM layer of the figure with its stage's attention map and their agreement."""
@@ -53,7 +67,7 @@ class _Layer:
     def heading(self) -> str:
         """For a row's side: a long layer name (a detector's backbone.body.12) gets a line of
         its own, as the heading runs up a row, which is short in a single-column figure."""
-        return self.heading_joined(" · " if len(self.name) <= 8 else "\n")
+        return self.heading_joined(" · " if len(name_tail(self.name, 22)) <= 8 else "\n")
 
     @property
     def column_heading(self) -> str:
@@ -62,18 +76,18 @@ class _Layer:
 
     def heading_joined(self, joint: str) -> str:
         grid = f"{self.cam.shape[-2]}×{self.cam.shape[-1]}"
-        where = "whole network" if self.stage == 0 else f"stage {self.stage}{joint}{self.name}"
+        layer = name_tail(self.name, 22)
+        where = "whole network" if self.stage == 0 else f"stage {self.stage}{joint}{layer}"
         if self.attention is not None and (self.stage == 0 or self.attention.layer is not None):
             # a ViT's "stages" are depth quarters: name the block whose attention is shown
-            where = "whole network" if self.stage == 0 else self.name
+            where = "whole network" if self.stage == 0 else layer
             return f"{where}\n{grid} vs {self.attention.label}"
         if self.attention is not None and not kind_style(self.attention.kind).own_level:
             # a stage holds a module per block (CBAM, Swin): say which one's map is shown, by
-            # name unless it is too long for a row's side (Swin: layers.0.blocks.1.attn)
-            name = self.attention.name
-            return (
-                f"{where}\n{grid} vs {name if len(name) <= 16 else f'block {self.attention.block}'}"
-            )
+            # the end of its name that fits a row's side (a hybrid's layer3.1.cbam, Swin's
+            # blocks.1.attn), so it is not mistaken for a transformer's "block 1"
+            name = name_tail(self.attention.name, 16) or f"block {self.attention.block}"
+            return f"{where}\n{grid} vs {name}"
         return f"{where}\n{grid}"
 
     def absent(self, missing: str) -> str:
@@ -91,7 +105,8 @@ class _Layer:
         cells = self.attention.spatial[0].numel()
         coarse = f"\nonly {cells} cells: coarse" if cells < 64 else f"\n{cells} cells"
         if self.score.reason is not None:
-            return f"agreement n/a:\n{self.score.reason}{coarse}"
+            # "constant attention map" in a column as narrow as "IoU (top 20%) = 0.25"
+            return f"agreement n/a:\n{textwrap.fill(self.score.reason, 18)}{coarse}"
         return (
             f"Pearson r = {self.score.pearson:.2f}\nSpearman ρ = {self.score.spearman:.2f}\n"
             f"IoU (top {self.score.top_k:.0%}) = {self.score.iou:.2f}{coarse}"
@@ -195,7 +210,8 @@ def _rows(layers, width, missing, heads, shown) -> Canvas:
     largest = 1.3 if len(layers) > 1 else 2.1
     # a heading naming the attention compared gets a line of its own: a row is short
     headings = [layer.heading.replace(" vs ", "\nvs ") for layer in layers]
-    left = 0.42 if any(h.count("\n") > 1 for h in headings) else 0.3
+    # rotated lines take about 1.2 em (7 pt) across each: room for the longest heading
+    left = 0.06 + 0.125 * max(h.count("\n") + 1 for h in headings)
     canvas = Canvas(width, [3] * len(layers), left=left, footer=0.42, header=0.22,
                     max_panel=largest)  # fmt: skip
     for r, layer in enumerate(layers):

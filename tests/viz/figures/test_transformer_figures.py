@@ -276,11 +276,18 @@ def test_a_hybrids_overview_scales_gates_and_attention_apart(crop, width):
 
     torch.manual_seed(0)
     hybrid = build_hybrid(10).eval()
-    trace = analyze(hybrid, PRE.batch([_image(0)])).trace
-    fig = figures.spatial_overview(crop, trace, width=width)
+    analysis = analyze(hybrid, PRE.batch([_image(0)]))
+    fig = figures.spatial_overview(crop, analysis.trace, width=width)
     assert _problems(fig) == []
     bars = [ax for ax in fig.axes if ax.get_xlabel()]
     labels = [ax.get_xlabel().replace("\n", " ") for ax in bars]
     assert len(bars) == 2 and "CBAM" in labels[0] and "class-token attention" in labels[1]
     top = [float(ax.get_xlim()[1]) for ax in bars]
     assert top[1] < 0.5 < top[0]  # probabilities on their own, far smaller, range
+    # its CAM figure: the trunk's long layer names and CBAM modules by the end of their names
+    # (was: the rows' headings ran off the page's left edge; "vs block 1" meant layer3.1.cbam)
+    fig = figures.attention_vs_gradcam(crop, analysis, class_names=[str(k) for k in range(10)],
+                                       width=width)  # fmt: skip
+    assert _problems(fig) == []
+    texts = " ".join(_texts(fig))
+    assert "…backbone.layer3" in texts and "…layer3.1.cbam" in texts
