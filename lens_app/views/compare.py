@@ -134,7 +134,9 @@ def compare_intro(settings: viz.FigureSettings, method: str, stage: int, notes=(
     text = (
         f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
         "each column's class (the class chosen for that image, else the prediction of the model "
-        "in use)."
+        "in use). A map without contrast is drawn as the photo, marked \"constant CAM\" (often "
+        "Grad-CAM at an early stage: its weighted sum is negative everywhere, so zero after "
+        "its ReLU)."
     )
     if SlowRun.slow(settings.method, settings.smoothing):
         text += (f" {SlowRun.label(settings.method, settings.smoothing)} would take its extra "
