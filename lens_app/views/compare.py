@@ -24,7 +24,7 @@ def render(ctx: Context) -> None:
     if not ctx.classifier:
         st.info(
             f"Compare models compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
-            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line explains it: --target)."
+            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line compares models on it: export --figure model-grid --target …)."
         )
         return
     s = ctx.settings
@@ -134,7 +134,7 @@ def compare_intro(settings: viz.FigureSettings, method: str, stage: int, notes=(
     text = (
         f"The CBAM paper's comparison: {shown}, one row per model, and the softmax score P of "
         "each column's class (the class chosen for that image, else the prediction of the model "
-        "in use). A map without contrast is drawn as the photo, marked \"constant CAM\" (often "
+        'in use). A map without contrast is drawn as the photo, marked "constant CAM" (often '
         "Grad-CAM at an early stage: its weighted sum is negative everywhere, so zero after "
         "its ReLU)."
     )

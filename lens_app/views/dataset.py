@@ -23,7 +23,7 @@ def render(ctx: Context) -> None:
     if not ctx.classifier:
         st.info(
             f"The data-set report compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
-            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line explains it: --target)."
+            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line measures a data set for a segment or a concept: report --target …)."
         )
         return
     st.markdown(
