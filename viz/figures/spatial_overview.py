@@ -182,10 +182,11 @@ def _scales(records, maps, shared: bool) -> tuple[list[str], dict[str, tuple[flo
     """Each map's unit, and each unit's colour range. A shared scale is shared within a unit:
     a hybrid's gates (0-1) and its attention probabilities (about 1/tokens) each get their
     own, and their own colour bar."""
+    if not shared:  # each map its own min-max: one 0-1 bar says it for all
+        return ["any"] * len(records), {"any": (0.0, 1.0)}
     units = ["probabilities" if r.kind == "self-attention" else "gate" for r in records]
     ranges = {
-        u: value_range([m for m, v in zip(maps, units) if v == u]) if shared else (0.0, 1.0)
-        for u in dict.fromkeys(units)
+        u: value_range([m for m, v in zip(maps, units) if v == u]) for u in dict.fromkeys(units)
     }
     return units, ranges
 
