@@ -99,10 +99,12 @@ def reading_rows(model, label: str, pairs: int, gae: bool = True) -> list[tuple]
     return rows
 
 
-def overhead_rows(pairs: int) -> list[tuple]:
-    return reading_rows(_vit_small(), "timm ViT-S/16, 224 px, batch 1", pairs) + reading_rows(
-        _hf_vit_small(), "transformers ViT, ViT-S/16 sizes, 224 px, batch 1", pairs, gae=False
-    )
+def overhead_rows(pairs: int, hugging_face: bool = True) -> list[tuple]:
+    rows = reading_rows(_vit_small(), "timm ViT-S/16, 224 px, batch 1", pairs)
+    if hugging_face:
+        label = "transformers ViT, ViT-S/16 sizes, 224 px, batch 1"
+        rows += reading_rows(_hf_vit_small(), label, pairs, gae=False)
+    return rows
 
 
 def legrad_rows(reps: int) -> list[tuple]:
@@ -158,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.transformers", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--quick", action="store_true", help="few pairs, no ViT-B, no file written")
+    p.add_argument("--quick", action="store_true",
+                   help="few pairs, no Hugging Face ViT, no ViT-B, no file written")  # fmt: skip
     p.add_argument("--pairs", type=int, default=40)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_transformers.md"))
     args = p.parse_args(argv)
     pairs = 2 if args.quick else args.pairs
-    rows = overhead_rows(pairs)
+    rows = overhead_rows(pairs, hugging_face=not args.quick)  # the smoke run: timm's alone
     if not args.quick:
         rows += legrad_rows(args.reps)
     table = format_table(rows)

@@ -880,11 +880,12 @@ def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monke
     said "the last stage" whatever the stage."""
     import viz.figures
 
-    drawn = []
+    drawn, masses = [], []
     real = viz.figures.model_grid
 
     def spy(images, rows, **kwargs):
         drawn.append({label: (an.method, list(an.cams)) for label, an in rows})
+        masses.append(kwargs.get("class_token_mass"))
         return real(images, rows, **kwargs)
 
     monkeypatch.setattr(viz.figures, "model_grid", spy)
@@ -915,29 +916,11 @@ def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monke
     assert [v for k, v in rows.items() if "deit" in k] == [("rollout", ["rollout"])]
     assert [v[0] for k, v in rows.items() if "deit" not in k] == ["gradcam"]
     assert "shows its Grad-CAM at stage 1" in intro()
-
-
-def test_compare_draws_dino_masks_for_a_vision_transformer(vit_app, monkeypatch):
-    """The grid's DINO mode is offered when a picked network has a class token, and draws the
-    masks at the mass chosen (the CNN row n/a), then the CAMs again."""
-    import viz.figures
-
-    masses = []
-    real = viz.figures.model_grid
-
-    def spy(images, rows, **kwargs):
-        masses.append(kwargs.get("class_token_mass"))
-        return real(images, rows, **kwargs)
-
-    monkeypatch.setattr(viz.figures, "model_grid", spy)
-    at = show(vit_app.run(), "compare")
-    at.multiselect(key="compare").set_value([model_label(at, "cbam")]).run()
-    assert not [r for r in at.radio if r.key == "grid_map"]  # a CNN alone: CAMs only
-    at.multiselect(key="compare").set_value([vit_label(at), model_label(at, "cbam")]).run()
+    # DINO's masks (offered: a picked network has a class token), at the mass chosen, the CNN
+    # row n/a; then the CAMs again
     at.radio(key="grid_map").set_value("DINO masks").run()
     assert_clean(at)
-    assert masses[-1] == 0.6
-    assert any("DINO's masks" in m.value for m in at.markdown)
+    assert masses[-1] == 0.6 and any("DINO's masks" in m.value for m in at.markdown)
     at.slider(key="grid_mass").set_value(0.8).run()
     assert masses[-1] == 0.8
     at.radio(key="grid_map").set_value("CAM").run()

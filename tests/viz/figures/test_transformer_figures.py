@@ -268,15 +268,19 @@ def test_token_norms_figure_at_both_widths_and_refusals(analyses, crop, width):
         figures.token_norms(crop, trace, ratio=1.0)
 
 
-@pytest.mark.parametrize("width", WIDTHS)
-def test_a_hybrids_overview_scales_gates_and_attention_apart(crop, width):
-    """Was: one shared scale for CBAM's gates (0-1) and the blocks' probabilities (~1/196), so
-    the transformer's maps were a flat wash: each unit now has its own scale and colour bar."""
+@pytest.fixture(scope="module")
+def hybrid_analysis():
     from models.networks.hybrid import build_hybrid
 
     torch.manual_seed(0)
-    hybrid = build_hybrid(10).eval()
-    analysis = analyze(hybrid, PRE.batch([_image(0)]))
+    return analyze(build_hybrid(10).eval(), PRE.batch([_image(0)]))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_hybrids_overview_scales_gates_and_attention_apart(crop, hybrid_analysis, width):
+    """Was: one shared scale for CBAM's gates (0-1) and the blocks' probabilities (~1/196), so
+    the transformer's maps were a flat wash: each unit now has its own scale and colour bar."""
+    analysis = hybrid_analysis
     fig = figures.spatial_overview(crop, analysis.trace, width=width)
     assert _problems(fig) == []
     bars = [ax for ax in fig.axes if ax.get_xlabel()]
