@@ -201,7 +201,7 @@ def _explained(one: Analysis, class_names: Sequence[str] | None) -> str:
         return f"explained: {literal(one.explained)}, score={float(one.scores[0]):.4g}"
     target = int(one.target[0])
     name = class_names[target] if class_names and target < len(class_names) else f"class {target}"
-    return f"target: {literal(name)}, P={float(one.target_probs[0]):.5f}"
+    return f"target: {literal(name)}, P={float(one.target_probs[0]):.3f}"
 
 
 def _rows(layers, width, missing, heads, shown) -> Canvas:

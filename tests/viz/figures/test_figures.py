@@ -164,7 +164,7 @@ def test_attention_vs_gradcam_builds(analyses, crop, kind):
     else:  # one module per stage (BAM) or no map: nothing to tell apart
         assert len(headings) == 4 and not any("vs " in h for h in headings)
     target = int(analysis.target[0])
-    assert f"target: k{target}, P={float(analysis.target_probs[0]):.5f}" in _texts(fig)
+    assert f"target: k{target}, P={float(analysis.target_probs[0]):.3f}" in _texts(fig)
 
 
 @pytest.mark.parametrize("width", ["single", "double"])
