@@ -430,14 +430,9 @@ def _sanity_rows(
 
 
 def _rows_of(target, pick: Tensor):
-    """The target of the batch rows `pick`: classes, or a segment's masks, taken with them."""
-    from viz.targets import SegmentationScore
-
-    if isinstance(target, Tensor):
-        return target[pick]
-    if isinstance(target, SegmentationScore) and target.mask is not None:
-        return replace(target, mask=target.mask[pick])
-    return target  # a concept: the same for every image
+    """The target of the batch rows `pick`: their classes; a segment (its mask taken from each
+    image's own output) or a concept is the same callable for any rows."""
+    return target[pick] if isinstance(target, Tensor) else target
 
 
 def report_target(spec: str, ckpt, x: Tensor):
