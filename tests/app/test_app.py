@@ -793,9 +793,18 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert at.sidebar.selectbox(key="method").value == "gradcam"
 
 
-def test_the_layers_box_starts_where_the_method_does(app, analyses):
+def test_the_layers_box_starts_where_the_method_does(app, monkeypatch):
     """Score-CAM and its kin run C forwards per layer: like `analyze` and the command line,
     the app starts them at the last stage; each default keeps its own choice."""
+    import viz
+
+    analyses, real = [], viz.analyze_images
+
+    def asked(ckpt, images, target=None, **k):  # what the app asks for is recorded; Grad-CAM
+        analyses.append(k)  # computes it (Score-CAM's 512 forwards prove nothing here)
+        return real(ckpt, images, target, **{**k, "method": "gradcam"})
+
+    monkeypatch.setattr(viz, "analyze_images", asked)
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer2", "layer3"]).run()
     at.sidebar.selectbox(key="method").set_value("scorecam").run()
@@ -823,11 +832,17 @@ def test_real_embedded_vit_checkpoint(monkeypatch):
 ZIP = "Everything for this image (zip)"
 
 
-def test_the_zip_is_made_under_every_method_of_the_vision_transformer(vit_app, deferred):
+def test_the_zip_is_made_under_every_method_of_the_vision_transformer(
+    vit_app, deferred, monkeypatch
+):
     """Was: under rollout, GAE and LeGrad the zip failed on the server (the whole-network
     method compared with the greyed-out layer) and the page said nothing. Rollout (attention
     alone) and LeGrad (a gradient through the attention, as GAE) stand for the three; then back
     to a layer method."""
+    from viz.commands import export
+
+    real = export.figure_bytes  # every figure and format, drawn at 20 dpi (300 is tested elsewhere)
+    monkeypatch.setattr(export, "figure_bytes", lambda fig, fmt, dpi=300: real(fig, fmt, dpi=20))
     at = vit_app.run()
     at.sidebar.selectbox(key="model").set_value(vit_label(at)).run()
     for method in ("rollout", "legrad", "gradcam"):
@@ -1224,6 +1239,8 @@ def test_the_data_set_report_has_a_stop(app, tmp_path, monkeypatch):
     assert "report_job" not in at.session_state
     assert not [b for b in at.button if b.label == "Stop"]  # gone with the run
     monkeypatch.undo()
+    at.selectbox(key="rep_del").set_value("off")  # short: the full run is tested above
+    at.number_input(key="rep_sanity:8").set_value(0).run()
     at.button(key="rep_run").click().run()  # and it runs to the end when left alone
     assert_clean(at)
     assert "Summary" in [h.value for h in at.subheader]
