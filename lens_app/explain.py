@@ -4,6 +4,7 @@ its detections, or its likeness to another image. A classifier's class is chosen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -17,6 +18,7 @@ from viz.targets import (
     SegmentationScore,
     SimilarityScore,
     main_tensor,
+    matching_detection,
     output_kind,
 )
 
@@ -29,11 +31,14 @@ DETECTIONS_SHOWN = 10
 @dataclass(frozen=True)
 class Explained:
     """The chosen target (None: nothing chosen yet, the attention alone is shown), the key the
-    analyses are cached under, and what it is in words."""
+    analyses are cached under, and what it is in words. `for_network(ckpt, item)`: the same
+    target for another network of the kind on any image, as (key, target), or the reason it
+    has none (Compare models: one row per network)."""
 
     target: object
     key: str
     text: str
+    for_network: Callable[..., tuple[str, object] | str] | None = None
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -89,7 +94,19 @@ def _segment(where, ckpt, items, pick) -> Explained:
         format_func=lambda c: f"{names[c]} ({100 * int(counts[c]) / total:.1f}% of the pixels)",
     )  # fmt: skip
     target = SegmentationScore(k, name=names[k])
-    return Explained(target, f"segment:{k}", f"{names[k]} (its predicted pixels)")
+    return Explained(target, f"segment:{k}", f"{names[k]} (its predicted pixels)",
+                     lambda other, each: same_segment(other, each, names[k]))  # fmt: skip
+
+
+def same_segment(other, item, name: str) -> tuple[str, object] | str:
+    """The segment of class `name` in another segmenter: its own predicted pixels on `item`."""
+    if name not in other.class_names:
+        return f"no class {name!r}"
+    k = other.class_names.index(name)
+    maps = main_tensor(network_output(item.sha, other.sha256, other, item.image))[0]
+    if not bool((maps.argmax(0) == k).any()):
+        return f"no pixel predicted as {name}"
+    return f"segment:{k}", SegmentationScore(k, name=name)
 
 
 def _detection(where, ckpt, items, pick) -> Explained:
@@ -122,7 +139,31 @@ def _detection(where, ckpt, items, pick) -> Explained:
     box = boxes[i : i + 1].clone()
     text = f"{name(i)} at ({', '.join(f'{v:.0f}' for v in box[0].tolist())})"
     target = BoxScore(box, labels[i : i + 1].clone(), names=list(names))
-    return Explained(target, f"box:{box[0].tolist()}", text)
+    return Explained(target, f"box:{box[0].tolist()}", text,
+                     lambda other, each: same_detection(ckpt, other, each))  # fmt: skip
+
+
+def same_detection(ckpt, other, item) -> tuple[str, object] | str:
+    """In another detector, the detection matching the one chosen with `ckpt` on `item` (its
+    choice on that image, else its top detection): the same label, overlapping by IoU > 0.5."""
+    found = network_output(item.sha, ckpt.sha256, ckpt, item.image)[0]
+    if not len(found["boxes"]):
+        return f"{ckpt.label} finds nothing in {item.name}"
+    i = min(int(st.session_state.get(keys.explain(item, ckpt, "box"), 0)), len(found["boxes"]) - 1)
+    k = int(found["labels"][i])
+    name = ckpt.class_names[k] if k < len(ckpt.class_names) else None
+    if name not in other.class_names:
+        return f"no class {name!r}" if name else f"no name for class {k}"
+    seen_as, own = ckpt.preprocess(item.image).shape[-2:], other.preprocess(item.image).shape[-2:]
+    scale = [own[1] / seen_as[1], own[0] / seen_as[0]] * 2  # its own input's pixels
+    box = [float(v) * f for v, f in zip(found["boxes"][i].tolist(), scale)]
+    theirs = network_output(item.sha, other.sha256, other, item.image)
+    try:
+        target = matching_detection(theirs[0], box, other.class_names.index(name),
+                                    other.class_names)  # fmt: skip
+    except ValueError as exc:
+        return str(exc)
+    return f"box:{[round(v, 2) for v in box]}:{name}", target
 
 
 def _likeness(where, ckpt, items, pick) -> Explained:
@@ -140,10 +181,14 @@ def _likeness(where, ckpt, items, pick) -> Explained:
             "Explain the likeness to", others, key=keys.explain(item, ckpt, "concept"),
             format_func=lambda i: items[i].name,
         )  # fmt: skip
-        other = items[j]
-        out = network_output(other.sha, ckpt.sha256, ckpt, other.image)
-        return Explained(SimilarityScore(main_tensor(out).flatten(1)[0].clone()),
-                         f"similar:{other.sha}", f"likeness to {other.name}")  # fmt: skip
+        concept = items[j]
+
+        def like(network, _item):
+            out = network_output(concept.sha, network.sha256, network, concept.image)
+            return f"similar:{concept.sha}", SimilarityScore(main_tensor(out).flatten(1)[0].clone())
+
+        return Explained(like(ckpt, None)[1], f"similar:{concept.sha}",
+                         f"likeness to {concept.name}", like)  # fmt: skip
     across, down = where.columns(2)
     x0, x1 = across.slider("Region across (% of the width)", 0, 100, (25, 75), 5,
                            key=keys.explain(item, ckpt, "region_x"))  # fmt: skip
@@ -154,9 +199,14 @@ def _likeness(where, ckpt, items, pick) -> Explained:
         return Explained(None, "", "")
     region = region_of(item.image, (x0, y0, x1, y1))
     where.image(region, width=120, caption="the concept")
-    concept = region_embedding(item.sha, (x0, y0, x1, y1), ckpt.sha256, ckpt, region)
-    text = f"likeness to its region x {x0}-{x1}%, y {y0}-{y1}%"
-    return Explained(SimilarityScore(concept), f"region:{x0},{y0},{x1},{y1}", text)
+    key = f"region:{item.sha}:{x0},{y0},{x1},{y1}"  # other images are compared with it too
+
+    def like(network, _item):
+        embedded = region_embedding(item.sha, (x0, y0, x1, y1), network.sha256, network, region)
+        return key, SimilarityScore(embedded)
+
+    text = f"likeness to the region x {x0}-{x1}%, y {y0}-{y1}% of {item.name}"
+    return Explained(like(ckpt, None)[1], key, text, like)
 
 
 def region_of(image, percent: tuple[int, int, int, int]):

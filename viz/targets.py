@@ -31,6 +31,7 @@ __all__ = [
     "output_kind",
     "OUTPUT_KINDS",
     "TARGET_HELPERS",
+    "matching_detection",
 ]
 
 TARGET_HELPERS = "ClassScore, SegmentationScore, BoxScore, SimilarityScore, RawScore"
@@ -309,3 +310,27 @@ class SimilarityScore:
 
     def describe(self) -> str:
         return f"cosine similarity to a {torch.as_tensor(self.embedding).shape[-1]}-d embedding"
+
+
+BOX_IOU = 0.5  # the overlap a detection needs to count for a box (pytorch-grad-cam's default)
+
+
+def matching_detection(found: dict, box: list[float], label: int | None, names, said=None):
+    """`BoxScore` of the detection in `found` (a torchvision detector's dict for one image)
+    overlapping `box` best, of class `label` when given (else any; `said`: the label as the
+    user wrote it). ValueError when no detection overlaps it by IoU > `BOX_IOU`."""
+    from torchvision.ops import box_iou
+
+    boxes, labels = found["boxes"], found["labels"]
+    if label is not None:  # only that label's detections count (else the score would be 0)
+        boxes, labels = boxes[labels == label], labels[labels == label]
+    overlap = box_iou(torch.tensor([box]), boxes)[0] if len(boxes) else torch.zeros(0)
+    best = int(overlap.argmax()) if len(overlap) else -1
+    if best < 0 or float(overlap[best]) <= BOX_IOU:
+        shown = f"{float(overlap[best]):.2f}" if best >= 0 else "none"
+        of = "" if label is None else f" of label {said or names[label]}"
+        raise ValueError(
+            f"no detection{of} overlaps the box by IoU > {BOX_IOU} (best {shown}); choose a box "
+            "near a detection"
+        )
+    return BoxScore(torch.tensor([box]), labels[best : best + 1].clone(), BOX_IOU, list(names))

@@ -16,16 +16,15 @@ from ..sidebar import with_class_names
 from ..slow import SlowRun
 from ..targets import chosen_target
 from ..widgets import KEEP, show_figure
+from . import compare_outputs
+from .grid import DINO_INTRO, at_stage, dino_mass_choice, stage_choice
 
 FROM_MODEL = "(the model in use: its chosen class or top-1)"
 
 
 def render(ctx: Context) -> None:
     if not ctx.classifier:
-        st.info(
-            f"Compare models compares classifiers on classes; {viz.md_text(ctx.ckpt.label)} returns "
-            f"{viz.targets.OUTPUT_KINDS[ctx.kind]} (the command line compares models on it: export --figure model-grid --target …)."
-        )
+        compare_outputs.render(ctx)
         return
     s = ctx.settings
     # extra passes for every model and image: under a slow method the comparison shows Grad-CAM
@@ -41,12 +40,7 @@ def render(ctx: Context) -> None:
         return
     loaded = {name: with_class_names(ctx.models[name].load()) for name in picked}
     classes = column_classes(ctx, loaded, method, smoothing)
-    stage = st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key=keys.GRID_STAGE,
-                     persist_state=KEEP,
-                     format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
-                     help="The same stage in every row, whatever each network calls the layer; "
-                          "a network without it (a ViT: one resolution throughout) shows the "
-                          "layer at the same depth, named above the grid.")  # fmt: skip
+    stage = stage_choice()
     mass = dino_mass_choice(loaded)
     grid, notes = [], []
     bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
@@ -72,52 +66,21 @@ def render(ctx: Context) -> None:
     )  # fmt: skip
 
 
-DINO_INTRO = (
-    "DINO's masks (Caron et al. 2021): each row's last block's class-token attention (the mean "
-    "of its heads), the patches outside the fewest holding {mass:.0%} of it dimmed; a network "
-    "without a class token (a CNN) is n/a. P is the softmax score of each column's class."
-)
-
-
-def dino_mass_choice(loaded: dict) -> float | None:
-    """The mass of DINO's masks when the user asks the grid for them (offered only where a
-    picked network has a class token's self-attention), else None: the CAMs."""
-    with_class_token = [
-        m for m in loaded.values() if (layout := viz.token_layout(m.model)) and layout.class_token
-    ]
-    if not with_class_token:
-        return None
-    shown = st.radio("Grid shows", ["CAM", "DINO masks"], horizontal=True, key=keys.GRID_MAP,
-                     persist_state=KEEP,
-                     help="DINO masks: each transformer's class-token attention in its last "
-                          "block, and the patches holding the share of it set beside.")  # fmt: skip
-    if shown != "DINO masks":
-        return None
-    return st.slider("Attention mass kept", 0.1, 0.95, 0.6, 0.05, key="grid_mass",
-                     persist_state=KEEP)  # fmt: skip
-
-
 def grid_row(other, source, items, classes, method, smoothing, stage) -> tuple:
     """One model's row of the comparison at `stage`, and a note when its network has no such
     stage (a ViT: the block at the same depth stands in, `grid_stand_in`)."""
     # a transformer method on a CNN row: that row shows Grad-CAM (its label says so)
     own = method if method in viz.methods_for(other.model) else "gradcam"
-    found, absent, stand_in = [], [], None
-    for c, (item, cls) in enumerate(zip(items, classes)):
-        t = other.class_names.index(cls) if cls in other.class_names else None
-        if t is None:
-            absent.append(c)  # drawn as n/a, not as another class under this title
-        # each model's own stage layers: networks name their layers differently
-        an = analysis(item.sha, other.sha256, t, own, None, smoothing, other, item.image)
-        if c == 0:
-            stand_in = viz.grid_stand_in(other.model, an, stage)
-        if stand_in is not None:
-            if stand_in.layer not in an.cams:
-                an = analysis(item.sha, other.sha256, t, own, (stand_in.layer,), smoothing,
-                              other, item.image)  # fmt: skip
-            an = viz.shown_at_stage(an, stand_in.layer, stage)
-        found.append(an)
-    note = f"{viz.md_text(other.label)}: {viz.md_text(stand_in.note)}" if stand_in else ""
+    targets = [other.class_names.index(c) if c in other.class_names else None for c in classes]
+    # a class the model does not have is drawn as n/a, not as another class under this title
+    absent = [c for c, t in enumerate(targets) if t is None]
+
+    def analyse(c: int, layers: tuple | None):
+        item = items[c]
+        return analysis(item.sha, other.sha256, targets[c], own, layers, smoothing, other,
+                        item.image)  # fmt: skip
+
+    found, note = at_stage(other, analyse, len(items), stage)
     return viz.GridModel(other.label, source, other, found, absent), note
 
 

@@ -1449,7 +1449,7 @@ def _said(at: AppTest) -> str:
     ],
 )
 def test_a_segmenter_or_detector_is_explained_for_what_the_user_picks(
-    app, tmp_path, network, choice, words
+    app, tmp_path, monkeypatch, network, choice, words
 ):
     """Issue 40 in the app: the page offers the network's segments or detections instead of
     classes; the CAM view explains the pick (its region outlined), the attention views draw,
@@ -1466,9 +1466,19 @@ def test_a_segmenter_or_detector_is_explained_for_what_the_user_picks(
     if len(picker.options) > 1:
         at.selectbox(key=picker.key).set_value(picker.options[1]).run()
         assert_clean(at)
-    show(at, "compare")
-    assert "compares classifiers on classes" in _said(at)
     assert ZIP in [b.label for b in at.download_button]
+    # Compare models: each network of the kind explains the same (a classifier is left out)
+    import viz.figures
+
+    drawn, real = [], viz.figures.model_grid
+    monkeypatch.setattr(viz.figures, "model_grid", lambda *a, **k: drawn.append(k) or real(*a, **k))
+    show(at, "compare")
+    (cbam,) = [o for o in at.multiselect(key="compare").options if o.startswith("tiny cbam")]
+    at.multiselect(key="compare").set_value([*at.multiselect(key="compare").value, cbam]).run()
+    assert_clean(at)
+    assert "every row explains" in _said(at) and "returns class logits: left out" in _said(at)
+    assert at.image and drawn[-1]["missing"] == [[]]  # one row, its own pick explained: no n/a
+    assert drawn[-1]["column_titles"] == [DEFAULT_SAMPLE]
 
 
 def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_path):
@@ -1483,7 +1493,7 @@ def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_pa
     assert "returns an embedding" in _said(at)
     (source,) = [r for r in at.radio if r.key and r.key.startswith("ex:concept_source:")]
     assert source.options == ["a region of this image"]  # one image: a part of it
-    assert "likeness to its region x 25-75%, y 25-75%" in _said(at).replace("\\", "")
+    assert "likeness to the region x 25-75%, y 25-75% of" in _said(at).replace("\\", "")
     show(at, "cam")
     assert at.image
     (across,) = [s for s in at.slider if s.key and s.key.startswith("ex:region_x:")]
@@ -1501,6 +1511,8 @@ def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_pa
     assert "likeness to red square.png" in _said(at).replace("\\", "")
     show(at, "cam")
     assert at.image
+    show(at, "compare")  # every column explains the likeness to the same concept
+    assert at.image and "the likeness to the same concept" in _said(at)
 
 
 def test_a_zipped_hugging_face_folder_uploads_and_draws_its_heads(app, tmp_path):

@@ -24,7 +24,6 @@ from viz.commands.inputs import UsageError, regular_file, resolve_target
 __all__ = ["OutputTarget", "parse_output_target", "TARGET_KINDS"]
 
 TARGET_KINDS = ("class", "segment", "box", "similar-to")
-BOX_IOU = 0.5  # the overlap a detection needs to count for the box (pytorch-grad-cam's default)
 
 
 @dataclass(frozen=True)
@@ -99,10 +98,6 @@ def _box_numbers(value: str) -> tuple[list[float], str | None]:
 
 def _box(value: str, ckpt, image):
     """`BoxScore` for the box; without a label, the label of the detection overlapping it best."""
-    from torchvision.ops import box_iou
-
-    from viz.targets import BoxScore
-
     box, label = _box_numbers(value)
     x = ckpt.preprocess(image)
     height, width = x.shape[-2:]
@@ -111,25 +106,17 @@ def _box(value: str, ckpt, image):
             f"--target box:{value} lies outside the image as the network sees it "
             f"({width} x {height} pixels)"
         )
-    wanted = torch.tensor([box])
+    from viz.targets import matching_detection
+
     with torch.inference_mode():
         found = ckpt.model(x)
     if not isinstance(found, (list, tuple)) or not found or "boxes" not in found[0]:
         raise UsageError("--target box: the network is not a detector (no boxes in its output)")
-    boxes, labels = found[0]["boxes"], found[0]["labels"]
-    if label is not None:  # only that label's detections count (else the score would be 0)
-        k = resolve_target(label, ckpt.class_names, "--target box")
-        boxes, labels = boxes[labels == k], labels[labels == k]
-    overlap = box_iou(wanted, boxes)[0] if len(boxes) else torch.zeros(0)
-    best = int(overlap.argmax()) if len(overlap) else -1
-    if best < 0 or float(overlap[best]) <= BOX_IOU:
-        shown = f"{float(overlap[best]):.2f}" if best >= 0 else "none"
-        of = "" if label is None else f" of label {label}"
-        raise UsageError(
-            f"--target box:{value}: no detection{of} overlaps the box by IoU > {BOX_IOU} "
-            f"(best {shown}); choose a box near a detection"
-        )
-    return BoxScore(wanted, labels[best : best + 1].clone(), BOX_IOU, list(ckpt.class_names))
+    k = None if label is None else resolve_target(label, ckpt.class_names, "--target box")
+    try:
+        return matching_detection(found[0], box, k, ckpt.class_names, said=label)
+    except ValueError as exc:
+        raise UsageError(f"--target box:{value}: {exc}") from None
 
 
 def _similar_to(value: str, ckpt, max_image_bytes: int):

@@ -1,0 +1,111 @@
+"""Compare models that are not classifiers: one row per segmenter, detector or embedding
+network, one column per image, every row explaining with its own network what was chosen for
+the model in use — the same segment class, the detection matching the chosen one, the
+likeness to the same concept."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import viz
+from viz import figures
+from viz.targets import OUTPUT_KINDS
+
+from .. import keys
+from ..caching import analysis
+from ..context import Context
+from ..explain import kind_of
+from ..slow import SlowRun
+from ..widgets import KEEP, show_figure
+from .grid import at_stage, dino_mass_choice, stage_choice
+
+
+def render(ctx: Context) -> None:
+    explained = ctx.explained
+    if explained is None or explained.target is None:
+        st.info("Choose what to explain above: each model of the comparison explains it.")
+        return
+    s = ctx.settings
+    method, smoothing = SlowRun.quick(s.method, s.smoothing)
+    intro = st.empty()
+    default = None if keys.COMPARE in st.session_state else [ctx.label]
+    picked = st.multiselect("Models side by side", list(ctx.models), default=default,
+                            key=keys.COMPARE, persist_state=KEEP)  # fmt: skip
+    if not picked:
+        st.info("Pick at least one model.")
+        return
+    loaded = {name: ctx.models[name].load() for name in picked}
+    stage = stage_choice()
+    mass = dino_mass_choice(loaded)
+    grid, notes = [], []
+    for name in picked:
+        other = loaded[name]
+        kind = kind_of(other.sha256, other, ctx.items[0])
+        if kind != ctx.kind:
+            notes.append(f"{viz.md_text(other.label)} returns {OUTPUT_KINDS[kind]}: left out.")
+            continue
+        row, said = output_row(ctx, other, ctx.models[name].source, method, smoothing, stage)
+        notes += said
+        if row is not None:
+            grid.append(row)
+    intro.markdown("  \n".join([outputs_intro(ctx, method, stage, mass), *notes]))
+    if not grid:
+        return
+    rows, missing = viz.model_grid_rows(grid)
+    crops, titles = ctx.crops, [item.name for item in ctx.items]
+    # a detection is each image's own; a segment's class and a concept are the same for all
+    title = "each image's chosen detection" if ctx.kind == "boxes" else explained.text
+    show_figure(
+        lambda: figures.model_grid(crops, rows, column_titles=titles, title=title,
+                                   stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width,
+                                   missing=missing, render=s.render, class_token_mass=mass),
+        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
+        ctx.errors,
+    )  # fmt: skip
+
+
+def output_row(ctx: Context, other, source: str, method: str, smoothing: tuple, stage: int):
+    """(the row of `other`, or None when it has nothing to explain, and the notes about it):
+    each column's target made for its network (`Explained.for_network`); a column without one
+    (no detection matching the chosen one) is n/a."""
+    made = [ctx.explained.for_network(other, item) for item in ctx.items]
+    found = [m for m in made if not isinstance(m, str)]
+    label = viz.md_text(other.label)
+    if not found:
+        return None, [f"{label}: {viz.md_text(made[0])}: left out."]
+    own = method if method in viz.methods_for(other.model) else "gradcam"
+    absent = [c for c, m in enumerate(made) if isinstance(m, str)]
+    notes = [f"{label}, {viz.md_text(ctx.items[c].name)}: {viz.md_text(made[c])} (n/a)."
+             for c in absent]  # fmt: skip
+
+    def analyse(c: int, layers: tuple | None):
+        item = ctx.items[c]
+        # an n/a column (drawn as such) is analysed for the row's first target, on its image
+        explain = found[0] if c in absent else made[c]
+        return analysis(item.sha, other.sha256, None, own, layers, smoothing, other,
+                        item.image, explain=explain)  # fmt: skip
+
+    analyses, note = at_stage(other, analyse, len(ctx.items), stage)
+    notes += [note] if note else []
+    return viz.GridModel(other.label, source, other, analyses, absent), notes
+
+
+def outputs_intro(ctx: Context, method: str, stage: int, mass: float | None) -> str:
+    """What the comparison shows and what every row explains."""
+    if mass:
+        shown = (f"DINO's masks (Caron et al. 2021): each row's last block's class-token "
+                 f"attention, the patches outside the fewest holding {mass:.0%} of it dimmed")  # fmt: skip
+    else:
+        label = viz.CAM_METHODS[method].label
+        shown = f"{label} " + ("of the last stage" if stage == 4 else f"at stage {stage}")
+    each = {
+        "segments": "the same class's segment (each network's own predicted pixels)",
+        "boxes": "the detection of the same label overlapping the one chosen for each image "
+        "(its choice on that image, else its top detection) by IoU > 0.5",
+        "embedding": "the likeness to the same concept (each network embeds it)",
+    }[ctx.kind]
+    text = f"{shown}, one row per model; every row explains {each}, with its own network."
+    if SlowRun.slow(ctx.settings.method, ctx.settings.smoothing):
+        text += (f" {SlowRun.label(ctx.settings.method, ctx.settings.smoothing)} would take its "
+                 "extra passes for every model and image, so the comparison shows Grad-CAM.")  # fmt: skip
+    return text

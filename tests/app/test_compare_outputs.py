@@ -1,0 +1,84 @@
+"""Compare models for networks that are not classifiers: what each row explains is made for
+its own network (`lens_app.explain`'s `same_segment`, `same_detection`), or the row or column
+says why it has nothing (n/a)."""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from lens_app.context import ImageItem
+from lens_app.explain import same_detection, same_segment
+from models import Preprocess
+
+
+class _Fixed(torch.nn.Module):
+    """A network whose output is `make(batch)`: a segmenter's map or a detector's dicts."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(x)
+
+
+def _network(name: str, make, classes) -> SimpleNamespace:
+    return SimpleNamespace(model=_Fixed(make), preprocess=Preprocess(32, 32), label=name,
+                           class_names=list(classes),
+                           sha256=hashlib.sha256(name.encode()).hexdigest())  # fmt: skip
+
+
+@pytest.fixture
+def item() -> ImageItem:
+    image = Image.new("RGB", (32, 32), "gray")
+    return ImageItem("gray.png", b"", hashlib.sha256(b"gray-compare").hexdigest(), image)
+
+
+def _segmenter(name: str, classes, predicted: int):
+    def make(x):
+        maps = torch.zeros(len(x), len(classes), 8, 8)
+        maps[:, predicted] = 1.0
+        return {"out": maps}
+
+    return _network(name, make, classes)
+
+
+def test_a_segment_is_the_same_class_in_each_network_or_says_why_not(item):
+    sky_first = _segmenter("sky-first", ["sky", "road"], predicted=0)
+    road_first = _segmenter("road-first", ["road", "sky", "car"], predicted=1)  # sky is 1 here
+    key, target = same_segment(road_first, item, "sky")
+    assert key == "segment:1" and target.category == 1 and target.name == "sky"
+    assert same_segment(sky_first, item, "car") == "no class 'car'"
+    assert same_segment(road_first, item, "road") == "no pixel predicted as road"
+
+
+def _detector(name: str, classes, boxes, labels):
+    def make(x):
+        return [{"boxes": torch.tensor(boxes, dtype=torch.float32),
+                 "labels": torch.tensor(labels), "scores": torch.ones(len(labels))}
+                for _ in range(len(x))]  # fmt: skip
+
+    return _network(name, make, classes)
+
+
+def test_a_detection_is_matched_by_label_and_overlap_in_each_network(item):
+    in_use = _detector("in use", ["bg", "dog", "cat"], [[2, 2, 20, 20], [0, 0, 5, 5]], [1, 2])
+    # the other network numbers its classes differently: dog is its class 2
+    other = _detector("other", ["bg", "cat", "dog"], [[0, 0, 4, 4], [3, 3, 21, 20]], [1, 2])
+    key, target = same_detection(in_use, other, item)  # no choice made: the top detection
+    assert key.endswith(":dog") and target.labels.tolist() == [2]
+    assert torch.equal(target.boxes, torch.tensor([[2.0, 2.0, 20.0, 20.0]]))
+    apart = _detector("apart", ["bg", "dog"], [[25, 25, 31, 31]], [1])
+    assert "no detection of label dog overlaps the box by IoU > 0.5" in same_detection(
+        in_use, apart, item
+    )
+    assert same_detection(in_use, _detector("birds", ["bg", "bird"], [], []), item) == (
+        "no class 'dog'"
+    )
+    empty = _detector("empty", ["bg", "dog"], [], [])
+    assert same_detection(empty, in_use, item) == "empty finds nothing in gray.png"
