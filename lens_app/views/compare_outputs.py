@@ -42,9 +42,9 @@ def render(ctx: Context) -> None:
         other = loaded[name]
         kind = kind_of(other.sha256, other, ctx.items[0])
         if kind != ctx.kind:
-            notes.append(f"{viz.md_text(other.label)} returns {OUTPUT_KINDS[kind]}: left out.")
+            notes.append(f"{viz.md_text(name)} returns {OUTPUT_KINDS[kind]}: left out.")
             continue
-        row, said = output_row(ctx, other, ctx.models[name].source, method, smoothing, stage)
+        row, said = output_row(ctx, name, other, method, smoothing, stage)
         notes += said
         if row is not None:
             grid.append(row)
@@ -64,29 +64,29 @@ def render(ctx: Context) -> None:
     )  # fmt: skip
 
 
-def output_row(ctx: Context, other, source: str, method: str, smoothing: tuple, stage: int):
-    """(the row of `other`, or None when it has nothing to explain, and the notes about it):
-    each column's target made for its network (`Explained.for_network`); a column without one
-    (no detection matching the chosen one) is n/a."""
+def output_row(ctx: Context, name: str, other, method: str, smoothing: tuple, stage: int):
+    """(the row of `other`, picked as `name`, or None when it has nothing to explain, and the
+    notes about it): each column's target made for its network (`Explained.for_network`); a
+    column without one (no such pixels, no matching detection) is n/a."""
     made = [ctx.explained.for_network(other, item) for item in ctx.items]
-    found = [m for m in made if not isinstance(m, str)]
-    label = viz.md_text(other.label)
-    if not found:
-        return None, [f"{label}: {viz.md_text(made[0])}: left out."]
-    own = method if method in viz.methods_for(other.model) else "gradcam"
+    label = viz.md_text(name)
     absent = [c for c, m in enumerate(made) if isinstance(m, str)]
+    if len(absent) == len(made):
+        return None, [f"{label}: {viz.md_text(made[0])}: left out."]
     notes = [f"{label}, {viz.md_text(ctx.items[c].name)}: {viz.md_text(made[c])} (n/a)."
              for c in absent]  # fmt: skip
+    own = method if method in viz.methods_for(other.model) else "gradcam"
+    first = next(c for c in range(len(made)) if c not in absent)
 
     def analyse(c: int, layers: tuple | None):
-        item = ctx.items[c]
-        # an n/a column (drawn as such) is analysed for the row's first target, on its image
-        explain = found[0] if c in absent else made[c]
+        # an n/a column, drawn as such, holds the first column's analysis in its place
+        item = ctx.items[first if c in absent else c]
         return analysis(item.sha, other.sha256, None, own, layers, smoothing, other,
-                        item.image, explain=explain)  # fmt: skip
+                        item.image, explain=made[first if c in absent else c])  # fmt: skip
 
     analyses, note = at_stage(other, analyse, len(ctx.items), stage)
     notes += [note] if note else []
+    source = ctx.models[name].source
     return viz.GridModel(other.label, source, other, analyses, absent), notes
 
 

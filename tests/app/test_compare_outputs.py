@@ -82,3 +82,37 @@ def test_a_detection_is_matched_by_label_and_overlap_in_each_network(item):
     )
     empty = _detector("empty", ["bg", "dog"], [], [])
     assert same_detection(empty, in_use, item) == "empty finds nothing in gray.png"
+
+
+def test_a_column_without_the_target_is_na_and_a_row_without_any_is_left_out(monkeypatch):
+    """`output_row`: each column analysed for its own target; an n/a column holds the first
+    column's analysis in its place (drawn as n/a, never explained for what it lacks)."""
+    from lens_app.context import ModelOption
+    from lens_app.views import compare_outputs
+
+    asked = []
+
+    def fake_analysis(image_sha, ckpt_sha, target, method, layers, *rest, explain):
+        asked.append((image_sha, explain[0]))
+        return f"analysis of {image_sha} for {explain[0]}"
+
+    monkeypatch.setattr(compare_outputs, "analysis", fake_analysis)
+    monkeypatch.setattr(compare_outputs, "at_stage",
+                        lambda other, analyse, n, stage: ([analyse(c, None) for c in range(n)], ""))  # fmt: skip
+    items = [ImageItem(name, b"", name, None) for name in ("a.png", "b.png", "c.png")]
+    found = {"a.png": "no pixel predicted as sky", "b.png": ("segment:1", "sky target"),
+             "c.png": ("segment:1", "sky target")}  # fmt: skip
+    explained = SimpleNamespace(for_network=lambda other, item: found[item.name])
+    network = SimpleNamespace(label="net", sha256="n", model=torch.nn.Identity())
+    ctx = SimpleNamespace(items=items, explained=explained,
+                          models={"net (n.pth)": ModelOption("n.pth", lambda: network)})  # fmt: skip
+    row, notes = compare_outputs.output_row(ctx, "net (n.pth)", network, "gradcam", (), 4)
+    assert row.absent == [0] and asked == [("b.png", "segment:1")] * 2 + [("c.png", "segment:1")]
+    plain = [n.replace("\\", "") for n in notes]  # the notes are Markdown, names escaped
+    assert plain == ["net (n.pth), a.png: no pixel predicted as sky (n/a)."]
+    found.update({"b.png": "no pixel predicted as sky", "c.png": "no pixel predicted as sky"})
+    row, notes = compare_outputs.output_row(ctx, "net (n.pth)", network, "gradcam", (), 4)
+    assert (
+        row is None
+        and notes[0].replace("\\", "") == "net (n.pth): no pixel predicted as sky: left out."
+    )
