@@ -199,6 +199,32 @@ def test_cbam_unet_traces_its_gates_and_score_cam_scores_masked_images_with_the_
     assert leftovers(model) == 0
 
 
+def test_aug_smoothing_follows_a_segment_and_a_concept_and_refuses_a_fixed_mask():
+    """Each version (mirrored or not, times an intensity) is explained for its own predicted
+    pixels of the segment, or for the concept; the maps, mirrored back, are averaged."""
+    from viz.engine.cam.analyze import AUGMENTATIONS
+    from viz.engine.maps import normalize
+
+    torch.manual_seed(0)
+    model = TinyCbamUNet().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        concept = model(x).flatten(1).flip(0)  # each image against the other's output
+    for target in (SegmentationScore(1), SimilarityScore(concept)):
+        smoothed = analyze(model, x, target, ["enc2"], smoothing=("aug",))
+        versions = []
+        for mirror, factor in AUGMENTATIONS:
+            v = analyze(model, (x.flip(-1) if mirror else x) * factor, target, ["enc2"])
+            versions.append(normalize(v.cams["enc2"].flip(-1) if mirror else v.cams["enc2"]))
+        torch.testing.assert_close(smoothed.cams["enc2"], torch.stack(versions).mean(0))
+        plain = analyze(model, x, target, ["enc2"])
+        torch.testing.assert_close(smoothed.scores, plain.scores)  # of the images as given
+        assert smoothed.smoothing == ("aug",) and smoothed.explained == plain.explained
+    with pytest.raises(ValueError, match="a fixed mask, a box or another callable"):
+        analyze(model, x, SegmentationScore(1, mask=torch.ones(32, 32)), ["enc2"],
+                smoothing=("aug",))  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["gradcam++", "ablationcam", "smoothgradcam++", "layercam"])
 def test_every_score_method_takes_a_callable(method):
     torch.manual_seed(0)
@@ -223,7 +249,7 @@ def test_class_score_gives_the_maps_of_the_int_target():
         assert by_int.explained == by_helper.explained == "class 3"
         assert torch.equal(by_helper.target, torch.tensor([3]))
     logit_3 = lambda out: out[:, 3]  # noqa: E731 - any callable, not a helper
-    with pytest.raises(ValueError, match="not with a callable target"):
+    with pytest.raises(ValueError, match="another callable target does not follow"):
         analyze(model, image, logit_3, ["layer4"], smoothing=("aug",))
     with pytest.raises(ValueError, match="cannot explain <lambda>"):
         analyze(model, image, logit_3, ["layer4"], method="cam")

@@ -30,7 +30,7 @@ from viz.engine.model_state import model_lock, preserve_model_state
 from viz.engine.tokens import as_feature_map, token_layout
 from viz.engine.trace import model_modules, record_attention
 from viz.engine.unread import warn_unread_attention
-from viz.targets import ClassScore, main_tensor
+from viz.targets import ClassScore, SegmentationScore, SimilarityScore, main_tensor
 
 __all__ = ["analyze", "attention_only", "AUGMENTATIONS", "ATTENTION_ONLY"]
 
@@ -293,15 +293,14 @@ AUGMENTATIONS = ((False, 1.0), (False, 0.9), (False, 1.1), (True, 1.0), (True, 0
 def _augmentation_smoothed(model, x, target, cam_layers, settings: Settings) -> Analysis:
     n = len(x)
     if callable(target) and not isinstance(target, (Tensor, ClassScore)):
-        raise ValueError(
-            "aug smoothing mirrors and rescales the images, which a mask, box or concept "
-            "target does not follow: not with a callable target"
-        )
-    with preserve_model_state(model, eval_mode=False), torch.inference_mode():
-        # the class of the image as given
-        targets = explained_by(target, model(x), n, model).classes
+        targets = _for_every_version(target)
+    else:
+        with preserve_model_state(model, eval_mode=False), torch.inference_mode():
+            # the class of the image as given
+            targets = explained_by(target, model(x), n, model).classes
+        targets = targets.repeat(len(AUGMENTATIONS))
     batch = torch.cat([(x.flip(-1) if mirror else x) * factor for mirror, factor in AUGMENTATIONS])
-    inner = _analyze(model, batch, targets.repeat(len(AUGMENTATIONS)), cam_layers, settings)
+    inner = _analyze(model, batch, targets, cam_layers, settings)
     cams = {}
     for name, maps in inner.cams.items():
         versions = [maps[k * n : (k + 1) * n] for k in range(len(AUGMENTATIONS))]
@@ -309,3 +308,21 @@ def _augmentation_smoothed(model, x, target, cam_layers, settings: Settings) -> 
         cams[name] = torch.stack([normalize(v) for v in versions]).mean(0)
     first = inner.select(slice(0, n))
     return dataclasses.replace(first, cams=cams, smoothing=("aug", *first.smoothing))
+
+
+def _for_every_version(target):
+    """A callable target for the batch of every version of the images: a segment of each
+    version's own predicted pixels, or a concept, holds as it is (a concept per image is
+    repeated); a fixed mask or a box would have to be mirrored with the image."""
+    if isinstance(target, SimilarityScore):
+        concept = torch.as_tensor(target.embedding)
+        if concept.ndim == 2 and len(concept) > 1:  # one per image
+            return SimilarityScore(concept.repeat(len(AUGMENTATIONS), 1))
+        return target
+    if isinstance(target, SegmentationScore) and target.mask is None:
+        return target
+    raise ValueError(
+        "aug smoothing mirrors and rescales the images, which a fixed mask, a box or another "
+        "callable target does not follow: only a class, a segment of the predicted pixels "
+        "(SegmentationScore without a mask) or a concept (SimilarityScore)"
+    )
