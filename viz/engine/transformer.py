@@ -146,16 +146,16 @@ def gae(
 def legrad(
     calls: Sequence[AttentionCall],
     block_outputs: Sequence[Tensor],
-    score_of: Callable[[Tensor], Tensor],
-    targets: Tensor,
+    block_score: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """LeGrad (N, h, w): the mean over blocks of relu(d s_l / d A_l) averaged over heads and
-    queries, s_l the target's logit from block l's tokens."""
+    queries, s_l = `block_score(tokens)` (N,): the target's score from block l's tokens (its
+    logit through the final norm and head, or their likeness to a concept)."""
     _global([rec for *_, rec in calls], "legrad")
     sources = gradient_sources(calls, "legrad")
     maps = []
     for (watch, parts, rec), source, tokens in zip(calls, sources, block_outputs):
-        s = score_of(tokens).gather(1, targets[:, None]).sum()
+        s = block_score(tokens).sum()
         (g,) = torch.autograd.grad(s, [source], retain_graph=True)
         d_attention = watch.reader.probability_gradient(watch.module, parts, g)
         n, h, w = rec.spatial.shape

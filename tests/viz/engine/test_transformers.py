@@ -277,6 +277,25 @@ def test_legrad_equals_torchcam(tv_vit):
     assert leftovers(tv_vit) == 0
 
 
+def test_legrad_of_a_callable_scores_each_block_through_the_head(tv_vit):
+    """An output entry (RawScore) gives the class's LeGrad; a headless ViT explains the
+    likeness to a concept through its final norm."""
+    from viz.targets import RawScore, SegmentationScore, SimilarityScore
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    by_class = analyze(tv_vit, x, 4, method="legrad").cams["legrad"]
+    torch.testing.assert_close(analyze(tv_vit, x, RawScore(4), method="legrad").cams["legrad"],
+                               by_class)  # fmt: skip
+    headless = copy.deepcopy(tv_vit)
+    headless.heads = nn.Identity()
+    with torch.no_grad():
+        concept = headless(x).flip(0)  # each image against the other's embedding
+    maps = analyze(headless, x, SimilarityScore(concept), method="legrad").cams["legrad"]
+    assert maps.shape == (2, 4, 4) and (maps >= 0).all() and maps.flatten(1).std(1).min() > 0
+    with pytest.raises(ValueError, match="needs a segmentation output"):  # one line, as ever
+        analyze(headless, x, SegmentationScore(0), method="legrad")
+
+
 def test_gradcam_on_tokens_equals_a_hand_reshape(vits, swin):
     net, x = vits["deit distilled"]
     kept = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from viz.engine.tokens import token_layout
 from viz.engine.trace import attention_modules, record_attention
 from viz.engine.transformer import gae, legrad, rollout
 from viz.engine.unread import unread_attention
+from viz.targets import BoxScore, SegmentationScore
 
 __all__ = ["transformer_analysis", "bias_layers", "fullgrad_map"]
 
@@ -61,15 +64,25 @@ def transformer_analysis(model, x, target, settings: Settings, modules) -> Analy
                     raise ValueError(
                         "legrad needs a timm or torchvision ViT (its final norm and head)"
                     )
-                if explained.classes is None:
-                    raise ValueError(
-                        f"legrad scores every block with the classifier's head; it cannot explain "
-                        f"{explained.text}: use gae or gradcam"
-                    )
-                cam = legrad(calls, outputs, layout.score, explained.classes)
+                cam = legrad(calls, outputs, _block_score(layout.score, explained, target))
     if settings.progress is not None:
         settings.progress(len(x), len(x))
     return analysis_of(trace, output, explained, {spec.name: cam}, spec.name, {spec.name: 0}, ())
+
+
+def _block_score(head: Callable[[Tensor], Tensor], explained: Explained, target):
+    """LeGrad's score of a block's tokens, through the final norm and head: the class's logit,
+    or the callable target on that (N, D) output (a concept's likeness: an embedding network's
+    head is the identity). A segment or a box is of an output no block gives."""
+    classes = explained.classes
+    if classes is not None:
+        return lambda tokens: head(tokens).gather(1, classes[:, None])[:, 0]
+    if callable(target) and not isinstance(target, (SegmentationScore, BoxScore)):
+        return lambda tokens: target(head(tokens))
+    raise ValueError(
+        f"legrad scores every block through the network's final norm and head; it cannot "
+        f"explain {explained.text}: use gae or gradcam"
+    )
 
 
 def _explained(method: str, target, output, n: int, model: nn.Module) -> Explained:
