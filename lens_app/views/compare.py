@@ -17,7 +17,7 @@ from ..slow import SlowRun
 from ..targets import chosen_target
 from ..widgets import KEEP, show_figure
 from . import compare_outputs
-from .grid import DINO_INTRO, at_stage, dino_mass_choice, stage_choice
+from .grid import DINO_INTRO, at_stage, dino_mass_choice, of_the_kind, stage_choice
 
 FROM_MODEL = "(the model in use: its chosen class or top-1)"
 
@@ -39,21 +39,28 @@ def render(ctx: Context) -> None:
         st.info("Pick at least one model.")
         return
     loaded = {name: with_class_names(ctx.models[name].load()) for name in picked}
+    loaded, left_out = of_the_kind(ctx.kind, loaded, ctx.items[0])
     classes = column_classes(ctx, loaded, method, smoothing)
     stage = stage_choice()
     mass = dino_mass_choice(loaded)
-    grid, notes = [], []
-    bar = st.progress(0.0, text="Analysing…") if len(picked) > 1 else None
-    for n, name in enumerate(picked):
+    grid, notes = [], list(left_out)
+    bar = st.progress(0.0, text="Analysing…") if len(loaded) > 1 else None
+    for n, name in enumerate(loaded):
         row, note = grid_row(loaded[name], ctx.models[name].source, ctx.items, classes, method,
                              smoothing, stage)  # fmt: skip
         grid.append(row)
         notes += [note] if note else []
         if bar:
-            bar.progress((n + 1) / len(picked), text=f"Analysed {name}")
+            bar.progress((n + 1) / len(loaded), text=f"Analysed {name}")
     if bar:
         bar.empty()
-    intro.markdown(DINO_INTRO.format(mass=mass) if mass else compare_intro(s, method, stage, notes))
+    intro.markdown(
+        "  \n".join([DINO_INTRO.format(mass=mass), *left_out])
+        if mass
+        else compare_intro(s, method, stage, notes)
+    )
+    if not grid:
+        return
     # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
     rows, missing = viz.model_grid_rows(grid)
     crops = ctx.crops

@@ -9,15 +9,13 @@ import streamlit as st
 
 import viz
 from viz import figures
-from viz.targets import OUTPUT_KINDS
 
 from .. import keys
 from ..caching import analysis
 from ..context import Context
-from ..explain import kind_of
 from ..slow import SlowRun
 from ..widgets import KEEP, show_figure
-from .grid import at_stage, dino_mass_choice, stage_choice
+from .grid import at_stage, dino_mass_choice, of_the_kind, stage_choice
 
 
 def render(ctx: Context) -> None:
@@ -34,16 +32,11 @@ def render(ctx: Context) -> None:
     if not picked:
         st.info("Pick at least one model.")
         return
-    loaded = {name: ctx.models[name].load() for name in picked}
+    loaded, notes = of_the_kind(ctx.kind, {n: ctx.models[n].load() for n in picked}, ctx.items[0])
     stage = stage_choice()
     mass = dino_mass_choice(loaded)
-    grid, notes = [], []
-    for name in picked:
-        other = loaded[name]
-        kind = kind_of(other.sha256, other, ctx.items[0])
-        if kind != ctx.kind:
-            notes.append(f"{viz.md_text(name)} returns {OUTPUT_KINDS[kind]}: left out.")
-            continue
+    grid = []
+    for name, other in loaded.items():
         row, said = output_row(ctx, name, other, method, smoothing, stage)
         notes += said
         if row is not None:

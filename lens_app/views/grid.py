@@ -8,6 +8,7 @@ import streamlit as st
 import viz
 
 from .. import keys
+from ..explain import kind_of
 from ..widgets import KEEP
 
 DINO_INTRO = (
@@ -60,3 +61,18 @@ def at_stage(other, analyse, columns: int, stage: int) -> tuple[list, str]:
         found.append(an)
     note = f"{viz.md_text(other.label)}: {viz.md_text(stand_in.note)}" if stand_in else ""
     return found, note
+
+
+def of_the_kind(kind: str, loaded: dict, first_item) -> tuple[dict, list[str]]:
+    """The picked networks that return what the model in use returns (`kind`), and a note for
+    each left out (a segmenter among classifiers, say): a row must explain the same thing."""
+    kept, notes = {}, []
+    for name, other in loaded.items():
+        theirs = kind_of(other.sha256, other, first_item)
+        if theirs == kind:
+            kept[name] = other
+        else:
+            notes.append(
+                f"{viz.md_text(name)} returns {viz.targets.OUTPUT_KINDS[theirs]}: left out."
+            )
+    return kept, notes

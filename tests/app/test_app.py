@@ -1479,6 +1479,9 @@ def test_a_segmenter_or_detector_is_explained_for_what_the_user_picks(
     assert "every row explains" in _said(at) and "returns class logits: left out" in _said(at)
     assert at.image and drawn[-1]["missing"] == [[]]  # one row, its own pick explained: no n/a
     assert drawn[-1]["column_titles"] == [DEFAULT_SAMPLE]
+    at.sidebar.selectbox(key="model").set_value(cbam).run()  # among classifiers, the same
+    assert_clean(at)
+    assert f"{words}: left out." in _said(at) and at.image
 
 
 def test_an_embedding_network_explains_the_likeness_to_another_image(app, tmp_path):
