@@ -170,7 +170,7 @@ accuracies read high (as the ResNets' do).{_hybrid_timing(training)}
 """
 
 
-def _hybrid_command(recipe: dict, out: str) -> str:
+def _hybrid_command(recipe: dict, out: str, dataset: str = "imagenette2") -> str:
     """The command that trains the hybrid with `recipe` (its own script: models.training.hybrid)."""
     parts = ["python -m models.train_hybrid --data imagenette2-224"]
     parts += [f"--teacher checkpoints/{t}" for t in recipe.get("teachers", [])]
@@ -181,6 +181,8 @@ def _hybrid_command(recipe: dict, out: str) -> str:
     if tuned:
         parts.append(f"--tune-layer3-epochs {tuned.get('epochs')} --tune-lr {tuned.get('lr')} "
                      f"--tune-layer3-lr {tuned.get('layer3_lr')}")  # fmt: skip
+    if dataset != "imagenette2":  # the script's default name for its data set
+        parts.append(f"--dataset-name {dataset}")
     parts.append(f"--out checkpoints/{out}")
     return "`" + " ".join(parts) + "`"
 
@@ -496,7 +498,7 @@ def _stage_lines(entry: EmbeddedCheckpoint, lines: list[str]) -> list[str]:
         recipe, date = stage.get("recipe", {}), stage.get("date", "?")
         if _is_hybrid(meta):
             lines.append(f"- Recipe: {_hybrid_recipe_text(recipe)} (trained {date})")
-            commands.append(_hybrid_command(recipe, entry.path.name))
+            commands.append(_hybrid_command(recipe, entry.path.name, dataset))
             continue
         if init is None:
             lines.append(f"- Recipe: {_recipe_text(recipe)} (trained {date})")

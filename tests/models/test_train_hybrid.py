@@ -114,7 +114,10 @@ def test_tuning_stage_changes_layer3_and_is_chosen_over_both_stages(
     assert "peak lr 0.01 for layer3, 0.001 for the transformer" in card
     assert "peak lr 0.001 for the transformer and 0.01 for layer3" in card  # the recipe line
     assert "batch norms in eval mode" in card and "over both stages" in card
-    assert "--tune-layer3-epochs 2 --tune-lr 0.001 --tune-layer3-lr 0.01" in card
+    assert (
+        "--tune-layer3-epochs 2 --tune-lr 0.001 --tune-layer3-lr 0.01 --dataset-name redblue"
+        in card
+    )
     assert "| 2 + 2 |" in card  # the summary's epochs, by stage
     assert "up to layer3, frozen (the file" not in card
     with torch.no_grad():  # it classifies: two classes, finite logits
