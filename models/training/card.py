@@ -181,6 +181,8 @@ def _hybrid_command(recipe: dict, out: str, dataset: str = "imagenette2") -> str
     if tuned:
         parts.append(f"--tune-layer3-epochs {tuned.get('epochs')} --tune-lr {tuned.get('lr')} "
                      f"--tune-layer3-lr {tuned.get('layer3_lr')}")  # fmt: skip
+    if recipe.get("view_teacher_weight"):
+        parts.append(f"--view-teacher-weight {recipe['view_teacher_weight']}")
     if dataset != "imagenette2":  # the script's default name for its data set
         parts.append(f"--dataset-name {dataset}")
     parts.append(f"--out checkpoints/{out}")

@@ -33,8 +33,10 @@ import argparse
 import datetime as dt
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the second stage's peak lr for the transformer (AdamW)")  # fmt: skip
     p.add_argument("--tune-layer3-lr", type=float, default=5e-5,
                    help="the second stage's peak lr for layer3 (AdamW)")  # fmt: skip
+    p.add_argument("--view-teacher-weight", type=float, default=0.0,
+                   help="mix the trunk's ResNet's softmax on the student's exact window into the "
+                   "soft target with this weight (consistent teaching; 0: teachers on the whole "
+                   "image only)")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="use only N training images (smoke tests)")
     p.add_argument("--dataset-name", default="imagenette2")
     p.add_argument("--class-names", default="checkpoints/imagenette_classes.txt")
@@ -156,19 +162,31 @@ def head_logits(model: nn.Module, features: Tensor) -> Tensor:
     return model.forward_head(model.norm(model.blocks(tokens)))
 
 
-def random_windows(scales: list[Tensor], idx: Tensor, gen: torch.Generator) -> Tensor:
+class Views(NamedTuple):
+    """Where each image's training window was taken: the cached scale, plain or mirrored, and
+    the window's top-left cell in that scale's layer3 grid."""
+
+    scale: Tensor
+    flip: Tensor
+    y: Tensor
+    x: Tensor
+
+
+def random_windows(scales: list[Tensor], idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Views]:
     """For each image in `idx`: a random scale, then a random 14 x 14 window of its plain or
-    mirrored feature grid at that scale."""
+    mirrored feature grid at that scale. Returns the windows and where they were taken."""
     n, c = len(idx), scales[0].shape[2]
     pick = torch.randint(0, len(scales), (n,), generator=gen)
     flip = torch.randint(0, 2, (n,), generator=gen)
     out = torch.empty((n, c, WINDOW, WINDOW), dtype=scales[0].dtype)
+    ys, xs = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
     for i in range(n):
         grid = scales[pick[i]]
         room = grid.shape[-1] - WINDOW + 1
         y, x = torch.randint(0, room, (2,), generator=gen).tolist()
+        ys[i], xs[i] = y, x
         out[i] = grid[idx[i], flip[i], :, y : y + WINDOW, x : x + WINDOW]
-    return out
+    return out, Views(pick, flip, ys, xs)
 
 
 def centre_windows(features: Tensor) -> Tensor:
@@ -196,7 +214,7 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 def tuned_windows(
     layer3: nn.Module, grids: list[Tensor], idx: Tensor, gen: torch.Generator
-) -> Tensor:
+) -> tuple[Tensor, Views]:
     """The second stage's `random_windows`: for each image in `idx` a random scale and view
     (plain or mirrored) of its cached layer2 grid, through layer3 (with gradients), then a random
     14 x 14 window of the layer3 grid: the same crops as the first stage, layer3 now learning."""
@@ -204,22 +222,67 @@ def tuned_windows(
     pick = torch.randint(0, len(grids), (n,), generator=gen)
     flip = torch.randint(0, 2, (n,), generator=gen)
     corner = torch.rand((n, 2), generator=gen)
+    rooms = torch.tensor([grid.shape[-1] // 2 - WINDOW + 1 for grid in grids])[pick]  # layer3: /2
+    yx = (corner * rooms[:, None]).long().clamp(max=(rooms - 1)[:, None])
     windows: list[Tensor | None] = [None] * n
     for s, grid in enumerate(grids):
         rows = (pick == s).nonzero().flatten()
         if not len(rows):
             continue
         feats = layer3(grid[idx[rows], flip[rows]].float())  # (k, 256, g, g), g = scale / 16
-        room = feats.shape[-1] - WINDOW + 1
         for j, r in enumerate(rows.tolist()):
-            y, x = (corner[r] * room).long().clamp(max=room - 1).tolist()
+            y, x = yx[r].tolist()
             windows[r] = feats[j, :, y : y + WINDOW, x : x + WINDOW]
-    return torch.stack(windows)
+    return torch.stack(windows), Views(pick, flip, yx[:, 0], yx[:, 1])
 
 
-def train_epoch(model, opt, logits_of, labels, targets, args, gen, steps: tuple) -> dict:
+@torch.no_grad()
+def view_teacher_probs(teacher: nn.Module, scales: list[Tensor], batch: int = 256) -> list[Tensor]:
+    """Consistent teaching (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient
+    and consistent"): the trunk's own ResNet (layer4, pooling and head on top of the same frozen
+    layer3 features) labels every window a step can draw, so the soft target matches the view the
+    student sees. Per scale: softmax (N, 2 views, room, room, K), room = grid - 14 + 1."""
+    teacher.eval()
+    out = []
+    for grid in scales:
+        n, views, _, g, _ = grid.shape
+        room = g - WINDOW + 1
+        probs = torch.empty((n, views, room, room, teacher.fc.out_features))
+        for v in range(views):
+            for y in range(room):
+                for x in range(room):
+                    for i in range(0, n, batch):
+                        part = grid[i : i + batch, v, :, y : y + WINDOW, x : x + WINDOW]
+                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                            pooled = teacher.avgpool(teacher.layer4(part.float())).flatten(1)
+                            probs[i : i + batch, v, y, x] = teacher.fc(pooled).float().softmax(1)
+            print(f"view teacher: scale {g * 16} px, view {v + 1}/{views}", flush=True)
+        out.append(probs)
+    return out
+
+
+def soft_target_of(
+    targets: Tensor, view_probs: list[Tensor] | None, weight: float
+) -> Callable[[Tensor, Views], Tensor]:
+    """The KL target of a batch: the teachers' mean softmax on the whole image, mixed with
+    weight `weight` with the view teacher's softmax on the window drawn (`view_teacher_probs`)."""
+
+    def target(idx: Tensor, views: Views) -> Tensor:
+        if view_probs is None or weight == 0:
+            return targets[idx]
+        on_view = torch.stack([
+            view_probs[s][i, f, y, x]
+            for i, s, f, y, x in zip(idx.tolist(), *(t.tolist() for t in views))
+        ])  # fmt: skip
+        return (1 - weight) * targets[idx] + weight * on_view
+
+    return target
+
+
+def train_epoch(model, opt, logits_of, labels, target_of, args, gen, steps: tuple) -> dict:
     """One pass over the training images; `logits_of(idx)` gives the batch's logits (under
-    bfloat16 autocast) and `steps` is (first step, total steps, warm-up steps) of the stage's
+    bfloat16 autocast) and the views they saw, `target_of(idx, views)` their soft target, and
+    `steps` is (first step, total steps, warm-up steps) of the stage's
     schedule, each parameter group going to its own peak lr. Returns the epoch's history row."""
     model.train()
     model.patch_embed.backbone.eval()  # trunk batch norms keep their statistics (layer3's too)
@@ -232,10 +295,11 @@ def train_epoch(model, opt, logits_of, labels, targets, args, gen, steps: tuple)
         for group in opt.param_groups:
             group["lr"] = _lr(step0 + b, total, warmup, group["peak_lr"])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = logits_of(idx).float()
+            logits, views = logits_of(idx)
+            logits = logits.float()
         log_p = logits.log_softmax(1)
         loss = 0.5 * F.cross_entropy(logits, labels[idx], label_smoothing=0.1)
-        loss = loss + 0.5 * F.kl_div(log_p, targets[idx], reduction="batchmean")
+        loss = loss + 0.5 * F.kl_div(log_p, target_of(idx, views), reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -270,7 +334,7 @@ def _evaluated(args: argparse.Namespace, epoch: int, last: int) -> bool:
     return epoch % args.eval_every == 0 or epoch == last
 
 
-def tune_layer3(model, args, paths, keep, held, train_y, held_y, targets, gen, history, best):
+def tune_layer3(model, args, paths, keep, held, train_y, held_y, target_of, gen, history, best):
     """The second stage: layer3 and the transformer learn jointly, from the first stage's last
     weights, on cached layer2 features (layer3 + transformer per step). Appends to `history`.
     The images are decoded again from `paths`, batch by batch, so that only the cache (about
@@ -297,8 +361,8 @@ def tune_layer3(model, args, paths, keep, held, train_y, held_y, targets, gen, h
     first, last = args.epochs + 1, args.epochs + args.tune_layer3_epochs
     for epoch in range(first, last + 1):
         row = train_epoch(
-            model, opt, lambda idx: head_logits(model, tuned_windows(layer3, grids, idx, gen)),
-            train_y, targets, args, gen, ((epoch - first) * steps, total, warmup),
+            model, opt, partial(_on_windows, model, partial(tuned_windows, layer3, grids), gen),
+            train_y, target_of, args, gen, ((epoch - first) * steps, total, warmup),
         )  # fmt: skip
         acc = None
         if _evaluated(args, epoch, last):
@@ -319,6 +383,17 @@ def _sizes(args: argparse.Namespace) -> list[int]:
     return sizes
 
 
+def _distillation_text(view_weight: float) -> str:
+    whole = "teachers' mean softmax on the 224-px image"
+    if not view_weight:
+        return f"soft (Hinton): 0.5 CE(label, smoothing 0.1) + 0.5 KL({whole} || student)"
+    return (
+        f"soft (Hinton): 0.5 CE(label, smoothing 0.1) + 0.5 KL(target || student), the target "
+        f"being {1 - view_weight:g} x the {whole} + {view_weight:g} x the trunk's ResNet's softmax "
+        f"on the window the student sees (consistent teaching, Beyer et al. 2022)"
+    )
+
+
 def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
     trunk = (
         f"stem and stages 1-2 (frozen) and stage 3 (layer3: frozen, then fine-tuned in a second "
@@ -333,8 +408,7 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
         f"blocks ({HybridShape.num_heads} heads), linear head",
         "trunk": args.trunk.name,
         "teachers": [t.name for t in teachers],
-        "distillation": "soft (Hinton): 0.5 CE(label, smoothing 0.1) + 0.5 KL(teachers' mean "
-        "softmax on the 224-px image || student)",
+        "distillation": _distillation_text(args.view_teacher_weight),
         "augmentation": f"random scale of the image ({args.scales} px), random 224-px crop at "
         "16-px steps (a 14 x 14 window of its feature grid) + horizontal flip",
         "scales": [int(s) for s in args.scales.split(",")],
@@ -344,6 +418,8 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
         "holdout": args.holdout, "holdout_seed": args.seed, "eval_every": args.eval_every,
         "bf16": True, "img_size": HybridShape.img_size,
     }  # fmt: skip
+    if args.view_teacher_weight:  # absent otherwise: earlier recipes' records are unchanged
+        recipe["view_teacher_weight"] = args.view_teacher_weight
     if args.tune_layer3_epochs:  # absent otherwise: the one-stage recipe's record is unchanged
         recipe["tune_layer3"] = {
             "epochs": args.tune_layer3_epochs, "lr": args.tune_lr, "layer3_lr": args.tune_layer3_lr,
@@ -372,7 +448,13 @@ def _hybrid(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
-def first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen, history, best):
+def _on_windows(model: nn.Module, windows_of, gen: torch.Generator, idx: Tensor):
+    """The batch's logits and the views they saw, from `windows_of(idx, gen)`."""
+    windows, views = windows_of(idx, gen)
+    return head_logits(model, windows.float()), views
+
+
+def first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best):
     """The transformer alone (trunk frozen) on the cached layer3 features."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = _adamw([(trainable, args.lr)], args.weight_decay)
@@ -380,8 +462,8 @@ def first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen
     warmup = len(train_y) // args.batch_size  # one epoch (rounded down, as it always was)
     for epoch in range(1, args.epochs + 1):
         row = train_epoch(
-            model, opt, lambda i: head_logits(model, random_windows(train_scales, i, gen).float()),
-            train_y, targets, args, gen, ((epoch - 1) * steps, args.epochs * steps, warmup),
+            model, opt, partial(_on_windows, model, partial(random_windows, train_scales), gen),
+            train_y, target_of, args, gen, ((epoch - 1) * steps, args.epochs * steps, warmup),
         )  # fmt: skip
         evaluated = _evaluated(args, epoch, args.epochs)
         acc = holdout_top1(model, held_x, held_y) if evaluated else None
@@ -405,14 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     held_x = trunk_features(trunk, images[held], FEATURE_SIZE)
     train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
+    view_probs = None
+    if args.view_teacher_weight:
+        view_probs = view_teacher_probs(load_checkpoint(args.trunk).model, train_scales)
+    target_of = soft_target_of(targets, view_probs, args.view_teacher_weight)
     train_y, held_y = labels[keep], labels[held]
     del images  # the second stage decodes them again (from `paths`) for its layer2 cache
     history: list[dict] = []
     best: dict = {"acc": -1.0, "state": None}
-    first_stage(model, args, train_scales, held_x, train_y, held_y, targets, gen, history, best)
+    first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best)
     if args.tune_layer3_epochs:
         del train_scales, held_x  # layer3's cache gives way to layer2's
-        tune_layer3(model, args, paths, keep, held, train_y, held_y, targets, gen, history, best)
+        tune_layer3(model, args, paths, keep, held, train_y, held_y, target_of, gen, history, best)
     chosen = max(
         (r for r in history if r["holdout_acc"] is not None), key=lambda r: r["holdout_acc"]
     )
