@@ -154,13 +154,17 @@ class Downloads:
     the script, where an exception only reaches the server log): a failure is logged and said
     on the page in one line, by the rerun the click starts, which waits for the file first."""
 
-    GRACE_SECONDS = 2.0  # for the file's request to arrive beside the click's rerun
+    # The click's rerun redraws the button, and Streamlit then refuses the file's request if it
+    # has not arrived yet (the download fails silently): so the rerun waits for the request, as
+    # long as a busy server may take to deliver it, and then for the file.
+    ARRIVAL_SECONDS = 60.0
     LIMIT_SECONDS = 600.0  # the longest a rerun waits on a file being made
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
-        self._ended = -float("inf")  # time.monotonic() when the last file was done
+        self._requests = 0  # files asked for in this session
+        self._requests_drawn = 0  # ... when the page was last drawn
         self._failures: list[str] = []
 
     @staticmethod
@@ -178,6 +182,7 @@ class Downloads:
         def run() -> bytes:
             with self._lock:
                 self._running += 1
+                self._requests += 1
             try:
                 return make()
             except Exception as exc:
@@ -189,28 +194,30 @@ class Downloads:
             finally:
                 with self._lock:
                     self._running -= 1
-                    self._ended = time.monotonic()
 
         return run
 
     def settle(self) -> None:
-        """The click's callback, at the start of its rerun: wait until the file is made (or
-        none came), so that the page this run draws says whether it failed."""
+        """The click's callback, at the start of its rerun: wait until the file's request has
+        arrived (since the page was drawn) and the file is made, so that the button is redrawn
+        only once the browser has it, and the page this run draws says whether it failed."""
         start = time.monotonic()
         while True:
-            now = time.monotonic()
+            waited = time.monotonic() - start
             with self._lock:
-                running, ended = self._running, self._ended
-            if running and now - start < self.LIMIT_SECONDS:
+                running, arrived = self._running, self._requests > self._requests_drawn
+            if running and waited < self.LIMIT_SECONDS:
                 pass
-            elif running or ended >= start - self.GRACE_SECONDS or now - start > self.GRACE_SECONDS:
+            elif arrived or running or waited > self.ARRIVAL_SECONDS:
                 return
             time.sleep(0.05)
 
     def report(self, errors) -> None:
-        """Show the failures since the last run, one error line each."""
+        """Show the failures since the last run, one error line each (called as each run
+        starts: a file asked for from now on was asked for on the page this run draws)."""
         with self._lock:
             failures, self._failures = self._failures, []
+            self._requests_drawn = self._requests
         for line in failures:
             errors.error(viz.md_text(line, limit=300))
 

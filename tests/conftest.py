@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_temporary_folder(tmp_path_factory):
+    """What the code under test leaves in the system's temporary folder (the app's report runs
+    keep theirs there for a day) goes to this session's pytest folder, which pytest prunes;
+    TMPDIR carries it to the app and command-line processes the tests start."""
+    folder = tmp_path_factory.mktemp("system_tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(tempfile, "tempdir", str(folder))
+    patch.setenv("TMPDIR", str(folder))
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -448,6 +448,24 @@ def _hybrid(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
+def _view_teacher(args: argparse.Namespace, classes: list[str]) -> nn.Module | None:
+    """The trunk's ResNet, which labels the student's windows (--view-teacher-weight), checked
+    before anything runs; None without that option."""
+    weight = args.view_teacher_weight
+    if not weight:
+        return None
+    if not 0 < weight <= 1:
+        raise SystemExit(f"--view-teacher-weight: a weight between 0 and 1 (got {weight})")
+    trunk = load_checkpoint(args.trunk)
+    if trunk.class_names != classes:
+        raise SystemExit(
+            f"--view-teacher-weight: {args.trunk.name} was trained on other classes "
+            f"({len(trunk.class_names)}) than the data's ({len(classes)}): its head cannot "
+            "label the student's windows"
+        )
+    return trunk.model
+
+
 def _on_windows(model: nn.Module, windows_of, gen: torch.Generator, idx: Tensor):
     """The batch's logits and the views they saw, from `windows_of(idx, gen)`."""
     windows, views = windows_of(idx, gen)
@@ -477,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     teachers = args.teacher or [args.trunk]
     images, labels, folders, paths = load_split(args.data / "train", 224, "train")
     classes = read_class_names(args.class_names, folders)
+    view_teacher = _view_teacher(args, classes)
     if args.limit:
         images, labels, paths = images[: args.limit], labels[: args.limit], paths[: args.limit]
     keep, held = holdout_split(labels, args.holdout, args.seed)
@@ -487,9 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     held_x = trunk_features(trunk, images[held], FEATURE_SIZE)
     train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
-    view_probs = None
-    if args.view_teacher_weight:
-        view_probs = view_teacher_probs(load_checkpoint(args.trunk).model, train_scales)
+    view_probs = None if view_teacher is None else view_teacher_probs(view_teacher, train_scales)
     target_of = soft_target_of(targets, view_probs, args.view_teacher_weight)
     train_y, held_y = labels[keep], labels[held]
     del images  # the second stage decodes them again (from `paths`) for its layer2 cache

@@ -892,6 +892,27 @@ def test_a_download_that_fails_says_so_on_the_page(app, deferred, monkeypatch):
     assert not at.error  # said once
 
 
+def test_the_clicks_rerun_waits_for_a_file_request_that_arrives_late(monkeypatch):
+    """Was: the click's rerun waited 2 s for the file's request; on a busy server it came later,
+    the rerun had redrawn the button by then, and Streamlit refused it (no file, no word)."""
+    from lens_app.widgets import Downloads
+
+    downloads, said = Downloads(), []
+    downloads.report(type("Errors", (), {"error": said.append})())  # the page is drawn
+    made = []
+    request = threading.Timer(3.0, lambda: made.append(downloads.guarded(lambda: b"x", "f")()))
+    request.start()
+    downloads.settle()  # the click's rerun
+    assert made == [b"x"]  # it went on only once the file was made
+    request.join()
+
+    monkeypatch.setattr(Downloads, "ARRIVAL_SECONDS", 0.2)
+    downloads.report(type("Errors", (), {"error": said.append})())
+    started = time.monotonic()
+    downloads.settle()  # no request came: the rerun goes on after ARRIVAL_SECONDS
+    assert 0.2 <= time.monotonic() - started < 5 and not said
+
+
 def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monkeypatch):
     """Was: stages 1-3 failed with "row '…deit…' has no CAM for '(no stage 3)'" and the caption
     said "the last stage" whatever the stage."""
@@ -1262,6 +1283,9 @@ def test_a_png_download_is_made_ahead_from_the_figure_shown(app, deferred, monke
     at.sidebar.select_slider(key="dpi").set_value(150).run()
     assert_clean(at)
     before = len(built)
+    made_ahead(
+        at
+    )  # a click before the background is done waits for it (or, if it has not begun, renders)
     (png,) = [b.proto for b in at.get("download_button") if b.proto.label == "PNG"]
     data = deferred[png.deferred_file_id]()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(built) == before  # not built again

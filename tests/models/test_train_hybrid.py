@@ -140,3 +140,56 @@ def test_a_first_stage_epoch_chosen_ships_the_cbam_layer3(
 def test_the_second_stage_decodes_the_images_as_the_first_did(data):
     images, _, _, paths = load_split(data / "train", 224, "train", quiet=True)
     assert torch.equal(hybrid._decode(paths[:5]), images[:5])
+
+
+def test_the_view_teacher_on_a_whole_224_px_grid_is_the_resnet_on_the_image():
+    """Consistent teaching: at 224 px the one window is the whole layer3 grid, so the trunk's
+    ResNet (layer4 and head on that window) must give what it gives on the image itself."""
+    from argparse import Namespace
+
+    images = hybrid._decode([str(p) for p in sorted((ROOT / "samples").glob("*.jpg"))[:3]])
+    trunk = hybrid._hybrid(Namespace(trunk=CBAM, depth=1, drop_path=0.0), 10).patch_embed.backbone
+    grid = hybrid.trunk_features(trunk, images, 224)  # (3, 2 views, 256, 14, 14)
+    (probs,) = hybrid.view_teacher_probs(load_checkpoint(CBAM).model, [grid])
+    assert probs.shape == (3, 2, 1, 1, 10)
+    resnet = load_checkpoint(CBAM).model.eval()
+    with torch.no_grad():
+        x = hybrid.normalize(images)
+        for view, seen in ((0, x), (1, x.flip(-1))):
+            expected = resnet(seen).softmax(1)
+            assert (probs[:, view, 0, 0] - expected).abs().max() < 0.05  # bfloat16
+            assert torch.equal(probs[:, view, 0, 0].argmax(1), expected.argmax(1))
+
+
+def test_the_soft_target_mixes_the_view_teachers_label_of_the_window_drawn():
+    gen = torch.Generator().manual_seed(0)
+    grids = [torch.randn(5, 2, 4, 16, 16)]  # 5 images, 3 x 3 windows of 14 cells
+    windows, views = hybrid.random_windows(grids, torch.tensor([4, 0, 2]), gen)
+    for k, i in enumerate([4, 0, 2]):  # each window is where its view says
+        f, y, x = views.flip[k], views.y[k], views.x[k]
+        assert torch.equal(windows[k], grids[0][i, f, :, y : y + 14, x : x + 14])
+    whole = torch.rand(5, 3).softmax(1)
+    on_view = torch.rand(5, 2, 3, 3, 3).softmax(-1)
+    target = hybrid.soft_target_of(whole, [on_view], 0.25)(torch.tensor([4, 0, 2]), views)
+    for k, i in enumerate([4, 0, 2]):
+        expected = 0.75 * whole[i] + 0.25 * on_view[i, views.flip[k], views.y[k], views.x[k]]
+        assert torch.allclose(target[k], expected)
+    assert torch.equal(
+        hybrid.soft_target_of(whole, None, 0.0)(torch.tensor([1]), views), whole[1:2]
+    )
+
+
+def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
+    data, teacher, tmp_path
+):
+    with pytest.raises(SystemExit, match="trained on other classes"):  # the 10-class CBAM trunk
+        _train(data, teacher, tmp_path / "x.safetensors", "--view-teacher-weight", "0.5")
+    ckpt = _train(
+        data, teacher, tmp_path / "v.safetensors", "--view-teacher-weight", "0.5",
+        "--trunk", str(teacher),
+    )  # fmt: skip
+    recipe = ckpt.metadata["training"]["recipe"]
+    assert recipe["view_teacher_weight"] == 0.5
+    assert "0.5 x the trunk's ResNet's softmax on the window the student sees" in recipe[
+        "distillation"]  # fmt: skip
+    assert "--view-teacher-weight 0.5" in _card(tmp_path)
