@@ -7,7 +7,6 @@ from pathlib import Path
 import streamlit as st
 
 import viz
-from viz import figures
 
 from .. import keys
 from ..caching import analysis
@@ -15,9 +14,17 @@ from ..context import Context
 from ..sidebar import with_class_names
 from ..slow import SlowRun
 from ..targets import chosen_target
-from ..widgets import KEEP, show_figure
+from ..widgets import KEEP
 from . import compare_outputs
-from .grid import DINO_INTRO, at_stage, dino_mass_choice, of_the_kind, stage_choice
+from .grid import (
+    DINO_INTRO,
+    at_stage,
+    dino_mass_choice,
+    draw_grid,
+    of_the_kind,
+    pick_models,
+    stage_choice,
+)  # fmt: skip
 
 FROM_MODEL = "(the model in use: its chosen class or top-1)"
 
@@ -30,10 +37,7 @@ def render(ctx: Context) -> None:
     # extra passes for every model and image: under a slow method the comparison shows Grad-CAM
     method, smoothing = SlowRun.quick(s.method, s.smoothing)
     intro = st.empty()  # what the grid shows: written once the stage and the rows are known
-    # the user's picks stay as they are when another model is put in use (their work)
-    default = None if keys.COMPARE in st.session_state else [ctx.label]
-    picked = st.multiselect("Models side by side", list(ctx.models), default=default,
-                            key=keys.COMPARE, persist_state=KEEP)  # fmt: skip
+    picked = pick_models(ctx)
     if not picked:
         intro.markdown(compare_intro(s, method, st.session_state.get(keys.GRID_STAGE, 4)))
         st.info("Pick at least one model.")
@@ -61,16 +65,7 @@ def render(ctx: Context) -> None:
     )
     if not grid:
         return
-    # rows as in the papers (plain, SE, BAM, CBAM, then others), not in click order
-    rows, missing = viz.model_grid_rows(grid)
-    crops = ctx.crops
-    show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=classes, stage=stage, cmap=s.cmap,
-                                   alpha=s.alpha, width=s.width, missing=missing, render=s.render,
-                                   class_token_mass=mass),
-        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
-        ctx.errors,
-    )  # fmt: skip
+    draw_grid(ctx, grid, classes, stage, mass)
 
 
 def grid_row(other, source, items, classes, method, smoothing, stage) -> tuple:

@@ -8,14 +8,11 @@ from __future__ import annotations
 import streamlit as st
 
 import viz
-from viz import figures
 
-from .. import keys
 from ..caching import analysis
 from ..context import Context
 from ..slow import SlowRun
-from ..widgets import KEEP, show_figure
-from .grid import at_stage, dino_mass_choice, of_the_kind, stage_choice
+from .grid import at_stage, dino_mass_choice, draw_grid, of_the_kind, pick_models, stage_choice
 
 
 def render(ctx: Context) -> None:
@@ -26,9 +23,7 @@ def render(ctx: Context) -> None:
     s = ctx.settings
     method, smoothing = SlowRun.quick(s.method, s.smoothing)
     intro = st.empty()
-    default = None if keys.COMPARE in st.session_state else [ctx.label]
-    picked = st.multiselect("Models side by side", list(ctx.models), default=default,
-                            key=keys.COMPARE, persist_state=KEEP)  # fmt: skip
+    picked = pick_models(ctx)
     if not picked:
         st.info("Pick at least one model.")
         return
@@ -44,17 +39,10 @@ def render(ctx: Context) -> None:
     intro.markdown("  \n".join([outputs_intro(ctx, method, stage, mass), *notes]))
     if not grid:
         return
-    rows, missing = viz.model_grid_rows(grid)
-    crops, titles = ctx.crops, [item.name for item in ctx.items]
+    titles = [item.name for item in ctx.items]
     # a detection is each image's own; a segment's class and a concept are the same for all
     title = "each image's chosen detection" if ctx.kind == "boxes" else explained.text
-    show_figure(
-        lambda: figures.model_grid(crops, rows, column_titles=titles, title=title,
-                                   stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width,
-                                   missing=missing, render=s.render, class_token_mass=mass),
-        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
-        ctx.errors,
-    )  # fmt: skip
+    draw_grid(ctx, grid, titles, stage, mass, title)
 
 
 def output_row(ctx: Context, name: str, other, method: str, smoothing: tuple, stage: int):

@@ -1,15 +1,16 @@
-"""What both comparisons (of classifiers, and of other networks) share: the stage, DINO's
-masks, each row's analyses at the stage."""
+"""What both comparisons (of classifiers, and of other networks) share: the models picked, the
+stage, DINO's masks, each row's analyses at the stage, the figure."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 import viz
+from viz import figures
 
 from .. import keys
 from ..explain import kind_of
-from ..widgets import KEEP
+from ..widgets import KEEP, show_figure
 
 DINO_INTRO = (
     "DINO's masks (Caron et al. 2021): each row's last block's class-token attention (the mean "
@@ -76,3 +77,26 @@ def of_the_kind(kind: str, loaded: dict, first_item) -> tuple[dict, list[str]]:
                 f"{viz.md_text(name)} returns {viz.targets.OUTPUT_KINDS[theirs]}: left out."
             )
     return kept, notes
+
+
+def pick_models(ctx) -> list[str]:
+    """The models side by side: the model in use at first; then the user's picks, which stay
+    as they are when another model is put in use (their work)."""
+    default = None if keys.COMPARE in st.session_state else [ctx.label]
+    return st.multiselect("Models side by side", list(ctx.models), default=default,
+                          key=keys.COMPARE, persist_state=KEEP)  # fmt: skip
+
+
+def draw_grid(ctx, grid: list, column_titles: list[str], stage: int, mass: float | None,
+              title: str | None = None) -> None:  # fmt: skip
+    """The comparison's figure, its rows as in the papers (plain, SE, BAM, CBAM, then others),
+    not in click order; DINO's masks instead of the CAMs when `mass` is set."""
+    s, crops = ctx.settings, ctx.crops
+    rows, missing = viz.model_grid_rows(grid)
+    show_figure(
+        lambda: figures.model_grid(crops, rows, column_titles=column_titles, title=title,
+                                   stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width,
+                                   missing=missing, render=s.render, class_token_mass=mass),
+        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
+        ctx.errors,
+    )  # fmt: skip
