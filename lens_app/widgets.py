@@ -157,7 +157,7 @@ class Downloads:
     # The click's rerun redraws the button, and Streamlit then refuses the file's request if it
     # has not arrived yet (the download fails silently): so the rerun waits for the request, as
     # long as a busy server may take to deliver it, and then for the file.
-    ARRIVAL_SECONDS = 60.0
+    ARRIVAL_SECONDS = 30.0
     LIMIT_SECONDS = 600.0  # the longest a rerun waits on a file being made
 
     def __init__(self) -> None:
