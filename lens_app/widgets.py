@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -163,8 +164,8 @@ class Downloads:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
-        self._requests = 0  # files asked for in this session
-        self._requests_drawn = 0  # ... when the page was last drawn
+        self._requests: Counter[str] = Counter()  # file name -> requests in this session
+        self._requests_at_run_start: Counter[str] = Counter()
         self._failures: list[str] = []
 
     @staticmethod
@@ -176,20 +177,19 @@ class Downloads:
 
     def on_click(self, make: Callable[[], bytes], file_name: str) -> dict:
         """A download button's `data` and `on_click`: `make` guarded, and the wait for it."""
-        return {"data": self.guarded(make, file_name), "on_click": self.settle}
+        return {"data": self.guarded(make, file_name), "on_click": partial(self.settle, file_name)}
 
     def guarded(self, make: Callable[[], bytes], file_name: str) -> Callable[[], bytes]:
         def run() -> bytes:
             with self._lock:
                 self._running += 1
-                self._requests += 1
+                self._requests[file_name] += 1
             try:
                 return make()
             except Exception as exc:
                 log.exception("download %s failed", file_name)
                 what = exc if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {exc}"
-                with self._lock:
-                    self._failures.append(f"{file_name} could not be made: {what}")
+                self._fail(f"{file_name} could not be made: {what}")
                 raise
             finally:
                 with self._lock:
@@ -197,27 +197,36 @@ class Downloads:
 
         return run
 
-    def settle(self) -> None:
-        """The click's callback, at the start of its rerun: wait until the file's request has
-        arrived (since the page was drawn) and the file is made, so that the button is redrawn
-        only once the browser has it, and the page this run draws says whether it failed."""
+    def settle(self, file_name: str) -> None:
+        """The click's callback, at the start of its rerun: wait until the request for
+        `file_name` has arrived (since the last run started) and the file is made, so that the
+        button is redrawn only once the browser has it, and this run's page says whether it
+        failed or never came (a click on a button already redrawn: Streamlit refuses it)."""
         start = time.monotonic()
         while True:
             waited = time.monotonic() - start
             with self._lock:
-                running, arrived = self._running, self._requests > self._requests_drawn
+                running = self._running
+                arrived = self._requests[file_name] > self._requests_at_run_start[file_name]
             if running and waited < self.LIMIT_SECONDS:
                 pass
-            elif arrived or running or waited > self.ARRIVAL_SECONDS:
+            elif arrived or running:
+                return
+            elif waited > self.ARRIVAL_SECONDS:
+                self._fail(f"{file_name}: the download did not start; click its button again")
                 return
             time.sleep(0.05)
+
+    def _fail(self, line: str) -> None:
+        with self._lock:
+            self._failures.append(line)
 
     def report(self, errors) -> None:
         """Show the failures since the last run, one error line each (called as each run
         starts: a file asked for from now on was asked for on the page this run draws)."""
         with self._lock:
             failures, self._failures = self._failures, []
-            self._requests_drawn = self._requests
+            self._requests_at_run_start = self._requests.copy()
         for line in failures:
             errors.error(viz.md_text(line, limit=300))
 

@@ -174,6 +174,9 @@ def _hybrid_command(recipe: dict, out: str, dataset: str = "imagenette2") -> str
     """The command that trains the hybrid with `recipe` (its own script: models.training.hybrid)."""
     parts = ["python -m models.train_hybrid --data imagenette2-224"]
     parts += [f"--teacher checkpoints/{t}" for t in recipe.get("teachers", [])]
+    trunk = recipe.get("trunk")
+    if trunk and trunk != "resnet18_cbam_imagenette.safetensors":  # the script's default
+        parts.append(f"--trunk checkpoints/{trunk}")
     parts.append(f"--epochs {recipe.get('epochs')} --depth {recipe.get('depth')}")
     if recipe.get("scales"):  # the first hybrid had one scale (256 px) and no such option
         parts.append("--scales " + ",".join(str(s) for s in recipe["scales"]))

@@ -91,14 +91,19 @@ def vit_app(tiny_checkpoints, tiny_vit, tmp_path, monkeypatch) -> AppTest:
 
 @pytest.fixture
 def deferred(monkeypatch) -> dict:
-    """file id -> the callable Streamlit runs when a download button made on click is clicked."""
+    """file id -> the callable Streamlit runs when a download button made on click is clicked
+    (and its file name, as `made.names[file id]`)."""
     from streamlit.runtime.media_file_manager import MediaFileManager
 
-    made, real = {}, MediaFileManager.add_deferred
+    class Made(dict):
+        names: dict[str, str | None] = {}
 
-    def spy(self, data_callable, *args, **kwargs):
-        file_id = real(self, data_callable, *args, **kwargs)
-        made[file_id] = data_callable
+    made, real = Made(), MediaFileManager.add_deferred
+    made.names = {}
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        file_id = real(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+        made[file_id], made.names[file_id] = data_callable, file_name
         return file_id
 
     monkeypatch.setattr(MediaFileManager, "add_deferred", spy)

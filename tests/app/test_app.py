@@ -878,9 +878,11 @@ def test_a_download_that_fails_says_so_on_the_page(app, deferred, monkeypatch):
         except RuntimeError as exc:
             failed.append(exc)
 
+    (button,) = [b.proto for b in at.get("download_button") if b.proto.label == ZIP]
     request = threading.Thread(target=click)
     request.start()
-    at.session_state["downloads"].settle()  # the click's callback: waits for the file
+    # the click's callback: waits for the file
+    at.session_state["downloads"].settle(deferred.names[button.deferred_file_id])
     assert failed  # the rerun starts once the zip has failed...
     request.join()
     at.run()
@@ -898,19 +900,26 @@ def test_the_clicks_rerun_waits_for_a_file_request_that_arrives_late(monkeypatch
     from lens_app.widgets import Downloads
 
     downloads, said = Downloads(), []
-    downloads.report(type("Errors", (), {"error": said.append})())  # the page is drawn
+    page = type("Errors", (), {"error": said.append})()
+    downloads.report(page)  # a run starts
     made = []
-    request = threading.Timer(3.0, lambda: made.append(downloads.guarded(lambda: b"x", "f")()))
-    request.start()
-    downloads.settle()  # the click's rerun
+    other = downloads.guarded(lambda: b"o", "other.png")
+    late = threading.Timer(3.0, lambda: made.append(downloads.guarded(lambda: b"x", "f.png")()))
+    late.start()
+    other()  # another button's file does not end the wait
+    downloads.settle("f.png")  # the click's rerun
     assert made == [b"x"]  # it went on only once the file was made
-    request.join()
+    late.join()
 
     monkeypatch.setattr(Downloads, "ARRIVAL_SECONDS", 0.2)
-    downloads.report(type("Errors", (), {"error": said.append})())
+    downloads.report(page)
     started = time.monotonic()
-    downloads.settle()  # no request came: the rerun goes on after ARRIVAL_SECONDS
-    assert 0.2 <= time.monotonic() - started < 5 and not said
+    downloads.settle("f.png")  # no request came (Streamlit refused it): the page says so
+    assert 0.2 <= time.monotonic() - started < 5
+    downloads.report(page)
+    assert [plain(line) for line in said] == [
+        "f.png: the download did not start; click its button again"
+    ]
 
 
 def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monkeypatch):
@@ -1283,9 +1292,8 @@ def test_a_png_download_is_made_ahead_from_the_figure_shown(app, deferred, monke
     at.sidebar.select_slider(key="dpi").set_value(150).run()
     assert_clean(at)
     before = len(built)
-    made_ahead(
-        at
-    )  # a click before the background is done waits for it (or, if it has not begun, renders)
+    # a click before the background job is done waits for it (or, not yet begun, renders it)
+    made_ahead(at)
     (png,) = [b.proto for b in at.get("download_button") if b.proto.label == "PNG"]
     data = deferred[png.deferred_file_id]()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(built) == before  # not built again

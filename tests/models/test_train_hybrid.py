@@ -163,20 +163,44 @@ def test_the_view_teacher_on_a_whole_224_px_grid_is_the_resnet_on_the_image():
 
 def test_the_soft_target_mixes_the_view_teachers_label_of_the_window_drawn():
     gen = torch.Generator().manual_seed(0)
-    grids = [torch.randn(5, 2, 4, 16, 16)]  # 5 images, 3 x 3 windows of 14 cells
-    windows, views = hybrid.random_windows(grids, torch.tensor([4, 0, 2]), gen)
-    for k, i in enumerate([4, 0, 2]):  # each window is where its view says
-        f, y, x = views.flip[k], views.y[k], views.x[k]
+    grid = torch.randn(5, 2, 4, 16, 16)  # 5 images, 3 x 3 windows of 14 cells
+    for channel, edge in enumerate(
+        [(..., 0), (..., 0, slice(None)), (..., 15), (..., 15, slice(None))]
+    ):
+        grid[:, :, channel][edge] += 50  # each window sees another set of edges: means differ
+    grids = [grid]
+    idx = torch.tensor([4, 0, 2, 1, 3, 4, 0, 2])
+    windows, places = hybrid.random_windows(grids, idx, gen)
+    for k, i in enumerate(idx.tolist()):  # each window is where its place says
+        f, y, x = places.flip[k], places.y[k], places.x[k]
         assert torch.equal(windows[k], grids[0][i, f, :, y : y + 14, x : x + 14])
+    assert len({(int(y), int(x)) for y, x in zip(places.y, places.x)}) > 1
+    # a teacher whose "layer4" keeps the window: its label is the head on the window's mean
+    teacher = torch.nn.Module()
+    teacher.layer4, teacher.avgpool = torch.nn.Identity(), torch.nn.AdaptiveAvgPool2d(1)
+    teacher.fc = torch.nn.Linear(4, 3)
+    (on_view,) = hybrid.view_teacher_probs(teacher, grids)
+    assert on_view.shape == (5, 2, 3, 3, 3)
     whole = torch.rand(5, 3).softmax(1)
-    on_view = torch.rand(5, 2, 3, 3, 3).softmax(-1)
-    target = hybrid.soft_target_of(whole, [on_view], 0.25)(torch.tensor([4, 0, 2]), views)
-    for k, i in enumerate([4, 0, 2]):
-        expected = 0.75 * whole[i] + 0.25 * on_view[i, views.flip[k], views.y[k], views.x[k]]
-        assert torch.allclose(target[k], expected)
-    assert torch.equal(
-        hybrid.soft_target_of(whole, None, 0.0)(torch.tensor([1]), views), whole[1:2]
-    )
+    target = hybrid.soft_target_of(whole, [on_view], 0.25)(idx, places)
+    with torch.no_grad():
+        on_window = teacher.fc(windows.float().mean((2, 3))).softmax(1)
+    for k, i in enumerate(idx.tolist()):
+        assert torch.allclose(target[k], 0.75 * whole[i] + 0.25 * on_window[k], atol=0.02)  # bf16
+    assert torch.equal(hybrid.soft_target_of(whole, None, 0.0)(idx[:1], places), whole[4:5])
+
+
+def test_the_tuning_stage_takes_its_windows_from_layer3_where_it_says():
+    gen = torch.Generator().manual_seed(0)
+    grids = [torch.randn(3, 2, 4, 32, 32), torch.randn(3, 2, 4, 36, 36)]  # layer2 at 256, 288 px
+    layer3 = torch.nn.AvgPool2d(2)  # stride 2, as layer3
+    idx = torch.tensor([2, 0, 1, 2, 0, 1, 2, 0])
+    windows, places = hybrid.tuned_windows(layer3, grids, idx, gen)
+    assert set(places.scale.tolist()) == {0, 1}
+    for k, i in enumerate(idx.tolist()):
+        s, f, y, x = (int(t[k]) for t in places)
+        assert 0 <= y <= (2, 4)[s] and 0 <= x <= (2, 4)[s]  # 3 or 5 windows per side
+        assert torch.equal(windows[k], layer3(grids[s][i, f])[:, y : y + 14, x : x + 14])
 
 
 def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
@@ -184,6 +208,8 @@ def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
 ):
     with pytest.raises(SystemExit, match="trained on other classes"):  # the 10-class CBAM trunk
         _train(data, teacher, tmp_path / "x.safetensors", "--view-teacher-weight", "0.5")
+    with pytest.raises(SystemExit):  # argparse's usage error
+        hybrid.parse_args(["--data", "d", "--out", "o", "--view-teacher-weight", "2"])
     ckpt = _train(
         data, teacher, tmp_path / "v.safetensors", "--view-teacher-weight", "0.5",
         "--trunk", str(teacher),
@@ -192,4 +218,5 @@ def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
     assert recipe["view_teacher_weight"] == 0.5
     assert "0.5 x the trunk's ResNet's softmax on the window the student sees" in recipe[
         "distillation"]  # fmt: skip
+    assert f"--trunk checkpoints/{teacher.name}" in _card(tmp_path)
     assert "--view-teacher-weight 0.5" in _card(tmp_path)
