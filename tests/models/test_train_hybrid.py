@@ -212,7 +212,7 @@ def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
         hybrid.parse_args(["--data", "d", "--out", "o", "--view-teacher-weight", "2"])
     ckpt = _train(
         data, teacher, tmp_path / "v.safetensors", "--view-teacher-weight", "0.5",
-        "--trunk", str(teacher),
+        "--trunk", str(teacher), "--epochs", "1",
     )  # fmt: skip
     recipe = ckpt.metadata["training"]["recipe"]
     assert recipe["view_teacher_weight"] == 0.5
