@@ -282,10 +282,10 @@ def soft_target_of(
     def target(idx: Tensor, places: WindowPlaces) -> Tensor:
         if view_probs is None or weight == 0:
             return targets[idx]
-        on_view = torch.stack([
-            view_probs[s][i, f, y, x]
-            for i, s, f, y, x in zip(idx.tolist(), *(t.tolist() for t in places))
-        ])  # fmt: skip
+        on_view = torch.empty_like(targets[idx])
+        for s, probs in enumerate(view_probs):
+            at = places.scale == s
+            on_view[at] = probs[idx[at], places.flip[at], places.y[at], places.x[at]]
         return (1 - weight) * targets[idx] + weight * on_view
 
     return target

@@ -188,6 +188,11 @@ def test_the_soft_target_mixes_the_view_teachers_label_of_the_window_drawn():
     for k, i in enumerate(idx.tolist()):
         assert torch.allclose(target[k], 0.75 * whole[i] + 0.25 * on_window[k], atol=0.02)  # bf16
     assert torch.equal(hybrid.soft_target_of(whole, None, 0.0)(idx[:1], places), whole[4:5])
+    # two scales (3 and 5 windows per side): each image's label comes from its own scale's table
+    tables = [torch.rand(5, 2, 3, 3, 3), torch.rand(5, 2, 5, 5, 3)]
+    places = hybrid.WindowPlaces(*(torch.tensor(v) for v in ([0, 1], [1, 0], [2, 4], [0, 3])))
+    mixed = hybrid.soft_target_of(whole, tables, 1.0)(torch.tensor([3, 1]), places)
+    assert torch.equal(mixed, torch.stack([tables[0][3, 1, 2, 0], tables[1][1, 0, 4, 3]]))
 
 
 def test_the_tuning_stage_takes_its_windows_from_layer3_where_it_says():
