@@ -414,9 +414,9 @@ def test_fuzzed_checkpoints_load_or_fail_in_one_line():
     rng = random.Random(1234)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     outcomes = collections.Counter(
-        _load_or_refuse(data) for base in _checkpoint_corpus() for data in _mutations(base, rng, 60)
+        _load_or_refuse(data) for base in _checkpoint_corpus() for data in _mutations(base, rng, 40)
     )
-    assert outcomes["refused"] > 50  # the damage was real
+    assert outcomes["refused"] > 50  # the damage was real (104 of 160 with this seed)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     assert grown < 2 * 2**20  # KiB: under 2 GB
 
