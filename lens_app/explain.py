@@ -136,11 +136,18 @@ def _detection(where, ckpt, items, pick) -> Explained:
         format_func=lambda i: f"{i}: {name(i)} ({float(scores[int(i)]):.2f})",
     )  # fmt: skip
     i = int(i)
-    box = boxes[i : i + 1].clone()
-    text = f"{name(i)} at ({', '.join(f'{v:.0f}' for v in box[0].tolist())})"
-    target = BoxScore(box, labels[i : i + 1].clone(), names=list(names))
-    return Explained(target, f"box:{box[0].tolist()}", text,
+    key, target = own_detection(found, i, names)
+    text = f"{name(i)} at ({', '.join(f'{v:.0f}' for v in target.boxes[0].tolist())})"
+    return Explained(target, key, text,
                      lambda other, each: same_detection(ckpt, other, each))  # fmt: skip
+
+
+def own_detection(found: dict, i: int, names) -> tuple[str, BoxScore]:
+    """Detection `i` of a detector's output `found` as a target, and the key its analyses are
+    cached under (the same in the explain panel and in Compare models' row of that model)."""
+    box = found["boxes"][i : i + 1].clone()
+    return f"box:{box[0].tolist()}", BoxScore(box, found["labels"][i : i + 1].clone(),
+                                              names=list(names))  # fmt: skip
 
 
 def same_detection(ckpt, other, item) -> tuple[str, object] | str:
@@ -150,6 +157,8 @@ def same_detection(ckpt, other, item) -> tuple[str, object] | str:
     if not len(found["boxes"]):
         return f"{ckpt.label} finds nothing in {item.name}"
     i = min(int(st.session_state.get(keys.explain(item, ckpt, "box"), 0)), len(found["boxes"]) - 1)
+    if other.sha256 == ckpt.sha256:  # the model in use: its own choice, analysed once
+        return own_detection(found, i, ckpt.class_names)
     k = int(found["labels"][i])
     name = ckpt.class_names[k] if k < len(ckpt.class_names) else None
     if name not in other.class_names:

@@ -80,7 +80,11 @@ def test_a_detection_is_matched_by_label_and_overlap_in_each_network(item):
     assert same_detection(in_use, _detector("birds", ["bg", "bird"], [], []), item) == (
         "no class 'dog'"
     )
+    # the model in use explains its own choice under the explain panel's key (analysed once)
+    key, target = same_detection(in_use, in_use, item)
+    assert key == "box:[2.0, 2.0, 20.0, 20.0]" and target.labels.tolist() == [1]
     empty = _detector("empty", ["bg", "dog"], [], [])
+
     assert same_detection(empty, in_use, item) == "empty finds nothing in gray.png"
 
 
