@@ -280,7 +280,7 @@ def soft_target_of(
     weight `weight` with the view teacher's softmax on the window drawn (`view_teacher_probs`)."""
 
     def target(idx: Tensor, places: WindowPlaces) -> Tensor:
-        if view_probs is None or weight == 0:
+        if view_probs is None:
             return targets[idx]
         on_view = torch.empty_like(targets[idx])
         for s, probs in enumerate(view_probs):

@@ -96,7 +96,7 @@ def deferred(monkeypatch) -> dict:
     from streamlit.runtime.media_file_manager import MediaFileManager
 
     class Made(dict):
-        names: dict[str, str | None] = {}
+        names: dict[str, str | None]  # file id -> file name
 
     made, real = Made(), MediaFileManager.add_deferred
     made.names = {}
