@@ -262,7 +262,10 @@ def timm_options(options: object) -> dict:
             if kind is int and ok and value != int(value):
                 ok = False
             if not ok or not (math.isfinite(value) and low <= value <= high):
-                raise ValueError(f"{key} must be a {kind.__name__} in [{low}, {high}]")
+                if kind is bool:
+                    raise ValueError(f"{key} must be true or false")
+                kind_text = "an integer" if kind is int else "a number"
+                raise ValueError(f"{key} must be {kind_text} in [{low}, {high}]")
             value = kind(value)
         checked[key] = value
     return checked
@@ -279,6 +282,8 @@ def described(arch_meta: dict) -> Architecture | None:
         ValueError: options that are not allowed (see `timm_options`).
     """
     name, source = arch_meta.get("name"), arch_meta.get("source")
+    if source == "attention-lens" and arch_meta.get("options"):
+        return _described_hybrid(name, arch_meta["options"])
     if not isinstance(name, str) or source not in ("timm", "torchvision"):
         return None
     options = timm_options(arch_meta.get("options") or {})
@@ -302,6 +307,18 @@ def described(arch_meta: dict) -> Architecture | None:
         classifier=tuple(classifier),
         options=options,
     )
+
+
+def _described_hybrid(name: object, options: object) -> Architecture:
+    """Our hybrid CNN + ViT at the depth its file names (its only option)."""
+    from models.networks.hybrid import HYBRID_NAME, hybrid_architecture
+
+    if name != HYBRID_NAME:
+        raise ValueError(f"attention-lens networks with options are {HYBRID_NAME} only")
+    checked = timm_options(options)
+    if set(checked) != {"depth"}:
+        raise ValueError(f"{HYBRID_NAME} takes one option, depth")
+    return hybrid_architecture(checked["depth"])
 
 
 def _sized_preprocess(name: str, img_size: int | None) -> Callable[[], Preprocess]:

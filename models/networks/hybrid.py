@@ -25,7 +25,7 @@ from models.checkpoints.architectures import Architecture, _registry
 from models.networks.resnet import build_model
 from models.preprocess import Preprocess
 
-__all__ = ["HYBRID_NAME", "HybridShape", "ResNetTrunk", "build_hybrid"]
+__all__ = ["HYBRID_NAME", "HybridShape", "ResNetTrunk", "build_hybrid", "hybrid_architecture"]
 
 HYBRID_NAME = "resnet18_cbam_vit_hybrid"
 TRUNK_STRIDE = 16
@@ -90,17 +90,31 @@ def build_hybrid(
     )
 
 
-def _register() -> None:
+MAX_DEPTH = 24  # blocks a file may ask for (`train_hybrid --depth`)
+
+
+def hybrid_architecture(depth: int = HybridShape.depth) -> Architecture:
+    """The hybrid's recognition candidate with `depth` blocks.
+
+    The registered candidate has the shipped depth; a file trained with another
+    (`python -m models.train_hybrid --depth d`) names it in its metadata's arch options, and
+    `load_checkpoint` builds this one for it.
+
+    Raises:
+        ValueError: a depth outside 1..MAX_DEPTH.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"the hybrid's depth must be an integer in [1, {MAX_DEPTH}]")
     required = (
         "patch_embed.backbone.layer3.0.conv1.weight",
         "pos_embed",
         "blocks.0.attn.qkv.weight",
     )
-    width, depth = HybridShape.embed_dim, HybridShape.depth
-    _registry[HYBRID_NAME] = Architecture(
+    width = HybridShape.embed_dim
+    return Architecture(
         HYBRID_NAME,
         "attention-lens",
-        build_hybrid,
+        partial(build_hybrid, depth=depth),
         lambda keys: all(k in keys for k in required),
         lambda: Preprocess(resize=256, crop=HybridShape.img_size),
         shapes=(
@@ -108,7 +122,17 @@ def _register() -> None:
             (f"blocks.{depth - 1}.norm1.weight", (width,)),
         ),
         classifier=("head",),
+        options={} if depth == HybridShape.depth else {"depth": depth},
     )
+
+
+def hybrid_options(depth: int) -> dict:
+    """The arch options a hybrid with `depth` blocks is saved with (none at the shipped depth)."""
+    return dict(hybrid_architecture(depth).options)
+
+
+def _register() -> None:
+    _registry[HYBRID_NAME] = hybrid_architecture()
 
 
 _register()

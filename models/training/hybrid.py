@@ -50,7 +50,13 @@ from torch import Tensor, nn
 
 from models.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from models.images import load_image
-from models.networks.hybrid import HYBRID_NAME, HybridShape, build_hybrid
+from models.networks.hybrid import (
+    HYBRID_NAME,
+    MAX_DEPTH,
+    HybridShape,
+    build_hybrid,
+    hybrid_options,
+)
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from models.training.data import holdout_split, load_split, normalize, read_class_names
 from models.training.evaluation import evaluate_checkpoint
@@ -99,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.view_teacher_weight <= 1:
         p.error(f"--view-teacher-weight: a weight between 0 and 1 (got {args.view_teacher_weight})")
+    if not 1 <= args.depth <= MAX_DEPTH:
+        p.error(f"--depth: between 1 and {MAX_DEPTH} blocks (got {args.depth})")
     return args
 
 
@@ -538,7 +546,8 @@ def _finish(args, model, classes, history, chosen_epoch, teachers, n_train, n_he
     from models.checkpoints.architectures import ForeignArch, attention_kind
 
     model.eval()
-    arch = ForeignArch(HYBRID_NAME, "attention-lens", len(classes), attention_kind(model))
+    arch = ForeignArch(HYBRID_NAME, "attention-lens", len(classes), attention_kind(model),
+                       hybrid_options(args.depth))  # fmt: skip
     preprocess = Preprocess(256, HybridShape.img_size, IMAGENET_MEAN, IMAGENET_STD)
     metadata = {
         "name": f"ResNet-18 + CBAM + ViT hybrid ({args.dataset_name})",

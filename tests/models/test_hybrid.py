@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import ForeignArch, load_checkpoint, save_checkpoint
-from models.networks.hybrid import HYBRID_NAME, build_hybrid
+from models import CheckpointError, ForeignArch, load_checkpoint, save_checkpoint
+from models.networks.hybrid import HYBRID_NAME, build_hybrid, hybrid_options
 from viz import analyze, record_attention, stage_layers
 
 
@@ -29,6 +29,31 @@ def test_hybrid_file_is_recognised_by_its_keys_and_gives_the_same_logits(hybrid,
     # its keys alone (no metadata: a plain state dict) are enough
     torch.save(hybrid.state_dict(), tmp_path / "h.pth")
     assert load_checkpoint(tmp_path / "h.pth").arch.name == HYBRID_NAME
+
+
+def test_a_hybrid_of_another_depth_loads_by_its_metadata_and_a_false_depth_is_refused(tmp_path):
+    """`train_hybrid --depth 2` names its depth in the file; the depth is checked, and the
+    weights must have exactly that many blocks."""
+    torch.manual_seed(0)
+    two = build_hybrid(3, depth=2).eval()
+    path = tmp_path / "d2.safetensors"
+    arch = ForeignArch(HYBRID_NAME, "attention-lens", 3, "cbam+self-attention", hybrid_options(2))
+    save_checkpoint(path, two, arch=arch)
+    ckpt = load_checkpoint(path)
+    assert len(ckpt.model.blocks) == 2 and ckpt.arch.options == {"depth": 2}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(x), two(x), atol=1e-5)
+    for options, phrase in (
+        ({"depth": 3}, "metadata says attention-lens resnet18_cbam_vit_hybrid but the weights"),
+        ({"depth": 30}, "invalid checkpoint metadata: the hybrid's depth must be"),
+        ({"depth": 2, "embed_dim": 8}, "invalid checkpoint metadata: .* takes one option"),
+    ):
+        lie = ForeignArch(HYBRID_NAME, "attention-lens", 3, None, options)
+        save_checkpoint(path, two, arch=lie)
+        with pytest.raises(CheckpointError, match=phrase) as info:
+            load_checkpoint(path)
+        assert "\n" not in str(info.value)
 
 
 def test_hybrid_stages_are_the_trunks_then_the_transformer(hybrid):

@@ -225,3 +225,11 @@ def test_view_teacher_recipe_reaches_the_card_and_other_classes_are_refused(
         "distillation"]  # fmt: skip
     assert f"--trunk checkpoints/{teacher.name}" in _card(tmp_path)
     assert "--view-teacher-weight 0.5" in _card(tmp_path)
+
+
+def test_a_hybrid_trained_at_another_depth_loads_as_trained(data, teacher, tmp_path):
+    with pytest.raises(SystemExit):  # argparse's usage error, before any image is read
+        hybrid.parse_args(["--data", "d", "--out", "o", "--depth", "0"])
+    ckpt = _train(data, teacher, tmp_path / "d2.safetensors", "--depth", "2", "--epochs", "1")
+    assert len(ckpt.model.blocks) == 2 and ckpt.arch.options == {"depth": 2}
+    assert ckpt.metadata["training"]["recipe"]["depth"] == 2
