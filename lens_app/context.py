@@ -101,6 +101,11 @@ class Context:
         return viz.safe_stem(self.item.name)
 
     @property
+    def cam_name(self) -> str:
+        """The CAM method and its smoothing as file names give them (`gradcampp_aug`)."""
+        return cam_file_name(self.settings)
+
+    @property
     def stamp(self) -> str:
         return keys.image_model(self.item, self.ckpt)
 
@@ -130,3 +135,9 @@ class Context:
         names = viz.digest("\n".join(self.ckpt.class_names).encode())
         return (self.ckpt.sha256, names, s.method, s.layers, s.smoothing, s.num_samples, s.cmap,
                 s.alpha, s.scale, s.width, s.render)  # fmt: skip
+
+
+def cam_file_name(settings: viz.FigureSettings) -> str:
+    """A method's name in download file names: `gradcam++` is `gradcampp` (a `+` is dropped by
+    safe file names, and Grad-CAM++'s files must not take Grad-CAM's), then each smoothing."""
+    return "_".join([settings.method.replace("++", "pp"), *settings.smoothing])

@@ -12,7 +12,7 @@ import viz
 
 from . import explain, keys
 from .caching import analysis
-from .context import OTHER, Context, ImageItem, View
+from .context import OTHER, Context, ImageItem, View, cam_file_name
 from .slow import SlowRun
 from .views import agreement, bam, cam, channels, class_stats, compare, dataset, spatial
 from .widgets import Downloads
@@ -143,7 +143,8 @@ def explained_class(ckpt, label, item, crop, base, settings: viz.FigureSettings)
 
 
 def zip_button(where, ckpt, item, target, an, settings) -> None:
-    file_name = f"{viz.safe_stem(ckpt.label)}_{viz.safe_stem(item.name)}_attention_lens.zip"
+    stem = f"{viz.safe_stem(ckpt.label)}_{viz.safe_stem(item.name)}_{cam_file_name(settings)}"
+    file_name = f"{stem}_attention_lens.zip"
     where.download_button(
         "Everything for this image (zip)", icon=":material/folder_zip:",
         file_name=file_name, mime="application/zip", key=keys.zip_download(keys.image_model(item, ckpt)),

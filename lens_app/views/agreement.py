@@ -16,8 +16,8 @@ from ..widgets import KEEP, show_figure
 
 def render(ctx: Context) -> None:
     an = ctx.analysis
-    prefix = f"{viz.safe_stem(ctx.ckpt.label)}_{ctx.stem}"
-    agreement_table(an, prefix)
+    prefix = f"{viz.safe_stem(ctx.ckpt.label)}_{ctx.stem}"  # widget keys
+    agreement_table(an, prefix, f"{ctx.view.prefix}_{ctx.stem}_{ctx.cam_name}")
     st.markdown(
         "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
         "a random map gives the chance level."
@@ -37,7 +37,7 @@ def render(ctx: Context) -> None:
         deletion_insertion(ctx, [(shown[m], maps[m]) for m in chosen], steps, prefix)
 
 
-def agreement_table(an, prefix: str) -> None:
+def agreement_table(an, prefix: str, file_stem: str) -> None:
     rows = viz.agreement_table(an, 0)
     if not rows:
         if an.trace.spatial_records and set(an.cam_stages.values()) == {0}:
@@ -50,7 +50,7 @@ def agreement_table(an, prefix: str) -> None:
             st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
         return
     table = pd.DataFrame(
-        [(m, layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()),
+        [(m, "(whole network)" if layer in viz.CAM_METHODS else layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()),
           "" if a.reason is None else f"n/a: {a.reason}")
          for m, layer, a in rows],
         columns=["attention module", f"{an.method_label} layer", "Pearson", "Spearman",
@@ -66,7 +66,7 @@ def agreement_table(an, prefix: str) -> None:
     )
     st.download_button(
         "Agreement table (CSV)", table.to_csv(index=False).encode(), mime="text/csv",
-        file_name=f"{prefix}_agreement.csv", key=keys.agreement_csv(prefix), on_click="ignore",
+        file_name=f"{file_stem}_agreement.csv", key=keys.agreement_csv(prefix), on_click="ignore",
         icon=":material/download:",
     )  # fmt: skip
 
@@ -93,11 +93,12 @@ def deletion_insertion(ctx: Context, named: list, steps: int, prefix: str) -> No
     st.dataframe(table, hide_index=True)
     show_figure(
         lambda: figures.deletion_insertion_curves(results, width=s.width),
-        f"{prefix}_deletion_insertion", keys.curves_figure(prefix), ctx.view, ctx.errors,
+        f"{ctx.stem}_{ctx.cam_name}_deletion_insertion", keys.curves_figure(prefix), ctx.view,
+        ctx.errors,
     )  # fmt: skip
     st.download_button(
         "Curves (CSV)", viz.deletion_insertion_csv(results), mime="text/csv",
-        file_name=f"{prefix}_deletion_insertion.csv", key=keys.curves_csv(prefix),
+        file_name=f"{ctx.view.prefix}_{ctx.stem}_{ctx.cam_name}_deletion_insertion.csv", key=keys.curves_csv(prefix),
         on_click="ignore", icon=":material/download:",
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ def render(ctx: Context) -> None:
     if not ctx.analysis.cams:  # a network that is not a classifier, nothing chosen yet
         st.info("Choose what to explain above: the maps then explain it.")
         return
-    show_figure(ctx.draw("gradcam"), f"{ctx.stem}_gradcam", f"gc:{ctx.stamp}", ctx.view,
+    show_figure(ctx.draw("gradcam"), f"{ctx.stem}_{ctx.cam_name}", f"gc:{ctx.stamp}", ctx.view,
                 ctx.errors)  # fmt: skip
     if ctx.classifier:  # Captum's attributions here follow a class
         captum_panel(ctx)

@@ -258,6 +258,36 @@ def test_deletion_insertion_runs_on_demand(app):
     assert "Agreement table (CSV)" in labels and "Curves (CSV)" in labels
 
 
+def test_download_names_carry_the_cam_method_so_methods_do_not_overwrite_each_other(
+    app, deferred, monkeypatch
+):
+    """A walk-through saved Grad-CAM, Eigen-CAM and FullGrad figures all as `..._gradcam.png`:
+    each download replaced the last in the browser's folder."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    offered, real_add = [], MediaFileManager.add  # file names of the buttons holding their bytes
+
+    def add(self, content, mimetype, coordinates, file_name=None, *args, **kwargs):
+        offered.append(file_name)
+        return real_add(self, content, mimetype, coordinates, file_name, *args, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", add)
+    at = show(app.run(), "cam")
+    by_method = {}
+    for method in ("gradcam", "gradcam++"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        at.sidebar.multiselect(key="smoothing").set_value(["aug"]).run()
+        deferred.names.clear(), offered.clear()
+        show(at, "cam"), show(at, "agreement")
+        by_method[method] = {n for n in [*deferred.names.values(), *offered] if n}
+        at.sidebar.multiselect(key="smoothing").set_value([]).run()
+    stem = "tiny_cbam_english_springer_4972"
+    for method, tag in (("gradcam", "gradcam_aug"), ("gradcam++", "gradcampp_aug")):
+        assert {f"{stem}_{tag}.png", f"{stem}_{tag}.svg", f"{stem}_{tag}_attention_lens.zip",
+                f"{stem}_{tag}_agreement.csv"} <= by_method[method], by_method[method]  # fmt: skip
+    assert not by_method["gradcam"] & by_method["gradcam++"]
+
+
 def test_the_chosen_saliency_maps_survive_changing_the_method_and_the_layers(app):
     at = show(app.run(), "agreement")
     chosen = ["cam:layer4", "attention:layer4.1.cbam"]

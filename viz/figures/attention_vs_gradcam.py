@@ -26,6 +26,7 @@ from viz.figures.canvas import (
     literal,
     spatial_map,
     styled,
+    text_width,
 )
 from viz.figures.outline import outlined
 
@@ -225,8 +226,9 @@ def _rows(layers, width, missing, heads, shown) -> Canvas:
                        va="center", fontsize=6)  # fmt: skip
         # the map's real grid: a 7x7 map drawn smooth over a photo still has 49 values
         canvas.left_of(r, 0, headings[r])
-    for col, text in enumerate((*heads, "agreement")):
-        canvas.above(0, col, text)
+    for col, text in enumerate((*heads, "agreement")):  # a smoothing on a line of its own
+        wide = text_width(text, 7.0) > canvas.box(0, col)[2]
+        canvas.above(0, col, text.replace(" (", "\n(", 1) if wide else text, max_lines=2)
     return canvas
 
 

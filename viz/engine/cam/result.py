@@ -70,12 +70,12 @@ class Analysis:
 
     @property
     def method_label(self) -> str:
-        """The method's display name, e.g. "Grad-CAM++", "Score-CAM (aug smooth)"."""
+        """The method's display name, e.g. "Grad-CAM++", "Score-CAM (aug + eigen smooth)"."""
         method = CAM_METHODS.get(self.method)
         label = method.label if method else self.method
         if not self.smoothing:
             return label
-        return f"{label} ({', '.join(s + ' smooth' for s in self.smoothing)})"
+        return f"{label} ({' + '.join(self.smoothing)} smooth)"
 
     def stage_cams(self) -> dict[int, str]:
         """Stage -> the name of the (last requested) CAM layer at that stage."""
