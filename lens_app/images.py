@@ -118,12 +118,17 @@ class ReloadedImages:
 
 
 def decoded(sources: list[tuple[str, bytes]], limits, errors) -> list[ImageItem]:
-    """The images that decode (allow-listed formats, pixel limit); one error line each other."""
-    items = []
+    """The images that decode (allow-listed formats, pixel limit), a file uploaded twice (same
+    name and bytes) once; one error line for each that does not decode."""
+    items, seen = [], set()
     for name, data in sources:
+        sha = viz.digest(data)
+        if (name, sha) in seen:
+            continue
+        seen.add((name, sha))
         try:
             image = viz.load_image(_named(data, name), max_pixels=limits.max_pixels)
-            items.append(ImageItem(name, data, viz.digest(data), image))
+            items.append(ImageItem(name, data, sha, image))
         except viz.ImageError as exc:
             errors.error(viz.md_text(exc))
     return items

@@ -23,6 +23,7 @@ SLOW_ANALYSES = "slow_analyses"
 SLOW_JOBS = "slow_jobs"
 REPORT_JOB = "report_job"
 STOPPED = "stopped"
+METHOD_SET_ASIDE = "method_set_aside"  # a method the model in use lacks, back with one that has it
 EXTRA_MODELS = "extra_models"
 CKPT_SEEN = "ckpt_seen"
 CLASS_NAMES = "class_names"

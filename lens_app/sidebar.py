@@ -134,12 +134,12 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
     whether it gives one map for the whole network (no layers)."""
     st.sidebar.header("Class activation map")
     methods = viz.methods_for(ckpt.model) if ckpt else list(viz.CAM_METHODS)
-    if st.session_state.get(keys.METHOD) not in methods:  # e.g. rollout kept from a ViT
-        st.session_state[keys.METHOD] = "gradcam"
+    _keep_method_across_models(methods)
     method = st.sidebar.selectbox(
         "Method", methods, format_func=lambda m: viz.CAM_METHODS[m].label, key=keys.METHOD,
         help="rollout, GAE and LeGrad read a vision transformer's self-attention: one map "
              "for the whole network",
+        on_change=lambda: st.session_state.pop(keys.METHOD_SET_ASIDE, None),
     )  # fmt: skip
     spec = viz.CAM_METHODS[method]
     if spec.needs == "activations":  # Eigen-CAM
@@ -162,6 +162,17 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
                  "the passes grow in proportion",
         )  # fmt: skip
     return method, layers, None if samples is None else int(samples), whole
+
+
+def _keep_method_across_models(methods: list[str]) -> None:
+    """A method the model in use lacks (rollout on a CNN) gives way to Grad-CAM, and comes back
+    with a model that has it, unless another method was chosen meanwhile."""
+    state = st.session_state
+    if state.get(keys.METHOD) not in methods:
+        state[keys.METHOD_SET_ASIDE] = state.get(keys.METHOD)
+        state[keys.METHOD] = "gradcam"
+    elif state.get(keys.METHOD_SET_ASIDE) in methods:
+        state[keys.METHOD] = state.pop(keys.METHOD_SET_ASIDE)
 
 
 def _layers_box(ckpt, method: str, whole: bool) -> list:

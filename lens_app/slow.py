@@ -160,4 +160,5 @@ def stop_slow_method(label: str) -> None:
     """Stop's callback for a slow CAM method: cancelled, and Grad-CAM put back."""
     SlowRun.cancel()
     st.session_state[keys.METHOD], st.session_state[keys.SMOOTHING] = "gradcam", []
+    st.session_state.pop(keys.METHOD_SET_ASIDE, None)
     st.session_state[keys.STOPPED] = f"{label} stopped; back to Grad-CAM."

@@ -50,8 +50,8 @@ def agreement_table(an, prefix: str, file_stem: str) -> None:
             st.info(f"No spatial attention map to compare with {an.method_label} in this model.")
         return
     table = pd.DataFrame(
-        [(m, "(whole network)" if layer in viz.CAM_METHODS else layer, a.pearson, a.spearman, a.iou, int(an.trace[m].spatial[0].numel()),
-          "" if a.reason is None else f"n/a: {a.reason}")
+        [(m, "(whole network)" if layer in viz.CAM_METHODS else layer, a.pearson, a.spearman,
+          a.iou, int(an.trace[m].spatial[0].numel()), "" if a.reason is None else f"n/a: {a.reason}")
          for m, layer, a in rows],
         columns=["attention module", f"{an.method_label} layer", "Pearson", "Spearman",
                  "IoU (top 20%)", "cells", "note"],

@@ -45,8 +45,8 @@ def render(ctx: Context) -> None:
     loaded = {name: with_class_names(ctx.models[name].load()) for name in picked}
     loaded, left_out = of_the_kind(ctx.kind, loaded, ctx.items[0])
     classes = column_classes(ctx, loaded, method, smoothing)
-    stage = stage_choice()
     mass = dino_mass_choice(loaded)
+    stage = stage_choice(disabled=mass is not None)  # DINO's masks have no stage
     grid, notes = [], list(left_out)
     bar = st.progress(0.0, text="Analysing…") if len(loaded) > 1 else None
     for n, name in enumerate(loaded):

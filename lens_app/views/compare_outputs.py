@@ -28,8 +28,8 @@ def render(ctx: Context) -> None:
         st.info("Pick at least one model.")
         return
     loaded, notes = of_the_kind(ctx.kind, {n: ctx.models[n].load() for n in picked}, ctx.items[0])
-    stage = stage_choice()
     mass = dino_mass_choice(loaded)
+    stage = stage_choice(disabled=mass is not None)  # DINO's masks have no stage
     grid = []
     for name, other in loaded.items():
         row, said = output_row(ctx, name, other, method, smoothing, stage)

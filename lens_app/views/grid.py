@@ -37,9 +37,9 @@ def dino_mass_choice(loaded: dict) -> float | None:
                      persist_state=KEEP)  # fmt: skip
 
 
-def stage_choice() -> int:
+def stage_choice(disabled: bool = False) -> int:
     return st.radio("Stage of the CAM", [4, 3, 2, 1], horizontal=True, key=keys.GRID_STAGE,
-                    persist_state=KEEP,
+                    persist_state=KEEP, disabled=disabled,
                     format_func=lambda s: f"stage {s}" + (" (last, as in the paper)" if s == 4 else ""),
                     help="The same stage in every row, whatever each network calls the layer; "
                          "a network without it (a ViT: one resolution throughout) shows the "

@@ -125,9 +125,11 @@ def test_uploaded_images_are_analysed_with_downloads(app):
     files = [
         ("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg"),
         ("red square.png", png_bytes(), "image/png"),
+        ("tench.jpg", sample_bytes("tench_12881.jpg"), "image/jpeg"),  # the same file again
     ]
     at.sidebar.file_uploader(key="images").set_value(files).run()
     assert_clean(at)
+    assert len(at.selectbox(key="inspect").options) == 2  # the file given twice is shown once
     captions = [c for img in at.image for c in img.captions]
     assert any(c.startswith("tench.jpg: ") for c in captions), captions
     assert any(c.startswith("red square.png: ") for c in captions), captions
@@ -818,9 +820,19 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert_clean(at)
     (layers,) = [w for w in at.sidebar.multiselect if w.label == "Layers"]
     assert layers.disabled  # rollout is one map for the network: the layers do not apply
+    deit = at.sidebar.selectbox(key="model").value
     at.sidebar.selectbox(key="model").set_value(cnn).run()
     assert_clean(at)
     assert at.sidebar.selectbox(key="method").value == "gradcam"
+    # back on the transformer, rollout comes back (a walk-through lost it) ...
+    at.sidebar.selectbox(key="model").set_value(deit).run()
+    assert at.sidebar.selectbox(key="method").value == "rollout"
+    # ... unless another method was chosen on the way
+    at.sidebar.selectbox(key="model").set_value(cnn).run()
+    at.sidebar.selectbox(key="method").set_value("gradcam++").run()
+    at.sidebar.selectbox(key="model").set_value(deit).run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="method").value == "gradcam++"
 
 
 def test_the_layers_box_starts_where_the_method_does(app, monkeypatch):
@@ -998,11 +1010,12 @@ def test_compare_a_vision_transformer_beside_a_cnn_at_every_stage(vit_app, monke
     at.radio(key="grid_map").set_value("DINO masks").run()
     assert_clean(at)
     assert masses[-1] == 0.6 and any("DINO's masks" in m.value for m in at.markdown)
+    assert at.radio(key="grid_stage").disabled  # the masks have no stage
     at.slider(key="grid_mass").set_value(0.8).run()
     assert masses[-1] == 0.8
     at.radio(key="grid_map").set_value("CAM").run()
     assert_clean(at)
-    assert masses[-1] is None
+    assert masses[-1] is None and not at.radio(key="grid_stage").disabled
 
 
 def test_the_saliency_maps_follow_a_whole_network_method_and_back(vit_app):
