@@ -16,8 +16,8 @@ from ..widgets import KEEP, show_figure
 
 def render(ctx: Context) -> None:
     an = ctx.analysis
-    prefix = f"{viz.safe_stem(ctx.ckpt.label)}_{ctx.stem}"  # widget keys
-    agreement_table(an, prefix, f"{ctx.view.prefix}_{ctx.stem}_{ctx.cam_name}")
+    prefix = f"{ctx.view.prefix}_{ctx.stem}"  # the model and image: keys and file names
+    agreement_table(an, prefix, f"{prefix}_{ctx.cam_name}")
     st.markdown(
         "**Deletion / insertion** (RISE): remove or reveal the most salient pixels first; "
         "a random map gives the chance level."
@@ -98,7 +98,7 @@ def deletion_insertion(ctx: Context, named: list, steps: int, prefix: str) -> No
     )  # fmt: skip
     st.download_button(
         "Curves (CSV)", viz.deletion_insertion_csv(results), mime="text/csv",
-        file_name=f"{ctx.view.prefix}_{ctx.stem}_{ctx.cam_name}_deletion_insertion.csv", key=keys.curves_csv(prefix),
+        file_name=f"{prefix}_{ctx.cam_name}_deletion_insertion.csv", key=keys.curves_csv(prefix),
         on_click="ignore", icon=":material/download:",
     )  # fmt: skip
 

@@ -122,13 +122,13 @@ def hybrid_architecture(depth: int = HybridShape.depth) -> Architecture:
             (f"blocks.{depth - 1}.norm1.weight", (width,)),
         ),
         classifier=("head",),
-        options={} if depth == HybridShape.depth else {"depth": depth},
+        options=hybrid_options(depth),
     )
 
 
 def hybrid_options(depth: int) -> dict:
     """The arch options a hybrid with `depth` blocks is saved with (none at the shipped depth)."""
-    return dict(hybrid_architecture(depth).options)
+    return {} if depth == HybridShape.depth else {"depth": depth}
 
 
 def _register() -> None:
