@@ -186,6 +186,8 @@ def _hybrid_command(recipe: dict, out: str, dataset: str = "imagenette2") -> str
                      f"--tune-layer3-lr {tuned.get('layer3_lr')}")  # fmt: skip
     if recipe.get("view_teacher_weight"):
         parts.append(f"--view-teacher-weight {recipe['view_teacher_weight']}")
+    if recipe.get("mix"):
+        parts.append(f"--mix {recipe['mix'].get('chance')}")
     if dataset != "imagenette2":  # the script's default name for its data set
         parts.append(f"--dataset-name {dataset}")
     parts.append(f"--out checkpoints/{out}")

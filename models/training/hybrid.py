@@ -26,6 +26,14 @@ softmax on the whole image + w x the trunk's own ResNet's softmax on the exact w
 student sees ("consistent teaching", Beyer et al. 2022): that ResNet's layer4 and head run once
 on every window of the cached layer3 grid (about 7 minutes at 256 px).
 
+With --mix p (default 0), each first-stage batch is, with probability p, mixed in feature space
+(Zhang et al. 2018, Mixup; Yun et al. 2019, CutMix; one or the other per batch, as DeiT): the
+windows of the batch with those of its own shuffle, by a random share lambda (Mixup: the whole
+window; CutMix: a rectangle of cells). The label's cross-entropy and the teachers' whole-image
+target take lambda and 1 - lambda of the two images; with --view-teacher-weight w, w x the trunk's
+ResNet's softmax on the mixed window itself (layer4 and head run on it each step: "function
+matching", Beyer et al. 2022) replaces the view teacher's table. The second stage is not mixed.
+
 A seeded, stratified 10% of train/ is held out: the epoch shipped is the one with the best
 hold-out top-1 over both stages; val/ is scored once, at the end, through the checkpoint's own
 preprocessing. Cost on 2 CPU cores (bfloat16 autocast): features and teachers about 15 minutes,
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import random
 import time
 from collections.abc import Callable
 from functools import partial
@@ -99,12 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mix the trunk's ResNet's softmax on the student's exact window into the "
                    "soft target with this weight (consistent teaching; 0: teachers on the whole "
                    "image only)")  # fmt: skip
+    p.add_argument("--mix", type=float, default=0.0,
+                   help="probability that a first-stage batch is mixed (Mixup or CutMix of the "
+                   "feature windows; 0: none)")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="use only N training images (smoke tests)")
     p.add_argument("--dataset-name", default="imagenette2")
     p.add_argument("--class-names", default="checkpoints/imagenette_classes.txt")
     args = p.parse_args(argv)
     if not 0 <= args.view_teacher_weight <= 1:
         p.error(f"--view-teacher-weight: a weight between 0 and 1 (got {args.view_teacher_weight})")
+    if not 0 <= args.mix <= 1:
+        p.error(f"--mix: a probability between 0 and 1 (got {args.mix})")
     if not 1 <= args.depth <= MAX_DEPTH:
         p.error(f"--depth: between 1 and {MAX_DEPTH} blocks (got {args.depth})")
     return args
@@ -255,6 +269,14 @@ def tuned_windows(
 
 
 @torch.no_grad()
+def resnet_head_probs(teacher: nn.Module, windows: Tensor) -> Tensor:
+    """The trunk's ResNet from layer3's output on (layer4, pooling, head): softmax (N, K)."""
+    teacher.eval()
+    pooled = teacher.avgpool(teacher.layer4(windows.float())).flatten(1)
+    return teacher.fc(pooled).float().softmax(1)
+
+
+@torch.no_grad()
 def view_teacher_probs(teacher: nn.Module, scales: list[Tensor], batch: int = 256) -> list[Tensor]:
     """Consistent teaching (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient
     and consistent"): the trunk's own ResNet (layer4, pooling and head on top of the same frozen
@@ -274,8 +296,7 @@ def view_teacher_probs(teacher: nn.Module, scales: list[Tensor], batch: int = 25
                     for i in range(0, n, batch):
                         part = grid[i : i + batch, v, :, y : y + WINDOW, x : x + WINDOW]
                         with torch.autocast("cpu", dtype=torch.bfloat16):
-                            pooled = teacher.avgpool(teacher.layer4(part.float())).flatten(1)
-                            probs[i : i + batch, v, y, x] = teacher.fc(pooled).float().softmax(1)
+                            probs[i : i + batch, v, y, x] = resnet_head_probs(teacher, part)
             print(f"view teacher: scale {g * 16} px, {('plain', 'mirrored')[v]} done", flush=True)
         out.append(probs)
     return out
@@ -299,14 +320,76 @@ def soft_target_of(
     return target
 
 
-def train_epoch(model, opt, logits_of, labels, target_of, args, gen, steps: tuple) -> dict:
-    """One pass over the training images; `logits_of(idx)` gives the batch's logits (under
-    bfloat16 autocast) and where their windows were taken, `target_of(idx, places)` their soft
-    target, and `steps` is (first step, total steps, warm-up steps) of the stage's schedule,
-    each parameter group going to its own peak lr. Returns the epoch's history row."""
+MIXUP_ALPHA, CUTMIX_ALPHA = 0.8, 1.0  # DeiT's; a mixed batch is one or the other, evenly
+LABEL_SMOOTHING = 0.1
+
+
+def smoothed_labels(labels: Tensor, classes: int) -> Tensor:
+    """The cross-entropy's target for the labels: one-hot with smoothing 0.1, as probabilities."""
+    return F.one_hot(labels, classes).float() * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / classes
+
+
+class Mixing(NamedTuple):
+    """How a batch is mixed with its own shuffle: lambda of each image and 1 - lambda of its
+    `partner`; `box` (y0, y1, x0, x1) is CutMix's rectangle of cells, None for Mixup."""
+
+    lam: float
+    partner: Tensor
+    box: tuple[int, int, int, int] | None
+
+    def windows(self, windows: Tensor) -> Tensor:
+        other = windows[self.partner]
+        if self.box is None:
+            return self.lam * windows + (1 - self.lam) * other
+        y0, y1, x0, x1 = self.box
+        out = windows.clone()
+        out[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        return out
+
+    def targets(self, probs: Tensor) -> Tensor:
+        return self.lam * probs + (1 - self.lam) * probs[self.partner]
+
+
+def draw_mixing(n: int, gen: torch.Generator) -> Mixing:
+    """Mixup or CutMix (evenly) of n windows of WINDOW x WINDOW cells. CutMix's lambda is the
+    share of cells each image keeps once its partner's rectangle is clipped to the window."""
+    partner = torch.randperm(n, generator=gen)
+    # Python's Beta sampler, seeded from gen: a run repeats with its --seed
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    if rng.random() < 0.5:
+        return Mixing(rng.betavariate(MIXUP_ALPHA, MIXUP_ALPHA), partner, None)
+    side = math.sqrt(1 - rng.betavariate(CUTMIX_ALPHA, CUTMIX_ALPHA)) * WINDOW
+    cy, cx = rng.uniform(0, WINDOW), rng.uniform(0, WINDOW)
+    y0, y1 = max(0, round(cy - side / 2)), min(WINDOW, round(cy + side / 2))
+    x0, x1 = max(0, round(cx - side / 2)), min(WINDOW, round(cx + side / 2))
+    return Mixing(1 - (y1 - y0) * (x1 - x0) / WINDOW**2, partner, (y0, y1, x0, x1))
+
+
+class FunctionMatching(NamedTuple):
+    """--mix: the chance a batch is mixed, the teachers' whole-image targets (mixed as the
+    images are), and the trunk's ResNet that labels each mixed window (None: no view teacher)
+    with its weight in the soft target."""
+
+    chance: float
+    whole: Tensor
+    teacher: nn.Module | None
+    weight: float
+
+    def target(self, idx: Tensor, mixing: Mixing, mixed: Tensor) -> Tensor:
+        whole = mixing.targets(self.whole[idx])
+        if self.teacher is None:
+            return whole
+        return (1 - self.weight) * whole + self.weight * resnet_head_probs(self.teacher, mixed)
+
+
+def train_epoch(model, opt, batch_of, args, gen, n: int, steps: tuple) -> dict:
+    """One pass over the n training images; `batch_of(idx)` gives the batch's logits (under
+    bfloat16 autocast), its labels' target (probabilities) and its soft target, and `steps` is
+    (first step, total steps, warm-up steps) of the stage's schedule, each parameter group going
+    to its own peak lr. Returns the epoch's history row."""
     model.train()
     model.patch_embed.backbone.eval()  # trunk batch norms keep their statistics (layer3's too)
-    order = torch.randperm(len(labels), generator=gen)
+    order = torch.randperm(n, generator=gen)
     seen = correct = 0
     loss_sum, started = 0.0, time.time()
     step0, total, warmup = steps
@@ -315,16 +398,15 @@ def train_epoch(model, opt, logits_of, labels, target_of, args, gen, steps: tupl
         for group in opt.param_groups:
             group["lr"] = _lr(step0 + b, total, warmup, group["peak_lr"])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, places = logits_of(idx)
+            logits, label_probs, target = batch_of(idx)
             logits = logits.float()
-        log_p = logits.log_softmax(1)
-        loss = 0.5 * F.cross_entropy(logits, labels[idx], label_smoothing=0.1)
-        loss = loss + 0.5 * F.kl_div(log_p, target_of(idx, places), reduction="batchmean")
+        loss = 0.5 * F.cross_entropy(logits, label_probs)
+        loss = loss + 0.5 * F.kl_div(logits.log_softmax(1), target, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         seen += len(idx)
-        correct += (logits.argmax(1) == labels[idx]).sum().item()
+        correct += (logits.argmax(1) == label_probs.argmax(1)).sum().item()
         loss_sum += loss.item() * len(idx)
     return {"train_loss": round(loss_sum / seen, 4), "train_acc": round(100.0 * correct / seen, 2),
             "seconds": round(time.time() - started, 1)}  # fmt: skip
@@ -380,9 +462,10 @@ def tune_layer3(model, args, paths, keep, held, train_y, held_y, target_of, gen,
     total, warmup = args.tune_layer3_epochs * steps, max(1, steps // 2)
     first, last = args.epochs + 1, args.epochs + args.tune_layer3_epochs
     for epoch in range(first, last + 1):
+        windows_of = partial(tuned_windows, layer3, grids)
         row = train_epoch(
-            model, opt, partial(_on_windows, model, partial(tuned_windows, layer3, grids), gen),
-            train_y, target_of, args, gen, ((epoch - first) * steps, total, warmup),
+            model, opt, partial(_on_windows, model, windows_of, target_of, train_y, gen),
+            args, gen, len(train_y), ((epoch - first) * steps, total, warmup),
         )  # fmt: skip
         acc = None
         if _evaluated(args, epoch, last):
@@ -440,6 +523,16 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
     }  # fmt: skip
     if args.view_teacher_weight:  # absent otherwise: earlier recipes' records are unchanged
         recipe["view_teacher_weight"] = args.view_teacher_weight
+    if args.mix:  # absent otherwise: earlier recipes' records are unchanged
+        recipe["mix"] = {
+            "chance": args.mix, "mixup_alpha": MIXUP_ALPHA, "cutmix_alpha": CUTMIX_ALPHA,
+            "switch": "Mixup or CutMix, evenly, one per batch, with its own shuffle",
+            "where": "the cached layer3 windows (feature space), first stage only",
+            "targets": "label cross-entropy and the teachers' whole-image target mixed by lambda"
+            + (f"; {args.view_teacher_weight:g} x the trunk's ResNet's softmax on the mixed "
+               "window itself (function matching, Beyer et al. 2022)"
+               if args.view_teacher_weight else ""),
+        }  # fmt: skip
     if args.tune_layer3_epochs:  # absent otherwise: the one-stage recipe's record is unchanged
         recipe["tune_layer3"] = {
             "epochs": args.tune_layer3_epochs, "lr": args.tune_lr, "layer3_lr": args.tune_layer3_lr,
@@ -483,22 +576,33 @@ def _view_teacher(args: argparse.Namespace, classes: list[str]) -> nn.Module | N
     return trunk.model
 
 
-def _on_windows(model: nn.Module, windows_of, gen: torch.Generator, idx: Tensor):
-    """The batch's logits and where their windows were taken, from `windows_of(idx, gen)`."""
+def _on_windows(model, windows_of, target_of, labels, gen, idx, matching=None):
+    """The batch's logits, labels' target and soft target, on windows from `windows_of(idx,
+    gen)`; with `matching` (--mix), the batch is mixed with that chance."""
     windows, places = windows_of(idx, gen)
-    return head_logits(model, windows.float()), places
+    if matching is None or float(torch.rand((), generator=gen)) >= matching.chance:
+        logits = head_logits(model, windows.float())
+        return logits, smoothed_labels(labels[idx], logits.shape[1]), target_of(idx, places)
+    mixing = draw_mixing(len(idx), gen)
+    mixed = mixing.windows(windows.float())
+    logits = head_logits(model, mixed)
+    label_probs = mixing.targets(smoothed_labels(labels[idx], logits.shape[1]))
+    return logits, label_probs, matching.target(idx, mixing, mixed)
 
 
-def first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best):
-    """The transformer alone (trunk frozen) on the cached layer3 features."""
+def first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best,
+                matching: FunctionMatching | None = None):  # fmt: skip
+    """The transformer alone (trunk frozen) on the cached layer3 features (mixed with --mix)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = _adamw([(trainable, args.lr)], args.weight_decay)
     steps = math.ceil(len(train_y) / args.batch_size)
     warmup = len(train_y) // args.batch_size  # one epoch (rounded down, as it always was)
     for epoch in range(1, args.epochs + 1):
+        windows_of = partial(random_windows, train_scales)
         row = train_epoch(
-            model, opt, partial(_on_windows, model, partial(random_windows, train_scales), gen),
-            train_y, target_of, args, gen, ((epoch - 1) * steps, args.epochs * steps, warmup),
+            model, opt, partial(_on_windows, model, windows_of, target_of, train_y, gen,
+                                matching=matching),
+            args, gen, len(train_y), ((epoch - 1) * steps, args.epochs * steps, warmup),
         )  # fmt: skip
         evaluated = _evaluated(args, epoch, args.epochs)
         acc = holdout_top1(model, held_x, held_y) if evaluated else None
@@ -529,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     del images  # the second stage decodes them again (from `paths`) for its layer2 cache
     history: list[dict] = []
     best: dict = {"acc": -1.0, "state": None}
-    first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best)
+    matching = None
+    if args.mix:
+        matching = FunctionMatching(args.mix, targets, view_teacher, args.view_teacher_weight)
+    first_stage(model, args, train_scales, held_x, train_y, held_y, target_of, gen, history, best,
+                matching)  # fmt: skip
     if args.tune_layer3_epochs:
         del train_scales, held_x  # layer3's cache gives way to layer2's
         tune_layer3(model, args, paths, keep, held, train_y, held_y, target_of, gen, history, best)

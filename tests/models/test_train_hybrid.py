@@ -233,3 +233,57 @@ def test_a_hybrid_trained_at_another_depth_loads_as_trained(data, teacher, tmp_p
     ckpt = _train(data, teacher, tmp_path / "d2.safetensors", "--depth", "2", "--epochs", "1")
     assert len(ckpt.model.blocks) == 2 and ckpt.arch.options == {"depth": 2}
     assert ckpt.metadata["training"]["recipe"]["depth"] == 2
+
+
+def test_mixing_blends_or_pastes_windows_and_their_targets_by_the_same_share():
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randn(6, 4, 14, 14)
+    probs = torch.eye(6)[:, :3].contiguous() + 0.1
+    kinds = set()
+    for _ in range(40):
+        mixing = hybrid.draw_mixing(6, gen)
+        mixed, other = mixing.windows(windows), windows[mixing.partner]
+        assert 0 <= mixing.lam <= 1 and sorted(mixing.partner.tolist()) == list(range(6))
+        if mixing.box is None:  # Mixup: every cell is the same blend
+            kinds.add("mixup")
+            assert torch.allclose(mixed, mixing.lam * windows + (1 - mixing.lam) * other)
+        else:  # CutMix: the rectangle is the partner's, lambda the share of cells left
+            kinds.add("cutmix")
+            y0, y1, x0, x1 = mixing.box
+            from_partner = torch.zeros(14, 14, dtype=torch.bool)
+            from_partner[y0:y1, x0:x1] = True
+            assert torch.equal(mixed[..., from_partner], other[..., from_partner])
+            assert torch.equal(mixed[..., ~from_partner], windows[..., ~from_partner])
+            assert mixing.lam == pytest.approx(1 - from_partner.sum().item() / 196)
+        expected = mixing.lam * probs + (1 - mixing.lam) * probs[mixing.partner]
+        assert torch.allclose(mixing.targets(probs), expected)
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_function_matching_labels_the_mixed_window_with_the_resnet():
+    teacher = torch.nn.Module()  # "layer4" keeps the window: its label is the head on its mean
+    teacher.layer4, teacher.avgpool = torch.nn.Identity(), torch.nn.AdaptiveAvgPool2d(1)
+    teacher.fc = torch.nn.Linear(4, 3)
+    whole = torch.rand(5, 3).softmax(1)
+    mixing = hybrid.draw_mixing(5, torch.Generator().manual_seed(1))
+    mixed = mixing.windows(torch.randn(5, 4, 14, 14))
+    idx = torch.arange(5)
+    matching = hybrid.FunctionMatching(1.0, whole, teacher, 0.5)
+    with torch.no_grad():
+        on_mixed = teacher.fc(mixed.mean((2, 3))).softmax(1)
+    expected = 0.5 * mixing.targets(whole) + 0.5 * on_mixed
+    assert torch.allclose(matching.target(idx, mixing, mixed), expected, atol=1e-6)
+    no_teacher = hybrid.FunctionMatching(1.0, whole, None, 0.0)
+    assert torch.equal(no_teacher.target(idx, mixing, mixed), mixing.targets(whole))
+
+
+def test_mix_recipe_reaches_the_card(data, teacher, tmp_path):
+    with pytest.raises(SystemExit):  # argparse's usage error
+        hybrid.parse_args(["--data", "d", "--out", "o", "--mix", "1.5"])
+    ckpt = _train(
+        data, teacher, tmp_path / "m.safetensors", "--mix", "1", "--view-teacher-weight", "0.5",
+        "--trunk", str(teacher), "--epochs", "1",
+    )  # fmt: skip
+    mix = ckpt.metadata["training"]["recipe"]["mix"]
+    assert mix["chance"] == 1.0 and "function matching" in mix["targets"]
+    assert "--mix 1.0" in _card(tmp_path)
