@@ -124,6 +124,11 @@ def analysis(
     kept = st.session_state.setdefault(keys.SLOW_ANALYSES, {})
     key = (image_sha, ckpt_sha, explain_key or target, method, layers, smoothing, options)
     if key not in kept:
+        label = SlowRun.label(method, smoothing)
+        asked = st.session_state.setdefault(keys.LONG_RUNS, {})
+        agreed = (ckpt_sha, method, layers, smoothing, options)
+        if key in asked:  # measured too long to start unasked: the user says
+            SlowRun.ask_to_run(label, *asked[key], on_run=agree_to_run, args=(key, agreed))
         jobs = st.session_state.setdefault(keys.SLOW_JOBS, {})
         SlowRun.cancel(but=key)
         job = jobs.get(key)
@@ -131,17 +136,32 @@ def analysis(
             job = jobs[key] = SlowJob(lambda progress: viz.analyze_images(
                 ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
                 options=dict(options), progress=progress))  # fmt: skip
+        unasked = agreed not in st.session_state.get(keys.LONG_RUNS_AGREED, set())
         try:
-            SlowRun.follow(job, SlowRun.label(method, smoothing))
+            ended = SlowRun.follow(job, label, ask_after=LONG_RUN_SECONDS if unasked else None)
         finally:
             SlowRun.done()
         jobs.pop(key, None)
+        if not ended:
+            asked[key] = (job.total, job.time_left())
+            SlowRun.ask_to_run(label, *asked[key], on_run=agree_to_run, args=(key, agreed))
         if job.error is not None:
             raise job.error
         kept[key] = job.result
         while len(kept) > SLOW_KEPT:
             kept.pop(next(iter(kept)))
     return kept[key]
+
+
+LONG_RUN_SECONDS = 60.0
+"""A slow method measured (on its first passes) to need longer asks before it runs on; once
+agreed, the same method, settings and model run unasked for other images and classes."""
+
+
+def agree_to_run(key: tuple, agreed: tuple) -> None:
+    """The "Run" button's callback: this analysis runs, and the like of it runs unasked."""
+    st.session_state.get(keys.LONG_RUNS, {}).pop(key, None)
+    st.session_state.setdefault(keys.LONG_RUNS_AGREED, set()).add(agreed)
 
 
 @st.cache_data(show_spinner=False, max_entries=512)

@@ -111,11 +111,20 @@ class SlowRun:
         return ("gradcam", ()) if cls.slow(method, smoothing) else (method, smoothing)
 
     @classmethod
-    def follow(cls, job: SlowJob, label: str, unit: str = "passes", on_stop=None) -> None:
+    def follow(
+        cls, job: SlowJob, label: str, unit: str = "passes", on_stop=None,
+        ask_after: float | None = None,
+    ) -> bool:  # fmt: skip
         """Draw the job's progress until it ends (each redraw is where a rerun stops us).
-        `on_stop(label)`: what Stop does (default: back to Grad-CAM)."""
+        `on_stop(label)`: what Stop does (default: back to Grad-CAM). With `ask_after`
+        (seconds), a job measured to need longer is cancelled at once and False returned:
+        the caller asks before running it (`ask_to_run`); True when the job ended."""
         while job.running():
             job.watch()
+            left = job.time_left()
+            if ask_after is not None and left is not None and left > ask_after:
+                job.cancelled = True
+                return False
             if _RUN.bar is None:
                 if _RUN.box is None:
                     _RUN.box = st.empty()
@@ -133,6 +142,25 @@ class SlowRun:
                 text += f", about {left:.0f} s left"
             _RUN.bar.progress(min(1.0, job.done / max(job.total, 1)), text=text)
             time.sleep(cls.POLL_SECONDS)
+        return True
+
+    @staticmethod
+    def ask_to_run(label: str, passes: int, seconds: float, on_run, args: tuple) -> None:
+        """In the bar's place: what the method would cost, measured on its first passes, with
+        a button that runs it (`on_run(*args)`) and one back to Grad-CAM; the page stops here."""
+        box = _RUN.box if _RUN.box is not None else st.empty()
+        with box.container():
+            st.warning(
+                f"{label} needs {passes:,} images through the network here: about "
+                f"{_duration(seconds)} on this machine (measured on its first passes). It "
+                "runs when you say so; the figures below wait for it.",
+                icon=":material/hourglass_top:",
+            )
+            left, right = st.columns(2)
+            left.button(f"Run {label}", key=keys.RUN_LONG, on_click=on_run, args=args,
+                        type="primary", icon=":material/play_arrow:")  # fmt: skip
+            right.button("Back to Grad-CAM", key=keys.BACK_TO_GRADCAM, on_click=back_to_gradcam)
+        st.stop()
 
     @staticmethod
     def cancel(but: tuple | None = None) -> None:
@@ -156,9 +184,18 @@ class SlowRun:
         _RUN.bar = _RUN.box = None
 
 
-def stop_slow_method(label: str) -> None:
-    """Stop's callback for a slow CAM method: cancelled, and Grad-CAM put back."""
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} minutes"
+
+
+def back_to_gradcam() -> None:
+    """Grad-CAM, smoothing off, and no method set aside to come back (a callback)."""
     SlowRun.cancel()
     st.session_state[keys.METHOD], st.session_state[keys.SMOOTHING] = "gradcam", []
     st.session_state.pop(keys.METHOD_SET_ASIDE, None)
+
+
+def stop_slow_method(label: str) -> None:
+    """Stop's callback for a slow CAM method: cancelled, and Grad-CAM put back."""
+    back_to_gradcam()
     st.session_state[keys.STOPPED] = f"{label} stopped; back to Grad-CAM."

@@ -689,6 +689,46 @@ def test_a_slow_method_shows_progress_and_can_be_stopped(app, monkeypatch):
     assert any("Ablation-CAM stopped" in plain(i.value) for i in at.info)
 
 
+def test_a_long_slow_method_asks_before_it_runs_on(app, monkeypatch):
+    """A pass method measured (on its first passes) to need minutes is cancelled and asks: its
+    cost, a Run button and one back to Grad-CAM; once run, the same settings run unasked."""
+    import viz
+    from lens_app.slow import SlowJob
+
+    real, calls = viz.analyze_images, []
+
+    def slow_start(ckpt, images, target=None, progress=None, **k):
+        calls.append(k["method"])
+        if progress is None:  # a quick method
+            return real(ckpt, images, target, **k)
+        progress(1, 5000)  # the main pass done: the job reports before its passes
+        time.sleep(1.0)  # long enough to be watched
+        return real(ckpt, images, target, progress=progress, **k)
+
+    monkeypatch.setattr(viz, "analyze_images", slow_start)
+    monkeypatch.setattr(SlowJob, "time_left", lambda self: 600.0)  # measured: ten minutes
+    at = app.run()
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
+    at.sidebar.selectbox(key="method").set_value("scorecam").run()
+    assert_clean(at)
+    (warning,) = at.warning
+    assert "Score-CAM needs 5,000 images through the network here: about 10 minutes" in plain(
+        warning.value
+    )
+    assert len(at.image) == 1 and not at.session_state["slow_jobs"]  # the input; nothing runs
+    at.button(key="run_long").click().run()
+    assert_clean(at)
+    assert not at.warning and calls.count("scorecam") == 2  # cancelled once, then run
+    assert len(at.image) == 2  # the input and the view's figure
+    at.sidebar.selectbox(key="cmap").set_value("viridis").run()  # the same maps: not again
+    assert calls.count("scorecam") == 2 and not at.warning
+    at.sidebar.multiselect(key=_layers(at).key).set_value(["layer3"]).run()  # other settings
+    assert at.warning  # ask again
+    at.button(key="back_to_gradcam").click().run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="method").value == "gradcam" and not at.warning
+
+
 def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app, analyses):
     at = app.run()
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
