@@ -46,10 +46,11 @@ def render(ctx: Context) -> None:
                                     persist_state=KEEP).strip()  # fmt: skip
         if st.button("Open", disabled=not done_folder, key="rep_open_go"):
             try:
-                reports["current"] = viz.open_report(limits.check_path(done_folder, "folder"))
+                found = limits.check_path(done_folder, "folder")
+                reports["current"], reports["stem"] = viz.open_report(found), found.name
             except USER_ERRORS as exc:
                 ctx.errors.error(viz.md_text(f"{done_folder}: {exc}"))
-    show_report(reports.get("current"))
+    show_report(reports.get("current"), viz.safe_stem(reports.get("stem", "")))
 
 
 def run_form(ctx: Context, reports: dict, limits) -> None:
@@ -90,6 +91,8 @@ def start_report(ctx: Context, reports: dict, limits, folder: str, labels: str, 
                             max_images=limits.max_stats_images)  # fmt: skip
     out = viz.temporary_report_folder(reports.get("folder"))
     reports["folder"], reports["current"] = out, None
+    # downloads named by model and folder: a second report's files do not replace the first's
+    reports["stem"] = f"{ctx.view.prefix}_{root.name}"
     stop_report()  # one report at a time
 
     def run(progress):
@@ -145,7 +148,8 @@ def offer_labels_csv(folder: str, limits) -> None:
     st.caption(f"{viz.md_text(found)} is there: give it as the labels CSV to use it.")
 
 
-def show_report(report) -> None:
+def show_report(report, stem: str) -> None:
+    """The report's summary, figures and files; the files download as `{stem}_{name}`."""
     if report is None:
         return
     st.subheader("Summary")
@@ -161,6 +165,7 @@ def show_report(report) -> None:
     cols = st.columns(4)
     for i, (name, path) in enumerate(report.files.items()):
         cols[i % 4].download_button(
-            name, data=path.read_bytes(), file_name=name, key=keys.report_file(name),
+            name, data=path.read_bytes(), file_name=f"{stem}_{name}" if stem else name,
+            key=keys.report_file(name),
             on_click="ignore", mime="text/html" if name.endswith(".html") else "text/plain",
         )  # fmt: skip

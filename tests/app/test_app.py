@@ -495,7 +495,18 @@ def test_compare_a_timm_network_beside_ours(app):
     assert "resnet18+cbam (timm)" in described and "**Attention**: CBAM" in described
 
 
-def test_data_set_report_runs_and_opens(app, tmp_path):
+def test_data_set_report_runs_and_opens(app, tmp_path, monkeypatch):
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    import viz
+
+    offered, real_add = [], MediaFileManager.add  # the report files' download names
+
+    def add(self, content, mimetype, coordinates, file_name=None, *args, **kwargs):
+        offered.append(file_name)
+        return real_add(self, content, mimetype, coordinates, file_name, *args, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", add)
     for cls, sample in (("tench", "tench_12881.jpg"), ("church", "church_29612.jpg")):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / sample).write_bytes(sample_bytes(sample))
@@ -510,6 +521,9 @@ def test_data_set_report_runs_and_opens(app, tmp_path):
     assert list(summary.columns) == ["model", "map", "metric", "n", "mean [95% CI]"]
     assert "top-1 accuracy" in set(summary["metric"])  # labels came from the class folders
     assert all(" [" in v for v in summary["mean [95% CI]"])  # the readable table, not raw CSV
+    # named by model and folder (was report.html, …: a second report replaced the first's)
+    names = [n for n in offered if n]
+    assert f"tiny_cbam_{viz.safe_stem(tmp_path.name)}_report.html" in names, names
     # a folder that is no report: one error, the app goes on
     at.text_input(key="rep_open").set_value(str(tmp_path)).run()
     at.button(key="rep_open_go").click().run()
