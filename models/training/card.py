@@ -160,12 +160,17 @@ def _hybrid_intro(entry: EmbeddedCheckpoint) -> str:
         else "it was never trained on by the transformer, but the\nfrozen trunk"
     ) + " and the teachers had trained on every training image, hold-out included, so its"
     trunk = _hybrid_trunk_note(training, recipe.get("trunk", "?"))
+    mixed = ""
+    if recipe.get("mix"):
+        clause = _mix_text(recipe["mix"])
+        unmixed = "; the second stage was not mixed" if recipe.get("tune_layer3") else ""
+        mixed = f" {clause[0].upper()}{clause[1:]}{unmixed}."
     return f"""
 **The hybrid CNN + vision transformer** `{entry.path.name}` follows the hybrid of Dosovitskiy et
 al. 2021 (section 3.1, "R50 + ViT-B/16"): {recipe.get("network", "?")}. One network holds both
 CBAM gates and self-attention, traced together. {trunk}
 {recipe.get("augmentation", "?")}, with {recipe.get("distillation", "?")}, the teachers being
-{teachers}. {chose}; {seen}
+{teachers}.{mixed} {chose}; {seen}
 accuracies read high (as the ResNets' do).{_hybrid_timing(training)}
 """
 
@@ -202,14 +207,25 @@ def _hybrid_recipe_text(recipe: dict) -> str:
         f"{recipe.get('augmentation')}, {recipe.get('distillation')}, bfloat16 autocast "
         f"{recipe.get('bf16')}"
     )
+    if recipe.get("mix"):
+        text += f"; {_mix_text(recipe['mix'])}"
     tuned = recipe.get("tune_layer3")
     if tuned:
         text += (
             f"; then a second stage of {tuned.get('epochs')} epochs tuning the trunk's layer3 and"
             f" the transformer jointly from the first stage's last weights, same loss and"
-            f" augmentation: {_tune_text(tuned)}"
+            f" augmentation{' (not mixed)' if recipe.get('mix') else ''}: {_tune_text(tuned)}"
         )
     return text
+
+
+def _mix_text(mix: dict) -> str:
+    """The first stage's feature-space Mixup/CutMix (--mix), as a clause."""
+    return (
+        f"the first stage mixed each batch with chance {mix.get('chance')}, in"
+        f" {mix.get('where')}: {mix.get('switch')} (Mixup alpha {mix.get('mixup_alpha')},"
+        f" CutMix alpha {mix.get('cutmix_alpha')}); {mix.get('targets')}"
+    )
 
 
 def _is_hybrid(meta: dict) -> bool:
