@@ -324,7 +324,7 @@ def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
 
     from models.images import load_image
     from viz.engine.maps import overlay
-    from viz.figures.canvas import DOUBLE_COLUMN, fit_text, literal
+    from viz.figures.canvas import DOUBLE_COLUMN, SINGLE_COLUMN, fit_text, literal
 
     kept: dict[tuple[str, str], dict[str, list]] = {}
     for row in samples:
@@ -350,11 +350,14 @@ def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
             title = f"{key} ({method})" if is_cam_map(key) and key != method else key
             panels.append((ckpt_name, ckpt, title, m))
     columns = max(1, len(panels))
-    # panels placed by hand: no layout engine; room for the row labels and the scale's note
-    height = 0.8 + DOUBLE_COLUMN / columns * len(shown)
-    fig = Figure(figsize=(DOUBLE_COLUMN, height))
+    # panels placed by hand: no layout engine; room for the row labels and the scale's note.
+    # Few columns keep small panels (one model's two maps filled a 15-inch-tall page)
+    side = min(DOUBLE_COLUMN / columns, SAMPLE_PANEL_INCHES)
+    fig_width = min(DOUBLE_COLUMN, max(SINGLE_COLUMN, side * columns / 0.94))
+    height = 0.8 + side * len(shown)
+    fig = Figure(figsize=(fig_width, height))
     axes = fig.subplots(len(shown), columns, squeeze=False)
-    width = fig.get_figwidth() / columns
+    width = fig_width * 0.94 / columns
     titles = [fit_text(f"{ckpt_name} · {key}", width, fontsize=6, max_lines=3)[0]
               for ckpt_name, _, key, _ in panels]  # fmt: skip
     lines = max(t.count("\n") + 1 for t in titles)
@@ -373,10 +376,13 @@ def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
     fig.text(0.5, 0.15 / height, "each map scaled to its own min–max (inferno: dark low, light "
              "high)", ha="center", va="bottom", fontsize=6)  # fmt: skip
     fig.subplots_adjust(
-        left=0.05, right=0.99, bottom=0.4 / height, top=1 - (0.1 + 0.1 * lines) / height,
-        wspace=0.04, hspace=0.04,
+        left=0.3 / fig_width, right=0.99, bottom=0.4 / height,
+        top=1 - (0.1 + 0.1 * lines) / height, wspace=0.04, hspace=0.04,
     )  # fmt: skip
     return fig
+
+
+SAMPLE_PANEL_INCHES = 1.6  # the samples figure's largest panel
 
 
 def _png(fig) -> bytes:

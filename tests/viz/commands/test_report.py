@@ -343,6 +343,9 @@ def test_layers_samples_and_method_column(tmp_path, checkpoints, image_folder, m
     assert len(calls) == 3 + 11
     assert all(c["options"] == {"num_samples": 2} for c in calls)
     assert (out / "figures" / "samples.png").is_file()
+    with Image.open(out / "figures" / "samples.png") as samples:  # 150 dpi
+        # 4 images under one model's 2 CAMs + attention: small panels (was 6.9 x 10 inches)
+        assert samples.height <= 150 * (0.8 + 4 * 1.6) and samples.width <= 150 * 6.9
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["layers"] == ["layer3", "layer4"]
     assert manifest["options"]["num_samples"] == 2
