@@ -125,26 +125,28 @@ def analysis(
     key = (image_sha, ckpt_sha, explain_key or target, method, layers, smoothing, options)
     if key not in kept:
         label = SlowRun.label(method, smoothing)
-        asked = st.session_state.setdefault(keys.LONG_RUNS, {})
-        agreed = (ckpt_sha, method, layers, smoothing, options)
-        if key in asked:  # measured too long to start unasked: the user says
-            SlowRun.ask_to_run(label, *asked[key], on_run=agree_to_run, args=(key, agreed))
         jobs = st.session_state.setdefault(keys.SLOW_JOBS, {})
         SlowRun.cancel(but=key)
+        asked = st.session_state.setdefault(keys.LONG_RUNS, {})
+        agreed = (ckpt_sha, method, layers, smoothing, options)
+        unasked = agreed not in st.session_state.get(keys.LONG_RUNS_AGREED, set())
+        if key in asked and unasked:  # measured too long to start unasked: the user says
+            SlowRun.ask_to_run(label, *asked[key], on_run=agree_to_run, args=(agreed,))
         job = jobs.get(key)
         if job is None or job.cancelled:  # else a rerun found it running: wait on
             job = jobs[key] = SlowJob(lambda progress: viz.analyze_images(
                 ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
                 options=dict(options), progress=progress))  # fmt: skip
-        unasked = agreed not in st.session_state.get(keys.LONG_RUNS_AGREED, set())
         try:
-            ended = SlowRun.follow(job, label, ask_after=LONG_RUN_SECONDS if unasked else None)
+            cost = SlowRun.follow(job, label, ask_after=LONG_RUN_SECONDS if unasked else None)
         finally:
             SlowRun.done()
         jobs.pop(key, None)
-        if not ended:
-            asked[key] = (job.total, job.time_left())
-            SlowRun.ask_to_run(label, *asked[key], on_run=agree_to_run, args=(key, agreed))
+        if cost is not None:
+            asked[key] = cost
+            while len(asked) > SLOW_KEPT:
+                asked.pop(next(iter(asked)))
+            SlowRun.ask_to_run(label, *cost, on_run=agree_to_run, args=(agreed,))
         if job.error is not None:
             raise job.error
         kept[key] = job.result
@@ -158,9 +160,9 @@ LONG_RUN_SECONDS = 60.0
 agreed, the same method, settings and model run unasked for other images and classes."""
 
 
-def agree_to_run(key: tuple, agreed: tuple) -> None:
-    """The "Run" button's callback: this analysis runs, and the like of it runs unasked."""
-    st.session_state.get(keys.LONG_RUNS, {}).pop(key, None)
+def agree_to_run(agreed: tuple) -> None:
+    """The "Run" button's callback: analyses with these settings (model, method, layers,
+    smoothing, options) run unasked from now on, for any image and class."""
     st.session_state.setdefault(keys.LONG_RUNS_AGREED, set()).add(agreed)
 
 

@@ -31,6 +31,7 @@ class SlowJob:
         self.done = self.total = 0
         self.first: tuple[float, float] | None = None  # (time, done) of the first report
         self.estimate: tuple[float, float] | None = None  # (time, seconds left) then
+        self.first_estimate: float | None = None  # seconds the whole run takes, at that rate
         self.watched = time.monotonic()
         self.cancelled = False
         self.result = self.error = None
@@ -47,7 +48,10 @@ class SlowJob:
             self.first = (now, done)
         elif done > self.first[1]:
             start, then = self.first
-            self.estimate = (now, (now - start) / (done - then) * (total - done))
+            rate = (now - start) / (done - then)  # seconds per unit of work
+            self.estimate = (now, rate * (total - done))
+            if self.first_estimate is None:
+                self.first_estimate = rate * (total - then)
         self.done, self.total = done, total
 
     def _work(self, run) -> None:
@@ -114,17 +118,20 @@ class SlowRun:
     def follow(
         cls, job: SlowJob, label: str, unit: str = "passes", on_stop=None,
         ask_after: float | None = None,
-    ) -> bool:  # fmt: skip
+    ) -> tuple[int, float] | None:  # fmt: skip
         """Draw the job's progress until it ends (each redraw is where a rerun stops us).
         `on_stop(label)`: what Stop does (default: back to Grad-CAM). With `ask_after`
-        (seconds), a job measured to need longer is cancelled at once and False returned:
-        the caller asks before running it (`ask_to_run`); True when the job ended."""
+        (seconds): at the job's first estimate (after its first passes), a job that needs
+        longer is cancelled and its cost returned, (passes, seconds in all), for the caller
+        to ask before running it (`ask_to_run`); None when the job ended."""
         while job.running():
             job.watch()
-            left = job.time_left()
-            if ask_after is not None and left is not None and left > ask_after:
-                job.cancelled = True
-                return False
+            if ask_after is not None and job.first_estimate is not None:
+                total_seconds = job.first_estimate
+                if total_seconds > ask_after:
+                    job.cancelled = True
+                    return job.total, total_seconds
+                ask_after = None  # decided once: a slower stretch later does not stop it
             if _RUN.bar is None:
                 if _RUN.box is None:
                     _RUN.box = st.empty()
@@ -142,14 +149,14 @@ class SlowRun:
                 text += f", about {left:.0f} s left"
             _RUN.bar.progress(min(1.0, job.done / max(job.total, 1)), text=text)
             time.sleep(cls.POLL_SECONDS)
-        return True
+        return None
 
     @staticmethod
     def ask_to_run(label: str, passes: int, seconds: float, on_run, args: tuple) -> None:
-        """In the bar's place: what the method would cost, measured on its first passes, with
-        a button that runs it (`on_run(*args)`) and one back to Grad-CAM; the page stops here."""
-        box = _RUN.box if _RUN.box is not None else st.empty()
-        with box.container():
+        """Where the bar would be: what the method would cost, measured on its first passes,
+        with a button that runs it (`on_run(*args)`) and one back to Grad-CAM; the page stops
+        here (the views below wait for the answer)."""
+        with st.container():
             st.warning(
                 f"{label} needs {passes:,} images through the network here: about "
                 f"{_duration(seconds)} on this machine (measured on its first passes). It "

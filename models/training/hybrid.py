@@ -384,7 +384,8 @@ class FunctionMatching(NamedTuple):
 
 def train_epoch(model, opt, batch_of, args, gen, n: int, steps: tuple) -> dict:
     """One pass over the n training images; `batch_of(idx)` gives the batch's logits (under
-    bfloat16 autocast), its labels' target (probabilities) and its soft target, and `steps` is
+    bfloat16 autocast), its labels (or, for a mixed batch, the mixed smoothed labels as
+    probabilities; accuracy then counts the larger share) and its soft target, and `steps` is
     (first step, total steps, warm-up steps) of the stage's schedule, each parameter group going
     to its own peak lr. Returns the epoch's history row."""
     model.train()
@@ -398,15 +399,19 @@ def train_epoch(model, opt, batch_of, args, gen, n: int, steps: tuple) -> dict:
         for group in opt.param_groups:
             group["lr"] = _lr(step0 + b, total, warmup, group["peak_lr"])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, label_probs, target = batch_of(idx)
+            logits, labels, target = batch_of(idx)
             logits = logits.float()
-        loss = 0.5 * F.cross_entropy(logits, label_probs)
+        if labels.is_floating_point():  # mixed: smoothed already
+            loss = 0.5 * F.cross_entropy(logits, labels)
+            labels = labels.argmax(1)
+        else:
+            loss = 0.5 * F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
         loss = loss + 0.5 * F.kl_div(logits.log_softmax(1), target, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         seen += len(idx)
-        correct += (logits.argmax(1) == label_probs.argmax(1)).sum().item()
+        correct += (logits.argmax(1) == labels).sum().item()
         loss_sum += loss.item() * len(idx)
     return {"train_loss": round(loss_sum / seen, 4), "train_acc": round(100.0 * correct / seen, 2),
             "seconds": round(time.time() - started, 1)}  # fmt: skip
@@ -529,8 +534,9 @@ def _recipe(args: argparse.Namespace, teachers: list[Path]) -> dict:
             "switch": "Mixup or CutMix, evenly, one per batch, with its own shuffle",
             "where": "the cached layer3 windows (feature space), first stage only",
             "targets": "label cross-entropy and the teachers' whole-image target mixed by lambda"
-            + (f"; {args.view_teacher_weight:g} x the trunk's ResNet's softmax on the mixed "
-               "window itself (function matching, Beyer et al. 2022)"
+            + (f"; the soft target {1 - args.view_teacher_weight:g} x that mixed target + "
+               f"{args.view_teacher_weight:g} x the trunk's ResNet's softmax on the mixed window "
+               "itself (function matching, Beyer et al. 2022)"
                if args.view_teacher_weight else ""),
         }  # fmt: skip
     if args.tune_layer3_epochs:  # absent otherwise: the one-stage recipe's record is unchanged
@@ -577,12 +583,12 @@ def _view_teacher(args: argparse.Namespace, classes: list[str]) -> nn.Module | N
 
 
 def _on_windows(model, windows_of, target_of, labels, gen, idx, matching=None):
-    """The batch's logits, labels' target and soft target, on windows from `windows_of(idx,
-    gen)`; with `matching` (--mix), the batch is mixed with that chance."""
+    """The batch's logits, labels and soft target, on windows from `windows_of(idx, gen)`;
+    with `matching` (--mix), the batch is mixed with that chance (labels: mixed
+    probabilities)."""
     windows, places = windows_of(idx, gen)
     if matching is None or float(torch.rand((), generator=gen)) >= matching.chance:
-        logits = head_logits(model, windows.float())
-        return logits, smoothed_labels(labels[idx], logits.shape[1]), target_of(idx, places)
+        return head_logits(model, windows.float()), labels[idx], target_of(idx, places)
     mixing = draw_mixing(len(idx), gen)
     mixed = mixing.windows(windows.float())
     logits = head_logits(model, mixed)
@@ -627,7 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     held_x = trunk_features(trunk, images[held], FEATURE_SIZE)
     train_scales = [trunk_features(trunk, images[keep], s) for s in sizes]
     targets = soft_targets([load_checkpoint(t).model for t in teachers], images[keep])
-    view_probs = None if view_teacher is None else view_teacher_probs(view_teacher, train_scales)
+    # the view teacher's table labels unmixed windows: none when every first-stage batch is
+    # mixed and no second stage follows
+    tabled = view_teacher is not None and (args.mix < 1 or args.tune_layer3_epochs)
+    view_probs = view_teacher_probs(view_teacher, train_scales) if tabled else None
     target_of = soft_target_of(targets, view_probs, args.view_teacher_weight)
     train_y, held_y = labels[keep], labels[held]
     del images  # the second stage decodes them again (from `paths`) for its layer2 cache

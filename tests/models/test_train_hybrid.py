@@ -277,13 +277,27 @@ def test_function_matching_labels_the_mixed_window_with_the_resnet():
     assert torch.equal(no_teacher.target(idx, mixing, mixed), mixing.targets(whole))
 
 
-def test_mix_recipe_reaches_the_card(data, teacher, tmp_path):
+def test_mixed_labels_are_the_label_smoothed_cross_entropy_when_unmixed():
+    logits, labels = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    smoothed = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    as_probs = torch.nn.functional.cross_entropy(logits, hybrid.smoothed_labels(labels, 10))
+    assert torch.allclose(smoothed, as_probs, atol=1e-6)
+
+
+def test_mix_recipe_mixes_and_reaches_the_card(data, teacher, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # argparse's usage error
         hybrid.parse_args(["--data", "d", "--out", "o", "--mix", "1.5"])
+    drawn, real_draw = [], hybrid.draw_mixing
+    labelled, real_probs = [], hybrid.resnet_head_probs
+    monkeypatch.setattr(hybrid, "draw_mixing", lambda *a: drawn.append(1) or real_draw(*a))
+    monkeypatch.setattr(
+        hybrid, "resnet_head_probs", lambda t, w: labelled.append(len(w)) or real_probs(t, w)
+    )
     ckpt = _train(
         data, teacher, tmp_path / "m.safetensors", "--mix", "1", "--view-teacher-weight", "0.5",
         "--trunk", str(teacher), "--epochs", "1",
     )  # fmt: skip
+    assert drawn and len(labelled) == len(drawn)  # every batch mixed, its windows labelled
     mix = ckpt.metadata["training"]["recipe"]["mix"]
     assert mix["chance"] == 1.0 and "function matching" in mix["targets"]
     assert "--mix 1.0" in _card(tmp_path)
