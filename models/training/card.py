@@ -222,8 +222,8 @@ def _hybrid_recipe_text(recipe: dict) -> str:
 def _mix_text(mix: dict) -> str:
     """The first stage's feature-space Mixup/CutMix (--mix), as a clause."""
     return (
-        f"the first stage mixed each batch with chance {mix.get('chance')}, in"
-        f" {mix.get('where')}: {mix.get('switch')} (Mixup alpha {mix.get('mixup_alpha')},"
+        f"the first stage mixed each batch (chance {mix.get('chance')}) in feature space, its"
+        f" cached layer3 windows: {mix.get('switch')} (Mixup alpha {mix.get('mixup_alpha')},"
         f" CutMix alpha {mix.get('cutmix_alpha')}); {mix.get('targets')}"
     )
 

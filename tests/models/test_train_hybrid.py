@@ -302,5 +302,5 @@ def test_mix_recipe_mixes_and_reaches_the_card(data, teacher, tmp_path, monkeypa
     assert mix["chance"] == 1.0 and "function matching" in mix["targets"]
     assert "--mix 1.0" in _card(tmp_path)
     card = _card(tmp_path)
-    assert "The first stage mixed each batch with chance 1.0" in card
+    assert "The first stage mixed each batch (chance 1.0) in feature space" in card
     assert "Mixup or CutMix" in card and "function matching" in card
