@@ -137,10 +137,11 @@ def analysis(
             job = jobs[key] = SlowJob(lambda progress: viz.analyze_images(
                 ckpt, [image], target, method=method, layers=layers, smoothing=smoothing,
                 options=dict(options), progress=progress))  # fmt: skip
+        cost = None
         try:
             cost = SlowRun.follow(job, label, ask_after=LONG_RUN_SECONDS if unasked else None)
         finally:
-            SlowRun.done()
+            SlowRun.done(keep_place=cost is not None)  # the question goes where the bar was
         jobs.pop(key, None)
         if cost is not None:
             asked[key] = cost

@@ -15,7 +15,7 @@ from .caching import analysis
 from .context import OTHER, Context, ImageItem, View, cam_file_name
 from .slow import SlowRun
 from .views import agreement, bam, cam, channels, class_stats, compare, dataset, spatial
-from .widgets import Downloads
+from .widgets import KEEP, Downloads
 
 # the views in their order, keyed by an id, not by their names: "Channel attention" becoming
 # "Attention heads" keeps the view open, and so does any method ("Class activation map"
@@ -67,6 +67,7 @@ def choose_view(transformer: bool) -> str:
     return st.segmented_control(
         "View", list(VIEWS), key=keys.VIEW, required=True, label_visibility="collapsed",
         format_func=lambda v: (transformer and ON_A_TRANSFORMER.get(v)) or VIEWS[v][0],
+        persist_state=KEEP,  # kept through a run that stops above it (a slow method asking)
     )  # fmt: skip
 
 

@@ -153,10 +153,11 @@ class SlowRun:
 
     @staticmethod
     def ask_to_run(label: str, passes: int, seconds: float, on_run, args: tuple) -> None:
-        """Where the bar would be: what the method would cost, measured on its first passes,
+        """In the bar's place: what the method would cost, measured on its first passes,
         with a button that runs it (`on_run(*args)`) and one back to Grad-CAM; the page stops
         here (the views below wait for the answer)."""
-        with st.container():
+        box = _RUN.box if _RUN.box is not None else st.empty()
+        with box.container():  # the bar's place: the next run's bar replaces the question
             st.warning(
                 f"{label} needs {passes:,} images through the network here: about "
                 f"{_duration(seconds)} on this machine (measured on its first passes). It "
@@ -184,11 +185,14 @@ class SlowRun:
         _RUN.box, _RUN.bar = st.empty(), None
 
     @classmethod
-    def done(cls) -> None:
-        """The run ended: its bar and Stop button go (a late Stop would undo finished work)."""
+    def done(cls, keep_place: bool = False) -> None:
+        """The run ended: its bar and Stop button go (a late Stop would undo finished work);
+        `keep_place`: the empty place stays for what is drawn there next (`ask_to_run`)."""
         if _RUN.box is not None:
             _RUN.box.empty()
-        _RUN.bar = _RUN.box = None
+        _RUN.bar = None
+        if not keep_place:
+            _RUN.box = None
 
 
 def _duration(seconds: float) -> str:

@@ -722,7 +722,7 @@ def test_a_long_slow_method_asks_before_it_runs_on(app, monkeypatch):
         return real(ckpt, images, target, progress=progress, **k)
 
     monkeypatch.setattr(viz, "analyze_images", slow_start)
-    at = app.run()
+    at = show(app.run(), "cam")
     at.sidebar.multiselect(key=_layers(at).key).set_value(["layer4"]).run()
     at.sidebar.selectbox(key="method").set_value("scorecam").run()
     assert_clean(at)
@@ -737,7 +737,7 @@ def test_a_long_slow_method_asks_before_it_runs_on(app, monkeypatch):
     at.button(key="run_long").click().run()
     assert_clean(at)
     assert not at.warning and calls.count("scorecam") == 3  # cancelled twice, then run
-    assert len(at.image) == 2  # the input and the view's figure
+    assert len(at.image) >= 2  # the input and the view's figures
     at.sidebar.selectbox(key="cmap").set_value("viridis").run()  # the same maps: not again
     assert calls.count("scorecam") == 3 and not at.warning
     next(r for r in at.radio if r.key.startswith("t5:")).set_value(first).run()
@@ -747,6 +747,9 @@ def test_a_long_slow_method_asks_before_it_runs_on(app, monkeypatch):
     at.button(key="back_to_gradcam").click().run()
     assert_clean(at)
     assert at.sidebar.selectbox(key="method").value == "gradcam" and not at.warning
+    # the view, not drawn while the page asked, is still the one chosen (in a browser it was
+    # lost; AppTest kept it either way: checked there by hand)
+    assert at.button_group(key="view").value == "cam"
 
 
 def test_a_slow_method_runs_once_per_image_and_the_comparison_shows_grad_cam(app, analyses):
