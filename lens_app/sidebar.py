@@ -142,10 +142,9 @@ def choose_method(ckpt, errors) -> tuple[str, list, int | None, bool]:
         on_change=lambda: st.session_state.pop(keys.METHOD_SET_ASIDE, None),
     )  # fmt: skip
     spec = viz.CAM_METHODS[method]
-    if spec.needs == "activations":  # Eigen-CAM
-        st.sidebar.caption(
-            f"{spec.label} reads the activations only: its map is the same for every class."
-        )
+    if spec.same_for_every_class:  # Eigen-CAM, rollout: the class explained changes nothing
+        what = "the attention" if spec.reads_attention else "the activations"
+        st.sidebar.caption(f"{spec.label} reads {what} only: its map is the same for every class.")
     whole = spec.needs in ("network", "attention")  # one map, no layers
     layers = _layers_box(ckpt, method, whole)
     if whole:  # the greyed-out layers are kept for the next layer method, not used by this one

@@ -883,6 +883,9 @@ def test_a_vision_transformer_gets_its_methods_and_heads(app, tmp_path):
     assert_clean(at)
     (layers,) = [w for w in at.sidebar.multiselect if w.label == "Layers"]
     assert layers.disabled  # rollout is one map for the network: the layers do not apply
+    # and it reads no gradient: the class explained changes nothing, and the page says so
+    assert any("attention only: its map is the same for every class" in c.value
+               for c in at.sidebar.caption)  # fmt: skip
     deit = at.sidebar.selectbox(key="model").value
     at.sidebar.selectbox(key="model").set_value(cnn).run()
     assert_clean(at)

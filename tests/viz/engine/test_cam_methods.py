@@ -401,3 +401,21 @@ def test_eigen_smoothing_is_refused_where_it_would_change_nothing():
     with pytest.raises(ExportError, match="Eigen-CAM takes no eigen smoothing"):
         FigureSettings(method="eigencam", smoothing=("eigen",))
     assert analyze(model, x, 0, ["3"], method="eigencam", smoothing="aug").smoothing == ("aug",)
+
+
+@pytest.mark.parametrize("method", ["eigencam", "gradcam", "rollout", "gae", "legrad"])
+def test_same_for_every_class_says_whether_the_class_changes_the_map(method):
+    """The app tells the user when the class explained changes nothing (Eigen-CAM, rollout):
+    the flag must match what the maps do."""
+    import timm
+
+    torch.manual_seed(0)
+    if CAM_METHODS[method].reads_attention:
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                  num_classes=3).eval()  # fmt: skip
+        x, layers = torch.randn(1, 3, 32, 32), None
+    else:
+        model = randomize_bn(build_model(18, "cbam", 3)).eval()
+        x, layers = torch.randn(1, 3, 64, 64), ["layer4"]
+    maps = [next(iter(analyze(model, x, t, layers, method=method).cams.values())) for t in (0, 1)]
+    assert torch.allclose(maps[0], maps[1]) == CAM_METHODS[method].same_for_every_class

@@ -92,6 +92,12 @@ class CamMethod:
         return self.needs in ("network", "attention")
 
     @property
+    def same_for_every_class(self) -> bool:
+        """Its map does not depend on the class explained: Eigen-CAM (activations only) and
+        attention rollout (attention only, no gradient)."""
+        return self.needs == "activations" or (self.reads_attention and not self.gradients)
+
+    @property
     def reads_attention(self) -> bool:
         """Reads a vision transformer's self-attention (rollout, GAE, LeGrad)."""
         return self.needs == "attention"
