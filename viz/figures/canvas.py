@@ -336,7 +336,7 @@ class Canvas:
         span = (total - gap * (len(scales) - 1)) / len(scales)
         x0 = min(max(0.05, self.x0 + (self.used - total) / 2), self.width - total - 0.05)
         # side by side, the labels fit their bars at one size, the smallest any needs; a bar
-        # alone keeps its label as it is (the figure's width is its room)
+        # alone has the figure's width
         room = span + gap - 0.05
         size = min(fit_text(label, room, max_lines=2)[1] for *_, label in scales)
         for i, (vmin, vmax, label) in enumerate(scales):
@@ -349,8 +349,9 @@ class Canvas:
             cax = self.fig.add_axes(rect)
             mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
             bar = self.fig.colorbar(mappable, cax=cax, orientation="horizontal")
-            if len(scales) == 1:
-                bar.set_label(label)
+            if len(scales) == 1:  # its room is the figure's width: wrapped, never cut
+                text, alone = fit_text(label, self.width - 0.1, max_lines=2)
+                bar.set_label(text, fontsize=alone)
             else:
                 text = fit_text(label, room, fontsize=size, min_size=size, max_lines=2)[0]
                 bar.set_label(text, fontsize=size)

@@ -83,7 +83,15 @@ def spatial_overview(
         maps = [spatial_map(r)[0] for r in records]
         units, ranges = _scales(records, maps, shared_scale)
         rows = _rows(records, max_columns)
-        canvas = _canvas(rows, width, header, bars=len(ranges))
+        inches = figure_width(width)
+        labels = {
+            u: _bar_label([r for r, v in zip(records, units) if v == u], shared_scale,
+                          inches / len(ranges))
+            for u in ranges
+        }  # fmt: skip
+        # two bars, or one whose label is wider than the figure: labels on two lines
+        two_lines = len(ranges) > 1 or text_width(labels[units[0]], 7.0) > inches - 0.1
+        canvas = _canvas(rows, width, header, two_lines)
         for r, row in enumerate(rows):
             col = 0
             for label, members in row:
@@ -103,11 +111,7 @@ def spatial_overview(
                         canvas.image(r, col, shown)
                         canvas.above(r, col, panel_label(records[item]))
                     col += 1
-        canvas.colorbars(cmap, [
-            (*ranges[u], _bar_label([r for r, v in zip(records, units) if v == u], shared_scale,
-                                    canvas.width / len(ranges)))
-            for u in ranges
-        ])  # fmt: skip
+        canvas.colorbars(cmap, [(*ranges[u], labels[u]) for u in ranges])
     if title:
         canvas.title(title)
     return canvas.fig
@@ -191,13 +195,14 @@ def _scales(records, maps, shared: bool) -> tuple[list[str], dict[str, tuple[flo
     return units, ranges
 
 
-def _canvas(rows: list[list[Group]], width, header: float, bars: int = 1) -> Canvas:
+def _canvas(rows: list[list[Group]], width, header: float, two_lines: bool = False) -> Canvas:
     """Panels with a gap between groups; taller headers when a group's label needs two lines;
-    a taller footer for two colour bars (their labels may take two lines)."""
+    a taller footer when a colour bar's label may take two lines (two bars, or a narrow
+    figure)."""
     gaps = [[0.08 if (k == 0 and g) else 0.0 for g, (_, members) in enumerate(row) for k in range(len(members))]
             for row in rows]  # fmt: skip
     counts = [sum(len(members) for _, members in row) for row in rows]
-    footer = 0.42 if bars == 1 else 0.52
+    footer = 0.52 if two_lines else 0.42
     shape = {"gaps": gaps, "left": 0.05, "footer": footer, "header": header, "center_rows": True}
     groups = [group for row in rows for group in row]
     if not any(label for label, _ in groups):  # a ViT's blocks: panel labels only

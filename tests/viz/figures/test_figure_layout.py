@@ -101,6 +101,23 @@ def test_overview_and_gradcam_figures(analyses, width, kind):
         assert _problems(fig) == []
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_hybrid_overview_at_per_map_scale(width):
+    """CBAM gates and self-attention in one figure, each map its own min-max: the one colour
+    bar's long label was cut on both sides at single width (a walk-through's PDF)."""
+    from models.networks.hybrid import build_hybrid
+    from viz import record_attention
+
+    torch.manual_seed(0)
+    model = build_hybrid(6, depth=2).eval()
+    pre = Preprocess(resize=224, crop=224)
+    image = _images()[0].resize((224, 224))
+    with torch.no_grad(), record_attention(model) as trace:
+        model(pre.batch([image]))
+    fig = figures.spatial_overview(pre.crop_image(image), trace, width=width, shared_scale=False)
+    assert _problems(fig) == []
+
+
 def test_one_layer_gradcam_figure_uses_a_double_columns_width(models):
     from matplotlib.image import AxesImage
 
