@@ -357,7 +357,7 @@ def _sample_figure(inputs, samples: list[dict], method: str, count: int = 4):
     height = 0.8 + side * len(shown)
     fig = Figure(figsize=(fig_width, height))
     axes = fig.subplots(len(shown), columns, squeeze=False)
-    width = side  # each panel's width: titles and row labels are fitted to it
+    width = side - 0.15  # titles and row labels fitted to a panel, less room for the estimate
     titles = [fit_text(f"{ckpt_name} · {key}", width, fontsize=6, max_lines=3)[0]
               for ckpt_name, _, key, _ in panels]  # fmt: skip
     lines = max(t.count("\n") + 1 for t in titles)
