@@ -204,16 +204,21 @@ def cam_layer_choices(model: nn.Module) -> list[str]:
 
     Stage layers come from the network's resolution levels (`viz.engine.cam.stage_layers`), so any
     CNN gets sensible choices: `layer1`..`layer4` and `layer3.1` in a ResNet, `features.5` and
-    `features.5.2` in an EfficientNet.
+    `features.5.2` in an EfficientNet. A ViT offers each block's first norm (last first),
+    a hybrid CNN + ViT its CNN stages before them.
     """
     layout = token_layout(model)
-    if layout is not None and layout.family == "vit":  # each block's first norm, last first
-        container, _, norm = layout.last_norm.rsplit(".", 2)
-        children = [c for c, _ in model.get_submodule(container).named_children()]
-        return [f"{container}.{c}.{norm}" for c in reversed(children)]
     try:
         stages = stage_layers(model)
     except ValueError:
+        stages = None
+    if layout is not None and layout.family == "vit":  # each block's first norm, last first
+        container, _, norm = layout.last_norm.rsplit(".", 2)
+        children = [c for c, _ in model.get_submodule(container).named_children()]
+        blocks = [f"{container}.{c}.{norm}" for c in reversed(children)]
+        # a hybrid's CNN stages before its tokens (the CBAM trunk's layer1-3) come first
+        return [s for s in stages or [] if s not in blocks] + blocks
+    if stages is None:
         return [n for n, _ in model.named_modules() if n and "." not in n]
     blocks = []
     for stage in stages:

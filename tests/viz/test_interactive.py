@@ -274,3 +274,25 @@ def test_kept_uploads_are_bounded_and_expire():
     store.put(key, [("a.png", b"1")])
     store.drop(key)
     assert store.get(key) == []
+
+
+def test_every_default_cam_layer_is_a_choice_of_the_layers_box():
+    """The app's Layers box starts at the default layers, kept only if offered: a hybrid CNN +
+    ViT's CBAM stages were not offered, so its box showed the last block alone."""
+    import timm
+
+    from models.networks.hybrid import build_hybrid
+    from viz.interactive import default_cam_layers
+
+    torch.manual_seed(0)
+    hybrid = build_hybrid(3, depth=2).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
+    cnn = build_model(18, "cbam", 3).eval()
+    for model in (hybrid, vit, cnn):
+        choices = cam_layer_choices(model)
+        assert set(default_cam_layers(model, "gradcam")) <= set(choices)
+        assert len(choices) == len(set(choices))
+    assert cam_layer_choices(hybrid)[:4] == [
+        "patch_embed.backbone.layer1", "patch_embed.backbone.layer2",
+        "patch_embed.backbone.layer3", "blocks.1.norm1",
+    ]  # fmt: skip
