@@ -1,4 +1,5 @@
-"""Channel attention (a CNN's channel weights) or, for a transformer, its attention heads."""
+"""Channel attention (a CNN's channel weights) or, for a transformer, its attention heads (and,
+for a hybrid CNN + ViT, its CNN gates' channel weights too)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ HEAD_FIGURES = {  # a transformer's figures of its heads, by their export names
 }
 
 
+CHANNELS = "channels"  # a hybrid CNN + ViT's CBAM channel weights, beside its heads' figures
+
+
 def render(ctx: Context) -> None:
     if ctx.transformer:
         heads(ctx)
@@ -24,6 +28,12 @@ def render(ctx: Context) -> None:
     if not len(trace):
         st.info(f"{viz.md_text(ctx.ckpt.label)} has no attention modules, so no channel weights.")
         return
+    channel_weights(ctx)
+
+
+def channel_weights(ctx: Context) -> None:
+    """The channel weights of every module with them (SE, BAM, CBAM), top channels of the
+    last, optionally beside another image's."""
     c1, c2 = st.columns(2)
     top_k = c1.slider("Top channels of the last module", 4, 32, 10, key="top_k",
                       persist_state=KEEP)  # fmt: skip
@@ -51,8 +61,19 @@ def heads(ctx: Context) -> None:
     mass) or the registers paper's token norms, as the network allows."""
     trace = ctx.analysis.trace
     offered = [f for f in HEAD_FIGURES if viz.FIGURES[f].unavailable(ctx.analysis) is None]
-    kind = st.radio("Figure", offered, horizontal=True, key="head_figure", persist_state=KEEP,
-                    format_func=HEAD_FIGURES.__getitem__)  # fmt: skip
+    if ctx.base[ctx.pick].trace.channel_records:  # a hybrid: its CNN gates have channels
+        offered.append(CHANNELS)
+    kind = st.radio(
+        "Figure",
+        offered,
+        horizontal=True,
+        key="head_figure",
+        persist_state=KEEP,
+        format_func=lambda f: HEAD_FIGURES.get(f, "Channel weights (CNN gates)"),
+    )
+    if kind == CHANNELS:
+        channel_weights(ctx)
+        return
     extra = {}
     if kind in ("dino-heads", "token-norms"):
         blocks = len(

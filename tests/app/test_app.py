@@ -925,7 +925,9 @@ def test_the_layers_box_starts_where_the_method_does(app, monkeypatch):
 
 
 def test_real_embedded_vit_checkpoint(monkeypatch):
-    """The embedded DeiT-tiny is offered beside the CNNs and opens with its methods and heads."""
+    """The embedded hybrid CNN + ViT is offered beside the CNNs and opens with its methods, its
+    heads and its CNN gates' channel weights (a walk-through found no way to see those), and
+    its Layers box starts at its CBAM stages and last block."""
     monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     (vit,) = [o for o in at.sidebar.selectbox(key="model").options if REAL_VIT.name in o]
@@ -933,6 +935,22 @@ def test_real_embedded_vit_checkpoint(monkeypatch):
     assert_clean(at)
     assert "Attention heads" in views(at)
     assert prediction(at).startswith("**Prediction: ")
+    trunk = [f"patch_embed.backbone.layer{i}" for i in (1, 2, 3)]
+    assert _layers(at).value == [*trunk, "blocks.5.norm1"]
+    import viz
+
+    drawn, real_draw = [], viz.draw_image_figure
+    monkeypatch.setattr(
+        viz,
+        "draw_image_figure",
+        lambda kind, *a, **k: drawn.append(kind) or real_draw(kind, *a, **k),
+    )
+    show(at, "channels")
+    figure = at.radio(key="head_figure")
+    assert "Channel weights (CNN gates)" in figure.options
+    figure.set_value("channels").run()
+    assert_clean(at)
+    assert drawn[-1] == "channels" and at.image  # the channel-weights figure, drawn
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
 
