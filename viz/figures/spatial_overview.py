@@ -83,14 +83,7 @@ def spatial_overview(
         maps = [spatial_map(r)[0] for r in records]
         units, ranges = _scales(records, maps, shared_scale)
         rows = _rows(records, max_columns)
-        inches = figure_width(width)
-        labels = {
-            u: _bar_label([r for r, v in zip(records, units) if v == u], shared_scale,
-                          inches / len(ranges))
-            for u in ranges
-        }  # fmt: skip
-        # two bars, or one whose label is wider than the figure: labels on two lines
-        two_lines = len(ranges) > 1 or text_width(labels[units[0]], 7.0) > inches - 0.1
+        labels, two_lines = _bar_labels(records, units, ranges, shared_scale, width)
         canvas = _canvas(rows, width, header, two_lines)
         for r, row in enumerate(rows):
             col = 0
@@ -115,6 +108,18 @@ def spatial_overview(
     if title:
         canvas.title(title)
     return canvas.fig
+
+
+def _bar_labels(records, units: list[str], ranges: dict, shared_scale: bool, width):
+    """Each colour bar's label (by unit), and whether a label may need two lines: two bars
+    side by side, or one whose label is wider than the figure."""
+    inches = figure_width(width)
+    labels = {
+        u: _bar_label([r for r, v in zip(records, units) if v == u], shared_scale,
+                      inches / len(ranges))
+        for u in ranges
+    }  # fmt: skip
+    return labels, len(ranges) > 1 or text_width(labels[units[0]], 7.0) > inches - 0.1
 
 
 def _bar_label(records, shared_scale: bool, width: float) -> str:
