@@ -139,5 +139,9 @@ class Context:
 
 def cam_file_name(settings: viz.FigureSettings) -> str:
     """A method's name in download file names: `gradcam++` is `gradcampp` (a `+` is dropped by
-    safe file names, and Grad-CAM++'s files must not take Grad-CAM's), then each smoothing."""
-    return "_".join([settings.method.replace("++", "pp"), *settings.smoothing])
+    safe file names, and Grad-CAM++'s files must not take Grad-CAM's), with a noisy method's
+    sample count (`sscam35`: another count gives other maps), then each smoothing."""
+    name = settings.method.replace("++", "pp")
+    if settings.num_samples is not None:
+        name += str(settings.num_samples)
+    return "_".join([name, *settings.smoothing])

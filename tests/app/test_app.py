@@ -1706,3 +1706,15 @@ def test_a_zipped_hugging_face_folder_uploads_and_draws_its_heads(app, tmp_path)
     assert at.image
     at.sidebar.selectbox(key="method").set_value("rollout").run()
     assert_clean(at)
+
+
+def test_a_noisy_methods_file_names_carry_its_sample_count():
+    """SS-CAM with 35 and with 2 samples gives other maps: their downloads must not replace
+    each other (a walk-through saved both as `…_sscam.png`)."""
+    import viz
+    from lens_app.context import cam_file_name
+
+    assert cam_file_name(viz.FigureSettings(method="sscam", num_samples=35)) == "sscam35"
+    assert cam_file_name(viz.FigureSettings(method="sscam", num_samples=2)) == "sscam2"
+    plus = viz.FigureSettings(method="gradcam++", smoothing=("aug",))
+    assert cam_file_name(plus) == "gradcampp_aug"
