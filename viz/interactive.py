@@ -112,7 +112,11 @@ def describe_checkpoint(ckpt: Checkpoint, source: str = "") -> dict[str, str]:
     else:
         rows["Depth"] = str(arch.depth)
     attention = arch.attention or "none"
-    rows["Attention"] = attention if attention in ("none", "self-attention") else attention.upper()
+    # module names in capitals (CBAM, SE), words as they are: "CBAM + self-attention"
+    rows["Attention"] = " + ".join(
+        part if part in ("none", "self-attention") else part.upper()
+        for part in attention.split("+")
+    )
     rows["Classes"] = str(arch.num_classes)
     rows["Input"] = f"{ckpt.preprocess.crop} px (resize {ckpt.preprocess.resize})"
     if not isinstance(arch, ForeignArch):

@@ -276,6 +276,17 @@ def test_kept_uploads_are_bounded_and_expire():
     assert store.get(key) == []
 
 
+def test_a_hybrids_attention_is_described_as_its_parts(tmp_path):
+    from models.checkpoints.architectures import ForeignArch
+    from models.networks.hybrid import HYBRID_NAME, build_hybrid
+
+    torch.manual_seed(0)
+    arch = ForeignArch(HYBRID_NAME, "attention-lens", 3, "cbam+self-attention")
+    save_checkpoint(tmp_path / "h.safetensors", build_hybrid(3).eval(), arch=arch)
+    ckpt = load_checkpoint(tmp_path / "h.safetensors")
+    assert describe_checkpoint(ckpt)["Attention"] == "CBAM + self-attention"  # was all capitals
+
+
 def test_every_default_cam_layer_is_a_choice_of_the_layers_box():
     """The app's Layers box starts at the default layers, kept only if offered: a hybrid CNN +
     ViT's CBAM stages were not offered, so its box showed the last block alone."""
