@@ -97,6 +97,8 @@ def draw_grid(ctx, grid: list, column_titles: list[str], stage: int, mass: float
         lambda: figures.model_grid(crops, rows, column_titles=column_titles, title=title,
                                    stage=stage, cmap=s.cmap, alpha=s.alpha, width=s.width,
                                    missing=missing, render=s.render, class_token_mass=mass),
-        "dino_grid" if mass else "model_grid", "dino_grid" if mass else "grid", ctx.view,
+        # file names by stage: each stage's grid downloads beside the others'
+        "dino_grid" if mass else f"model_grid_stage{stage}", "dino_grid" if mass else "grid",
+        ctx.view,
         ctx.errors,
     )  # fmt: skip

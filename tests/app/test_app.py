@@ -288,6 +288,10 @@ def test_download_names_carry_the_cam_method_so_methods_do_not_overwrite_each_ot
         assert {f"{stem}_{tag}.png", f"{stem}_{tag}.svg", f"{stem}_{tag}_attention_lens.zip",
                 f"{stem}_{tag}_agreement.csv"} <= by_method[method], by_method[method]  # fmt: skip
     assert not by_method["gradcam"] & by_method["gradcam++"]
+    deferred.names.clear(), offered.clear()
+    show(at, "compare")  # the comparison's grid: named by its stage (was model_grid.* for all)
+    names = {n for n in [*deferred.names.values(), *offered] if n}
+    assert any(n.endswith("model_grid_stage4.png") for n in names), names
 
 
 def test_the_chosen_saliency_maps_survive_changing_the_method_and_the_layers(app):
