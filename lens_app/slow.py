@@ -127,10 +127,9 @@ class SlowRun:
         while job.running():
             job.watch()
             if ask_after is not None and job.first_estimate is not None:
-                total_seconds = job.first_estimate
-                if total_seconds > ask_after:
+                if job.first_estimate > ask_after:
                     job.cancelled = True
-                    return job.total, total_seconds
+                    return job.total, job.first_estimate
                 ask_after = None  # decided once: a slower stretch later does not stop it
             if _RUN.bar is None:
                 if _RUN.box is None:

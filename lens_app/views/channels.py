@@ -61,7 +61,7 @@ def heads(ctx: Context) -> None:
     mass) or the registers paper's token norms, as the network allows."""
     trace = ctx.analysis.trace
     offered = [f for f in HEAD_FIGURES if viz.FIGURES[f].unavailable(ctx.analysis) is None]
-    if ctx.base[ctx.pick].trace.channel_records:  # a hybrid: its CNN gates have channels
+    if trace.channel_records:  # a hybrid: its CNN gates have channels
         offered.append(CHANNELS)
     kind = st.radio(
         "Figure",
